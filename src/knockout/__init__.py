@@ -1,0 +1,50 @@
+"""knockout: neuron-ablation experiments on the attention pre-out of Hugging Face transformers.
+
+Python API, bottom-up::
+
+    from knockout import find_sites, collect_stats, NeuronSelection, get_method, MethodContext, evaluate
+    sites = find_sites(model)                       # one Site per layer: the input of the attention out-projection
+    stats = collect_stats(model, sites, batches)    # streaming mean/var/min/max/histogram per neuron
+    sel = NeuronSelection([s.width for s in sites], seed=0)
+    method = get_method("peak")(MethodContext(model, sites, stats))
+    with method.ablate(sel.at(0.5)):                # weights restored on exit
+        metrics = evaluate(model, batches)
+
+or the whole experiment: ``knockout.run_sweep(knockout.SweepConfig(model=..., out=...))``.
+"""
+
+__version__ = "0.1.0"
+
+from knockout.ablation import METHODS, AblationMethod, MethodContext, NeuronSelection, get_method, register  # noqa: E402
+from knockout.errors import KnockoutError  # noqa: E402
+from knockout.evaluation import Metrics, evaluate  # noqa: E402
+from knockout.experiments.config import SweepConfig  # noqa: E402
+from knockout.experiments.runner import run_sweep  # noqa: E402
+from knockout.hooks import capture, edit_preout, fold_constants, replace_with_constants  # noqa: E402
+from knockout.loading import load_model  # noqa: E402
+from knockout.sites import SITE_PATTERNS, Site, find_sites  # noqa: E402
+from knockout.stats import Statistics, collect_stats  # noqa: E402
+
+__all__ = [
+    "METHODS",
+    "SITE_PATTERNS",
+    "AblationMethod",
+    "KnockoutError",
+    "MethodContext",
+    "Metrics",
+    "NeuronSelection",
+    "Site",
+    "Statistics",
+    "SweepConfig",
+    "capture",
+    "collect_stats",
+    "edit_preout",
+    "evaluate",
+    "find_sites",
+    "fold_constants",
+    "get_method",
+    "load_model",
+    "register",
+    "replace_with_constants",
+    "run_sweep",
+]

@@ -1,0 +1,25 @@
+"""Ablation methods (registry: zero, mean, peak, resampling ...) and nested neuron selection."""
+
+from knockout.ablation.methods import (
+    METHODS,
+    AblationMethod,
+    ConstantAblation,
+    MethodContext,
+    get_method,
+    methods_for,
+    register,
+)
+from knockout.ablation.selection import NeuronSelection, count_for, validate_fractions
+
+__all__ = [
+    "METHODS",
+    "AblationMethod",
+    "ConstantAblation",
+    "MethodContext",
+    "NeuronSelection",
+    "count_for",
+    "get_method",
+    "methods_for",
+    "register",
+    "validate_fractions",
+]

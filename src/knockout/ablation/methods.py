@@ -1,0 +1,137 @@
+"""Ablation methods and their registry.
+
+A method turns "these neurons" into a scoped change of the model. Constant methods (zero, mean, peak) fold their
+per-neuron constant into W_O (see :func:`knockout.hooks.fold_constants`), which costs nothing per forward pass.
+Input-dependent methods (resampling) hook the pre-out and get told about each batch through :meth:`on_batch`.
+
+Register a new method with ``@register("name")``; the sweep, the CLI and the reports pick it up by name. Names
+are what users type (``zero``, ``mean``, ``peak``, ``resample-chars`` ...); registering a name twice raises.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from knockout.data.batch import Batch
+from knockout.errors import KnockoutError
+from knockout.hooks import fold_constants
+from knockout.sites import Site
+from knockout.stats.statistics import Statistics
+
+TASKS = ("causal", "masked", "image")
+
+
+@dataclass
+class MethodContext:
+    """What a method may use: the model and its sites, the statistics, the seed and the evaluation data."""
+
+    model: torch.nn.Module
+    sites: Sequence[Site]
+    stats: Statistics | None = None
+    seed: int = 0
+    task: str = "causal"
+    tokenizer: Any = None
+    eval_batches: Sequence[Batch] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class AblationMethod(ABC):
+    """Base class. Subclasses set ``name`` (by :func:`register`), ``needs_stats`` and ``tasks``."""
+
+    name: ClassVar[str] = ""
+    needs_stats: ClassVar[bool] = False
+    tasks: ClassVar[tuple[str, ...]] = TASKS
+
+    def __init__(self, ctx: MethodContext):
+        if self.needs_stats and ctx.stats is None:
+            raise KnockoutError(f"method {self.name!r} needs statistics; collect them with `knockout stats`")
+        if ctx.task not in self.tasks:
+            raise KnockoutError(f"method {self.name!r} does not apply to {ctx.task} models (only {self.tasks})")
+        self.ctx = ctx
+
+    @abstractmethod
+    def ablate(self, neurons: Sequence[torch.Tensor]):
+        """Context manager: inside it, ``neurons[l]`` (indices into layer l's pre-out) are ablated."""
+
+    def on_batch(self, index: int, batch: Batch) -> None:
+        """Called by :func:`knockout.evaluation.evaluate` before the forward pass on evaluation batch ``index``."""
+
+
+class ConstantAblation(AblationMethod):
+    """Replace each chosen neuron by a per-neuron constant, folded into W_O."""
+
+    @abstractmethod
+    def constants(self) -> list[torch.Tensor]:
+        """Per layer, a ``[width]`` tensor of replacement values."""
+
+    @contextmanager
+    def ablate(self, neurons: Sequence[torch.Tensor]) -> Iterator[None]:
+        if not hasattr(self, "_constants"):
+            self._constants = self.constants()
+        with fold_constants(self.ctx.sites, neurons, self._constants):
+            yield
+
+
+METHODS: dict[str, type[AblationMethod]] = {}
+
+
+def register(name: str):
+    """Class decorator adding an :class:`AblationMethod` to :data:`METHODS` under ``name``."""
+
+    def deco(cls: type[AblationMethod]) -> type[AblationMethod]:
+        if name in METHODS:
+            raise ValueError(f"ablation method {name!r} is already registered (by {METHODS[name].__qualname__})")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> type[AblationMethod]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KnockoutError(f"unknown ablation method {name!r}; known: {', '.join(METHODS)}") from None
+
+
+def methods_for(task: str) -> list[str]:
+    """Names of the registered methods that apply to ``task``, in registration order."""
+    return [n for n, cls in METHODS.items() if task in cls.tasks]
+
+
+@register("zero")
+class ZeroAblation(ConstantAblation):
+    """z_i := 0."""
+
+    def constants(self):
+        return [torch.zeros(s.width) for s in self.ctx.sites]
+
+
+@register("mean")
+class MeanAblation(ConstantAblation):
+    """z_i := mean of z_i over the collection set."""
+
+    needs_stats = True
+
+    def constants(self):
+        return self.ctx.stats.means()
+
+
+@register("peak")
+class PeakAblation(ConstantAblation):
+    """z_i := centre of the most populated eps-bin of z_i over the collection set (the mode).
+
+    (In the variant of the authors' code that their run script imports, "peak" called the mean function.)
+    """
+
+    needs_stats = True
+
+    def constants(self):
+        return self.ctx.stats.peaks()

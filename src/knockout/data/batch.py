@@ -1,0 +1,36 @@
+"""The batch every model task is reduced to: model inputs, which positions are real, and what to predict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100  # target value of positions that are not scored (as in torch's cross_entropy)
+
+
+@dataclass
+class Batch:
+    """One forward pass worth of data.
+
+    inputs:  keyword arguments of the model (``input_ids`` + ``attention_mask``, or ``pixel_values``).
+    valid:   ``[batch, pos]`` bool, True at real (non-padding) positions: these enter the statistics.
+    targets: ``[batch, pos]`` token ids with ``IGNORE`` where nothing is scored (causal and masked LMs), or
+             ``[batch]`` class labels (image classifiers). ``logits[..., :]`` at a position predicts its target.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    valid: torch.Tensor
+    targets: torch.Tensor
+
+    def to(self, device) -> Batch:
+        return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.valid.to(device), self.targets.to(device))
+
+    @property
+    def size(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def n_scored(self) -> int:
+        """Number of scored targets in this batch."""
+        return int((self.targets != IGNORE).sum()) if self.targets.ndim > 1 else self.targets.shape[0]

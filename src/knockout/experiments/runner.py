@@ -1,0 +1,186 @@
+"""The sweep: methods x fractions x seeds -> one results row each, resumable."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+import knockout
+from knockout.ablation.methods import MethodContext, get_method
+from knockout.ablation.selection import NeuronSelection
+from knockout.data.tasks import eval_batches, stats_batches
+from knockout.errors import KnockoutError
+from knockout.evaluation.evaluate import evaluate
+from knockout.experiments.config import SweepConfig
+from knockout.experiments.store import ResultStore
+from knockout.loading import LoadedModel, load_model, model_identity
+from knockout.sites import Site, find_sites
+from knockout.stats.collect import collect_stats
+from knockout.stats.statistics import Statistics
+
+log = logging.getLogger(__name__)
+
+STATS_FILE = "stats.safetensors"
+
+
+def check_resumable(cfg: SweepConfig, out: Path) -> None:
+    """Raise if ``out`` holds a run whose results-defining settings differ from ``cfg``."""
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text(encoding="utf-8"))
+    new = json.loads(json.dumps(cfg.result_fields()))
+    diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+    if diff:
+        detail = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise KnockoutError(
+            f"{str(out)!r} holds a run with different settings ({detail}). Use another --out folder, or the same "
+            "settings to resume it."
+        )
+
+
+def environment() -> dict:
+    import transformers
+
+    return {
+        "knockout": knockout.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def obtain_stats(
+    cfg: SweepConfig, loaded: LoadedModel, sites: list[Site], identity: dict, out: Path, progress: bool = True
+) -> Statistics:
+    """The run folder's statistics: reused if present (and of this model), else loaded or collected, then saved."""
+    path = out / STATS_FILE
+    source = path if path.is_file() else (Path(cfg.stats_path) if cfg.stats_path else None)
+    if source is not None:
+        stats = Statistics.load(source)
+        stats.check_model(identity, source=f"statistics in {str(source)!r}")
+        if (stats.eps, stats.limit) != (cfg.eps, cfg.hist_limit):
+            raise KnockoutError(
+                f"statistics in {str(source)!r} use eps={stats.eps}, hist limit={stats.limit}; "
+                f"pass --eps {stats.eps} --hist-limit {stats.limit} or recollect them"
+            )
+        log.info("using statistics from %s (%d tokens)", source, stats.n_tokens)
+    else:
+        meta = {"model": json.dumps(identity), "data": cfg.data, "max_length": str(cfg.max_length)}
+        stats = collect_stats(
+            loaded.model, sites, stats_batches(cfg, loaded), cfg.eps, cfg.hist_limit, meta=meta, progress=progress
+        )
+    for i, layer in enumerate(stats.layers):
+        if layer.clipped_fraction > 1e-3:
+            log.warning(
+                "layer %d: %.2f%% of activations lie outside ±%g and are left out of the peak; raise --hist-limit",
+                i,
+                100 * layer.clipped_fraction,
+                stats.limit,
+            )
+    if source != path:
+        stats.save(path)
+    return stats
+
+
+def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | None = None) -> Path:
+    """Run (or resume) the sweep of ``cfg``; returns the run folder.
+
+    For each seed: the unablated baseline, then for each method and fraction the ablated evaluation. Rows already
+    in the folder's results are skipped, so re-running the same command resumes an interrupted run.
+    """
+    out = Path(cfg.out)
+    check_resumable(cfg, out)
+    loaded = loaded or load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device)
+    if cfg.task not in ("auto", loaded.task):
+        raise KnockoutError(f"config task {cfg.task!r} does not match the loaded model's task {loaded.task!r}")
+    model = loaded.model
+    sites = find_sites(model, cfg.site_module, cfg.n_heads)
+    identity = model_identity(cfg.model, model, sites)
+    classes = [get_method(m) for m in cfg.methods]
+    for cls in classes:
+        if loaded.task not in cls.tasks:
+            raise KnockoutError(f"method {cls.name!r} does not apply to {loaded.task} models")
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {
+        "task": loaded.task,
+        "model_identity": identity,
+        "device": str(loaded.device),
+        "dtype": str(next(model.parameters()).dtype),
+        "environment": environment(),
+    }
+    cfg.save(out / "config.json", extra={"resolved": resolved})
+
+    stats = obtain_stats(cfg, loaded, sites, identity, out, progress) if any(c.needs_stats for c in classes) else None
+    store = ResultStore(out)
+    widths = [s.width for s in sites]
+    total = len(cfg.seeds) * (1 + len(classes) * len(cfg.fractions))
+    bar = tqdm(total=total, desc="sweep", unit="row", disable=not progress)
+    for seed in cfg.seeds:
+        todo = [(c, f) for c in classes for f in cfg.fractions if (c.name, f, seed) not in store]
+        if ("baseline", 0.0, seed) in store and not todo:
+            bar.update(1 + len(classes) * len(cfg.fractions))
+            continue
+        batches = eval_batches(cfg, loaded, seed)
+        selection = NeuronSelection(widths, seed, cfg.selection)
+        save_selection(out, selection)
+        base = store.get("baseline", 0.0, seed)
+        if base is None:
+            t0 = time.perf_counter()
+            m = evaluate(model, batches)
+            base = _row("baseline", 0.0, seed, m.top1, m.ce, None, 0, sum(widths), m.n, time.perf_counter() - t0)
+            store.add(base)
+        bar.update(1 + len(classes) * len(cfg.fractions) - len(todo))
+        method_ctx = MethodContext(model, sites, stats, seed, loaded.task, loaded.processor, batches, cfg.options)
+        instances = {}
+        for cls, fraction in todo:
+            bar.set_postfix_str(f"seed {seed} {cls.name} {fraction:.2f}")
+            t0 = time.perf_counter()
+            n_ablated = selection.n_ablated(fraction)
+            if n_ablated == 0:
+                top1, ce, n = base["top1"], base["ce"], base["n_eval"]
+            else:
+                method = instances.get(cls.name) or instances.setdefault(cls.name, cls(method_ctx))
+                with method.ablate(selection.at(fraction)):
+                    m = evaluate(model, batches, on_batch=method.on_batch)
+                top1, ce, n = m.top1, m.ce, m.n
+            store.add(
+                _row(cls.name, fraction, seed, top1, ce, base, n_ablated, sum(widths), n, time.perf_counter() - t0)
+            )
+            bar.update(1)
+    bar.close()
+    return out
+
+
+def save_selection(out: Path, selection: NeuronSelection) -> None:
+    """Add ``selection``'s random orders to ``out/selection.safetensors`` (the record of the chosen neurons)."""
+    path = out / "selection.safetensors"
+    tensors = load_file(str(path)) if path.is_file() else {}
+    tensors.update(selection.state_dict())
+    note = "random neuron order per seed; fraction f ablates the first round(f * n) of each order"
+    tmp = path.with_name(".selection.safetensors.tmp")
+    save_file(tensors, str(tmp), metadata={"mode": selection.mode, "note": note})
+    tmp.replace(path)
+
+
+def _row(method, fraction, seed, top1, ce, base, n_ablated, n_neurons, n_eval, seconds) -> dict:
+    return {
+        "method": method,
+        "fraction": fraction,
+        "seed": seed,
+        "top1": top1,
+        "ce": ce,
+        "delta_top1": 0.0 if base is None else top1 - base["top1"],
+        "delta_ce": 0.0 if base is None else ce - base["ce"],
+        "n_ablated": n_ablated,
+        "n_neurons": n_neurons,
+        "n_eval": n_eval,
+        "seconds": round(seconds, 4),
+    }

