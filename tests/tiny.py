@@ -1,0 +1,124 @@
+"""Tiny random models built from configs (2 layers, 4 heads, hidden 32), for every supported family.
+
+Nothing is downloaded. Expectations in tests are always computed from these models' own weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+VOCAB = 97
+
+_COMMON = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64, vocab_size=VOCAB)
+
+
+def _eager(config):
+    config._attn_implementation = "eager"
+    return config
+
+
+def causal_lm(family: str) -> torch.nn.Module:
+    """A tiny causal LM of ``family``: gpt2, opt, llama (GQA: 4 query heads, 2 kv heads), mistral, gemma3_text,
+    gpt_neox, qwen2."""
+    if family == "gpt2":
+        cfg = tf.GPT2Config(
+            n_embd=32, n_head=4, n_layer=2, n_positions=64, vocab_size=VOCAB, bos_token_id=2, eos_token_id=3
+        )
+    elif family == "opt":
+        cfg = tf.OPTConfig(
+            hidden_size=32,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
+            pad_token_id=1,
+        )
+    elif family in ("llama", "mistral", "qwen2"):
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
+        cfg = cls(**_COMMON, num_key_value_heads=2, max_position_embeddings=64)
+    elif family == "gemma3_text":
+        cfg = tf.Gemma3TextConfig(**_COMMON, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    elif family == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(**_COMMON, max_position_embeddings=64)
+    else:
+        raise ValueError(family)
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(_eager(cfg)).eval()
+
+
+def masked_lm(family: str = "roberta") -> torch.nn.Module:
+    cls = {"roberta": tf.RobertaConfig, "bert": tf.BertConfig}[family]
+    cfg = cls(**_COMMON, max_position_embeddings=80, pad_token_id=1 if family == "roberta" else 0)
+    torch.manual_seed(0)
+    return tf.AutoModelForMaskedLM.from_config(_eager(cfg)).eval()
+
+
+def vit_classifier(num_labels: int = 5) -> torch.nn.Module:
+    cfg = tf.ViTConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=num_labels,
+    )
+    torch.manual_seed(0)
+    return tf.ViTForImageClassification(_eager(cfg)).eval()
+
+
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<mask>"]
+
+
+def tokenizer(kind: str = "causal") -> tf.PreTrainedTokenizerFast:
+    """A character-level tokenizer over 92 printable characters + 5 specials = ``VOCAB`` ids.
+
+    ``kind="masked"`` wraps every text in <s> ... </s> (as RoBERTa) and has a mask token.
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+
+    chars = [chr(c) for c in range(32, 32 + VOCAB - len(SPECIALS))]
+    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    if kind == "masked":
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)]
+        )
+    fast = tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        mask_token="<mask>" if kind == "masked" else None,
+    )
+    return fast
+
+
+def save(model, kind: str, folder) -> str:
+    """Save ``model`` with a matching tokenizer into ``folder`` (a local model folder the CLI can load)."""
+    model.save_pretrained(folder)
+    if kind in ("causal", "masked"):
+        tokenizer(kind).save_pretrained(folder)
+    return str(folder)
+
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+    "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow. "
+)
+
+
+def write_corpus(path, n_docs: int = 40) -> str:
+    """A local .txt corpus of ``n_docs`` blank-line separated documents."""
+    import random
+
+    rng = random.Random(0)
+    words = TEXT.split()
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(8, 30))) for _ in range(n_docs)]
+    path.write_text("\n\n".join(docs), encoding="utf-8")
+    return str(path)
