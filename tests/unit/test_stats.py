@@ -1,0 +1,162 @@
+"""Streaming statistics against numpy on the concatenated data; merging; the peak; file round trips."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import tiny
+
+from knockout import KnockoutError, capture, collect_stats, find_sites
+from knockout.data.text import causal_batches
+from knockout.stats import LayerStats, Statistics
+
+EPS = 0.05
+
+
+def _off_edge_data(n, width, seed, eps=EPS):
+    """Values (k + u) * eps with u in [0.1, 0.9]: never within float error of a bin edge."""
+    g = np.random.default_rng(seed)
+    k = np.round(g.standard_normal((n, width)) * 20 + g.integers(-30, 30, size=width)).astype(np.int64)
+    # one bimodal neuron and one skewed neuron
+    k[:, 0] = np.where(g.random(n) < 0.4, -40, 25) + g.integers(-2, 3, size=n)
+    k[:, 1] = np.round(g.exponential(8, size=n)).astype(np.int64) + 5
+    return (k + g.uniform(0.1, 0.9, size=(n, width))) * eps
+
+
+def test_moments_equal_numpy_on_concatenated_batches():
+    data = _off_edge_data(1000, 7, seed=0)
+    stats = LayerStats(7, eps=EPS)
+    for chunk in np.array_split(data, [13, 400, 401, 777]):
+        stats.add(torch.from_numpy(chunk).float())
+    data32 = data.astype(np.float32).astype(np.float64)  # what the model would have given
+    assert stats.count == 1000
+    np.testing.assert_allclose(stats.mean.numpy(), data32.mean(0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(stats.var.numpy(), data32.var(0), rtol=1e-9)
+    np.testing.assert_array_equal(stats.min.numpy(), data32.min(0))
+    np.testing.assert_array_equal(stats.max.numpy(), data32.max(0))
+
+
+def test_histogram_and_peak_equal_numpy_histogram_argmax():
+    data = _off_edge_data(2000, 6, seed=1)
+    stats = LayerStats(6, eps=EPS)
+    stats.add(torch.from_numpy(data).float())
+    edges = stats.bin_edges().numpy()
+    for j in range(6):
+        counts, np_edges = np.histogram(data[:, j], bins=edges)
+        np.testing.assert_array_equal(stats.hist[j].numpy(), counts)
+        expected_peak = (np_edges[counts.argmax()] + np_edges[counts.argmax() + 1]) / 2
+        assert stats.peak()[j].item() == pytest.approx(expected_peak, abs=1e-9)
+    # the bimodal neuron's peak is at its larger mode, far from its mean
+    assert abs(stats.peak()[0].item() - 25.5 * EPS) < 3 * EPS
+    assert abs(stats.peak()[0].item() - stats.mean[0].item()) > 20 * EPS
+
+
+def test_bins_are_aligned_to_multiples_of_eps():
+    stats = LayerStats(1, eps=0.25)
+    stats.add(torch.tensor([[0.1], [0.2], [-0.1], [0.26], [0.3]]))
+    assert stats.k_lo == -1
+    assert stats.hist[0].tolist() == [1, 2, 2]  # [-0.25,0) [0,0.25) [0.25,0.5)
+    assert stats.peak()[0].item() == 0.125  # first of the tied maxima, as numpy.argmax
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_merge_of_random_splits_equals_one_pass(seed):
+    g = np.random.default_rng(seed)
+    data = _off_edge_data(900, 5, seed=seed + 10)
+    data[g.random(900) < 0.01, 2] = 50.0  # some values beyond the limit
+    one = Statistics([5], eps=EPS, limit=20.0)
+    one.add(0, torch.from_numpy(data).float())
+    cuts = np.sort(g.choice(np.arange(1, 900), size=3, replace=False))
+    parts = []
+    for chunk in np.split(data, cuts):
+        part = Statistics([5], eps=EPS, limit=20.0)
+        part.add(0, torch.from_numpy(chunk).float())
+        parts.append(part)
+    merged = Statistics([5], eps=EPS, limit=20.0)
+    for part in parts[::-1]:  # order does not matter
+        merged.merge(part)
+    a, b = one.layers[0], merged.layers[0]
+    assert a.count == b.count and a.k_lo == b.k_lo
+    assert torch.equal(a.hist, b.hist) and torch.equal(a.under, b.under) and torch.equal(a.over, b.over)
+    assert torch.equal(a.min, b.min) and torch.equal(a.max, b.max)
+    torch.testing.assert_close(a.mean, b.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a.m2, b.m2, rtol=1e-10, atol=1e-10)
+    assert torch.equal(a.peak(), b.peak())
+
+
+def test_values_outside_the_window_are_counted_not_binned():
+    stats = LayerStats(2, eps=0.1, limit=1.0)
+    stats.add(torch.tensor([[0.05, -5.0], [0.06, 3.0], [2.0, 0.5], [-1.0, 0.55]]))
+    assert stats.over.tolist() == [1, 1] and stats.under.tolist() == [0, 1]
+    assert int(stats.hist.sum()) == 5  # 8 values, 3 outside [-1, 1); -1.0 itself is inside
+    assert stats.hist[0, -10 - stats.k_lo] == 1  # -1.0 in bin -10 = [-1.0, -0.9)
+    assert stats.clipped_fraction == pytest.approx(3 / 8)
+    assert stats.k_lo + stats.n_bins - 1 <= stats.k_max
+
+
+def test_memory_does_not_grow_with_tokens():
+    stats = LayerStats(16, eps=0.01)
+    stats.add(torch.randn(1000, 16).clamp(-3, 3))
+    size = sum(t.numel() for t in (stats.hist, stats.mean, stats.m2, stats.min, stats.max))
+    for _ in range(5):
+        stats.add(torch.randn(1000, 16).clamp(-3, 3))
+    assert stats.count == 6000
+    assert sum(t.numel() for t in (stats.hist, stats.mean, stats.m2, stats.min, stats.max)) == size
+
+
+def test_bad_input_errors():
+    with pytest.raises(KnockoutError, match="NaN"):
+        LayerStats(2).add(torch.tensor([[1.0, float("nan")]]))
+    for eps in (0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(KnockoutError, match="eps"):
+            LayerStats(2, eps=eps)
+    with pytest.raises(KnockoutError, match="limit"):
+        Statistics([2], eps=0.1, limit=0.01)
+    with pytest.raises(KnockoutError, match="merge"):
+        Statistics([2], eps=0.1).merge(Statistics([2], eps=0.2))
+    with pytest.raises(KnockoutError, match="empty"):
+        LayerStats(2).peak()
+
+
+def test_save_load_round_trip_and_model_check(tmp_path):
+    stats = Statistics([4, 4], eps=EPS, meta={"model": json.dumps({"name": "a", "widths": [4, 4]})})
+    for layer in range(2):
+        stats.add(layer, torch.from_numpy(_off_edge_data(300, 4, seed=layer)).float())
+    stats.save(tmp_path / "s.safetensors")
+    back = Statistics.load(tmp_path / "s.safetensors")
+    assert back.eps == EPS and back.widths == [4, 4] and back.n_tokens == 300
+    for a, b in zip(stats.layers, back.layers):
+        assert torch.equal(a.hist, b.hist) and torch.equal(a.mean, b.mean) and a.k_lo == b.k_lo
+        assert torch.equal(a.peak(), b.peak())
+    back.check_model({"name": "a", "widths": [4, 4]})
+    with pytest.raises(KnockoutError, match="different model"):
+        back.check_model({"name": "b", "widths": [4, 4]})
+    with pytest.raises(KnockoutError, match="does not exist"):
+        Statistics.load(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(KnockoutError, match="not a readable"):
+        Statistics.load(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(KnockoutError, match="not a knockout statistics file"):
+        Statistics.load(tmp_path / "other.safetensors")
+
+
+def test_collect_stats_excludes_padding_and_equals_manual_capture():
+    model = tiny.causal_lm("llama")
+    sites = find_sites(model)
+    seqs = [list(range(5, 5 + n)) for n in (9, 4, 7, 2, 6)]
+    batches = causal_batches(seqs, batch_size=3, pad=0)
+    stats = collect_stats(model, sites, batches, eps=0.01, progress=False)
+    # independent: each sequence alone, no padding, activations concatenated
+    rows = {s.layer: [] for s in sites}
+    with torch.no_grad(), capture(sites, lambda s, z: rows[s.layer].append(z[0])):
+        for seq in seqs:
+            model(input_ids=torch.tensor([seq]))
+    for s in sites:
+        data = torch.cat(rows[s.layer]).double()
+        assert stats.layers[s.layer].count == sum(map(len, seqs)) == data.shape[0]
+        torch.testing.assert_close(stats.layers[s.layer].mean, data.mean(0), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(stats.layers[s.layer].max, data.max(0).values, atol=1e-6, rtol=1e-5)
