@@ -2,7 +2,14 @@
 
 - ``causal``: evaluation scores next-token predictions on exactly ``eval_tokens`` targets; the same batches for
   every seed.
-Statistics are collected on unmodified inputs of the collection split (``stats_tokens`` real tokens).
+- ``masked``: evaluation scores exactly ``eval_tokens`` chosen tokens of fixed texts, BERT-style corrupted (80% mask
+  token, 10% random token, 10% unchanged) with draws from a generator seeded per seed: the same inputs for every
+  method and fraction of a seed, different masks for different seeds (see :mod:`knockout.data.masked`).
+- ``image``: evaluation scores the class of ``eval_tokens`` images of the evaluation split, the same for every seed
+  (see :mod:`knockout.data.images`).
+
+Statistics are collected on unmodified inputs of the collection split (``stats_tokens`` real positions; for images,
+whole images until at least that many pre-out positions): masked LMs see their collection text unmasked.
 """
 
 from __future__ import annotations
@@ -18,7 +25,11 @@ def stats_batches(cfg, loaded) -> list[Batch]:
         tok = loaded.processor
         seqs = tokenize_exact(tok, load_texts(cfg.data, "collect"), cfg.stats_tokens, cfg.max_length, "positions")
         return causal_batches(seqs, cfg.batch_size, pad_id(tok))
-    raise KnockoutError(f"task {loaded.task!r} is not supported yet")
+    if loaded.task == "image":
+        from knockout.data.images import image_stats_batches
+
+        return image_stats_batches(cfg, loaded)
+    raise KnockoutError(f"task {loaded.task!r} is not supported")
 
 
 def eval_batches(cfg, loaded, seed: int) -> list[Batch]:
@@ -27,4 +38,15 @@ def eval_batches(cfg, loaded, seed: int) -> list[Batch]:
         tok = loaded.processor
         seqs = tokenize_exact(tok, load_texts(cfg.data, "eval"), cfg.eval_tokens, cfg.max_length, "targets")
         return causal_batches(seqs, cfg.batch_size, pad_id(tok))
-    raise KnockoutError(f"task {loaded.task!r} is not supported yet")
+    if loaded.task == "masked":
+        from knockout.data.masked import masked_batches, masked_sequences
+
+        tok = loaded.processor
+        seqs = masked_sequences(tok, load_texts(cfg.data, "eval"), cfg.eval_tokens, cfg.max_length)
+        vocab = getattr(loaded.model.config, "vocab_size", None)
+        return masked_batches(tok, seqs, cfg.batch_size, seed, pad_id(tok), vocab)
+    if loaded.task == "image":
+        from knockout.data.images import image_eval_batches
+
+        return image_eval_batches(cfg, loaded)
+    raise KnockoutError(f"task {loaded.task!r} is not supported")

@@ -1,0 +1,245 @@
+"""Image sources and classification batches for vision transformers (ViT and relatives).
+
+A *source* (``--data``) is one of
+
+- a local folder with one subfolder per class holding image files (``.jpg .jpeg .png .bmp .gif .webp .tif
+  .tiff``). A class's label is its index in the model's ``config.label2id`` when *every* subfolder name is a key
+  there (e.g. folders named ``tench, Tinca tinca`` ... for an ImageNet model); otherwise it is the subfolder's
+  index among the sorted subfolder names (``ImageFolder`` convention). The files are put in a fixed pseudo-random
+  order (seed 1234, independent of the run's seeds); the first fifth is the evaluation part, the rest the
+  collection part.
+- a Hugging Face datasets name (optionally ``name:config``) with an image column (``image``/``img``, else the
+  first column holding an image) and a label column (``label``/``labels``/``fine_label``), streamed. Collection
+  uses the ``train`` split; evaluation uses ``validation`` (else ``test``), in stream order. For the paper's
+  setting this is ``ILSVRC/imagenet-1k`` (gated: accept its terms on the Hub and log in), whose labels are the
+  standard ImageNet class indices used by ``google/vit-base-patch16-224``'s ``id2label``.
+
+Counts: ``eval_tokens`` is the number of evaluation *images* (each is one scored target; the paper used 1000), the
+first ones of the evaluation part. ``stats_tokens`` counts pre-out positions as for text: the collection set is
+the first ``ceil(stats_tokens / seq)`` images of the collection part, where ``seq`` is the pre-out sequence
+length (``n_patches + 1`` for ViT). The evaluation images are the same for every seed.
+
+Preprocessing uses the model's own image processor when it has one. Otherwise images are converted to RGB,
+resized to ``image_size`` x ``image_size`` (bilinear), scaled to [0, 1] and normalised with ``image_mean`` and
+``image_std``; these are :attr:`SweepConfig.options` keys (CLI ``--image-size/--image-mean/--image-std``),
+defaulting to the model config's ``image_size`` and 0.5 / 0.5 per channel (ViT's defaults).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from knockout.data.batch import Batch
+from knockout.errors import KnockoutError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_OPTIONS = ("image_size", "image_mean", "image_std")
+_SPLIT_SEED = 1234
+_IMAGE_COLUMNS = ("image", "img")
+_LABEL_COLUMNS = ("label", "labels", "fine_label")
+
+
+def folder_classes(root: Path, label2id: dict | None = None) -> dict[str, int]:
+    """Subfolder name -> label: ``label2id``'s ids when it names every subfolder, else sorted-name indices."""
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise KnockoutError(f"image folder {str(root)!r} has no class subfolders (expected <root>/<class>/<image>)")
+    if label2id and all(n in label2id for n in names):
+        return {n: int(label2id[n]) for n in names}
+    return {n: i for i, n in enumerate(names)}
+
+
+def folder_items(root: Path, label2id: dict | None = None) -> list[tuple[Path, int]]:
+    """Every ``(image file, label)`` of an image folder, sorted by class then file name."""
+    classes = folder_classes(root, label2id)
+    items = [
+        (f, label)
+        for name, label in classes.items()
+        for f in sorted((root / name).rglob("*"))
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not items:
+        raise KnockoutError(f"image folder {str(root)!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return items
+
+
+def _split(items: list, split: str) -> list:
+    order = list(range(len(items)))
+    random.Random(_SPLIT_SEED).shuffle(order)
+    n_eval = max(1, len(items) // 5) if len(items) > 1 else 0
+    chosen = order[:n_eval] if split == "eval" else order[n_eval:]
+    return [items[i] for i in chosen]
+
+
+def _open(path: Path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError as e:
+        raise KnockoutError(f"cannot read image {str(path)!r}: {e}") from e
+
+
+def _hf_images(name: str, split: str) -> Iterator[tuple[object, int]]:
+    import datasets
+
+    config = None
+    if ":" in name:
+        name, config = name.split(":", 1)
+    candidates = ["train"] if split == "collect" else ["validation", "test"]
+    last = None
+    for hf_split in candidates:
+        try:
+            ds = datasets.load_dataset(name, config, split=hf_split, streaming=True)
+            break
+        except ValueError as e:  # unknown split: try the next one
+            last = e
+        except Exception as e:
+            raise KnockoutError(
+                f"could not open the Hugging Face dataset {name!r} ({type(e).__name__}: {e}). Without network "
+                "access (HF_HUB_OFFLINE=1) give a local image folder (<root>/<class>/<image>) as --data."
+            ) from e
+    else:
+        raise KnockoutError(f"dataset {name!r} has none of the splits {candidates}: {last}")
+    for row in ds:
+        image = next((row[c] for c in _IMAGE_COLUMNS if c in row), None)
+        if image is None:
+            image = next((v for v in row.values() if hasattr(v, "convert") and hasattr(v, "size")), None)
+        label = next((row[c] for c in _LABEL_COLUMNS if c in row), None)
+        if image is None or label is None:
+            raise KnockoutError(f"dataset {name!r} needs an image column and a label column; it has {list(row)}")
+        if int(label) < 0:  # unlabelled (e.g. ImageNet's test split)
+            continue
+        yield image, int(label)
+
+
+def load_images(source: str, split: str, n: int, label2id: dict | None = None) -> list[tuple[object, int]]:
+    """The first ``n`` ``(image, label)`` pairs of ``source``'s ``split`` (``"collect"`` or ``"eval"``).
+
+    Images are returned as file paths (local folders) or PIL images (datasets); raises if there are fewer than ``n``.
+    """
+    if split not in ("collect", "eval"):
+        raise ValueError(f"split must be collect or eval, got {split!r}")
+    if n <= 0:
+        raise KnockoutError(f"the number of images must be positive, got {n}")
+    if source == "wiki":
+        raise KnockoutError("image models need image data: give --data an image folder or a HF dataset name")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        items = _split(folder_items(path, label2id), split)
+    elif path.exists() or source.startswith((".", "/", "~")):
+        raise KnockoutError(f"image data {source!r} is not a folder (expected <root>/<class>/<image>)")
+    else:
+        items = []
+        for item in _hf_images(source, split):
+            items.append(item)
+            if len(items) == n:
+                break
+    if len(items) < n:
+        raise KnockoutError(
+            f"the {split} part of {source!r} has only {len(items)} images but {n} were asked for; "
+            "ask for fewer or give more images"
+        )
+    return items[:n]
+
+
+def _floats(value, name: str) -> list[float]:
+    values = [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3:
+        raise KnockoutError(f"option {name} needs 1 or 3 numbers, got {value!r}")
+    return values
+
+
+def preprocess(images: Sequence, processor, options: dict, config) -> torch.Tensor:
+    """``[n, 3, H, W]`` float pixel values of PIL images or image paths."""
+    pil = [_open(im) if isinstance(im, (str, Path)) else im.convert("RGB") for im in images]
+    if processor is not None:
+        return processor(images=pil, return_tensors="pt")["pixel_values"]
+    size = int(options.get("image_size") or getattr(config, "image_size", 224))
+    mean = torch.tensor(_floats(options.get("image_mean", 0.5), "image_mean")).view(3, 1, 1)
+    std = torch.tensor(_floats(options.get("image_std", 0.5), "image_std")).view(3, 1, 1)
+    if (std <= 0).any():
+        raise KnockoutError(f"image_std must be positive, got {std.flatten().tolist()}")
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for im in pil:
+        im = im.resize((size, size), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+        out.append((x - mean) / std)
+    return torch.stack(out)
+
+
+def preout_length(model: torch.nn.Module, pixel_values: torch.Tensor, site_module=None, n_heads=None) -> int:
+    """Sequence length of the pre-out for these pixel values, read with one forward pass on the first image.
+
+    (For ViT it is ``(image_size / patch_size) ** 2 + 1``; reading it covers DeiT's extra token and friends.)
+    """
+    from knockout.hooks import capture
+    from knockout.sites import find_sites
+
+    site = find_sites(model, site_module, n_heads)[0]
+    seen = []
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    with torch.inference_mode(), capture([site], lambda s, z: seen.append(z.shape[1])):
+        model(pixel_values=pixel_values[:1].to(device, dtype))
+    return seen[0]
+
+
+def image_batches(
+    items: Sequence[tuple[object, int]],
+    batch_size: int,
+    processor,
+    options: dict,
+    model,
+    site_module=None,
+    n_heads=None,
+) -> list[Batch]:
+    """Batches of ``{"pixel_values": [b, 3, H, W]}``, ``valid`` all True ``[b, seq]``, targets = labels ``[b]``."""
+    if batch_size <= 0:
+        raise KnockoutError(f"batch size must be positive, got {batch_size}")
+    num_labels = getattr(model.config, "num_labels", None)
+    bad = [label for _, label in items if num_labels is not None and not 0 <= label < num_labels]
+    if bad:
+        raise KnockoutError(f"labels {sorted(set(bad))[:5]} are outside the model's {num_labels} classes")
+    batches, seq = [], None
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        pixels = preprocess([im for im, _ in chunk], processor, options, model.config)
+        if seq is None:
+            seq = preout_length(model, pixels, site_module, n_heads)
+        valid = torch.ones((len(chunk), seq), dtype=torch.bool)
+        labels = torch.tensor([label for _, label in chunk], dtype=torch.long)
+        batches.append(Batch({"pixel_values": pixels}, valid, labels))
+    return batches
+
+
+def image_eval_batches(cfg, loaded) -> list[Batch]:
+    """The ``cfg.eval_tokens`` evaluation images (the same for every seed)."""
+    label2id = getattr(loaded.model.config, "label2id", None)
+    items = load_images(cfg.data, "eval", cfg.eval_tokens, label2id)
+    return image_batches(
+        items, cfg.batch_size, loaded.processor, cfg.options, loaded.model, cfg.site_module, cfg.n_heads
+    )
+
+
+def image_stats_batches(cfg, loaded) -> list[Batch]:
+    """Collection images holding at least ``cfg.stats_tokens`` pre-out positions (whole images)."""
+    label2id = getattr(loaded.model.config, "label2id", None)
+    probe = load_images(cfg.data, "collect", 1, label2id)
+    pixels = preprocess([probe[0][0]], loaded.processor, cfg.options, loaded.model.config)
+    seq = preout_length(loaded.model, pixels, cfg.site_module, cfg.n_heads)
+    items = load_images(cfg.data, "collect", math.ceil(cfg.stats_tokens / seq), label2id)
+    return image_batches(
+        items, cfg.batch_size, loaded.processor, cfg.options, loaded.model, cfg.site_module, cfg.n_heads
+    )
