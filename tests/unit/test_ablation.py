@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-import tiny
 
+import tiny
 from knockout import KnockoutError, MethodContext, NeuronSelection, find_sites, get_method
 from knockout.ablation.methods import METHODS, ConstantAblation, register
 from knockout.hooks import fold_constants, replace_with_constants

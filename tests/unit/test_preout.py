@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-import tiny
 
+import tiny
 from knockout import capture, find_sites
 
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-import tiny
 
+import tiny
 from knockout import KnockoutError, Metrics, NeuronSelection
 from knockout.ablation.selection import count_for, validate_fractions
 from knockout.data import IGNORE

@@ -3,8 +3,8 @@
 import logging
 
 import pytest
-import tiny
 
+import tiny
 from knockout import KnockoutError, find_sites
 from knockout.sites import SITE_PATTERNS
 

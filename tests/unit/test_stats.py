@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-import tiny
 
+import tiny
 from knockout import KnockoutError, capture, collect_stats, find_sites
 from knockout.data.text import causal_batches
 from knockout.stats import LayerStats, Statistics

@@ -59,8 +59,9 @@ def environment() -> dict:
 
 def obtain_stats(
     cfg: SweepConfig, loaded: LoadedModel, sites: list[Site], identity: dict, out: Path, progress: bool = True
-) -> Statistics:
-    """The run folder's statistics: reused if present (and of this model), else loaded or collected, then saved."""
+) -> tuple[Statistics, bool]:
+    """The run's statistics: the run folder's own if present (and of this model), else loaded from
+    ``cfg.stats_path`` or collected. Returns them and whether they still have to be saved to the run folder."""
     path = out / STATS_FILE
     source = path if path.is_file() else (Path(cfg.stats_path) if cfg.stats_path else None)
     if source is not None:
@@ -85,9 +86,7 @@ def obtain_stats(
                 100 * layer.clipped_fraction,
                 stats.limit,
             )
-    if source != path:
-        stats.save(path)
-    return stats
+    return stats, source != path
 
 
 def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | None = None) -> Path:
@@ -108,6 +107,11 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
     for cls in classes:
         if loaded.task not in cls.tasks:
             raise KnockoutError(f"method {cls.name!r} does not apply to {loaded.task} models")
+    # Everything that can fail on bad input happens before the first file is written.
+    first_batches = eval_batches(cfg, loaded, cfg.seeds[0])
+    stats, save_stats = None, False
+    if any(c.needs_stats for c in classes):
+        stats, save_stats = obtain_stats(cfg, loaded, sites, identity, out, progress)
     out.mkdir(parents=True, exist_ok=True)
     resolved = {
         "task": loaded.task,
@@ -118,7 +122,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
     }
     cfg.save(out / "config.json", extra={"resolved": resolved})
 
-    stats = obtain_stats(cfg, loaded, sites, identity, out, progress) if any(c.needs_stats for c in classes) else None
+    if save_stats:
+        stats.save(out / STATS_FILE)
     store = ResultStore(out)
     widths = [s.width for s in sites]
     total = len(cfg.seeds) * (1 + len(classes) * len(cfg.fractions))
@@ -128,7 +133,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
         if ("baseline", 0.0, seed) in store and not todo:
             bar.update(1 + len(classes) * len(cfg.fractions))
             continue
-        batches = eval_batches(cfg, loaded, seed)
+        batches = first_batches if seed == cfg.seeds[0] else eval_batches(cfg, loaded, seed)
         selection = NeuronSelection(widths, seed, cfg.selection)
         save_selection(out, selection)
         base = store.get("baseline", 0.0, seed)

@@ -1,0 +1,159 @@
+"""The CLI end to end on a tiny model saved to a local folder: sweep, resume, stats, errors."""
+
+import json
+
+import pytest
+
+import tiny
+from knockout.cli import main
+from knockout.experiments import runner
+from knockout.experiments.store import read_rows
+from knockout.stats import Statistics
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = tiny.save(tiny.causal_lm("llama"), "causal", root / "model")
+    other = tiny.save(tiny.causal_lm("opt"), "causal", root / "other")
+    corpus = tiny.write_corpus(root / "corpus.txt", n_docs=60)
+    return root, model, other, corpus
+
+
+def _sweep_args(model, corpus, out, *extra):
+    return [
+        "-q",
+        "sweep",
+        "--model",
+        model,
+        "--data",
+        corpus,
+        "--methods",
+        "zero,mean,peak",
+        "--fractions",
+        "0,0.5,1",
+        "--seeds",
+        "0,1",
+        "--eval-tokens",
+        "120",
+        "--stats-tokens",
+        "400",
+        "--max-length",
+        "40",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def test_sweep_writes_rows_config_stats_and_selection(setup, capsys):
+    root, model, _, corpus = setup
+    out = root / "run"
+    assert main(_sweep_args(model, corpus, out)) == 0
+    rows = read_rows(out)
+    assert len(rows) == 2 * (1 + 3 * 3)
+    keys = {(r["method"], r["fraction"], r["seed"]) for r in rows}
+    assert ("baseline", 0.0, 1) in keys and ("peak", 1.0, 0) in keys
+    for r in rows:
+        assert r["n_eval"] == 120
+        assert r["n_neurons"] == 64
+        assert r["n_ablated"] == {0.0: 0, 0.5: 32, 1.0: 64}[r["fraction"]]
+        base = next(b for b in rows if b["method"] == "baseline" and b["seed"] == r["seed"])
+        assert r["delta_top1"] == pytest.approx(r["top1"] - base["top1"])
+        assert r["delta_ce"] == pytest.approx(r["ce"] - base["ce"])
+    full = [r for r in rows if r["fraction"] == 1.0]
+    assert len({round(r["ce"], 6) for r in full if r["method"] != "baseline"}) > 1  # methods differ
+    config = json.loads((out / "config.json").read_text())
+    assert config["eval_tokens"] == 120 and config["resolved"]["task"] == "causal"
+    assert config["resolved"]["model_identity"]["widths"] == [32, 32]
+    stats = Statistics.load(out / "stats.safetensors")
+    assert stats.n_tokens == 400 and json.loads(stats.meta["model"])["name"] == model
+    assert (out / "selection.safetensors").is_file() and (out / "results.csv").is_file()
+    assert "peak" in capsys.readouterr().out
+
+
+def test_rerun_resumes_without_recomputing(setup, monkeypatch):
+    root, model, _, corpus = setup
+    out = root / "resume"
+    assert main(_sweep_args(model, corpus, out)) == 0
+    first = {(r["method"], r["fraction"], r["seed"]): r for r in read_rows(out)}
+
+    calls = []
+    real = runner.evaluate
+    monkeypatch.setattr(runner, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main(_sweep_args(model, corpus, out)) == 0
+    assert calls == []  # everything was done
+
+    # drop some rows as if the run had been interrupted, then resume: only those are recomputed, identically
+    lines = (out / "results.jsonl").read_text().splitlines()
+    kept = [ln for ln in lines if not (json.loads(ln)["seed"] == 1 and json.loads(ln)["method"] in ("mean", "peak"))]
+    (out / "results.jsonl").write_text("\n".join(kept) + "\n")
+    assert main(_sweep_args(model, corpus, out)) == 0
+    assert len(calls) == 4  # mean and peak at 0.5 and 1.0 of seed 1 (fraction 0 reuses the baseline)
+    again = {(r["method"], r["fraction"], r["seed"]): r for r in read_rows(out)}
+    assert again.keys() == first.keys()
+    for key, row in first.items():
+        assert again[key]["top1"] == row["top1"] and again[key]["ce"] == pytest.approx(row["ce"], abs=1e-9)
+
+    # adding a method or a seed extends the run
+    assert main(_sweep_args(model, corpus, out, "--seeds", "0,1,2")) == 0
+    assert len(read_rows(out)) == 3 * (1 + 3 * 3)
+
+
+def test_changed_settings_refuse_to_mix_into_an_old_run(setup, capsys):
+    root, model, _, corpus = setup
+    out = root / "mix"
+    assert main(_sweep_args(model, corpus, out, "--seeds", "0", "--fractions", "0,1")) == 0
+    before = (out / "results.jsonl").read_text()
+    assert main(_sweep_args(model, corpus, out, "--seeds", "0", "--eval-tokens", "100")) == 2
+    err = capsys.readouterr().err
+    assert "different settings" in err and "eval_tokens" in err
+    assert (out / "results.jsonl").read_text() == before
+
+
+def test_stats_command_and_reuse(setup, capsys):
+    root, model, other, corpus = setup
+    path = root / "s.safetensors"
+    assert main(["-q", "stats", "--model", model, "--data", corpus, "--stats-tokens", "300", "--out", str(path)]) == 0
+    assert Statistics.load(path).n_tokens == 300
+    out = root / "reuse"
+    assert main(_sweep_args(model, corpus, out, "--seeds", "0", "--stats", str(path))) == 0
+    assert Statistics.load(out / "stats.safetensors").n_tokens == 300  # reused, not recollected (400)
+    # statistics of another model are refused with a clear message
+    assert main(_sweep_args(other, corpus, root / "wrong", "--seeds", "0", "--stats", str(path))) == 2
+    assert "different model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--fractions", "0,1.5"], "between 0 and 1"),
+        (["--eps", "0"], "eps must be a positive"),
+        (["--methods", "zero,bogus"], "unknown ablation method"),
+        (["--eval-tokens", "100000"], "gave only"),
+    ],
+)
+def test_bad_input_gives_one_clear_error_and_writes_nothing(setup, capsys, args, message):
+    root, model, _, corpus = setup
+    out = root / f"bad{abs(hash(tuple(args)))}"
+    assert main(_sweep_args(model, corpus, out, *args)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_model_and_data_paths(setup, capsys):
+    root, model, _, corpus = setup
+    assert main(_sweep_args(str(root / "nope"), corpus, root / "x")) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(_sweep_args(model, str(root / "none.txt"), root / "y")) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_sites_and_methods_commands(setup, capsys):
+    _, model, _, _ = setup
+    assert main(["sites", "--model", model]) == 0
+    assert "model.layers.1.self_attn.o_proj" in capsys.readouterr().out
+    assert main(["methods"]) == 0
+    assert "peak" in capsys.readouterr().out
