@@ -1,5 +1,6 @@
 """Tables and figures, built from a run folder's stored results and statistics only."""
 
+from knockout.reporting.report import compare_runs, write_report
 from knockout.reporting.summary import format_table, summarize
 
-__all__ = ["format_table", "summarize"]
+__all__ = ["compare_runs", "format_table", "summarize", "write_report"]

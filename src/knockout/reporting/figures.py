@@ -1,0 +1,164 @@
+"""Figures of a run, drawn with matplotlib's object API (no pyplot, no display; PNG and SVG).
+
+* :func:`curves_figure`: the paper's Figures 2 and 3, change in top-1 (percentage points) and in cross-entropy
+  (nats) against the percentage of neurons ablated, one line per method (mean over seeds) with a ±1 std band. One
+  column per run, so the same function draws a single run and a comparison.
+* :func:`layers_figure`: Figure 1 (left), the layer-averaged histogram of pre-out activations for chosen layers.
+* :func:`gallery_figure`: Figure 1 (centre, right), the most atypical neurons' histograms with mean, peak and zero
+  marked.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from knockout.reporting.neurons import LayerHist, NeuronScore, layer_average
+
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
+FIXED_COLORS = {"peak": "#d62728", "mean": "#1f77b4", "zero": "#2ca02c"}
+
+
+def method_colors(methods: list[str]) -> dict[str, str]:
+    """One colour per method, the same in every figure (peak red, mean blue, zero green, others in turn)."""
+    colors, others = {}, iter(c for c in PALETTE if c not in FIXED_COLORS.values())
+    for m in methods:
+        colors[m] = FIXED_COLORS.get(m) or next(others, "#333333")
+    return colors
+
+
+def _curve(summary: list[dict], method: str, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (fraction in %), mean and std of ``delta_{metric}`` for ``method``; (0, 0, 0) prepended when the run has no
+    fraction-0 row, since ablating no neuron is the baseline by definition."""
+    pts = sorted(
+        (e["fraction"], e[f"delta_{metric}_mean"], e[f"delta_{metric}_std"]) for e in summary if e["method"] == method
+    )
+    if pts and pts[0][0] > 0:
+        pts.insert(0, (0.0, 0.0, 0.0))
+    a = np.array(pts, dtype=np.float64).reshape(-1, 3)
+    scale = 100.0 if metric == "top1" else 1.0
+    return 100 * a[:, 0], scale * a[:, 1], scale * a[:, 2]
+
+
+def curves_figure(runs: list[tuple[str, list[dict]]], methods: list[str] | None = None) -> Figure:
+    """Δtop-1 (top row) and ΔCE (bottom row) against the fraction ablated; one column per (label, summary) run."""
+    if methods is None:
+        methods = list(dict.fromkeys(e["method"] for _, s in runs for e in s if e["method"] != "baseline"))
+    colors = method_colors(methods)
+    n = max(len(runs), 1)
+    fig = Figure(figsize=(4.6 * n, 6.4), layout="constrained")
+    axes = fig.subplots(2, n, squeeze=False)
+    for col, (label, summary) in enumerate(runs):
+        for row, (metric, ylabel) in enumerate((("top1", "Δ top-1 (pp)"), ("ce", "Δ cross-entropy (nats)"))):
+            ax = axes[row, col]
+            for m in methods:
+                x, mean, std = _curve(summary, m, metric)
+                if len(x) == 0:
+                    continue
+                ax.plot(x, mean, marker="o", ms=3, lw=1.6, color=colors[m], label=m)
+                ax.fill_between(x, mean - std, mean + std, color=colors[m], alpha=0.18, lw=0)
+            ax.axhline(0, color="0.5", lw=0.8, ls=":")
+            ax.set_xlabel("neurons ablated (%)")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(label)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if handles:
+        axes[0, 0].legend(handles, labels, fontsize=8, loc="lower left")
+    return fig
+
+
+def _trim(edges: np.ndarray, counts: np.ndarray, q: float = 1e-3) -> slice:
+    """Bins between the ``q`` and ``1 - q`` quantiles of ``counts`` (so a few outliers do not squash the plot)."""
+    c = np.cumsum(counts)
+    if c.size == 0 or c[-1] <= 0:
+        return slice(0, len(counts))
+    lo = int(np.searchsorted(c, q * c[-1], side="left"))
+    hi = int(np.searchsorted(c, (1 - q) * c[-1], side="left")) + 1
+    return slice(lo, max(hi, lo + 1))
+
+
+def _rebin(edges: np.ndarray, counts: np.ndarray, target: int = 80) -> tuple[np.ndarray, np.ndarray]:
+    """Merge runs of ``r`` adjacent bins so about ``target`` remain (bins stay multiples of the stored ``eps``)."""
+    r = max(1, int(np.ceil(len(counts) / target)))
+    if r == 1:
+        return edges, counts
+    pad = (-len(counts)) % r
+    counts = np.concatenate([counts, np.zeros(pad)])
+    step = edges[1] - edges[0]
+    new_edges = edges[0] + step * r * np.arange(len(counts) // r + 1)
+    return new_edges, counts.reshape(-1, r).sum(1)
+
+
+def _draw_hist(ax, edges: np.ndarray, counts: np.ndarray, color: str = "#4c72b0") -> None:
+    sl = _trim(edges, counts)
+    e, c = edges[sl.start : sl.stop + 1], counts[sl]
+    e, c = _rebin(e, c.astype(np.float64))
+    width = np.diff(e)
+    total = c.sum()
+    density = c / (total * width) if total else c
+    ax.stairs(density, e, fill=True, color=color, alpha=0.55)
+    ax.stairs(density, e, color=color, lw=0.8)
+
+
+def layers_figure(layers: list[LayerHist]) -> Figure:
+    """Figure 1 (left): the average over a layer's neurons of their activation histograms, one panel per layer."""
+    n = max(len(layers), 1)
+    cols = min(n, 4)
+    rows = int(np.ceil(n / cols))
+    fig = Figure(figsize=(3.6 * cols, 2.8 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, lh in zip(axes, layers):
+        edges, density = layer_average(lh)
+        _draw_hist(ax, edges, density * lh.eps)
+        ax.axvline(0, color="0.3", lw=0.8, ls=":")
+        ax.set_title(f"layer {lh.layer}: mean of {lh.width} neurons", fontsize=9)
+        ax.set_xlabel("pre-out activation")
+        ax.set_ylabel("density")
+    for ax in axes[len(layers) :]:
+        ax.set_axis_off()
+    return fig
+
+
+def gallery_figure(neurons: list[tuple[NeuronScore, LayerHist]], n_heads: int | None = None) -> Figure:
+    """Figure 1 (centre, right): each neuron's histogram with its mean (dashed), peak (solid) and zero (dotted)."""
+    n = max(len(neurons), 1)
+    cols = min(n, 4)
+    rows = int(np.ceil(n / cols))
+    fig = Figure(figsize=(3.6 * cols, 2.9 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for rank, (ax, (s, lh)) in enumerate(zip(axes, neurons), start=1):
+        _draw_hist(ax, lh.edges(), lh.hist[0].astype(np.float64), color="#6a51a3")
+        ax.axvline(0, color="0.3", lw=0.9, ls=":", label="zero")
+        ax.axvline(s.mean, color="#1f77b4", lw=1.4, ls="--", label=f"mean {s.mean:.3g}")
+        ax.axvline(s.peak, color="#d62728", lw=1.4, label=f"peak {s.peak:.3g}")
+        who = f"L{s.layer} n{s.neuron}"
+        if n_heads and s.width % n_heads == 0:
+            d_head = s.width // n_heads
+            who += f" (h{s.neuron // d_head}.{s.neuron % d_head})"
+        ax.set_title(f"#{rank} {who}  score {s.score:.2f} ({s.modes} mode{'s' if s.modes != 1 else ''})", fontsize=9)
+        ax.set_xlabel("pre-out activation")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=7, loc="upper right")
+    for ax in axes[len(neurons) :]:
+        ax.set_axis_off()
+    return fig
+
+
+def save_figure(fig: Figure, stem: Path, dpi: int = 110) -> list[Path]:
+    """Write ``stem.png`` and ``stem.svg``; returns both paths."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    fig.savefig(paths[0], dpi=dpi)
+    fig.savefig(paths[1])
+    return paths
+
+
+def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()

@@ -1,0 +1,253 @@
+"""Per-neuron activation distributions from a stored statistics file: layer averages and atypical neurons.
+
+Reads ``stats.safetensors`` (see :mod:`knockout.stats`) one layer at a time, so a large model's histograms are never
+all in memory at once. Nothing here loads a model.
+
+Atypicality
+-----------
+For neuron ``i`` with mean ``mu``, population std ``sigma`` and histogram peak ``p`` (all from the stored
+statistics):
+
+* **offset** ``= |p - mu| / sigma`` (0 when ``sigma = 0``): how far the most likely value sits from the mean, in
+  standard deviations. About 0 for a symmetric unimodal neuron, about 1 for an exponential one or for a
+  two-peaked one.
+* **modes**: the stored ``eps``-histogram is resampled onto ``GRID_BINS = 50`` bins spanning ``mu ± 5 sigma``
+  (bin width ``sigma / 5``, independent of ``eps``; counts are read from the cumulative histogram, linear inside a
+  bin), smoothed twice with the kernel ``[1, 2, 1] / 4``, and scaled so its maximum is 1. A *mode* is a local
+  maximum whose topographic prominence (its height minus the higher of the two lowest points between it and a
+  higher point, or the edge, on either side) is at least ``MIN_PROMINENCE = 0.1``. ``second`` is the prominence of
+  the second most prominent mode (0 for a unimodal neuron), in ``[0, 1]``.
+* **score** ``= offset + second``. A clean two-peaked neuron scores about 2, a skewed or off-centre unimodal neuron
+  about 1, a zero-centred Gaussian-like neuron about 0. The gallery shows the neurons with the highest score.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from knockout.errors import KnockoutError
+
+GRID_BINS = 50
+GRID_SIGMAS = 5.0
+MIN_PROMINENCE = 0.1
+
+
+@dataclass
+class LayerHist:
+    """One layer's stored statistics as numpy arrays: ``hist`` is ``[width, n_bins]`` counts, column ``j`` being
+    the bin ``[(k_lo + j) * eps, (k_lo + j + 1) * eps)``."""
+
+    layer: int
+    mean: np.ndarray  # [width] float64
+    std: np.ndarray  # [width] float64, population std (ddof=0)
+    hist: np.ndarray  # [width, n_bins] int64
+    k_lo: int
+    eps: float
+    count: int
+
+    @property
+    def width(self) -> int:
+        return self.mean.shape[0]
+
+    def edges(self) -> np.ndarray:
+        """``[n_bins + 1]`` bin edges."""
+        return (np.arange(self.hist.shape[1] + 1) + self.k_lo) * self.eps
+
+    def peak(self) -> np.ndarray:
+        """``[width]`` centre of each neuron's most populated bin (the mean where a neuron has no binned value),
+        as :meth:`knockout.stats.LayerStats.peak`."""
+        if self.hist.shape[1] == 0:
+            return self.mean.copy()
+        peak = (self.hist.argmax(1) + self.k_lo + 0.5) * self.eps
+        empty = self.hist.sum(1) == 0
+        peak[empty] = self.mean[empty]
+        return peak
+
+
+class StatsFile:
+    """Lazy reader of a ``knockout.stats/1`` safetensors file."""
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        from knockout.stats.statistics import FORMAT
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise KnockoutError(f"statistics file {str(self.path)!r} does not exist")
+        try:
+            with safe_open(str(self.path), framework="np") as f:
+                self.meta = dict(f.metadata() or {})
+        except Exception as e:  # safetensors raises several types for a corrupt file
+            raise KnockoutError(f"{str(self.path)!r} is not a readable safetensors statistics file: {e}") from e
+        if self.meta.get("format") != FORMAT:
+            raise KnockoutError(
+                f"{str(self.path)!r} is not a knockout statistics file (format {self.meta.get('format')!r})"
+            )
+        self.widths: list[int] = json.loads(self.meta["widths"])
+        self.eps = float(self.meta["eps"])
+
+    def __len__(self) -> int:
+        return len(self.widths)
+
+    def layer(self, i: int) -> LayerHist:
+        from safetensors import safe_open
+
+        if not 0 <= i < len(self):
+            raise KnockoutError(f"layer {i} is out of range: the statistics have {len(self)} layers")
+        with safe_open(str(self.path), framework="np") as f:
+            get = lambda name: f.get_tensor(f"layer{i}.{name}")  # noqa: E731
+            count = int(get("count")[0])
+            m2 = get("m2").astype(np.float64)
+            return LayerHist(
+                layer=i,
+                mean=get("mean").astype(np.float64),
+                std=np.sqrt(m2 / max(count, 1)),
+                hist=get("hist").astype(np.int64),
+                k_lo=int(get("k_lo")[0]),
+                eps=self.eps,
+                count=count,
+            )
+
+
+def default_layers(n_layers: int, k: int = 4) -> list[int]:
+    """``k`` layers spread evenly over depth, first and last included."""
+    if n_layers <= 0:
+        return []
+    return sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, min(k, n_layers))})
+
+
+def layer_average(lh: LayerHist) -> tuple[np.ndarray, np.ndarray]:
+    """The layer-averaged distribution: bin edges ``[n_bins + 1]`` and density ``[n_bins]`` (the mean over neurons
+    of each neuron's histogram, normalised to integrate to 1)."""
+    counts = lh.hist.sum(0).astype(np.float64)
+    total = counts.sum()
+    return lh.edges(), counts / (total * lh.eps) if total else counts
+
+
+# -- atypicality ----------------------------------------------------------------------------------------------
+def resample(lh: LayerHist, rows: np.ndarray | None = None) -> np.ndarray:
+    """``[n, GRID_BINS]`` counts of neurons ``rows`` on their own grid ``mu ± GRID_SIGMAS sigma`` (see module doc)."""
+    rows = np.arange(lh.width) if rows is None else np.asarray(rows)
+    hist = lh.hist[rows]
+    n_bins = hist.shape[1]
+    if n_bins == 0:
+        return np.zeros((len(rows), GRID_BINS))
+    cdf = np.concatenate([np.zeros((len(rows), 1)), np.cumsum(hist, axis=1, dtype=np.float64)], axis=1)
+    sigma = np.where(lh.std[rows] > 0, lh.std[rows], lh.eps)
+    steps = np.linspace(-GRID_SIGMAS, GRID_SIGMAS, GRID_BINS + 1)
+    edges = lh.mean[rows, None] + steps[None, :] * sigma[:, None]  # [n, GRID_BINS + 1]
+    pos = np.clip(edges / lh.eps - lh.k_lo, 0, n_bins)
+    i0 = np.minimum(np.floor(pos).astype(np.int64), n_bins - 1)
+    frac = pos - i0
+    lo = np.take_along_axis(cdf, i0, 1)
+    hi = np.take_along_axis(cdf, i0 + 1, 1)
+    return np.diff(lo + frac * (hi - lo), axis=1)
+
+
+def _smooth(g: np.ndarray) -> np.ndarray:
+    for _ in range(2):
+        padded = np.pad(g, ((0, 0), (1, 1)))
+        g = (padded[:, :-2] + 2 * padded[:, 1:-1] + padded[:, 2:]) / 4
+    return g
+
+
+def prominences(g: np.ndarray) -> list[float]:
+    """Topographic prominences of the local maxima of the 1-d profile ``g`` (zero beyond both ends; a plateau
+    counts once), largest first."""
+    g = np.concatenate([[0.0], np.asarray(g, dtype=np.float64), [0.0]])
+    out = []
+    for i in range(1, len(g) - 1):
+        h = g[i]
+        if not (h > g[i - 1] and h >= g[i + 1]):
+            continue
+        j = i
+        while j > 0 and g[j - 1] <= h:
+            j -= 1
+        left = g[j:i].min() if j < i else h
+        k = i
+        while k < len(g) - 1 and g[k + 1] <= h:
+            k += 1
+        right = g[i + 1 : k + 1].min() if k > i else h
+        out.append(float(h - max(left, right)))
+    return sorted(out, reverse=True)
+
+
+@dataclass
+class NeuronScore:
+    layer: int
+    neuron: int
+    mean: float
+    std: float
+    peak: float
+    offset: float
+    modes: int
+    second: float
+    width: int = 0
+    """Neurons in the layer (``head * d_head + j`` indexing)."""
+
+    @property
+    def score(self) -> float:
+        return self.offset + self.second
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "score": self.score}
+
+
+def score_layer(lh: LayerHist) -> list[NeuronScore]:
+    """Atypicality of every neuron of one layer (see the module docstring)."""
+    peak = lh.peak()
+    sigma = lh.std
+    offset = np.where(sigma > 0, np.abs(peak - lh.mean) / np.where(sigma > 0, sigma, 1.0), 0.0)
+    g = _smooth(resample(lh))
+    top = g.max(1, keepdims=True)
+    g = np.where(top > 0, g / np.where(top > 0, top, 1.0), 0.0)
+    # only profiles with at least two local maxima can have a second mode
+    inner = (g[:, 1:-1] > g[:, :-2]) & (g[:, 1:-1] >= g[:, 2:])
+    n_max = inner.sum(1) + (g[:, 0] > g[:, 1]) + (g[:, -1] > g[:, -2])
+    out = []
+    for i in range(lh.width):
+        modes, second = 1 if top[i, 0] > 0 else 0, 0.0
+        if n_max[i] >= 2 and sigma[i] > 0:
+            proms = [p for p in prominences(g[i]) if p >= MIN_PROMINENCE]
+            modes = max(len(proms), 1)
+            second = proms[1] if len(proms) > 1 else 0.0
+        out.append(
+            NeuronScore(
+                lh.layer,
+                i,
+                float(lh.mean[i]),
+                float(sigma[i]),
+                float(peak[i]),
+                float(offset[i]),
+                modes,
+                second,
+                lh.width,
+            )
+        )
+    return out
+
+
+def rank_atypical(stats: StatsFile, top_k: int = 8) -> tuple[list[NeuronScore], dict[tuple[int, int], LayerHist]]:
+    """All neurons' scores, highest first, and for the ``top_k`` best a one-neuron :class:`LayerHist` each (for
+    drawing). Reads one layer at a time."""
+    scores: list[NeuronScore] = []
+    for i in range(len(stats)):
+        scores += score_layer(stats.layer(i))
+    scores.sort(key=lambda s: (-s.score, s.layer, s.neuron))
+    chosen = scores[:top_k]
+    hists: dict[tuple[int, int], LayerHist] = {}
+    for layer in sorted({s.layer for s in chosen}):
+        lh = stats.layer(layer)
+        for s in chosen:
+            if s.layer == layer:
+                r = [s.neuron]
+                hists[(layer, s.neuron)] = LayerHist(
+                    layer, lh.mean[r], lh.std[r], lh.hist[r], lh.k_lo, lh.eps, lh.count
+                )
+    return scores, hists

@@ -1,0 +1,325 @@
+"""The report of a run folder, rebuilt from its stored files alone (config.json, results.jsonl, stats.safetensors).
+
+``write_report(run_dir)`` writes into ``run_dir/report/`` (see docs/reports.md)::
+
+    report.html              self-contained: table, figures (base64 PNG), identity, config, timings, all rows
+    report.md                README-friendly summary referencing the PNGs
+    table2.md/.csv/.tex      the paper's Table 2 for this run (see knockout.reporting.table for the marking rule)
+    summary.csv              mean ± std over seeds of every (method, fraction)
+    curves.png/.svg          Figures 2/3: Δtop-1 and ΔCE against the fraction ablated
+    hist_layers.png/.svg     Figure 1 (left): layer-averaged activation histograms      (needs stats.safetensors)
+    atypical.png/.svg        Figure 1 (centre/right): the most atypical neurons           (needs stats.safetensors)
+    atypical_neurons.csv     the top neurons by atypicality (see knockout.reporting.neurons)
+
+``compare_runs(run_dirs, out_dir)`` writes the table and curves of several runs side by side.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+from knockout.errors import KnockoutError
+from knockout.experiments.store import ROW_FIELDS, write_atomic
+from knockout.reporting import html as H
+from knockout.reporting.figures import curves_figure, gallery_figure, layers_figure, png_bytes, save_figure
+from knockout.reporting.neurons import StatsFile, default_layers, rank_atypical
+from knockout.reporting.run import RunData
+from knockout.reporting.summary import METRICS
+from knockout.reporting.table import build_table, paper_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FRACTIONS = (0.5, 0.9)
+N_ATYPICAL_CSV = 50
+
+
+def _summary_csv(summary: list[dict]) -> str:
+    cols = ["method", "fraction", "n_seeds", "n_ablated"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(summary)
+    return buf.getvalue()
+
+
+def _widths(widths) -> str:
+    if not widths:
+        return "?"
+    return f"{len(widths)} x {widths[0]}" if len(set(widths)) == 1 else ", ".join(map(str, widths))
+
+
+def identity(run: RunData) -> dict:
+    """Model, data and environment of a run, flattened for display."""
+    cfg, res = run.config, run.resolved
+    mid = res.get("model_identity") or {}
+    env = res.get("environment") or {}
+    out = {
+        "run folder": str(run.dir),
+        "model": run.model,
+        "model type": mid.get("model_type", "?"),
+        "layers x neurons": _widths(mid.get("widths")),
+        "heads": mid.get("n_heads", "?"),
+        "task": res.get("task", cfg.get("task", "?")),
+        "data": cfg.get("data", "?"),
+        "eval tokens": cfg.get("eval_tokens", "?"),
+        "stats tokens": cfg.get("stats_tokens", "?"),
+        "max length": cfg.get("max_length", "?"),
+        "selection": cfg.get("selection", "?"),
+        "methods": ", ".join(cfg.get("methods", [])) or "?",
+        "fractions": ", ".join(f"{f:g}" for f in cfg.get("fractions", [])) or "?",
+        "seeds": ", ".join(map(str, cfg.get("seeds", []))) or "?",
+        "device": res.get("device", cfg.get("device", "?")),
+        "dtype": res.get("dtype", cfg.get("dtype", "?")),
+    }
+    out.update({f"{k} version": v for k, v in env.items()})
+    return out
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def _n_heads(run: RunData) -> int | None:
+    n = (run.resolved.get("model_identity") or {}).get("n_heads")
+    return int(n) if isinstance(n, int) else None
+
+
+def write_report(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
+    layers: list[int] | None = None,
+    top_k: int = 8,
+) -> Path:
+    """Write the report of ``run_dir`` into ``out_dir`` (default ``run_dir/report``); returns report.html's path.
+
+    ``fractions`` are the table's columns blocks; ``layers`` the layers of the histogram figure (default four spread
+    over depth); ``top_k`` the number of atypical neurons drawn. Reads files only; never loads a model.
+    """
+    run = RunData.load(run_dir)
+    out = Path(out_dir) if out_dir is not None else run.dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    label = run.label
+    methods = run.methods
+    notes: list[str] = []
+    partial = run.partial_note()
+    if not run.rows:
+        partial = "This run has no results yet."
+
+    # -- table -------------------------------------------------------------------------------------------------
+    pm = paper_model(run.model)
+    n_seeds = {label: len(run.config["seeds"])} if run.config.get("seeds") else None
+    table = build_table([(label, run.summary)], fractions, methods, n_seeds, {label: pm} if pm else None)
+    have = {round(e["fraction"], 10) for e in run.summary if e["method"] != "baseline"}
+    absent = [f for f in fractions if round(float(f), 10) not in have]
+    if absent:
+        notes.append(f"Fractions {', '.join(f'{f:g}' for f in absent)} are not in this run's results.")
+    write_atomic(out / "table2.md", table.to_markdown())
+    write_atomic(out / "table2.csv", table.to_csv())
+    write_atomic(out / "table2.tex", table.to_latex())
+    write_atomic(out / "summary.csv", _summary_csv(run.summary))
+
+    # -- figures -----------------------------------------------------------------------------------------------
+    images: dict[str, bytes] = {}
+    fig = curves_figure([(label, run.summary)], methods)
+    save_figure(fig, out / "curves")
+    images["curves"] = png_bytes(fig)
+
+    atypical = []
+    stats_note = None
+    if run.stats_path is None:
+        stats_note = "No stats.safetensors in the run folder (no method needed statistics): no histograms."
+    else:
+        stats = StatsFile(run.stats_path)
+        chosen = layers if layers is not None else default_layers(len(stats))
+        fig = layers_figure([stats.layer(i) for i in chosen])
+        save_figure(fig, out / "hist_layers")
+        images["hist_layers"] = png_bytes(fig)
+        scores, hists = rank_atypical(stats, top_k)
+        atypical = scores[:N_ATYPICAL_CSV]
+        fig = gallery_figure([(s, hists[(s.layer, s.neuron)]) for s in scores[:top_k]], _n_heads(run))
+        save_figure(fig, out / "atypical")
+        images["atypical"] = png_bytes(fig)
+        buf = io.StringIO()
+        cols = ["rank", "layer", "neuron", "score", "offset", "second", "modes", "mean", "peak", "std"]
+        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows({"rank": i + 1, **s.as_dict()} for i, s in enumerate(atypical))
+        write_atomic(out / "atypical_neurons.csv", buf.getvalue())
+        stats_note = (
+            f"Statistics: {len(stats)} layers, {stats.meta.get('data', '?')} data, eps {stats.eps:g}; "
+            f"histogram layers {', '.join(map(str, chosen))}."
+        )
+
+    timings = run.timings()
+    title = f"knockout report: {label}"
+    _write_html(out / "report.html", title, run, table, images, atypical, timings, partial, notes, stats_note, pm)
+    _write_markdown(out / "report.md", title, run, table, images, atypical[:top_k], timings, partial, notes, pm)
+    log.info("report written to %s", out)
+    return out / "report.html"
+
+
+def _timing_records(timings: dict) -> list[dict]:
+    return [{"method": m, **t} for m, t in timings["methods"].items()]
+
+
+def _write_html(path, title, run, table, images, atypical, timings, partial, notes, stats_note, pm) -> None:
+    b: list[str] = []
+    if partial:
+        b.append(H.warning(partial))
+    b += [f'<p class="note">{H.esc(n)}</p>' for n in notes]
+    b.append("<h2>Model and data</h2>" + H.kv_table(identity(run)))
+    b.append("<h2>Table 2: top-1 and cross-entropy at chosen fractions</h2>")
+    b.append(
+        '<p class="note">Mean ± sample std over seeds. Bold: the best mean in each fraction block and column (highest '
+        "top-1, lowest CE) and every method within one std of it (std of the best entry)."
+        + (f" Columns marked [paper] are the paper's numbers for {H.esc(pm)}." if pm else "")
+        + "</p>"
+    )
+    b.append(table.to_html())
+    b.append("<h2>Figures 2/3: change against fraction ablated</h2>")
+    b.append('<p class="note">Mean over seeds, band ±1 std; change from the unablated baseline of each seed.</p>')
+    b.append(H.img(images["curves"], "change in top-1 and cross-entropy against the fraction ablated"))
+    b.append("<h2>Figure 1: activation distributions</h2>")
+    if stats_note:
+        b.append(f'<p class="note">{H.esc(stats_note)}</p>')
+    if "hist_layers" in images:
+        b.append("<h3>Layer-averaged histograms</h3>" + H.img(images["hist_layers"], "layer-averaged histograms"))
+        b.append(
+            "<h3>Most atypical neurons</h3>"
+            '<p class="note">score = |peak − mean| / std + prominence of the second mode of the smoothed histogram '
+            "(see docs/reports.md). Dashed: mean; solid: peak; dotted: zero.</p>"
+        )
+        b.append(H.img(images["atypical"], "most atypical neurons"))
+        f3 = lambda x: f"{x:.4g}"  # noqa: E731
+        recs = [{"rank": i + 1, **s.as_dict()} for i, s in enumerate(atypical[:20])]
+        cols = ["rank", "layer", "neuron", "score", "offset", "second", "modes", "mean", "peak", "std"]
+        b.append(H.records_table(recs, cols, {c: f3 for c in ("score", "offset", "second", "mean", "peak", "std")}))
+    b.append("<h2>Timings</h2>")
+    b.append(
+        f"<p>Total {H.esc(_fmt_seconds(timings['total_seconds']))} over {timings['n_rows']} rows "
+        "(evaluation time per row as stored in results; statistics collection and model loading not included).</p>"
+    )
+    f2 = lambda x: f"{x:.2f}"  # noqa: E731
+    b.append(
+        H.records_table(
+            _timing_records(timings), ["method", "rows", "seconds", "mean_seconds"], {"seconds": f2, "mean_seconds": f2}
+        )
+    )
+    fr = {"top1": lambda x: f"{100 * x:.2f}", "delta_top1": lambda x: f"{100 * x:+.2f}"}
+    fr.update({"ce": lambda x: f"{x:.4f}", "delta_ce": lambda x: f"{x:+.4f}", "seconds": f2})
+    b.append(
+        f"<details><summary>All {len(run.rows)} result rows (top-1 in %)</summary>"
+        + H.records_table(run.rows, list(ROW_FIELDS), fr)
+        + "</details>"
+    )
+    b.append("<h2>Configuration</h2><pre>" + H.esc(json.dumps(run.config, indent=2)) + "</pre>")
+    write_atomic(path, H.page(title, b))
+
+
+def _write_markdown(path, title, run, table, images, atypical, timings, partial, notes, pm) -> None:
+    lines = [f"# {title}", ""]
+    if partial:
+        lines += [f"> **{partial}**", ""]
+    lines += [f"_{n}_" for n in notes] + ([""] if notes else [])
+    ident = identity(run)
+    keys = ["model", "model type", "layers x neurons", "task", "data", "eval tokens", "seeds", "device", "dtype"]
+    lines += [f"- **{k}**: {ident[k]}" for k in keys] + [""]
+    lines += [
+        "## Table 2",
+        "",
+        "Mean ± std over seeds; **bold**: best per fraction and column, and within one std of it.",
+    ]
+    if pm:
+        lines.append(f"Columns marked [paper] are the paper's numbers for {pm}.")
+    lines += ["", table.to_markdown(), "## Change against fraction ablated", "", "![curves](curves.png)", ""]
+    if "hist_layers" in images:
+        lines += ["## Activation distributions", "", "![layer-averaged histograms](hist_layers.png)", ""]
+        lines += ["![most atypical neurons](atypical.png)", ""]
+        lines += [
+            "| rank | layer | neuron | score | modes | mean | peak | std |",
+            "|---|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for i, s in enumerate(atypical, 1):
+            lines.append(
+                f"| {i} | {s.layer} | {s.neuron} | {s.score:.2f} | {s.modes} "
+                f"| {s.mean:.4g} | {s.peak:.4g} | {s.std:.4g} |"
+            )
+        lines.append("")
+    lines += ["## Timings", "", f"Total {_fmt_seconds(timings['total_seconds'])} over {timings['n_rows']} rows.", ""]
+    lines += ["| method | rows | seconds | per row |", "|---|---:|---:|---:|"]
+    for r in _timing_records(timings):
+        lines.append(f"| {r['method']} | {r['rows']} | {r['seconds']:.2f} | {r['mean_seconds']:.2f} |")
+    write_atomic(path, "\n".join(lines) + "\n")
+
+
+def compare_runs(
+    run_dirs: list[str | Path],
+    out_dir: str | Path,
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
+    labels: list[str] | None = None,
+) -> Path:
+    """Table 2 and the curves of several runs side by side in ``out_dir``; returns compare.html's path."""
+    if len(run_dirs) < 1:
+        raise KnockoutError("give at least one run folder to compare")
+    runs = [RunData.load(d) for d in run_dirs]
+    if labels is not None and len(labels) != len(runs):
+        raise KnockoutError(f"{len(labels)} labels for {len(runs)} runs")
+    names = list(labels) if labels else [r.label for r in runs]
+    if len(set(names)) < len(names):  # same model twice: tell them apart by folder
+        names = [f"{n} ({r.dir.name})" for n, r in zip(names, runs)]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = list(dict.fromkeys(m for r in runs for m in r.methods))
+    pairs = [(n, r.summary) for n, r in zip(names, runs)]
+    n_seeds = {n: len(r.config["seeds"]) for n, r in zip(names, runs) if r.config.get("seeds")}
+    table = build_table(pairs, fractions, methods, n_seeds)
+    write_atomic(out / "table2.md", table.to_markdown())
+    write_atomic(out / "table2.csv", table.to_csv())
+    write_atomic(out / "table2.tex", table.to_latex())
+    fig = curves_figure(pairs, methods)
+    save_figure(fig, out / "curves")
+    png = png_bytes(fig)
+
+    partials = [(n, r.partial_note()) for n, r in zip(names, runs)]
+    title = "knockout comparison: " + ", ".join(names)
+    b = [H.warning(f"{n}: {p}") for n, p in partials if p]
+    idents = [identity(r) for r in runs]
+    keys = ["model", "model type", "layers x neurons", "task", "data", "eval tokens", "seeds", "device", "dtype"]
+    b.append(
+        "<h2>Runs</h2>"
+        + H.records_table([{"run": n, **i} for n, i in zip(names, idents)], ["run", *keys, "run folder"])
+    )
+    b.append("<h2>Table 2</h2>")
+    b.append(
+        '<p class="note">Mean ± std over seeds; bold: best per fraction block and column, and within one std of it.</p>'
+    )
+    b.append(table.to_html())
+    b.append("<h2>Change against fraction ablated</h2>" + H.img(png, "curves of every run"))
+    times = [
+        {"run": n, "rows": r.timings()["n_rows"], "seconds": f"{r.timings()['total_seconds']:.1f}"}
+        for n, r in zip(names, runs)
+    ]
+    b.append("<h2>Timings</h2>" + H.records_table(times, ["run", "rows", "seconds"]))
+    write_atomic(out / "compare.html", H.page(title, b))
+
+    md = [f"# {title}", ""]
+    md += [f"> **{n}: {p}**\n" for n, p in partials if p]
+    md += ["| run | model | task | data | seeds |", "|---|---|---|---|---|"]
+    md += [f"| {n} | {i['model']} | {i['task']} | {i['data']} | {i['seeds']} |" for n, i in zip(names, idents)]
+    md += [
+        "",
+        "## Table 2",
+        "",
+        table.to_markdown(),
+        "## Change against fraction ablated",
+        "",
+        "![curves](curves.png)",
+        "",
+    ]
+    write_atomic(out / "compare.md", "\n".join(md) + "\n")
+    return out / "compare.html"

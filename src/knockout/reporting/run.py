@@ -1,0 +1,128 @@
+"""A run folder as the reports see it: config.json and results.jsonl, read from disk only (no model is loaded)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from knockout.errors import KnockoutError
+from knockout.experiments.store import read_rows, row_key
+from knockout.reporting.summary import summarize
+
+STATS_FILE = "stats.safetensors"
+
+
+@dataclass
+class RunData:
+    """The stored results of one run folder.
+
+    ``config`` is config.json (SweepConfig fields plus ``resolved``), or ``{}`` when the folder has none; ``rows``
+    are results.jsonl's rows.
+    """
+
+    dir: Path
+    config: dict
+    rows: list[dict]
+    summary: list[dict] = field(init=False)
+
+    def __post_init__(self):
+        self.summary = summarize(self.rows) if self.rows else []
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> RunData:
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise KnockoutError(f"{str(run_dir)!r} is not a folder; give a knockout run folder (with results.jsonl)")
+        rows = read_rows(run_dir)
+        path = run_dir / "config.json"
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        return cls(run_dir, config, rows)
+
+    # -- identity ---------------------------------------------------------------------------------------------
+    @property
+    def model(self) -> str:
+        return str(self.config.get("model") or self.resolved.get("model_identity", {}).get("name") or self.dir.name)
+
+    @property
+    def label(self) -> str:
+        """A short name for tables and legends: the last part of the model name (``facebook/opt-1.3b`` -> opt-1.3b)."""
+        name = self.model.rstrip("/").replace("\\", "/").split("/")[-1]
+        return name.removesuffix(".gguf") or self.dir.name
+
+    @property
+    def resolved(self) -> dict:
+        return self.config.get("resolved") or {}
+
+    # -- expected rows ----------------------------------------------------------------------------------------
+    @property
+    def methods(self) -> list[str]:
+        """Methods in config order, then any others found in the rows (baseline excluded)."""
+        found = [r["method"] for r in self.rows if r["method"] != "baseline"]
+        return list(dict.fromkeys([*self.config.get("methods", []), *found]))
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(dict.fromkeys([*map(int, self.config.get("seeds", [])), *(int(r["seed"]) for r in self.rows)]))
+
+    def expected_keys(self) -> set[tuple] | None:
+        """Row keys config.json asks for: every (method, fraction, seed) and one baseline per seed; None without a
+        config."""
+        cfg = self.config
+        if not all(k in cfg for k in ("methods", "fractions", "seeds")):
+            return None
+        keys = {row_key("baseline", 0.0, s) for s in cfg["seeds"]}
+        keys |= {row_key(m, f, s) for m in cfg["methods"] for f in cfg["fractions"] for s in cfg["seeds"]}
+        return keys
+
+    def missing(self) -> list[tuple]:
+        """Expected rows not (yet) in results.jsonl, sorted."""
+        expected = self.expected_keys()
+        if expected is None:
+            return []
+        have = {row_key(r["method"], r["fraction"], r["seed"]) for r in self.rows}
+        return sorted(expected - have)
+
+    @property
+    def n_expected(self) -> int | None:
+        expected = self.expected_keys()
+        return None if expected is None else len(expected)
+
+    @property
+    def is_partial(self) -> bool:
+        return bool(self.missing())
+
+    def partial_note(self) -> str | None:
+        """A sentence for the report when the run is partial (or when its completeness cannot be checked)."""
+        if self.n_expected is None:
+            return "config.json is missing or incomplete, so whether this run is complete cannot be checked."
+        missing = self.missing()
+        if not missing:
+            return None
+        shown = ", ".join(f"{m}@{f:g} seed {s}" for m, f, s in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        return (
+            f"PARTIAL RUN: {len(self.rows)} of {self.n_expected} expected rows are present "
+            f"({len(missing)} missing: {shown}{more}). Means and stds below use only the seeds that finished; "
+            "resume the sweep with the same command to complete it."
+        )
+
+    # -- files ------------------------------------------------------------------------------------------------
+    @property
+    def stats_path(self) -> Path | None:
+        path = self.dir / STATS_FILE
+        return path if path.is_file() else None
+
+    # -- timings ----------------------------------------------------------------------------------------------
+    def timings(self) -> dict:
+        """Total seconds over rows, and per method: rows, total and mean seconds per row."""
+        per: dict[str, list[float]] = {}
+        for r in self.rows:
+            per.setdefault(r["method"], []).append(float(r.get("seconds", 0.0)))
+        return {
+            "total_seconds": sum(sum(v) for v in per.values()),
+            "n_rows": len(self.rows),
+            "methods": {
+                m: {"rows": len(v), "seconds": sum(v), "mean_seconds": sum(v) / len(v)} for m, v in per.items()
+            },
+        }

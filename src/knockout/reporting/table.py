@@ -1,0 +1,280 @@
+"""The paper's Table 2 for one or several runs: top-1 (%) and cross-entropy (nats), mean ± std over seeds.
+
+Layout: a baseline row, then for each chosen fraction one row per method. For each run there are two columns, top-1
+and CE (and, when the run's model is one of the paper's, two more with the paper's numbers for reference).
+
+Marking the best
+----------------
+Within one fraction block and one column (one run, one metric), let ``m*`` be the best mean (the highest top-1, the
+lowest CE) and ``s*`` the std over seeds of that best entry. Every method whose mean ``m`` satisfies
+``|m - m*| <= s*`` is marked as best (bold). So exact ties are always marked together, and with several seeds a
+method is marked when it lies within one standard deviation of the best one, as in the paper's Table 2. With a
+single seed ``s* = 0`` and only exact ties are marked. The baseline row and the paper's columns are never marked.
+Comparisons use the unrounded means and stds.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from importlib import resources
+
+METRIC_LABELS = {"top1": "Top-1 (%)", "ce": "CE (nats)"}
+HIGHER_IS_BETTER = {"top1": True, "ce": False}
+
+
+@dataclass
+class Cell:
+    """One ``mean ± std`` value in display units (top-1 in %, CE in nats)."""
+
+    mean: float
+    std: float
+    n_seeds: int | None = None
+    best: bool = False
+    short: bool = False
+    """Fewer seeds than the run asked for (a partial run)."""
+
+    def text(self, digits: int) -> str:
+        s = f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+        return s + (f" (n={self.n_seeds})" if self.short else "")
+
+
+@dataclass
+class Column:
+    key: str
+    run: str
+    metric: str
+    paper: bool = False
+
+    @property
+    def label(self) -> str:
+        name = METRIC_LABELS[self.metric]
+        return f"{self.run} {name}" + (" [paper]" if self.paper else "")
+
+    @property
+    def digits(self) -> int:
+        return 2 if self.metric == "top1" or self.paper else 3
+
+
+@dataclass
+class Row:
+    method: str
+    fraction: float | None
+    """None for the baseline row."""
+    cells: dict[str, Cell | None] = field(default_factory=dict)
+
+
+@dataclass
+class Table:
+    columns: list[Column]
+    rows: list[Row]
+    fractions: tuple[float, ...]
+
+    # -- formats ----------------------------------------------------------------------------------------------
+    def _cell_text(self, row: Row, col: Column, bold: tuple[str, str]) -> str:
+        cell = row.cells.get(col.key)
+        if cell is None:
+            return "–"
+        text = cell.text(col.digits)
+        return f"{bold[0]}{text}{bold[1]}" if cell.best else text
+
+    @staticmethod
+    def _frac(row: Row) -> str:
+        return "–" if row.fraction is None else f"{100 * row.fraction:g}%"
+
+    def to_markdown(self) -> str:
+        """A GitHub Markdown table; the best entries in **bold**."""
+        head = ["Fraction", "Method", *(c.label for c in self.columns)]
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(self.columns)) + "|"]
+        for row in self.rows:
+            cells = [self._cell_text(row, c, ("**", "**")) for c in self.columns]
+            lines.append("| " + " | ".join([self._frac(row), row.method, *cells]) + " |")
+        return "\n".join(lines) + "\n"
+
+    def to_csv(self) -> str:
+        """Long format like the paper's table2.csv: run, metric, fraction, method, mean, std, n_seeds, best."""
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["run", "source", "metric", "fraction", "method", "mean", "std", "n_seeds", "best"])
+        for col in self.columns:
+            for row in self.rows:
+                cell = row.cells.get(col.key)
+                if cell is None:
+                    continue
+                w.writerow(
+                    [
+                        col.run,
+                        "paper" if col.paper else "run",
+                        col.metric,
+                        0.0 if row.fraction is None else row.fraction,
+                        row.method,
+                        f"{cell.mean:.6g}",
+                        f"{cell.std:.6g}",
+                        "" if cell.n_seeds is None else cell.n_seeds,
+                        int(cell.best),
+                    ]
+                )
+        return buf.getvalue()
+
+    def to_latex(self) -> str:
+        """A booktabs ``tabular``; the best entries in ``\\textbf``."""
+
+        def esc(s: str) -> str:
+            for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
+                s = s.replace(a, b)
+            return s
+
+        def cell(row: Row, col: Column) -> str:
+            c = row.cells.get(col.key)
+            if c is None:
+                return "--"
+            text = f"${c.mean:.{col.digits}f} \\pm {c.std:.{col.digits}f}$" + (f" ($n={c.n_seeds}$)" if c.short else "")
+            return f"\\textbf{{{text}}}" if c.best else text
+
+        spec = "ll" + "r" * len(self.columns)
+        lines = [
+            f"\\begin{{tabular}}{{{spec}}}",
+            "\\toprule",
+            " & ".join(["Fraction", "Method", *(esc(c.label) for c in self.columns)]) + r" \\",
+            "\\midrule",
+        ]
+        last = "start"
+        for row in self.rows:
+            if row.fraction != last and last != "start":
+                lines.append("\\midrule")
+            last = row.fraction
+            lines.append(
+                " & ".join([esc(self._frac(row)), esc(row.method), *(cell(row, c) for c in self.columns)]) + r" \\"
+            )
+        lines += ["\\bottomrule", "\\end{tabular}"]
+        return "\n".join(lines) + "\n"
+
+    def to_html(self) -> str:
+        """An HTML ``<table>``; the best entries in ``<b>``."""
+        import html
+
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in ["Fraction", "Method", *(c.label for c in self.columns)])
+        body = []
+        for row in self.rows:
+            cells = ""
+            for c in self.columns:
+                text = html.escape(self._cell_text(row, c, ("", "")))
+                cell = row.cells.get(c.key)
+                cells += f'<td class="best">{text}</td>' if cell is not None and cell.best else f"<td>{text}</td>"
+            body.append(f"<tr><td>{self._frac(row)}</td><td>{html.escape(row.method)}</td>{cells}</tr>")
+        return f'<table class="t2"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+# -- building -------------------------------------------------------------------------------------------------
+def _index(summary: list[dict]) -> dict[tuple[str, float], dict]:
+    return {(e["method"], round(e["fraction"], 10)): e for e in summary}
+
+
+def mark_best(cells: list[Cell | None], higher_is_better: bool) -> None:
+    """Mark the best cell and every cell within one std of it (see the module docstring), in place."""
+    present = [c for c in cells if c is not None]
+    if not present:
+        return
+    best = max(present, key=lambda c: c.mean) if higher_is_better else min(present, key=lambda c: c.mean)
+    for c in present:
+        c.best = abs(c.mean - best.mean) <= best.std
+
+
+def build_table(
+    runs: list[tuple[str, list[dict]]],
+    fractions: tuple[float, ...] = (0.5, 0.9),
+    methods: list[str] | None = None,
+    n_seeds: dict[str, int] | None = None,
+    paper: dict[str, str] | None = None,
+) -> Table:
+    """Table 2 of ``runs``: (label, :func:`~knockout.reporting.summary.summarize` output) pairs.
+
+    ``methods`` fixes the row order (default: order of appearance); ``n_seeds`` maps a run label to the number of
+    seeds it asked for, so cells with fewer are flagged; ``paper`` maps a run label to a paper model name
+    (see :func:`paper_model`) to add the paper's numbers beside that run's.
+    """
+    fractions = tuple(round(float(f), 10) for f in fractions)
+    indexes = {label: _index(summary) for label, summary in runs}
+    if methods is None:
+        methods = list(dict.fromkeys(e["method"] for _, s in runs for e in s if e["method"] != "baseline"))
+    paper_rows = load_paper_table() if paper else []
+    columns: list[Column] = []
+    for label, _ in runs:
+        for metric in ("top1", "ce"):
+            columns.append(Column(f"{label}:{metric}", label, metric))
+        if paper and label in paper:
+            for metric in ("top1", "ce"):
+                columns.append(Column(f"{label}:paper:{metric}", paper[label], metric, paper=True))
+
+    def run_cell(label: str, method: str, fraction: float, metric: str) -> Cell | None:
+        e = indexes[label].get((method, fraction))
+        if e is None:
+            return None
+        scale = 100.0 if metric == "top1" else 1.0
+        want = (n_seeds or {}).get(label)
+        return Cell(
+            scale * e[f"{metric}_mean"],
+            scale * e[f"{metric}_std"],
+            e["n_seeds"],
+            short=want is not None and e["n_seeds"] < want,
+        )
+
+    def paper_cell(model: str, method: str, fraction: float, metric: str) -> Cell | None:
+        for p in paper_rows:
+            if (p["model"], p["method"], p["metric"]) == (model, method, metric) and abs(
+                p["fraction"] - fraction
+            ) < 1e-9:
+                return Cell(p["mean"], p["std"])
+        return None
+
+    def fill(row: Row) -> Row:
+        fraction = 0.0 if row.fraction is None else row.fraction
+        for col in columns:
+            if col.paper:
+                run_label = col.key.split(":paper:")[0]
+                row.cells[col.key] = paper_cell(paper[run_label], row.method, fraction, col.metric)
+            else:
+                row.cells[col.key] = run_cell(col.run, row.method, fraction, col.metric)
+        return row
+
+    rows = [fill(Row("baseline", None))]
+    for f in fractions:
+        block = [fill(Row(m, f)) for m in methods]
+        block = [r for r in block if any(c is not None for c in r.cells.values())]
+        for col in columns:
+            if not col.paper:
+                mark_best([r.cells[col.key] for r in block], HIGHER_IS_BETTER[col.metric])
+        rows += block
+    return Table(columns, rows, fractions)
+
+
+# -- the paper's numbers --------------------------------------------------------------------------------------
+PAPER_MODELS = {
+    "OPT-1.3B": ("opt-1.3b",),
+    "Mistral-7B": ("mistral-7b",),
+    "ViT-base-patch16-224": ("vit-base-patch16-224",),
+    "RoBERTa-large": ("roberta-large",),
+}
+
+
+def paper_model(model: str) -> str | None:
+    """The paper model whose Table 2 numbers apply to ``model`` (a hub name or path), or None.
+
+    Matched on the last part of the name, case-insensitively: ``facebook/opt-1.3b`` -> ``OPT-1.3B``,
+    ``mistralai/Mistral-7B-v0.1`` -> ``Mistral-7B``, ``FacebookAI/roberta-large`` -> ``RoBERTa-large``.
+    """
+    name = model.rstrip("/").replace("\\", "/").split("/")[-1].lower()
+    for paper, prefixes in PAPER_MODELS.items():
+        if any(name == p or name.startswith(p + "-") or name.startswith(p + ".") for p in prefixes):
+            return paper
+    return None
+
+
+def load_paper_table() -> list[dict]:
+    """The paper's Table 2 (package data ``paper_table2.csv``): top-1 in %, CE in nats."""
+    text = resources.files("knockout.reporting").joinpath("paper_table2.csv").read_text(encoding="utf-8")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    for r in rows:
+        r["fraction"], r["mean"], r["std"] = float(r["fraction"]), float(r["mean"]), float(r["std"])
+    return rows
