@@ -145,7 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    _add_report_parsers(sub)
     return parser
+
+
+def _add_report_parsers(sub) -> None:
+    p = sub.add_parser("report", help="rebuild a run folder's report (tables, figures, HTML) from its stored files")
+    p.add_argument("run_dir", help="run folder (with config.json and results.jsonl)")
+    p.add_argument("--out", help="output folder (default RUN_DIR/report)")
+    p.add_argument("--fractions", type=_floats, default=[0.5, 0.9], help="fractions in the table (default 0.5,0.9)")
+    p.add_argument("--layers", type=_ints, help="layers of the histogram figure (default four spread over depth)")
+    p.add_argument("--top-k", type=int, default=8, help="atypical neurons drawn (default 8)")
+
+    p = sub.add_parser("compare", help="the table and curves of several runs side by side")
+    p.add_argument("run_dirs", nargs="+", help="run folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--fractions", type=_floats, default=[0.5, 0.9], help="fractions in the table (default 0.5,0.9)")
+    p.add_argument("--labels", type=_names, help="comma-separated run names (default: the model names)")
 
 
 def _load(args):
@@ -188,6 +204,9 @@ def _sweep(args) -> int:
     out = run_sweep(cfg, progress=not args.quiet, loaded=loaded)
     print(format_table(summarize(read_rows(out))))
     print(f"\nresults: {out}/results.csv  config: {out}/config.json")
+    from knockout.reporting import write_report
+
+    print(f"report: {write_report(out)}")
     return 0
 
 
@@ -259,7 +278,23 @@ def _bench(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from knockout.reporting import write_report
+
+    path = write_report(args.run_dir, args.out, tuple(args.fractions), args.layers, args.top_k)
+    print(f"report: {path}\n        {path.with_name('report.md')}")
+    return 0
+
+
+def _compare(args) -> int:
+    from knockout.reporting import compare_runs
+
+    print(f"comparison: {compare_runs(args.run_dirs, args.out, tuple(args.fractions), args.labels)}")
+    return 0
+
+
 COMMANDS = {"sweep": _sweep, "demo": _sweep, "stats": _stats, "sites": _sites, "methods": _methods, "bench": _bench}
+COMMANDS.update(report=_report, compare=_compare)
 
 
 def main(argv: list[str] | None = None) -> int:
