@@ -1,0 +1,120 @@
+"""Presets: the paper's settings, their CLI, overrides, and a clear offline failure."""
+
+import json
+import os
+import time
+
+import pytest
+
+import tiny
+from knockout.ablation.methods import methods_for
+from knockout.cli import _preset_config, build_parser, main
+from knockout.errors import KnockoutError
+from knockout.experiments.config import DEFAULT_FRACTIONS
+from knockout.experiments.presets import PRESETS, resolve_preset
+from knockout.experiments.store import read_rows
+
+PAPER = {
+    "opt-1.3b": ("facebook/opt-1.3b", "monology/pile-uncopyrighted", "causal", 100_000),
+    "mistral-7b": ("mistralai/Mistral-7B-v0.1", "monology/pile-uncopyrighted", "causal", 100_000),
+    "roberta-large": ("FacebookAI/roberta-large", "monology/pile-uncopyrighted", "masked", 100_000),
+    "vit-base": ("google/vit-base-patch16-224", "ILSVRC/imagenet-1k", "image", 1000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_preset_has_the_papers_settings(name):
+    model, data, task, n_eval = PAPER[name]
+    cfg = resolve_preset(name)
+    assert (cfg.model, cfg.data, cfg.task, cfg.eval_tokens) == (model, data, task, n_eval)
+    assert cfg.fractions == tuple(round(0.1 * i, 10) for i in range(11)) == DEFAULT_FRACTIONS
+    assert len(cfg.fractions) == 11
+    assert cfg.seeds == (0, 1, 2)
+    assert cfg.selection == "per-layer"
+    assert cfg.methods == tuple(methods_for(task))
+    assert {"zero", "mean", "peak"} <= set(cfg.methods)
+    resampling = {"resample-pixels"} if task == "image" else {"resample-chars", "resample-tokens", "resample-text"}
+    registered = {m for m in resampling if m in methods_for(task)}
+    assert registered <= set(cfg.methods)
+    assert cfg.out == f"runs/{name}"
+
+
+def test_presets_are_exactly_the_four_settings():
+    assert set(PRESETS) == set(PAPER)
+
+
+def test_overrides_and_unknown_names():
+    cfg = resolve_preset("opt-1.3b", eval_tokens=10, seeds=(5,), out="x")
+    assert (cfg.eval_tokens, cfg.seeds, cfg.out, cfg.model) == (10, (5,), "x", "facebook/opt-1.3b")
+    with pytest.raises(KnockoutError, match="unknown preset 'gpt-5'"):
+        resolve_preset("gpt-5")
+    with pytest.raises(KnockoutError, match="unknown setting"):
+        resolve_preset("opt-1.3b", colour="red")
+
+
+def test_cli_flags_override_only_when_given():
+    args = build_parser().parse_args(["sweep", "--preset", "vit-base", "--eval-tokens", "7", "--seeds", "4,5"])
+    cfg = _preset_config(args)
+    assert (cfg.eval_tokens, cfg.seeds) == (7, (4, 5))
+    assert (cfg.model, cfg.data, cfg.stats_tokens, cfg.out) == (
+        "google/vit-base-patch16-224",
+        "ILSVRC/imagenet-1k",
+        197_000,
+        "runs/vit-base",
+    )
+    args = build_parser().parse_args(["sweep", "--preset", "vit-base", "--image-size", "64", "--image-mean", "0.4"])
+    assert _preset_config(args).options == {"image_size": 64, "image_mean": [0.4]}
+    args = build_parser().parse_args(["sweep", "--preset", "roberta-large", "--methods", "zero,peak"])
+    assert _preset_config(args).methods == ("zero", "peak")
+
+
+def test_presets_command_prints_resolved_configs(capsys):
+    assert main(["presets"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == set(PAPER)
+    for name, cfg in printed.items():
+        assert cfg == json.loads(
+            json.dumps({"description": PRESETS[name].description, **resolve_preset(name).to_dict()})
+        )
+    assert main(["presets", "vit-base"]) == 0
+    assert list(json.loads(capsys.readouterr().out)) == ["vit-base"]
+    assert main(["presets", "nope"]) == 2
+
+
+@pytest.mark.parametrize("name", ["opt-1.3b", "vit-base"])
+def test_running_a_preset_offline_fails_clearly(name, tmp_path, capsys):
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    assert main(["-q", "sweep", "--preset", name, "--out", str(out)]) == 2
+    assert time.perf_counter() - t0 < 30
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("knockout: error: preset")
+    assert "Traceback" not in err
+    assert "HF_HUB_OFFLINE" in err
+    assert PAPER[name][0] in err
+    assert not out.exists()
+
+
+def test_sweep_needs_a_model_or_a_preset(capsys):
+    assert main(["sweep"]) == 2
+    assert "--preset" in capsys.readouterr().err
+
+
+def test_preset_with_local_overrides_runs(tmp_path):
+    """The roberta-large preset, pointed at a tiny local RoBERTa and a local corpus, runs end to end offline."""
+    folder = tiny.save(tiny.masked_lm("roberta"), "masked", tmp_path / "model")
+    corpus = tiny.write_corpus(tmp_path / "corpus.txt", n_docs=40)
+    out = tmp_path / "run"
+    argv = ["-q", "sweep", "--preset", "roberta-large", "--model", folder, "--data", corpus, "--out", str(out)]
+    argv += ["--eval-tokens", "20", "--stats-tokens", "200", "--max-length", "64", "--fractions", "0,1"]
+    argv += ["--seeds", "0", "--methods", "zero,mean"]
+    assert main(argv) == 0
+    rows = read_rows(out)
+    assert {(r["method"], r["fraction"]) for r in rows} == {
+        ("baseline", 0.0),
+        *((m, f) for m in ("zero", "mean") for f in (0.0, 1.0)),
+    }
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["task"] == "masked" and saved["seeds"] == [0]
