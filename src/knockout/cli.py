@@ -48,12 +48,12 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _add_model_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
+def _add_model_args(p: argparse.ArgumentParser, demo: bool = False, optional: bool = False) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
         "--model",
         default=DEMO["model"] if demo else None,
-        required=not demo,
+        required=not (demo or optional),
         help="hub name (facebook/opt-1.3b), local folder, .gguf file, or built-in name smollm2-135m",
     )
     g.add_argument("--gguf-file", help="GGUF file name inside the model folder")
@@ -90,10 +90,20 @@ def _add_data_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
         default=20.0,
         help="histogram window [-limit, limit); values outside are left out of the peak (default 20)",
     )
+    g.add_argument(
+        "--image-size", type=int, help="image models without an image processor: resize to this (default: config)"
+    )
+    g.add_argument("--image-mean", type=_floats, help="image models without an image processor: 1 or 3 numbers (0.5)")
+    g.add_argument("--image-std", type=_floats, help="image models without an image processor: 1 or 3 numbers (0.5)")
 
 
 def _add_sweep_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     g = p.add_argument_group("sweep")
+    g.add_argument(
+        "--preset",
+        help="one of the paper's settings (see `knockout presets`): its values are the defaults, and every flag "
+        "given with a non-default value overrides them",
+    )
     g.add_argument(
         "--methods",
         type=_names,
@@ -120,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sweep", help="ablate neurons at many fractions with several methods and seeds")
-    _add_model_args(p)
+    _add_model_args(p, optional=True)  # --model or --preset
     _add_data_args(p)
     _add_sweep_args(p)
 
@@ -138,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
 
     sub.add_parser("methods", help="list the ablation methods")
+
+    p = sub.add_parser("presets", help="print the paper's preset sweeps (use with `knockout sweep --preset NAME`)")
+    p.add_argument("names", nargs="*", help="only these presets")
 
     p = sub.add_parser("bench", help="throughput of plain forward, statistics collection and ablated evaluation")
     _add_model_args(p, demo=True)
@@ -170,37 +183,77 @@ def _load(args):
     return load_model(args.model, args.gguf_file, args.task, args.dtype, args.device)
 
 
+def _image_options(args) -> dict:
+    """``--image-size/--image-mean/--image-std`` as :attr:`SweepConfig.options` entries (only those given)."""
+    keys = ("image_size", "image_mean", "image_std")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+# Flags whose values map one to one onto SweepConfig fields of the same name.
+_CONFIG_FLAGS = (
+    "model", "out", "data", "methods", "fractions", "seeds", "eval_tokens", "stats_tokens", "max_length",
+    "batch_size", "eps", "hist_limit", "selection", "task", "gguf_file", "site_module", "n_heads", "stats_path",
+    "device", "dtype",
+)  # fmt: skip
+
+
+def _preset_config(args):
+    """The preset's config with every flag that differs from its parser default as an override."""
+    from knockout.experiments.presets import resolve_preset
+
+    defaults = vars(build_parser().parse_args([args.command]))
+    given = {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) != defaults.get(k)}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    preset = resolve_preset(args.preset)
+    return resolve_preset(args.preset, **given, options={**preset.options, **_image_options(args)})
+
+
 def _sweep(args) -> int:
     from knockout.ablation.methods import methods_for
     from knockout.experiments.config import DEFAULT_FRACTIONS, SweepConfig
     from knockout.experiments.runner import run_sweep
     from knockout.experiments.store import read_rows
+    from knockout.loading import load_model
     from knockout.reporting import format_table, summarize
 
-    loaded = _load(args)
-    methods = methods_for(loaded.task) if args.methods == ["all"] else args.methods
-    cfg = SweepConfig(
-        model=args.model,
-        out=args.out,
-        data=args.data,
-        methods=tuple(methods),
-        fractions=tuple(args.fractions) if args.fractions is not None else DEFAULT_FRACTIONS,
-        seeds=tuple(args.seeds),
-        eval_tokens=args.eval_tokens,
-        stats_tokens=args.stats_tokens,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        eps=args.eps,
-        hist_limit=args.hist_limit,
-        selection=args.selection,
-        task=loaded.task,
-        gguf_file=args.gguf_file,
-        site_module=args.site_module,
-        n_heads=args.n_heads,
-        stats_path=args.stats_path,
-        device=args.device,
-        dtype=args.dtype,
-    )
+    if getattr(args, "preset", None):
+        cfg = _preset_config(args)
+        try:
+            loaded = load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device)
+        except KnockoutError as e:
+            detail = " ".join(str(e).split())  # one line
+            raise KnockoutError(
+                f"preset {args.preset!r} needs the model {cfg.model!r} from the Hugging Face Hub or its local cache "
+                f"(and streams {cfg.data!r}): {detail}"
+            ) from e
+    else:
+        if args.model is None:
+            raise KnockoutError("give --model, or --preset NAME for one of the paper's settings (`knockout presets`)")
+        loaded = _load(args)
+        methods = methods_for(loaded.task) if args.methods == ["all"] else args.methods
+        cfg = SweepConfig(
+            model=args.model,
+            out=args.out,
+            data=args.data,
+            methods=tuple(methods),
+            fractions=tuple(args.fractions) if args.fractions is not None else DEFAULT_FRACTIONS,
+            seeds=tuple(args.seeds),
+            eval_tokens=args.eval_tokens,
+            stats_tokens=args.stats_tokens,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            eps=args.eps,
+            hist_limit=args.hist_limit,
+            selection=args.selection,
+            task=loaded.task,
+            gguf_file=args.gguf_file,
+            site_module=args.site_module,
+            n_heads=args.n_heads,
+            stats_path=args.stats_path,
+            device=args.device,
+            dtype=args.dtype,
+            options=_image_options(args),
+        )
     out = run_sweep(cfg, progress=not args.quiet, loaded=loaded)
     print(format_table(summarize(read_rows(out))))
     print(f"\nresults: {out}/results.csv  config: {out}/config.json")
@@ -231,6 +284,7 @@ def _stats(args) -> int:
         eps=args.eps,
         hist_limit=args.hist_limit,
         task=loaded.task,
+        options=_image_options(args),
     )
     meta = {
         "model": json.dumps(model_identity(args.model, loaded.model, sites)),
@@ -271,6 +325,18 @@ def _methods(args) -> int:
     return 0
 
 
+def _presets(args) -> int:
+    from knockout.experiments.presets import PRESETS, resolve_preset
+
+    names = args.names or list(PRESETS)
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        raise KnockoutError(f"unknown preset(s) {', '.join(unknown)}; known: {', '.join(PRESETS)}")
+    configs = {n: {"description": PRESETS[n].description, **resolve_preset(n).to_dict()} for n in names}
+    print(json.dumps(configs, indent=2))
+    return 0
+
+
 def _bench(args) -> int:
     from knockout.bench import run_benchmark
 
@@ -293,7 +359,15 @@ def _compare(args) -> int:
     return 0
 
 
-COMMANDS = {"sweep": _sweep, "demo": _sweep, "stats": _stats, "sites": _sites, "methods": _methods, "bench": _bench}
+COMMANDS = {
+    "sweep": _sweep,
+    "demo": _sweep,
+    "stats": _stats,
+    "sites": _sites,
+    "methods": _methods,
+    "presets": _presets,
+    "bench": _bench,
+}
 COMMANDS.update(report=_report, compare=_compare)
 
 
