@@ -27,6 +27,7 @@ defaulting to the model config's ``image_size`` and 0.5 / 0.5 per channel (ViT's
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -39,6 +40,8 @@ from knockout.errors import KnockoutError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 IMAGE_OPTIONS = ("image_size", "image_mean", "image_std")
+log = logging.getLogger(__name__)
+
 _SPLIT_SEED = 1234
 _IMAGE_COLUMNS = ("image", "img")
 _LABEL_COLUMNS = ("label", "labels", "fine_label")
@@ -240,6 +243,10 @@ def image_stats_batches(cfg, loaded) -> list[Batch]:
     pixels = preprocess([probe[0][0]], loaded.processor, cfg.options, loaded.model.config)
     seq = preout_length(loaded.model, pixels, cfg.site_module, cfg.n_heads)
     items = load_images(cfg.data, "collect", math.ceil(cfg.stats_tokens / seq), label2id)
+    if len(items) >= 20 and len({label for _, label in items}) == 1:
+        log.warning(
+            "all %d collection images of %r have the same label: is its train split sorted?", len(items), cfg.data
+        )
     return image_batches(
         items, cfg.batch_size, loaded.processor, cfg.options, loaded.model, cfg.site_module, cfg.n_heads
     )
