@@ -156,3 +156,37 @@ def test_full_sweep_on_tiny_vit(tmp_path, processor):
     zero_full = [r for r in rows if r["method"] == "zero" and r["fraction"] == 1.0]
     base = [r for r in rows if r["method"] == "baseline"]
     assert zero_full[0]["ce"] != base[0]["ce"]  # ablating every neuron changes the output
+
+
+def test_hf_image_dataset_splits_and_columns(monkeypatch):
+    """A streamed HF dataset: validation for evaluation, train for collection, negative labels skipped."""
+    import datasets
+
+    def rows(split):
+        colour = {"validation": (255, 0, 0), "train": (0, 0, 255)}[split]
+        return [{"img": Image.new("RGB", (8, 8), colour), "label": lab} for lab in (2, -1, 1, 0, 2)]
+
+    calls = []
+
+    def fake_load_dataset(name, config=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        if split not in ("validation", "train"):
+            raise ValueError(f"unknown split {split}")
+        return iter(rows(split))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    items = load_images("someone/images:cfg", "eval", 3)
+    assert [label for _, label in items] == [2, 1, 0]
+    assert items[0][0].getpixel((0, 0)) == (255, 0, 0)
+    assert calls[-1] == ("someone/images", "cfg", "validation", True)
+    items = load_images("someone/images", "collect", 4)
+    assert [label for _, label in items] == [2, 1, 0, 2]
+    assert items[0][0].getpixel((0, 0)) == (0, 0, 255)
+    assert calls[-1][2] == "train"
+    with pytest.raises(KnockoutError, match="only 4 images"):
+        load_images("someone/images", "eval", 5)
+
+
+def test_hf_image_dataset_offline_is_a_clear_error():
+    with pytest.raises(KnockoutError, match="HF_HUB_OFFLINE"):
+        load_images("nobody/no-such-images", "eval", 1)
