@@ -37,6 +37,8 @@ def test_preset_has_the_papers_settings(name):
     registered = {m for m in resampling if m in methods_for(task)}
     assert registered <= set(cfg.methods)
     assert cfg.out == f"runs/{name}"
+    # A masked LM cannot write resample-text's random text: the preset names the causal LM that does.
+    assert cfg.options == ({"resample_model": "facebook/opt-1.3b"} if task == "masked" else {})
 
 
 def test_presets_are_exactly_the_four_settings():
@@ -66,6 +68,7 @@ def test_cli_flags_override_only_when_given():
     assert _preset_config(args).options == {"image_size": 64, "image_mean": [0.4]}
     args = build_parser().parse_args(["sweep", "--preset", "roberta-large", "--methods", "zero,peak"])
     assert _preset_config(args).methods == ("zero", "peak")
+    assert _preset_config(args).options == {"resample_model": "facebook/opt-1.3b"}
 
 
 def test_presets_command_prints_resolved_configs(capsys):

@@ -14,7 +14,9 @@ registered method that applies to its task (zero, mean, peak and the resampling 
 ``resample-tokens``, ``resample-text`` for text, ``resample-pixels`` for images). The methods are looked up when the
 preset is resolved (:func:`knockout.ablation.methods_for`), so newly registered methods are included.
 
-The statistics sizes (``stats_tokens``) and ``max_length`` are this package's choices, not the paper's: 100,000
+``roberta-large`` sets option ``resample_model`` to ``facebook/opt-1.3b``: a masked LM cannot write the random text
+of ``resample-text``, so OPT-1.3B (the paper's other text model) writes it. The statistics sizes
+(``stats_tokens``), ``max_length`` and that choice are this package's, not the paper's: 100,000
 collection tokens for text and 1,000 collection images (197 pre-out positions each) for ViT. The Pile is streamed
 (collection from its ``train`` split, evaluation from ``test``); ImageNet-1k is gated on the Hub (accept its terms
 and log in with ``huggingface-cli login``); see ``docs/data.md``. Every field can be overridden.
@@ -22,7 +24,7 @@ and log in with ``huggingface-cli login``); see ``docs/data.md``. Every field ca
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from knockout.errors import KnockoutError
 from knockout.experiments.config import DEFAULT_FRACTIONS, SweepConfig
@@ -45,6 +47,8 @@ class Preset:
     """Pre-out positions of the collection set (for images: whole images, 197 positions each for ViT-B/16)."""
     max_length: int = 512
     batch_size: int = 8
+    options: dict = field(default_factory=dict)
+    """Task and method options (:attr:`SweepConfig.options`)."""
 
     def config(self, **overrides) -> SweepConfig:
         import knockout.ablation  # noqa: F401  (registers every built-in method)
@@ -62,6 +66,7 @@ class Preset:
             "stats_tokens": self.stats_tokens,
             "max_length": self.max_length,
             "batch_size": self.batch_size,
+            "options": dict(self.options),
         }
         known = {f.name for f in fields(SweepConfig)}
         unknown = sorted(set(overrides) - known)
@@ -101,6 +106,7 @@ PRESETS: dict[str, Preset] = {
             task="masked",
             eval_tokens=100_000,
             stats_tokens=100_000,
+            options={"resample_model": "facebook/opt-1.3b"},  # the causal LM that writes resample-text's text
         ),
         Preset(
             name="vit-base",
