@@ -248,8 +248,16 @@ def test_resample_pixels_on_vit():
         want = reference_logits(model, sites, b.inputs, neurons, preout(model, sites, {"pixel_values": rand}))
         assert torch.allclose(got[i], want, atol=1e-5)
         assert (got[i] - model(**b.inputs).logits).abs().max() > 1e-3
+    # normalised like the evaluation images: default 0.5 / 0.5 without a processor, else the processor's values
     plain = make("resample-pixels", model, sites, None, task="image").random_inputs(0, batches[0])["pixel_values"]
-    assert plain.min() >= 0 and plain.max() <= 1
+    assert plain.min() >= -1 and plain.max() <= 1 and plain.min() < -0.9 and plain.max() > 0.9
+
+    class Processor:
+        image_mean, image_std = [0.0, 0.0, 0.0], [0.5, 0.5, 0.5]
+
+    proc = make("resample-pixels", model, sites, Processor(), task="image", image_mean=mean, image_std=std)
+    proc = proc.random_inputs(0, batches[0])["pixel_values"]
+    assert proc.min() >= 0 and proc.max() <= 2 and proc.max() > 1.9
 
 
 def test_methods_check_the_task(gpt2):

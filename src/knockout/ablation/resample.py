@@ -10,8 +10,9 @@ Methods (registry names):
   (option ``resample_prompt``, default ``"The"``). The LM is the evaluated model when it is causal, or the model
   named by option ``resample_model`` (required for masked LMs); another model's text is decoded and re-tokenised
   with the evaluated model's tokenizer;
-- ``resample-pixels`` (image models): pixels uniform in [0, 1] per channel, normalised with ``image_mean`` /
-  ``image_std`` (from the options, else from the image processor) into the shape of ``pixel_values``.
+- ``resample-pixels`` (image models): pixels uniform in [0, 1] per channel, normalised like the evaluation images
+  (the image processor's ``image_mean`` / ``image_std`` when the model has a processor, else the options
+  ``image_mean`` / ``image_std``, 0.5 by default), in the shape of ``pixel_values``.
 
 Alignment. For an evaluation batch of shape ``[batch, pos]`` the random inputs are a ``[batch, pos]`` batch too (full
 attention mask), and the hook sets ``z[b, t, i] := z_rand[b, t, i]``: row ``b``, position ``t`` of the evaluation
@@ -36,7 +37,8 @@ layer is kept.
 
 Options read from :attr:`MethodContext.options`: ``resample_fixed`` (bool, default False), ``resample_cache`` (bool,
 default True), ``resample_model`` (model spec for :func:`knockout.loading.load_model`, or a ``LoadedModel``),
-``resample_prompt`` (str, default ``"The"``), ``image_mean`` / ``image_std`` (per-channel floats).
+``resample_prompt`` (str, default ``"The"``), ``image_mean`` / ``image_std`` (one float or one per channel; used only
+when the model has no image processor, as for the evaluation images).
 """
 
 from __future__ import annotations
@@ -223,6 +225,23 @@ def random_pixels(
             raise KnockoutError(f"image_mean/image_std must have 1 or {c} values, got {m.shape[1]} and {s.shape[1]}")
         x = (x - m) / s
     return x.to(dtype)
+
+
+def pixel_normalisation(processor, options: dict) -> tuple[list[float] | None, list[float] | None]:
+    """``(image_mean, image_std)`` as the evaluation images get them (see :func:`knockout.data.images.preprocess`):
+    the image processor's own values when there is a processor (``None, None`` if it does not normalise), else the
+    options ``image_mean`` / ``image_std`` (one number or one per channel), 0.5 by default (ViT's)."""
+    if processor is not None:
+        if getattr(processor, "do_normalize", True) is False:
+            return None, None
+        mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+        if mean is not None and std is not None:
+            return _per_channel(mean), _per_channel(std)
+    return _per_channel(options.get("image_mean", 0.5)), _per_channel(options.get("image_std", 0.5))
+
+
+def _per_channel(value) -> list[float]:
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
 
 
 class ResampleAblation(AblationMethod):
@@ -451,9 +470,7 @@ class PixelResample(ResampleAblation):
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
-        proc = ctx.tokenizer  # the image processor, for image models
-        self.mean = ctx.options.get("image_mean", getattr(proc, "image_mean", None))
-        self.std = ctx.options.get("image_std", getattr(proc, "image_std", None))
+        self.mean, self.std = pixel_normalisation(ctx.tokenizer, ctx.options)
 
     def random_rows(self, n_rows, like, seed, n_pos=None):
         pixels = like.inputs["pixel_values"]
