@@ -8,17 +8,23 @@ Atypicality
 For neuron ``i`` with mean ``mu``, population std ``sigma`` and histogram peak ``p`` (all from the stored
 statistics):
 
-* **offset** ``= |p - mu| / sigma`` (0 when ``sigma = 0``): how far the most likely value sits from the mean, in
-  standard deviations. About 0 for a symmetric unimodal neuron, about 1 for an exponential one or for a
-  two-peaked one.
-* **modes**: the stored ``eps``-histogram is resampled onto ``GRID_BINS = 50`` bins spanning ``mu ± 5 sigma``
-  (bin width ``sigma / 5``, independent of ``eps``; counts are read from the cumulative histogram, linear inside a
-  bin), smoothed twice with the kernel ``[1, 2, 1] / 4``, and scaled so its maximum is 1. A *mode* is a local
+* **offset** ``= max(|p - mu| - eps / 2, 0) / sigma`` (0 when ``sigma = 0``): how far the most likely value sits
+  from the mean, in standard deviations. ``p`` is a bin centre, so the true mode may lie up to ``eps / 2`` from it;
+  that much is forgiven, so nearly constant neurons (``sigma`` below ``eps``) are not called atypical for the
+  histogram's rounding. About 0 for a symmetric unimodal neuron, about 1 for an exponential or a two-peaked one.
+* **modes**: the stored ``eps``-histogram is resampled onto ``GRID_BINS = 50`` bins centred on ``mu``, of width
+  ``max(sigma / 5, eps)`` (so ``mu ± 5 sigma`` when ``sigma >= 5 eps``, never finer than the stored bins; counts
+  are read from the cumulative histogram, linear inside a stored bin),
+  smoothed twice with the kernel ``[1, 2, 1] / 4``, and scaled so its maximum is 1. A *mode* is a local
   maximum whose topographic prominence (its height minus the higher of the two lowest points between it and a
   higher point, or the edge, on either side) is at least ``MIN_PROMINENCE = 0.1``. ``second`` is the prominence of
   the second most prominent mode (0 for a unimodal neuron), in ``[0, 1]``.
 * **score** ``= offset + second``. A clean two-peaked neuron scores about 2, a skewed or off-centre unimodal neuron
   about 1, a zero-centred Gaussian-like neuron about 0. The gallery shows the neurons with the highest score.
+
+The offset uses the stored peak, the value peak ablation uses. With few statistics tokens a narrow spike (e.g. the
+same activation at the first position of every sequence) can hold the most populated bin; such neurons score high
+on offset with one mode, which is worth seeing: there peak and mean ablation differ most.
 """
 
 from __future__ import annotations
@@ -139,9 +145,10 @@ def resample(lh: LayerHist, rows: np.ndarray | None = None) -> np.ndarray:
     if n_bins == 0:
         return np.zeros((len(rows), GRID_BINS))
     cdf = np.concatenate([np.zeros((len(rows), 1)), np.cumsum(hist, axis=1, dtype=np.float64)], axis=1)
-    sigma = np.where(lh.std[rows] > 0, lh.std[rows], lh.eps)
-    steps = np.linspace(-GRID_SIGMAS, GRID_SIGMAS, GRID_BINS + 1)
-    edges = lh.mean[rows, None] + steps[None, :] * sigma[:, None]  # [n, GRID_BINS + 1]
+    # bin width 2 * GRID_SIGMAS * sigma / GRID_BINS, but never finer than the stored eps (that would be interpolation)
+    width = np.maximum(lh.std[rows] * (2 * GRID_SIGMAS / GRID_BINS), lh.eps)
+    steps = np.arange(GRID_BINS + 1) - GRID_BINS / 2
+    edges = lh.mean[rows, None] + steps[None, :] * width[:, None]  # [n, GRID_BINS + 1]
     pos = np.clip(edges / lh.eps - lh.k_lo, 0, n_bins)
     i0 = np.minimum(np.floor(pos).astype(np.int64), n_bins - 1)
     frac = pos - i0
@@ -203,7 +210,8 @@ def score_layer(lh: LayerHist) -> list[NeuronScore]:
     """Atypicality of every neuron of one layer (see the module docstring)."""
     peak = lh.peak()
     sigma = lh.std
-    offset = np.where(sigma > 0, np.abs(peak - lh.mean) / np.where(sigma > 0, sigma, 1.0), 0.0)
+    gap = np.maximum(np.abs(peak - lh.mean) - lh.eps / 2, 0.0)  # the true mode lies anywhere in the peak's bin
+    offset = np.where(sigma > 0, gap / np.where(sigma > 0, sigma, 1.0), 0.0)
     g = _smooth(resample(lh))
     top = g.max(1, keepdims=True)
     g = np.where(top > 0, g / np.where(top > 0, top, 1.0), 0.0)

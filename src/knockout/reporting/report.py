@@ -159,7 +159,7 @@ def write_report(
     title = f"knockout report: {label}"
     _write_html(out / "report.html", title, run, table, images, atypical, timings, partial, notes, stats_note, pm)
     _write_markdown(out / "report.md", title, run, table, images, atypical[:top_k], timings, partial, notes, pm)
-    log.info("report written to %s", out)
+    log.debug("report written to %s", out)
     return out / "report.html"
 
 

@@ -240,8 +240,7 @@ def build_table(
 
     rows = [fill(Row("baseline", None))]
     for f in fractions:
-        block = [fill(Row(m, f)) for m in methods]
-        block = [r for r in block if any(c is not None for c in r.cells.values())]
+        block = [fill(Row(m, f)) for m in methods]  # a method without results (yet) shows "–"
         for col in columns:
             if not col.paper:
                 mark_best([r.cells[col.key] for r in block], HIGHER_IS_BETTER[col.metric])
