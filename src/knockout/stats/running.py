@@ -114,28 +114,37 @@ class LayerStats:
         n = x.shape[0]
         if n == 0:
             return
-        x = x.detach().to(torch.float64)
-        if not torch.isfinite(x).all():
+        x = x.detach()
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        self._to(x.device)
+        batch_min, batch_max = x.amin(0).double(), x.amax(0).double()
+        if not (torch.isfinite(batch_min).all() and torch.isfinite(batch_max).all()):  # NaN/inf propagate here
             raise KnockoutError(
                 "non-finite (NaN/inf) pre-out activations: the model overflowed or its weights are broken; "
                 "try --dtype float32 and check that the model produces finite logits"
             )
-        self._to(x.device)
-        batch_mean = x.mean(0)
-        batch_m2 = ((x - batch_mean) ** 2).sum(0)
-        self._merge_moments(n, batch_mean, batch_m2)
-        self.min = torch.minimum(self.min, x.amin(0))
-        self.max = torch.maximum(self.max, x.amax(0))
+        var, mean = torch.var_mean(x.double(), dim=0, correction=0)
+        self._merge_moments(n, mean, var * n)
+        self.min = torch.minimum(self.min, batch_min)
+        self.max = torch.maximum(self.max, batch_max)
+        self._add_to_histogram(x)
 
+    def _add_to_histogram(self, x: torch.Tensor) -> None:
         k = torch.floor(x / self.eps).to(torch.int64)  # [n, width] bin index on the global grid
-        self.under += (k < self.k_min).sum(0)
-        self.over += (k > self.k_max).sum(0)
-        inside = (k >= self.k_min) & (k <= self.k_max)
-        if not inside.any():
-            return
-        self._grow(int(k[inside].min()), int(k[inside].max()))
-        offsets = torch.arange(self.width, device=x.device) * self.n_bins
-        flat = (k - self.k_lo + offsets)[inside]
+        lo, hi = int(k.min()), int(k.max())
+        if lo >= self.k_min and hi <= self.k_max:  # common case: nothing outside the window
+            self._grow(lo, hi)
+            offsets = torch.arange(self.width, device=x.device) * self.n_bins
+            flat = (k - self.k_lo + offsets).view(-1)
+        else:
+            self.under += (k < self.k_min).sum(0)
+            self.over += (k > self.k_max).sum(0)
+            inside = (k >= self.k_min) & (k <= self.k_max)
+            if not inside.any():
+                return
+            self._grow(int(k[inside].min()), int(k[inside].max()))
+            offsets = torch.arange(self.width, device=x.device) * self.n_bins
+            flat = (k - self.k_lo + offsets)[inside]
         self.hist += torch.bincount(flat, minlength=self.width * self.n_bins).view(self.width, self.n_bins)
 
     def _merge_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:

@@ -1,0 +1,150 @@
+"""Benchmark: throughput of a plain forward pass, of statistics collection and of ablated evaluation.
+
+All modes run on the same model and the same batch, interleaved round by round (so drift of the machine hits them
+alike), and the median round is reported. Ratios are against the plain measurements of the same run:
+
+- statistics / plain forward   (target >= 0.8)
+- folded ablation / plain eval (target >= 0.97): peak ablation of 50% of neurons folded into W_O, against the same
+  evaluation (forward + top-1 + cross-entropy) without ablation;
+- hooked ablation / plain eval, for comparison: the same ablation done with a pre-hook that rewrites the pre-out.
+
+It also reports the statistics' memory after one batch and after four times as many tokens (it must not grow with
+the number of tokens; it grows only if later batches widen the histogram's range).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics as pystats
+import time
+from pathlib import Path
+
+import torch
+
+from knockout.ablation.methods import MethodContext, get_method
+from knockout.ablation.selection import NeuronSelection
+from knockout.data.batch import IGNORE, Batch
+from knockout.evaluation.evaluate import evaluate
+from knockout.hooks import replace_with_constants
+from knockout.loading import LoadedModel
+from knockout.sites import find_sites
+from knockout.stats.collect import collect_stats
+
+
+def _batch(loaded: LoadedModel, batch_size: int, seq_len: int) -> Batch:
+    g = torch.Generator().manual_seed(0)
+    config = loaded.model.config
+    if loaded.task == "image":
+        size = getattr(config, "image_size", 224)
+        pixels = torch.randn(batch_size, getattr(config, "num_channels", 3), size, size, generator=g)
+        n_pos = (size // config.patch_size) ** 2 + 1
+        labels = torch.randint(0, config.num_labels, (batch_size,), generator=g)
+        return Batch({"pixel_values": pixels}, torch.ones(batch_size, n_pos, dtype=torch.bool), labels)
+    vocab = config.get_text_config().vocab_size
+    ids = torch.randint(10, vocab, (batch_size, seq_len), generator=g)
+    targets = torch.full_like(ids, IGNORE)
+    targets[:, :-1] = ids[:, 1:]
+    mask = torch.ones_like(ids)
+    return Batch({"input_ids": ids, "attention_mask": mask}, mask.bool(), targets)
+
+
+def _stats_bytes(stats) -> int:
+    return sum(
+        t.numel() * t.element_size()
+        for layer in stats.layers
+        for t in (layer.mean, layer.m2, layer.min, layer.max, layer.hist, layer.under, layer.over)
+    )
+
+
+def run_benchmark(
+    loaded: LoadedModel,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    repeats: int = 3,
+    json_out: str | None = None,
+    site_module: str | None = None,
+) -> dict:
+    """Measure and print the figures; return them as a dict (and write JSON if ``json_out``)."""
+    model = loaded.model
+    sites = find_sites(model, site_module)
+    batch = _batch(loaded, batch_size, seq_len).to(loaded.device)
+    n_tokens = int(batch.valid.sum())
+    stats = collect_stats(model, sites, [batch], progress=False)  # warm-up, and the statistics for peak
+    mem_1 = _stats_bytes(stats)
+    stats4 = collect_stats(model, sites, [batch] * 4, progress=False)
+    mem_4 = _stats_bytes(stats4)
+    neurons = NeuronSelection([s.width for s in sites], seed=0).at(0.5)
+    peak = get_method("peak")(MethodContext(model, sites, stats))
+
+    def sync():
+        if loaded.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def forward():
+        with torch.inference_mode():
+            model(**batch.inputs)
+
+    def stats_pass():
+        collect_stats(model, sites, [batch], progress=False)
+
+    def plain_eval():
+        evaluate(model, [batch])
+
+    def folded_eval():
+        with peak.ablate(neurons):
+            evaluate(model, [batch])
+
+    def hooked_eval():
+        with replace_with_constants(sites, neurons, peak.constants()):
+            evaluate(model, [batch])
+
+    modes = {
+        "forward": forward,
+        "statistics": stats_pass,
+        "eval": plain_eval,
+        "eval_folded": folded_eval,
+        "eval_hooked": hooked_eval,
+    }
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    for fn in modes.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in modes.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    tps = {name: n_tokens / pystats.median(ts) for name, ts in times.items()}
+    result = {
+        "model": loaded.name,
+        "device": str(loaded.device),
+        "dtype": str(next(model.parameters()).dtype),
+        "batch": [batch_size, seq_len] if loaded.task != "image" else [batch_size],
+        "tokens_per_batch": n_tokens,
+        "repeats": repeats,
+        "tokens_per_second": {k: round(v, 1) for k, v in tps.items()},
+        "ratios": {
+            "statistics_vs_forward": round(tps["statistics"] / tps["forward"], 3),
+            "folded_ablation_vs_eval": round(tps["eval_folded"] / tps["eval"], 3),
+            "hooked_ablation_vs_eval": round(tps["eval_hooked"] / tps["eval"], 3),
+        },
+        "stats_memory_bytes": {str(n_tokens): mem_1, str(4 * n_tokens): mem_4},
+    }
+    print(
+        f"benchmark: {loaded.name} on {result['device']} ({result['dtype']}), {n_tokens} tokens per batch, "
+        f"median of {repeats} rounds"
+    )
+    for name, v in tps.items():
+        print(f"  {name:<12} {v:>10.1f} tokens/s")
+    r = result["ratios"]
+    print(f"  statistics / forward      {r['statistics_vs_forward']:.3f}   (target >= 0.8)")
+    print(f"  folded ablation / eval    {r['folded_ablation_vs_eval']:.3f}   (target >= 0.97)")
+    print(f"  hooked ablation / eval    {r['hooked_ablation_vs_eval']:.3f}   (for comparison)")
+    print(
+        f"  statistics memory: {mem_1 / 2**20:.2f} MiB after {n_tokens} tokens, "
+        f"{mem_4 / 2**20:.2f} MiB after {4 * n_tokens} tokens"
+    )
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
