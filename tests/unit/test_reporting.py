@@ -163,7 +163,9 @@ def test_table_values_std_and_marks(run):
     md = table.to_markdown()
     assert "**45.00 ± 1.00**" in md and "**44.50 ± 2.00**" in md and "41.00 ± 1.00 |" in md
     tex = table.to_latex()
-    assert r"\textbf{$45.00 \pm 1.00$}" in tex and r"\toprule" in tex and r"Top-1 (\%)" in tex
+    assert (
+        r"$\mathbf{45.00 \pm 1.00}$" in tex and r"-- & baseline" in tex and r"\toprule" in tex and r"Top-1 (\%)" in tex
+    )
     rows = list(csv.DictReader(io.StringIO(table.to_csv())))
     peak = [r for r in rows if (r["method"], r["fraction"], r["metric"]) == ("peak", "0.5", "top1")][0]
     assert float(peak["mean"]) == pytest.approx(45.0) and peak["best"] == "1" and peak["n_seeds"] == "3"

@@ -118,7 +118,7 @@ class Table:
         return buf.getvalue()
 
     def to_latex(self) -> str:
-        """A booktabs ``tabular``; the best entries in ``\\textbf``."""
+        """A booktabs ``tabular``; the best entries in ``\\mathbf``."""
 
         def esc(s: str) -> str:
             for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
@@ -129,8 +129,9 @@ class Table:
             c = row.cells.get(col.key)
             if c is None:
                 return "--"
-            text = f"${c.mean:.{col.digits}f} \\pm {c.std:.{col.digits}f}$" + (f" ($n={c.n_seeds}$)" if c.short else "")
-            return f"\\textbf{{{text}}}" if c.best else text
+            body = f"{c.mean:.{col.digits}f} \\pm {c.std:.{col.digits}f}"
+            text = f"$\\mathbf{{{body}}}$" if c.best else f"${body}$"
+            return text + (f" ($n={c.n_seeds}$)" if c.short else "")
 
         spec = "ll" + "r" * len(self.columns)
         lines = [
@@ -145,7 +146,10 @@ class Table:
                 lines.append("\\midrule")
             last = row.fraction
             lines.append(
-                " & ".join([esc(self._frac(row)), esc(row.method), *(cell(row, c) for c in self.columns)]) + r" \\"
+                " & ".join(
+                    [esc(self._frac(row)).replace("–", "--"), esc(row.method), *(cell(row, c) for c in self.columns)]
+                )
+                + r" \\"
             )
         lines += ["\\bottomrule", "\\end{tabular}"]
         return "\n".join(lines) + "\n"
