@@ -121,6 +121,22 @@ def _add_sweep_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     g.add_argument("--selection", default="per-layer", choices=["per-layer", "global"])
     g.add_argument("--stats", dest="stats_path", help="reuse this statistics file instead of collecting")
     g.add_argument("--out", default=DEMO["out"] if demo else "runs/sweep", help="run folder")
+    r = p.add_argument_group("resampling")
+    r.add_argument(
+        "--resample-model",
+        help="causal LM that writes resample-text's text (default: the model itself; required for masked LMs)",
+    )
+    r.add_argument("--resample-prompt", help="prompt of resample-text's generation (default 'The')")
+    r.add_argument(
+        "--resample-fixed",
+        action="store_true",
+        help="the paper's protocol: one fixed random input per seed for every evaluation input",
+    )
+    r.add_argument(
+        "--resample-no-cache",
+        action="store_true",
+        help="recompute random-input activations for every fraction instead of caching them",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +205,19 @@ def _image_options(args) -> dict:
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
+def _sweep_options(args) -> dict:
+    """Image and resampling flags as :attr:`SweepConfig.options` entries (only those given)."""
+    options = _image_options(args)
+    for key in ("resample_model", "resample_prompt"):
+        if getattr(args, key, None) is not None:
+            options[key] = getattr(args, key)
+    if getattr(args, "resample_fixed", False):
+        options["resample_fixed"] = True
+    if getattr(args, "resample_no_cache", False):
+        options["resample_cache"] = False
+    return options
+
+
 # Flags whose values map one to one onto SweepConfig fields of the same name.
 _CONFIG_FLAGS = (
     "model", "out", "data", "methods", "fractions", "seeds", "eval_tokens", "stats_tokens", "max_length",
@@ -205,7 +234,7 @@ def _preset_config(args):
     given = {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) != defaults.get(k)}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
     preset = resolve_preset(args.preset)
-    return resolve_preset(args.preset, **given, options={**preset.options, **_image_options(args)})
+    return resolve_preset(args.preset, **given, options={**preset.options, **_sweep_options(args)})
 
 
 def _sweep(args) -> int:
@@ -252,7 +281,7 @@ def _sweep(args) -> int:
             stats_path=args.stats_path,
             device=args.device,
             dtype=args.dtype,
-            options=_image_options(args),
+            options=_sweep_options(args),
         )
     out = run_sweep(cfg, progress=not args.quiet, loaded=loaded)
     print(format_table(summarize(read_rows(out))))

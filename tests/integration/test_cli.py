@@ -157,3 +157,27 @@ def test_sites_and_methods_commands(setup, capsys):
     assert "model.layers.1.self_attn.o_proj" in capsys.readouterr().out
     assert main(["methods"]) == 0
     assert "peak" in capsys.readouterr().out
+
+
+def test_resampling_flags_reach_the_config(setup):
+    root, model, _, corpus = setup
+    out = root / "rs"
+    args = _sweep_args(
+        model,
+        corpus,
+        out,
+        "--seeds",
+        "0",
+        "--fractions",
+        "0,1",
+        "--methods",
+        "resample-tokens",
+        "--resample-fixed",
+        "--resample-prompt",
+        "Once",
+    )
+    assert main(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["options"] == {"resample_fixed": True, "resample_prompt": "Once"}
+    rows = {r["method"]: r for r in read_rows(out) if r["fraction"] == 1.0}
+    assert rows["resample-tokens"]["ce"] != next(r for r in read_rows(out) if r["method"] == "baseline")["ce"]
