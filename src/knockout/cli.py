@@ -15,8 +15,8 @@ log = logging.getLogger("knockout")
 DEMO = {
     "model": "smollm2-135m",
     "data": "wiki",
-    "eval_tokens": 1024,
-    "stats_tokens": 8192,
+    "eval_tokens": 512,
+    "stats_tokens": 4096,
     "max_length": 128,
     "batch_size": 8,
     "out": "runs/demo",

@@ -322,3 +322,15 @@ def test_forward_without_on_batch_raises(gpt2):
         with pytest.raises(KnockoutError, match="shape"):
             model(**other.inputs)  # activations of another batch are never broadcast or cut to fit
     assert model(**b.inputs).logits.shape[0] == b.size  # hooks removed
+
+
+def test_generation_longer_than_the_generators_context_restarts_from_the_prompt():
+    from knockout.ablation.resample import sample_long
+
+    model = tiny.causal_lm("opt")  # max_position_embeddings = 64
+    prompt = torch.tensor([[5, 6, 7]])
+    ids = sample_long(model, prompt, 150, seed=3)
+    assert ids.shape[1] >= 150
+    assert torch.equal(ids[:, :3], prompt) and torch.equal(ids[:, 64:67], prompt)  # second segment restarts
+    assert not torch.equal(ids[:, 3:64], ids[:, 67:128])  # with its own random stream
+    assert torch.equal(ids, sample_long(model, prompt, 150, seed=3))  # deterministic

@@ -171,6 +171,22 @@ def sample_ids(model: torch.nn.Module, prompt: torch.Tensor, n_new: int, seed: i
     return ids
 
 
+def sample_long(model: torch.nn.Module, prompt: torch.Tensor, n_tokens: int, seed: int) -> torch.Tensor:
+    """At least ``n_tokens`` ids per row: ``prompt`` + sampled text, restarted from the prompt (with a derived
+    seed) whenever the generator's context (``max_position_embeddings``) is full. One segment when it fits."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    limit = getattr(config, "max_position_embeddings", None) or (n_tokens + prompt.shape[1])
+    room = limit - prompt.shape[1]
+    if room < 1:
+        raise KnockoutError(f"the resampling prompt ({prompt.shape[1]} tokens) fills the generator's context")
+    parts, have = [], 0
+    while have < n_tokens:
+        n_new = min(room, max(0, n_tokens - have - prompt.shape[1]))
+        parts.append(sample_ids(model, prompt, n_new, seed if not parts else random_seed(seed, len(parts))))
+        have += parts[-1].shape[1]
+    return torch.cat(parts, dim=1)
+
+
 def generated_ids(
     model: torch.nn.Module,
     gen_tokenizer,
@@ -192,11 +208,10 @@ def generated_ids(
         raise KnockoutError("the resampling prompt tokenises to nothing; give a non-empty resample_prompt")
     p = p.unsqueeze(0).expand(n_rows, -1)
     if gen_tokenizer is tokenizer:
-        ids = sample_ids(model, p, max(0, n_pos - p.shape[1]), seed)
-        return ids[:, :n_pos].cpu()
+        return sample_long(model, p, n_pos, seed)[:, :n_pos].cpu()
     n_new = n_pos + 8
     for _ in range(4):
-        ids = sample_ids(model, p, n_new, seed)
+        ids = sample_long(model, p, p.shape[1] + n_new, seed)
         texts = gen_tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True)
         lengths = [len(tokenizer(t, truncation=True, max_length=n_pos)["input_ids"]) for t in texts]
         if min(lengths) >= n_pos:
