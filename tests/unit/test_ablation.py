@@ -94,8 +94,10 @@ def test_weights_restored_exactly_after_exception(family):
     neurons, values = _random_ablation(sites, fraction=0.9)
     with pytest.raises(RuntimeError, match="boom"):
         with fold_constants(sites, neurons, values):
-            assert not torch.equal(sites[0].weight(), before[f"{sites[0].name}.weight"].T if family == "gpt2"
-                                   else before[f"{sites[0].name}.weight"])
+            assert not torch.equal(
+                sites[0].weight(),
+                before[f"{sites[0].name}.weight"].T if family == "gpt2" else before[f"{sites[0].name}.weight"],
+            )
             raise RuntimeError("boom")
     after = _state(model)
     assert after.keys() == before.keys()

@@ -38,27 +38,33 @@ def _recompute(family, attn, hidden, kwargs, d):
         q, k, v = attn.c_attn(hidden).split(hidden.shape[-1], dim=-1)
         return _attention(_heads(q, d), _heads(k, d), _heads(v, d), causal=True)
     if family == "opt":
-        return _attention(_heads(attn.q_proj(hidden), d), _heads(attn.k_proj(hidden), d),
-                          _heads(attn.v_proj(hidden), d), causal=True)
+        return _attention(
+            _heads(attn.q_proj(hidden), d), _heads(attn.k_proj(hidden), d), _heads(attn.v_proj(hidden), d), causal=True
+        )
     if family == "llama":
         cos, sin = kwargs["position_embeddings"]
         q = _rotate(_heads(attn.q_proj(hidden), d), cos, sin)
         k = _rotate(_heads(attn.k_proj(hidden), d), cos, sin)
         return _attention(q, k, _heads(attn.v_proj(hidden), d), causal=True)
     if family == "bert":
-        return _attention(_heads(attn.query(hidden), d), _heads(attn.key(hidden), d),
-                          _heads(attn.value(hidden), d), causal=False)
+        return _attention(
+            _heads(attn.query(hidden), d), _heads(attn.key(hidden), d), _heads(attn.value(hidden), d), causal=False
+        )
     if family == "vit":
-        return _attention(_heads(attn.q_proj(hidden), d), _heads(attn.k_proj(hidden), d),
-                          _heads(attn.v_proj(hidden), d), causal=False)
+        return _attention(
+            _heads(attn.q_proj(hidden), d), _heads(attn.k_proj(hidden), d), _heads(attn.v_proj(hidden), d), causal=False
+        )
     raise ValueError(family)
 
 
 def _model_and_attention(family):
     if family in ("gpt2", "opt", "llama"):
         model = tiny.causal_lm(family)
-        blocks = {"gpt2": lambda m: m.transformer.h, "opt": lambda m: m.model.decoder.layers,
-                  "llama": lambda m: m.model.layers}[family](model)
+        blocks = {
+            "gpt2": lambda m: m.transformer.h,
+            "opt": lambda m: m.model.decoder.layers,
+            "llama": lambda m: m.model.layers,
+        }[family](model)
         attn = [b.attn if family == "gpt2" else b.self_attn for b in blocks]
         inputs = {"input_ids": torch.randint(5, tiny.VOCAB, (3, 11))}
     elif family == "bert":
