@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from knockout.data.batch import Batch
+from knockout.data.text import open_hf_split
 from knockout.errors import KnockoutError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -90,26 +91,9 @@ def _open(path: Path):
 
 
 def _hf_images(name: str, split: str) -> Iterator[tuple[object, int]]:
-    import datasets
-
-    config = None
-    if ":" in name:
-        name, config = name.split(":", 1)
-    candidates = ["train"] if split == "collect" else ["validation", "test"]
-    last = None
-    for hf_split in candidates:
-        try:
-            ds = datasets.load_dataset(name, config, split=hf_split, streaming=True)
-            break
-        except ValueError as e:  # unknown split: try the next one
-            last = e
-        except Exception as e:
-            raise KnockoutError(
-                f"could not open the Hugging Face dataset {name!r} ({type(e).__name__}: {e}). Without network "
-                "access (HF_HUB_OFFLINE=1) give a local image folder (<root>/<class>/<image>) as --data."
-            ) from e
-    else:
-        raise KnockoutError(f"dataset {name!r} has none of the splits {candidates}: {last}")
+    ds = open_hf_split(
+        name, split, ("validation", "test"), "give a local image folder (<root>/<class>/<image>) as --data."
+    )
     for row in ds:
         image = next((row[c] for c in _IMAGE_COLUMNS if c in row), None)
         if image is None:

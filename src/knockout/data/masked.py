@@ -28,6 +28,7 @@ from collections.abc import Iterable
 import torch
 
 from knockout.data.batch import IGNORE, Batch
+from knockout.data.text import padded_batches
 from knockout.errors import KnockoutError
 
 MASK_RATE = 0.15
@@ -121,25 +122,10 @@ def masked_batches(
     ``vocab_size`` (the model's embedding size) bounds the random replacement ids when it is smaller than the
     tokenizer's vocabulary.
     """
-    if batch_size <= 0:
-        raise KnockoutError(f"batch size must be positive, got {batch_size}")
     mask_id = tokenizer.mask_token_id
     if mask_id is None:
         raise KnockoutError("the tokenizer has no mask token; masked-LM evaluation needs one (use --task causal?)")
     specials = special_ids(tokenizer)
     replacements = replacement_ids(tokenizer, vocab_size)
     gen = mask_generator(seed)
-    batches = []
-    for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start : start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        targets = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
-        for row, s in enumerate(chunk):
-            inputs, tgt = mask_sequence(s, specials, mask_id, replacements, gen)
-            ids[row, : len(s)] = inputs
-            attention[row, : len(s)] = 1
-            targets[row, : len(s)] = tgt
-        batches.append(Batch({"input_ids": ids, "attention_mask": attention}, attention.bool(), targets))
-    return batches
+    return padded_batches(seqs, batch_size, pad, lambda s: mask_sequence(s, specials, mask_id, replacements, gen))

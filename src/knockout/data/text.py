@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -82,7 +82,9 @@ def _split(docs: list[str], split: str) -> list[str]:
     return [docs[i] for i in chosen]
 
 
-def _hf_texts(name: str, split: str) -> Iterator[str]:
+def open_hf_split(name: str, split: str, eval_splits: Sequence[str], offline_hint: str):
+    """Stream the Hugging Face dataset ``name`` (``name:config`` allowed): its ``train`` split for ``collect``,
+    else the first of ``eval_splits`` it has. Errors say what to use offline (``offline_hint``)."""
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - datasets is a dependency
@@ -90,21 +92,23 @@ def _hf_texts(name: str, split: str) -> Iterator[str]:
     config = None
     if ":" in name:
         name, config = name.split(":", 1)
-    candidates = ["train"] if split == "collect" else ["test", "validation"]
+    candidates = ["train"] if split == "collect" else list(eval_splits)
     last = None
     for hf_split in candidates:
         try:
-            ds = datasets.load_dataset(name, config, split=hf_split, streaming=True)
-            break
+            return datasets.load_dataset(name, config, split=hf_split, streaming=True)
         except ValueError as e:  # unknown split: try the next one
             last = e
         except Exception as e:
             raise KnockoutError(
                 f"could not open the Hugging Face dataset {name!r} ({type(e).__name__}: {e}). Without network "
-                "access (HF_HUB_OFFLINE=1) use --data wiki or a local .txt/.jsonl file."
+                f"access (HF_HUB_OFFLINE=1) {offline_hint}"
             ) from e
-    else:
-        raise KnockoutError(f"dataset {name!r} has none of the splits {candidates}: {last}")
+    raise KnockoutError(f"dataset {name!r} has none of the splits {candidates}: {last}")
+
+
+def _hf_texts(name: str, split: str) -> Iterator[str]:
+    ds = open_hf_split(name, split, ("test", "validation"), "use --data wiki or a local .txt/.jsonl file.")
     for row in ds:
         text = row.get("text")
         if text is None:
@@ -170,8 +174,11 @@ def tokenize_exact(
     )
 
 
-def causal_batches(seqs: list[list[int]], batch_size: int, pad: int) -> list[Batch]:
-    """Right-padded batches with next-token targets (``IGNORE`` at the last real position and on padding)."""
+def padded_batches(
+    seqs: list[list[int]], batch_size: int, pad: int, encode: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
+) -> list[Batch]:
+    """Right-padded batches of ``seqs``; ``encode(seq)`` gives each row's ``[L]`` input ids and ``[L]`` targets
+    (called in order, so a seeded generator inside it gives the same result every time)."""
     if batch_size <= 0:
         raise KnockoutError(f"batch size must be positive, got {batch_size}")
     batches = []
@@ -182,9 +189,17 @@ def causal_batches(seqs: list[list[int]], batch_size: int, pad: int) -> list[Bat
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         targets = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
         for row, s in enumerate(chunk):
-            t = torch.tensor(s, dtype=torch.long)
-            ids[row, : len(s)] = t
+            ids[row, : len(s)], targets[row, : len(s)] = encode(s)
             mask[row, : len(s)] = 1
-            targets[row, : len(s) - 1] = t[1:]
         batches.append(Batch({"input_ids": ids, "attention_mask": mask}, mask.bool(), targets))
     return batches
+
+
+def _next_token(seq: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.tensor(seq, dtype=torch.long)
+    return ids, torch.cat([ids[1:], torch.tensor([IGNORE])])
+
+
+def causal_batches(seqs: list[list[int]], batch_size: int, pad: int) -> list[Batch]:
+    """Right-padded batches with next-token targets (``IGNORE`` at the last real position and on padding)."""
+    return padded_batches(seqs, batch_size, pad, _next_token)
