@@ -81,6 +81,12 @@ def _add_data_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
         default=DEMO["stats_tokens"] if demo else 16384,
         help="tokens of the collection set for statistics",
     )
+    g.add_argument(
+        "--stats-skip-first",
+        type=int,
+        default=0,
+        help="text: leave the first N positions of each collection sequence out of the statistics (default 0)",
+    )
     g.add_argument("--max-length", type=int, default=DEMO["max_length"] if demo else 128, help="longest sequence")
     g.add_argument("--batch-size", type=int, default=DEMO["batch_size"] if demo else 8)
     g.add_argument("--eps", type=float, default=0.01, help="histogram bin width for the peak (default 0.01)")
@@ -220,9 +226,9 @@ def _sweep_options(args) -> dict:
 
 # Flags whose values map one to one onto SweepConfig fields of the same name.
 _CONFIG_FLAGS = (
-    "model", "out", "data", "methods", "fractions", "seeds", "eval_tokens", "stats_tokens", "max_length",
-    "batch_size", "eps", "hist_limit", "selection", "task", "gguf_file", "site_module", "n_heads", "stats_path",
-    "device", "dtype",
+    "model", "out", "data", "methods", "fractions", "seeds", "eval_tokens", "stats_tokens", "stats_skip_first",
+    "max_length", "batch_size", "eps", "hist_limit", "selection", "task", "gguf_file", "site_module", "n_heads",
+    "stats_path", "device", "dtype",
 )  # fmt: skip
 
 
@@ -269,6 +275,7 @@ def _sweep(args) -> int:
             seeds=tuple(args.seeds),
             eval_tokens=args.eval_tokens,
             stats_tokens=args.stats_tokens,
+            stats_skip_first=args.stats_skip_first,
             max_length=args.max_length,
             batch_size=args.batch_size,
             eps=args.eps,
@@ -308,6 +315,7 @@ def _stats(args) -> int:
         model=args.model,
         data=args.data,
         stats_tokens=args.stats_tokens,
+        stats_skip_first=args.stats_skip_first,
         max_length=args.max_length,
         batch_size=args.batch_size,
         eps=args.eps,
@@ -319,6 +327,7 @@ def _stats(args) -> int:
         "model": json.dumps(model_identity(args.model, loaded.model, sites)),
         "data": args.data,
         "max_length": str(args.max_length),
+        "stats_skip_first": str(args.stats_skip_first),
     }
     stats = collect_stats(
         loaded.model, sites, stats_batches(cfg, loaded), args.eps, args.hist_limit, meta, progress=not args.quiet

@@ -160,3 +160,29 @@ def test_collect_stats_excludes_padding_and_equals_manual_capture():
         assert stats.layers[s.layer].count == sum(map(len, seqs)) == data.shape[0]
         torch.testing.assert_close(stats.layers[s.layer].mean, data.mean(0), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(stats.layers[s.layer].max, data.max(0).values, atol=1e-6, rtol=1e-5)
+
+
+def test_stats_skip_first_leaves_out_the_first_positions(tmp_path):
+    from knockout.data.tasks import stats_batches
+    from knockout.experiments.config import SweepConfig
+    from knockout.loading import LoadedModel
+
+    model = tiny.causal_lm("llama")
+    sites = find_sites(model)
+    corpus = tiny.write_corpus(tmp_path / "c.txt")
+    loaded = LoadedModel(model, tiny.tokenizer(), "causal", "tiny", torch.device("cpu"))
+    cfg = SweepConfig(model="tiny", data=corpus, stats_tokens=300, stats_skip_first=2, max_length=30)
+    batches = stats_batches(cfg, loaded)
+    stats = collect_stats(model, sites, batches, progress=False)
+    assert stats.n_tokens == 300
+    # independent: each sequence alone, positions 2.. only
+    kept = []
+    with torch.no_grad(), capture(sites[:1], lambda s, z: kept.append(z[0, 2:])):
+        for b in batches:
+            for ids, mask in zip(b.inputs["input_ids"], b.inputs["attention_mask"]):
+                model(input_ids=ids[mask.bool()][None])
+    data = torch.cat(kept).double()
+    assert data.shape[0] == 300
+    torch.testing.assert_close(stats.layers[0].mean, data.mean(0), atol=1e-6, rtol=1e-5)
+    with pytest.raises(KnockoutError, match="stats_skip_first"):
+        SweepConfig(model="tiny", stats_skip_first=-1)

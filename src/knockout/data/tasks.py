@@ -9,7 +9,8 @@
   (see :mod:`knockout.data.images`).
 
 Statistics are collected on unmodified inputs of the collection split (``stats_tokens`` real positions; for images,
-whole images until at least that many pre-out positions): masked LMs see their collection text unmasked.
+whole images until at least that many pre-out positions): masked LMs see their collection text unmasked. For text,
+``stats_skip_first`` leaves the first positions of every sequence out of the statistics (see docs/design.md).
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ def stats_batches(cfg, loaded) -> list[Batch]:
     """Batches of the collection split for :func:`knockout.stats.collect_stats`."""
     if loaded.task in ("causal", "masked"):
         tok = loaded.processor
-        seqs = tokenize_exact(tok, load_texts(cfg.data, "collect"), cfg.stats_tokens, cfg.max_length, "positions")
-        return causal_batches(seqs, cfg.batch_size, pad_id(tok))
+        skip = cfg.stats_skip_first
+        seqs = tokenize_exact(tok, load_texts(cfg.data, "collect"), cfg.stats_tokens, cfg.max_length, "positions", skip)
+        batches = causal_batches(seqs, cfg.batch_size, pad_id(tok))
+        for batch in batches:
+            batch.valid[:, :skip] = False  # left out of the statistics
+        return batches
     if loaded.task == "image":
         from knockout.data.images import image_stats_batches
 

@@ -143,19 +143,19 @@ def pad_id(tokenizer) -> int:
 
 
 def tokenize_exact(
-    tokenizer, texts: Iterable[str], n_tokens: int, max_length: int, count: str = "targets"
+    tokenizer, texts: Iterable[str], n_tokens: int, max_length: int, count: str = "targets", skip_first: int = 0
 ) -> list[list[int]]:
     """Token id sequences (one per document, each at most ``max_length`` long) holding exactly ``n_tokens``.
 
     ``count="targets"`` counts next-token targets (a sequence of L tokens has L - 1), ``count="positions"`` counts
-    tokens. Documents are taken in order; the last one is cut so the total is exact. Documents that would give no
-    count are skipped.
+    tokens after the first ``skip_first`` of each sequence. Documents are taken in order; the last one is cut so the
+    total is exact. Documents that would give no count are skipped.
     """
     if n_tokens <= 0:
         raise KnockoutError(f"the number of tokens must be positive, got {n_tokens}")
     if max_length < 2:
         raise KnockoutError(f"max_length must be at least 2, got {max_length}")
-    per_seq = (lambda n: n - 1) if count == "targets" else (lambda n: n)
+    per_seq = (lambda n: n - 1) if count == "targets" else (lambda n: n - skip_first)
     seqs, total = [], 0
     for text in texts:
         ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]

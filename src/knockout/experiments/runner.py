@@ -74,7 +74,12 @@ def obtain_stats(
             )
         log.info("using statistics from %s (%d tokens)", source, stats.n_tokens)
     else:
-        meta = {"model": json.dumps(identity), "data": cfg.data, "max_length": str(cfg.max_length)}
+        meta = {
+            "model": json.dumps(identity),
+            "data": cfg.data,
+            "max_length": str(cfg.max_length),
+            "stats_skip_first": str(cfg.stats_skip_first),
+        }
         stats = collect_stats(
             loaded.model, sites, stats_batches(cfg, loaded), cfg.eps, cfg.hist_limit, meta=meta, progress=progress
         )
