@@ -13,6 +13,7 @@ import torch
 from matplotlib.image import imread
 
 from knockout.cli import main
+from knockout.errors import KnockoutError
 from knockout.reporting import compare_runs, write_report
 from knockout.reporting.figures import curves_figure
 from knockout.reporting.neurons import StatsFile, prominences, rank_atypical, score_layer
@@ -295,3 +296,15 @@ def test_cli_report_and_compare(run, tmp_path, capsys):
     assert (tmp_path / "c" / "compare.html").is_file()
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert main(["report", str(run), "--out", str(tmp_path / "r2"), "--layers", "7"]) == 2
+
+
+def test_compare_keeps_same_model_same_folder_name_runs_apart(tmp_path):
+    a = make_run(tmp_path / "x" / "run", model="org/model", stats=False)
+    b = make_run(tmp_path / "y" / "run", model="org/model", shift=0.02, stats=False)
+    compare_runs([a, b], tmp_path / "cmp")
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "cmp" / "table2.csv").read_text())))
+    assert len({r["run"] for r in rows}) == 2
+    md = (tmp_path / "cmp" / "table2.md").read_text()
+    assert "45.00 ± 1.00" in md and "43.00 ± 1.00" in md  # both runs' numbers, not one run twice
+    with pytest.raises(KnockoutError, match="distinct"):
+        compare_runs([a, b], tmp_path / "cmp2", labels=["same", "same"])

@@ -269,9 +269,13 @@ def compare_runs(
     runs = [RunData.load(d) for d in run_dirs]
     if labels is not None and len(labels) != len(runs):
         raise KnockoutError(f"{len(labels)} labels for {len(runs)} runs")
+    if labels is not None and len(set(labels)) < len(labels):
+        raise KnockoutError(f"--labels must be distinct, got {labels}")
     names = list(labels) if labels else [r.label for r in runs]
     if len(set(names)) < len(names):  # same model twice: tell them apart by folder
         names = [f"{n} ({r.dir.name})" for n, r in zip(names, runs)]
+    if len(set(names)) < len(names):  # same folder name too: number them (columns are keyed by name)
+        names = [f"{n} #{i + 1}" for i, n in enumerate(names)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     methods = list(dict.fromkeys(m for r in runs for m in r.methods))
