@@ -29,6 +29,7 @@ import torch
 from knockout.ablation.methods import MethodContext, get_method
 from knockout.ablation.selection import NeuronSelection
 from knockout.data.batch import IGNORE, Batch
+from knockout.errors import KnockoutError
 from knockout.evaluation.evaluate import evaluate
 from knockout.hooks import replace_with_constants
 from knockout.loading import LoadedModel
@@ -70,7 +71,14 @@ def run_benchmark(
     site_module: str | None = None,
 ) -> dict:
     """Measure and print the figures; return them as a dict (and write JSON if ``json_out``)."""
+    for name, value in (("batch size", batch_size), ("sequence length", seq_len), ("repeats", repeats)):
+        if not isinstance(value, int) or value <= 0:
+            raise KnockoutError(f"the benchmark's {name} must be a positive integer, got {value!r}")
     model = loaded.model
+    config = model.config.get_text_config() if loaded.task != "image" else model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if loaded.task != "image" and limit and seq_len > limit:
+        raise KnockoutError(f"--seq-len {seq_len} exceeds the model's {limit} positions")
     sites = find_sites(model, site_module)
     batch = _batch(loaded, batch_size, seq_len).to(loaded.device)
     n_tokens = int(batch.valid.sum())

@@ -266,6 +266,9 @@ def _sweep(args) -> int:
             raise KnockoutError("give --model, or --preset NAME for one of the paper's settings (`knockout presets`)")
         loaded = _load(args)
         methods = methods_for(loaded.task) if args.methods == ["all"] else args.methods
+        if args.methods == ["all"] and loaded.task == "masked" and not args.resample_model:
+            log.warning("leaving out resample-text: a masked LM needs --resample-model to write the random text")
+            methods = [m for m in methods if m != "resample-text"]
         cfg = SweepConfig(
             model=args.model,
             out=args.out,

@@ -174,6 +174,8 @@ def find_sites(model: nn.Module, site_module: str | None = None, n_heads: int | 
         ((pattern, found),) = candidates.items()
         log.warning("model_type %r is not in the site table; auto-detected pre-out sites with %r", model_type, pattern)
 
+    if n_heads is not None and n_heads <= 0:
+        raise KnockoutError(f"--n-heads must be a positive integer, got {n_heads}")
     heads = n_heads or getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
     if not heads:
         raise KnockoutError("cannot read the number of attention heads from the config; pass --n-heads")

@@ -20,3 +20,20 @@ def test_benchmark_reports_ratios_and_memory(tmp_path, capsys):
     assert abs(ratio - tps["statistics"] / tps["forward"]) < 0.01
     assert list(result["stats_memory_bytes"]) == ["32", "128"]
     assert "folded ablation / eval" in capsys.readouterr().out
+
+
+def test_benchmark_refuses_bad_arguments():
+    import pytest
+    import torch
+
+    from knockout import KnockoutError
+
+    loaded = LoadedModel(tiny.causal_lm("gpt2"), tiny.tokenizer(), "causal", "tiny-gpt2", torch.device("cpu"))
+    for kwargs, message in [
+        ({"batch_size": 0}, "batch size"),
+        ({"seq_len": 0}, "sequence length"),
+        ({"repeats": 0}, "repeats"),
+        ({"seq_len": 100}, "exceeds the model's 64 positions"),
+    ]:
+        with pytest.raises(KnockoutError, match=message):
+            run_benchmark(loaded, **{"batch_size": 2, "seq_len": 8, "repeats": 1, **kwargs})

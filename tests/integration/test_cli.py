@@ -181,3 +181,73 @@ def test_resampling_flags_reach_the_config(setup):
     assert config["options"] == {"resample_fixed": True, "resample_prompt": "Once"}
     rows = {r["method"]: r for r in read_rows(out) if r["fraction"] == 1.0}
     assert rows["resample-tokens"]["ce"] != next(r for r in read_rows(out) if r["method"] == "baseline")["ce"]
+
+
+def test_more_bad_input_is_refused_before_anything_is_written(setup, tmp_path, capsys):
+    root, model, _, corpus = setup
+    gpt2 = tiny.save(tiny.causal_lm("gpt2"), "causal", tmp_path / "gpt2")  # 64 learned positions
+    cases = [
+        ((gpt2, "--max-length", "200"), "exceeds the model's 64 positions"),
+        ((model, "--methods", "resample-text", "--resample-model", str(tmp_path / "no-such-model")), "does not exist"),
+        ((model, "--n-heads", "0"), "--n-heads must be a positive"),
+        ((model, "--data", str(tmp_path)), "is a folder"),
+    ]
+    for i, ((m, *extra), message) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        assert main(_sweep_args(m, corpus, out, *extra)) == 2, message  # a repeated flag: the last one wins
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_changing_batch_size_is_refused_on_resume_but_cache_option_is_not(setup, capsys):
+    root, model, _, corpus = setup
+    out = root / "bs"
+    args = _sweep_args(model, corpus, out, "--seeds", "0", "--fractions", "0,1", "--methods", "resample-tokens")
+    assert main(args) == 0
+    assert main([*args, "--resample-no-cache"]) == 0  # speed only: resumes
+    assert main([*args, "--batch-size", "3"]) == 2
+    assert "batch_size" in capsys.readouterr().err
+
+
+def test_damaged_results_give_a_clear_error(setup, capsys):
+    root, model, _, corpus = setup
+    out = root / "damaged"
+    args = _sweep_args(model, corpus, out, "--seeds", "0", "--fractions", "0,1", "--methods", "zero")
+    assert main(args) == 0
+    with open(out / "results.jsonl", "a") as f:
+        f.write('{"method": "zero", "fract')
+    assert main(args) == 2
+    assert "results.jsonl:4 is not valid JSON" in capsys.readouterr().err
+    assert main(["report", str(out)]) == 2
+    (out / "results.jsonl").write_text('{"method": "zero"}\n')
+    assert main(["report", str(out)]) == 2
+    assert "lacks" in capsys.readouterr().err
+
+
+def test_masked_lm_all_methods_leave_out_resample_text_without_a_generator(tmp_path):
+    model = tiny.save(tiny.masked_lm("roberta"), "masked", tmp_path / "roberta")
+    corpus = tiny.write_corpus(tmp_path / "c.txt", n_docs=60)
+    out = tmp_path / "run"
+    args = [
+        "-q",
+        "sweep",
+        "--model",
+        model,
+        "--data",
+        corpus,
+        "--fractions",
+        "0,1",
+        "--seeds",
+        "0",
+        "--eval-tokens",
+        "40",
+        "--stats-tokens",
+        "300",
+        "--max-length",
+        "40",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    methods = {r["method"] for r in read_rows(out)}
+    assert methods == {"baseline", "zero", "mean", "peak", "resample-chars", "resample-tokens"}

@@ -308,3 +308,11 @@ def test_compare_keeps_same_model_same_folder_name_runs_apart(tmp_path):
     assert "45.00 ± 1.00" in md and "43.00 ± 1.00" in md  # both runs' numbers, not one run twice
     with pytest.raises(KnockoutError, match="distinct"):
         compare_runs([a, b], tmp_path / "cmp2", labels=["same", "same"])
+
+
+def test_report_refuses_bad_options(run, tmp_path, capsys):
+    assert main(["report", str(run), "--out", str(tmp_path / "a"), "--top-k", "0"]) == 2
+    assert "top_k" in capsys.readouterr().err
+    assert main(["report", str(run), "--out", str(tmp_path / "b"), "--fractions", "2"]) == 2
+    assert "between 0 and 1" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

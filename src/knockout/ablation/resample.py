@@ -453,6 +453,10 @@ class TextResample(_TextResample):
                 f"method {self.name!r} on a {ctx.task} model needs a causal LM to generate the random text: "
                 "give one with --resample-model (option resample_model), e.g. a hub name or local folder"
             )
+        if isinstance(spec, str):
+            from knockout.loading import resolve_source
+
+            resolve_source(spec)  # a missing local path fails here, before the sweep writes anything
         self._spec = spec
         self._generator = None
 

@@ -124,8 +124,14 @@ def load_texts(source: str, split: str) -> Iterator[str]:
     if source == "wiki":
         return iter(_split(_read_builtin(), split))
     path = Path(source)
+    if path.expanduser().is_dir():
+        raise KnockoutError(f"{source!r} is a folder; a text model needs a .txt/.jsonl/.json file, wiki, or a HF name")
     if path.suffix.lower() in (".txt", ".jsonl", ".json") or source.startswith((".", "/", "~")):
         path = path.expanduser()
+        if path.is_dir():
+            raise KnockoutError(
+                f"{source!r} is a folder; a text model needs a .txt/.jsonl/.json file, wiki, or a HF name"
+            )
         if not path.is_file():
             raise KnockoutError(f"data file {source!r} does not exist")
         docs = _read_local(path)

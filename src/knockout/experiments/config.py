@@ -90,7 +90,10 @@ class SweepConfig:
             get_method(m)
 
     # Fields a resumed run may change without invalidating stored rows: which rows exist, and where it runs.
-    RESUMABLE_FIELDS = ("methods", "fractions", "seeds", "out", "device", "batch_size", "stats_path")
+    # batch_size is not among them: resampling draws one random input per evaluation batch.
+    RESUMABLE_FIELDS = ("methods", "fractions", "seeds", "out", "device", "stats_path")
+    # Options that change only speed, not results.
+    SPEED_OPTIONS = ("resample_cache",)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -102,4 +105,6 @@ class SweepConfig:
 
     def result_fields(self) -> dict:
         """The fields whose change makes stored results incomparable."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_FIELDS}
+        fields = {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_FIELDS}
+        fields["options"] = {k: v for k, v in self.options.items() if k not in self.SPEED_OPTIONS}
+        return fields

@@ -35,7 +35,11 @@ def check_resumable(cfg: SweepConfig, out: Path) -> None:
     path = out / "config.json"
     if not path.is_file():
         return
-    old = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KnockoutError(f"{str(path)!r} is damaged ({e}); use another --out folder or delete it") from e
+    old["options"] = {k: v for k, v in (old.get("options") or {}).items() if k not in SweepConfig.SPEED_OPTIONS}
     new = json.loads(json.dumps(cfg.result_fields()))
     diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
     if diff:
@@ -55,6 +59,18 @@ def environment() -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
+
+
+def check_max_length(cfg: SweepConfig, model: torch.nn.Module, task: str) -> None:
+    """Refuse a ``max_length`` beyond a text model's position embeddings (it would fail mid-run)."""
+    if task == "image":
+        return
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= 2  # their positions start after the padding index
+    if limit and cfg.max_length > limit:
+        raise KnockoutError(f"--max-length {cfg.max_length} exceeds the model's {limit} positions; use at most {limit}")
 
 
 def obtain_stats(
@@ -113,10 +129,16 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
         if loaded.task not in cls.tasks:
             raise KnockoutError(f"method {cls.name!r} does not apply to {loaded.task} models")
     # Everything that can fail on bad input happens before the first file is written.
+    check_max_length(cfg, model, loaded.task)
     first_batches = eval_batches(cfg, loaded, cfg.seeds[0])
     stats, save_stats = None, False
     if any(c.needs_stats for c in classes):
         stats, save_stats = obtain_stats(cfg, loaded, sites, identity, out, progress)
+
+    def context(seed: int, batches) -> MethodContext:
+        return MethodContext(model, sites, stats, seed, loaded.task, loaded.processor, batches, cfg.options)
+
+    first_instances = {cls.name: cls(context(cfg.seeds[0], first_batches)) for cls in classes}
     out.mkdir(parents=True, exist_ok=True)
     resolved = {
         "task": loaded.task,
@@ -148,8 +170,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
             base = _row("baseline", 0.0, seed, m.top1, m.ce, None, 0, sum(widths), m.n, time.perf_counter() - t0)
             store.add(base)
         bar.update(1 + len(classes) * len(cfg.fractions) - len(todo))
-        method_ctx = MethodContext(model, sites, stats, seed, loaded.task, loaded.processor, batches, cfg.options)
-        instances = {}
+        method_ctx = context(seed, batches)
+        instances = first_instances if seed == cfg.seeds[0] else {}
         for cls, fraction in todo:
             bar.set_postfix_str(f"seed {seed} {cls.name} {fraction:.2f}")
             t0 = time.perf_counter()

@@ -58,7 +58,19 @@ def read_rows(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "results.jsonl"
     if not path.is_file():
         raise KnockoutError(f"{str(path)!r} does not exist; is {str(run_dir)!r} a knockout run folder?")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise KnockoutError(f"{path}:{n} is not valid JSON ({e}); fix or delete that line") from e
+        missing = [f for f in ROW_FIELDS if f not in row] if isinstance(row, dict) else list(ROW_FIELDS)
+        if missing:
+            raise KnockoutError(f"{path}:{n} lacks {', '.join(missing)}; fix or delete that line")
+        rows.append(row)
+    return rows
 
 
 class ResultStore:

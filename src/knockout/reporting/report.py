@@ -22,6 +22,7 @@ import json
 import logging
 from pathlib import Path
 
+from knockout.ablation.selection import validate_fractions
 from knockout.errors import KnockoutError
 from knockout.experiments.store import ROW_FIELDS, write_atomic
 from knockout.reporting import html as H
@@ -100,6 +101,9 @@ def write_report(
     ``fractions`` are the table's columns blocks; ``layers`` the layers of the histogram figure (default four spread
     over depth); ``top_k`` the number of atypical neurons drawn. Reads files only; never loads a model.
     """
+    fractions = validate_fractions(fractions)
+    if not isinstance(top_k, int) or top_k < 1:
+        raise KnockoutError(f"top_k (--top-k) must be a positive integer, got {top_k!r}")
     run = RunData.load(run_dir)
     out = Path(out_dir) if out_dir is not None else run.dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -266,6 +270,7 @@ def compare_runs(
     """Table 2 and the curves of several runs side by side in ``out_dir``; returns compare.html's path."""
     if len(run_dirs) < 1:
         raise KnockoutError("give at least one run folder to compare")
+    fractions = validate_fractions(fractions)
     runs = [RunData.load(d) for d in run_dirs]
     if labels is not None and len(labels) != len(runs):
         raise KnockoutError(f"{len(labels)} labels for {len(runs)} runs")

@@ -36,7 +36,10 @@ class RunData:
             raise KnockoutError(f"{str(run_dir)!r} is not a folder; give a knockout run folder (with results.jsonl)")
         rows = read_rows(run_dir)
         path = run_dir / "config.json"
-        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        try:
+            config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise KnockoutError(f"{str(path)!r} is damaged ({e}); the report needs a readable config.json") from e
         return cls(run_dir, config, rows)
 
     # -- identity ---------------------------------------------------------------------------------------------
