@@ -232,6 +232,14 @@ _CONFIG_FLAGS = (
 )  # fmt: skip
 
 
+def _config_kwargs(args) -> dict:
+    """The :class:`SweepConfig` fields given on the command line (lists as tuples; unset fractions left out)."""
+    kwargs = {k: getattr(args, k) for k in _CONFIG_FLAGS if hasattr(args, k)}
+    if kwargs.get("fractions") is None:
+        kwargs.pop("fractions", None)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
 def _preset_config(args):
     """The preset's config with every flag that differs from its parser default as an override."""
     from knockout.experiments.presets import resolve_preset
@@ -245,7 +253,7 @@ def _preset_config(args):
 
 def _sweep(args) -> int:
     from knockout.ablation.methods import methods_for
-    from knockout.experiments.config import DEFAULT_FRACTIONS, SweepConfig
+    from knockout.experiments.config import SweepConfig
     from knockout.experiments.runner import run_sweep
     from knockout.experiments.store import read_rows
     from knockout.loading import load_model
@@ -270,27 +278,7 @@ def _sweep(args) -> int:
             log.warning("leaving out resample-text: a masked LM needs --resample-model to write the random text")
             methods = [m for m in methods if m != "resample-text"]
         cfg = SweepConfig(
-            model=args.model,
-            out=args.out,
-            data=args.data,
-            methods=tuple(methods),
-            fractions=tuple(args.fractions) if args.fractions is not None else DEFAULT_FRACTIONS,
-            seeds=tuple(args.seeds),
-            eval_tokens=args.eval_tokens,
-            stats_tokens=args.stats_tokens,
-            stats_skip_first=args.stats_skip_first,
-            max_length=args.max_length,
-            batch_size=args.batch_size,
-            eps=args.eps,
-            hist_limit=args.hist_limit,
-            selection=args.selection,
-            task=loaded.task,
-            gguf_file=args.gguf_file,
-            site_module=args.site_module,
-            n_heads=args.n_heads,
-            stats_path=args.stats_path,
-            device=args.device,
-            dtype=args.dtype,
+            **{**_config_kwargs(args), "methods": tuple(methods), "task": loaded.task},
             options=_sweep_options(args),
         )
     out = run_sweep(cfg, progress=not args.quiet, loaded=loaded)
@@ -305,6 +293,7 @@ def _sweep(args) -> int:
 def _stats(args) -> int:
     from knockout.data.tasks import stats_batches
     from knockout.experiments.config import SweepConfig
+    from knockout.experiments.runner import stats_meta
     from knockout.loading import model_identity
     from knockout.sites import find_sites
     from knockout.stats import collect_stats
@@ -314,24 +303,9 @@ def _stats(args) -> int:
         raise KnockoutError(f"--out {args.out!r} should end in .safetensors")
     loaded = _load(args)
     sites = find_sites(loaded.model, args.site_module, args.n_heads)
-    cfg = SweepConfig(
-        model=args.model,
-        data=args.data,
-        stats_tokens=args.stats_tokens,
-        stats_skip_first=args.stats_skip_first,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        eps=args.eps,
-        hist_limit=args.hist_limit,
-        task=loaded.task,
-        options=_image_options(args),
-    )
-    meta = {
-        "model": json.dumps(model_identity(args.model, loaded.model, sites)),
-        "data": args.data,
-        "max_length": str(args.max_length),
-        "stats_skip_first": str(args.stats_skip_first),
-    }
+    kwargs = {k: v for k, v in _config_kwargs(args).items() if k != "out"}  # --out is the statistics file here
+    cfg = SweepConfig(**{**kwargs, "task": loaded.task}, options=_image_options(args))
+    meta = stats_meta(cfg, model_identity(args.model, loaded.model, sites))
     stats = collect_stats(
         loaded.model, sites, stats_batches(cfg, loaded), args.eps, args.hist_limit, meta, progress=not args.quiet
     )

@@ -73,6 +73,17 @@ def check_max_length(cfg: SweepConfig, model: torch.nn.Module, task: str) -> Non
         raise KnockoutError(f"--max-length {cfg.max_length} exceeds the model's {limit} positions; use at most {limit}")
 
 
+def stats_meta(cfg: SweepConfig, identity: dict) -> dict[str, str]:
+    """The metadata saved with statistics: the model's identity and how the collection set was made."""
+    return {
+        "model": json.dumps(identity),
+        "data": cfg.data,
+        "stats_tokens": str(cfg.stats_tokens),
+        "max_length": str(cfg.max_length),
+        "stats_skip_first": str(cfg.stats_skip_first),
+    }
+
+
 def obtain_stats(
     cfg: SweepConfig, loaded: LoadedModel, sites: list[Site], identity: dict, out: Path, progress: bool = True
 ) -> tuple[Statistics, bool]:
@@ -90,14 +101,14 @@ def obtain_stats(
             )
         log.info("using statistics from %s (%d tokens)", source, stats.n_tokens)
     else:
-        meta = {
-            "model": json.dumps(identity),
-            "data": cfg.data,
-            "max_length": str(cfg.max_length),
-            "stats_skip_first": str(cfg.stats_skip_first),
-        }
         stats = collect_stats(
-            loaded.model, sites, stats_batches(cfg, loaded), cfg.eps, cfg.hist_limit, meta=meta, progress=progress
+            loaded.model,
+            sites,
+            stats_batches(cfg, loaded),
+            cfg.eps,
+            cfg.hist_limit,
+            meta=stats_meta(cfg, identity),
+            progress=progress,
         )
     for i, layer in enumerate(stats.layers):
         if layer.clipped_fraction > 1e-3:
