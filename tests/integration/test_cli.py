@@ -251,3 +251,14 @@ def test_masked_lm_all_methods_leave_out_resample_text_without_a_generator(tmp_p
     assert main(args) == 0
     methods = {r["method"] for r in read_rows(out)}
     assert methods == {"baseline", "zero", "mean", "peak", "resample-chars", "resample-tokens"}
+
+
+def test_seed_independent_evaluation_inputs_are_built_once(setup, monkeypatch):
+    root, model, _, corpus = setup
+    calls = []
+    real = runner.eval_batches
+    monkeypatch.setattr(runner, "eval_batches", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    out = root / "once"
+    assert main(_sweep_args(model, corpus, out, "--seeds", "0,1,2", "--fractions", "0,1", "--methods", "zero")) == 0
+    assert calls == [0]  # causal: the same batches for every seed
+    assert len({r["n_eval"] for r in read_rows(out)}) == 1

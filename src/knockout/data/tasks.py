@@ -37,6 +37,9 @@ def stats_batches(cfg, loaded) -> list[Batch]:
     raise KnockoutError(f"task {loaded.task!r} is not supported")
 
 
+SEED_DEPENDENT_TASKS = ("masked",)  # tasks whose evaluation inputs depend on the seed (the masks)
+
+
 def eval_batches(cfg, loaded, seed: int) -> list[Batch]:
     """The fixed evaluation batches of ``seed`` (the same for every method and fraction of that seed)."""
     if loaded.task == "causal":

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 import knockout
 from knockout.ablation.methods import MethodContext, get_method
 from knockout.ablation.selection import NeuronSelection
-from knockout.data.tasks import eval_batches, stats_batches
+from knockout.data.tasks import SEED_DEPENDENT_TASKS, eval_batches, stats_batches
 from knockout.errors import KnockoutError
 from knockout.evaluation.evaluate import evaluate
 from knockout.experiments.config import SweepConfig
@@ -171,7 +171,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
         if ("baseline", 0.0, seed) in store and not todo:
             bar.update(1 + len(classes) * len(cfg.fractions))
             continue
-        batches = first_batches if seed == cfg.seeds[0] else eval_batches(cfg, loaded, seed)
+        same_inputs = seed == cfg.seeds[0] or loaded.task not in SEED_DEPENDENT_TASKS
+        batches = first_batches if same_inputs else eval_batches(cfg, loaded, seed)
         selection = NeuronSelection(widths, seed, cfg.selection)
         save_selection(out, selection)
         base = store.get("baseline", 0.0, seed)
