@@ -273,13 +273,16 @@ def _sweep(args) -> int:
         if args.model is None:
             raise KnockoutError("give --model, or --preset NAME for one of the paper's settings (`knockout presets`)")
         loaded = _load(args)
-        methods = methods_for(loaded.task) if args.methods == ["all"] else args.methods
-        if args.methods == ["all"] and loaded.task == "masked" and not args.resample_model:
-            log.warning("leaving out resample-text: a masked LM needs --resample-model to write the random text")
-            methods = [m for m in methods if m != "resample-text"]
+        options = _sweep_options(args)
+        methods = args.methods
+        if methods == ["all"]:
+            methods = methods_for(loaded.task, options)
+            skipped = [m for m in methods_for(loaded.task, {"resample_model": "any"}) if m not in methods]
+            if skipped:
+                log.warning("leaving out %s: a %s model needs --resample-model", ", ".join(skipped), loaded.task)
         cfg = SweepConfig(
             **{**_config_kwargs(args), "methods": tuple(methods), "task": loaded.task},
-            options=_sweep_options(args),
+            options=options,
         )
     out = run_sweep(cfg, progress=not args.quiet, loaded=loaded)
     print(format_table(summarize(read_rows(out))))

@@ -31,7 +31,14 @@ def test_preset_has_the_papers_settings(name):
     assert len(cfg.fractions) == 11
     assert cfg.seeds == (0, 1, 2)
     assert cfg.selection == "per-layer"
-    assert cfg.methods == tuple(methods_for(task))
+    assert cfg.methods == tuple(methods_for(task, cfg.options))
+    # every resampling family of the paper's Table 2 for this model (RoBERTa's RS3 text comes from resample_model)
+    expected_rs = {
+        "causal": {"resample-chars", "resample-tokens", "resample-text"},
+        "masked": {"resample-chars", "resample-tokens", "resample-text"},
+        "image": {"resample-pixels"},
+    }
+    assert expected_rs[task] <= set(cfg.methods)
     assert {"zero", "mean", "peak"} <= set(cfg.methods)
     resampling = {"resample-pixels"} if task == "image" else {"resample-chars", "resample-tokens", "resample-text"}
     registered = {m for m in resampling if m in methods_for(task)}

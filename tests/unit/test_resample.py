@@ -334,3 +334,12 @@ def test_generation_longer_than_the_generators_context_restarts_from_the_prompt(
     assert torch.equal(ids[:, :3], prompt) and torch.equal(ids[:, 64:67], prompt)  # second segment restarts
     assert not torch.equal(ids[:, 3:64], ids[:, 67:128])  # with its own random stream
     assert torch.equal(ids, sample_long(model, prompt, 150, seed=3))  # deterministic
+
+
+def test_all_methods_of_a_masked_lm_include_resample_text_only_with_a_generator():
+    from knockout.ablation.methods import methods_for
+
+    assert "resample-text" in methods_for("causal")
+    assert "resample-text" not in methods_for("masked")
+    assert "resample-text" in methods_for("masked", {"resample_model": "facebook/opt-1.3b"})
+    assert methods_for("image") == ["zero", "mean", "peak", "resample-pixels"]

@@ -48,6 +48,11 @@ class AblationMethod(ABC):
     needs_stats: ClassVar[bool] = False
     tasks: ClassVar[tuple[str, ...]] = TASKS
 
+    @classmethod
+    def applies(cls, task: str, options: dict | None = None) -> bool:
+        """Whether this method can run on a ``task`` model with these options (used to expand "all")."""
+        return task in cls.tasks
+
     def __init__(self, ctx: MethodContext):
         if self.needs_stats and ctx.stats is None:
             raise KnockoutError(f"method {self.name!r} needs statistics; collect them with `knockout stats`")
@@ -101,9 +106,9 @@ def get_method(name: str) -> type[AblationMethod]:
         raise KnockoutError(f"unknown ablation method {name!r}; known: {', '.join(METHODS)}") from None
 
 
-def methods_for(task: str) -> list[str]:
-    """Names of the registered methods that apply to ``task``, in registration order."""
-    return [n for n, cls in METHODS.items() if task in cls.tasks]
+def methods_for(task: str, options: dict | None = None) -> list[str]:
+    """Names of the registered methods that apply to ``task`` with ``options``, in registration order."""
+    return [n for n, cls in METHODS.items() if cls.applies(task, options)]
 
 
 @register("zero")

@@ -444,6 +444,11 @@ def _dtype_name(model) -> str:
 class TextResample(_TextResample):
     """RS3: values on text sampled from a causal LM (the evaluated one, or option ``resample_model``)."""
 
+    @classmethod
+    def applies(cls, task: str, options: dict | None = None) -> bool:
+        """A masked LM cannot write text itself: it needs option ``resample_model``."""
+        return super().applies(task, options) and (task == "causal" or bool((options or {}).get("resample_model")))
+
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
         self.prompt = str(ctx.options.get("resample_prompt", DEFAULT_PROMPT))

@@ -59,7 +59,7 @@ class Preset:
             "out": f"runs/{self.name}",
             "data": self.data,
             "task": self.task,
-            "methods": tuple(methods_for(self.task)),
+            "methods": tuple(methods_for(self.task, self.options)),
             "fractions": DEFAULT_FRACTIONS,
             "seeds": PAPER_SEEDS,
             "eval_tokens": self.eval_tokens,
