@@ -57,6 +57,8 @@ import torch
 
 from knockout.ablation.methods import AblationMethod, MethodContext, register
 from knockout.data.batch import Batch
+from knockout.data.masked import replacement_ids
+from knockout.data.text import pad_id
 from knockout.errors import KnockoutError
 from knockout.hooks import capture, edit_preout
 
@@ -91,17 +93,10 @@ def _full_mask(ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _pad_id(tokenizer) -> int:
-    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tok_id is not None:
-            return tok_id
-    return 0
-
-
 def _fit(tokenizer, texts: Sequence[str], n_pos: int) -> torch.Tensor:
     """``[len(texts), n_pos]`` ids: each text tokenised with the tokenizer's special tokens, cut to ``n_pos``;
     a text too short is padded with the pad id (it still gets a full attention mask)."""
-    out = torch.full((len(texts), n_pos), _pad_id(tokenizer), dtype=torch.long)
+    out = torch.full((len(texts), n_pos), pad_id(tokenizer), dtype=torch.long)
     for row, text in enumerate(texts):
         ids = tokenizer(text, truncation=True, max_length=n_pos)["input_ids"][:n_pos]
         out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -131,13 +126,9 @@ def random_char_ids(tokenizer, n_rows: int, n_pos: int, seed: int) -> torch.Tens
 
 
 def token_pool(tokenizer, vocab_size: int | None = None) -> torch.Tensor:
-    """RS2's candidates: all ids below ``min(len(tokenizer), vocab_size)`` that are not special tokens."""
-    n = len(tokenizer) if vocab_size is None else min(len(tokenizer), vocab_size)
-    special = set(tokenizer.all_special_ids)
-    pool = torch.tensor([i for i in range(n) if i not in special], dtype=torch.long)
-    if pool.numel() == 0:
-        raise KnockoutError("the tokenizer has no non-special tokens to sample")
-    return pool
+    """RS2's candidates: all ids below ``min(len(tokenizer), vocab_size)`` that are not special tokens (the same
+    set a masked LM's random replacements are drawn from)."""
+    return replacement_ids(tokenizer, vocab_size)
 
 
 def random_token_ids(tokenizer, n_rows: int, n_pos: int, seed: int, vocab_size: int | None = None) -> torch.Tensor:
