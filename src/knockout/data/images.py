@@ -29,21 +29,19 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from knockout.data.batch import Batch
-from knockout.data.text import open_hf_split
+from knockout.data.text import open_hf_split, split_items
 from knockout.errors import KnockoutError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 IMAGE_OPTIONS = ("image_size", "image_mean", "image_std")
 log = logging.getLogger(__name__)
 
-_SPLIT_SEED = 1234
 _IMAGE_COLUMNS = ("image", "img")
 _LABEL_COLUMNS = ("label", "labels", "fine_label")
 
@@ -70,14 +68,6 @@ def folder_items(root: Path, label2id: dict | None = None) -> list[tuple[Path, i
     if not items:
         raise KnockoutError(f"image folder {str(root)!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
     return items
-
-
-def _split(items: list, split: str) -> list:
-    order = list(range(len(items)))
-    random.Random(_SPLIT_SEED).shuffle(order)
-    n_eval = max(1, len(items) // 5) if len(items) > 1 else 0
-    chosen = order[:n_eval] if split == "eval" else order[n_eval:]
-    return [items[i] for i in chosen]
 
 
 def _open(path: Path):
@@ -119,7 +109,7 @@ def load_images(source: str, split: str, n: int, label2id: dict | None = None) -
         raise KnockoutError("image models need image data: give --data an image folder or a HF dataset name")
     path = Path(source).expanduser()
     if path.is_dir():
-        items = _split(folder_items(path, label2id), split)
+        items = split_items(folder_items(path, label2id), split)
     elif path.exists() or source.startswith((".", "/", "~")):
         raise KnockoutError(f"image data {source!r} is not a folder (expected <root>/<class>/<image>)")
     else:

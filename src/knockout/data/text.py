@@ -74,7 +74,8 @@ def _read_local(path: Path) -> list[str]:
     return [d for d in docs if d and d.strip()]
 
 
-def _split(docs: list[str], split: str) -> list[str]:
+def split_items(docs: list, split: str) -> list:
+    """The ``eval`` part (the first fifth of a fixed shuffle, seed 1234) or the ``collect`` part (the rest)."""
     order = list(range(len(docs)))
     random.Random(_SPLIT_SEED).shuffle(order)
     n_eval = max(1, len(docs) // 5) if len(docs) > 1 else 0
@@ -122,7 +123,7 @@ def load_texts(source: str, split: str) -> Iterator[str]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if source == "wiki":
-        return iter(_split(_read_builtin(), split))
+        return iter(split_items(_read_builtin(), split))
     path = Path(source)
     if path.expanduser().is_dir():
         raise KnockoutError(f"{source!r} is a folder; a text model needs a .txt/.jsonl/.json file, wiki, or a HF name")
@@ -137,7 +138,7 @@ def load_texts(source: str, split: str) -> Iterator[str]:
         docs = _read_local(path)
         if not docs:
             raise KnockoutError(f"data file {source!r} contains no text")
-        return iter(_split(docs, split))
+        return iter(split_items(docs, split))
     return _hf_texts(source, split)
 
 
