@@ -36,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from knockout.errors import KnockoutError
+from knockout.stats.running import LayerStats
+from knockout.stats.statistics import load_layer, read_metadata
 
 GRID_BINS = 50
 GRID_SIGMAS = 5.0
@@ -46,7 +47,7 @@ MIN_PROMINENCE = 0.1
 @dataclass
 class LayerHist:
     """One layer's stored statistics as numpy arrays: ``hist`` is ``[width, n_bins]`` counts, column ``j`` being
-    the bin ``[(k_lo + j) * eps, (k_lo + j + 1) * eps)``."""
+    the bin ``[(k_lo + j) * eps, (k_lo + j + 1) * eps)``; ``peak`` as :meth:`knockout.stats.LayerStats.peak`."""
 
     layer: int
     mean: np.ndarray  # [width] float64
@@ -55,6 +56,20 @@ class LayerHist:
     k_lo: int
     eps: float
     count: int
+    peak: np.ndarray  # [width] float64
+
+    @classmethod
+    def of(cls, layer: int, stats: LayerStats) -> LayerHist:
+        return cls(
+            layer,
+            stats.mean.double().numpy(),
+            stats.std.double().numpy(),
+            stats.hist.long().numpy(),
+            stats.k_lo,
+            stats.eps,
+            stats.count,
+            stats.peak().double().numpy(),
+        )
 
     @property
     def width(self) -> int:
@@ -64,61 +79,28 @@ class LayerHist:
         """``[n_bins + 1]`` bin edges."""
         return (np.arange(self.hist.shape[1] + 1) + self.k_lo) * self.eps
 
-    def peak(self) -> np.ndarray:
-        """``[width]`` centre of each neuron's most populated bin (the mean where a neuron has no binned value),
-        as :meth:`knockout.stats.LayerStats.peak`."""
-        if self.hist.shape[1] == 0:
-            return self.mean.copy()
-        peak = (self.hist.argmax(1) + self.k_lo + 0.5) * self.eps
-        empty = self.hist.sum(1) == 0
-        peak[empty] = self.mean[empty]
-        return peak
+    def rows(self, r: list[int]) -> LayerHist:
+        """The same layer restricted to neurons ``r``."""
+        return LayerHist(
+            self.layer, self.mean[r], self.std[r], self.hist[r], self.k_lo, self.eps, self.count, self.peak[r]
+        )
 
 
 class StatsFile:
-    """Lazy reader of a ``knockout.stats/1`` safetensors file."""
+    """Lazy reader of a ``knockout.stats/1`` safetensors file: one layer at a time."""
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
-        from knockout.stats.statistics import FORMAT
-
         self.path = Path(path)
-        if not self.path.is_file():
-            raise KnockoutError(f"statistics file {str(self.path)!r} does not exist")
-        try:
-            with safe_open(str(self.path), framework="np") as f:
-                self.meta = dict(f.metadata() or {})
-        except Exception as e:  # safetensors raises several types for a corrupt file
-            raise KnockoutError(f"{str(self.path)!r} is not a readable safetensors statistics file: {e}") from e
-        if self.meta.get("format") != FORMAT:
-            raise KnockoutError(
-                f"{str(self.path)!r} is not a knockout statistics file (format {self.meta.get('format')!r})"
-            )
-        self.widths: list[int] = json.loads(self.meta["widths"])
-        self.eps = float(self.meta["eps"])
+        meta = read_metadata(self.path)
+        self.meta = meta
+        self.widths: list[int] = json.loads(meta["widths"])
+        self.eps = float(meta["eps"])
 
     def __len__(self) -> int:
         return len(self.widths)
 
     def layer(self, i: int) -> LayerHist:
-        from safetensors import safe_open
-
-        if not 0 <= i < len(self):
-            raise KnockoutError(f"layer {i} is out of range: the statistics have {len(self)} layers")
-        with safe_open(str(self.path), framework="np") as f:
-            get = lambda name: f.get_tensor(f"layer{i}.{name}")  # noqa: E731
-            count = int(get("count")[0])
-            m2 = get("m2").astype(np.float64)
-            return LayerHist(
-                layer=i,
-                mean=get("mean").astype(np.float64),
-                std=np.sqrt(m2 / max(count, 1)),
-                hist=get("hist").astype(np.int64),
-                k_lo=int(get("k_lo")[0]),
-                eps=self.eps,
-                count=count,
-            )
+        return LayerHist.of(i, load_layer(self.path, i))
 
 
 def default_layers(n_layers: int, k: int = 4) -> list[int]:
@@ -208,7 +190,7 @@ class NeuronScore:
 
 def score_layer(lh: LayerHist) -> list[NeuronScore]:
     """Atypicality of every neuron of one layer (see the module docstring)."""
-    peak = lh.peak()
+    peak = lh.peak
     sigma = lh.std
     gap = np.maximum(np.abs(peak - lh.mean) - lh.eps / 2, 0.0)  # the true mode lies anywhere in the peak's bin
     offset = np.where(sigma > 0, gap / np.where(sigma > 0, sigma, 1.0), 0.0)
@@ -254,8 +236,5 @@ def rank_atypical(stats: StatsFile, top_k: int = 8) -> tuple[list[NeuronScore], 
         lh = stats.layer(layer)
         for s in chosen:
             if s.layer == layer:
-                r = [s.neuron]
-                hists[(layer, s.neuron)] = LayerHist(
-                    layer, lh.mean[r], lh.std[r], lh.hist[r], lh.k_lo, lh.eps, lh.count
-                )
+                hists[(layer, s.neuron)] = lh.rows([s.neuron])
     return scores, hists

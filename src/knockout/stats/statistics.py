@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from knockout.errors import KnockoutError
@@ -78,31 +79,17 @@ class Statistics:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Statistics:
-        path = Path(path)
-        if not path.is_file():
-            raise KnockoutError(f"statistics file {str(path)!r} does not exist; run `knockout stats` to create it")
+        meta = read_metadata(path)
         try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
             tensors = load_file(str(path))
         except Exception as e:  # safetensors raises several types for a corrupt file
             raise KnockoutError(f"{str(path)!r} is not a readable safetensors statistics file: {e}") from e
-        if meta.get("format") != FORMAT:
-            raise KnockoutError(
-                f"{str(path)!r} is not a knockout statistics file (format {meta.get('format')!r}, "
-                f"expected {FORMAT!r}); recompute it with `knockout stats`"
-            )
         widths = json.loads(meta.pop("widths"))
         stats = cls(widths, eps=float(meta.pop("eps")), limit=float(meta.pop("limit")))
         meta.pop("format")
         stats.meta = meta
         for i, s in enumerate(stats.layers):
-            for name in _FIELDS:
-                setattr(s, name, tensors[f"layer{i}.{name}"])
-            s.count = int(tensors[f"layer{i}.count"][0])
-            s.k_lo = int(tensors[f"layer{i}.k_lo"][0])
+            _fill_layer(s, lambda name, i=i: tensors[f"layer{i}.{name}"])
         return stats
 
     def check_model(self, identity: dict, source: str = "statistics") -> None:
@@ -115,3 +102,41 @@ class Statistics:
                 f"{source} were collected on a different model ({detail}). "
                 "Use statistics collected on this model, or delete the file so they are recomputed."
             )
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a statistics file (``format``, ``widths``, ``eps``, ``limit``, ``model`` ...), checked to
+    be a readable knockout statistics file."""
+    path = Path(path)
+    if not path.is_file():
+        raise KnockoutError(f"statistics file {str(path)!r} does not exist; run `knockout stats` to create it")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises several types for a corrupt file
+        raise KnockoutError(f"{str(path)!r} is not a readable safetensors statistics file: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise KnockoutError(
+            f"{str(path)!r} is not a knockout statistics file (format {meta.get('format')!r}, "
+            f"expected {FORMAT!r}); recompute it with `knockout stats`"
+        )
+    return meta
+
+
+def load_layer(path: str | os.PathLike, layer: int) -> LayerStats:
+    """One layer's statistics, read without loading the other layers (for reports on large models)."""
+    meta = read_metadata(path)
+    widths = json.loads(meta["widths"])
+    if not 0 <= layer < len(widths):
+        raise KnockoutError(f"layer {layer} is out of range: the statistics have {len(widths)} layers")
+    stats = LayerStats(widths[layer], eps=float(meta["eps"]), limit=float(meta["limit"]))
+    with safe_open(str(path), framework="pt") as f:
+        _fill_layer(stats, lambda name: f.get_tensor(f"layer{layer}.{name}"))
+    return stats
+
+
+def _fill_layer(stats: LayerStats, get) -> None:
+    for name in _FIELDS:
+        setattr(stats, name, get(name))
+    stats.count = int(get("count")[0])
+    stats.k_lo = int(get("k_lo")[0])
