@@ -13,8 +13,6 @@ Python API, bottom-up::
 or the whole experiment: ``knockout.run_sweep(knockout.SweepConfig(model=..., out=...))``.
 """
 
-__version__ = "0.1.0"
-
 from knockout.ablation import METHODS, AblationMethod, MethodContext, NeuronSelection, get_method, register  # noqa: E402
 from knockout.errors import KnockoutError  # noqa: E402
 from knockout.evaluation import Metrics, evaluate  # noqa: E402
@@ -24,6 +22,7 @@ from knockout.hooks import capture, edit_preout, fold_constants, replace_with_co
 from knockout.loading import load_model  # noqa: E402
 from knockout.sites import SITE_PATTERNS, Site, find_sites  # noqa: E402
 from knockout.stats import Statistics, collect_stats  # noqa: E402
+from knockout.version import __version__  # noqa: E402
 
 __all__ = [
     "METHODS",
@@ -36,6 +35,7 @@ __all__ = [
     "Site",
     "Statistics",
     "SweepConfig",
+    "__version__",
     "capture",
     "collect_stats",
     "edit_preout",

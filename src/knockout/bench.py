@@ -19,12 +19,11 @@ the number of tokens; it grows only if later batches widen the histogram's range
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics as pystats
 import time
-from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from knockout.ablation.methods import MethodContext, get_method
 from knockout.ablation.selection import NeuronSelection
@@ -33,7 +32,7 @@ from knockout.errors import KnockoutError
 from knockout.evaluation.evaluate import evaluate
 from knockout.hooks import replace_with_constants
 from knockout.loading import LoadedModel
-from knockout.sites import find_sites
+from knockout.sites import find_sites, text_config
 from knockout.stats.collect import collect_stats
 
 
@@ -46,7 +45,7 @@ def _batch(loaded: LoadedModel, batch_size: int, seq_len: int) -> Batch:
         n_pos = (size // config.patch_size) ** 2 + 1
         labels = torch.randint(0, config.num_labels, (batch_size,), generator=g)
         return Batch({"pixel_values": pixels}, torch.ones(batch_size, n_pos, dtype=torch.bool), labels)
-    vocab = config.get_text_config().vocab_size
+    vocab = text_config(config).vocab_size
     ids = torch.randint(10, vocab, (batch_size, seq_len), generator=g)
     targets = torch.full_like(ids, IGNORE)
     targets[:, :-1] = ids[:, 1:]
@@ -55,11 +54,7 @@ def _batch(loaded: LoadedModel, batch_size: int, seq_len: int) -> Batch:
 
 
 def _stats_bytes(stats) -> int:
-    return sum(
-        t.numel() * t.element_size()
-        for layer in stats.layers
-        for t in (layer.mean, layer.m2, layer.min, layer.max, layer.hist, layer.under, layer.over)
-    )
+    return sum(t.numel() * t.element_size() for layer in stats.layers for t in layer.state_dict().values())
 
 
 def run_benchmark(
@@ -67,15 +62,15 @@ def run_benchmark(
     batch_size: int = 8,
     seq_len: int = 128,
     repeats: int = 3,
-    json_out: str | None = None,
     site_module: str | None = None,
+    progress: bool = True,
 ) -> dict:
-    """Measure and print the figures; return them as a dict (and write JSON if ``json_out``)."""
+    """Measure the figures and return them as a dict (``knockout bench`` prints them)."""
     for name, value in (("batch size", batch_size), ("sequence length", seq_len), ("repeats", repeats)):
         if not isinstance(value, int) or value <= 0:
             raise KnockoutError(f"the benchmark's {name} must be a positive integer, got {value!r}")
     model = loaded.model
-    config = model.config.get_text_config() if loaded.task != "image" else model.config
+    config = text_config(model.config) if loaded.task != "image" else model.config
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if loaded.task != "image" and limit and seq_len > limit:
         raise KnockoutError(f"--seq-len {seq_len} exceeds the model's {limit} positions")
@@ -121,7 +116,7 @@ def run_benchmark(
     enter_exit: list[float] = []
     for fn in modes.values():
         fn()  # warm-up
-    for _ in range(repeats):
+    for _ in tqdm(range(repeats), desc="benchmark", unit="round", disable=not progress):
         for name, fn in modes.items():
             with contextlib.ExitStack() as stack:
                 if name in contexts:
@@ -151,22 +146,4 @@ def run_benchmark(
         "spread": {k: round(max(v) / min(v), 3) for k, v in times.items()},
         "stats_memory_bytes": {str(n_tokens): mem_1, str(4 * n_tokens): mem_4},
     }
-    print(
-        f"benchmark: {loaded.name} on {result['device']} ({result['dtype']}), {n_tokens} tokens per batch, "
-        f"median of {repeats} rounds"
-    )
-    for name, v in tps.items():
-        print(f"  {name:<12} {v:>10.1f} tokens/s")
-    r = result["ratios"]
-    print(f"  statistics / forward      {r['statistics_vs_forward']:.3f}   (target >= 0.8)")
-    print(f"  folded ablation / eval    {r['folded_ablation_vs_eval']:.3f}   (target >= 0.97)")
-    print(f"  hooked ablation / eval    {r['hooked_ablation_vs_eval']:.3f}   (for comparison)")
-    print(f"  entering an ablation (once per method and fraction): {1000 * result['ablation_enter_seconds']:.1f} ms")
-    print(f"  round-to-round spread (max/min time): up to {max(result['spread'].values()):.2f}x")
-    print(
-        f"  statistics memory: {mem_1 / 2**20:.2f} MiB after {n_tokens} tokens, "
-        f"{mem_4 / 2**20:.2f} MiB after {4 * n_tokens} tokens"
-    )
-    if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -12,16 +12,6 @@ from knockout.errors import KnockoutError
 
 log = logging.getLogger("knockout")
 
-DEMO = {
-    "model": "smollm2-135m",
-    "data": "wiki",
-    "eval_tokens": 512,
-    "stats_tokens": 4096,
-    "max_length": 128,
-    "batch_size": 8,
-    "out": "runs/demo",
-}
-
 
 def _floats(text: str) -> list[float]:
     """``0,0.5,1`` or ``start:stop:step`` (stop included)."""
@@ -48,85 +38,55 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _add_model_args(p: argparse.ArgumentParser, demo: bool = False, optional: bool = False) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--model",
-        default=DEMO["model"] if demo else None,
-        required=not (demo or optional),
-        help="hub name (facebook/opt-1.3b), local folder, .gguf file, or built-in name smollm2-135m",
-    )
-    g.add_argument("--gguf-file", help="GGUF file name inside the model folder")
-    g.add_argument("--task", default="auto", choices=["auto", "causal", "masked", "image"])
-    g.add_argument(
-        "--site-module",
-        help="out-projection path with {i} for the layer, for unknown architectures, "
-        "e.g. 'model.layers.{i}.self_attn.o_proj'",
-    )
-    g.add_argument("--n-heads", type=int, help="override the number of attention heads")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+_KINDS = {"str": str, "int": int, "float": float, "floats": _floats, "ints": _ints, "names": _names}
+_GROUPS = {"model": ("model",), "data": ("data",), "sweep": ("sweep",)}
 
 
-def _add_data_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--data",
-        default=DEMO["data"] if demo else "wiki",
-        help="wiki (built-in Wikipedia paragraphs), a .txt/.jsonl/.json file, or a HF datasets name",
-    )
-    g.add_argument(
-        "--stats-tokens",
-        type=int,
-        default=DEMO["stats_tokens"] if demo else 16384,
-        help="tokens of the collection set for statistics",
-    )
-    g.add_argument(
-        "--stats-skip-first",
-        type=int,
-        default=0,
-        help="text: leave the first N positions of each collection sequence out of the statistics (default 0)",
-    )
-    g.add_argument("--max-length", type=int, default=DEMO["max_length"] if demo else 128, help="longest sequence")
-    g.add_argument("--batch-size", type=int, default=DEMO["batch_size"] if demo else 8)
-    g.add_argument("--eps", type=float, default=0.01, help="histogram bin width for the peak (default 0.01)")
-    g.add_argument(
-        "--hist-limit",
-        type=float,
-        default=20.0,
-        help="histogram window [-limit, limit); values outside are left out of the peak (default 20)",
-    )
-    g.add_argument(
-        "--image-size", type=int, help="image models without an image processor: resize to this (default: config)"
-    )
-    g.add_argument("--image-mean", type=_floats, help="image models without an image processor: 1 or 3 numbers (0.5)")
-    g.add_argument("--image-std", type=_floats, help="image models without an image processor: 1 or 3 numbers (0.5)")
+def _config_fields(groups: tuple[str, ...]) -> list:
+    """The :class:`SweepConfig` fields that are flags, in the given groups."""
+    from dataclasses import fields
+
+    from knockout.experiments.config import SweepConfig
+
+    return [f for f in fields(SweepConfig) if "kind" in f.metadata and f.metadata["group"] in groups]
 
 
-def _add_sweep_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
-    g = p.add_argument_group("sweep")
-    g.add_argument(
-        "--preset",
-        help="one of the paper's settings (see `knockout presets`): its values are the defaults, and every flag "
-        "given with a non-default value overrides them",
-    )
-    g.add_argument(
-        "--methods",
-        type=_names,
-        default=["all"],
-        help="comma-separated ablation methods, or 'all' (default) for every one that applies",
-    )
-    g.add_argument("--fractions", type=_floats, default=None, help="default 0:1:0.1 (0, 0.1, ..., 1)")
-    g.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="default 0,1,2")
-    g.add_argument(
-        "--eval-tokens",
-        type=int,
-        default=DEMO["eval_tokens"] if demo else 4096,
-        help="exact number of scored evaluation targets",
-    )
-    g.add_argument("--selection", default="per-layer", choices=["per-layer", "global"])
-    g.add_argument("--stats", dest="stats_path", help="reuse this statistics file instead of collecting")
-    g.add_argument("--out", default=DEMO["out"] if demo else "runs/sweep", help="run folder")
+def _add_config_flags(p: argparse.ArgumentParser, groups: tuple[str, ...], exclude: tuple[str, ...] = ()) -> None:
+    """One flag per :class:`SweepConfig` field of ``groups``; its default and help come from the field. Flags left
+    out of the command line stay ``None``, so only the given ones override the config's (or a preset's) values."""
+    from knockout.experiments.config import default
+
+    arg_groups = {}
+    for f in _config_fields(groups):
+        if f.name in exclude:
+            continue
+        meta = f.metadata
+        g = arg_groups.get(meta["group"]) or arg_groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
+        value = default(f.name)
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        help_text = meta["help"] + ("" if value is None else f" (default {shown})")
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        g.add_argument(flag, dest=f.name, type=_KINDS[meta["kind"]], choices=meta.get("choices"), help=help_text)
+
+
+def _given(args, groups: tuple[str, ...]) -> dict:
+    """The config fields given on the command line (lists as tuples)."""
+    given = {}
+    for f in _config_fields(groups):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            given[f.name] = tuple(value) if isinstance(value, list) else value
+    return given
+
+
+def _add_option_flags(p: argparse.ArgumentParser, sweep: bool = True) -> None:
+    """Flags that become :attr:`SweepConfig.options` entries (image preprocessing; resampling for sweeps)."""
+    g = p.add_argument_group("images without an image processor")
+    g.add_argument("--image-size", type=int, help="resize to this (default: the model config's image_size)")
+    g.add_argument("--image-mean", type=_floats, help="1 or 3 numbers (default 0.5)")
+    g.add_argument("--image-std", type=_floats, help="1 or 3 numbers (default 0.5)")
+    if not sweep:
+        return
     r = p.add_argument_group("resampling")
     r.add_argument(
         "--resample-model",
@@ -145,29 +105,44 @@ def _add_sweep_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     )
 
 
+def _options(args) -> dict:
+    """Image and resampling flags as :attr:`SweepConfig.options` entries (only those given)."""
+    keys = ("image_size", "image_mean", "image_std", "resample_model", "resample_prompt")
+    options = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if getattr(args, "resample_fixed", False):
+        options["resample_fixed"] = True
+    if getattr(args, "resample_no_cache", False):
+        options["resample_cache"] = False
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="knockout", description="Neuron-ablation experiments on attention pre-out.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    everything = ("model", "data", "sweep")
 
     p = sub.add_parser("sweep", help="ablate neurons at many fractions with several methods and seeds")
-    _add_model_args(p, optional=True)  # --model or --preset
-    _add_data_args(p)
-    _add_sweep_args(p)
+    p.add_argument(
+        "--preset",
+        help="one of the paper's settings (see `knockout presets`): its values are the defaults, and every flag "
+        "given overrides them",
+    )
+    _add_config_flags(p, everything)
+    _add_option_flags(p)
 
     p = sub.add_parser("demo", help="the default sweep: SmolLM2-135M on built-in Wikipedia text, offline")
-    _add_model_args(p, demo=True)
-    _add_data_args(p, demo=True)
-    _add_sweep_args(p, demo=True)
+    _add_config_flags(p, everything)
+    _add_option_flags(p)
 
     p = sub.add_parser("stats", help="collect per-neuron statistics into a safetensors file")
-    _add_model_args(p)
-    _add_data_args(p)
+    _add_config_flags(p, ("model", "data"))
+    _add_option_flags(p, sweep=False)
     p.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
 
     p = sub.add_parser("sites", help="show the pre-out sites (layers, heads, d_head) of a model")
-    _add_model_args(p)
+    _add_config_flags(p, ("model",))
 
     sub.add_parser("methods", help="list the ablation methods")
 
@@ -175,10 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", help="only these presets")
 
     p = sub.add_parser("bench", help="throughput of plain forward, statistics collection and ablated evaluation")
-    _add_model_args(p, demo=True)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    _add_config_flags(p, ("model",))
+    p.add_argument("--batch-size", type=int, help="sequences per batch (default 8)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default 128)")
+    p.add_argument("--repeats", type=int, help="interleaved rounds; the median is reported (default 3)")
     p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     _add_report_parsers(sub)
     return parser
@@ -199,118 +174,75 @@ def _add_report_parsers(sub) -> None:
     p.add_argument("--labels", type=_names, help="comma-separated run names (default: the model names)")
 
 
-def _load(args):
+def _load(args, default_model: str | None = None):
+    from knockout.experiments.config import default
     from knockout.loading import load_model
 
-    return load_model(args.model, args.gguf_file, args.task, args.dtype, args.device)
+    model = args.model or default_model
+    if model is None:
+        raise KnockoutError("give a model with --model (a hub name, local folder, .gguf file or built-in name)")
+    value = lambda name: getattr(args, name) if getattr(args, name) is not None else default(name)  # noqa: E731
+    return load_model(model, value("gguf_file"), value("task"), value("dtype"), value("device"))
 
 
-def _image_options(args) -> dict:
-    """``--image-size/--image-mean/--image-std`` as :attr:`SweepConfig.options` entries (only those given)."""
-    keys = ("image_size", "image_mean", "image_std")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-
-
-def _sweep_options(args) -> dict:
-    """Image and resampling flags as :attr:`SweepConfig.options` entries (only those given)."""
-    options = _image_options(args)
-    for key in ("resample_model", "resample_prompt"):
-        if getattr(args, key, None) is not None:
-            options[key] = getattr(args, key)
-    if getattr(args, "resample_fixed", False):
-        options["resample_fixed"] = True
-    if getattr(args, "resample_no_cache", False):
-        options["resample_cache"] = False
-    return options
-
-
-# Flags whose values map one to one onto SweepConfig fields of the same name.
-_CONFIG_FLAGS = (
-    "model", "out", "data", "methods", "fractions", "seeds", "eval_tokens", "stats_tokens", "stats_skip_first",
-    "max_length", "batch_size", "eps", "hist_limit", "selection", "task", "gguf_file", "site_module", "n_heads",
-    "stats_path", "device", "dtype",
-)  # fmt: skip
-
-
-def _config_kwargs(args) -> dict:
-    """The :class:`SweepConfig` fields given on the command line (lists as tuples; unset fractions left out)."""
-    kwargs = {k: getattr(args, k) for k in _CONFIG_FLAGS if hasattr(args, k)}
-    if kwargs.get("fractions") is None:
-        kwargs.pop("fractions", None)
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-
-
-def _preset_config(args):
-    """The preset's config with every flag that differs from its parser default as an override."""
+def _sweep_config(args):
+    """The sweep's config: a preset's (``--preset``, or the demo's) with the given flags as overrides, or one built
+    from the given flags alone."""
+    from knockout.experiments.config import SweepConfig
     from knockout.experiments.presets import resolve_preset
 
-    defaults = vars(build_parser().parse_args([args.command]))
-    given = {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) != defaults.get(k)}
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
-    preset = resolve_preset(args.preset)
-    return resolve_preset(args.preset, **given, options={**preset.options, **_sweep_options(args)})
+    given = _given(args, ("model", "data", "sweep"))
+    preset = "demo" if args.command == "demo" else args.preset
+    if preset is None:
+        return SweepConfig(**given, options=_options(args))
+    base = resolve_preset(preset)
+    return resolve_preset(preset, **given, options={**base.options, **_options(args)})
 
 
 def _sweep(args) -> int:
-    from knockout.ablation.methods import methods_for
-    from knockout.experiments.config import SweepConfig
     from knockout.experiments.runner import run_sweep
-    from knockout.experiments.store import read_rows
     from knockout.loading import load_model
-    from knockout.reporting import format_table, summarize
+    from knockout.reporting import format_table, summarize, write_report
+    from knockout.runfolder import read_rows
 
-    if getattr(args, "preset", None):
-        cfg = _preset_config(args)
-        try:
-            loaded = load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device)
-        except KnockoutError as e:
-            detail = " ".join(str(e).split())  # one line
-            raise KnockoutError(
-                f"preset {args.preset!r} needs the model {cfg.model!r} from the Hugging Face Hub or its local cache "
-                f"(and streams {cfg.data!r}): {detail}"
-            ) from e
-    else:
-        if args.model is None:
-            raise KnockoutError("give --model, or --preset NAME for one of the paper's settings (`knockout presets`)")
-        loaded = _load(args)
-        options = _sweep_options(args)
-        methods = args.methods
-        if methods == ["all"]:
-            methods = methods_for(loaded.task, options)
-            skipped = [m for m in methods_for(loaded.task, {"resample_model": "any"}) if m not in methods]
-            if skipped:
-                log.warning("leaving out %s: a %s model needs --resample-model", ", ".join(skipped), loaded.task)
-        cfg = SweepConfig(
-            **{**_config_kwargs(args), "methods": tuple(methods), "task": loaded.task},
-            options=options,
-        )
+    cfg = _sweep_config(args)
+    try:
+        loaded = load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device)
+    except KnockoutError as e:
+        if args.command == "demo" or args.preset is None:
+            raise
+        detail = " ".join(str(e).split())  # one line
+        raise KnockoutError(
+            f"preset {args.preset!r} needs the model {cfg.model!r} from the Hugging Face Hub or its local cache "
+            f"(and streams {cfg.data!r}): {detail}"
+        ) from e
     out = run_sweep(cfg, progress=not args.quiet, loaded=loaded)
     print(format_table(summarize(read_rows(out))))
     print(f"\nresults: {out}/results.csv  config: {out}/config.json")
-    from knockout.reporting import write_report
-
     print(f"report: {write_report(out)}")
     return 0
 
 
 def _stats(args) -> int:
-    from knockout.data.tasks import stats_batches
-    from knockout.experiments.config import SweepConfig
-    from knockout.experiments.runner import stats_meta
+    from knockout.experiments.config import data_spec, default
+    from knockout.experiments.runner import collect_run_stats, model_inputs
     from knockout.loading import model_identity
     from knockout.sites import find_sites
-    from knockout.stats import collect_stats
+    from knockout.stats.running import check_hist_params
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise KnockoutError(f"--out {args.out!r} should end in .safetensors")
+    given = _given(args, ("model", "data"))
+    spec = data_spec({**given, "options": _options(args)})
+    value = lambda name: given.get(name, default(name))  # noqa: E731
+    check_hist_params(value("eps"), value("hist_limit"))
     loaded = _load(args)
-    sites = find_sites(loaded.model, args.site_module, args.n_heads)
-    kwargs = {k: v for k, v in _config_kwargs(args).items() if k != "out"}  # --out is the statistics file here
-    cfg = SweepConfig(**{**kwargs, "task": loaded.task}, options=_image_options(args))
-    meta = stats_meta(cfg, model_identity(args.model, loaded.model, sites))
-    stats = collect_stats(
-        loaded.model, sites, stats_batches(cfg, loaded), args.eps, args.hist_limit, meta, progress=not args.quiet
+    sites = find_sites(loaded.model, value("site_module"), value("n_heads"))
+    inputs = model_inputs(loaded, sites, spec)
+    identity = model_identity(args.model, loaded.model, sites)
+    stats = collect_run_stats(
+        loaded, sites, spec, inputs, value("eps"), value("hist_limit"), identity, progress=not args.quiet
     )
     stats.save(out)
     gap = max(float((s.peak() - s.mean).abs().max()) for s in stats.layers)
@@ -357,9 +289,33 @@ def _presets(args) -> int:
 
 def _bench(args) -> int:
     from knockout.bench import run_benchmark
+    from knockout.experiments.presets import DEMO
 
-    run_benchmark(_load(args), args.batch_size, args.seq_len, args.repeats, args.json_out, args.site_module)
+    given = {k: getattr(args, k) for k in ("batch_size", "seq_len", "repeats") if getattr(args, k) is not None}
+    result = run_benchmark(_load(args, DEMO.model), site_module=args.site_module, progress=not args.quiet, **given)
+    print(format_benchmark(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def format_benchmark(result: dict) -> str:
+    """The benchmark's figures (:func:`knockout.bench.run_benchmark`) as text."""
+    r, mem = result["ratios"], result["stats_memory_bytes"]
+    lines = [
+        f"benchmark: {result['model']} on {result['device']} ({result['dtype']}), {result['tokens_per_batch']} tokens "
+        f"per batch, median of {result['repeats']} rounds"
+    ]
+    lines += [f"  {name:<12} {v:>10.1f} tokens/s" for name, v in result["tokens_per_second"].items()]
+    lines += [
+        f"  statistics / forward      {r['statistics_vs_forward']:.3f}   (target >= 0.8)",
+        f"  folded ablation / eval    {r['folded_ablation_vs_eval']:.3f}   (target >= 0.97)",
+        f"  hooked ablation / eval    {r['hooked_ablation_vs_eval']:.3f}   (for comparison)",
+        f"  entering an ablation (once per method and fraction): {1000 * result['ablation_enter_seconds']:.1f} ms",
+        f"  round-to-round spread (max/min time): up to {max(result['spread'].values()):.2f}x",
+        "  statistics memory: " + ", ".join(f"{b / 2**20:.2f} MiB after {n} tokens" for n, b in mem.items()),
+    ]
+    return "\n".join(lines)
 
 
 def _report(args) -> int:
@@ -394,10 +350,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("transformers", "httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    if args.quiet:
-        import os
-
-        os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         return COMMANDS[args.command](args)
     except KnockoutError as e:

@@ -7,7 +7,7 @@ Every context manager here undoes what it did in ``finally``: hooks are removed 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
@@ -16,49 +16,59 @@ from knockout.sites import Site
 
 
 @contextmanager
-def capture(sites: Sequence[Site], fn: Callable[[Site, torch.Tensor], None]) -> Iterator[None]:
+def _pre_hooks(sites: Sequence[Site], make_hook: Callable[[Site], Callable]) -> Iterator[None]:
+    """Register ``make_hook(site)`` as a forward pre-hook on every site's out-projection; remove them on exit."""
+    handles = []
+    try:
+        for site in sites:
+            handles.append(site.module.register_forward_pre_hook(make_hook(site)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def capture(sites: Sequence[Site], fn: Callable[[Site, torch.Tensor], None]) -> AbstractContextManager[None]:
     """Call ``fn(site, z)`` with each site's pre-out ``z: [batch, pos, width]`` on every forward pass.
 
     The hook only reads: the model's outputs are bit-identical to running without it.
     """
-    handles = []
-    try:
-        for site in sites:
-            handles.append(site.module.register_forward_pre_hook(_reader(site, fn)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+
+    def make_hook(site: Site):
+        def hook(module, args):
+            fn(site, args[0])
+
+        return hook
+
+    return _pre_hooks(sites, make_hook)
 
 
-def _reader(site, fn):
-    def hook(module, args):
-        fn(site, args[0])
-
-    return hook
-
-
-@contextmanager
-def edit_preout(sites: Sequence[Site], fn: Callable[[Site, torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+def edit_preout(
+    sites: Sequence[Site], fn: Callable[[Site, torch.Tensor], torch.Tensor | None]
+) -> AbstractContextManager[None]:
     """Replace each site's pre-out by ``fn(site, z)`` (``None`` keeps it). The general, hook-based ablation."""
-    handles = []
-    try:
-        for site in sites:
-            handles.append(site.module.register_forward_pre_hook(_editor(site, fn)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+
+    def make_hook(site: Site):
+        def hook(module, args):
+            new = fn(site, args[0])
+            return None if new is None else (new, *args[1:])
+
+        return hook
+
+    return _pre_hooks(sites, make_hook)
 
 
-def _editor(site, fn):
-    def hook(module, args):
-        new = fn(site, args[0])
-        if new is not None:
-            return (new, *args[1:])
-        return None
+def preout_length(model: nn.Module, sites: Sequence[Site], inputs: dict[str, torch.Tensor]) -> int:
+    """Sequence length of the pre-out on ``inputs`` (one forward pass of the first row, read at the first site).
 
-    return hook
+    For ViT it is ``(image_size / patch_size) ** 2 + 1``; reading it covers DeiT's extra token and friends.
+    """
+    param = next(model.parameters())
+    one = {k: v[:1].to(param.device, param.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+    seen: list[int] = []
+    with torch.inference_mode(), capture(sites[:1], lambda site, z: seen.append(z.shape[1])):
+        model(**one)
+    return seen[0]
 
 
 @contextmanager

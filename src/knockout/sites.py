@@ -106,7 +106,9 @@ def _in_features(module: nn.Module) -> int:
     )
 
 
-def _text_config(config):
+def text_config(config):
+    """The text model's config of ``config`` (the decoder's, for a composite model such as Gemma 3 multimodal),
+    or ``config`` itself when it has no separate text config (vision models, older configs)."""
     get = getattr(config, "get_text_config", None)
     return get() if get is not None else config
 
@@ -151,7 +153,7 @@ def find_sites(model: nn.Module, site_module: str | None = None, n_heads: int | 
     :data:`SITE_PATTERNS`, and for an unknown type auto-detected when exactly one known pattern matches.
     ``n_heads`` overrides the config's number of attention (query) heads.
     """
-    config = _text_config(getattr(model, "config", None))
+    config = text_config(getattr(model, "config", None))
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if site_module is not None:
         found = _match_template(model, site_module)

@@ -4,6 +4,7 @@ import json
 
 import tiny
 from knockout.bench import run_benchmark
+from knockout.cli import format_benchmark, main
 from knockout.loading import LoadedModel
 
 
@@ -11,15 +12,37 @@ def test_benchmark_reports_ratios_and_memory(tmp_path, capsys):
     import torch
 
     loaded = LoadedModel(tiny.causal_lm("llama"), tiny.tokenizer(), "causal", "tiny-llama", torch.device("cpu"))
-    result = run_benchmark(loaded, batch_size=2, seq_len=16, repeats=2, json_out=str(tmp_path / "b.json"))
-    assert json.loads((tmp_path / "b.json").read_text()) == result
+    result = run_benchmark(loaded, batch_size=2, seq_len=16, repeats=2, progress=False)
     assert set(result["tokens_per_second"]) == {"forward", "statistics", "eval", "eval_folded", "eval_hooked"}
     assert all(v > 0 for v in result["tokens_per_second"].values())
     ratio = result["ratios"]["statistics_vs_forward"]
     tps = result["tokens_per_second"]
     assert abs(ratio - tps["statistics"] / tps["forward"]) < 0.01
     assert list(result["stats_memory_bytes"]) == ["32", "128"]
-    assert "folded ablation / eval" in capsys.readouterr().out
+    text = format_benchmark(result)
+    assert "folded ablation / eval" in text and f"{result['ratios']['statistics_vs_forward']:.3f}" in text
+
+
+def test_bench_command_prints_and_writes_the_figures(tmp_path, capsys):
+    model = tiny.save(tiny.causal_lm("llama"), "causal", tmp_path / "m")
+    out = tmp_path / "b.json"
+    args = [
+        "-q",
+        "bench",
+        "--model",
+        model,
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "8",
+        "--repeats",
+        "1",
+        "--json",
+        str(out),
+    ]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert capsys.readouterr().out.strip() == format_benchmark(result)
 
 
 def test_benchmark_refuses_bad_arguments():

@@ -7,7 +7,7 @@ import pytest
 import tiny
 from knockout.cli import main
 from knockout.experiments import runner
-from knockout.experiments.store import read_rows
+from knockout.runfolder import read_rows
 from knockout.stats import Statistics
 
 

@@ -8,11 +8,11 @@ import pytest
 
 import tiny
 from knockout.ablation.methods import methods_for
-from knockout.cli import _preset_config, build_parser, main
+from knockout.cli import _sweep_config, build_parser, main
 from knockout.errors import KnockoutError
 from knockout.experiments.config import DEFAULT_FRACTIONS
 from knockout.experiments.presets import PRESETS, resolve_preset
-from knockout.experiments.store import read_rows
+from knockout.runfolder import read_rows
 
 PAPER = {
     "opt-1.3b": ("facebook/opt-1.3b", "monology/pile-uncopyrighted", "causal", 100_000),
@@ -44,8 +44,10 @@ def test_preset_has_the_papers_settings(name):
     registered = {m for m in resampling if m in methods_for(task)}
     assert registered <= set(cfg.methods)
     assert cfg.out == f"runs/{name}"
-    # A masked LM cannot write resample-text's random text: the preset names the causal LM that does.
-    assert cfg.options == ({"resample_model": "facebook/opt-1.3b"} if task == "masked" else {})
+    # The paper's RS3 text is written by OPT for its text models: the RoBERTa and Mistral presets name OPT-1.3B
+    # (a masked LM cannot write text at all); OPT-1.3B writes its own.
+    opt_writes = name in ("roberta-large", "mistral-7b")
+    assert cfg.options == ({"resample_model": "facebook/opt-1.3b"} if opt_writes else {})
 
 
 def test_presets_are_exactly_the_four_settings():
@@ -63,7 +65,7 @@ def test_overrides_and_unknown_names():
 
 def test_cli_flags_override_only_when_given():
     args = build_parser().parse_args(["sweep", "--preset", "vit-base", "--eval-tokens", "7", "--seeds", "4,5"])
-    cfg = _preset_config(args)
+    cfg = _sweep_config(args)
     assert (cfg.eval_tokens, cfg.seeds) == (7, (4, 5))
     assert (cfg.model, cfg.data, cfg.stats_tokens, cfg.out) == (
         "google/vit-base-patch16-224",
@@ -72,10 +74,10 @@ def test_cli_flags_override_only_when_given():
         "runs/vit-base",
     )
     args = build_parser().parse_args(["sweep", "--preset", "vit-base", "--image-size", "64", "--image-mean", "0.4"])
-    assert _preset_config(args).options == {"image_size": 64, "image_mean": [0.4]}
+    assert _sweep_config(args).options == {"image_size": 64, "image_mean": [0.4]}
     args = build_parser().parse_args(["sweep", "--preset", "roberta-large", "--methods", "zero,peak"])
-    assert _preset_config(args).methods == ("zero", "peak")
-    assert _preset_config(args).options == {"resample_model": "facebook/opt-1.3b"}
+    assert _sweep_config(args).methods == ("zero", "peak")
+    assert _sweep_config(args).options == {"resample_model": "facebook/opt-1.3b"}
 
 
 def test_presets_command_prints_resolved_configs(capsys):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tiny
+from knockout.data import tasks
 from knockout.data.batch import IGNORE, Batch
 from knockout.data.masked import (
     mask_generator,
@@ -16,12 +17,23 @@ from knockout.data.masked import (
     replacement_ids,
     special_ids,
 )
-from knockout.data.tasks import eval_batches, stats_batches
 from knockout.errors import KnockoutError
 from knockout.evaluation.metrics import Metrics
 from knockout.experiments.config import SweepConfig
-from knockout.experiments.store import read_rows
 from knockout.loading import LoadedModel
+from knockout.runfolder import read_rows
+
+
+def _inputs(loaded):
+    return tasks.ModelInputs(loaded.task, loaded.processor, loaded.model.config)
+
+
+def eval_batches(cfg, loaded, seed):
+    return tasks.eval_batches(cfg.data_spec(), _inputs(loaded), seed)
+
+
+def stats_batches(cfg, loaded):
+    return tasks.stats_batches(cfg.data_spec(), _inputs(loaded))
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,8 @@ import torch
 
 import tiny
 from knockout.ablation import METHODS, MethodContext, NeuronSelection
-from knockout.ablation.resample import (
-    TokenResample,
-    random_token_ids,
-    token_pool,
-)
+from knockout.ablation.random_inputs import random_token_ids, token_pool
+from knockout.ablation.resample import TokenResample
 from knockout.data.batch import Batch
 from knockout.data.text import causal_batches
 from knockout.errors import KnockoutError
@@ -38,9 +35,9 @@ def text_batches(n_seqs: int = 7, batch_size: int = 3, seed: int = 1) -> list[Ba
     return causal_batches(seqs, batch_size, pad=0)
 
 
-def make(name_or_cls, model, sites, tok, task="causal", batches=(), seed=0, **options):
+def make(name_or_cls, model, sites, tok, task="causal", batches=(), seed=0, generator=None, **options):
     cls = METHODS[name_or_cls] if isinstance(name_or_cls, str) else name_or_cls
-    return cls(MethodContext(model, sites, None, seed, task, tok, list(batches), options))
+    return cls(MethodContext(model, sites, None, seed, task, tok, list(batches), options, generator=generator))
 
 
 def all_neurons(sites):
@@ -211,10 +208,10 @@ def test_resample_text_for_masked_lm_needs_a_causal_model(gpt2):
     loaded = LoadedModel(gen, causal_tok, "causal", "tiny-gpt2", torch.device("cpu"))
     ids = torch.randint(5, tiny.VOCAB, (2, 9))
     b = Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.ones_like(ids, dtype=torch.bool), ids)
-    method = make("resample-text", model, sites, tok, task="masked", resample_model=loaded)
+    method = make("resample-text", model, sites, tok, task="masked", generator=loaded)
     rand = method.random_inputs(0, b)["input_ids"]
     assert rand.shape == (2, 9) and bool((rand[:, 0] == 2).all())  # re-tokenised: <s> first
-    again = make("resample-text", model, sites, tok, task="masked", resample_model=loaded).random_inputs(0, b)
+    again = make("resample-text", model, sites, tok, task="masked", generator=loaded).random_inputs(0, b)
     assert torch.equal(rand, again["input_ids"])
     neurons = all_neurons(sites)
     (got,) = method_logits(method, model, [b], neurons)
@@ -325,7 +322,7 @@ def test_forward_without_on_batch_raises(gpt2):
 
 
 def test_generation_longer_than_the_generators_context_restarts_from_the_prompt():
-    from knockout.ablation.resample import sample_long
+    from knockout.ablation.random_inputs import sample_long
 
     model = tiny.causal_lm("opt")  # max_position_embeddings = 64
     prompt = torch.tensor([[5, 6, 7]])

@@ -163,7 +163,7 @@ def test_collect_stats_excludes_padding_and_equals_manual_capture():
 
 
 def test_stats_skip_first_leaves_out_the_first_positions(tmp_path):
-    from knockout.data.tasks import stats_batches
+    from knockout.data.tasks import ModelInputs, stats_batches
     from knockout.experiments.config import SweepConfig
     from knockout.loading import LoadedModel
 
@@ -172,7 +172,7 @@ def test_stats_skip_first_leaves_out_the_first_positions(tmp_path):
     corpus = tiny.write_corpus(tmp_path / "c.txt")
     loaded = LoadedModel(model, tiny.tokenizer(), "causal", "tiny", torch.device("cpu"))
     cfg = SweepConfig(model="tiny", data=corpus, stats_tokens=300, stats_skip_first=2, max_length=30)
-    batches = stats_batches(cfg, loaded)
+    batches = stats_batches(cfg.data_spec(), ModelInputs(loaded.task, loaded.processor, model.config))
     stats = collect_stats(model, sites, batches, progress=False)
     assert stats.n_tokens == 300
     # independent: each sequence alone, positions 2.. only
@@ -186,3 +186,35 @@ def test_stats_skip_first_leaves_out_the_first_positions(tmp_path):
     torch.testing.assert_close(stats.layers[0].mean, data.mean(0), atol=1e-6, rtol=1e-5)
     with pytest.raises(KnockoutError, match="stats_skip_first"):
         SweepConfig(model="tiny", stats_skip_first=-1)
+
+
+def _aligned(hist: torch.Tensor, k_lo: int, lo: int, hi: int) -> torch.Tensor:
+    """``hist`` (first column bin ``k_lo``) on the bins ``lo..hi``."""
+    out = torch.zeros(hist.shape[0], hi - lo + 1, dtype=hist.dtype)
+    out[:, k_lo - lo : k_lo - lo + hist.shape[1]] = hist
+    return out
+
+
+def test_collected_statistics_merge_and_extend():
+    """``collect_stats`` runs the model in inference mode; its result must still merge and grow afterwards (it used
+    to hold inference tensors, so ``merge``/``add`` outside inference mode raised)."""
+    model = tiny.causal_lm("llama")
+    sites = find_sites(model)
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(5, tiny.VOCAB, (int(n),), generator=g).tolist() for n in torch.randint(4, 20, (9,))]
+    batches = causal_batches(seqs, 3, pad=0)
+    first = collect_stats(model, sites, batches[:1], eps=0.01, progress=False)
+    rest = collect_stats(model, sites, batches[1:], eps=0.01, progress=False)
+    whole = collect_stats(model, sites, batches, eps=0.01, progress=False)
+    first.merge(rest)
+    for mine, ref in zip(first.layers, whole.layers):
+        assert mine.count == ref.count
+        lo, hi = min(mine.k_lo, ref.k_lo), max(mine.k_lo + mine.n_bins, ref.k_lo + ref.n_bins) - 1
+        assert torch.equal(_aligned(mine.hist, mine.k_lo, lo, hi), _aligned(ref.hist, ref.k_lo, lo, hi))
+        assert torch.equal(mine.min, ref.min) and torch.equal(mine.max, ref.max)
+        torch.testing.assert_close(mine.mean, ref.mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(mine.var, ref.var, rtol=1e-10, atol=1e-12)
+    extra = torch.randn(5, sites[0].width)
+    before = whole.layers[0].count
+    whole.add(0, extra)  # extending collected statistics with more data
+    assert whole.layers[0].count == before + 5

@@ -8,13 +8,14 @@ import transformers as tf
 from PIL import Image
 
 import tiny
-from knockout.data.images import folder_classes, load_images, preout_length, preprocess
-from knockout.data.tasks import eval_batches, stats_batches
+from knockout.data import tasks
+from knockout.data.images import folder_classes, load_images, preprocess
 from knockout.errors import KnockoutError
 from knockout.experiments.config import SweepConfig
-from knockout.experiments.store import read_rows
-from knockout.hooks import capture
+from knockout.experiments.runner import model_inputs
+from knockout.hooks import capture, preout_length
 from knockout.loading import load_model
+from knockout.runfolder import read_rows
 from knockout.sites import find_sites
 
 COLOURS = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}
@@ -52,6 +53,16 @@ def _cfg(tmp_path, model, data, **kw):
         device="cpu",
     )
     return SweepConfig(**{**base, **kw})
+
+
+def eval_batches(cfg, loaded, seed):
+    spec = cfg.data_spec()
+    return tasks.eval_batches(spec, model_inputs(loaded, find_sites(loaded.model), spec), seed)
+
+
+def stats_batches(cfg, loaded):
+    spec = cfg.data_spec()
+    return tasks.stats_batches(spec, model_inputs(loaded, find_sites(loaded.model), spec))
 
 
 def test_folder_labels_are_sorted_class_names(tmp_path):
@@ -115,7 +126,7 @@ def test_vit_preout_has_patches_plus_one_positions(tmp_path):
     with torch.inference_mode(), capture(find_sites(model), lambda s, z: seen.append(z.shape)):
         model(pixel_values=torch.randn(2, 3, 32, 32))
     assert seen == [torch.Size([2, n_patches + 1, cfg.hidden_size])] * cfg.num_hidden_layers
-    assert preout_length(model, torch.randn(1, 3, 32, 32)) == n_patches + 1
+    assert preout_length(model, find_sites(model), {"pixel_values": torch.randn(1, 3, 32, 32)}) == n_patches + 1
 
 
 def test_batches_of_a_loaded_vit(tmp_path):

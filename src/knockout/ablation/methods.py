@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -21,24 +22,32 @@ import torch
 from knockout.data.batch import Batch
 from knockout.errors import KnockoutError
 from knockout.hooks import fold_constants
+from knockout.loading import TASKS, LoadedModel
 from knockout.sites import Site
 from knockout.stats.statistics import Statistics
-
-TASKS = ("causal", "masked", "image")
 
 
 @dataclass
 class MethodContext:
-    """What a method may use: the model and its sites, the statistics, the seed and the evaluation data."""
+    """What a method may use: the model and its sites, the statistics, the seed and the data of the run."""
 
     model: torch.nn.Module
     sites: Sequence[Site]
     stats: Statistics | None = None
     seed: int = 0
     task: str = "causal"
-    tokenizer: Any = None
+    processor: Any = None
+    """The model's tokenizer (text models) or image processor (image models; ``None`` if it has none)."""
     eval_batches: Sequence[Batch] = ()
+    """The seed's evaluation batches (resampling aligns its random inputs with them)."""
     options: dict[str, Any] = field(default_factory=dict)
+    """Method options (:attr:`knockout.experiments.config.SweepConfig.options`)."""
+    generator: LoadedModel | None = None
+    """``resample-text``'s causal LM when it is not the model itself (option ``resample_model``)."""
+    train_batches: Sequence[Batch] = ()
+    """Batches of the collection split (never the evaluation split), for methods that learn their values."""
+    artifacts: Path | None = None
+    """A folder where a method may keep what it learned (in a run folder, so a resumed run reuses it)."""
 
 
 class AblationMethod(ABC):

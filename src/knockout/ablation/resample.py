@@ -35,19 +35,15 @@ bfloat16 = 400 MB). Option ``resample_cache=False`` keeps only the current batch
 fraction (one extra forward pass per batch and fraction). With ``resample_fixed`` only one ``[1, pos, width]`` per
 layer is kept.
 
-Options read from :attr:`MethodContext.options`: ``resample_fixed`` (bool, default False), ``resample_cache`` (bool,
-default True), ``resample_model`` (model spec for :func:`knockout.loading.load_model`, or a ``LoadedModel``),
-``resample_prompt`` (str, default ``"The"``), ``image_mean`` / ``image_std`` (one float or one per channel; used only
-when the model has no image processor, as for the evaluation images).
+Options (:attr:`MethodContext.options`): ``resample_fixed`` (default False), ``resample_cache`` (default True),
+``resample_prompt`` (default ``"The"``), ``resample_model`` (the causal LM that writes ``resample-text``'s text; the
+sweep loads it into :attr:`MethodContext.generator`), ``image_mean`` / ``image_std`` (see
+:func:`knockout.data.images.normalisation`). The random inputs themselves are made in
+:mod:`knockout.ablation.random_inputs`.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import inspect
-import logging
-import random
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -56,26 +52,21 @@ from typing import Any, ClassVar
 import torch
 
 from knockout.ablation.methods import AblationMethod, MethodContext, register
+from knockout.ablation.random_inputs import (
+    DEFAULT_PROMPT,
+    embedding_size,
+    generated_ids,
+    random_char_ids,
+    random_pixels,
+    random_seed,
+    random_token_ids,
+)
 from knockout.data.batch import Batch
-from knockout.data.masked import replacement_ids
-from knockout.data.text import pad_id
+from knockout.data.images import normalisation
 from knockout.errors import KnockoutError
 from knockout.hooks import capture, edit_preout
 
-log = logging.getLogger(__name__)
-
-PRINTABLE = "".join(chr(c) for c in range(32, 127))  # space, letters, digits, punctuation
-DEFAULT_PROMPT = "The"
 _FIXED = -1  # batch "index" whose seed draws the single fixed random input
-
-
-def random_seed(seed: int, index: int) -> int:
-    """A 63-bit seed for the random inputs of evaluation batch ``index`` under run seed ``seed``.
-
-    A hash, so that neighbouring (seed, index) pairs give unrelated streams.
-    """
-    digest = hashlib.sha256(f"knockout-resample:{seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def _flag(options: dict, key: str, default: bool) -> bool:
@@ -91,163 +82,6 @@ def _flag(options: dict, key: str, default: bool) -> bool:
 
 def _full_mask(ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def _fit(tokenizer, texts: Sequence[str], n_pos: int) -> torch.Tensor:
-    """``[len(texts), n_pos]`` ids: each text tokenised with the tokenizer's special tokens, cut to ``n_pos``;
-    a text too short is padded with the pad id (it still gets a full attention mask)."""
-    out = torch.full((len(texts), n_pos), pad_id(tokenizer), dtype=torch.long)
-    for row, text in enumerate(texts):
-        ids = tokenizer(text, truncation=True, max_length=n_pos)["input_ids"][:n_pos]
-        out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return out
-
-
-def random_char_ids(tokenizer, n_rows: int, n_pos: int, seed: int) -> torch.Tensor:
-    """RS1: ``[n_rows, n_pos]`` token ids of random printable characters (special tokens as the tokenizer adds them).
-
-    Each row is a fresh random string, made long enough to give at least ``n_pos`` tokens, then cut.
-    """
-    rng = random.Random(seed)
-    out = torch.empty((n_rows, n_pos), dtype=torch.long)
-    for row in range(n_rows):
-        n_chars = 2 * n_pos + 8
-        text = ""
-        while True:
-            text += "".join(rng.choice(PRINTABLE) for _ in range(n_chars - len(text)))
-            ids = tokenizer(text, truncation=True, max_length=n_pos)["input_ids"]
-            if len(ids) >= n_pos:
-                break
-            n_chars *= 2
-            if n_chars > 64 * n_pos + 1024:
-                raise KnockoutError(f"random characters do not tokenise to {n_pos} tokens with this tokenizer")
-        out[row] = torch.tensor(ids[:n_pos], dtype=torch.long)
-    return out
-
-
-def token_pool(tokenizer, vocab_size: int | None = None) -> torch.Tensor:
-    """RS2's candidates: all ids below ``min(len(tokenizer), vocab_size)`` that are not special tokens (the same
-    set a masked LM's random replacements are drawn from)."""
-    return replacement_ids(tokenizer, vocab_size)
-
-
-def random_token_ids(tokenizer, n_rows: int, n_pos: int, seed: int, vocab_size: int | None = None) -> torch.Tensor:
-    """RS2: ``[n_rows, n_pos]`` ids uniform over the non-special vocabulary (see :func:`token_pool`)."""
-    pool = token_pool(tokenizer, vocab_size)
-    g = torch.Generator().manual_seed(seed)
-    return pool[torch.randint(pool.numel(), (n_rows, n_pos), generator=g)]
-
-
-def _cache_kw(model) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-@torch.no_grad()
-def sample_ids(model: torch.nn.Module, prompt: torch.Tensor, n_new: int, seed: int) -> torch.Tensor:
-    """Ancestral sampling (temperature 1, full softmax) of ``n_new`` tokens after ``prompt: [rows, p]``.
-
-    Returns ``[rows, p + n_new]`` on ``prompt``'s device. The draws come from a CPU ``torch.Generator`` seeded
-    with ``seed``, so the same seed gives the same ids (on a given device and dtype).
-    """
-    g = torch.Generator().manual_seed(seed)
-    kw = _cache_kw(model)
-    ids, step, cache = prompt, prompt, None
-    for _ in range(n_new):
-        out = model(input_ids=step, use_cache=True, **{kw: cache})
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        probs = torch.softmax(out.logits[:, -1].float().cpu(), dim=-1)
-        step = torch.multinomial(probs, 1, generator=g).to(prompt.device)
-        ids = torch.cat([ids, step], dim=1)
-    return ids
-
-
-def sample_long(model: torch.nn.Module, prompt: torch.Tensor, n_tokens: int, seed: int) -> torch.Tensor:
-    """At least ``n_tokens`` ids per row: ``prompt`` + sampled text, restarted from the prompt (with a derived
-    seed) whenever the generator's context (``max_position_embeddings``) is full. One segment when it fits."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    limit = getattr(config, "max_position_embeddings", None) or (n_tokens + prompt.shape[1])
-    room = limit - prompt.shape[1]
-    if room < 1:
-        raise KnockoutError(f"the resampling prompt ({prompt.shape[1]} tokens) fills the generator's context")
-    parts, have = [], 0
-    while have < n_tokens:
-        n_new = min(room, max(0, n_tokens - have - prompt.shape[1]))
-        parts.append(sample_ids(model, prompt, n_new, seed if not parts else random_seed(seed, len(parts))))
-        have += parts[-1].shape[1]
-    return torch.cat(parts, dim=1)
-
-
-def generated_ids(
-    model: torch.nn.Module,
-    gen_tokenizer,
-    tokenizer,
-    n_rows: int,
-    n_pos: int,
-    seed: int,
-    prompt: str = DEFAULT_PROMPT,
-) -> torch.Tensor:
-    """RS3: ``[n_rows, n_pos]`` ids of text sampled from the causal LM ``model`` after ``prompt``.
-
-    When ``gen_tokenizer is tokenizer`` (the evaluated model generates), the sampled ids are used as they are
-    (prompt included). Otherwise the text is decoded and re-tokenised with ``tokenizer``; sampling is repeated with
-    twice as many tokens (same seed) until every row is long enough, and a row still too short is padded.
-    """
-    device = next(model.parameters()).device
-    p = torch.tensor(gen_tokenizer(prompt)["input_ids"], dtype=torch.long, device=device)
-    if p.numel() == 0:
-        raise KnockoutError("the resampling prompt tokenises to nothing; give a non-empty resample_prompt")
-    p = p.unsqueeze(0).expand(n_rows, -1)
-    if gen_tokenizer is tokenizer:
-        return sample_long(model, p, n_pos, seed)[:, :n_pos].cpu()
-    n_new = n_pos + 8
-    for _ in range(4):
-        ids = sample_long(model, p, p.shape[1] + n_new, seed)
-        texts = gen_tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True)
-        lengths = [len(tokenizer(t, truncation=True, max_length=n_pos)["input_ids"]) for t in texts]
-        if min(lengths) >= n_pos:
-            break
-        n_new *= 2
-    else:
-        log.warning("some generated resampling texts are shorter than %d tokens; they are padded", n_pos)
-    return _fit(tokenizer, texts, n_pos)
-
-
-def random_pixels(
-    shape: Sequence[int],
-    seed: int,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """``shape = [batch, channels, height, width]`` pixels uniform in [0, 1], then ``(x - mean[c]) / std[c]``."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(tuple(shape), generator=g)
-    if mean is not None or std is not None:
-        c = shape[1]
-        m = torch.tensor(mean if mean is not None else [0.0] * c, dtype=torch.float32).view(1, -1, 1, 1)
-        s = torch.tensor(std if std is not None else [1.0] * c, dtype=torch.float32).view(1, -1, 1, 1)
-        if m.shape[1] not in (1, c) or s.shape[1] not in (1, c):
-            raise KnockoutError(f"image_mean/image_std must have 1 or {c} values, got {m.shape[1]} and {s.shape[1]}")
-        x = (x - m) / s
-    return x.to(dtype)
-
-
-def pixel_normalisation(processor, options: dict) -> tuple[list[float] | None, list[float] | None]:
-    """``(image_mean, image_std)`` as the evaluation images get them (see :func:`knockout.data.images.preprocess`):
-    the image processor's own values when there is a processor (``None, None`` if it does not normalise), else the
-    options ``image_mean`` / ``image_std`` (one number or one per channel), 0.5 by default (ViT's)."""
-    if processor is not None:
-        if getattr(processor, "do_normalize", True) is False:
-            return None, None
-        mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
-        if mean is not None and std is not None:
-            return _per_channel(mean), _per_channel(std)
-    return _per_channel(options.get("image_mean", 0.5)), _per_channel(options.get("image_std", 0.5))
-
-
-def _per_channel(value) -> list[float]:
-    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
 
 
 class ResampleAblation(AblationMethod):
@@ -381,16 +215,10 @@ class ResampleAblation(AblationMethod):
             self._current = None
 
 
-def _vocab_size(model) -> int | None:
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if get is not None else None
-    return getattr(emb, "num_embeddings", None)
-
-
 class _TextResample(ResampleAblation):
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
-        if ctx.tokenizer is None:
+        if ctx.processor is None:
             raise KnockoutError(f"method {self.name!r} needs the model's tokenizer")
 
     def random_rows(self, n_rows, like, seed, n_pos=None):
@@ -406,7 +234,7 @@ class CharResample(_TextResample):
     """RS1: values on random printable characters."""
 
     def random_ids(self, n_rows, n_pos, seed):
-        return random_char_ids(self.ctx.tokenizer, n_rows, n_pos, seed)
+        return random_char_ids(self.ctx.processor, n_rows, n_pos, seed)
 
 
 @register("resample-tokens")
@@ -414,26 +242,12 @@ class TokenResample(_TextResample):
     """RS2: values on uniformly random non-special token ids."""
 
     def random_ids(self, n_rows, n_pos, seed):
-        return random_token_ids(self.ctx.tokenizer, n_rows, n_pos, seed, _vocab_size(self.ctx.model))
-
-
-@functools.lru_cache(maxsize=1)
-def _load_generator(spec: str, dtype: str, device: str):
-    from knockout.loading import load_model
-
-    return load_model(spec, task="causal", dtype=dtype, device=device)
-
-
-def _dtype_name(model) -> str:
-    from knockout.loading import DTYPES
-
-    dtype = next(model.parameters()).dtype
-    return next((k for k, v in DTYPES.items() if v == dtype), "auto")
+        return random_token_ids(self.ctx.processor, n_rows, n_pos, seed, embedding_size(self.ctx.model))
 
 
 @register("resample-text")
 class TextResample(_TextResample):
-    """RS3: values on text sampled from a causal LM (the evaluated one, or option ``resample_model``)."""
+    """RS3: values on text sampled from a causal LM (the evaluated one, or :attr:`MethodContext.generator`)."""
 
     @classmethod
     def applies(cls, task: str, options: dict | None = None) -> bool:
@@ -443,37 +257,25 @@ class TextResample(_TextResample):
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
         self.prompt = str(ctx.options.get("resample_prompt", DEFAULT_PROMPT))
-        spec = ctx.options.get("resample_model")
-        if spec is None and ctx.task != "causal":
+        if ctx.generator is None and ctx.task != "causal":
             raise KnockoutError(
                 f"method {self.name!r} on a {ctx.task} model needs a causal LM to generate the random text: "
-                "give one with --resample-model (option resample_model), e.g. a hub name or local folder"
+                "give one with --resample-model (option resample_model), e.g. a hub name or local folder "
+                "(Python: MethodContext(..., generator=load_model(name, task='causal')))"
             )
-        if isinstance(spec, str):
-            from knockout.loading import resolve_source
-
-            resolve_source(spec)  # a missing local path fails here, before the sweep writes anything
-        self._spec = spec
-        self._generator = None
+        if ctx.generator is not None and ctx.generator.task != "causal":
+            raise KnockoutError(f"resample_model must be a causal LM, got a {ctx.generator.task} model")
 
     def generator(self) -> tuple[torch.nn.Module, Any]:
-        """The causal LM that writes the random text, and its tokenizer (loaded on first use)."""
-        if self._spec is None:
-            return self.ctx.model, self.ctx.tokenizer
-        if self._generator is None:
-            spec = self._spec
-            if isinstance(spec, str):
-                device = str(next(self.ctx.model.parameters()).device)
-                spec = _load_generator(spec, _dtype_name(self.ctx.model), device)
-            if getattr(spec, "task", "causal") != "causal":
-                raise KnockoutError(f"resample_model must be a causal LM, got a {spec.task} model")
-            self._generator = (spec.model, spec.processor)
-        return self._generator
+        """The causal LM that writes the random text, and its tokenizer."""
+        if self.ctx.generator is None:
+            return self.ctx.model, self.ctx.processor
+        return self.ctx.generator.model, self.ctx.generator.processor
 
     def random_ids(self, n_rows, n_pos, seed):
         model, gen_tok = self.generator()
         with self.unablated():
-            return generated_ids(model, gen_tok, self.ctx.tokenizer, n_rows, n_pos, seed, self.prompt)
+            return generated_ids(model, gen_tok, self.ctx.processor, n_rows, n_pos, seed, self.prompt)
 
 
 @register("resample-pixels")
@@ -485,7 +287,7 @@ class PixelResample(ResampleAblation):
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
-        self.mean, self.std = pixel_normalisation(ctx.tokenizer, ctx.options)
+        self.mean, self.std = normalisation(ctx.processor, ctx.options) or (None, None)
 
     def random_rows(self, n_rows, like, seed, n_pos=None):
         pixels = like.inputs["pixel_values"]

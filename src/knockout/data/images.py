@@ -126,13 +126,37 @@ def load_images(source: str, split: str, n: int, label2id: dict | None = None) -
     return items[:n]
 
 
-def _floats(value, name: str) -> list[float]:
-    values = [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
+def _numbers(value) -> list[float]:
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
+
+
+def _per_channel(value, name: str) -> list[float]:
+    values = _numbers(value)
     if len(values) == 1:
         values *= 3
     if len(values) != 3:
         raise KnockoutError(f"option {name} needs 1 or 3 numbers, got {value!r}")
     return values
+
+
+def normalisation(processor, options: dict) -> tuple[list[float], list[float]] | None:
+    """``(mean, std)`` per channel that model inputs are normalised with, ``(x - mean[c]) / std[c]``, or ``None``.
+
+    The image processor's own ``image_mean`` / ``image_std`` when there is a processor (``None`` if it does not
+    normalise); otherwise the options ``image_mean`` / ``image_std`` (1 or 3 numbers), 0.5 by default (ViT's).
+    The evaluation images and ``resample-pixels``'s random images both use this.
+    """
+    if processor is not None:
+        if getattr(processor, "do_normalize", True) is False:
+            return None
+        mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+        if mean is not None and std is not None:
+            return _numbers(mean), _numbers(std)
+    mean = _per_channel(options.get("image_mean", 0.5), "image_mean")
+    std = _per_channel(options.get("image_std", 0.5), "image_std")
+    if min(std) <= 0:
+        raise KnockoutError(f"image_std must be positive, got {std}")
+    return mean, std
 
 
 def preprocess(images: Sequence, processor, options: dict, config) -> torch.Tensor:
@@ -141,10 +165,7 @@ def preprocess(images: Sequence, processor, options: dict, config) -> torch.Tens
     if processor is not None:
         return processor(images=pil, return_tensors="pt")["pixel_values"]
     size = int(options.get("image_size") or getattr(config, "image_size", 224))
-    mean = torch.tensor(_floats(options.get("image_mean", 0.5), "image_mean")).view(3, 1, 1)
-    std = torch.tensor(_floats(options.get("image_std", 0.5), "image_std")).view(3, 1, 1)
-    if (std <= 0).any():
-        raise KnockoutError(f"image_std must be positive, got {std.flatten().tolist()}")
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in normalisation(None, options))
     import numpy as np
     from PIL import Image
 
@@ -156,71 +177,46 @@ def preprocess(images: Sequence, processor, options: dict, config) -> torch.Tens
     return torch.stack(out)
 
 
-def preout_length(model: torch.nn.Module, pixel_values: torch.Tensor, site_module=None, n_heads=None) -> int:
-    """Sequence length of the pre-out for these pixel values, read with one forward pass on the first image.
-
-    (For ViT it is ``(image_size / patch_size) ** 2 + 1``; reading it covers DeiT's extra token and friends.)
-    """
-    from knockout.hooks import capture
-    from knockout.sites import find_sites
-
-    site = find_sites(model, site_module, n_heads)[0]
-    seen = []
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    with torch.inference_mode(), capture([site], lambda s, z: seen.append(z.shape[1])):
-        model(pixel_values=pixel_values[:1].to(device, dtype))
-    return seen[0]
-
-
 def image_batches(
-    items: Sequence[tuple[object, int]],
-    batch_size: int,
-    processor,
-    options: dict,
-    model,
-    site_module=None,
-    n_heads=None,
+    items: Sequence[tuple[object, int]], batch_size: int, processor, options: dict, config, seq: int
 ) -> list[Batch]:
-    """Batches of ``{"pixel_values": [b, 3, H, W]}``, ``valid`` all True ``[b, seq]``, targets = labels ``[b]``."""
+    """Batches of ``{"pixel_values": [b, 3, H, W]}``, ``valid`` all True ``[b, seq]`` (``seq``: the pre-out
+    sequence length, see :func:`knockout.hooks.preout_length`), targets = labels ``[b]``."""
     if batch_size <= 0:
         raise KnockoutError(f"batch size must be positive, got {batch_size}")
-    num_labels = getattr(model.config, "num_labels", None)
+    num_labels = getattr(config, "num_labels", None)
     bad = [label for _, label in items if num_labels is not None and not 0 <= label < num_labels]
     if bad:
         raise KnockoutError(f"labels {sorted(set(bad))[:5]} are outside the model's {num_labels} classes")
-    batches, seq = [], None
+    batches = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        pixels = preprocess([im for im, _ in chunk], processor, options, model.config)
-        if seq is None:
-            seq = preout_length(model, pixels, site_module, n_heads)
+        pixels = preprocess([im for im, _ in chunk], processor, options, config)
         valid = torch.ones((len(chunk), seq), dtype=torch.bool)
         labels = torch.tensor([label for _, label in chunk], dtype=torch.long)
         batches.append(Batch({"pixel_values": pixels}, valid, labels))
     return batches
 
 
-def image_eval_batches(cfg, loaded) -> list[Batch]:
-    """The ``cfg.eval_tokens`` evaluation images (the same for every seed)."""
-    label2id = getattr(loaded.model.config, "label2id", None)
-    items = load_images(cfg.data, "eval", cfg.eval_tokens, label2id)
-    return image_batches(
-        items, cfg.batch_size, loaded.processor, cfg.options, loaded.model, cfg.site_module, cfg.n_heads
-    )
+def probe_inputs(source: str, processor, options: dict, config) -> dict[str, torch.Tensor]:
+    """Model inputs of one collection image, to measure the pre-out sequence length with."""
+    probe = load_images(source, "collect", 1, getattr(config, "label2id", None))
+    return {"pixel_values": preprocess([probe[0][0]], processor, options, config)}
 
 
-def image_stats_batches(cfg, loaded) -> list[Batch]:
-    """Collection images holding at least ``cfg.stats_tokens`` pre-out positions (whole images)."""
-    label2id = getattr(loaded.model.config, "label2id", None)
-    probe = load_images(cfg.data, "collect", 1, label2id)
-    pixels = preprocess([probe[0][0]], loaded.processor, cfg.options, loaded.model.config)
-    seq = preout_length(loaded.model, pixels, cfg.site_module, cfg.n_heads)
-    items = load_images(cfg.data, "collect", math.ceil(cfg.stats_tokens / seq), label2id)
+def image_eval_batches(source: str, n_images: int, batch_size: int, processor, options, config, seq) -> list[Batch]:
+    """The first ``n_images`` evaluation images (the same for every seed)."""
+    items = load_images(source, "eval", n_images, getattr(config, "label2id", None))
+    return image_batches(items, batch_size, processor, options, config, seq)
+
+
+def image_stats_batches(
+    source: str, n_positions: int, batch_size: int, processor, options, config, seq: int
+) -> list[Batch]:
+    """Collection images holding at least ``n_positions`` pre-out positions (whole images of ``seq`` each)."""
+    items = load_images(source, "collect", math.ceil(n_positions / seq), getattr(config, "label2id", None))
     if len(items) >= 20 and len({label for _, label in items}) == 1:
         log.warning(
-            "all %d collection images of %r have the same label: is its train split sorted?", len(items), cfg.data
+            "all %d collection images of %r have the same label: is its train split sorted?", len(items), source
         )
-    return image_batches(
-        items, cfg.batch_size, loaded.processor, cfg.options, loaded.model, cfg.site_module, cfg.n_heads
-    )
+    return image_batches(items, batch_size, processor, options, config, seq)

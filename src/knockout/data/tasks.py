@@ -11,50 +11,116 @@
 Statistics are collected on unmodified inputs of the collection split (``stats_tokens`` real positions; for images,
 whole images until at least that many pre-out positions): masked LMs see their collection text unmasked. For text,
 ``stats_skip_first`` leaves the first positions of every sequence out of the statistics (see docs/design.md).
+
+Nothing here runs the model: what the batches need to know about it is passed in (its task, tokenizer or image
+processor, config, and for images the pre-out sequence length, measured by :func:`knockout.hooks.preout_length`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
 
 from knockout.data.batch import Batch
 from knockout.data.text import causal_batches, load_texts, pad_id, tokenize_exact
 from knockout.errors import KnockoutError
 
-
-def stats_batches(cfg, loaded) -> list[Batch]:
-    """Batches of the collection split for :func:`knockout.stats.collect_stats`."""
-    if loaded.task in ("causal", "masked"):
-        tok = loaded.processor
-        skip = cfg.stats_skip_first
-        seqs = tokenize_exact(tok, load_texts(cfg.data, "collect"), cfg.stats_tokens, cfg.max_length, "positions", skip)
-        batches = causal_batches(seqs, cfg.batch_size, pad_id(tok))
-        for batch in batches:
-            batch.valid[:, :skip] = False  # left out of the statistics
-        return batches
-    if loaded.task == "image":
-        from knockout.data.images import image_stats_batches
-
-        return image_stats_batches(cfg, loaded)
-    raise KnockoutError(f"task {loaded.task!r} is not supported")
-
-
 SEED_DEPENDENT_TASKS = ("masked",)  # tasks whose evaluation inputs depend on the seed (the masks)
 
 
-def eval_batches(cfg, loaded, seed: int) -> list[Batch]:
+@dataclass(frozen=True)
+class DataSpec:
+    """What a run's batches are built from (the data fields of :class:`knockout.experiments.config.SweepConfig`)."""
+
+    source: str
+    """``wiki``, a local text file or image folder, or a Hugging Face datasets name."""
+    eval_tokens: int
+    """Scored evaluation targets: next tokens (causal), chosen tokens (masked) or images (image)."""
+    stats_tokens: int
+    """Pre-out positions of the collection set (for images: whole images until at least this many)."""
+    max_length: int
+    """Longest text sequence, in tokens."""
+    batch_size: int
+    """Sequences (or images) per batch."""
+    stats_skip_first: int = 0
+    """Text: positions at the start of every collection sequence left out of the statistics."""
+    image_options: dict[str, Any] = field(default_factory=dict)
+    """Image models without an image processor: ``image_size``, ``image_mean``, ``image_std``."""
+
+    def __post_init__(self):
+        for name in ("eval_tokens", "stats_tokens", "max_length", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise KnockoutError(f"{name} must be a positive integer, got {value!r}")
+        skip = self.stats_skip_first
+        if not isinstance(skip, int) or isinstance(skip, bool) or not 0 <= skip < self.max_length:
+            raise KnockoutError(f"stats_skip_first must be an integer from 0 to max_length - 1, got {skip!r}")
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """What the batch builders need to know about the model: its task, tokenizer or image processor, config, and
+    (image models) the sequence length of the pre-out."""
+
+    task: str
+    processor: Any
+    config: Any
+    preout_len: int | None = None
+
+
+def stats_batches(spec: DataSpec, model: ModelInputs) -> list[Batch]:
+    """Batches of the collection split for :func:`knockout.stats.collect_stats`."""
+    if model.task in ("causal", "masked"):
+        tok, skip = model.processor, spec.stats_skip_first
+        texts = load_texts(spec.source, "collect")
+        seqs = tokenize_exact(tok, texts, spec.stats_tokens, spec.max_length, "positions", skip)
+        batches = causal_batches(seqs, spec.batch_size, pad_id(tok))
+        for batch in batches:
+            batch.valid[:, :skip] = False  # left out of the statistics
+        return batches
+    if model.task == "image":
+        from knockout.data.images import image_stats_batches
+
+        return image_stats_batches(
+            spec.source, spec.stats_tokens, spec.batch_size, model.processor, spec.image_options, model.config,
+            _preout_len(model),
+        )  # fmt: skip
+    raise KnockoutError(f"task {model.task!r} is not supported")
+
+
+def eval_batches(spec: DataSpec, model: ModelInputs, seed: int) -> list[Batch]:
     """The fixed evaluation batches of ``seed`` (the same for every method and fraction of that seed)."""
-    if loaded.task == "causal":
-        tok = loaded.processor
-        seqs = tokenize_exact(tok, load_texts(cfg.data, "eval"), cfg.eval_tokens, cfg.max_length, "targets")
-        return causal_batches(seqs, cfg.batch_size, pad_id(tok))
-    if loaded.task == "masked":
+    if model.task == "causal":
+        tok = model.processor
+        seqs = tokenize_exact(tok, load_texts(spec.source, "eval"), spec.eval_tokens, spec.max_length, "targets")
+        return causal_batches(seqs, spec.batch_size, pad_id(tok))
+    if model.task == "masked":
         from knockout.data.masked import masked_batches, masked_sequences
 
-        tok = loaded.processor
-        seqs = masked_sequences(tok, load_texts(cfg.data, "eval"), cfg.eval_tokens, cfg.max_length)
-        vocab = getattr(loaded.model.config, "vocab_size", None)
-        return masked_batches(tok, seqs, cfg.batch_size, seed, pad_id(tok), vocab)
-    if loaded.task == "image":
+        tok = model.processor
+        seqs = masked_sequences(tok, load_texts(spec.source, "eval"), spec.eval_tokens, spec.max_length)
+        vocab = getattr(model.config, "vocab_size", None)
+        return masked_batches(tok, seqs, spec.batch_size, seed, pad_id(tok), vocab)
+    if model.task == "image":
         from knockout.data.images import image_eval_batches
 
-        return image_eval_batches(cfg, loaded)
-    raise KnockoutError(f"task {loaded.task!r} is not supported")
+        return image_eval_batches(
+            spec.source, spec.eval_tokens, spec.batch_size, model.processor, spec.image_options, model.config,
+            _preout_len(model),
+        )  # fmt: skip
+    raise KnockoutError(f"task {model.task!r} is not supported")
+
+
+def probe_inputs(spec: DataSpec, task: str, processor, config) -> dict | None:
+    """For image models, the inputs of one collection image (to measure the pre-out length with); else ``None``."""
+    if task != "image":
+        return None
+    from knockout.data.images import probe_inputs as image_probe
+
+    return image_probe(spec.source, processor, spec.image_options, config)
+
+
+def _preout_len(model: ModelInputs) -> int:
+    if model.preout_len is None:
+        raise ValueError("image batches need ModelInputs.preout_len (knockout.hooks.preout_length)")
+    return model.preout_len

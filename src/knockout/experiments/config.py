@@ -1,69 +1,109 @@
-"""Experiment configuration: one frozen dataclass, validated on creation, saved beside the results as JSON."""
+"""Experiment configuration: one frozen dataclass, validated on creation, saved beside the results as JSON.
+
+Each field's ``metadata`` holds its help text and, for fields that are command-line flags, how the CLI parses them:
+the CLI builds its flags from these fields (names, defaults and help are not repeated there).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 from knockout.ablation.selection import MODES, validate_fractions
+from knockout.data.images import IMAGE_OPTIONS
+from knockout.data.tasks import DataSpec
 from knockout.errors import KnockoutError
+from knockout.loading import TASKS
 from knockout.stats.running import DEFAULT_EPS, DEFAULT_LIMIT, check_hist_params
 
+log = logging.getLogger(__name__)
+
 DEFAULT_FRACTIONS = tuple(round(0.1 * i, 10) for i in range(11))
+ALL_METHODS = "all"
+
+
+def _field(default: Any, help: str, group: str = "sweep", **cli: Any) -> Any:
+    """A config field; ``cli`` keys: ``kind`` (how the flag is parsed: int, float, str, floats, ints, names),
+    ``flag`` (when it differs from ``--field-name``), ``choices``."""
+    meta = {"help": help, "group": group, **cli}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class SweepConfig:
     """Everything that defines a sweep. Fields that change results are compared when a run is resumed."""
 
-    model: str
-    """Hub name (``facebook/opt-1.3b``), local folder, ``.gguf`` file, or a built-in name (``smollm2-135m``)."""
-    out: str = "runs/sweep"
-    """Output folder: config.json, results.jsonl/csv, stats.safetensors, selection.safetensors."""
-    data: str = "wiki"
-    """Text source: ``wiki`` (built-in), a local .txt/.jsonl/.json file, or a Hugging Face datasets name."""
-    methods: tuple[str, ...] = ("zero", "mean", "peak")
-    """Ablation methods, by registry name."""
-    fractions: tuple[float, ...] = DEFAULT_FRACTIONS
-    """Fractions of neurons to ablate; nested per seed."""
-    seeds: tuple[int, ...] = (0, 1, 2)
-    """Seeds of the neuron selection (and of masks and random inputs, where used)."""
-    eval_tokens: int = 4096
-    """Exact number of scored targets in the evaluation set."""
-    stats_tokens: int = 16384
-    """Number of (non-padding) tokens in the statistics collection set."""
-    stats_skip_first: int = 0
-    """Text models: leave the first this many positions of every collection sequence out of the statistics. The
-    pre-out at position 0 of a causal LM is a function of the first token alone, so documents that start alike put
-    point masses into the histogram that a fine eps can pick as the peak (see docs/design.md)."""
-    max_length: int = 128
-    """Longest sequence, in tokens; longer documents are cut."""
-    batch_size: int = 8
-    """Sequences per forward pass."""
-    eps: float = DEFAULT_EPS
-    """Histogram bin width for the peak."""
-    hist_limit: float = DEFAULT_LIMIT
-    """Histogram window is [-hist_limit, hist_limit); values outside are counted but left out of the peak."""
-    selection: str = "per-layer"
-    """``per-layer`` (same count in every layer, as the paper) or ``global``."""
-    task: str = "auto"
-    """``auto`` (from the model's config), ``causal``, ``masked`` or ``image``."""
-    gguf_file: str | None = None
-    """GGUF file name inside the model folder, if the weights are a GGUF file."""
-    site_module: str | None = None
-    """Explicit out-projection path with ``{i}`` for the layer, for architectures not in the site table."""
-    n_heads: int | None = None
-    """Override the number of attention heads read from the config."""
-    stats_path: str | None = None
-    """Reuse statistics from this file (must be of the same model) instead of collecting them."""
-    device: str = "auto"
-    dtype: str = "auto"
-    options: dict = field(default_factory=dict)
-    """Method- and task-specific options (e.g. resampling settings); saved with the config."""
+    model: str | None = _field(
+        None,
+        "hub name (facebook/opt-1.3b), local folder, .gguf file, or built-in name (smollm2-135m, gemma3-270m)",
+        "model",
+        kind="str",
+    )
+    out: str = _field("runs/sweep", "run folder: config.json, results.jsonl/csv, stats and selection", kind="str")
+    data: str = _field(
+        "wiki",
+        "wiki (built-in Wikipedia paragraphs), a .txt/.jsonl/.json file, an image folder, or a HF datasets name",
+        "data",
+        kind="str",
+    )
+    methods: tuple[str, ...] = _field(
+        (ALL_METHODS,),
+        "comma-separated ablation methods by registry name, or 'all' for every one that applies to the model",
+        kind="names",
+    )
+    fractions: tuple[float, ...] = _field(
+        DEFAULT_FRACTIONS, "fractions of neurons to ablate, nested per seed: 0,0.5,1 or 0:1:0.1", kind="floats"
+    )
+    seeds: tuple[int, ...] = _field(
+        (0, 1, 2), "seeds of the neuron selection (and of masks, random inputs)", kind="ints"
+    )
+    eval_tokens: int = _field(
+        4096, "exact number of scored evaluation targets (tokens; images for image models)", kind="int"
+    )
+    stats_tokens: int = _field(16384, "non-padding positions of the statistics collection set", "data", kind="int")
+    stats_skip_first: int = _field(
+        0,
+        "text: leave the first N positions of each collection sequence out of the statistics. The pre-out at "
+        "position 0 of a causal LM depends on the first token alone, so documents that start alike put point masses "
+        "into the histogram that a fine eps can pick as the peak (docs/design.md)",
+        "data",
+        kind="int",
+    )
+    max_length: int = _field(128, "longest sequence, in tokens; longer documents are cut", "data", kind="int")
+    batch_size: int = _field(8, "sequences (or images) per forward pass", "data", kind="int")
+    eps: float = _field(DEFAULT_EPS, "histogram bin width for the peak", "data", kind="float")
+    hist_limit: float = _field(
+        DEFAULT_LIMIT, "histogram window [-limit, limit); values outside are left out of the peak", "data", kind="float"
+    )
+    selection: str = _field("per-layer", "per-layer (the paper's) or global", kind="str", choices=MODES)
+    task: str = _field("auto", "auto (from the model's config), causal, masked or image", "model", kind="str",
+                       choices=("auto", *TASKS))  # fmt: skip
+    gguf_file: str | None = _field(None, "GGUF file name inside the model folder", "model", kind="str")
+    site_module: str | None = _field(
+        None,
+        "out-projection path with {i} for the layer, for unknown architectures, "
+        "e.g. 'model.layers.{i}.self_attn.o_proj'",
+        "model",
+        kind="str",
+    )
+    n_heads: int | None = _field(None, "override the number of attention heads read from the config", "model",
+                                 kind="int")  # fmt: skip
+    stats_path: str | None = _field(
+        None, "reuse statistics from this file (of the same model) instead of collecting them", kind="str",
+        flag="--stats",
+    )  # fmt: skip
+    device: str = _field("auto", "auto, cpu, cuda, cuda:N", "model", kind="str")
+    dtype: str = _field("auto", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16", "model",
+                        kind="str")  # fmt: skip
+    options: dict = _field({}, "method- and task-specific options (resampling, image preprocessing)")
 
     def __post_init__(self):
+        if not self.model:
+            raise KnockoutError("give a model (--model), or --preset NAME for one of the paper's settings")
         object.__setattr__(self, "fractions", validate_fractions(tuple(self.fractions)))
         object.__setattr__(self, "methods", tuple(self.methods))
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
@@ -71,23 +111,21 @@ class SweepConfig:
             raise KnockoutError("give at least one ablation method")
         if len(set(self.methods)) != len(self.methods):
             raise KnockoutError(f"methods are repeated: {self.methods}")
+        if ALL_METHODS in self.methods and len(self.methods) > 1:
+            raise KnockoutError(f"'{ALL_METHODS}' stands for every applicable method; give it alone")
         if not self.seeds:
             raise KnockoutError("give at least one seed")
-        for name in ("eval_tokens", "stats_tokens", "max_length", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise KnockoutError(f"{name} must be a positive integer, got {value!r}")
+        self.data_spec()  # validates the data fields
         check_hist_params(self.eps, self.hist_limit)
-        if not isinstance(self.stats_skip_first, int) or not 0 <= self.stats_skip_first < self.max_length:
-            raise KnockoutError(
-                f"stats_skip_first must be an integer from 0 to max_length - 1, got {self.stats_skip_first!r}"
-            )
         if self.selection not in MODES:
             raise KnockoutError(f"selection must be one of {MODES}, got {self.selection!r}")
+        if self.task not in ("auto", *TASKS):
+            raise KnockoutError(f"unknown task {self.task!r}; use auto, {', '.join(TASKS)}")
         from knockout.ablation.methods import get_method
 
         for m in self.methods:
-            get_method(m)
+            if m != ALL_METHODS:
+                get_method(m)
 
     # Fields a resumed run may change without invalidating stored rows: which rows exist, and where it runs.
     # batch_size is not among them: resampling draws one random input per evaluation batch.
@@ -98,13 +136,61 @@ class SweepConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def save(self, path: str | Path, extra: dict | None = None) -> None:
-        from knockout.experiments.store import write_atomic
-
-        write_atomic(Path(path), json.dumps({**self.to_dict(), **(extra or {})}, indent=2) + "\n")
-
     def result_fields(self) -> dict:
         """The fields whose change makes stored results incomparable."""
         fields = {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_FIELDS}
         fields["options"] = {k: v for k, v in self.options.items() if k not in self.SPEED_OPTIONS}
         return fields
+
+    def data_spec(self) -> DataSpec:
+        """The description of the data this sweep's batches are built from."""
+        return data_spec(self.__dict__)
+
+    def for_task(self, task: str) -> SweepConfig:
+        """This config for a loaded model of ``task``: ``task`` filled in and ``methods='all'`` expanded."""
+        if self.task not in ("auto", task):
+            raise KnockoutError(f"config task {self.task!r} does not match the loaded model's task {task!r}")
+        return dataclasses.replace(self, task=task, methods=resolve_methods(self.methods, task, self.options))
+
+
+def image_options(options: dict) -> dict:
+    """The image-preprocessing entries of ``options`` (used for models without an image processor)."""
+    return {k: v for k, v in options.items() if k in IMAGE_OPTIONS}
+
+
+def data_spec(values: dict[str, Any]) -> DataSpec:
+    """A :class:`DataSpec` from :class:`SweepConfig` field values (``knockout stats`` gives only some: the others
+    take the config's defaults)."""
+    value = lambda name: values[name] if values.get(name) is not None else default(name)  # noqa: E731
+    return DataSpec(
+        source=value("data"),
+        eval_tokens=value("eval_tokens"),
+        stats_tokens=value("stats_tokens"),
+        max_length=value("max_length"),
+        batch_size=value("batch_size"),
+        stats_skip_first=value("stats_skip_first"),
+        image_options=image_options(value("options")),
+    )
+
+
+def default(name: str) -> Any:
+    """The default value of :class:`SweepConfig` field ``name``."""
+    f = SweepConfig.__dataclass_fields__[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def resolve_methods(methods: tuple[str, ...], task: str, options: dict | None = None) -> tuple[str, ...]:
+    """``methods`` with ``'all'`` expanded into every registered method that applies to ``task`` with ``options``
+    (registration order); a method that applies only with more options (e.g. ``resample-text`` on a masked LM
+    without ``resample_model``) is left out with a warning."""
+    if tuple(methods) != (ALL_METHODS,):
+        return tuple(methods)
+    from knockout.ablation.methods import METHODS, methods_for
+
+    chosen = methods_for(task, options)
+    skipped = [m for m, cls in METHODS.items() if m not in chosen and task in cls.tasks]
+    if skipped:
+        log.warning(
+            "leaving out %s for a %s model (see `knockout methods`, e.g. --resample-model)", ", ".join(skipped), task
+        )
+    return tuple(chosen)

@@ -1,4 +1,8 @@
-"""The sweep: methods x fractions x seeds -> one results row each, resumable."""
+"""The sweep: methods x fractions x seeds -> one results row each, resumable.
+
+This module orchestrates; the run folder's files are written through :mod:`knockout.runfolder`, the batches are
+built by :mod:`knockout.data.tasks`, and the methods come from the registry in :mod:`knockout.ablation`.
+"""
 
 from __future__ import annotations
 
@@ -9,87 +13,97 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-import knockout
+from knockout import runfolder
 from knockout.ablation.methods import MethodContext, get_method
 from knockout.ablation.selection import NeuronSelection
-from knockout.data.tasks import SEED_DEPENDENT_TASKS, eval_batches, stats_batches
+from knockout.data.batch import Batch
+from knockout.data.tasks import SEED_DEPENDENT_TASKS, DataSpec, ModelInputs, eval_batches, probe_inputs, stats_batches
 from knockout.errors import KnockoutError
 from knockout.evaluation.evaluate import evaluate
 from knockout.experiments.config import SweepConfig
-from knockout.experiments.store import ResultStore
-from knockout.loading import LoadedModel, load_model, model_identity
-from knockout.sites import Site, find_sites
+from knockout.hooks import preout_length
+from knockout.loading import DTYPES, LoadedModel, load_model, model_identity
+from knockout.runfolder import ResultRow, ResultStore
+from knockout.sites import Site, find_sites, text_config
 from knockout.stats.collect import collect_stats
 from knockout.stats.statistics import Statistics
+from knockout.version import __version__
 
 log = logging.getLogger(__name__)
-
-STATS_FILE = "stats.safetensors"
-
-
-def check_resumable(cfg: SweepConfig, out: Path) -> None:
-    """Raise if ``out`` holds a run whose results-defining settings differ from ``cfg``."""
-    path = out / "config.json"
-    if not path.is_file():
-        return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KnockoutError(f"{str(path)!r} is damaged ({e}); use another --out folder or delete it") from e
-    old["options"] = {k: v for k, v in (old.get("options") or {}).items() if k not in SweepConfig.SPEED_OPTIONS}
-    new = json.loads(json.dumps(cfg.result_fields()))
-    diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
-    if diff:
-        detail = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise KnockoutError(
-            f"{str(out)!r} holds a run with different settings ({detail}). Use another --out folder, or the same "
-            "settings to resume it."
-        )
 
 
 def environment() -> dict:
     import transformers
 
     return {
-        "knockout": knockout.__version__,
+        "knockout": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
 
 
-def check_max_length(cfg: SweepConfig, model: torch.nn.Module, task: str) -> None:
+def check_max_length(max_length: int, model: torch.nn.Module, task: str) -> None:
     """Refuse a ``max_length`` beyond a text model's position embeddings (it would fail mid-run)."""
     if task == "image":
         return
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit and getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
         limit -= 2  # their positions start after the padding index
-    if limit and cfg.max_length > limit:
-        raise KnockoutError(f"--max-length {cfg.max_length} exceeds the model's {limit} positions; use at most {limit}")
+    if limit and max_length > limit:
+        raise KnockoutError(f"--max-length {max_length} exceeds the model's {limit} positions; use at most {limit}")
 
 
-def stats_meta(cfg: SweepConfig, identity: dict) -> dict[str, str]:
+def stats_meta(spec: DataSpec, identity: dict) -> dict[str, str]:
     """The metadata saved with statistics: the model's identity and how the collection set was made."""
     return {
         "model": json.dumps(identity),
-        "data": cfg.data,
-        "stats_tokens": str(cfg.stats_tokens),
-        "max_length": str(cfg.max_length),
-        "stats_skip_first": str(cfg.stats_skip_first),
+        "data": spec.source,
+        "stats_tokens": str(spec.stats_tokens),
+        "max_length": str(spec.max_length),
+        "stats_skip_first": str(spec.stats_skip_first),
     }
 
 
+def model_inputs(loaded: LoadedModel, sites: list[Site], spec: DataSpec) -> ModelInputs:
+    """What the batch builders need to know about ``loaded`` (for image models, the pre-out length is measured on
+    one collection image)."""
+    config = loaded.model.config
+    probe = probe_inputs(spec, loaded.task, loaded.processor, config)
+    seq = None if probe is None else preout_length(loaded.model, sites, probe)
+    return ModelInputs(loaded.task, loaded.processor, config, seq)
+
+
+def collect_run_stats(
+    loaded: LoadedModel,
+    sites: list[Site],
+    spec: DataSpec,
+    inputs: ModelInputs,
+    eps: float,
+    limit: float,
+    identity: dict,
+    progress: bool = True,
+) -> Statistics:
+    """Statistics of ``loaded``'s pre-out on the collection split of ``spec`` (``knockout stats`` and sweeps)."""
+    batches = stats_batches(spec, inputs)
+    return collect_stats(loaded.model, sites, batches, eps, limit, meta=stats_meta(spec, identity), progress=progress)
+
+
 def obtain_stats(
-    cfg: SweepConfig, loaded: LoadedModel, sites: list[Site], identity: dict, out: Path, progress: bool = True
+    cfg: SweepConfig,
+    loaded: LoadedModel,
+    sites: list[Site],
+    identity: dict,
+    out: Path,
+    inputs: ModelInputs,
+    progress: bool = True,
 ) -> tuple[Statistics, bool]:
     """The run's statistics: the run folder's own if present (and of this model), else loaded from
     ``cfg.stats_path`` or collected. Returns them and whether they still have to be saved to the run folder."""
-    path = out / STATS_FILE
+    path = out / runfolder.STATS_FILE
     source = path if path.is_file() else (Path(cfg.stats_path) if cfg.stats_path else None)
     if source is not None:
         stats = Statistics.load(source)
@@ -101,15 +115,8 @@ def obtain_stats(
             )
         log.info("using statistics from %s (%d tokens)", source, stats.n_tokens)
     else:
-        stats = collect_stats(
-            loaded.model,
-            sites,
-            stats_batches(cfg, loaded),
-            cfg.eps,
-            cfg.hist_limit,
-            meta=stats_meta(cfg, identity),
-            progress=progress,
-        )
+        spec = cfg.data_spec()
+        stats = collect_run_stats(loaded, sites, spec, inputs, cfg.eps, cfg.hist_limit, identity, progress)
     for i, layer in enumerate(stats.layers):
         if layer.clipped_fraction > 1e-3:
             log.warning(
@@ -121,6 +128,20 @@ def obtain_stats(
     return stats, source != path
 
 
+def load_generator(cfg: SweepConfig, loaded: LoadedModel) -> LoadedModel | None:
+    """The causal LM that writes ``resample-text``'s text when it is not the model itself (option
+    ``resample_model``), loaded on the model's device and in its dtype; ``None`` otherwise."""
+    spec = cfg.options.get("resample_model")
+    if spec is None or "resample-text" not in cfg.methods:
+        return None
+    dtype = next(loaded.model.parameters()).dtype
+    dtype_name = next((k for k, v in DTYPES.items() if v == dtype), "auto")
+    generator = load_model(str(spec), task="causal", dtype=dtype_name, device=str(loaded.device))
+    if generator.task != "causal":
+        raise KnockoutError(f"resample_model must be a causal LM, got a {generator.task} model")
+    return generator
+
+
 def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | None = None) -> Path:
     """Run (or resume) the sweep of ``cfg``; returns the run folder.
 
@@ -128,10 +149,13 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
     in the folder's results are skipped, so re-running the same command resumes an interrupted run.
     """
     out = Path(cfg.out)
-    check_resumable(cfg, out)
+    early = cfg.result_fields()
+    if cfg.task == "auto":  # not known before the model is loaded
+        early.pop("task")
+    runfolder.check_resumable(out, early, SweepConfig.SPEED_OPTIONS)
     loaded = loaded or load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device)
-    if cfg.task not in ("auto", loaded.task):
-        raise KnockoutError(f"config task {cfg.task!r} does not match the loaded model's task {loaded.task!r}")
+    cfg = cfg.for_task(loaded.task)
+    runfolder.check_resumable(out, cfg.result_fields(), SweepConfig.SPEED_OPTIONS)
     model = loaded.model
     sites = find_sites(model, cfg.site_module, cfg.n_heads)
     identity = model_identity(cfg.model, model, sites)
@@ -140,17 +164,22 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
         if loaded.task not in cls.tasks:
             raise KnockoutError(f"method {cls.name!r} does not apply to {loaded.task} models")
     # Everything that can fail on bad input happens before the first file is written.
-    check_max_length(cfg, model, loaded.task)
-    first_batches = eval_batches(cfg, loaded, cfg.seeds[0])
+    check_max_length(cfg.max_length, model, loaded.task)
+    spec = cfg.data_spec()
+    inputs = model_inputs(loaded, sites, spec)
+    first_batches = eval_batches(spec, inputs, cfg.seeds[0])
     stats, save_stats = None, False
     if any(c.needs_stats for c in classes):
-        stats, save_stats = obtain_stats(cfg, loaded, sites, identity, out, progress)
+        stats, save_stats = obtain_stats(cfg, loaded, sites, identity, out, inputs, progress)
+    generator = load_generator(cfg, loaded)
 
-    def context(seed: int, batches) -> MethodContext:
-        return MethodContext(model, sites, stats, seed, loaded.task, loaded.processor, batches, cfg.options)
+    def context(seed: int, batches: list[Batch]) -> MethodContext:
+        return MethodContext(
+            model, sites, stats, seed, loaded.task, loaded.processor, batches, cfg.options, generator=generator,
+            artifacts=out / runfolder.ARTIFACTS_DIR,
+        )  # fmt: skip
 
     first_instances = {cls.name: cls(context(cfg.seeds[0], first_batches)) for cls in classes}
-    out.mkdir(parents=True, exist_ok=True)
     resolved = {
         "task": loaded.task,
         "model_identity": identity,
@@ -158,73 +187,45 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
         "dtype": str(next(model.parameters()).dtype),
         "environment": environment(),
     }
-    cfg.save(out / "config.json", extra={"resolved": resolved})
-
+    runfolder.write_config(out, {**cfg.to_dict(), "resolved": resolved})
     if save_stats:
-        stats.save(out / STATS_FILE)
+        stats.save(out / runfolder.STATS_FILE)
+
     store = ResultStore(out)
     widths = [s.width for s in sites]
-    total = len(cfg.seeds) * (1 + len(classes) * len(cfg.fractions))
-    bar = tqdm(total=total, desc="sweep", unit="row", disable=not progress)
+    n_neurons = sum(widths)
+    per_seed = 1 + len(classes) * len(cfg.fractions)
+    bar = tqdm(total=len(cfg.seeds) * per_seed, desc="sweep", unit="row", disable=not progress)
     for seed in cfg.seeds:
         todo = [(c, f) for c in classes for f in cfg.fractions if (c.name, f, seed) not in store]
         if ("baseline", 0.0, seed) in store and not todo:
-            bar.update(1 + len(classes) * len(cfg.fractions))
+            bar.update(per_seed)
             continue
         same_inputs = seed == cfg.seeds[0] or loaded.task not in SEED_DEPENDENT_TASKS
-        batches = first_batches if same_inputs else eval_batches(cfg, loaded, seed)
+        batches = first_batches if same_inputs else eval_batches(spec, inputs, seed)
         selection = NeuronSelection(widths, seed, cfg.selection)
-        save_selection(out, selection)
+        runfolder.save_selection(out, selection.state_dict(), selection.mode)
         base = store.get("baseline", 0.0, seed)
         if base is None:
             t0 = time.perf_counter()
             m = evaluate(model, batches)
-            base = _row("baseline", 0.0, seed, m.top1, m.ce, None, 0, sum(widths), m.n, time.perf_counter() - t0)
+            base = ResultRow.measured("baseline", 0.0, seed, m.top1, m.ce, m.n, 0, n_neurons, time.perf_counter() - t0)
             store.add(base)
-        bar.update(1 + len(classes) * len(cfg.fractions) - len(todo))
-        method_ctx = context(seed, batches)
+        bar.update(per_seed - len(todo))
         instances = first_instances if seed == cfg.seeds[0] else {}
         for cls, fraction in todo:
             bar.set_postfix_str(f"seed {seed} {cls.name} {fraction:.2f}")
             t0 = time.perf_counter()
             n_ablated = selection.n_ablated(fraction)
             if n_ablated == 0:
-                top1, ce, n = base["top1"], base["ce"], base["n_eval"]
+                top1, ce, n = base.top1, base.ce, base.n_eval
             else:
-                method = instances.get(cls.name) or instances.setdefault(cls.name, cls(method_ctx))
+                method = instances.get(cls.name) or instances.setdefault(cls.name, cls(context(seed, batches)))
                 with method.ablate(selection.at(fraction)):
                     m = evaluate(model, batches, on_batch=method.on_batch)
                 top1, ce, n = m.top1, m.ce, m.n
-            store.add(
-                _row(cls.name, fraction, seed, top1, ce, base, n_ablated, sum(widths), n, time.perf_counter() - t0)
-            )
+            seconds = time.perf_counter() - t0
+            store.add(ResultRow.measured(cls.name, fraction, seed, top1, ce, n, n_ablated, n_neurons, seconds, base))
             bar.update(1)
     bar.close()
     return out
-
-
-def save_selection(out: Path, selection: NeuronSelection) -> None:
-    """Add ``selection``'s random orders to ``out/selection.safetensors`` (the record of the chosen neurons)."""
-    path = out / "selection.safetensors"
-    tensors = load_file(str(path)) if path.is_file() else {}
-    tensors.update(selection.state_dict())
-    note = "random neuron order per seed; fraction f ablates the first round(f * n) of each order"
-    tmp = path.with_name(".selection.safetensors.tmp")
-    save_file(tensors, str(tmp), metadata={"mode": selection.mode, "note": note})
-    tmp.replace(path)
-
-
-def _row(method, fraction, seed, top1, ce, base, n_ablated, n_neurons, n_eval, seconds) -> dict:
-    return {
-        "method": method,
-        "fraction": fraction,
-        "seed": seed,
-        "top1": top1,
-        "ce": ce,
-        "delta_top1": 0.0 if base is None else top1 - base["top1"],
-        "delta_ce": 0.0 if base is None else ce - base["ce"],
-        "n_ablated": n_ablated,
-        "n_neurons": n_neurons,
-        "n_eval": n_eval,
-        "seconds": round(seconds, 4),
-    }

@@ -24,13 +24,13 @@ from pathlib import Path
 
 from knockout.ablation.selection import validate_fractions
 from knockout.errors import KnockoutError
-from knockout.experiments.store import ROW_FIELDS, write_atomic
 from knockout.reporting import html as H
 from knockout.reporting.figures import curves_figure, gallery_figure, layers_figure, png_bytes, save_figure
 from knockout.reporting.neurons import StatsFile, default_layers, rank_atypical
 from knockout.reporting.run import RunData
 from knockout.reporting.summary import METRICS
 from knockout.reporting.table import build_table, paper_model
+from knockout.runfolder import REPORT_DIR, ROW_FIELDS, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def write_report(
     if not isinstance(top_k, int) or top_k < 1:
         raise KnockoutError(f"top_k (--top-k) must be a positive integer, got {top_k!r}")
     run = RunData.load(run_dir)
-    out = Path(out_dir) if out_dir is not None else run.dir / "report"
+    out = Path(out_dir) if out_dir is not None else run.dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     label = run.label
     methods = run.methods

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from knockout import runfolder
 from knockout.errors import KnockoutError
-from knockout.experiments.store import read_rows, row_key
 from knockout.reporting.summary import summarize
-
-STATS_FILE = "stats.safetensors"
+from knockout.runfolder import read_rows, row_key
 
 
 @dataclass
@@ -35,12 +33,7 @@ class RunData:
         if not run_dir.is_dir():
             raise KnockoutError(f"{str(run_dir)!r} is not a folder; give a knockout run folder (with results.jsonl)")
         rows = read_rows(run_dir)
-        path = run_dir / "config.json"
-        try:
-            config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise KnockoutError(f"{str(path)!r} is damaged ({e}); the report needs a readable config.json") from e
-        return cls(run_dir, config, rows)
+        return cls(run_dir, runfolder.read_config(run_dir) or {}, rows)
 
     # -- identity ---------------------------------------------------------------------------------------------
     @property
@@ -113,7 +106,7 @@ class RunData:
     # -- files ------------------------------------------------------------------------------------------------
     @property
     def stats_path(self) -> Path | None:
-        path = self.dir / STATS_FILE
+        path = self.dir / runfolder.STATS_FILE
         return path if path.is_file() else None
 
     # -- timings ----------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from knockout.stats.running import DEFAULT_EPS, DEFAULT_LIMIT
 from knockout.stats.statistics import Statistics
 
 
-@torch.inference_mode()
 def collect_stats(
     model: torch.nn.Module,
     sites: Sequence[Site],
@@ -27,7 +26,8 @@ def collect_stats(
     """Run ``model`` over ``batches`` and accumulate per-neuron statistics of every site's pre-out.
 
     Only positions where ``batch.valid`` is True (not padding) are counted. Memory does not grow with the number
-    of tokens: each batch's activations are folded into the running statistics and dropped.
+    of tokens: each batch's activations are folded into the running statistics and dropped. The result can be
+    merged with and extended by other statistics (its tensors are ordinary ones, not inference-mode tensors).
     """
     stats = Statistics([s.width for s in sites], eps=eps, limit=limit, meta=meta)
     device = next(model.parameters()).device
@@ -36,9 +36,11 @@ def collect_stats(
     def record(site: Site, z: torch.Tensor) -> None:  # z: [batch, pos, width]
         stats.add(site.layer, z[current["valid"]])
 
-    with capture(sites, record):
+    with torch.inference_mode(), capture(sites, record):
         for batch in tqdm(batches, desc="statistics", unit="batch", disable=not progress):
             batch = batch.to(device)
             current["valid"] = batch.valid
             model(**batch.inputs)
+    for layer in stats.layers:  # clone out of inference mode, so that merge/add work on the result
+        layer.load_state_dict(layer.state_dict())
     return stats

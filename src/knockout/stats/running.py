@@ -177,8 +177,27 @@ class LayerStats:
 
     def _to(self, device) -> None:
         if self.mean.device != device:
-            for name in ("mean", "m2", "min", "max", "hist", "under", "over"):
+            for name in self.TENSORS:
                 setattr(self, name, getattr(self, name).to(device))
+
+    # -- state ------------------------------------------------------------------------------------------------
+    #: The tensors that, with ``count`` and ``k_lo``, are the whole state (``width``, ``eps``, ``limit`` are settings).
+    TENSORS = ("mean", "m2", "min", "max", "hist", "under", "over")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every field needed to rebuild these statistics (as baukit's runningstats), on the statistics' device."""
+        state = {name: getattr(self, name).detach() for name in self.TENSORS}
+        state["count"] = torch.tensor([self.count], dtype=torch.int64)
+        state["k_lo"] = torch.tensor([self.k_lo], dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the state by ``state`` (from :meth:`state_dict`). The tensors are cloned, so statistics built
+        under ``torch.inference_mode`` can still be merged and extended afterwards."""
+        for name in self.TENSORS:
+            setattr(self, name, state[name].clone())
+        self.count = int(state["count"][0])
+        self.k_lo = int(state["k_lo"][0])
 
     # -- read-outs --------------------------------------------------------------------------------------------
     @property

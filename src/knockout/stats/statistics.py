@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from knockout.errors import KnockoutError
+from knockout.runfolder import write_atomic
 from knockout.stats.running import DEFAULT_EPS, DEFAULT_LIMIT, LayerStats, check_hist_params
 
 FORMAT = "knockout.stats/1"
-_FIELDS = ("mean", "m2", "min", "max", "hist", "under", "over")
 
 
 class Statistics:
@@ -62,20 +62,15 @@ class Statistics:
     # -- io ---------------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors file atomically (a temporary file renamed into place)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for i, s in enumerate(self.layers):
-            for name in _FIELDS:
-                tensors[f"layer{i}.{name}"] = getattr(s, name).detach().cpu().contiguous()
-            tensors[f"layer{i}.count"] = torch.tensor([s.count], dtype=torch.int64)
-            tensors[f"layer{i}.k_lo"] = torch.tensor([s.k_lo], dtype=torch.int64)
+        tensors = {
+            f"layer{i}.{name}": t.cpu().contiguous()
+            for i, s in enumerate(self.layers)
+            for name, t in s.state_dict().items()
+        }
         meta = dict(
             self.meta, format=FORMAT, eps=repr(self.eps), limit=repr(self.limit), widths=json.dumps(self.widths)
         )
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        write_atomic(path, save(tensors, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Statistics:
@@ -89,7 +84,7 @@ class Statistics:
         meta.pop("format")
         stats.meta = meta
         for i, s in enumerate(stats.layers):
-            _fill_layer(s, lambda name, i=i: tensors[f"layer{i}.{name}"])
+            s.load_state_dict({name: tensors[f"layer{i}.{name}"] for name in _STATE})
         return stats
 
     def check_model(self, identity: dict, source: str = "statistics") -> None:
@@ -131,12 +126,8 @@ def load_layer(path: str | os.PathLike, layer: int) -> LayerStats:
         raise KnockoutError(f"layer {layer} is out of range: the statistics have {len(widths)} layers")
     stats = LayerStats(widths[layer], eps=float(meta["eps"]), limit=float(meta["limit"]))
     with safe_open(str(path), framework="pt") as f:
-        _fill_layer(stats, lambda name: f.get_tensor(f"layer{layer}.{name}"))
+        stats.load_state_dict({name: f.get_tensor(f"layer{layer}.{name}") for name in _STATE})
     return stats
 
 
-def _fill_layer(stats: LayerStats, get) -> None:
-    for name in _FIELDS:
-        setattr(stats, name, get(name))
-    stats.count = int(get("count")[0])
-    stats.k_lo = int(get("k_lo")[0])
+_STATE = (*LayerStats.TENSORS, "count", "k_lo")
