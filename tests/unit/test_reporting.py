@@ -31,8 +31,8 @@ VALUES = {
     ("peak", 0.5): ([0.44, 0.45, 0.46], [3.0, 3.1, 3.2]),  # top-1 45.00 ± 1.00 (best), CE 3.1 ± 0.1
     ("mean", 0.5): ([0.425, 0.445, 0.465], [2.9, 2.9, 2.9]),  # top-1 44.50 ± 2.00 (within 1 std), CE 2.9 ± 0 (best)
     ("zero", 0.5): ([0.40, 0.41, 0.42], [2.95, 3.0, 3.05]),  # top-1 41 ± 1, CE 3.0 ± 0.05 (not within 0 of 2.9)
-    ("peak", 0.9): ([0.10, 0.12, 0.14], [6.0, 6.2, 6.4]),  # top-1 12 ± 2, CE 6.2 ± 0.2 (best)
-    ("mean", 0.9): ([0.13, 0.13, 0.13], [6.3, 6.3, 6.3]),  # top-1 13 ± 0 (best, alone), CE 6.3 (within 0.2)
+    ("peak", 0.9): ([0.10, 0.12, 0.14], [6.0, 6.2, 6.4]),  # top-1 12 ± 2 (1 below: half its std), CE 6.2 ± 0.2 (best)
+    ("mean", 0.9): ([0.13, 0.13, 0.13], [6.3, 6.3, 6.3]),  # top-1 13 ± 0 (best), CE 6.3 ± 0 (0.1 above the best)
     ("zero", 0.9): ([0.05, 0.06, 0.07], [7.0, 7.0, 7.0]),
     ("peak", 1.0): ([0.01, 0.01, 0.01], [9.0, 9.0, 9.0]),
     ("mean", 1.0): ([0.01, 0.01, 0.01], [9.5, 9.5, 9.5]),
@@ -153,11 +153,11 @@ def test_table_values_std_and_marks(run):
     assert c("zero", 0.5).std == pytest.approx(0.05)
     assert _cell(table, "baseline", None, "r:top1").mean == pytest.approx(50.0)
     assert _cell(table, "baseline", None, "r:ce").std == pytest.approx(0.0)
-    # marks: best, and within one std of the best entry
-    assert [t(m, 0.5).best for m in METHODS] == [False, True, True]  # peak best (±1), mean 0.5 below
-    assert [c(m, 0.5).best for m in METHODS] == [False, True, False]  # mean 2.9 ± 0: only exact ties
-    assert [t(m, 0.9).best for m in METHODS] == [False, True, False]  # mean 13 ± 0 beats peak 12
-    assert [c(m, 0.9).best for m in METHODS] == [False, True, True]  # peak 6.2 ± 0.2, mean 6.3 within
+    # marks (default rule "paper"): the best, and every method within half of its own std of the best mean
+    assert [t(m, 0.5).best for m in METHODS] == [False, True, True]  # peak best; mean 0.5 below, half its std 1
+    assert [c(m, 0.5).best for m in METHODS] == [False, True, False]  # mean 2.9 best; zero 0.1 > 0.025, peak 0.2 > 0.05
+    assert [t(m, 0.9).best for m in METHODS] == [False, True, True]  # mean 13 best; peak 12 ± 2: 1 <= 1 (boundary)
+    assert [c(m, 0.9).best for m in METHODS] == [False, False, True]  # peak 6.2 best; mean 6.3 ± 0: 0.1 > 0
     assert not _cell(table, "baseline", None, "r:top1").best
     assert [r.method for r in table.rows] == ["baseline", *METHODS, *METHODS]
 
@@ -178,7 +178,7 @@ def test_mark_best_ties_and_single_seed():
     assert [x.best for x in cells] == [True, True, False]
     cells = [Cell(2.0, 0.3), Cell(2.25, 0.01), Cell(2.31, 0.0), None]
     mark_best(cells, higher_is_better=False)
-    assert [x.best for x in cells[:3]] == [True, True, False]
+    assert [x.best for x in cells[:3]] == [True, False, False]  # 0.25 > 0.01 / 2 and 0.31 > 0 (default rule "paper")
 
 
 def test_paper_model_and_column(run):
