@@ -19,6 +19,7 @@ from knockout.reporting.figures import curves_figure
 from knockout.reporting.neurons import StatsFile, prominences, rank_atypical, score_layer
 from knockout.reporting.run import RunData
 from knockout.reporting.table import Cell, build_table, mark_best, paper_model
+from knockout.runfolder import ResultRow, write_rows
 from knockout.stats import Statistics
 
 METHODS = ("zero", "mean", "peak")
@@ -41,19 +42,9 @@ VALUES = {
 
 
 def _row(method, fraction, seed, top1, ce):
-    return {
-        "method": method,
-        "fraction": fraction,
-        "seed": seed,
-        "top1": top1,
-        "ce": ce,
-        "delta_top1": top1 - BASE[0],
-        "delta_ce": ce - BASE[1],
-        "n_ablated": int(round(fraction * 32)),
-        "n_neurons": 32,
-        "n_eval": 100,
-        "seconds": 0.5 if method == "baseline" else 1.25,
-    }
+    base = None if method == "baseline" else ResultRow.measured("baseline", 0.0, seed, *BASE, 100, 0, 32, 0.0)
+    seconds = 0.5 if method == "baseline" else 1.25
+    return ResultRow.measured(method, fraction, seed, top1, ce, 100, int(round(fraction * 32)), 32, seconds, base)
 
 
 def make_run(path, model="synthetic/tiny-model", shift=0.0, drop=(), stats=True):
@@ -68,7 +59,7 @@ def make_run(path, model="synthetic/tiny-model", shift=0.0, drop=(), stats=True)
                     continue
                 top1, ce = (BASE[0], BASE[1]) if f == 0 else (VALUES[(m, f)][0][seed], VALUES[(m, f)][1][seed])
                 rows.append(_row(m, f, seed, top1 - shift, ce))
-    (path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_rows(path, rows)
     identity = {"name": model, "model_type": "llama", "n_layers": 2, "widths": [16, 16], "n_heads": 4}
     config = {
         "model": model,

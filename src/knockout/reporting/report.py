@@ -29,7 +29,7 @@ from knockout.reporting.figures import curves_figure, gallery_figure, layers_fig
 from knockout.reporting.neurons import StatsFile, default_layers, rank_atypical
 from knockout.reporting.run import RunData
 from knockout.reporting.summary import METRICS
-from knockout.reporting.table import build_table, paper_model
+from knockout.reporting.table import MARK_NOTES, build_table, paper_model
 from knockout.runfolder import REPORT_DIR, ROW_FIELDS, write_atomic
 
 log = logging.getLogger(__name__)
@@ -179,8 +179,7 @@ def _write_html(path, title, run, table, images, atypical, timings, partial, not
     b.append("<h2>Model and data</h2>" + H.kv_table(identity(run)))
     b.append("<h2>Table 2: top-1 and cross-entropy at chosen fractions</h2>")
     b.append(
-        '<p class="note">Mean ± sample std over seeds. Bold: the best mean in each fraction block and column (highest '
-        "top-1, lowest CE) and every method within one std of it (std of the best entry)."
+        f'<p class="note">Mean ± sample std over seeds. {H.esc(MARK_NOTES["paper"])}'
         + (f" Columns marked [paper] are the paper's numbers for {H.esc(pm)}." if pm else "")
         + "</p>"
     )
@@ -236,7 +235,7 @@ def _write_markdown(path, title, run, table, images, atypical, timings, partial,
     lines += [
         "## Table 2",
         "",
-        "Mean ± std over seeds; **bold**: best per fraction and column, and within one std of it.",
+        "Mean ± std over seeds. " + MARK_NOTES["paper"].replace("Bold:", "**Bold**:"),
     ]
     if pm:
         lines.append(f"Columns marked [paper] are the paper's numbers for {pm}.")
@@ -304,9 +303,7 @@ def compare_runs(
         + H.records_table([{"run": n, **i} for n, i in zip(names, idents)], ["run", *keys, "run folder"])
     )
     b.append("<h2>Table 2</h2>")
-    b.append(
-        '<p class="note">Mean ± std over seeds; bold: best per fraction block and column, and within one std of it.</p>'
-    )
+    b.append(f'<p class="note">Mean ± std over seeds. {H.esc(MARK_NOTES["paper"])}</p>')
     b.append(table.to_html())
     b.append("<h2>Change against fraction ablated</h2>" + H.img(png, "curves of every run"))
     times = [

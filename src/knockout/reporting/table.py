@@ -201,6 +201,14 @@ def _within_best_std(cell: Cell, best: Cell) -> bool:
     return abs(cell.mean - best.mean) <= best.std
 
 
+#: One sentence per rule, for the reports' notes.
+MARK_NOTES = {
+    "paper": "Bold: the best mean in each fraction block and column (highest top-1, lowest CE), and every method whose "
+    "mean lies within half its own std over seeds of it (the rule that reproduces the paper's Table 2 marks).",
+    "within-best-std": "Bold: the best mean in each fraction block and column, and every method within one std (the "
+    "best entry's) of it.",
+}
+
 MARK_RULES: dict[str, Callable[[Cell, Cell], bool]] = {
     "paper": _within_half_own_std,
     "within-best-std": _within_best_std,
