@@ -1,0 +1,395 @@
+"""Paired comparisons of ablation methods: the difference of two methods' CE or top-1, with a 95% interval.
+
+Within one seed, every method is evaluated on the same neuron sets and the same scored targets, so the comparison of
+two methods A and B is paired. The sweep stores, for each (method, fraction, seed) row, per-document sums
+(:class:`DocSums`): ``n[d]`` scored targets, ``ce_sum[d]`` summed token cross-entropy (nats) and ``correct[d]``
+correct top-1 predictions. A row's metric is a ratio of sums, ``sum(ce_sum) / sum(n)`` or ``sum(correct) / sum(n)``.
+
+Estimate
+--------
+Since A and B score the same targets (same ``n``), the per-seed difference is one ratio estimator,
+``D_s = sum_d x[s, d] / sum_d n[s, d]`` with ``x = ce_sum_A - ce_sum_B`` (or ``correct_A - correct_B``), and the
+estimate is the mean over seeds ``D = mean_s D_s``.
+
+Model
+-----
+The documents are one sample of texts (or images) and the *same* documents are evaluated under every seed (only the
+neuron sets and, for masked LMs, the masks change with the seed). Write ``D_s = theta + u_s + e_s``: ``u_s`` is the
+seed effect (which neurons were drawn; variance ``tau2``), ``e_s`` the document-sampling error of seed ``s`` (variance
+``v``). Because the documents are shared, ``e_s`` and ``e_t`` are correlated (covariance ``c``): a document on which
+A beats B tends to be one under every seed. Then ``Var(D) = c + (tau2 + v - c) / S`` for ``S`` seeds.
+
+Interval (how it is computed)
+-----------------------------
+1. Document bootstrap, paired and shared across seeds: draw ``n_boot`` resamples of the document indices with
+   replacement, ``idx[b]`` of shape ``[n_docs]``, and apply the same ``idx[b]`` to A and B (pairing within documents)
+   and to every seed (shared documents). Recompute each seed's ratio ``D*[b, s]``. The ``[S, S]`` covariance of
+   ``D*`` over resamples gives ``v`` (mean of its diagonal) and ``c`` (mean of its off-diagonal entries).
+2. Seeds, as a random effect (method of moments): write ``sigma2 = tau2 + v - c`` for the variance of the part of
+   ``D_s`` that differs between seeds, so ``Var(D) = c + sigma2 / S``. The between-seed sample variance ``B`` of the
+   observed ``D_s`` (ddof 1) is an unbiased estimate of ``sigma2`` with ``S - 1`` degrees of freedom; the bootstrap's
+   ``W = v - c`` is a precise lower bound for it (``tau2 >= 0``). Document noise is counted once: the part of it that
+   differs between seeds is inside ``B``, the part shared by all seeds is ``c``. The reported standard error is
+   ``se = sqrt(c + max(B, W) / S)``.
+3. Interval ``D ± h`` with ``h**2 = max(t(S - 1)**2 * B, t(n_docs - 1)**2 * W) / S + t(n_docs - 1)**2 * c``, where
+   ``t(k)`` is Student's t quantile at ``(1 + level) / 2`` with ``k`` degrees of freedom: each variance estimate gets
+   the quantile of its own precision, the seed part takes the wider of the seed-based and the document-based margins
+   (continuous in the data), and the shared document part is added in quadrature. With one seed, ``h = t(n_docs - 1)
+   * sqrt(v)``: documents only, conditional on that seed's neuron set. ``significant`` means the interval excludes 0.
+
+In simulations (normal seed effects, shared and per-seed document noise, 2-5 seeds, 100 documents) 95% intervals
+covered the true difference in 95-99.8% of datasets: close to nominal when the seed effect or the shared document
+noise dominates, conservative when the seed effect is comparable to the document noise and seeds are few (a
+Satterthwaite t interval on ``se`` instead covered only 89% with 2 seeds and a dominant seed effect).
+
+Why not a two-stage bootstrap (resample seeds, then documents within seeds)? Resampling both levels counts the
+document noise twice (the observed spread of ``D_s`` already contains it; Davison & Hinkley 1997, sec. 3.8), and with
+three seeds a resample of seeds takes only 10 distinct values and shrinks their variance by ``(S - 1) / S``, so its
+percentile interval is far too narrow. Resampling documents independently per seed would also ignore that the
+documents are shared, understating the document noise by up to a factor ``S``. The bootstrap handles the ratio
+estimator and the cross-seed correlation without formulas; the seed level, with its few values, gets the classical
+random-effects variance and a t reference distribution that reflects how few seeds there are.
+
+Everything is numpy, deterministic for a given ``seed`` (a ``numpy.random.Generator``), and vectorised: resamples are
+drawn as ``[chunk, n_docs]`` index arrays and turned into counts so that each seed's resampled sums are one matrix
+product (3 seeds x 2000 documents x 2000 resamples take about 0.1 s).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+from knockout.errors import KnockoutError
+
+METRICS = ("ce", "top1")
+HIGHER_IS_BETTER = {"ce": False, "top1": True}
+_CHUNK_ELEMENTS = 1 << 22  # resampled indices held at once (n_resamples_in_chunk * n_docs)
+
+
+def _integer_array(values, name: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "iub":
+        if arr.dtype.kind != "f" or not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise KnockoutError(f"DocSums.{name} must hold integer counts, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if arr.ndim != 1:
+        raise KnockoutError(f"DocSums.{name} must be one-dimensional [n_docs], got shape {arr.shape}")
+    if np.any(arr < 0):
+        raise KnockoutError(f"DocSums.{name} must not be negative")
+    return arr
+
+
+@dataclass(frozen=True)
+class DocSums:
+    """One sweep row's (one method, fraction and seed) per-document sums."""
+
+    n: np.ndarray
+    """``[n_docs]`` int: scored targets in each document."""
+    ce_sum: np.ndarray
+    """``[n_docs]`` float: sum of the document's token cross-entropies, in nats."""
+    correct: np.ndarray
+    """``[n_docs]`` int: correct top-1 predictions in each document."""
+
+    def __post_init__(self):
+        n = _integer_array(self.n, "n")
+        correct = _integer_array(self.correct, "correct")
+        ce_sum = np.asarray(self.ce_sum, dtype=np.float64)
+        if ce_sum.ndim != 1:
+            raise KnockoutError(f"DocSums.ce_sum must be one-dimensional [n_docs], got shape {ce_sum.shape}")
+        if not (len(n) == len(ce_sum) == len(correct)):
+            raise KnockoutError(
+                f"DocSums arrays differ in length: n {len(n)}, ce_sum {len(ce_sum)}, correct {len(correct)}"
+            )
+        if not np.all(np.isfinite(ce_sum)):
+            raise KnockoutError("DocSums.ce_sum must be finite")
+        if np.any(correct > n):
+            raise KnockoutError("DocSums.correct exceeds n (more correct predictions than scored targets)")
+        object.__setattr__(self, "n", n)
+        object.__setattr__(self, "ce_sum", ce_sum)
+        object.__setattr__(self, "correct", correct)
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.n)
+
+    def values(self, metric: str) -> np.ndarray:
+        """``[n_docs]`` float: the per-document numerator of ``metric`` (``ce_sum`` or ``correct``)."""
+        _check_metric(metric)
+        return self.ce_sum if metric == "ce" else self.correct.astype(np.float64)
+
+    def metric(self, metric: str) -> float:
+        """The row's ``metric`` as a ratio of sums: mean CE per target, or the top-1 fraction."""
+        total = int(self.n.sum())
+        if total == 0:
+            raise KnockoutError("DocSums has no scored targets (sum of n is 0)")
+        return float(self.values(metric).sum() / total)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``metric(A) - metric(B)``, averaged over seeds, with its interval (see the module docstring)."""
+
+    metric: str
+    """``"ce"`` (nats) or ``"top1"`` (a fraction, not %)."""
+    estimate: float
+    """Mean over seeds of ``metric_A - metric_B``, each seed's metric a ratio of sums."""
+    low: float
+    high: float
+    """Interval bounds at ``level``."""
+    se: float
+    """Standard error of ``estimate``: document sampling and seed variation together."""
+    se_docs: float
+    """The document-sampling part of ``se`` alone (seeds held fixed): when ``se`` is much larger, more seeds would
+    narrow the interval more than more documents."""
+    level: float
+    n_seeds: int
+    n_docs: int
+    significant: bool
+    """The interval excludes 0."""
+    method: str
+    """How the interval was computed, in words."""
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise KnockoutError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+
+
+def _paired_arrays(a: Sequence[DocSums], b: Sequence[DocSums], metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate the pairing and return ``x = values_A - values_B`` and ``n``, both ``[n_seeds, n_docs]``."""
+    _check_metric(metric)
+    if len(a) == 0 or len(b) == 0:
+        raise KnockoutError("no rows to compare: give at least one seed's DocSums for each method")
+    if len(a) != len(b):
+        raise KnockoutError(f"methods have different numbers of seeds ({len(a)} vs {len(b)}); pair them by seed")
+    n_docs = a[0].n_docs
+    if n_docs == 0:
+        raise KnockoutError("no documents to compare (n_docs is 0)")
+    xs, ns = [], []
+    for s, (ra, rb) in enumerate(zip(a, b)):
+        if not isinstance(ra, DocSums) or not isinstance(rb, DocSums):
+            raise KnockoutError(f"seed {s}: expected DocSums, got {type(ra).__name__} and {type(rb).__name__}")
+        if ra.n_docs != n_docs or rb.n_docs != n_docs:
+            raise KnockoutError(
+                f"seed {s}: document counts differ (A {ra.n_docs}, B {rb.n_docs}, first seed {n_docs}); "
+                "every row must cover the same evaluation documents"
+            )
+        if not np.array_equal(ra.n, rb.n):
+            raise KnockoutError(
+                f"seed {s}: A and B scored different targets (their n differ), so they are not paired; "
+                "compare rows of the same seed"
+            )
+        if ra.n.sum() == 0:
+            raise KnockoutError(f"seed {s}: no scored targets (sum of n is 0)")
+        xs.append(ra.values(metric) - rb.values(metric))
+        ns.append(ra.n)
+    return np.stack(xs), np.stack(ns).astype(np.float64)
+
+
+def _bootstrap_ratios(x: np.ndarray, n: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """``[n_boot, n_seeds]``: each seed's ratio ``sum(x) / sum(n)`` over the same resampled documents.
+
+    ``x``, ``n``: ``[n_seeds, n_docs]``. Resample ``b`` draws ``n_docs`` document indices with replacement, shared by
+    all seeds; its counts ``[n_docs]`` times ``[x; n].T`` give the resampled sums. Resamples with no scored target in
+    some seed are dropped.
+    """
+    n_seeds, n_docs = x.shape
+    weights = np.concatenate([x, n]).T  # [n_docs, 2 * n_seeds]
+    chunk = max(1, _CHUNK_ELEMENTS // n_docs)
+    out = []
+    for start in range(0, n_boot, chunk):
+        rows = min(chunk, n_boot - start)
+        idx = rng.integers(0, n_docs, size=(rows, n_docs))  # [rows, n_docs]
+        flat = (idx + (np.arange(rows) * n_docs)[:, None]).ravel()
+        counts = np.bincount(flat, minlength=rows * n_docs).reshape(rows, n_docs).astype(np.float64)
+        sums = counts @ weights  # [rows, 2 * n_seeds]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out.append(sums[:, :n_seeds] / sums[:, n_seeds:])
+    ratios = np.concatenate(out)
+    ratios = ratios[np.all(np.isfinite(ratios), axis=1)]
+    if len(ratios) < 2:
+        raise KnockoutError("too few documents with scored targets to bootstrap")
+    return ratios
+
+
+def paired_difference(
+    a: Sequence[DocSums],
+    b: Sequence[DocSums],
+    metric: str,
+    level: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> PairedDifference:
+    """``metric(A) - metric(B)`` over seeds, with a paired interval (method: see the module docstring).
+
+    ``a[s]`` and ``b[s]`` are the rows of methods A and B for the same seed ``s`` (same fraction): the same documents
+    in the same order, with the same ``n``. All seeds cover the same documents, in the same order. ``metric`` is
+    ``"ce"`` or ``"top1"``. ``seed`` seeds the bootstrap's ``numpy.random.Generator``: equal inputs give equal results.
+    """
+    if not 0 < level < 1:
+        raise KnockoutError(f"level must be between 0 and 1, got {level}")
+    if n_boot < 10:
+        raise KnockoutError(f"n_boot must be at least 10, got {n_boot}")
+    x, n = _paired_arrays(a, b, metric)  # [n_seeds, n_docs]
+    n_seeds, n_docs = x.shape
+    per_seed = x.sum(axis=1) / n.sum(axis=1)  # [n_seeds]
+    estimate = float(per_seed.mean())
+
+    ratios = _bootstrap_ratios(x, n, n_boot, np.random.default_rng(seed))  # [n_boot, n_seeds]
+    cov = np.atleast_2d(np.cov(ratios, rowvar=False))  # [n_seeds, n_seeds]
+    q = (1 + level) / 2
+    t_docs = _t_quantile(q, max(n_docs - 1, 1))
+    if n_seeds == 1:
+        variance = float(cov[0, 0])
+        half_sq = t_docs**2 * variance
+        how = f"paired document bootstrap ({len(ratios)} resamples), one seed: document sampling only, t interval"
+    else:
+        v = float(np.mean(np.diag(cov)))  # per-seed document variance
+        c = float((cov.sum() - np.trace(cov)) / (n_seeds * (n_seeds - 1)))  # shared by all seeds
+        between = float(np.var(per_seed, ddof=1))
+        variance = c + max(between, v - c) / n_seeds
+        half_sq = max(_t_quantile(q, n_seeds - 1) ** 2 * between, t_docs**2 * (v - c)) / n_seeds + t_docs**2 * c
+        how = (
+            f"paired document bootstrap ({len(ratios)} resamples, shared across {n_seeds} seeds) "
+            "+ random-effects seed variance; t quantiles per component"
+        )
+    se = math.sqrt(max(variance, 0.0))
+    se_docs = math.sqrt(max(float(cov.mean()), 0.0))
+    half = math.sqrt(max(half_sq, 0.0))
+    low, high = estimate - half, estimate + half
+    return PairedDifference(
+        metric=metric,
+        estimate=estimate,
+        low=low,
+        high=high,
+        se=se,
+        se_docs=se_docs,
+        level=level,
+        n_seeds=n_seeds,
+        n_docs=n_docs,
+        significant=bool(low > 0 or high < 0),
+        method=how,
+    )
+
+
+@dataclass(frozen=True)
+class BestMethod:
+    """The best method at one fraction and whether it is significantly better than each of the others."""
+
+    metric: str
+    best: str
+    """The method with the lowest mean CE or the highest mean top-1 (the first one listed on exact ties)."""
+    runner_up: str
+    """The second best by the same ordering."""
+    values: dict[str, float]
+    """Method -> mean over seeds of its metric (ratio of sums per seed)."""
+    leads: dict[str, PairedDifference]
+    """Other method -> ``metric(best) - metric(other)`` with its interval."""
+    significant: bool
+    """The best is significantly better than *every* other method (each interval excludes 0). Requiring all
+    comparisons to be significant at ``level`` is an intersection-union test, so no multiplicity correction is needed.
+    """
+
+    @property
+    def lead(self) -> PairedDifference:
+        """The best method's lead over the runner-up."""
+        return self.leads[self.runner_up]
+
+
+def best_method(
+    rows: Mapping[str, Sequence[DocSums]],
+    metric: str,
+    level: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> BestMethod:
+    """Which method is best at one fraction, and is it significantly better than all the others?
+
+    ``rows[method][s]`` is that method's row for seed ``s`` at the fraction compared (seeds in the same order for
+    every method). Each comparison uses :func:`paired_difference` with the same ``level``, ``n_boot`` and ``seed`` (so
+    the same document resamples).
+    """
+    _check_metric(metric)
+    if len(rows) < 2:
+        raise KnockoutError(f"best_method needs at least two methods to compare, got {len(rows)}")
+    for name, seeds in rows.items():
+        if len(seeds) == 0:
+            raise KnockoutError(f"method {name!r} has no rows")
+    values = {name: float(np.mean([r.metric(metric) for r in seeds])) for name, seeds in rows.items()}
+    sign = -1.0 if HIGHER_IS_BETTER[metric] else 1.0
+    order = sorted(values, key=lambda name: sign * values[name])  # stable: first listed wins exact ties
+    best, runner_up = order[0], order[1]
+    leads = {
+        other: paired_difference(rows[best], rows[other], metric, level=level, n_boot=n_boot, seed=seed)
+        for other in order[1:]
+    }
+    return BestMethod(
+        metric=metric,
+        best=best,
+        runner_up=runner_up,
+        values=values,
+        leads=leads,
+        significant=all(d.significant for d in leads.values()),
+    )
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes 6.4)."""
+    tiny, eps = 1e-300, 1e-15
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            delta = d * c
+            h *= delta
+        if abs(delta - 1.0) < eps:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta function ``I_x(a, b)``."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def _t_quantile(p: float, df: float) -> float:
+    """Quantile of Student's t with ``df`` (real, > 0) degrees of freedom, for ``0.5 <= p < 1`` (scipy-free)."""
+    if not 0.5 <= p < 1:
+        raise ValueError(f"p must be in [0.5, 1), got {p}")
+    if p == 0.5:
+        return 0.0
+    if math.isinf(df) or df > 1e7:
+        return NormalDist().inv_cdf(p)
+    tail = 1.0 - p
+    upper = lambda t: 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))  # P(T > t), t >= 0
+    lo, hi = 0.0, 2.0
+    while upper(hi) > tail:
+        lo, hi = hi, 2 * hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if upper(mid) > tail:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * hi:
+            break
+    return 0.5 * (lo + hi)
