@@ -1,0 +1,296 @@
+"""Data-parallel statistics and evaluation with ``torch.distributed`` (``torchrun`` or ``accelerate launch``).
+
+Every rank holds the whole model and builds the same batches (they are deterministic); each rank runs on its
+share of them and the partial results are combined so that every rank ends with the result of one process run over
+all batches:
+
+- statistics: histograms, ``count``, ``under``/``over``, ``min``/``max`` bit-exact; ``mean``/``m2`` equal up to
+  float64 rounding (the per-rank moments are merged with the same pairwise update as
+  :meth:`~knockout.stats.running.LayerStats.merge`, so a split of the data changes only the rounding);
+- metrics: ``n`` and ``n_correct`` exact, ``ce_sum`` up to float rounding.
+
+How a run uses it::
+
+    from knockout import distributed as dist
+
+    dist.init_from_env(device=device)           # no-op (returns False) in a plain single-process run
+    batches = stats_batches(...)                # every rank builds the same list
+    stats = dist.all_reduce_statistics(collect_stats(model, sites, dist.shard(batches), ...))
+    metrics = dist.all_reduce_metrics(evaluate(model, dist.shard(eval_batches)))
+    if dist.is_main():                          # every rank holds the same results; only rank 0 writes files
+        stats.save(path)
+
+or the two wrappers :func:`collect_stats_sharded` and :func:`evaluate_sharded`, which also pass the *global* batch
+index to ``on_batch`` (resampling ablations seed their random inputs by batch index, so a rank must not number its
+share from 0) and accept a rank whose share is empty.
+
+Sharding is round-robin: rank ``r`` of ``w`` takes items ``r, r + w, r + 2w, ...``. Batches built from length-sorted
+or grouped documents then spread evenly over the ranks, and the union over ranks is every item exactly once. The
+order in which batches are seen does not matter: statistics are order-independent by design (see
+:mod:`knockout.stats.running`) and metrics are sums.
+
+Communication happens on the device the backend needs: CPU tensors for ``gloo``, CUDA tensors for ``nccl``; results
+are moved back to the device the statistics were on. Inputs are never modified in place (they may be inference
+tensors made under ``torch.inference_mode``); the results are new, ordinary tensors.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from knockout.data.batch import Batch
+from knockout.errors import KnockoutError
+from knockout.evaluation.evaluate import evaluate
+from knockout.evaluation.metrics import Metrics
+from knockout.sites import Site
+from knockout.stats.collect import collect_stats
+from knockout.stats.running import LayerStats
+from knockout.stats.statistics import Statistics
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+# -- process group --------------------------------------------------------------------------------------------------
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process; ``(0, 1)`` when ``torch.distributed`` is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single-process run): the process that writes files and logs progress."""
+    return world()[0] == 0
+
+
+def init_from_env(
+    backend: str | None = None,
+    device: torch.device | str | None = None,
+    timeout: datetime.timedelta | None = None,
+) -> bool:
+    """Join the process group described by the launcher's environment; return whether the run is distributed.
+
+    ``torchrun`` and ``accelerate launch`` set ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. Nothing
+    is initialised when ``WORLD_SIZE`` is unset or 1. ``backend`` defaults to ``nccl`` when ``device`` (the model's
+    device; default: CUDA if available) is a CUDA device and NCCL is available, else ``gloo``. With NCCL the current
+    CUDA device is set to ``LOCAL_RANK``. Calling it again once initialised only reports the world size.
+    """
+    if not dist.is_available():
+        return False
+    if dist.is_initialized():
+        return dist.get_world_size() > 1
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or "1")
+    if world_size <= 1:
+        return False
+    missing = [v for v in _LAUNCH_VARS if not os.environ.get(v)]
+    if missing:
+        raise KnockoutError(
+            f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: launch with torchrun or accelerate launch"
+        )
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if backend is None:
+        backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+    if "nccl" in backend:
+        local = int(os.environ.get("LOCAL_RANK", int(os.environ["RANK"]) % max(torch.cuda.device_count(), 1)))
+        torch.cuda.set_device(device if device.type == "cuda" and device.index is not None else local)
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    dist.init_process_group(backend=backend, init_method="env://", **kwargs)
+    rank, size = world()
+    log.info("torch.distributed: rank %d of %d, backend %s", rank, size, dist.get_backend())
+    return size > 1
+
+
+def shutdown() -> None:
+    """Leave the process group (if one is initialised), e.g. in a ``finally`` at the end of a run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -- sharding -------------------------------------------------------------------------------------------------------
+def shard_indices(n: int, rank: int | None = None, world_size: int | None = None) -> list[int]:
+    """Indices of this rank's share of ``n`` items, round-robin: ``rank, rank + world_size, ...``."""
+    if rank is None or world_size is None:
+        rank, world_size = world()
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    return list(range(rank, n, world_size))
+
+
+def shard(items: Sequence[T], rank: int | None = None, world_size: int | None = None) -> list[T]:
+    """This rank's share of ``items`` (round-robin, see :func:`shard_indices`); the shares of all ranks together
+    hold every item exactly once. A rank gets nothing when there are fewer items than ranks."""
+    return [items[i] for i in shard_indices(len(items), rank, world_size)]
+
+
+# -- reductions -----------------------------------------------------------------------------------------------------
+def _comm_device(preferred: torch.device) -> torch.device:
+    """Device whose tensors the default process group's backend can communicate."""
+    backend = str(dist.get_backend()).lower()
+    if preferred.type == "cuda" and "nccl" in backend:
+        return preferred
+    if "nccl" in backend and "gloo" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _pad_hist(layer: LayerStats, k_lo: int, n_bins: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``layer.hist`` placed on the common grid ``[k_lo, k_lo + n_bins)``: ``[width, n_bins]`` int64 with zeros
+    outside the layer's own bins, written into ``out`` (zeros) when given. The layer's bins must lie inside."""
+    if out is None:
+        out = torch.zeros(layer.width, n_bins, dtype=torch.int64, device=layer.hist.device)
+    if layer.n_bins:
+        start = layer.k_lo - k_lo
+        if start < 0 or start + layer.n_bins > n_bins:
+            raise ValueError(f"bins [{layer.k_lo}, {layer.k_lo + layer.n_bins}) outside [{k_lo}, {k_lo + n_bins})")
+        out[:, start : start + layer.n_bins] = layer.hist
+    return out
+
+
+def _merge_moments(
+    n_a: int, mean_a: torch.Tensor, m2_a: torch.Tensor, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Chan et al.'s pairwise update, the same operations in the same order as ``LayerStats._merge_moments``
+    (a unit test checks that both give the same bits). ``n_b`` must be positive."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b / n)
+    m2 = m2_a + m2_b + delta**2 * (n_a * n_b / n)
+    return n, mean, m2
+
+
+def _common_range(ranges: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """``(k_lo, n_bins)`` covering every non-empty ``(k_lo, n_bins)`` of ``ranges``; ``(0, 0)`` if all are empty."""
+    spans = [(lo, lo + n - 1) for lo, n in ranges if n > 0]
+    if not spans:
+        return 0, 0
+    lo, hi = min(s[0] for s in spans), max(s[1] for s in spans)
+    return lo, hi - lo + 1
+
+
+def all_reduce_statistics(stats: Statistics) -> Statistics:
+    """Merge every rank's ``stats`` into one :class:`Statistics`, the same (bit for bit) on every rank.
+
+    Per layer: the histograms are padded to the union of the ranks' bin ranges and summed (int64), as are ``under``
+    and ``over``; ``min``/``max`` are reduced with MIN/MAX; ``count``, ``mean`` and ``m2`` of all ranks are gathered
+    and merged in rank order with the pairwise (Chan) update, skipping ranks without tokens. ``meta`` is rank 0's.
+    Returns ``stats`` itself when the run is not distributed; otherwise a new object with ordinary (non-inference)
+    tensors on the device ``stats`` were on. Every rank must call it (it is a collective).
+    """
+    rank, size = world()
+    if size == 1:
+        return stats
+    with torch.inference_mode(False), torch.no_grad():
+        header = {
+            "widths": stats.widths,
+            "eps": stats.eps,
+            "limit": stats.limit,
+            "counts": [s.count for s in stats.layers],
+            "ranges": [(s.k_lo, s.n_bins) for s in stats.layers],
+            "meta": stats.meta,
+        }
+        headers: list[dict] = [None] * size  # type: ignore[list-item]
+        dist.all_gather_object(headers, header)
+        for r, h in enumerate(headers):
+            if (h["widths"], h["eps"], h["limit"]) != (stats.widths, stats.eps, stats.limit):
+                raise KnockoutError(
+                    f"rank {r} collected statistics with widths/eps/limit {(h['widths'], h['eps'], h['limit'])}, "
+                    f"rank {rank} with {(stats.widths, stats.eps, stats.limit)}: every rank must use the same settings"
+                )
+        out = Statistics(stats.widths, eps=stats.eps, limit=stats.limit, meta=headers[0]["meta"])
+        for i, (mine, res) in enumerate(zip(stats.layers, out.layers)):
+            counts = [h["counts"][i] for h in headers]
+            k_lo, n_bins = _common_range([h["ranges"][i] for h in headers])
+            _reduce_layer(mine, res, counts, k_lo, n_bins, size)
+    return out
+
+
+def _reduce_layer(mine: LayerStats, res: LayerStats, counts: list[int], k_lo: int, n_bins: int, size: int) -> None:
+    """Fill ``res`` with the merge of every rank's ``mine`` (collectives; ``counts`` and the common bin range
+    ``[k_lo, k_lo + n_bins)`` are already known on every rank). Each field of ``res`` gets its own storage
+    (safetensors refuses to save tensors that share memory)."""
+    home = mine.mean.device
+    dev = _comm_device(home)
+    width = mine.width
+    hist = _pad_hist(mine, k_lo, n_bins, torch.zeros(width, n_bins, dtype=torch.int64, device=dev))
+    dist.all_reduce(hist, op=dist.ReduceOp.SUM)
+    clipped = torch.cat([mine.under.to(dev, torch.int64), mine.over.to(dev, torch.int64)])  # [2 * width]
+    dist.all_reduce(clipped, op=dist.ReduceOp.SUM)
+    # min and max in one MAX: max(-x) = -min(x), and negation is exact
+    ext = torch.cat([-mine.min.to(dev, torch.float64), mine.max.to(dev, torch.float64)])  # [2 * width]
+    dist.all_reduce(ext, op=dist.ReduceOp.MAX)
+    # moments: gather every rank's (mean, m2) and merge in rank order, so every rank computes the same bits
+    mom = torch.stack([mine.mean.to(dev, torch.float64), mine.m2.to(dev, torch.float64)])  # [2, width]
+    gathered = [torch.empty_like(mom) for _ in range(size)]
+    dist.all_gather(gathered, mom)
+    n = 0
+    mean = torch.zeros(width, dtype=torch.float64, device=dev)
+    m2 = torch.zeros(width, dtype=torch.float64, device=dev)
+    for c, g in zip(counts, gathered):
+        if c:
+            n, mean, m2 = _merge_moments(n, mean, m2, c, g[0], g[1])
+    res.count = n
+    res.mean, res.m2 = mean.to(home), m2.to(home)
+    res.min, res.max = (-ext[:width]).to(home), ext[width:].clone().to(home)
+    res.k_lo, res.hist = k_lo, hist.to(home)
+    res.under, res.over = clipped[:width].clone().to(home), clipped[width:].clone().to(home)
+
+
+def all_reduce_metrics(m: Metrics) -> Metrics:
+    """Sum every rank's :class:`Metrics`: ``n`` and ``n_correct`` exactly (Python ints), ``ce_sum`` as the correctly
+    rounded float64 sum (``math.fsum``) of the ranks' sums, the same on every rank. Returns ``m`` itself when the run
+    is not distributed. Every rank must call it."""
+    _, size = world()
+    if size == 1:
+        return m
+    parts: list[tuple[int, int, float]] = [None] * size  # type: ignore[list-item]
+    dist.all_gather_object(parts, (int(m.n), int(m.n_correct), float(m.ce_sum)))
+    return Metrics(
+        n=sum(p[0] for p in parts), n_correct=sum(p[1] for p in parts), ce_sum=math.fsum(p[2] for p in parts)
+    )
+
+
+# -- sharded passes -------------------------------------------------------------------------------------------------
+def collect_stats_sharded(
+    model: torch.nn.Module, sites: Sequence[Site], batches: Sequence[Batch], **kwargs
+) -> Statistics:
+    """:func:`~knockout.stats.collect_stats` on this rank's share of ``batches``, all-reduced over ranks. The same
+    as ``collect_stats(model, sites, batches, **kwargs)`` in a single-process run. The progress bar (unless
+    ``progress`` is given) is shown on rank 0 only."""
+    kwargs.setdefault("progress", is_main())
+    return all_reduce_statistics(collect_stats(model, sites, shard(batches), **kwargs))
+
+
+def evaluate_sharded(
+    model: torch.nn.Module, batches: Sequence[Batch], on_batch: Callable[[int, Batch], None] | None = None
+) -> Metrics:
+    """:func:`~knockout.evaluation.evaluate` on this rank's share of ``batches``, all-reduced over ranks.
+
+    ``on_batch`` receives each batch's index in the full ``batches`` list (as in a single-process run), not its
+    position in this rank's share. A rank whose share has no scored targets contributes nothing (instead of raising);
+    the error is raised, on every rank, only when no rank had any.
+    """
+    idx = shard_indices(len(batches))
+    mine = [batches[i] for i in idx]
+    if sum(b.n_scored for b in mine):
+        hook = None if on_batch is None else (lambda i, b: on_batch(idx[i], b))
+        metrics = evaluate(model, mine, on_batch=hook)
+    else:
+        metrics = Metrics()
+    metrics = all_reduce_metrics(metrics)
+    if metrics.n == 0:
+        raise KnockoutError("the evaluation set has no scored targets; give more evaluation data")
+    return metrics
