@@ -56,6 +56,8 @@ class AblationMethod(ABC):
     name: ClassVar[str] = ""
     needs_stats: ClassVar[bool] = False
     tasks: ClassVar[tuple[str, ...]] = TASKS
+    #: Whether ``methods="all"`` includes this method (expensive or experimental methods are asked for by name).
+    in_all: ClassVar[bool] = True
 
     @classmethod
     def applies(cls, task: str, options: dict | None = None) -> bool:
@@ -116,8 +118,9 @@ def get_method(name: str) -> type[AblationMethod]:
 
 
 def methods_for(task: str, options: dict | None = None) -> list[str]:
-    """Names of the registered methods that apply to ``task`` with ``options``, in registration order."""
-    return [n for n, cls in METHODS.items() if cls.applies(task, options)]
+    """Names of the registered methods that ``methods="all"`` runs on ``task`` with ``options`` (those that apply
+    and are :attr:`AblationMethod.in_all`), in registration order."""
+    return [n for n, cls in METHODS.items() if cls.in_all and cls.applies(task, options)]
 
 
 @register("zero")

@@ -188,7 +188,7 @@ def resolve_methods(methods: tuple[str, ...], task: str, options: dict | None = 
     from knockout.ablation.methods import METHODS, methods_for
 
     chosen = methods_for(task, options)
-    skipped = [m for m, cls in METHODS.items() if m not in chosen and task in cls.tasks]
+    skipped = [m for m, cls in METHODS.items() if m not in chosen and cls.in_all and task in cls.tasks]
     if skipped:
         log.warning(
             "leaving out %s for a %s model (see `knockout methods`, e.g. --resample-model)", ", ".join(skipped), task
