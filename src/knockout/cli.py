@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
+import warnings
 from pathlib import Path
 
 from knockout.errors import KnockoutError
@@ -19,7 +21,11 @@ def _floats(text: str) -> list[float]:
         if ":" in text:
             start, stop, step = (float(x) for x in text.split(":"))
             if step <= 0:
-                raise ValueError
+                raise argparse.ArgumentTypeError(f"the step of {text!r} must be positive (start:stop:step)")
+            if stop < start:
+                raise argparse.ArgumentTypeError(
+                    f"{text!r} counts down; give start:stop:step with start <= stop, e.g. 0:1:0.5"
+                )
             n = int(round((stop - start) / step))
             return [round(start + i * step, 10) for i in range(n + 1)]
         return [float(x) for x in text.split(",") if x.strip()]
@@ -131,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(p, everything)
     _add_option_flags(p)
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="move an existing --out folder aside (to OUT.old-TIMESTAMP) and start afresh, instead of resuming",
+    )
 
     p = sub.add_parser("demo", help="the default sweep: SmolLM2-135M on built-in Wikipedia text, offline")
     _add_config_flags(p, everything)
@@ -200,12 +211,13 @@ def _sweep_config(args):
 
 
 def _sweep(args) -> int:
-    from knockout.experiments.runner import run_sweep
+    from knockout.experiments.runner import preflight, run_sweep
     from knockout.loading import load_model
     from knockout.reporting import format_table, summarize, write_report
     from knockout.runfolder import read_rows
 
     cfg = _sweep_config(args)
+    preflight(cfg, restart=getattr(args, "restart", False))  # everything checkable without the model
     try:
         loaded = load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device)
     except KnockoutError as e:
@@ -219,16 +231,19 @@ def _sweep(args) -> int:
     out = run_sweep(cfg, progress=not args.quiet, loaded=loaded)
     print(format_table(summarize(read_rows(out))))
     print(f"\nresults: {out}/results.csv  config: {out}/config.json")
-    print(f"report: {write_report(out)}")
+    with _quiet_numpy():
+        print(f"report: {write_report(out)}")
     return 0
 
 
 def _stats(args) -> int:
+    from knockout.data.text import data_identity
     from knockout.experiments.config import data_spec, default
     from knockout.experiments.runner import collect_run_stats, model_inputs
     from knockout.loading import model_identity
+    from knockout.runfolder import check_out
     from knockout.sites import find_sites
-    from knockout.stats.running import check_hist_params
+    from knockout.stats.running import check_hist_memory, check_hist_params
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
@@ -237,13 +252,19 @@ def _stats(args) -> int:
     spec = data_spec({**given, "options": _options(args)})
     value = lambda name: given.get(name, default(name))  # noqa: E731
     check_hist_params(value("eps"), value("hist_limit"))
+    if out.is_dir():
+        raise KnockoutError(f"--out {args.out!r} is a folder; give a .safetensors file name")
+    check_out(out.parent)
+    data_identity(spec.source)  # the data exists
     loaded = _load(args)
     sites = find_sites(loaded.model, value("site_module"), value("n_heads"))
+    check_hist_memory([s.width for s in sites], value("eps"), value("hist_limit"))
     inputs = model_inputs(loaded, sites, spec)
     identity = model_identity(args.model, loaded.model, sites)
     stats = collect_run_stats(
         loaded, sites, spec, inputs, value("eps"), value("hist_limit"), identity, progress=not args.quiet
     )
+    stats.check_finite("the collected statistics")
     stats.save(out)
     gap = max(float((s.peak() - s.mean).abs().max()) for s in stats.layers)
     clipped = max(s.clipped_fraction for s in stats.layers)
@@ -321,7 +342,8 @@ def format_benchmark(result: dict) -> str:
 def _report(args) -> int:
     from knockout.reporting import write_report
 
-    path = write_report(args.run_dir, args.out, tuple(args.fractions), args.layers, args.top_k)
+    with _quiet_numpy():
+        path = write_report(args.run_dir, args.out, tuple(args.fractions), args.layers, args.top_k)
     print(f"report: {path}\n        {path.with_name('report.md')}")
     return 0
 
@@ -329,7 +351,9 @@ def _report(args) -> int:
 def _compare(args) -> int:
     from knockout.reporting import compare_runs
 
-    print(f"comparison: {compare_runs(args.run_dirs, args.out, tuple(args.fractions), args.labels)}")
+    with _quiet_numpy():
+        path = compare_runs(args.run_dirs, args.out, tuple(args.fractions), args.labels)
+    print(f"comparison: {path}")
     return 0
 
 
@@ -345,7 +369,60 @@ COMMANDS = {
 COMMANDS.update(report=_report, compare=_compare)
 
 
+class _quiet_numpy:
+    """Reports never show numpy's floating-point warnings (overflow, invalid values): what they compute from stored
+    numbers is checked where it matters, and a warning line in the middle of the output only confuses."""
+
+    def __enter__(self):
+        import numpy as np
+
+        self._err = np.seterr(all="ignore")
+        self._warn = warnings.catch_warnings()
+        self._warn.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        import numpy as np
+
+        self._warn.__exit__(*exc)
+        np.seterr(**self._err)
+        return False
+
+
+_NEGATIVE = re.compile(r"^-\.?\d")
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--fractions -0.1,0.5`` as ``--fractions=-0.1,0.5``: argparse takes a value that starts with ``-`` and is not a
+    plain number for a flag. No flag of knockout starts with a digit, so such a value always belongs to the flag
+    before it (which then reports a clear error, e.g. fractions outside [0, 1])."""
+    out: list[str] = []
+    for arg in argv:
+        if out and _NEGATIVE.match(arg) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _progress_note(args) -> str:
+    """``N of M rows done`` for an interrupted sweep, from what its run folder holds; empty if unknown."""
+    try:
+        from knockout.runfolder import RESULTS_FILE, read_config, read_rows
+
+        out = Path(_sweep_config(args).out)
+        done = len(read_rows(out)) if (out / RESULTS_FILE).is_file() else 0
+        config = read_config(out)
+        if config is None:
+            return f" ({done} rows done)"
+        total = len(config["seeds"]) * (1 + len(config["methods"]) * len(config["fractions"]))
+        return f" ({done} of {total} rows done)"
+    except Exception:  # only a courtesy: never let it hide the interruption
+        return ""
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("transformers", "httpx", "urllib3", "filelock", "huggingface_hub"):
@@ -355,6 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     except KnockoutError as e:
         print(f"knockout: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        note = _progress_note(args) if args.command in ("sweep", "demo") else ""
+        resume = "; re-run the same command to resume" if args.command in ("sweep", "demo") else ""
+        print(f"\nknockout: interrupted{resume}{note}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

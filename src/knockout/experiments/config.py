@@ -115,6 +115,9 @@ class SweepConfig:
             raise KnockoutError(f"'{ALL_METHODS}' stands for every applicable method; give it alone")
         if not self.seeds:
             raise KnockoutError("give at least one seed")
+        bad = [s for s in self.seeds if not 0 <= s < 2**63]
+        if bad:
+            raise KnockoutError(f"seeds must be integers from 0 to 2**63 - 1 (torch's generator range), got {bad[0]}")
         self.data_spec()  # validates the data fields
         check_hist_params(self.eps, self.hist_limit)
         if self.selection not in MODES:

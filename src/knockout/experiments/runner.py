@@ -28,6 +28,7 @@ from knockout.loading import DTYPES, LoadedModel, load_model, model_identity
 from knockout.runfolder import ResultRow, ResultStore
 from knockout.sites import Site, find_sites, text_config
 from knockout.stats.collect import collect_stats
+from knockout.stats.running import check_hist_memory
 from knockout.stats.statistics import Statistics
 from knockout.version import __version__
 
@@ -117,6 +118,7 @@ def obtain_stats(
     else:
         spec = cfg.data_spec()
         stats = collect_run_stats(loaded, sites, spec, inputs, cfg.eps, cfg.hist_limit, identity, progress)
+    stats.check_finite(f"statistics in {str(source)!r}" if source is not None else "the collected statistics")
     for i, layer in enumerate(stats.layers):
         if layer.clipped_fraction > 1e-3:
             log.warning(
@@ -142,17 +144,37 @@ def load_generator(cfg: SweepConfig, loaded: LoadedModel) -> LoadedModel | None:
     return generator
 
 
-def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | None = None) -> Path:
-    """Run (or resume) the sweep of ``cfg``; returns the run folder.
+def preflight(cfg: SweepConfig, restart: bool = False) -> dict:
+    """The checks that need no model, run before it is loaded: ``--out`` is a writable folder, the data exists
+    (its identity is returned: :func:`knockout.data.text.data_identity`), and an existing run folder is intact and
+    holds a run of the same settings and data. ``restart``: move an existing run folder aside first."""
+    from knockout.data.text import data_identity
 
-    For each seed: the unablated baseline, then for each method and fraction the ablated evaluation. Rows already
-    in the folder's results are skipped, so re-running the same command resumes an interrupted run.
-    """
     out = Path(cfg.out)
+    runfolder.check_out(out)
+    data_id = data_identity(cfg.data)
+    if restart and (moved := runfolder.move_aside(out)) is not None:
+        log.warning("--restart: moved the old run folder to %s", moved)
+    runfolder.check_integrity(out)
     early = cfg.result_fields()
     if cfg.task == "auto":  # not known before the model is loaded
         early.pop("task")
     runfolder.check_resumable(out, early, SweepConfig.SPEED_OPTIONS)
+    runfolder.check_data(out, data_id)
+    return data_id
+
+
+def run_sweep(
+    cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | None = None, restart: bool = False
+) -> Path:
+    """Run (or resume) the sweep of ``cfg``; returns the run folder.
+
+    For each seed: the unablated baseline, then for each method and fraction the ablated evaluation. Rows already
+    in the folder's results are skipped, so re-running the same command resumes an interrupted run. ``restart``
+    moves an existing run folder aside (``<out>.old-<timestamp>``) and starts afresh.
+    """
+    out = Path(cfg.out)
+    data_id = preflight(cfg, restart)
     loaded = loaded or load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device)
     cfg = cfg.for_task(loaded.task)
     runfolder.check_resumable(out, cfg.result_fields(), SweepConfig.SPEED_OPTIONS)
@@ -165,6 +187,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
             raise KnockoutError(f"method {cls.name!r} does not apply to {loaded.task} models")
     # Everything that can fail on bad input happens before the first file is written.
     check_max_length(cfg.max_length, model, loaded.task)
+    if any(c.needs_stats for c in classes):
+        check_hist_memory([s.width for s in sites], cfg.eps, cfg.hist_limit)
     spec = cfg.data_spec()
     inputs = model_inputs(loaded, sites, spec)
     first_batches = eval_batches(spec, inputs, cfg.seeds[0])
@@ -186,6 +210,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
         "device": str(loaded.device),
         "dtype": str(next(model.parameters()).dtype),
         "environment": environment(),
+        "data_identity": data_id,
     }
     runfolder.write_config(out, {**cfg.to_dict(), "resolved": resolved})
     if save_stats:

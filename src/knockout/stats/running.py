@@ -37,14 +37,45 @@ DEFAULT_EPS = 0.01
 DEFAULT_LIMIT = 20.0
 
 
+MAX_BINS_PER_NEURON = 1_000_000
+"""Most histogram bins one neuron may need (8 MB of int64 counts): ``2 * limit / eps`` above this is refused."""
+MAX_HIST_BYTES = 16 * 2**30
+"""Most memory all neurons' histograms may need at their widest (every bin of the window in use)."""
+
+
 def check_hist_params(eps: float, limit: float) -> None:
-    """Raise a clear error for an eps or limit that cannot define a histogram grid."""
+    """Raise a clear error for an eps or limit that cannot define a histogram grid, or that needs more than
+    :data:`MAX_BINS_PER_NEURON` bins per neuron (checked before a model is loaded)."""
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise KnockoutError(f"eps must be a positive number (a bin width such as 0.01), got {eps!r}")
     if not (isinstance(limit, (int, float)) and math.isfinite(limit) and limit >= eps):
         raise KnockoutError(f"hist limit must be a finite number >= eps ({eps}), got {limit!r}")
-    if 2 * limit / eps > 10_000_000:
-        raise KnockoutError(f"limit/eps = {limit / eps:.0f} bins per side is too many; raise eps or lower the limit")
+    bins = 2 * limit / eps
+    if bins > MAX_BINS_PER_NEURON:
+        raise KnockoutError(
+            f"--eps {eps:g} with --hist-limit {limit:g} needs {bins:,.0f} histogram bins per neuron "
+            f"({_size(8 * bins)} per neuron); at most {MAX_BINS_PER_NEURON:,} are allowed: raise --eps to at least "
+            f"{2 * limit / MAX_BINS_PER_NEURON:g} or lower --hist-limit"
+        )
+
+
+def check_hist_memory(widths: list[int], eps: float, limit: float, cap: int = MAX_HIST_BYTES) -> None:
+    """Raise if the histograms of neurons of ``widths`` (one entry per layer) could need more than ``cap`` bytes
+    (8 bytes per bin, ``2 * limit / eps`` bins per neuron at most)."""
+    need = 8 * sum(widths) * math.ceil(2 * limit / eps)
+    if need > cap:
+        raise KnockoutError(
+            f"the histograms of {sum(widths):,} neurons with --eps {eps:g} and --hist-limit {limit:g} may need "
+            f"{_size(need)} of memory (limit {_size(cap)}); raise --eps or lower --hist-limit"
+        )
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.1f} {unit}" if unit != "B" else f"{n_bytes:.0f} B"
+        n_bytes /= 1024
+    return ""  # pragma: no cover
 
 
 @dataclass
