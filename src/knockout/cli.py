@@ -237,7 +237,7 @@ def _sweep(args) -> int:
 
 
 def _stats(args) -> int:
-    from knockout.data.text import data_identity
+    from knockout.data.text import check_source, data_identity
     from knockout.experiments.config import data_spec, default
     from knockout.experiments.runner import collect_run_stats, model_inputs
     from knockout.loading import model_identity
@@ -256,6 +256,7 @@ def _stats(args) -> int:
         raise KnockoutError(f"--out {args.out!r} is a folder; give a .safetensors file name")
     check_out(out.parent)
     data_identity(spec.source)  # the data exists
+    check_source(spec.source)
     loaded = _load(args)
     sites = find_sites(loaded.model, value("site_module"), value("n_heads"))
     check_hist_memory([s.width for s in sites], value("eps"), value("hist_limit"))

@@ -310,13 +310,17 @@ def read_rows(run_dir: str | os.PathLike) -> list[dict]:
 
 def write_rows(run_dir: str | os.PathLike, rows: Iterable[ResultRow]) -> None:
     """Write ``results.jsonl`` and ``results.csv`` (each atomically)."""
-    run_dir, rows = Path(run_dir), [r.as_dict() for r in rows]
-    write_atomic(run_dir / RESULTS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+    run_dir, rows = Path(run_dir), list(rows)
+    write_atomic(run_dir / RESULTS_FILE, "".join(json.dumps(r.as_dict()) + "\n" for r in rows))
+    write_atomic(run_dir / RESULTS_CSV, _csv_text(rows))
+
+
+def _csv_text(rows: Iterable[ResultRow]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(ROW_FIELDS), lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(run_dir / RESULTS_CSV, buf.getvalue())
+    writer.writerows(r.as_dict() for r in rows)
+    return buf.getvalue()
 
 
 class ResultStore:
@@ -328,6 +332,9 @@ class ResultStore:
         if (self.dir / RESULTS_FILE).is_file():
             for row in read_rows(self.dir):
                 self.rows[row_key(row["method"], row["fraction"], row["seed"])] = ResultRow.from_dict(row)
+            csv_path = self.dir / RESULTS_CSV
+            if not csv_path.is_file() or csv_path.read_text(encoding="utf-8") != _csv_text(self.rows.values()):
+                write_rows(self.dir, self.rows.values())  # a crash between the two files left the CSV behind
 
     def __contains__(self, key: tuple) -> bool:
         return row_key(*key) in self.rows

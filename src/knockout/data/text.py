@@ -70,8 +70,13 @@ def decode_text(data: bytes, where: str) -> str:
             f"{where} is neither UTF-8 nor Windows-1252/Latin-1 text ({utf8_error}); convert it to UTF-8, e.g. "
             f"`iconv -f ENCODING -t UTF-8`"
         ) from None
-    log.info("%s is not UTF-8; read it as Windows-1252 (Latin-1)", where)
+    if where not in _NOTED:
+        _NOTED.add(where)
+        log.info("%s is not UTF-8; read it as Windows-1252 (Latin-1)", where)
     return text
+
+
+_NOTED: set[str] = set()
 
 
 def _json_docs(items, where: str) -> list[str]:
@@ -151,6 +156,22 @@ def data_identity(source: str) -> dict:
 
 
 _SHA_CACHE: dict[tuple, str] = {}
+
+
+def check_source(source: str) -> None:
+    """Read a local data source before any model is loaded, so that a missing, empty, binary or malformed file (or
+    an empty folder) is reported at once. Hugging Face names and ``wiki`` are not opened here."""
+    if source == "wiki":
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not any(p.is_file() for p in path.rglob("*")):
+            raise KnockoutError(f"data folder {source!r} is empty")
+    elif path.is_file() and path.suffix.lower() in (".txt", ".jsonl", ".json"):
+        if not _read_local(path):
+            raise KnockoutError(f"data file {source!r} contains no text")
+    elif path.is_file() and path.stat().st_size == 0:
+        raise KnockoutError(f"data file {source!r} is empty")
 
 
 def _file_sha256(path: Path) -> str:

@@ -148,11 +148,12 @@ def preflight(cfg: SweepConfig, restart: bool = False) -> dict:
     """The checks that need no model, run before it is loaded: ``--out`` is a writable folder, the data exists
     (its identity is returned: :func:`knockout.data.text.data_identity`), and an existing run folder is intact and
     holds a run of the same settings and data. ``restart``: move an existing run folder aside first."""
-    from knockout.data.text import data_identity
+    from knockout.data.text import check_source, data_identity
 
     out = Path(cfg.out)
     runfolder.check_out(out)
     data_id = data_identity(cfg.data)
+    check_source(cfg.data)
     if restart and (moved := runfolder.move_aside(out)) is not None:
         log.warning("--restart: moved the old run folder to %s", moved)
     runfolder.check_integrity(out)

@@ -59,9 +59,10 @@ def check_hist_params(eps: float, limit: float) -> None:
         )
 
 
-def check_hist_memory(widths: list[int], eps: float, limit: float, cap: int = MAX_HIST_BYTES) -> None:
+def check_hist_memory(widths: list[int], eps: float, limit: float, cap: int | None = None) -> None:
     """Raise if the histograms of neurons of ``widths`` (one entry per layer) could need more than ``cap`` bytes
-    (8 bytes per bin, ``2 * limit / eps`` bins per neuron at most)."""
+    (default :data:`MAX_HIST_BYTES`; 8 bytes per bin, ``2 * limit / eps`` bins per neuron at most)."""
+    cap = MAX_HIST_BYTES if cap is None else cap
     need = 8 * sum(widths) * math.ceil(2 * limit / eps)
     if need > cap:
         raise KnockoutError(
