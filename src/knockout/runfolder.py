@@ -90,6 +90,9 @@ def move_aside(run_dir: str | os.PathLike) -> Path | None:
     return target
 
 
+_WARNED: set[str] = set()
+
+
 def check_data(run_dir: str | os.PathLike, identity: dict) -> None:
     """Raise if ``run_dir``'s config records data other than ``identity`` (:func:`knockout.data.text.data_identity`
     or its image counterpart). A folder written before data was recorded is accepted with a warning; its
@@ -99,6 +102,9 @@ def check_data(run_dir: str | os.PathLike, identity: dict) -> None:
         return
     recorded = (old.get("resolved") or {}).get("data_identity")
     if recorded is None:
+        if str(run_dir) in _WARNED:
+            return
+        _WARNED.add(str(run_dir))
         log.warning(
             "%s does not record what its data was (written by an older knockout); assuming it is %s and recording it",
             run_dir,

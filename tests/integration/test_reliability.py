@@ -195,7 +195,7 @@ def test_changed_data_is_refused_and_restart_starts_over(setup, tmp_path, capsys
     (out / "config.json").write_text(json.dumps(config))
     caplog.clear()
     assert main(args) == 0
-    assert "does not record what its data was" in caplog.text
+    assert caplog.text.count("does not record what its data was") == 1
     assert json.loads((out / "config.json").read_text())["resolved"]["data_identity"]["sha256"] != ident["sha256"]
 
     # --restart moves the old folder aside and starts afresh
@@ -203,7 +203,7 @@ def test_changed_data_is_refused_and_restart_starts_over(setup, tmp_path, capsys
     assert main([*args, "--restart"]) == 0
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert len(aside) == 1 and (aside[0] / "results.jsonl").is_file()
-    assert len(read_rows(out)) == 3
+    assert len(read_rows(out)) == 5
 
 
 def test_changed_setting_refuses_and_restart_applies_it(setup, tmp_path, capsys):
