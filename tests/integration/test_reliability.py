@@ -398,3 +398,14 @@ def test_same_config_and_seed_give_identical_numbers_on_smollm2(tmp_path):
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     assert _values(tmp_path / "a") == _values(tmp_path / "b")
+
+
+def test_results_csv_is_rewritten_when_a_crash_left_it_behind(tmp_path):
+    store = ResultStore(tmp_path)
+    base = ResultRow.measured("baseline", 0.0, 0, 0.5, 2.0, 10, 0, 64, 0.1)
+    store.add(base)
+    stale = (tmp_path / "results.csv").read_text()
+    store.add(ResultRow.measured("zero", 1.0, 0, 0.25, 3.0, 10, 64, 64, 0.1, base))
+    (tmp_path / "results.csv").write_text(stale)  # killed after results.jsonl, before results.csv
+    ResultStore(tmp_path)
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 3
