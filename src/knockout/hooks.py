@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager, contextmanager
 import torch
 from torch import nn
 
+from knockout.errors import KnockoutError
 from knockout.sites import Site
 
 
@@ -113,6 +114,12 @@ def fold_constants(
                 idx = idx.to(w.device)
                 cols = w[:, idx].clone()
                 c = values[site.layer].to(device=w.device, dtype=torch.float64)[idx]
+                if not torch.isfinite(c).all():
+                    j = int(idx[~torch.isfinite(c)][0])
+                    raise KnockoutError(
+                        f"layer {site.layer} neuron {j}: the ablation value {float(values[site.layer][j])} is not "
+                        "finite (NaN/inf statistics or a damaged file); nothing was ablated"
+                    )
                 delta = (cols.to(torch.float64) @ c).to(w.dtype)
                 module = site.module
                 undo.append(_restore_columns(w, idx, cols))

@@ -409,3 +409,18 @@ def test_results_csv_is_rewritten_when_a_crash_left_it_behind(tmp_path):
     (tmp_path / "results.csv").write_text(stale)  # killed after results.jsonl, before results.csv
     ResultStore(tmp_path)
     assert len((tmp_path / "results.csv").read_text().splitlines()) == 3
+
+
+def test_folding_a_nan_constant_names_layer_and_neuron_and_restores_weights():
+    from knockout import find_sites, fold_constants
+
+    model = tiny.causal_lm("llama")
+    sites = find_sites(model)
+    before = [s.weight().clone() for s in sites]
+    values = [torch.zeros(s.width) for s in sites]
+    values[1][7] = float("inf")
+    neurons = [torch.arange(s.width) for s in sites]
+    with pytest.raises(KnockoutError, match="layer 1 neuron 7: the ablation value inf is not finite"):
+        with fold_constants(sites, neurons, values):
+            pass
+    assert all(torch.equal(b, s.weight()) for b, s in zip(before, sites))
