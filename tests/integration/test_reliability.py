@@ -424,3 +424,23 @@ def test_folding_a_nan_constant_names_layer_and_neuron_and_restores_weights():
         with fold_constants(sites, neurons, values):
             pass
     assert all(torch.equal(b, s.weight()) for b, s in zip(before, sites))
+
+
+def test_reports_do_not_leak_numpy_warnings(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    import numpy as np
+
+    def noisy_report(run_dir, *a, **k):
+        np.array([1e308]) * 10  # overflow
+        np.log(np.zeros(1))  # divide by zero
+        np.mean(np.array([]))  # mean of an empty slice
+        return Path(run_dir) / "report" / "report.html"
+
+    monkeypatch.setattr("knockout.reporting.write_report", noisy_report)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["report", str(tmp_path)]) == 0
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert capsys.readouterr().err == ""
+    np.testing.assert_equal(np.geterr()["over"], "warn")  # numpy's settings are restored
