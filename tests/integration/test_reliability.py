@@ -444,3 +444,25 @@ def test_reports_do_not_leak_numpy_warnings(tmp_path, capsys, monkeypatch):
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
     assert capsys.readouterr().err == ""
     np.testing.assert_equal(np.geterr()["over"], "warn")  # numpy's settings are restored
+
+
+def test_binary_without_nul_bytes_is_refused(tmp_path):
+    from knockout.data.text import load_texts
+
+    path = tmp_path / "noise.txt"
+    path.write_bytes(bytes([0xFF, 0xFE, 0x80, 0x01, 0x02, 0x03, 0x1B, 0x7F]) * 50)
+    with pytest.raises(KnockoutError, match="looks binary"):
+        list(load_texts(str(path), "eval"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_statistics_prints_one_line(setup, tmp_path):
+    _, model, corpus = setup
+    out = tmp_path / "run"
+    proc = _run_cli(_args(model, corpus, out), KILL_IN_STATS="2", KILL_SIGNAL="SIGINT")
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "knockout: interrupted; re-run the same command to resume (0 rows done)"
+    )
+    assert not (out / "stats.safetensors").exists()

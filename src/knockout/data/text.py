@@ -70,6 +70,9 @@ def decode_text(data: bytes, where: str) -> str:
             f"{where} is neither UTF-8 nor Windows-1252/Latin-1 text ({utf8_error}); convert it to UTF-8, e.g. "
             f"`iconv -f ENCODING -t UTF-8`"
         ) from None
+    controls = sum(1 for ch in text if ord(ch) < 32 and ch not in "\t\n\r\f")
+    if controls > 0.01 * len(text):
+        raise KnockoutError(f"{where} looks binary (control bytes, not UTF-8); give a UTF-8 text file")
     if where not in _NOTED:
         _NOTED.add(where)
         log.info("%s is not UTF-8; read it as Windows-1252 (Latin-1)", where)
