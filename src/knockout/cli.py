@@ -39,7 +39,6 @@ def _names(text: str) -> list[str]:
 
 
 _KINDS = {"str": str, "int": int, "float": float, "floats": _floats, "ints": _ints, "names": _names}
-_GROUPS = {"model": ("model",), "data": ("data",), "sweep": ("sweep",)}
 
 
 def _config_fields(groups: tuple[str, ...]) -> list:
@@ -51,22 +50,24 @@ def _config_fields(groups: tuple[str, ...]) -> list:
     return [f for f in fields(SweepConfig) if "kind" in f.metadata and f.metadata["group"] in groups]
 
 
-def _add_config_flags(p: argparse.ArgumentParser, groups: tuple[str, ...], exclude: tuple[str, ...] = ()) -> None:
-    """One flag per :class:`SweepConfig` field of ``groups``; its default and help come from the field. Flags left
-    out of the command line stay ``None``, so only the given ones override the config's (or a preset's) values."""
+def _add_config_flags(p: argparse.ArgumentParser, groups: tuple[str, ...], shown: dict | None = None) -> None:
+    """One flag per :class:`SweepConfig` field of ``groups``; its help and the default it shows come from the field
+    (or from ``shown``, a preset's values). Flags left out of the command line stay ``None``, so only the given ones
+    override the config's (or the preset's) values."""
     from knockout.experiments.config import default
 
-    arg_groups = {}
+    arg_groups: dict[str, argparse._ArgumentGroup] = {}
     for f in _config_fields(groups):
-        if f.name in exclude:
-            continue
         meta = f.metadata
-        g = arg_groups.get(meta["group"]) or arg_groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
-        value = default(f.name)
-        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-        help_text = meta["help"] + ("" if value is None else f" (default {shown})")
+        if meta["group"] not in arg_groups:
+            arg_groups[meta["group"]] = p.add_argument_group(meta["group"])
+        value = (shown or {}).get(f.name, default(f.name))
+        value = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        help_text = meta["help"] + ("" if value is None else f" (default {value})")
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
-        g.add_argument(flag, dest=f.name, type=_KINDS[meta["kind"]], choices=meta.get("choices"), help=help_text)
+        arg_groups[meta["group"]].add_argument(
+            flag, dest=f.name, type=_KINDS[meta["kind"]], choices=meta.get("choices"), help=help_text
+        )
 
 
 def _given(args, groups: tuple[str, ...]) -> dict:
@@ -117,6 +118,8 @@ def _options(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from knockout.experiments.presets import resolve_preset
+
     parser = argparse.ArgumentParser(prog="knockout", description="Neuron-ablation experiments on attention pre-out.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -133,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option_flags(p)
 
     p = sub.add_parser("demo", help="the default sweep: SmolLM2-135M on built-in Wikipedia text, offline")
-    _add_config_flags(p, everything)
+    _add_config_flags(p, everything, shown=resolve_preset("demo").to_dict())
     _add_option_flags(p)
 
     p = sub.add_parser("stats", help="collect per-neuron statistics into a safetensors file")
