@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option_flags(p, sweep=False)
     p.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
 
-    p = sub.add_parser("sites", help="show the pre-out sites (layers, heads, d_head) of a model")
+    p = sub.add_parser("sites", help="show the sites of a model: attention pre-out (heads x d_head) and MLP, per layer")
     _add_config_flags(p, ("model",))
 
     sub.add_parser("methods", help="list the ablation methods")
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", help="only these presets")
 
     p = sub.add_parser("bench", help="throughput of plain forward, statistics collection and ablated evaluation")
-    _add_config_flags(p, ("model",))
+    _add_config_flags(p, ("model",), exclude=("site",))
     p.add_argument("--batch-size", type=int, help="sequences per batch (default 8)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 128)")
     p.add_argument("--repeats", type=int, help="interleaved rounds; the median is reported (default 3)")
@@ -241,7 +241,7 @@ def _stats(args) -> int:
     value = lambda name: given.get(name, default(name))  # noqa: E731
     check_hist_params(value("eps"), value("hist_limit"))
     loaded = _load(args)
-    sites = find_sites(loaded.model, value("site_module"), value("n_heads"))
+    sites = find_sites(loaded.model, value("site_module"), value("n_heads"), value("site"))
     inputs = model_inputs(loaded, sites, spec)
     identity = model_identity(args.model, loaded.model, sites)
     stats = collect_run_stats(
@@ -261,10 +261,22 @@ def _sites(args) -> int:
     from knockout.sites import find_sites
 
     loaded = _load(args)
-    sites = find_sites(loaded.model, args.site_module, args.n_heads)
-    print(f"{args.model}: {getattr(loaded.model.config, 'model_type', '?')}, task {loaded.task}, {len(sites)} layers")
-    for s in sites:
-        print(f"  layer {s.layer:>3}  {s.name}  {s.n_heads} heads x {s.d_head} = {s.width} neurons")
+    # Both sites, unless --site names one; --site-module and --n-heads apply to the named (default: attention) site.
+    named = args.site or "attention"
+    found = {named: find_sites(loaded.model, args.site_module, args.n_heads, named)}
+    if args.site is None:
+        try:
+            found["mlp"] = find_sites(loaded.model, kind="mlp")
+        except KnockoutError as e:
+            found["mlp"] = []
+            print(f"no MLP site: {e}", file=sys.stderr)
+    n_layers = max(len(s) for s in found.values())
+    print(f"{args.model}: {getattr(loaded.model.config, 'model_type', '?')}, task {loaded.task}, {n_layers} layers")
+    for layer in range(n_layers):
+        for kind in ("attention", "mlp"):
+            for s in found.get(kind, [])[layer : layer + 1]:
+                shape = f"{s.n_heads} heads x {s.d_head} = " if kind == "attention" else ""
+                print(f"  layer {s.layer:>3}  {kind:<9}  {s.name}  {shape}{s.width} neurons")
     return 0
 
 
