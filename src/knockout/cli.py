@@ -45,7 +45,6 @@ def _names(text: str) -> list[str]:
 
 
 _KINDS = {"str": str, "int": int, "float": float, "floats": _floats, "ints": _ints, "names": _names}
-_GROUPS = {"model": ("model",), "data": ("data",), "sweep": ("sweep",)}
 
 
 def _config_fields(groups: tuple[str, ...]) -> list:
@@ -57,22 +56,24 @@ def _config_fields(groups: tuple[str, ...]) -> list:
     return [f for f in fields(SweepConfig) if "kind" in f.metadata and f.metadata["group"] in groups]
 
 
-def _add_config_flags(p: argparse.ArgumentParser, groups: tuple[str, ...], exclude: tuple[str, ...] = ()) -> None:
-    """One flag per :class:`SweepConfig` field of ``groups``; its default and help come from the field. Flags left
-    out of the command line stay ``None``, so only the given ones override the config's (or a preset's) values."""
+def _add_config_flags(p: argparse.ArgumentParser, groups: tuple[str, ...], shown: dict | None = None) -> None:
+    """One flag per :class:`SweepConfig` field of ``groups``; its help and the default it shows come from the field
+    (or from ``shown``, a preset's values). Flags left out of the command line stay ``None``, so only the given ones
+    override the config's (or the preset's) values."""
     from knockout.experiments.config import default
 
-    arg_groups = {}
+    arg_groups: dict[str, argparse._ArgumentGroup] = {}
     for f in _config_fields(groups):
-        if f.name in exclude:
-            continue
         meta = f.metadata
-        g = arg_groups.get(meta["group"]) or arg_groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
-        value = default(f.name)
-        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-        help_text = meta["help"] + ("" if value is None else f" (default {shown})")
+        if meta["group"] not in arg_groups:
+            arg_groups[meta["group"]] = p.add_argument_group(meta["group"])
+        value = (shown or {}).get(f.name, default(f.name))
+        value = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        help_text = meta["help"] + ("" if value is None else f" (default {value})")
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
-        g.add_argument(flag, dest=f.name, type=_KINDS[meta["kind"]], choices=meta.get("choices"), help=help_text)
+        arg_groups[meta["group"]].add_argument(
+            flag, dest=f.name, type=_KINDS[meta["kind"]], choices=meta.get("choices"), help=help_text
+        )
 
 
 def _given(args, groups: tuple[str, ...]) -> dict:
@@ -123,6 +124,8 @@ def _options(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from knockout.experiments.presets import resolve_preset
+
     parser = argparse.ArgumentParser(prog="knockout", description="Neuron-ablation experiments on attention pre-out.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -144,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("demo", help="the default sweep: SmolLM2-135M on built-in Wikipedia text, offline")
-    _add_config_flags(p, everything)
+    _add_config_flags(p, everything, shown=resolve_preset("demo").to_dict())
     _add_option_flags(p)
 
     p = sub.add_parser("stats", help="collect per-neuron statistics into a safetensors file")
@@ -152,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option_flags(p, sweep=False)
     p.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
 
-    p = sub.add_parser("sites", help="show the pre-out sites (layers, heads, d_head) of a model")
+    p = sub.add_parser("sites", help="show the sites of a model: attention pre-out (heads x d_head) and MLP, per layer")
     _add_config_flags(p, ("model",))
 
     sub.add_parser("methods", help="list the ablation methods")
@@ -161,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", help="only these presets")
 
     p = sub.add_parser("bench", help="throughput of plain forward, statistics collection and ablated evaluation")
-    _add_config_flags(p, ("model",))
+    _add_config_flags(p, ("model",), exclude=("site",))
     p.add_argument("--batch-size", type=int, help="sequences per batch (default 8)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 128)")
     p.add_argument("--repeats", type=int, help="interleaved rounds; the median is reported (default 3)")
@@ -258,7 +261,7 @@ def _stats(args) -> int:
     data_identity(spec.source)  # the data exists
     check_source(spec.source)
     loaded = _load(args)
-    sites = find_sites(loaded.model, value("site_module"), value("n_heads"))
+    sites = find_sites(loaded.model, value("site_module"), value("n_heads"), value("site"))
     check_hist_memory([s.width for s in sites], value("eps"), value("hist_limit"))
     inputs = model_inputs(loaded, sites, spec)
     identity = model_identity(args.model, loaded.model, sites)
@@ -280,10 +283,22 @@ def _sites(args) -> int:
     from knockout.sites import find_sites
 
     loaded = _load(args)
-    sites = find_sites(loaded.model, args.site_module, args.n_heads)
-    print(f"{args.model}: {getattr(loaded.model.config, 'model_type', '?')}, task {loaded.task}, {len(sites)} layers")
-    for s in sites:
-        print(f"  layer {s.layer:>3}  {s.name}  {s.n_heads} heads x {s.d_head} = {s.width} neurons")
+    # Both sites, unless --site names one; --site-module and --n-heads apply to the named (default: attention) site.
+    named = args.site or "attention"
+    found = {named: find_sites(loaded.model, args.site_module, args.n_heads, named)}
+    if args.site is None:
+        try:
+            found["mlp"] = find_sites(loaded.model, kind="mlp")
+        except KnockoutError as e:
+            found["mlp"] = []
+            print(f"no MLP site: {e}", file=sys.stderr)
+    n_layers = max(len(s) for s in found.values())
+    print(f"{args.model}: {getattr(loaded.model.config, 'model_type', '?')}, task {loaded.task}, {n_layers} layers")
+    for layer in range(n_layers):
+        for kind in ("attention", "mlp"):
+            for s in found.get(kind, [])[layer : layer + 1]:
+                shape = f"{s.n_heads} heads x {s.d_head} = " if kind == "attention" else ""
+                print(f"  layer {s.layer:>3}  {kind:<9}  {s.name}  {shape}{s.width} neurons")
     return 0
 
 
@@ -428,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("transformers", "httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if args.quiet:  # Hugging Face's own progress bars too, through its API (the environment is left alone)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except KnockoutError as e:

@@ -157,4 +157,5 @@ def model_identity(name: str, model: torch.nn.Module, sites) -> dict:
         "n_layers": len(sites),
         "widths": [s.width for s in sites],
         "n_heads": sites[0].n_heads if sites else None,
+        "site": sites[0].kind if sites else None,  # statistics of the attention site never serve the MLP site
     }

@@ -11,11 +11,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from knockout.ablation.selection import MODES, validate_fractions
+from knockout.ablation.selection import HEAD_MODES, MODES, validate_fractions
 from knockout.data.images import IMAGE_OPTIONS
 from knockout.data.tasks import DataSpec
 from knockout.errors import KnockoutError
 from knockout.loading import TASKS
+from knockout.sites import SITE_KINDS
 from knockout.stats.running import DEFAULT_EPS, DEFAULT_LIMIT, check_hist_params
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,23 @@ class SweepConfig:
     hist_limit: float = _field(
         DEFAULT_LIMIT, "histogram window [-limit, limit); values outside are left out of the peak", "data", kind="float"
     )
-    selection: str = _field("per-layer", "per-layer (the paper's) or global", kind="str", choices=MODES)
+    selection: str = _field(
+        "per-layer",
+        "per-layer (the paper's) or global neurons, or whole attention heads: heads-per-layer or heads-global",
+        kind="str",
+        choices=MODES,
+    )
     task: str = _field("auto", "auto (from the model's config), causal, masked or image", "model", kind="str",
                        choices=("auto", *TASKS))  # fmt: skip
     gguf_file: str | None = _field(None, "GGUF file name inside the model folder", "model", kind="str")
+    site: str = _field(
+        "attention",
+        "which neurons: attention (the pre-out, input of the attention output projection) or mlp (input of the "
+        "MLP output projection: down_proj, fc2, mlp.c_proj, dense_4h_to_h, output.dense)",
+        "model",
+        kind="str",
+        choices=SITE_KINDS,
+    )
     site_module: str | None = _field(
         None,
         "out-projection path with {i} for the layer, for unknown architectures, "
@@ -122,6 +136,12 @@ class SweepConfig:
         check_hist_params(self.eps, self.hist_limit)
         if self.selection not in MODES:
             raise KnockoutError(f"selection must be one of {MODES}, got {self.selection!r}")
+        if self.site not in SITE_KINDS:
+            raise KnockoutError(f"site must be one of {SITE_KINDS}, got {self.site!r}")
+        if self.site != "attention" and self.selection in HEAD_MODES:
+            raise KnockoutError(
+                f"selection {self.selection!r} chooses whole attention heads; the {self.site} site has no heads"
+            )
         if self.task not in ("auto", *TASKS):
             raise KnockoutError(f"unknown task {self.task!r}; use auto, {', '.join(TASKS)}")
         from knockout.ablation.methods import get_method

@@ -180,7 +180,7 @@ def run_sweep(
     cfg = cfg.for_task(loaded.task)
     runfolder.check_resumable(out, cfg.result_fields(), SweepConfig.SPEED_OPTIONS)
     model = loaded.model
-    sites = find_sites(model, cfg.site_module, cfg.n_heads)
+    sites = find_sites(model, cfg.site_module, cfg.n_heads, cfg.site)
     identity = model_identity(cfg.model, model, sites)
     classes = [get_method(m) for m in cfg.methods]
     for cls in classes:
@@ -229,7 +229,7 @@ def run_sweep(
             continue
         same_inputs = seed == cfg.seeds[0] or loaded.task not in SEED_DEPENDENT_TASKS
         batches = first_batches if same_inputs else eval_batches(spec, inputs, seed)
-        selection = NeuronSelection(widths, seed, cfg.selection)
+        selection = NeuronSelection.for_sites(sites, seed, cfg.selection)
         runfolder.save_selection(out, selection.state_dict(), selection.mode)
         base = store.get("baseline", 0.0, seed)
         if base is None:
