@@ -56,14 +56,18 @@ def _config_fields(groups: tuple[str, ...]) -> list:
     return [f for f in fields(SweepConfig) if "kind" in f.metadata and f.metadata["group"] in groups]
 
 
-def _add_config_flags(p: argparse.ArgumentParser, groups: tuple[str, ...], shown: dict | None = None) -> None:
-    """One flag per :class:`SweepConfig` field of ``groups``; its help and the default it shows come from the field
-    (or from ``shown``, a preset's values). Flags left out of the command line stay ``None``, so only the given ones
-    override the config's (or the preset's) values."""
+def _add_config_flags(
+    p: argparse.ArgumentParser, groups: tuple[str, ...], shown: dict | None = None, exclude: tuple[str, ...] = ()
+) -> None:
+    """One flag per :class:`SweepConfig` field of ``groups`` (except those in ``exclude``); its help and the default
+    it shows come from the field (or from ``shown``, a preset's values). Flags left out of the command line stay
+    ``None``, so only the given ones override the config's (or the preset's) values."""
     from knockout.experiments.config import default
 
     arg_groups: dict[str, argparse._ArgumentGroup] = {}
     for f in _config_fields(groups):
+        if f.name in exclude:
+            continue
         meta = f.metadata
         if meta["group"] not in arg_groups:
             arg_groups[meta["group"]] = p.add_argument_group(meta["group"])
