@@ -200,6 +200,7 @@ def _sweep_config(args):
 
 
 def _sweep(args) -> int:
+    from knockout import distributed
     from knockout.experiments.runner import run_sweep
     from knockout.loading import load_model
     from knockout.reporting import format_table, summarize, write_report
@@ -216,7 +217,10 @@ def _sweep(args) -> int:
             f"preset {args.preset!r} needs the model {cfg.model!r} from the Hugging Face Hub or its local cache "
             f"(and streams {cfg.data!r}): {detail}"
         ) from e
-    out = run_sweep(cfg, progress=not args.quiet, loaded=loaded)
+    with distributed.process_group(loaded.device):  # torchrun: every rank runs its share, rank 0 writes
+        out = run_sweep(cfg, progress=not args.quiet, loaded=loaded)
+        if not distributed.is_main():
+            return 0
     print(format_table(summarize(read_rows(out))))
     print(f"\nresults: {out}/results.csv  config: {out}/config.json")
     print(f"report: {write_report(out)}")
@@ -224,6 +228,7 @@ def _sweep(args) -> int:
 
 
 def _stats(args) -> int:
+    from knockout import distributed
     from knockout.experiments.config import data_spec, default
     from knockout.experiments.runner import collect_run_stats, model_inputs
     from knockout.loading import model_identity
@@ -241,9 +246,12 @@ def _stats(args) -> int:
     sites = find_sites(loaded.model, value("site_module"), value("n_heads"))
     inputs = model_inputs(loaded, sites, spec)
     identity = model_identity(args.model, loaded.model, sites)
-    stats = collect_run_stats(
-        loaded, sites, spec, inputs, value("eps"), value("hist_limit"), identity, progress=not args.quiet
-    )
+    with distributed.process_group(loaded.device):  # torchrun: every rank collects its share, rank 0 writes
+        stats = collect_run_stats(
+            loaded, sites, spec, inputs, value("eps"), value("hist_limit"), identity, progress=not args.quiet
+        )
+        if not distributed.is_main():
+            return 0
     stats.save(out)
     gap = max(float((s.peak() - s.mean).abs().max()) for s in stats.layers)
     clipped = max(s.clipped_fraction for s in stats.layers)

@@ -207,8 +207,9 @@ def write_rows(run_dir: str | os.PathLike, rows: Iterable[ResultRow]) -> None:
 class ResultStore:
     """The rows of one run folder, kept in memory and rewritten atomically after every addition."""
 
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, read_only: bool = False):
         self.dir = Path(run_dir)
+        self.read_only = read_only  # distributed ranks other than 0 keep rows in memory and write nothing
         self.rows: dict[tuple, ResultRow] = {}
         if (self.dir / RESULTS_FILE).is_file():
             for row in read_rows(self.dir):
@@ -222,4 +223,5 @@ class ResultStore:
 
     def add(self, row: ResultRow) -> None:
         self.rows[row.key] = row
-        write_rows(self.dir, self.rows.values())
+        if not self.read_only:
+            write_rows(self.dir, self.rows.values())

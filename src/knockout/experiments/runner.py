@@ -15,19 +15,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from knockout import runfolder
+from knockout import distributed, runfolder
 from knockout.ablation.methods import MethodContext, get_method
 from knockout.ablation.selection import NeuronSelection
 from knockout.data.batch import Batch
 from knockout.data.tasks import SEED_DEPENDENT_TASKS, DataSpec, ModelInputs, eval_batches, probe_inputs, stats_batches
 from knockout.errors import KnockoutError
 from knockout.evaluation.evaluate import evaluate
+from knockout.evaluation.metrics import Metrics
 from knockout.experiments.config import SweepConfig
 from knockout.hooks import preout_length
 from knockout.loading import DTYPES, LoadedModel, load_model, model_identity
 from knockout.runfolder import ResultRow, ResultStore
 from knockout.sites import Site, find_sites, text_config
-from knockout.stats.collect import collect_stats
 from knockout.stats.statistics import Statistics
 from knockout.version import __version__
 
@@ -87,9 +87,15 @@ def collect_run_stats(
     identity: dict,
     progress: bool = True,
 ) -> Statistics:
-    """Statistics of ``loaded``'s pre-out on the collection split of ``spec`` (``knockout stats`` and sweeps)."""
+    """Statistics of ``loaded``'s pre-out on the collection split of ``spec`` (``knockout stats`` and sweeps).
+
+    Under ``torchrun`` each rank collects its share of the batches and the shares are all-reduced
+    (:func:`knockout.distributed.collect_stats_sharded`): every rank returns the statistics of all batches."""
     batches = stats_batches(spec, inputs)
-    return collect_stats(loaded.model, sites, batches, eps, limit, meta=stats_meta(spec, identity), progress=progress)
+    return distributed.collect_stats_sharded(
+        loaded.model, sites, batches, eps=eps, limit=limit, meta=stats_meta(spec, identity),
+        progress=progress and distributed.is_main(),
+    )  # fmt: skip
 
 
 def obtain_stats(
@@ -128,6 +134,13 @@ def obtain_stats(
     return stats, source != path
 
 
+def _evaluate(model: torch.nn.Module, batches: list[Batch], on_batch=None) -> Metrics:
+    """:func:`evaluate` on every batch, or on this rank's share, all-reduced, in a distributed run."""
+    if distributed.world()[1] > 1:
+        return distributed.evaluate_sharded(model, batches, on_batch=on_batch)
+    return evaluate(model, batches, on_batch=on_batch)
+
+
 def load_generator(cfg: SweepConfig, loaded: LoadedModel) -> LoadedModel | None:
     """The causal LM that writes ``resample-text``'s text when it is not the model itself (option
     ``resample_model``), loaded on the model's device and in its dtype; ``None`` otherwise."""
@@ -147,7 +160,29 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
 
     For each seed: the unablated baseline, then for each method and fraction the ablated evaluation. Rows already
     in the folder's results are skipped, so re-running the same command resumes an interrupted run.
+
+    Launched with ``torchrun`` (``WORLD_SIZE`` > 1) it runs data-parallel: see :func:`_run_sweep`.
     """
+    with distributed.process_group(_launch_device(cfg)):
+        return _run_sweep(cfg, progress, loaded)
+
+
+def _launch_device(cfg: SweepConfig) -> torch.device:
+    """The device whose tensors the process group communicates (it picks gloo for CPU, nccl for CUDA)."""
+    from knockout.loading import resolve_device
+
+    return resolve_device(cfg.device)
+
+
+def _run_sweep(cfg: SweepConfig, progress: bool, loaded: LoadedModel | None) -> Path:
+    """:func:`run_sweep` once the process group (if any) is joined.
+
+    Distributed (torchrun): every rank loads the model, reads the same resume state and builds the same batches;
+    statistics and every evaluation are sharded over the ranks and all-reduced, so all ranks hold the same rows;
+    only rank 0 writes files. A barrier separates the reading of the existing run folder from the first write.
+    """
+    main = distributed.is_main()
+    progress = progress and main
     out = Path(cfg.out)
     early = cfg.result_fields()
     if cfg.task == "auto":  # not known before the model is loaded
@@ -187,11 +222,12 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
         "dtype": str(next(model.parameters()).dtype),
         "environment": environment(),
     }
-    runfolder.write_config(out, {**cfg.to_dict(), "resolved": resolved})
-    if save_stats:
-        stats.save(out / runfolder.STATS_FILE)
-
-    store = ResultStore(out)
+    store = ResultStore(out) if main else ResultStore(out, read_only=True)
+    distributed.barrier()  # every rank has read the folder's state; rank 0 may now write
+    if main:
+        runfolder.write_config(out, {**cfg.to_dict(), "resolved": resolved})
+        if save_stats:
+            stats.save(out / runfolder.STATS_FILE)
     widths = [s.width for s in sites]
     n_neurons = sum(widths)
     per_seed = 1 + len(classes) * len(cfg.fractions)
@@ -204,11 +240,12 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
         same_inputs = seed == cfg.seeds[0] or loaded.task not in SEED_DEPENDENT_TASKS
         batches = first_batches if same_inputs else eval_batches(spec, inputs, seed)
         selection = NeuronSelection(widths, seed, cfg.selection)
-        runfolder.save_selection(out, selection.state_dict(), selection.mode)
+        if main:
+            runfolder.save_selection(out, selection.state_dict(), selection.mode)
         base = store.get("baseline", 0.0, seed)
         if base is None:
             t0 = time.perf_counter()
-            m = evaluate(model, batches)
+            m = _evaluate(model, batches)
             base = ResultRow.measured("baseline", 0.0, seed, m.top1, m.ce, m.n, 0, n_neurons, time.perf_counter() - t0)
             store.add(base)
         bar.update(per_seed - len(todo))
@@ -222,10 +259,11 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
             else:
                 method = instances.get(cls.name) or instances.setdefault(cls.name, cls(context(seed, batches)))
                 with method.ablate(selection.at(fraction)):
-                    m = evaluate(model, batches, on_batch=method.on_batch)
+                    m = _evaluate(model, batches, method.on_batch)
                 top1, ce, n = m.top1, m.ce, m.n
             seconds = time.perf_counter() - t0
             store.add(ResultRow.measured(cls.name, fraction, seed, top1, ce, n, n_ablated, n_neurons, seconds, base))
             bar.update(1)
     bar.close()
+    distributed.barrier()  # rank 0's files are complete when run_sweep returns on any rank
     return out
