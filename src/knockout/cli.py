@@ -182,7 +182,9 @@ def _load(args, default_model: str | None = None):
     if model is None:
         raise KnockoutError("give a model with --model (a hub name, local folder, .gguf file or built-in name)")
     value = lambda name: getattr(args, name) if getattr(args, name) is not None else default(name)  # noqa: E731
-    return load_model(model, value("gguf_file"), value("task"), value("dtype"), value("device"))
+    return load_model(
+        model, value("gguf_file"), value("task"), value("dtype"), value("device"), getattr(args, "device_map", None)
+    )
 
 
 def _sweep_config(args):
@@ -208,7 +210,7 @@ def _sweep(args) -> int:
 
     cfg = _sweep_config(args)
     try:
-        loaded = load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device)
+        loaded = load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device, cfg.device_map)
     except KnockoutError as e:
         if args.command == "demo" or args.preset is None:
             raise

