@@ -85,6 +85,12 @@ def _add_option_flags(p: argparse.ArgumentParser, sweep: bool = True) -> None:
     g.add_argument("--image-size", type=int, help="resize to this (default: the model config's image_size)")
     g.add_argument("--image-mean", type=_floats, help="1 or 3 numbers (default 0.5)")
     g.add_argument("--image-std", type=_floats, help="1 or 3 numbers (default 0.5)")
+    p.add_argument(
+        "--sort-by-length",
+        action="store_true",
+        help="text: batch sequences of similar length together (less padding, the same scored targets; "
+        "resampling results change, as its random inputs are drawn per batch)",
+    )
     if not sweep:
         return
     r = p.add_argument_group("resampling")
@@ -111,6 +117,8 @@ def _options(args) -> dict:
     options = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "resample_fixed", False):
         options["resample_fixed"] = True
+    if getattr(args, "sort_by_length", False):
+        options["sort_by_length"] = True
     if getattr(args, "resample_no_cache", False):
         options["resample_cache"] = False
     return options

@@ -179,6 +179,7 @@ def data_spec(values: dict[str, Any]) -> DataSpec:
         batch_size=value("batch_size"),
         stats_skip_first=value("stats_skip_first"),
         image_options=image_options(value("options")),
+        sort_by_length=bool(value("options").get("sort_by_length", False)),
     )
 
 

@@ -19,6 +19,7 @@ from knockout import distributed, runfolder
 from knockout.ablation.methods import MethodContext, get_method
 from knockout.ablation.selection import NeuronSelection
 from knockout.data.batch import Batch
+from knockout.data.packing import scored_fraction
 from knockout.data.tasks import SEED_DEPENDENT_TASKS, DataSpec, ModelInputs, eval_batches, probe_inputs, stats_batches
 from knockout.devices import model_dtype
 from knockout.errors import KnockoutError
@@ -93,6 +94,8 @@ def collect_run_stats(
     Under ``torchrun`` each rank collects its share of the batches and the shares are all-reduced
     (:func:`knockout.distributed.collect_stats_sharded`): every rank returns the statistics of all batches."""
     batches = stats_batches(spec, inputs)
+    if inputs.task != "image":
+        log.info("statistics: %.1f%% of the computed positions are counted", 100 * scored_fraction(batches, "valid"))
     return distributed.collect_stats_sharded(
         loaded.model, sites, batches, eps=eps, limit=limit, meta=stats_meta(spec, identity),
         progress=progress and distributed.is_main(),
@@ -204,6 +207,13 @@ def _run_sweep(cfg: SweepConfig, progress: bool, loaded: LoadedModel | None) -> 
     spec = cfg.data_spec()
     inputs = model_inputs(loaded, sites, spec)
     first_batches = eval_batches(spec, inputs, cfg.seeds[0])
+    used = scored_fraction(first_batches) if loaded.task != "image" else 1.0
+    if main:
+        log.info(
+            "evaluation: %.1f%% of the computed positions are scored targets%s",
+            100 * used,
+            " (batches sorted by length)" if spec.sort_by_length else "",
+        )
     stats, save_stats = None, False
     if any(c.needs_stats for c in classes):
         stats, save_stats = obtain_stats(cfg, loaded, sites, identity, out, inputs, progress)
@@ -218,6 +228,7 @@ def _run_sweep(cfg: SweepConfig, progress: bool, loaded: LoadedModel | None) -> 
     first_instances = {cls.name: cls(context(cfg.seeds[0], first_batches)) for cls in classes}
     resolved = {
         "task": loaded.task,
+        "positions_used": {"eval_scored_fraction": round(used, 6), "sort_by_length": spec.sort_by_length},
         "model_identity": identity,
         "device": str(loaded.device),
         "dtype": str(model_dtype(model)),
