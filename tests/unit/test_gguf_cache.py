@@ -75,7 +75,6 @@ def test_a_changed_file_or_dtype_gets_a_new_conversion(gguf):
 
 def test_an_unwritable_cache_only_costs_the_speed_up(gguf, monkeypatch):
     def refuse(net, config, folder):
-        folder.mkdir(parents=True)
         raise OSError("read-only file system")
 
     monkeypatch.setattr(loading, "_save_converted", refuse)
