@@ -29,6 +29,5 @@ def test_cached_smollm2_equals_the_gguf_load(tmp_path, monkeypatch):
         direct.processor.pad_token_id,
         direct.processor.eos_token_id,
     )
-    assert cached.model.config.to_dict() == direct.model.config.to_dict() or cached.model.config.vocab_size
     with torch.inference_mode():
         assert torch.equal(direct.model(input_ids=ids).logits, cached.model(input_ids=ids).logits)
