@@ -93,9 +93,13 @@ def run_benchmark(
     sites = find_sites(model, site_module)
     batch = _batch(loaded, batch_size, seq_len).to(loaded.device)
     n_tokens = int(batch.valid.sum())
+    # one bar over every stage: 5 forward passes of set-up, 5 of warm-up, 5 per round, then the authors' comparison
+    bar = tqdm(total=10 + 5 * repeats + 1, desc="benchmark", unit="pass", disable=not progress)
+    bar.set_postfix_str("statistics memory")
     stats = collect_stats(model, sites, [batch], progress=False)  # warm-up, and the statistics for peak
     mem_1 = _stats_bytes(stats)
     stats4 = collect_stats(model, sites, [batch] * 4, progress=False)
+    bar.update(5)
     mem_4 = _stats_bytes(stats4)
     neurons = NeuronSelection([s.width for s in sites], seed=0).at(0.5)
     peak = get_method("peak")(MethodContext(model, sites, stats))
@@ -130,9 +134,12 @@ def run_benchmark(
     }
     times: dict[str, list[float]] = {name: [] for name in modes}
     enter_exit: list[float] = []
+    bar.set_postfix_str("warm-up")
     for fn in modes.values():
         fn()  # warm-up
-    for _ in tqdm(range(repeats), desc="benchmark rounds", unit="round", disable=not progress):
+        bar.update(1)
+    for r in range(repeats):
+        bar.set_postfix_str(f"round {r + 1} of {repeats}")
         for name, fn in modes.items():
             with contextlib.ExitStack() as stack:
                 if name in contexts:
@@ -144,6 +151,7 @@ def run_benchmark(
                 fn()
                 sync()
                 times[name].append(time.perf_counter() - t0)
+            bar.update(1)
     tps = {name: n_tokens / pystats.median(ts) for name, ts in times.items()}
     result = {
         "model": loaded.name,
@@ -161,8 +169,11 @@ def run_benchmark(
         "ablation_enter_seconds": round(pystats.median(enter_exit), 4),
         "spread": {k: round(max(v) / min(v), 3) for k, v in times.items()},
         "stats_memory_bytes": {str(n_tokens): mem_1, str(4 * n_tokens): mem_4},
-        "authors_stats": compare_with_authors(layer_activations(model, sites[0], batch), repeats, progress),
     }
+    bar.set_postfix_str("statistics vs the authors' method")
+    result["authors_stats"] = compare_with_authors(layer_activations(model, sites[0], batch), repeats)
+    bar.update(1)
+    bar.close()
     return result
 
 
@@ -186,7 +197,7 @@ def authors_histograms(acts: np.ndarray, bins: int = 100) -> tuple[np.ndarray, n
     return counts, edges
 
 
-def compare_with_authors(acts: torch.Tensor, repeats: int = 3, progress: bool = False) -> dict:
+def compare_with_authors(acts: torch.Tensor, repeats: int = 3) -> dict:
     """Time and memory of knockout's statistics update against the authors' method on the same activations of one
     layer (``acts: [n_tokens, width]``), median of ``repeats`` alternating rounds.
 
@@ -200,7 +211,7 @@ def compare_with_authors(acts: torch.Tensor, repeats: int = 3, progress: bool = 
     store = acts.numpy().astype(np.float32)
     ours_s, theirs_s = [], []
     state = None
-    for _ in tqdm(range(repeats), desc="statistics vs authors", unit="round", disable=not progress):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         state = LayerStats(width)
         state.add(acts)
