@@ -12,8 +12,9 @@ The sweep enters an ablation once per (method, fraction) and then evaluates ever
 evaluations are timed inside their context, and the one-off cost of entering it (the weight edit) is reported
 apart. The round-to-round spread is printed too: on a shared 2-core machine it is often larger than the effect.
 
-It also reports the statistics' memory after one batch and after four times as many tokens (it must not grow with
-the number of tokens; it grows only if later batches widen the histogram's range).
+It also reports the statistics' memory after one batch and after the statistics of every timed pass merged
+(``repeats + 1`` times the tokens): it must not grow with the number of tokens; it grows only if later batches widen
+the histogram's range.
 
 Two comparisons with other tools' ways of doing the same thing:
 
@@ -93,14 +94,13 @@ def run_benchmark(
     sites = find_sites(model, site_module)
     batch = _batch(loaded, batch_size, seq_len).to(loaded.device)
     n_tokens = int(batch.valid.sum())
-    # one bar over every stage: 5 forward passes of set-up, 5 of warm-up, 5 per round, then the authors' comparison
-    bar = tqdm(total=10 + 5 * repeats + 1, desc="benchmark", unit="pass", disable=not progress)
-    bar.set_postfix_str("statistics memory")
+    # one bar over every stage: 1 forward pass of set-up, 5 of warm-up, 5 per round, then the authors' comparison
+    bar = tqdm(total=6 + 5 * repeats + 1, desc="benchmark", unit="pass", disable=not progress)
+    bar.set_postfix_str("set-up")
     stats = collect_stats(model, sites, [batch], progress=False)  # warm-up, and the statistics for peak
     mem_1 = _stats_bytes(stats)
-    stats4 = collect_stats(model, sites, [batch] * 4, progress=False)
-    bar.update(5)
-    mem_4 = _stats_bytes(stats4)
+    bar.update(1)
+    passes = []  # the statistics of every timed pass, merged afterwards: memory after (repeats + 1) x the tokens
     neurons = NeuronSelection([s.width for s in sites], seed=0).at(0.5)
     peak = get_method("peak")(MethodContext(model, sites, stats))
 
@@ -113,7 +113,7 @@ def run_benchmark(
             model(**batch.inputs)
 
     def stats_pass():
-        collect_stats(model, sites, [batch], progress=False)
+        passes.append(collect_stats(model, sites, [batch], progress=False))
 
     def plain_eval():
         evaluate(model, [batch])
@@ -153,6 +153,9 @@ def run_benchmark(
                 times[name].append(time.perf_counter() - t0)
             bar.update(1)
     tps = {name: n_tokens / pystats.median(ts) for name, ts in times.items()}
+    merged = passes[0]
+    for other in passes[1:]:
+        merged.merge(other)
     result = {
         "model": loaded.name,
         "device": str(loaded.device),
@@ -168,7 +171,7 @@ def run_benchmark(
         },
         "ablation_enter_seconds": round(pystats.median(enter_exit), 4),
         "spread": {k: round(max(v) / min(v), 3) for k, v in times.items()},
-        "stats_memory_bytes": {str(n_tokens): mem_1, str(4 * n_tokens): mem_4},
+        "stats_memory_bytes": {str(n_tokens): mem_1, str(len(passes) * n_tokens): _stats_bytes(merged)},
     }
     bar.set_postfix_str("statistics vs the authors' method")
     result["authors_stats"] = compare_with_authors(layer_activations(model, sites[0], batch), repeats)
