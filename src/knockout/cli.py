@@ -96,6 +96,12 @@ def _add_option_flags(p: argparse.ArgumentParser, sweep: bool = True) -> None:
     g.add_argument("--image-size", type=int, help="resize to this (default: the model config's image_size)")
     g.add_argument("--image-mean", type=_floats, help="1 or 3 numbers (default 0.5)")
     g.add_argument("--image-std", type=_floats, help="1 or 3 numbers (default 0.5)")
+    p.add_argument(
+        "--sort-by-length",
+        action="store_true",
+        help="text: batch sequences of similar length together (less padding, the same scored targets; "
+        "resampling results change, as its random inputs are drawn per batch)",
+    )
     if not sweep:
         return
     r = p.add_argument_group("resampling")
@@ -122,6 +128,8 @@ def _options(args) -> dict:
     options = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "resample_fixed", False):
         options["resample_fixed"] = True
+    if getattr(args, "sort_by_length", False):
+        options["sort_by_length"] = True
     if getattr(args, "resample_no_cache", False):
         options["resample_cache"] = False
     return options
@@ -200,7 +208,9 @@ def _load(args, default_model: str | None = None):
     if model is None:
         raise KnockoutError("give a model with --model (a hub name, local folder, .gguf file or built-in name)")
     value = lambda name: getattr(args, name) if getattr(args, name) is not None else default(name)  # noqa: E731
-    return load_model(model, value("gguf_file"), value("task"), value("dtype"), value("device"))
+    return load_model(
+        model, value("gguf_file"), value("task"), value("dtype"), value("device"), getattr(args, "device_map", None)
+    )
 
 
 def _sweep_config(args):
@@ -218,6 +228,7 @@ def _sweep_config(args):
 
 
 def _sweep(args) -> int:
+    from knockout import distributed
     from knockout.experiments.runner import preflight, run_sweep
     from knockout.loading import load_model
     from knockout.reporting import format_table, summarize, write_report
@@ -226,7 +237,7 @@ def _sweep(args) -> int:
     cfg = _sweep_config(args)
     preflight(cfg, restart=getattr(args, "restart", False))  # everything checkable without the model
     try:
-        loaded = load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device)
+        loaded = load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device, cfg.device_map)
     except KnockoutError as e:
         if args.command == "demo" or args.preset is None:
             raise
@@ -235,7 +246,10 @@ def _sweep(args) -> int:
             f"preset {args.preset!r} needs the model {cfg.model!r} from the Hugging Face Hub or its local cache "
             f"(and streams {cfg.data!r}): {detail}"
         ) from e
-    out = run_sweep(cfg, progress=not args.quiet, loaded=loaded)
+    with distributed.process_group(loaded.device):  # torchrun: every rank runs its share, rank 0 writes
+        out = run_sweep(cfg, progress=not args.quiet, loaded=loaded)
+        if not distributed.is_main():
+            return 0
     print(format_table(summarize(read_rows(out))))
     print(f"\nresults: {out}/results.csv  config: {out}/config.json")
     with _quiet_numpy():
@@ -244,6 +258,7 @@ def _sweep(args) -> int:
 
 
 def _stats(args) -> int:
+    from knockout import distributed
     from knockout.data.text import check_source, data_identity
     from knockout.experiments.config import data_spec, default
     from knockout.experiments.runner import collect_run_stats, model_inputs
@@ -269,9 +284,12 @@ def _stats(args) -> int:
     check_hist_memory([s.width for s in sites], value("eps"), value("hist_limit"))
     inputs = model_inputs(loaded, sites, spec)
     identity = model_identity(args.model, loaded.model, sites)
-    stats = collect_run_stats(
-        loaded, sites, spec, inputs, value("eps"), value("hist_limit"), identity, progress=not args.quiet
-    )
+    with distributed.process_group(loaded.device):  # torchrun: every rank collects its share, rank 0 writes
+        stats = collect_run_stats(
+            loaded, sites, spec, inputs, value("eps"), value("hist_limit"), identity, progress=not args.quiet
+        )
+        if not distributed.is_main():
+            return 0
     stats.check_finite("the collected statistics")
     stats.save(out)
     gap = max(float((s.peak() - s.mean).abs().max()) for s in stats.layers)
@@ -351,11 +369,24 @@ def format_benchmark(result: dict) -> str:
     lines += [
         f"  statistics / forward      {r['statistics_vs_forward']:.3f}   (target >= 0.8)",
         f"  folded ablation / eval    {r['folded_ablation_vs_eval']:.3f}   (target >= 0.97)",
-        f"  hooked ablation / eval    {r['hooked_ablation_vs_eval']:.3f}   (for comparison)",
+        f"  hooked ablation / eval    {r['hooked_ablation_tl_vs_eval']:.3f}   "
+        "(the same ablation as TransformerLens does it: a hook rewriting hook_z every pass)",
         f"  entering an ablation (once per method and fraction): {1000 * result['ablation_enter_seconds']:.1f} ms",
         f"  round-to-round spread (max/min time): up to {max(result['spread'].values()):.2f}x",
         "  statistics memory: " + ", ".join(f"{b / 2**20:.2f} MiB after {n} tokens" for n, b in mem.items()),
     ]
+    a = result.get("authors_stats")
+    if a:
+        lines += [
+            f"  statistics vs the authors' method (keep every activation, then one 100-bin np.histogram per neuron"
+            f" in a Python loop), one layer of {a['width']} neurons, {a['tokens']} tokens:",
+            f"    time per layer: knockout {1000 * a['knockout_seconds_per_layer']:.1f} ms, authors "
+            f"{1000 * a['authors_seconds_per_layer']:.1f} ms: {a['speedup']:.1f}x faster   (target >= 10x)",
+            f"    memory: knockout {a['knockout_bytes'] / 2**20:.2f} MiB, authors {a['authors_bytes'] / 2**20:.2f} MiB "
+            f"({a['memory_ratio']:.1f}x); at {a['at_tokens']} tokens, extrapolated linearly: authors "
+            f"{a['authors_bytes_at_tokens_extrapolated'] / 2**20:.1f} MiB, "
+            f"{a['memory_ratio_at_tokens_extrapolated']:.0f}x   (target >= 100x)",
+        ]
     return "\n".join(lines)
 
 

@@ -332,8 +332,9 @@ def _csv_text(rows: Iterable[ResultRow]) -> str:
 class ResultStore:
     """The rows of one run folder, kept in memory and rewritten atomically after every addition."""
 
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, read_only: bool = False):
         self.dir = Path(run_dir)
+        self.read_only = read_only  # distributed ranks other than 0 keep rows in memory and write nothing
         self.rows: dict[tuple, ResultRow] = {}
         if (self.dir / RESULTS_FILE).is_file():
             for row in read_rows(self.dir):
@@ -358,4 +359,5 @@ class ResultStore:
                 "model weights); the row was not stored"
             )
         self.rows[row.key] = row
-        write_rows(self.dir, self.rows.values())
+        if not self.read_only:
+            write_rows(self.dir, self.rows.values())

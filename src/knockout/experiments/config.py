@@ -15,7 +15,7 @@ from knockout.ablation.selection import HEAD_MODES, MODES, validate_fractions
 from knockout.data.images import IMAGE_OPTIONS
 from knockout.data.tasks import DataSpec
 from knockout.errors import KnockoutError
-from knockout.loading import TASKS
+from knockout.loading import TASKS, parse_device_map
 from knockout.sites import SITE_KINDS
 from knockout.stats.running import DEFAULT_EPS, DEFAULT_LIMIT, check_hist_params
 
@@ -111,6 +111,14 @@ class SweepConfig:
         flag="--stats",
     )  # fmt: skip
     device: str = _field("auto", "auto, cpu, cuda, cuda:N", "model", kind="str")
+    device_map: str | None = _field(
+        None,
+        "place a model larger than one device with accelerate: auto, balanced, sequential, or a JSON object of "
+        'module -> device (\'{"model.layers.1": "disk", ...}\'); layers may sit on several devices, the CPU or '
+        "disk. Default: the whole model on --device",
+        "model",
+        kind="str",
+    )
     dtype: str = _field("auto", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16", "model",
                         kind="str")  # fmt: skip
     options: dict = _field({}, "method- and task-specific options (resampling, image preprocessing)")
@@ -134,6 +142,7 @@ class SweepConfig:
             raise KnockoutError(f"seeds must be integers from 0 to 2**63 - 1 (torch's generator range), got {bad[0]}")
         self.data_spec()  # validates the data fields
         check_hist_params(self.eps, self.hist_limit)
+        parse_device_map(self.device_map)
         if self.selection not in MODES:
             raise KnockoutError(f"selection must be one of {MODES}, got {self.selection!r}")
         if self.site not in SITE_KINDS:
@@ -152,7 +161,7 @@ class SweepConfig:
 
     # Fields a resumed run may change without invalidating stored rows: which rows exist, and where it runs.
     # batch_size is not among them: resampling draws one random input per evaluation batch.
-    RESUMABLE_FIELDS = ("methods", "fractions", "seeds", "out", "device", "stats_path")
+    RESUMABLE_FIELDS = ("methods", "fractions", "seeds", "out", "device", "device_map", "stats_path")
     # Options that change only speed, not results.
     SPEED_OPTIONS = ("resample_cache",)
 
@@ -193,6 +202,7 @@ def data_spec(values: dict[str, Any]) -> DataSpec:
         batch_size=value("batch_size"),
         stats_skip_first=value("stats_skip_first"),
         image_options=image_options(value("options")),
+        sort_by_length=bool(value("options").get("sort_by_length", False)),
     )
 
 

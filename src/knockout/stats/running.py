@@ -19,6 +19,16 @@ were clipped. Override with ``--eps`` / ``--hist-limit``.
 
 The peak of a neuron is the centre ``(k + 0.5) * eps`` of its most populated bin (the lowest such bin on ties, as
 ``numpy.argmax``). Mean and variance use Chan et al.'s pairwise update in float64.
+
+Device and precision
+--------------------
+The statistics live on the device of the activations they are given (the model's; each layer on its own device
+when a model is split over devices) and are kept in float64 (moments, min, max) and int64 (counts), also for
+float16/bfloat16 models, whose activations are widened to float32 first (exactly). :meth:`LayerStats.add` reads
+back from the device once per call: three numbers (all finite?, lowest and highest bin of the batch) that decide
+whether the stored bins must grow. A batch with values outside the window reads a few more (the extreme bins of
+the values inside it). :func:`knockout.stats.collect_stats` selects the non-padding positions with one index per
+batch, not a boolean mask per layer (which would read its size back at every layer).
 """
 
 from __future__ import annotations
@@ -149,21 +159,34 @@ class LayerStats:
         x = x.detach()
         x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         self._to(x.device)
-        batch_min, batch_max = x.amin(0).double(), x.amax(0).double()
-        if not (torch.isfinite(batch_min).all() and torch.isfinite(batch_max).all()):  # NaN/inf propagate here
+        x_min, x_max = x.amin(0), x.amax(0)  # [width] in x's dtype
+        # One host read per batch and layer (a device sync on GPU): whether every value is finite, and the batch's
+        # lowest and highest bin, which decide whether the stored bins must grow. floor(x / eps) is monotonic in x,
+        # so the extreme bins are those of the extreme values (the same float operations as for every value).
+        ends = torch.stack([x_min.min(), x_max.max()])
+        finite, lo, hi = self._read_ends(ends)
+        if not finite:  # NaN/inf propagate into min/max
             raise KnockoutError(
                 "non-finite (NaN/inf) pre-out activations: the model overflowed or its weights are broken; "
                 "try --dtype float32 and check that the model produces finite logits"
             )
         var, mean = torch.var_mean(x.double(), dim=0, correction=0)
         self._merge_moments(n, mean, var * n)
-        self.min = torch.minimum(self.min, batch_min)
-        self.max = torch.maximum(self.max, batch_max)
-        self._add_to_histogram(x)
+        self.min = torch.minimum(self.min, x_min.double())
+        self.max = torch.maximum(self.max, x_max.double())
+        self._add_to_histogram(x, lo, hi)
 
-    def _add_to_histogram(self, x: torch.Tensor) -> None:
+    def _read_ends(self, ends: torch.Tensor) -> tuple[bool, int, int]:
+        """``(all finite, lowest bin, highest bin)`` of a batch whose lowest and highest values are ``ends``: one
+        transfer to the host."""
+        finite = torch.isfinite(ends).all()
+        k = torch.floor(torch.where(torch.isfinite(ends), ends, 0) / self.eps).to(torch.int64)
+        ok, lo, hi = torch.cat([finite.to(torch.int64).view(1), k]).tolist()
+        return bool(ok), lo, hi
+
+    def _add_to_histogram(self, x: torch.Tensor, lo: int, hi: int) -> None:
+        """Count ``x: [n, width]`` (finite) into the histogram; ``lo``/``hi``: the lowest/highest bin of x."""
         k = torch.floor(x / self.eps).to(torch.int64)  # [n, width] bin index on the global grid
-        lo, hi = int(k.min()), int(k.max())
         if lo >= self.k_min and hi <= self.k_max:  # common case: nothing outside the window
             self._grow(lo, hi)
             offsets = torch.arange(self.width, device=x.device) * self.n_bins
