@@ -176,17 +176,21 @@ def write_config(run_dir: str | os.PathLike, config: dict) -> None:
     write_atomic(Path(run_dir) / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
 
-def check_resumable(run_dir: str | os.PathLike, fields: dict, ignored_options: Iterable[str] = ()) -> None:
+def check_resumable(
+    run_dir: str | os.PathLike, fields: dict, ignored_options: Iterable[str] = (), defaults: dict | None = None
+) -> None:
     """Raise if ``run_dir`` holds a run whose results-defining settings differ from ``fields`` (a config's
     :meth:`~knockout.experiments.config.SweepConfig.result_fields`); options in ``ignored_options`` change only
-    speed and are not compared."""
+    speed and are not compared. A setting that a run folder written by an older version lacks counts as its value
+    in ``defaults`` (the behaviour of that version), so such folders still resume."""
     old = read_config(run_dir)
     if old is None:
         return
     ignored = set(ignored_options)
     old["options"] = {k: v for k, v in (old.get("options") or {}).items() if k not in ignored}
     new = json.loads(json.dumps(fields))
-    diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+    known = json.loads(json.dumps(defaults or {}))
+    diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k, known.get(k)) != v}
     if diff:
         detail = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise KnockoutError(

@@ -113,6 +113,23 @@ def test_changed_settings_refuse_to_mix_into_an_old_run(setup, capsys):
     assert (out / "results.jsonl").read_text() == before
 
 
+def test_a_run_folder_of_an_older_version_resumes(setup, capsys):
+    """Settings added since a run folder was written count as their defaults (what the older version did)."""
+    root, model, _, corpus = setup
+    out = root / "older"
+    assert main(_sweep_args(model, corpus, out, "--seeds", "0", "--fractions", "0,1")) == 0
+    config = json.loads((out / "config.json").read_text())
+    for key in ("site", "stats_skip_first"):  # fields that older versions did not write
+        config.pop(key)
+    (out / "config.json").write_text(json.dumps(config))
+    before = (out / "results.jsonl").read_text()
+    assert main(_sweep_args(model, corpus, out, "--seeds", "0", "--fractions", "0,1")) == 0
+    assert (out / "results.jsonl").read_text() == before
+    # a non-default value of such a setting is still a different run
+    assert main(_sweep_args(model, corpus, out, "--seeds", "0", "--fractions", "0,1", "--stats-skip-first", "1")) == 2
+    assert "stats_skip_first" in capsys.readouterr().err
+
+
 def test_stats_command_and_reuse(setup, capsys):
     root, model, other, corpus = setup
     path = root / "s.safetensors"

@@ -165,6 +165,11 @@ class SweepConfig:
     # Options that change only speed, not results.
     SPEED_OPTIONS = ("resample_cache",)
 
+    @classmethod
+    def defaults(cls) -> dict:
+        """Every field's default value (what a field that a run folder's config lacks meant when it was written)."""
+        return {name: default(name) for name in cls.__dataclass_fields__}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -177,7 +177,7 @@ def preflight(cfg: SweepConfig, restart: bool = False) -> dict:
     early = cfg.result_fields()
     if cfg.task == "auto":  # not known before the model is loaded
         early.pop("task")
-    runfolder.check_resumable(out, early, SweepConfig.SPEED_OPTIONS)
+    runfolder.check_resumable(out, early, SweepConfig.SPEED_OPTIONS, SweepConfig.defaults())
     runfolder.check_data(out, data_id)
     return data_id
 
@@ -221,7 +221,7 @@ def _run_sweep(cfg: SweepConfig, progress: bool, loaded: LoadedModel | None, res
         data_id = preflight(cfg)
     loaded = loaded or load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device, cfg.device_map)
     cfg = cfg.for_task(loaded.task)
-    runfolder.check_resumable(out, cfg.result_fields(), SweepConfig.SPEED_OPTIONS)
+    runfolder.check_resumable(out, cfg.result_fields(), SweepConfig.SPEED_OPTIONS, SweepConfig.defaults())
     model = loaded.model
     sites = find_sites(model, cfg.site_module, cfg.n_heads, cfg.site)
     identity = model_identity(cfg.model, model, sites)
