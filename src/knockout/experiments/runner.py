@@ -172,11 +172,12 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
     if any(c.needs_stats for c in classes):
         stats, save_stats = obtain_stats(cfg, loaded, sites, identity, out, inputs, progress)
     generator = load_generator(cfg, loaded)
+    train = stats_batches(spec, inputs) if any(c.needs_train_batches for c in classes) else ()
 
     def context(seed: int, batches: list[Batch]) -> MethodContext:
         return MethodContext(
             model, sites, stats, seed, loaded.task, loaded.processor, batches, cfg.options, generator=generator,
-            artifacts=out / runfolder.ARTIFACTS_DIR,
+            train_batches=train, artifacts=out / runfolder.ARTIFACTS_DIR,
         )  # fmt: skip
 
     first_instances = {cls.name: cls(context(cfg.seeds[0], first_batches)) for cls in classes}
@@ -206,10 +207,13 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
         selection = NeuronSelection(widths, seed, cfg.selection)
         runfolder.save_selection(out, selection.state_dict(), selection.mode)
         base = store.get("baseline", 0.0, seed)
+        base_docs = runfolder.read_doc_sums(out).get(runfolder.row_key("baseline", 0.0, seed))
         if base is None:
             t0 = time.perf_counter()
-            m = evaluate(model, batches)
+            m = evaluate(model, batches, per_doc=True)
             base = ResultRow.measured("baseline", 0.0, seed, m.top1, m.ce, m.n, 0, n_neurons, time.perf_counter() - t0)
+            base_docs = m.doc_sums()
+            runfolder.save_doc_sums(out, "baseline", 0.0, seed, base_docs)
             store.add(base)
         bar.update(per_seed - len(todo))
         instances = first_instances if seed == cfg.seeds[0] else {}
@@ -218,13 +222,15 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
             t0 = time.perf_counter()
             n_ablated = selection.n_ablated(fraction)
             if n_ablated == 0:
-                top1, ce, n = base.top1, base.ce, base.n_eval
+                top1, ce, n, docs = base.top1, base.ce, base.n_eval, base_docs
             else:
                 method = instances.get(cls.name) or instances.setdefault(cls.name, cls(context(seed, batches)))
                 with method.ablate(selection.at(fraction)):
-                    m = evaluate(model, batches, on_batch=method.on_batch)
-                top1, ce, n = m.top1, m.ce, m.n
+                    m = evaluate(model, batches, on_batch=method.on_batch, per_doc=True)
+                top1, ce, n, docs = m.top1, m.ce, m.n, m.doc_sums()
             seconds = time.perf_counter() - t0
+            if docs is not None:  # before the row, so a stored row always has its sums unless it predates them
+                runfolder.save_doc_sums(out, cls.name, fraction, seed, docs)
             store.add(ResultRow.measured(cls.name, fraction, seed, top1, ce, n, n_ablated, n_neurons, seconds, base))
             bar.update(1)
     bar.close()
