@@ -63,7 +63,9 @@ class Metrics:
         if not self.per_doc:
             raise ValueError("these Metrics were not accumulated with per_doc=True")
         if not self._docs:
-            return {k: np.zeros(0, dtype=t) for k, t in (("n", np.int64), ("ce_sum", np.float64), ("correct", np.int64))}
+            return {
+                k: np.zeros(0, dtype=t) for k, t in (("n", np.int64), ("ce_sum", np.float64), ("correct", np.int64))
+            }
         n, ce, correct = (torch.cat(parts) for parts in zip(*self._docs))
         return {"n": n.numpy().astype(np.int64), "ce_sum": ce.numpy(), "correct": correct.numpy().astype(np.int64)}
 
