@@ -14,6 +14,14 @@ from knockout.stats import collect_stats
 OPTIONS = {"optimal_steps": 20, "optimal_lr": 0.05}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only contend
+    yield
+    torch.set_num_threads(threads)
+
+
 def _text_batches(kind):
     tok = tiny.tokenizer(kind)
     words = tiny.TEXT.split()
