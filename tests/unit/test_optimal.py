@@ -95,3 +95,13 @@ def test_optimal_is_registered_but_not_in_all():
 
     cls = get_method("optimal")
     assert cls.needs_stats and cls.needs_train_batches and "optimal" not in methods_for("causal")
+
+
+@pytest.mark.parametrize("bad", [{"optimal_steps": -1}, {"optimal_lr": 0}, {"optimal_batch_size": 0}])
+def test_bad_options_are_refused(bad, tmp_path):
+    from knockout import KnockoutError
+
+    _, _, ctx = _setup("image", tmp_path)
+    ctx.options = {**OPTIONS, **bad}
+    with pytest.raises(KnockoutError, match=next(iter(bad))):
+        get_method("optimal")(ctx)

@@ -65,12 +65,25 @@ class OptimalAblation(ConstantAblation):
     trainings = 0
     """How many neuron sets were trained in this process (the tests check that a resumed run trains none)."""
 
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        for key in DEFAULTS:
+            value = self.option(key)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if key == "optimal_lr":
+                ok = number and value > 0
+            elif key == "optimal_steps":
+                ok = number and int(value) == value and value >= 0
+            else:
+                ok = value is None or (number and int(value) == value and value > 0)
+            if not ok:
+                raise KnockoutError(f"option {key} must be a positive number (steps may be 0), got {value!r}")
+
     def constants(self):
         return self.ctx.stats.means()
 
     def option(self, key: str):
-        value = self.ctx.options.get(key, DEFAULTS[key])
-        return value
+        return self.ctx.options.get(key, DEFAULTS[key])
 
     @contextmanager
     def ablate(self, neurons: Sequence[torch.Tensor]) -> Iterator[None]:
