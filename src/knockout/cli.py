@@ -105,7 +105,7 @@ def _add_option_flags(p: argparse.ArgumentParser, sweep: bool = True) -> None:
     )
     o = p.add_argument_group("optimal (learned constants; see knockout.ablation.optimal)")
     o.add_argument("--optimal-steps", type=int, help="Adam steps per neuron set (default 100)")
-    o.add_argument("--optimal-lr", type=float, help="learning rate (default 0.01)")
+    o.add_argument("--optimal-lr", type=float, help="learning rate, in units of each neuron's std (default 0.02)")
     o.add_argument("--optimal-batch-size", type=int, help="collection rows per step (default: --batch-size)")
     o.add_argument("--optimal-tokens", type=int, help="scored collection targets used (default: all)")
 

@@ -19,7 +19,7 @@ def test_optimal_beats_zero_mean_peak_on_smollm2(tmp_path):
     cfg = SweepConfig(
         model="smollm2-135m", data="wiki", out=str(tmp_path / "run"), methods=("zero", "mean", "peak", "optimal"),
         fractions=(0.5, 0.9), seeds=(0,), eval_tokens=256, stats_tokens=1024, max_length=64, batch_size=4,
-        options={"optimal_steps": 30, "optimal_lr": 0.02, "optimal_batch_size": 2},
+        options={"optimal_steps": 30, "optimal_lr": 0.03, "optimal_batch_size": 2, "optimal_tokens": 512},
     )  # fmt: skip
     out = run_sweep(cfg, progress=False, loaded=loaded)
     ce = {(r["method"], r["fraction"]): r["ce"] for r in read_rows(out)}

@@ -5,7 +5,7 @@ parameters; the model is frozen (its weights are never written: the constants en
 the out-projection, ``z[..., idx] := c``, which is the folded form ``W_O[:, idx] @ c`` of :func:`fold_constants`
 written as a hook so that autograd sees it). They minimise the task's cross-entropy (next-token, masked-token or
 class) on the **collection** split (:attr:`MethodContext.train_batches`; never the evaluation batches), starting at
-the mean, with Adam.
+the mean, with Adam on ``u`` where ``c = mean + std * u`` (so the learning rate is in units of each neuron's spread).
 
 Guarantee: after training, the candidates zero, mean, peak and the learned constants are scored on the same training
 tokens and the one with the lowest mean CE is kept, so on the training data ``optimal`` is never worse than zero,
@@ -15,9 +15,9 @@ Masked LMs: the collection batches are unmasked text, so they are BERT-masked he
 :mod:`knockout.data.masked`, drawn from the generator of the run's seed (deterministic, so a resumed run trains on the
 same inputs).
 
-Options (``SweepConfig.options``): ``optimal_steps`` (default 100 Adam steps), ``optimal_lr`` (0.01),
-``optimal_batch_size`` (rows per step, default: the collection batches as they are), ``optimal_tokens`` (scored
-training targets used, default all of the collection split).
+Options (``SweepConfig.options``): ``optimal_steps`` (default 100 Adam steps), ``optimal_lr`` (0.02, in units of
+the neuron's std), ``optimal_batch_size`` (rows per step, default: the collection batches as they are),
+``optimal_tokens`` (scored training targets used, default all of the collection split).
 
 The learned constants are saved in ``artifacts/optimal/seed{s}-{hash}.safetensors`` (the hash covers the neuron set
 and the options), and reused when present, so a resumed run does not train again.
@@ -42,7 +42,7 @@ from knockout.hooks import edit_preout, fold_constants
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"optimal_steps": 100, "optimal_lr": 0.01, "optimal_batch_size": None, "optimal_tokens": None}
+DEFAULTS = {"optimal_steps": 100, "optimal_lr": 0.02, "optimal_batch_size": None, "optimal_tokens": None}
 CANDIDATES = ("zero", "mean", "peak")
 
 
@@ -152,7 +152,13 @@ class OptimalAblation(ConstantAblation):
         batches = [b.to(device) for b in self.train_batches()]
         means = [m.float() for m in ctx.stats.means()]
         idx = {s.layer: neurons[s.layer].to(device).long() for s in ctx.sites if neurons[s.layer].numel()}
-        params = {k: torch.nn.Parameter(means[k].to(device)[i].clone()) for k, i in idx.items()}
+        # c = mean + std * u with u trainable (init 0): the learning rate is in units of each neuron's spread, so one
+        # setting suits models whose pre-out scales differ.
+        stds = [s.std.float().clamp_min(1e-4) for s in ctx.stats.layers]
+        base = {k: means[k].to(device)[i] for k, i in idx.items()}
+        scale = {k: stds[k].to(device)[i] for k, i in idx.items()}
+        params = {k: torch.nn.Parameter(torch.zeros_like(base[k])) for k in idx}
+        values = {k: (lambda k=k: base[k] + scale[k] * params[k]) for k in idx}
         steps, lr = int(self.option("optimal_steps")), float(self.option("optimal_lr"))
 
         if params and steps > 0:
@@ -161,7 +167,7 @@ class OptimalAblation(ConstantAblation):
             try:
                 for p in model.parameters():
                     p.requires_grad_(False)
-                with torch.enable_grad(), _replace(ctx.sites, idx, params):
+                with torch.enable_grad(), _replace(ctx.sites, idx, values):
                     bar = tqdm(range(steps), desc=f"optimal seed {ctx.seed}", unit="step", leave=False)
                     for step in bar:
                         batch = batches[step % len(batches)]
@@ -175,8 +181,8 @@ class OptimalAblation(ConstantAblation):
                     p.requires_grad_(f)
 
         learned = [m.clone() for m in means]
-        for k, p in params.items():
-            learned[k][idx[k].cpu()] = p.detach().float().cpu()
+        for k, value in values.items():
+            learned[k][idx[k].cpu()] = value().detach().float().cpu()
         candidates = {
             "zero": [torch.zeros_like(m) for m in means],
             "mean": means,
@@ -208,14 +214,14 @@ def _loss(model: torch.nn.Module, batch: Batch, reduction: str) -> torch.Tensor:
 
 
 @contextmanager
-def _replace(sites, idx: dict[int, torch.Tensor], params: dict[int, torch.Tensor]) -> Iterator[None]:
-    """Differentiable ``z[..., idx[l]] := params[l]`` on each layer's pre-out (the hook form of the folded edit)."""
+def _replace(sites, idx: dict[int, torch.Tensor], values: dict) -> Iterator[None]:
+    """Differentiable ``z[..., idx[l]] := values[l]()`` on each layer's pre-out (the hook form of the folded edit)."""
 
     def fn(site, z):
         if site.layer not in idx:
             return None
         z = z.clone()
-        z[..., idx[site.layer]] = params[site.layer].to(z.dtype)
+        z[..., idx[site.layer]] = values[site.layer]().to(z.dtype)
         return z
 
     with edit_preout(sites, fn):
