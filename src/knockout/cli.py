@@ -120,11 +120,17 @@ def _add_option_flags(p: argparse.ArgumentParser, sweep: bool = True) -> None:
         action="store_true",
         help="recompute random-input activations for every fraction instead of caching them",
     )
+    o = p.add_argument_group("optimal (learned constants; see knockout.ablation.optimal)")
+    o.add_argument("--optimal-steps", type=int, help="Adam steps per neuron set (default 100)")
+    o.add_argument("--optimal-lr", type=float, help="learning rate, in units of each neuron's std (default 0.02)")
+    o.add_argument("--optimal-batch-size", type=int, help="collection rows per step (default: --batch-size)")
+    o.add_argument("--optimal-tokens", type=int, help="scored collection targets used (default: all)")
 
 
 def _options(args) -> dict:
     """Image and resampling flags as :attr:`SweepConfig.options` entries (only those given)."""
     keys = ("image_size", "image_mean", "image_std", "resample_model", "resample_prompt")
+    keys += ("optimal_steps", "optimal_lr", "optimal_batch_size", "optimal_tokens")
     options = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "resample_fixed", False):
         options["resample_fixed"] = True

@@ -9,6 +9,8 @@ Layout::
     stats.safetensors       the statistics used by mean/peak (see knockout.stats)
     selection.safetensors   per seed, the random neuron orders the nested selections come from
     artifacts/              what methods learned (e.g. learned constants), reused on resume
+    paired/seed{s}.safetensors  per row of seed s, per-document sums for paired comparisons ("{method}@{fraction}.n",
+                            ".ce_sum", ".correct"; see knockout.reporting.paired)
     report/                 the report (knockout.reporting)
 
 Every file is written through :func:`write_atomic` (a temporary file renamed into place), so a crash never leaves
@@ -43,6 +45,8 @@ RESULTS_CSV = "results.csv"
 STATS_FILE = "stats.safetensors"
 SELECTION_FILE = "selection.safetensors"
 ARTIFACTS_DIR = "artifacts"
+PAIRED_DIR = "paired"
+DOC_FIELDS = ("n", "ce_sum", "correct")
 REPORT_DIR = "report"
 
 
@@ -227,6 +231,47 @@ def load_selection(run_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise KnockoutError(f"{str(path)!r} is damaged ({type(e).__name__}: {e}); {remedy}") from e
     verify_checksum(path, tensors, meta, remedy)
     return tensors
+
+
+# -- per-document sums (paired comparisons) -------------------------------------------------------------------------
+def _paired_path(run_dir: str | os.PathLike, seed: int) -> Path:
+    return Path(run_dir) / PAIRED_DIR / f"seed{int(seed)}.safetensors"
+
+
+def save_doc_sums(run_dir: str | os.PathLike, method: str, fraction: float, seed: int, sums: dict) -> None:
+    """Add one row's per-document sums (``{"n", "ce_sum", "correct"}``: ``[n_docs]`` arrays, as
+    :meth:`knockout.evaluation.Metrics.doc_sums` gives them) to ``paired/seed{seed}.safetensors``."""
+    from safetensors.torch import load_file, save
+
+    path = _paired_path(run_dir, seed)
+    tensors = load_file(str(path)) if path.is_file() else {}
+    key = f"{method}@{round(float(fraction), 10)!r}"
+    for name in DOC_FIELDS:
+        tensors[f"{key}.{name}"] = torch.as_tensor(sums[name]).contiguous()
+    note = "per-document sums of each (method, fraction) row of this seed, for paired comparisons"
+    write_atomic(path, save(tensors, metadata={"seed": str(int(seed)), "note": note}))
+
+
+def read_doc_sums(run_dir: str | os.PathLike) -> dict[tuple[str, float, int], dict]:
+    """Every stored row's per-document sums: ``row_key -> {"n", "ce_sum", "correct"}`` (numpy arrays). Rows
+    evaluated before these were stored (or by an older knockout) are absent."""
+    from safetensors.torch import load_file
+
+    out: dict[tuple[str, float, int], dict] = {}
+    folder = Path(run_dir) / PAIRED_DIR
+    if not folder.is_dir():
+        return out
+    for path in sorted(folder.glob("seed*.safetensors")):
+        try:
+            seed = int(path.stem.removeprefix("seed"))
+            tensors = load_file(str(path))
+        except Exception as e:  # a damaged file loses the paired comparisons only
+            raise KnockoutError(f"{str(path)!r} is damaged ({e}); delete it to rebuild the report without it") from e
+        for name, t in tensors.items():
+            key, field = name.rsplit(".", 1)
+            method, fraction = key.rsplit("@", 1)
+            out.setdefault(row_key(method, float(fraction), seed), {})[field] = t.numpy()
+    return {k: v for k, v in out.items() if all(f in v for f in DOC_FIELDS)}
 
 
 # -- result rows --------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Ablation methods (registry: zero, mean, peak, resampling ...) and nested neuron selection."""
 
+import knockout.ablation.optimal  # noqa: F401  (registers optimal)
 import knockout.ablation.resample  # noqa: F401  (registers the resample-* methods)
 from knockout.ablation.methods import (
     METHODS,

@@ -55,6 +55,8 @@ class AblationMethod(ABC):
 
     name: ClassVar[str] = ""
     needs_stats: ClassVar[bool] = False
+    #: Whether the method learns from the collection split (the sweep then builds :attr:`MethodContext.train_batches`).
+    needs_train_batches: ClassVar[bool] = False
     tasks: ClassVar[tuple[str, ...]] = TASKS
     #: Whether ``methods="all"`` includes this method (expensive or experimental methods are asked for by name).
     in_all: ClassVar[bool] = True

@@ -17,15 +17,17 @@ def evaluate(
     model: torch.nn.Module,
     batches: Sequence[Batch],
     on_batch: Callable[[int, Batch], None] | None = None,
+    per_doc: bool = False,
 ) -> Metrics:
     """Top-1 and cross-entropy of ``model`` over ``batches``.
 
     Works for every task: ``logits[b, t]`` is scored against ``targets[b, t]`` (next-token or masked-token targets,
     ``IGNORE`` elsewhere), or ``logits[b]`` against ``targets[b]`` (image classes). ``on_batch(index, batch)`` is
-    called before each forward pass, for ablations whose values depend on the input (resampling).
+    called before each forward pass, for ablations whose values depend on the input (resampling). ``per_doc``: also
+    keep per-document sums (:meth:`Metrics.doc_sums`; one document per batch row), for paired comparisons.
     """
     device = input_device(model)
-    metrics = Metrics()
+    metrics = Metrics(per_doc=per_doc)
     for i, batch in enumerate(batches):
         batch = batch.to(device)
         if on_batch is not None:

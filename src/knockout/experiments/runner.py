@@ -141,10 +141,15 @@ def obtain_stats(
 
 
 def _evaluate(model: torch.nn.Module, batches: list[Batch], on_batch=None) -> Metrics:
-    """:func:`evaluate` on every batch, or on this rank's share, all-reduced, in a distributed run."""
+    """:func:`evaluate` on every batch, keeping per-document sums; in a distributed run on this rank's share,
+    all-reduced (without per-document sums: the paired comparisons then have none for these rows)."""
     if distributed.world()[1] > 1:
         return distributed.evaluate_sharded(model, batches, on_batch=on_batch)
-    return evaluate(model, batches, on_batch=on_batch)
+    return evaluate(model, batches, on_batch=on_batch, per_doc=True)
+
+
+def _doc_sums(metrics: Metrics) -> dict | None:
+    return metrics.doc_sums() if metrics.per_doc else None
 
 
 def load_generator(cfg: SweepConfig, loaded: LoadedModel) -> LoadedModel | None:
@@ -247,11 +252,12 @@ def _run_sweep(cfg: SweepConfig, progress: bool, loaded: LoadedModel | None, res
     if any(c.needs_stats for c in classes):
         stats, save_stats = obtain_stats(cfg, loaded, sites, identity, out, inputs, progress)
     generator = load_generator(cfg, loaded)
+    train = stats_batches(spec, inputs) if any(c.needs_train_batches for c in classes) else ()
 
     def context(seed: int, batches: list[Batch]) -> MethodContext:
         return MethodContext(
             model, sites, stats, seed, loaded.task, loaded.processor, batches, cfg.options, generator=generator,
-            artifacts=out / runfolder.ARTIFACTS_DIR,
+            train_batches=train, artifacts=out / runfolder.ARTIFACTS_DIR,
         )  # fmt: skip
 
     first_instances = {cls.name: cls(context(cfg.seeds[0], first_batches)) for cls in classes}
@@ -286,10 +292,14 @@ def _run_sweep(cfg: SweepConfig, progress: bool, loaded: LoadedModel | None, res
         if main:
             runfolder.save_selection(out, selection.state_dict(), selection.mode)
         base = store.get("baseline", 0.0, seed)
+        base_docs = runfolder.read_doc_sums(out).get(runfolder.row_key("baseline", 0.0, seed))
         if base is None:
             t0 = time.perf_counter()
             m = _evaluate(model, batches)
             base = ResultRow.measured("baseline", 0.0, seed, m.top1, m.ce, m.n, 0, n_neurons, time.perf_counter() - t0)
+            base_docs = _doc_sums(m)
+            if main and base_docs is not None:
+                runfolder.save_doc_sums(out, "baseline", 0.0, seed, base_docs)
             store.add(base)
         bar.update(per_seed - len(todo))
         instances = first_instances if seed == cfg.seeds[0] else {}
@@ -298,13 +308,15 @@ def _run_sweep(cfg: SweepConfig, progress: bool, loaded: LoadedModel | None, res
             t0 = time.perf_counter()
             n_ablated = selection.n_ablated(fraction)
             if n_ablated == 0:
-                top1, ce, n = base.top1, base.ce, base.n_eval
+                top1, ce, n, docs = base.top1, base.ce, base.n_eval, base_docs
             else:
                 method = instances.get(cls.name) or instances.setdefault(cls.name, cls(context(seed, batches)))
                 with method.ablate(selection.at(fraction)):
                     m = _evaluate(model, batches, method.on_batch)
-                top1, ce, n = m.top1, m.ce, m.n
+                top1, ce, n, docs = m.top1, m.ce, m.n, _doc_sums(m)
             seconds = time.perf_counter() - t0
+            if main and docs is not None:  # before the row, so a stored row always has its sums unless it predates them
+                runfolder.save_doc_sums(out, cls.name, fraction, seed, docs)
             store.add(ResultRow.measured(cls.name, fraction, seed, top1, ce, n, n_ablated, n_neurons, seconds, base))
             bar.update(1)
     bar.close()

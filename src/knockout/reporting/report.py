@@ -24,6 +24,7 @@ from pathlib import Path
 
 from knockout.ablation.selection import validate_fractions
 from knockout.errors import KnockoutError
+from knockout.reporting import answer as A
 from knockout.reporting import html as H
 from knockout.reporting.figures import curves_figure, gallery_figure, layers_figure, png_bytes, save_figure
 from knockout.reporting.neurons import StatsFile, default_layers, rank_atypical
@@ -128,6 +129,7 @@ def write_report(
     write_atomic(out / "table2.csv", table.to_csv())
     write_atomic(out / "table2.tex", table.to_latex())
     write_atomic(out / "summary.csv", _summary_csv(run.summary))
+    answer = A.run_answer(run.dir, fractions)
 
     # -- figures -----------------------------------------------------------------------------------------------
     images: dict[str, bytes] = {}
@@ -163,8 +165,10 @@ def write_report(
 
     timings = run.timings()
     title = f"knockout report: {label}"
-    _write_html(out / "report.html", title, run, table, images, atypical, timings, partial, notes, stats_note, pm)
-    _write_markdown(out / "report.md", title, run, table, images, atypical[:top_k], timings, partial, notes, pm)
+    _write_html(
+        out / "report.html", title, run, table, images, atypical, timings, partial, notes, stats_note, pm, answer
+    )
+    _write_markdown(out / "report.md", title, run, table, images, atypical[:top_k], timings, partial, notes, pm, answer)
     log.debug("report written to %s", out)
     return out / "report.html"
 
@@ -173,10 +177,11 @@ def _timing_records(timings: dict) -> list[dict]:
     return [{"method": m, **t} for m, t in timings["methods"].items()]
 
 
-def _write_html(path, title, run, table, images, atypical, timings, partial, notes, stats_note, pm) -> None:
+def _write_html(path, title, run, table, images, atypical, timings, partial, notes, stats_note, pm, answer) -> None:
     b: list[str] = []
     if partial:
         b.append(H.warning(partial))
+    b.append(A.html(answer))
     b += [f'<p class="note">{H.esc(n)}</p>' for n in notes]
     b.append("<h2>Model and data</h2>" + H.kv_table(identity(run)))
     b.append("<h2>Table 2: top-1 and cross-entropy at chosen fractions</h2>")
@@ -186,6 +191,8 @@ def _write_html(path, title, run, table, images, atypical, timings, partial, not
         + "</p>"
     )
     b.append(table.to_html())
+    if answer.available:
+        b.append("<h3>Best method per fraction (paired, 95% intervals)</h3>" + A.best_html(answer))
     b.append("<h2>Figures 2/3: change against fraction ablated</h2>")
     b.append('<p class="note">Mean over seeds, band ±1 std; change from the unablated baseline of each seed.</p>')
     b.append(H.img(images["curves"], "change in top-1 and cross-entropy against the fraction ablated"))
@@ -226,10 +233,11 @@ def _write_html(path, title, run, table, images, atypical, timings, partial, not
     write_atomic(path, H.page(title, b))
 
 
-def _write_markdown(path, title, run, table, images, atypical, timings, partial, notes, pm) -> None:
+def _write_markdown(path, title, run, table, images, atypical, timings, partial, notes, pm, answer) -> None:
     lines = [f"# {title}", ""]
     if partial:
         lines += [f"> **{partial}**", ""]
+    lines += A.markdown(answer)
     lines += [f"_{n}_" for n in notes] + ([""] if notes else [])
     ident = identity(run)
     keys = ["model", "model type", "layers x neurons", "task", "data", "eval tokens", "seeds", "device", "dtype"]
@@ -241,7 +249,10 @@ def _write_markdown(path, title, run, table, images, atypical, timings, partial,
     ]
     if pm:
         lines.append(f"Columns marked [paper] are the paper's numbers for {pm}.")
-    lines += ["", table.to_markdown(), "## Change against fraction ablated", "", "![curves](curves.png)", ""]
+    lines += ["", table.to_markdown()]
+    if answer.available:
+        lines += ["Best method per fraction (paired, 95% intervals):", "", *A.best_markdown(answer)]
+    lines += ["## Change against fraction ablated", "", "![curves](curves.png)", ""]
     if "hist_layers" in images:
         lines += ["## Activation distributions", "", "![layer-averaged histograms](hist_layers.png)", ""]
         lines += ["![most atypical neurons](atypical.png)", ""]
@@ -307,6 +318,8 @@ def compare_runs(
     b.append("<h2>Table 2</h2>")
     b.append(f'<p class="note">Mean ± std over seeds. {H.esc(MARK_NOTES["paper"])}</p>')
     b.append(table.to_html())
+    answers = [A.run_answer(r.dir, fractions) for r in runs]
+    b += [A.html(a, f"<h2>The answer: {H.esc(n)}</h2>") for n, a in zip(names, answers)]
     b.append("<h2>Change against fraction ablated</h2>" + H.img(png, "curves of every run"))
     times = [
         {"run": n, "rows": r.timings()["n_rows"], "seconds": f"{r.timings()['total_seconds']:.1f}"}
@@ -324,10 +337,9 @@ def compare_runs(
         "## Table 2",
         "",
         table.to_markdown(),
-        "## Change against fraction ablated",
-        "",
-        "![curves](curves.png)",
-        "",
     ]
+    for n, a in zip(names, answers):
+        md += A.markdown(a, f"## The answer: {n}")
+    md += ["## Change against fraction ablated", "", "![curves](curves.png)", ""]
     write_atomic(out / "compare.md", "\n".join(md) + "\n")
     return out / "compare.html"
