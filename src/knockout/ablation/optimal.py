@@ -110,7 +110,9 @@ class OptimalAblation(ConstantAblation):
             log.info("optimal: reusing learned constants from %s", path)
             return [tensors[f"layer{s.layer}"] for s in self.ctx.sites]
         values, meta = self.learn(neurons)
-        if path is not None:
+        from knockout.distributed import is_main
+
+        if path is not None and is_main():  # under torchrun every rank learns the same constants; rank 0 writes
             from knockout.runfolder import write_atomic
 
             tensors = {f"layer{s.layer}": v.contiguous() for s, v in zip(self.ctx.sites, values)}
