@@ -266,12 +266,14 @@ def _sites(args) -> int:
 
 
 def _methods(args) -> int:
-    from knockout.ablation.methods import METHODS
+    from knockout.ablation.methods import METHODS, PARAMETRISED
 
     for name, cls in METHODS.items():
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         stats = " (needs statistics)" if cls.needs_stats else ""
         print(f"{name:<18}{', '.join(cls.tasks):<24}{doc}{stats}")
+    for base, factory in PARAMETRISED.items():
+        print(f"{base + '@...':<18}{'':<24}{(factory.__doc__ or '').strip().splitlines()[0]}")
     return 0
 
 
