@@ -228,6 +228,7 @@ def _stats(args) -> int:
     from knockout.experiments.runner import collect_run_stats, model_inputs
     from knockout.loading import model_identity
     from knockout.sites import find_sites
+    from knockout.stats import centres
     from knockout.stats.running import check_hist_params
 
     out = Path(args.out)
@@ -247,9 +248,11 @@ def _stats(args) -> int:
     stats.save(out)
     gap = max(float((s.peak() - s.mean).abs().max()) for s in stats.layers)
     clipped = max(s.clipped_fraction for s in stats.layers)
+    n_pm = sum(int(centres.point_mass(s).sum()) for s in stats.layers)
     print(
         f"wrote {out}: {len(stats)} layers x {stats.widths[0]} neurons, {stats.n_tokens} tokens, "
-        f"largest |peak - mean| {gap:.4f}, clipped {100 * clipped:.3f}%"
+        f"largest |peak - mean| {gap:.4f}, clipped {100 * clipped:.3f}%, "
+        f"point-mass peaks {n_pm} ({100 * n_pm / max(sum(stats.widths), 1):.2f}% of neurons)"
     )
     return 0
 
