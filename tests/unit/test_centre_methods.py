@@ -154,3 +154,18 @@ def test_absolute_width_not_a_multiple_is_snapped_with_a_warning(setup, caplog):
         got = get_method("peak@0.034")(MethodContext(model, sites, stats)).constants()
     assert "using bins of 0.03" in caplog.text
     assert all(torch.equal(a, centres.peak_at(s, 0.03).float()) for a, s in zip(got, stats.layers))
+
+
+def test_clipped_neurons_are_named_with_their_layer(caplog):
+    from knockout.experiments.runner import warn_clipped_neurons
+    from knockout.stats.running import LayerStats
+
+    layer = LayerStats(6, eps=0.1, limit=2.0)
+    x = torch.randn(1000, 6) * 0.3
+    x[:5, 2] = 3.0  # 0.5% clipped
+    x[:1, 4] = -9.0  # 0.1%: at the threshold, not over it
+    layer.add(x)
+    with caplog.at_level(logging.WARNING):
+        warn_clipped_neurons(7, layer)
+    assert "layer 7: 1 neurons" in caplog.text and ": 2 (0.50%)" in caplog.text and "4 (" not in caplog.text
+    assert "inside the window only" in caplog.text
