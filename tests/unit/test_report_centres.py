@@ -22,6 +22,7 @@ METHODS = ("zero", "peak", "peak@fd", "peak@0.2", "peak@0.1", "peak@0.5std")
 SEEDS = (0, 1)
 FRACTIONS = (0.5, 0.9)
 POINT_MASSES = {(0, 2): 2.5, (1, 4): -1.8, (1, 9): 3.1}  # (layer, neuron) -> spike value, far from the bulk
+SHOULDER = (0, 6)  # a spike on the bulk's shoulder: it holds the peak but is under 5 times its neighbours
 
 
 def _ce(method: str, fraction: float, seed: int) -> float:
@@ -39,6 +40,8 @@ def make_stats() -> Statistics:
         for (pl, neuron), value in POINT_MASSES.items():
             if pl == layer:
                 x[rng.random(n) < 0.04, neuron] = value
+        if layer == SHOULDER[0]:
+            x[:350, SHOULDER[1]] = 1.2
         stats.add(layer, torch.from_numpy(x))
     return stats
 
@@ -90,6 +93,8 @@ def test_point_mass_neurons_are_labelled_in_the_csv(run):
     assert len(recs) == 32
     for key, r in recs.items():
         assert (r["point_mass"] == "True") == (key in POINT_MASSES)
+        assert abs(float(r["mode"])) < 0.3  # every bulk is N(0, 1)
+        assert (r["peak_off_mode"] == "True") == (key == SHOULDER)
         if key in POINT_MASSES:
             assert float(r["peak"]) == pytest.approx(POINT_MASSES[key], abs=EPS)  # the stored peak is the spike
             assert abs(float(r["peak_nopm"])) < 0.3  # the bulk's peak
@@ -102,9 +107,13 @@ def test_gallery_ranks_by_the_bulk_and_labels_point_masses(run):
     assert point_mass_counts(scores, len(stats)) == [1, 2]
     assert not any(s.point_mass for s in scores[:3] if s.offset > 1)  # no spike outranks real shapes by its offset
     shown = [s for s in scores if s.point_mass] + scores[:3]  # the gallery draws what it is given
+    shoulder = [s for s in scores if (s.layer, s.neuron) == SHOULDER]
+    shown = shown + shoulder
     fig = gallery_figure([(s, hists[(s.layer, s.neuron)]) for s in shown], n_heads=4)
+    assert "peak far from the KDE mode" in fig.axes[len(shown) - 1].get_title()
     for s, ax in zip(shown, fig.axes):
         assert ("point mass" in ax.get_title()) == ((s.layer, s.neuron) in POINT_MASSES)
+        assert any(x.startswith("mode (KDE)") for x in [line.get_label() for line in ax.get_lines()])
         labels = [line.get_label() for line in ax.get_lines()]
         if s.point_mass:
             assert any("(point mass)" in x for x in labels) and any("w/o point mass" in x for x in labels)

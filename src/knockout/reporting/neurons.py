@@ -63,12 +63,15 @@ class LayerHist:
     peak: np.ndarray  # [width] float64
     point_mass: np.ndarray | None = None  # [width] bool, the modal bin is a point mass (centres.point_mass)
     peak_nopm: np.ndarray | None = None  # [width] float64, centres.peak_without_point_masses
+    mode: np.ndarray | None = None  # [width] float64, centres.mode (kernel density maximum; NaN if unknown)
 
     def __post_init__(self):
         if self.point_mass is None:
             self.point_mass = np.zeros(self.mean.shape[0], dtype=bool)
         if self.peak_nopm is None:
             self.peak_nopm = self.peak.copy()
+        if self.mode is None:
+            self.mode = np.full(self.mean.shape[0], np.nan)
 
     @classmethod
     def of(cls, layer: int, stats: LayerStats) -> LayerHist:
@@ -83,6 +86,7 @@ class LayerHist:
             stats.peak().double().numpy(),
             centres.point_mass(stats).numpy(),
             centres.peak_without_point_masses(stats).double().numpy(),
+            centres.mode(stats).double().numpy(),
         )
 
     @property
@@ -97,7 +101,7 @@ class LayerHist:
         """The same layer restricted to neurons ``r``."""
         return LayerHist(
             self.layer, self.mean[r], self.std[r], self.hist[r], self.k_lo, self.eps, self.count, self.peak[r],
-            self.point_mass[r], self.peak_nopm[r],
+            self.point_mass[r], self.peak_nopm[r], self.mode[r],
         )  # fmt: skip
 
 
@@ -198,13 +202,21 @@ class NeuronScore:
     """The stored peak is a point mass (:func:`knockout.stats.centres.point_mass`), not the top of the bulk."""
     peak_nopm: float = float("nan")
     """The peak without point masses, from which ``offset`` is measured (equal to ``peak`` unless ``point_mass``)."""
+    mode: float = float("nan")
+    """The bin-free mode (:func:`knockout.stats.centres.mode`), drawn next to the peak: a peak far from it is a
+    spike or a narrow mode that the point-mass test did not flag."""
+
+    @property
+    def peak_off_mode(self) -> bool:
+        """The peak lies more than half a std from the KDE mode (and is not flagged as a point mass)."""
+        return not self.point_mass and abs(self.peak - self.mode) > 0.5 * self.std
 
     @property
     def score(self) -> float:
         return self.offset + self.second
 
     def as_dict(self) -> dict:
-        return {**self.__dict__, "score": self.score}
+        return {**self.__dict__, "score": self.score, "peak_off_mode": self.peak_off_mode}
 
 
 def score_layer(lh: LayerHist) -> list[NeuronScore]:
@@ -239,6 +251,7 @@ def score_layer(lh: LayerHist) -> list[NeuronScore]:
                 lh.width,
                 bool(lh.point_mass[i]),
                 float(peak[i]),
+                float(lh.mode[i]),
             )
         )
     return out

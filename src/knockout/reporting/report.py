@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 DEFAULT_FRACTIONS = (0.5, 0.9)
 N_ATYPICAL_CSV = 50
 ATYPICAL_COLUMNS = ["rank", "layer", "neuron", "score", "offset", "second", "modes", "mean", "peak", "std"]
-ATYPICAL_COLUMNS += ["point_mass", "peak_nopm"]
+ATYPICAL_COLUMNS += ["point_mass", "peak_nopm", "mode", "peak_off_mode"]
 
 
 def _csv(records: list[dict], cols: list[str]) -> str:
@@ -235,12 +235,13 @@ def _write_html(path, title, run, table, images, atypical, timings, partial, not
             "<h3>Most atypical neurons</h3>"
             '<p class="note">score = |peak − mean| / std + prominence of the second mode of the smoothed histogram '
             "(see docs/reports.md), with the peak without point masses. Dashed: mean; solid: peak; dotted: zero. "
-            "A neuron whose peak is a point mass says so; its spike is dotted red, its bulk's peak orange.</p>"
+            "A neuron whose peak is a point mass says so; its spike is dotted red, its bulk's peak orange. "
+            "Dash-dotted green: the bin-free KDE mode.</p>"
         )
         b.append(H.img(images["atypical"], "most atypical neurons"))
         f3 = lambda x: f"{x:.4g}"  # noqa: E731
         recs = [{"rank": i + 1, **s.as_dict()} for i, s in enumerate(atypical[:20])]
-        fmt = {c: f3 for c in ("score", "offset", "second", "mean", "peak", "std", "peak_nopm")}
+        fmt = {c: f3 for c in ("score", "offset", "second", "mean", "peak", "std", "peak_nopm", "mode")}
         b.append(H.records_table(recs, ATYPICAL_COLUMNS, fmt))
     b.append("<h2>Timings</h2>")
     b.append(
