@@ -141,5 +141,5 @@ def test_eps_table_only_with_peak_variants():
     assert eps_rows(summary, ["zero", "peak"], (0.5,), 0.01) == []
     assert eps_rows(summary, ["peak@0.1"], (0.5,), 0.01) == []  # one width: nothing to compare
     rows = eps_rows(summary, ["zero", "peak", "peak@0.1", "peak@bad"], (0.5, 0.9), 0.01)
-    assert [r["method"] for r in rows] == ["peak", "peak@0.1"] and rows[0]["ce@0.9"] == "–"
+    assert [r["method"] for r in rows] == ["peak", "peak@0.1"] and rows[0]["CE at 90%"] == "–"
     assert [m for m, _ in peak_variants(["peak", "peak@fd", "peak@0.02"], None)] == ["peak@0.02", "peak@fd"]

@@ -35,8 +35,8 @@ def eps_rows(
     summary: list[dict], methods: list[str], fractions: tuple[float, ...], stored_eps: float | None
 ) -> list[dict]:
     """One record per peak variant (empty unless the run has a ``peak@`` method and at least two variants):
-    ``method``, ``bins`` (the width, ``(stored)`` marking the statistics' eps), and per fraction ``f``
-    ``ce@f`` / ``top1@f`` as ``mean ± std`` strings (top-1 in %), ``–`` where the run has no such row."""
+    ``method``, ``bin width`` (``(stored)`` marks the statistics' eps), and per fraction ``f`` ``CE at {100 f}%`` /
+    ``top-1 % at {100 f}%`` as ``mean ± std`` strings, ``–`` where the run has no such row."""
     variants = peak_variants(methods, stored_eps)
     if len(variants) < 2 or not any(m != PEAK for m, _ in variants):
         return []
@@ -46,18 +46,26 @@ def eps_rows(
         label = choice.label
         if choice.kind == "abs" and stored_eps is not None and abs(choice.value - stored_eps) <= 1e-12 * stored_eps:
             label += " (stored)"
-        rec = {"method": method, "bins": label}
+        rec = {"method": method, "bin width": label}
         for f in fractions:
             e = by_key.get((method, round(float(f), 10)))
-            rec[f"ce@{f:g}"] = f"{e['ce_mean']:.4f} ± {e['ce_std']:.4f}" if e else "–"
-            rec[f"top1@{f:g}"] = f"{100 * e['top1_mean']:.2f} ± {100 * e['top1_std']:.2f}" if e else "–"
+            rec[_ce(f)] = f"{e['ce_mean']:.4f} ± {e['ce_std']:.4f}" if e else "–"
+            rec[_top1(f)] = f"{100 * e['top1_mean']:.2f} ± {100 * e['top1_std']:.2f}" if e else "–"
         rows.append(rec)
     return rows
 
 
+def _ce(f: float) -> str:
+    return f"CE at {100 * f:g}%"
+
+
+def _top1(f: float) -> str:
+    return f"top-1 % at {100 * f:g}%"
+
+
 def eps_columns(fractions: tuple[float, ...]) -> list[str]:
     """Column keys of :func:`eps_rows`, CE first."""
-    return ["method", "bins"] + [f"ce@{f:g}" for f in fractions] + [f"top1@{f:g}" for f in fractions]
+    return ["method", "bin width"] + [_ce(f) for f in fractions] + [_top1(f) for f in fractions]
 
 
 def eps_markdown(rows: list[dict], fractions: tuple[float, ...]) -> list[str]:
@@ -65,8 +73,6 @@ def eps_markdown(rows: list[dict], fractions: tuple[float, ...]) -> list[str]:
     if not rows:
         return []
     cols = eps_columns(fractions)
-    head = ["method", "bin width"] + [f"CE at {100 * f:g}%" for f in fractions]
-    head += [f"top-1 % at {100 * f:g}%" for f in fractions]
-    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
+    lines = ["| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     return lines
