@@ -85,6 +85,7 @@ def test_point_mass_counts_in_the_report_equal_centres_on_the_stored_file(run):
     assert sentence in (run / "report" / "report.md").read_text()
     assert sentence in (run / "report" / "report.html").read_text()
     assert "per layer: L0: 1, L1: 2." in (run / "report" / "report.md").read_text()
+    assert "Peaks far from the KDE mode: 1 other neurons (3.12%)" in (run / "report" / "report.md").read_text()
 
 
 def test_point_mass_neurons_are_labelled_in_the_csv(run):

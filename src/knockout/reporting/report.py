@@ -51,14 +51,21 @@ def _csv(records: list[dict], cols: list[str]) -> str:
     return buf.getvalue()
 
 
-def point_mass_note(counts: list[int], widths: list[int]) -> str:
-    """One sentence: total and per-layer (non-zero layers) count of point-mass peaks."""
+def point_mass_note(counts: list[int], widths: list[int], off_mode: int | None = None) -> str:
+    """Total and per-layer (non-zero layers) count of point-mass peaks; and, if given, how many other neurons have
+    their peak more than half a std from the KDE mode."""
     total, n = sum(counts), sum(widths)
     layers = ", ".join(f"L{i}: {c}" for i, c in enumerate(counts) if c) or "none"
-    return (
+    text = (
         f"Point-mass peaks: {total} of {n} neurons ({100 * total / max(n, 1):.2f}%) have a modal bin that is a point "
         f"mass (more than 5 times its larger neighbour; see docs/design.md); per layer: {layers}."
     )
+    if off_mode is not None:
+        text += (
+            f" Peaks far from the KDE mode: {off_mode} other neurons ({100 * off_mode / max(n, 1):.2f}%) have their "
+            "peak more than half a std from the bin-free mode (spikes the test misses, or narrow modes)."
+        )
+    return text
 
 
 def _summary_csv(summary: list[dict]) -> str:
@@ -180,7 +187,7 @@ def write_report(
         counts = point_mass_counts(scores, len(stats))
         pm_recs = [{"layer": i, "neurons": w, "point_masses": c} for i, (w, c) in enumerate(zip(stats.widths, counts))]
         write_atomic(out / "point_masses.csv", _csv(pm_recs, ["layer", "neurons", "point_masses"]))
-        pm_note = point_mass_note(counts, stats.widths)
+        pm_note = point_mass_note(counts, stats.widths, sum(s.peak_off_mode for s in scores))
         stats_note = (
             f"Statistics: {len(stats)} layers, {stats.meta.get('data', '?')} data, eps {stats.eps:g}; "
             f"histogram layers {', '.join(map(str, chosen))}."
