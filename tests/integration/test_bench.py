@@ -2,6 +2,9 @@
 
 import json
 
+import numpy as np
+import pytest
+
 import tiny
 from knockout.bench import run_benchmark
 from knockout.cli import format_benchmark, main
@@ -13,14 +16,30 @@ def test_benchmark_reports_ratios_and_memory(tmp_path, capsys):
 
     loaded = LoadedModel(tiny.causal_lm("llama"), tiny.tokenizer(), "causal", "tiny-llama", torch.device("cpu"))
     result = run_benchmark(loaded, batch_size=2, seq_len=16, repeats=2, progress=False)
-    assert set(result["tokens_per_second"]) == {"forward", "statistics", "eval", "eval_folded", "eval_hooked"}
+    assert set(result["tokens_per_second"]) == {"forward", "statistics", "eval", "eval_folded", "eval_hooked_tl"}
     assert all(v > 0 for v in result["tokens_per_second"].values())
     ratio = result["ratios"]["statistics_vs_forward"]
     tps = result["tokens_per_second"]
     assert abs(ratio - tps["statistics"] / tps["forward"]) < 0.01
-    assert list(result["stats_memory_bytes"]) == ["32", "128"]
+    assert list(result["stats_memory_bytes"]) == ["32", "96"]  # one batch; the warm-up and 2 rounds merged
+    a = result["authors_stats"]
+    assert (a["tokens"], a["width"]) == (32, 32)
+    assert a["speedup"] == pytest.approx(a["authors_seconds_per_layer"] / a["knockout_seconds_per_layer"], rel=0.05)
+    assert a["memory_ratio"] == pytest.approx(a["authors_bytes"] / a["knockout_bytes"], rel=0.01)
+    assert a["authors_bytes"] >= 32 * 32 * 4 and a["authors_bytes_at_tokens_extrapolated"] > a["authors_bytes"]
     text = format_benchmark(result)
+    assert "authors' method" in text and "extrapolated" in text
     assert "folded ablation / eval" in text and f"{result['ratios']['statistics_vs_forward']:.3f}" in text
+
+
+def test_authors_histograms_equal_numpy_per_neuron():
+    from knockout.bench import authors_histograms
+
+    acts = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
+    counts, edges = authors_histograms(acts, bins=10)
+    for j in range(3):
+        want, want_edges = np.histogram(acts[:, j], bins=10, range=(acts[:, j].min(), acts[:, j].max()))
+        assert np.array_equal(counts[j], want) and np.allclose(edges[j], want_edges)
 
 
 def test_bench_command_prints_and_writes_the_figures(tmp_path, capsys):

@@ -170,6 +170,11 @@ def _free_port() -> int:
 
 
 def _launch(out: Path) -> list[subprocess.Popen]:
+    return _launch_script(Path(__file__), [str(out)])
+
+
+def _launch_script(script: Path, args: list[str]) -> list[subprocess.Popen]:
+    """Start ``WORLD`` processes of ``python script *args`` with torchrun's environment (one per rank)."""
     src = Path(knockout.__file__).resolve().parents[1]  # the knockout this test imported
     env = dict(
         os.environ,
@@ -185,7 +190,7 @@ def _launch(out: Path) -> list[subprocess.Popen]:
         env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     return [
         subprocess.Popen(
-            [sys.executable, __file__, str(out)],
+            [sys.executable, str(script), *args],
             env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -17,6 +17,7 @@ import torch
 
 from knockout.data.masked import replacement_ids
 from knockout.data.text import pad_id
+from knockout.devices import input_device
 from knockout.errors import KnockoutError
 from knockout.sites import text_config
 
@@ -142,7 +143,7 @@ def generated_ids(
     (prompt included). Otherwise the text is decoded and re-tokenised with ``tokenizer``; sampling is repeated with
     twice as many tokens (same seed) until every row is long enough, and a row still too short is padded.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     p = torch.tensor(gen_tokenizer(prompt)["input_ids"], dtype=torch.long, device=device)
     if p.numel() == 0:
         raise KnockoutError("the resampling prompt tokenises to nothing; give a non-empty resample_prompt")

@@ -187,10 +187,12 @@ class ResampleAblation(AblationMethod):
     def ablate(self, neurons: Sequence[torch.Tensor]) -> Iterator[None]:
         """Hook each site: ``z[..., i] := z_rand[..., i]`` for ``i in neurons[l]``, with ``z_rand`` the current
         batch's random-input activations (set by :meth:`on_batch`)."""
-        idx = {s.layer: neurons[s.layer].to(s.weight().device) for s in self.ctx.sites}
+        idx = {s.layer: neurons[s.layer] for s in self.ctx.sites}
 
         def fn(site, z):
             i = idx[site.layer]
+            if i.device != z.device:  # moved once, to where the layer runs (not its weight's: may be offloaded)
+                i = idx[site.layer] = i.to(z.device)
             if self._paused or i.numel() == 0:
                 return None
             if self._current is None:

@@ -46,6 +46,9 @@ class DataSpec:
     """Text: positions at the start of every collection sequence left out of the statistics."""
     image_options: dict[str, Any] = field(default_factory=dict)
     """Image models without an image processor: ``image_size``, ``image_mean``, ``image_std``."""
+    sort_by_length: bool = False
+    """Text: regroup the batches' rows by length (less padding; the same scored targets), see
+    :mod:`knockout.data.packing`."""
 
     def __post_init__(self):
         for name in ("eval_tokens", "stats_tokens", "max_length", "batch_size"):
@@ -77,7 +80,7 @@ def stats_batches(spec: DataSpec, model: ModelInputs) -> list[Batch]:
         batches = causal_batches(seqs, spec.batch_size, pad_id(tok))
         for batch in batches:
             batch.valid[:, :skip] = False  # left out of the statistics
-        return batches
+        return _sorted(batches, spec, tok)
     if model.task == "image":
         from knockout.data.images import image_stats_batches
 
@@ -93,14 +96,14 @@ def eval_batches(spec: DataSpec, model: ModelInputs, seed: int) -> list[Batch]:
     if model.task == "causal":
         tok = model.processor
         seqs = tokenize_exact(tok, load_texts(spec.source, "eval"), spec.eval_tokens, spec.max_length, "targets")
-        return causal_batches(seqs, spec.batch_size, pad_id(tok))
+        return _sorted(causal_batches(seqs, spec.batch_size, pad_id(tok)), spec, tok)
     if model.task == "masked":
         from knockout.data.masked import masked_batches, masked_sequences
 
         tok = model.processor
         seqs = masked_sequences(tok, load_texts(spec.source, "eval"), spec.eval_tokens, spec.max_length)
         vocab = getattr(model.config, "vocab_size", None)
-        return masked_batches(tok, seqs, spec.batch_size, seed, pad_id(tok), vocab)
+        return _sorted(masked_batches(tok, seqs, spec.batch_size, seed, pad_id(tok), vocab), spec, tok)
     if model.task == "image":
         from knockout.data.images import image_eval_batches
 
@@ -118,6 +121,16 @@ def probe_inputs(spec: DataSpec, task: str, processor, config) -> dict | None:
     from knockout.data.images import probe_inputs as image_probe
 
     return image_probe(spec.source, processor, spec.image_options, config)
+
+
+def _sorted(batches: list[Batch], spec: DataSpec, tokenizer) -> list[Batch]:
+    """``batches`` regrouped by length when ``spec.sort_by_length`` (built first, so masks and targets are those of
+    the unsorted batches)."""
+    if not spec.sort_by_length:
+        return batches
+    from knockout.data.packing import sort_by_length
+
+    return sort_by_length(batches, spec.batch_size, pad_id(tokenizer))
 
 
 def _preout_len(model: ModelInputs) -> int:

@@ -16,8 +16,10 @@ the rest the collection part. A Hugging Face dataset uses its ``train`` split fo
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import logging
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -26,6 +28,8 @@ import torch
 
 from knockout.data.batch import IGNORE, Batch
 from knockout.errors import KnockoutError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("collect", "eval")
 _SPLIT_SEED = 1234
@@ -50,9 +54,61 @@ def _read_builtin() -> list[str]:
     return [data[k]["extract"] for k in sorted(data) if data[k].get("extract", "").strip()]
 
 
+def decode_text(data: bytes, where: str) -> str:
+    """``data`` as text: UTF-8 (a byte-order mark is dropped), else Windows-1252 (which covers Latin-1's printable
+    characters) with a logged note. Binary data (NUL bytes, or bytes cp1252 does not define) is an error."""
+    if b"\x00" in data:
+        raise KnockoutError(f"{where} looks binary (it holds NUL bytes); give a UTF-8 text file")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        utf8_error = e
+    try:
+        text = data.decode("cp1252")
+    except UnicodeDecodeError:
+        raise KnockoutError(
+            f"{where} is neither UTF-8 nor Windows-1252/Latin-1 text ({utf8_error}); convert it to UTF-8, e.g. "
+            f"`iconv -f ENCODING -t UTF-8`"
+        ) from None
+    controls = sum(1 for ch in text if ord(ch) < 32 and ch not in "\t\n\r\f")
+    if controls > 0.01 * len(text):
+        raise KnockoutError(f"{where} looks binary (control bytes, not UTF-8); give a UTF-8 text file")
+    if where not in _NOTED:
+        _NOTED.add(where)
+        log.info("%s is not UTF-8; read it as Windows-1252 (Latin-1)", where)
+    return text
+
+
+_NOTED: set[str] = set()
+
+
+def _json_docs(items, where: str) -> list[str]:
+    """The documents of a parsed ``.json`` file: a list (or a dict's values) of strings or objects with ``text``."""
+    items = list(items.values()) if isinstance(items, dict) else items
+    if not isinstance(items, list):
+        raise KnockoutError(f"{where}: expected a JSON list of strings or of objects with a 'text' field")
+    docs = []
+    for i, d in enumerate(items):
+        if isinstance(d, dict):
+            d = d.get("text", d.get("extract", ""))
+        if not isinstance(d, str):
+            raise KnockoutError(
+                f"{where}: item {i} is {type(d).__name__} {str(d)[:40]!r}; expected a string or an object with a "
+                "'text' field"
+            )
+        docs.append(d)
+    return docs
+
+
 def _read_local(path: Path) -> list[str]:
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    if suffix not in (".txt", ".jsonl", ".json"):
+        raise KnockoutError(f"{path}: unsupported file type {suffix!r}; use .txt, .jsonl or .json")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise KnockoutError(f"cannot read data file {str(path)!r}: {e.strerror or e}") from e
+    text = decode_text(data, f"data file {str(path)!r}")
     if suffix == ".txt":
         docs = [d.strip() for d in text.split("\n\n")]
         if len(docs) == 1:
@@ -62,16 +118,101 @@ def _read_local(path: Path) -> list[str]:
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    docs.append(json.loads(line)["text"])
+                    item = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise KnockoutError(f"{path}:{n}: expected a JSON object with a 'text' field ({e})") from e
-    elif suffix == ".json":
-        items = json.loads(text)
-        items = items.values() if isinstance(items, dict) else items
-        docs = [d if isinstance(d, str) else d.get("text", d.get("extract", "")) for d in items]
+                if not isinstance(item, str):
+                    raise KnockoutError(f"{path}:{n}: the 'text' field is not a string")
+                docs.append(item)
     else:
-        raise KnockoutError(f"{path}: unsupported file type {suffix!r}; use .txt, .jsonl or .json")
-    return [d for d in docs if d and d.strip()]
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise KnockoutError(f"data file {str(path)!r} is not valid JSON ({e}); fix it or use .txt/.jsonl") from e
+        docs = _json_docs(items, f"data file {str(path)!r}")
+    docs = [d for d in docs if d and d.strip()]
+    if len(docs) == 1:
+        raise KnockoutError(
+            f"data file {str(path)!r} holds one document, which cannot be split into collection and evaluation "
+            "parts; separate documents by blank lines (.txt), one per line (.jsonl), or give a list (.json)"
+        )
+    return docs
+
+
+def data_identity(source: str) -> dict:
+    """What the data of ``source`` was, for the run folder: the sha256 of a local file (or of the built-in set's
+    file), or of an image folder's files (names and bytes); for a Hugging Face dataset its name and the revision
+    ``datasets`` reports if it can tell without loading (else the name alone). Raises for a missing local path."""
+    if source == "wiki":
+        return {"source": "wiki", "sha256": _file_sha256(builtin_wiki_path())}
+    path = Path(source).expanduser()
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(f.relative_to(path)).encode() + b"\0" + _file_sha256(f).encode())
+        return {"source": source, "sha256": digest.hexdigest()}
+    if path.is_file():
+        return {"source": source, "sha256": _file_sha256(path)}
+    if path.suffix.lower() in (".txt", ".jsonl", ".json") or source.startswith((".", "/", "~")):
+        raise KnockoutError(f"data file {source!r} does not exist")
+    return {"source": source, "revision": _hf_revision(source)}
+
+
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def check_source(source: str) -> None:
+    """Read a local data source before any model is loaded, so that a missing, empty, binary or malformed file (or
+    an empty folder) is reported at once. Hugging Face names and ``wiki`` are not opened here."""
+    if source == "wiki":
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not any(p.is_file() for p in path.rglob("*")):
+            raise KnockoutError(f"data folder {source!r} is empty")
+    elif path.is_file() and path.suffix.lower() in (".txt", ".jsonl", ".json"):
+        if not _read_local(path):
+            raise KnockoutError(f"data file {source!r} contains no text")
+    elif path.is_file() and path.stat().st_size == 0:
+        raise KnockoutError(f"data file {source!r} is empty")
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (remembered per path, size and modification time: a sweep asks twice)."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise KnockoutError(f"cannot read data file {str(path)!r}: {e.strerror or e}") from e
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = _hash_file(path)
+    return _SHA_CACHE[key]
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as e:
+        raise KnockoutError(f"cannot read data file {str(path)!r}: {e.strerror or e}") from e
+    return digest.hexdigest()
+
+
+def _hf_revision(name: str) -> str | None:
+    """The commit of Hugging Face dataset ``name`` in the local hub cache, if one is there; ``None`` otherwise
+    (the name alone then identifies the data)."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        repo_id = name.split(":", 1)[0]
+        for repo in scan_cache_dir().repos:
+            if repo.repo_type == "dataset" and repo.repo_id == repo_id:
+                return max(repo.revisions, key=lambda r: r.last_modified).commit_hash
+    except Exception:  # no cache, or an unreadable one: the name alone
+        return None
+    return None
 
 
 def split_items(docs: list, split: str) -> list:
@@ -175,6 +316,11 @@ def tokenize_exact(
             return seqs
         seqs.append(ids)
         total += have
+    if total == 0:
+        raise KnockoutError(
+            f"the data gave no usable tokens for {n_tokens} asked for (every document was empty or one token long); "
+            "use a larger data source"
+        )
     raise KnockoutError(
         f"the data gave only {total} tokens but {n_tokens} were asked for; "
         "lower the token count or use a larger data source"

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from knockout.data.batch import Batch
+from knockout.devices import input_device
 from knockout.errors import KnockoutError
 from knockout.evaluation.metrics import Metrics
 
@@ -23,7 +24,7 @@ def evaluate(
     ``IGNORE`` elsewhere), or ``logits[b]`` against ``targets[b]`` (image classes). ``on_batch(index, batch)`` is
     called before each forward pass, for ablations whose values depend on the input (resampling).
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     metrics = Metrics()
     for i, batch in enumerate(batches):
         batch = batch.to(device)

@@ -11,11 +11,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from knockout.ablation.selection import MODES, validate_fractions
+from knockout.ablation.selection import HEAD_MODES, MODES, validate_fractions
 from knockout.data.images import IMAGE_OPTIONS
 from knockout.data.tasks import DataSpec
 from knockout.errors import KnockoutError
-from knockout.loading import TASKS
+from knockout.loading import TASKS, parse_device_map
+from knockout.sites import SITE_KINDS
 from knockout.stats.running import DEFAULT_EPS, DEFAULT_LIMIT, check_hist_params
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,23 @@ class SweepConfig:
     hist_limit: float = _field(
         DEFAULT_LIMIT, "histogram window [-limit, limit); values outside are left out of the peak", "data", kind="float"
     )
-    selection: str = _field("per-layer", "per-layer (the paper's) or global", kind="str", choices=MODES)
+    selection: str = _field(
+        "per-layer",
+        "per-layer (the paper's) or global neurons, or whole attention heads: heads-per-layer or heads-global",
+        kind="str",
+        choices=MODES,
+    )
     task: str = _field("auto", "auto (from the model's config), causal, masked or image", "model", kind="str",
                        choices=("auto", *TASKS))  # fmt: skip
     gguf_file: str | None = _field(None, "GGUF file name inside the model folder", "model", kind="str")
+    site: str = _field(
+        "attention",
+        "which neurons: attention (the pre-out, input of the attention output projection) or mlp (input of the "
+        "MLP output projection: down_proj, fc2, mlp.c_proj, dense_4h_to_h, output.dense)",
+        "model",
+        kind="str",
+        choices=SITE_KINDS,
+    )
     site_module: str | None = _field(
         None,
         "out-projection path with {i} for the layer, for unknown architectures, "
@@ -97,6 +111,14 @@ class SweepConfig:
         flag="--stats",
     )  # fmt: skip
     device: str = _field("auto", "auto, cpu, cuda, cuda:N", "model", kind="str")
+    device_map: str | None = _field(
+        None,
+        "place a model larger than one device with accelerate: auto, balanced, sequential, or a JSON object of "
+        'module -> device (\'{"model.layers.1": "disk", ...}\'); layers may sit on several devices, the CPU or '
+        "disk. Default: the whole model on --device",
+        "model",
+        kind="str",
+    )
     dtype: str = _field("auto", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16", "model",
                         kind="str")  # fmt: skip
     options: dict = _field({}, "method- and task-specific options (resampling, image preprocessing)")
@@ -115,10 +137,20 @@ class SweepConfig:
             raise KnockoutError(f"'{ALL_METHODS}' stands for every applicable method; give it alone")
         if not self.seeds:
             raise KnockoutError("give at least one seed")
+        bad = [s for s in self.seeds if not 0 <= s < 2**63]
+        if bad:
+            raise KnockoutError(f"seeds must be integers from 0 to 2**63 - 1 (torch's generator range), got {bad[0]}")
         self.data_spec()  # validates the data fields
         check_hist_params(self.eps, self.hist_limit)
+        parse_device_map(self.device_map)
         if self.selection not in MODES:
             raise KnockoutError(f"selection must be one of {MODES}, got {self.selection!r}")
+        if self.site not in SITE_KINDS:
+            raise KnockoutError(f"site must be one of {SITE_KINDS}, got {self.site!r}")
+        if self.site != "attention" and self.selection in HEAD_MODES:
+            raise KnockoutError(
+                f"selection {self.selection!r} chooses whole attention heads; the {self.site} site has no heads"
+            )
         if self.task not in ("auto", *TASKS):
             raise KnockoutError(f"unknown task {self.task!r}; use auto, {', '.join(TASKS)}")
         from knockout.ablation.methods import get_method
@@ -129,7 +161,7 @@ class SweepConfig:
 
     # Fields a resumed run may change without invalidating stored rows: which rows exist, and where it runs.
     # batch_size is not among them: resampling draws one random input per evaluation batch.
-    RESUMABLE_FIELDS = ("methods", "fractions", "seeds", "out", "device", "stats_path")
+    RESUMABLE_FIELDS = ("methods", "fractions", "seeds", "out", "device", "device_map", "stats_path")
     # Options that change only speed, not results.
     SPEED_OPTIONS = ("resample_cache",)
 
@@ -170,6 +202,7 @@ def data_spec(values: dict[str, Any]) -> DataSpec:
         batch_size=value("batch_size"),
         stats_skip_first=value("stats_skip_first"),
         image_options=image_options(value("options")),
+        sort_by_length=bool(value("options").get("sort_by_length", False)),
     )
 
 

@@ -15,21 +15,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from knockout import runfolder
+from knockout import distributed, runfolder
 from knockout.ablation.methods import MethodContext, get_method
 from knockout.ablation.selection import NeuronSelection
 from knockout.data.batch import Batch
+from knockout.data.packing import scored_fraction
 from knockout.data.tasks import SEED_DEPENDENT_TASKS, DataSpec, ModelInputs, eval_batches, probe_inputs, stats_batches
+from knockout.devices import model_dtype
 from knockout.errors import KnockoutError
 from knockout.evaluation.evaluate import evaluate
+from knockout.evaluation.metrics import Metrics
 from knockout.experiments.config import SweepConfig
 from knockout.hooks import preout_length
 from knockout.loading import DTYPES, LoadedModel, load_model, model_identity
 from knockout.runfolder import ResultRow, ResultStore
 from knockout.sites import Site, find_sites, text_config
 from knockout.stats import centres
-from knockout.stats.collect import collect_stats
-from knockout.stats.running import LayerStats
+from knockout.stats.running import LayerStats, check_hist_memory
 from knockout.stats.statistics import Statistics
 from knockout.version import __version__
 
@@ -89,9 +91,17 @@ def collect_run_stats(
     identity: dict,
     progress: bool = True,
 ) -> Statistics:
-    """Statistics of ``loaded``'s pre-out on the collection split of ``spec`` (``knockout stats`` and sweeps)."""
+    """Statistics of ``loaded``'s pre-out on the collection split of ``spec`` (``knockout stats`` and sweeps).
+
+    Under ``torchrun`` each rank collects its share of the batches and the shares are all-reduced
+    (:func:`knockout.distributed.collect_stats_sharded`): every rank returns the statistics of all batches."""
     batches = stats_batches(spec, inputs)
-    return collect_stats(loaded.model, sites, batches, eps, limit, meta=stats_meta(spec, identity), progress=progress)
+    if inputs.task != "image":
+        log.info("statistics: %.1f%% of the computed positions are counted", 100 * scored_fraction(batches, "valid"))
+    return distributed.collect_stats_sharded(
+        loaded.model, sites, batches, eps=eps, limit=limit, meta=stats_meta(spec, identity),
+        progress=progress and distributed.is_main(),
+    )  # fmt: skip
 
 
 def obtain_stats(
@@ -119,6 +129,7 @@ def obtain_stats(
     else:
         spec = cfg.data_spec()
         stats = collect_run_stats(loaded, sites, spec, inputs, cfg.eps, cfg.hist_limit, identity, progress)
+    stats.check_finite(f"statistics in {str(source)!r}" if source is not None else "the collected statistics")
     for i, layer in enumerate(stats.layers):
         if layer.clipped_fraction > 1e-3:
             log.warning(
@@ -152,13 +163,20 @@ def warn_clipped_neurons(layer_index: int, layer: LayerStats, threshold: float =
     )
 
 
+def _evaluate(model: torch.nn.Module, batches: list[Batch], on_batch=None) -> Metrics:
+    """:func:`evaluate` on every batch, or on this rank's share, all-reduced, in a distributed run."""
+    if distributed.world()[1] > 1:
+        return distributed.evaluate_sharded(model, batches, on_batch=on_batch)
+    return evaluate(model, batches, on_batch=on_batch)
+
+
 def load_generator(cfg: SweepConfig, loaded: LoadedModel) -> LoadedModel | None:
     """The causal LM that writes ``resample-text``'s text when it is not the model itself (option
     ``resample_model``), loaded on the model's device and in its dtype; ``None`` otherwise."""
     spec = cfg.options.get("resample_model")
     if spec is None or "resample-text" not in cfg.methods:
         return None
-    dtype = next(loaded.model.parameters()).dtype
+    dtype = model_dtype(loaded.model)
     dtype_name = next((k for k, v in DTYPES.items() if v == dtype), "auto")
     generator = load_model(str(spec), task="causal", dtype=dtype_name, device=str(loaded.device))
     if generator.task != "causal":
@@ -166,22 +184,69 @@ def load_generator(cfg: SweepConfig, loaded: LoadedModel) -> LoadedModel | None:
     return generator
 
 
-def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | None = None) -> Path:
-    """Run (or resume) the sweep of ``cfg``; returns the run folder.
+def preflight(cfg: SweepConfig, restart: bool = False) -> dict:
+    """The checks that need no model, run before it is loaded: ``--out`` is a writable folder, the data exists
+    (its identity is returned: :func:`knockout.data.text.data_identity`), and an existing run folder is intact and
+    holds a run of the same settings and data. ``restart``: move an existing run folder aside first."""
+    from knockout.data.text import check_source, data_identity
 
-    For each seed: the unablated baseline, then for each method and fraction the ablated evaluation. Rows already
-    in the folder's results are skipped, so re-running the same command resumes an interrupted run.
-    """
     out = Path(cfg.out)
+    runfolder.check_out(out)
+    data_id = data_identity(cfg.data)
+    check_source(cfg.data)
+    if restart and (moved := runfolder.move_aside(out)) is not None:
+        log.warning("--restart: moved the old run folder to %s", moved)
+    runfolder.check_integrity(out)
     early = cfg.result_fields()
     if cfg.task == "auto":  # not known before the model is loaded
         early.pop("task")
     runfolder.check_resumable(out, early, SweepConfig.SPEED_OPTIONS)
-    loaded = loaded or load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device)
+    runfolder.check_data(out, data_id)
+    return data_id
+
+
+def run_sweep(
+    cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | None = None, restart: bool = False
+) -> Path:
+    """Run (or resume) the sweep of ``cfg``; returns the run folder.
+
+    For each seed: the unablated baseline, then for each method and fraction the ablated evaluation. Rows already
+    in the folder's results are skipped, so re-running the same command resumes an interrupted run. ``restart``
+    moves an existing run folder aside (``<out>.old-<timestamp>``) and starts afresh.
+
+    Launched with ``torchrun`` (``WORLD_SIZE`` > 1) it runs data-parallel: see :func:`_run_sweep`.
+    """
+    with distributed.process_group(_launch_device(cfg)):
+        return _run_sweep(cfg, progress, loaded, restart)
+
+
+def _launch_device(cfg: SweepConfig) -> torch.device:
+    """The device whose tensors the process group communicates (it picks gloo for CPU, nccl for CUDA)."""
+    from knockout.loading import resolve_device
+
+    return resolve_device(cfg.device)
+
+
+def _run_sweep(cfg: SweepConfig, progress: bool, loaded: LoadedModel | None, restart: bool) -> Path:
+    """:func:`run_sweep` once the process group (if any) is joined.
+
+    Distributed (torchrun): every rank loads the model, reads the same resume state and builds the same batches;
+    statistics and every evaluation are sharded over the ranks and all-reduced, so all ranks hold the same rows;
+    only rank 0 writes files. A barrier separates the reading of the existing run folder from the first write.
+    """
+    main = distributed.is_main()
+    progress = progress and main
+    out = Path(cfg.out)
+    if main:  # rank 0 alone may move an old run folder aside (--restart); the others check what it left
+        data_id = preflight(cfg, restart)
+    distributed.barrier()
+    if not main:
+        data_id = preflight(cfg)
+    loaded = loaded or load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device, cfg.device_map)
     cfg = cfg.for_task(loaded.task)
     runfolder.check_resumable(out, cfg.result_fields(), SweepConfig.SPEED_OPTIONS)
     model = loaded.model
-    sites = find_sites(model, cfg.site_module, cfg.n_heads)
+    sites = find_sites(model, cfg.site_module, cfg.n_heads, cfg.site)
     identity = model_identity(cfg.model, model, sites)
     classes = [get_method(m) for m in cfg.methods]
     for cls in classes:
@@ -189,9 +254,18 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
             raise KnockoutError(f"method {cls.name!r} does not apply to {loaded.task} models")
     # Everything that can fail on bad input happens before the first file is written.
     check_max_length(cfg.max_length, model, loaded.task)
+    if any(c.needs_stats for c in classes):
+        check_hist_memory([s.width for s in sites], cfg.eps, cfg.hist_limit)
     spec = cfg.data_spec()
     inputs = model_inputs(loaded, sites, spec)
     first_batches = eval_batches(spec, inputs, cfg.seeds[0])
+    used = scored_fraction(first_batches) if loaded.task != "image" else 1.0
+    if main:
+        log.info(
+            "evaluation: %.1f%% of the computed positions are scored targets%s",
+            100 * used,
+            " (batches sorted by length)" if spec.sort_by_length else "",
+        )
     stats, save_stats = None, False
     if any(c.needs_stats for c in classes):
         stats, save_stats = obtain_stats(cfg, loaded, sites, identity, out, inputs, progress)
@@ -206,16 +280,20 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
     first_instances = {cls.name: cls(context(cfg.seeds[0], first_batches)) for cls in classes}
     resolved = {
         "task": loaded.task,
+        "positions_used": {"eval_scored_fraction": round(used, 6), "sort_by_length": spec.sort_by_length},
         "model_identity": identity,
         "device": str(loaded.device),
-        "dtype": str(next(model.parameters()).dtype),
+        "dtype": str(model_dtype(model)),
+        "device_map": {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()} or None,
         "environment": environment(),
+        "data_identity": data_id,
     }
-    runfolder.write_config(out, {**cfg.to_dict(), "resolved": resolved})
-    if save_stats:
-        stats.save(out / runfolder.STATS_FILE)
-
-    store = ResultStore(out)
+    store = ResultStore(out) if main else ResultStore(out, read_only=True)
+    distributed.barrier()  # every rank has read the folder's state; rank 0 may now write
+    if main:
+        runfolder.write_config(out, {**cfg.to_dict(), "resolved": resolved})
+        if save_stats:
+            stats.save(out / runfolder.STATS_FILE)
     widths = [s.width for s in sites]
     n_neurons = sum(widths)
     per_seed = 1 + len(classes) * len(cfg.fractions)
@@ -227,12 +305,13 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
             continue
         same_inputs = seed == cfg.seeds[0] or loaded.task not in SEED_DEPENDENT_TASKS
         batches = first_batches if same_inputs else eval_batches(spec, inputs, seed)
-        selection = NeuronSelection(widths, seed, cfg.selection)
-        runfolder.save_selection(out, selection.state_dict(), selection.mode)
+        selection = NeuronSelection.for_sites(sites, seed, cfg.selection)
+        if main:
+            runfolder.save_selection(out, selection.state_dict(), selection.mode)
         base = store.get("baseline", 0.0, seed)
         if base is None:
             t0 = time.perf_counter()
-            m = evaluate(model, batches)
+            m = _evaluate(model, batches)
             base = ResultRow.measured("baseline", 0.0, seed, m.top1, m.ce, m.n, 0, n_neurons, time.perf_counter() - t0)
             store.add(base)
         bar.update(per_seed - len(todo))
@@ -246,10 +325,11 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | Non
             else:
                 method = instances.get(cls.name) or instances.setdefault(cls.name, cls(context(seed, batches)))
                 with method.ablate(selection.at(fraction)):
-                    m = evaluate(model, batches, on_batch=method.on_batch)
+                    m = _evaluate(model, batches, method.on_batch)
                 top1, ce, n = m.top1, m.ce, m.n
             seconds = time.perf_counter() - t0
             store.add(ResultRow.measured(cls.name, fraction, seed, top1, ce, n, n_ablated, n_neurons, seconds, base))
             bar.update(1)
     bar.close()
+    distributed.barrier()  # rank 0's files are complete when run_sweep returns on any rank
     return out

@@ -92,6 +92,7 @@ def identity(run: RunData) -> dict:
         "run folder": str(run.dir),
         "model": run.model,
         "model type": mid.get("model_type", "?"),
+        "site": mid.get("site", "attention"),
         "layers x neurons": _widths(mid.get("widths")),
         "heads": mid.get("n_heads", "?"),
         "task": res.get("task", cfg.get("task", "?")),
@@ -115,8 +116,9 @@ def _fmt_seconds(s: float) -> str:
 
 
 def _n_heads(run: RunData) -> int | None:
-    n = (run.resolved.get("model_identity") or {}).get("n_heads")
-    return int(n) if isinstance(n, int) else None
+    mid = run.resolved.get("model_identity") or {}
+    n = mid.get("n_heads")
+    return int(n) if isinstance(n, int) and mid.get("site", "attention") == "attention" else None
 
 
 def write_report(

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from knockout.data.batch import Batch
+from knockout.devices import input_device
 from knockout.hooks import capture
 from knockout.sites import Site
 from knockout.stats.running import DEFAULT_EPS, DEFAULT_LIMIT
@@ -30,16 +31,19 @@ def collect_stats(
     merged with and extended by other statistics (its tensors are ordinary ones, not inference-mode tensors).
     """
     stats = Statistics([s.width for s in sites], eps=eps, limit=limit, meta=meta)
-    device = next(model.parameters()).device
+    device = input_device(model)
     current: dict[str, torch.Tensor] = {}
 
     def record(site: Site, z: torch.Tensor) -> None:  # z: [batch, pos, width]
-        stats.add(site.layer, z[current["valid"]])
+        rows = current["rows"]
+        stats.add(site.layer, z.flatten(0, 1).index_select(0, rows.to(z.device)))
 
     with torch.inference_mode(), capture(sites, record):
         for batch in tqdm(batches, desc="statistics", unit="batch", disable=not progress):
             batch = batch.to(device)
-            current["valid"] = batch.valid
+            # the valid positions as row indices of the flattened [batch * pos, width] pre-out, found once per
+            # batch (a boolean mask would read its count back from the device at every layer)
+            current["rows"] = batch.valid.flatten().nonzero().squeeze(1)
             model(**batch.inputs)
     for layer in stats.layers:  # clone out of inference mode, so that merge/add work on the result
         layer.load_state_dict(layer.state_dict())

@@ -19,6 +19,16 @@ were clipped. Override with ``--eps`` / ``--hist-limit``.
 
 The peak of a neuron is the centre ``(k + 0.5) * eps`` of its most populated bin (the lowest such bin on ties, as
 ``numpy.argmax``). Mean and variance use Chan et al.'s pairwise update in float64.
+
+Device and precision
+--------------------
+The statistics live on the device of the activations they are given (the model's; each layer on its own device
+when a model is split over devices) and are kept in float64 (moments, min, max) and int64 (counts), also for
+float16/bfloat16 models, whose activations are widened to float32 first (exactly). :meth:`LayerStats.add` reads
+back from the device once per call: three numbers (all finite?, lowest and highest bin of the batch) that decide
+whether the stored bins must grow. A batch with values outside the window reads a few more (the extreme bins of
+the values inside it). :func:`knockout.stats.collect_stats` selects the non-padding positions with one index per
+batch, not a boolean mask per layer (which would read its size back at every layer).
 """
 
 from __future__ import annotations
@@ -37,14 +47,46 @@ DEFAULT_EPS = 0.01
 DEFAULT_LIMIT = 20.0
 
 
+MAX_BINS_PER_NEURON = 1_000_000
+"""Most histogram bins one neuron may need (8 MB of int64 counts): ``2 * limit / eps`` above this is refused."""
+MAX_HIST_BYTES = 16 * 2**30
+"""Most memory all neurons' histograms may need at their widest (every bin of the window in use)."""
+
+
 def check_hist_params(eps: float, limit: float) -> None:
-    """Raise a clear error for an eps or limit that cannot define a histogram grid."""
+    """Raise a clear error for an eps or limit that cannot define a histogram grid, or that needs more than
+    :data:`MAX_BINS_PER_NEURON` bins per neuron (checked before a model is loaded)."""
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise KnockoutError(f"eps must be a positive number (a bin width such as 0.01), got {eps!r}")
     if not (isinstance(limit, (int, float)) and math.isfinite(limit) and limit >= eps):
         raise KnockoutError(f"hist limit must be a finite number >= eps ({eps}), got {limit!r}")
-    if 2 * limit / eps > 10_000_000:
-        raise KnockoutError(f"limit/eps = {limit / eps:.0f} bins per side is too many; raise eps or lower the limit")
+    bins = 2 * limit / eps
+    if bins > MAX_BINS_PER_NEURON:
+        raise KnockoutError(
+            f"--eps {eps:g} with --hist-limit {limit:g} needs {bins:,.0f} histogram bins per neuron "
+            f"({_size(8 * bins)} per neuron); at most {MAX_BINS_PER_NEURON:,} are allowed: raise --eps to at least "
+            f"{2 * limit / MAX_BINS_PER_NEURON:g} or lower --hist-limit"
+        )
+
+
+def check_hist_memory(widths: list[int], eps: float, limit: float, cap: int | None = None) -> None:
+    """Raise if the histograms of neurons of ``widths`` (one entry per layer) could need more than ``cap`` bytes
+    (default :data:`MAX_HIST_BYTES`; 8 bytes per bin, ``2 * limit / eps`` bins per neuron at most)."""
+    cap = MAX_HIST_BYTES if cap is None else cap
+    need = 8 * sum(widths) * math.ceil(2 * limit / eps)
+    if need > cap:
+        raise KnockoutError(
+            f"the histograms of {sum(widths):,} neurons with --eps {eps:g} and --hist-limit {limit:g} may need "
+            f"{_size(need)} of memory (limit {_size(cap)}); raise --eps or lower --hist-limit"
+        )
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.1f} {unit}" if unit != "B" else f"{n_bytes:.0f} B"
+        n_bytes /= 1024
+    return ""  # pragma: no cover
 
 
 @dataclass
@@ -117,21 +159,34 @@ class LayerStats:
         x = x.detach()
         x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         self._to(x.device)
-        batch_min, batch_max = x.amin(0).double(), x.amax(0).double()
-        if not (torch.isfinite(batch_min).all() and torch.isfinite(batch_max).all()):  # NaN/inf propagate here
+        x_min, x_max = x.amin(0), x.amax(0)  # [width] in x's dtype
+        # One host read per batch and layer (a device sync on GPU): whether every value is finite, and the batch's
+        # lowest and highest bin, which decide whether the stored bins must grow. floor(x / eps) is monotonic in x,
+        # so the extreme bins are those of the extreme values (the same float operations as for every value).
+        ends = torch.stack([x_min.min(), x_max.max()])
+        finite, lo, hi = self._read_ends(ends)
+        if not finite:  # NaN/inf propagate into min/max
             raise KnockoutError(
                 "non-finite (NaN/inf) pre-out activations: the model overflowed or its weights are broken; "
                 "try --dtype float32 and check that the model produces finite logits"
             )
         var, mean = torch.var_mean(x.double(), dim=0, correction=0)
         self._merge_moments(n, mean, var * n)
-        self.min = torch.minimum(self.min, batch_min)
-        self.max = torch.maximum(self.max, batch_max)
-        self._add_to_histogram(x)
+        self.min = torch.minimum(self.min, x_min.double())
+        self.max = torch.maximum(self.max, x_max.double())
+        self._add_to_histogram(x, lo, hi)
 
-    def _add_to_histogram(self, x: torch.Tensor) -> None:
+    def _read_ends(self, ends: torch.Tensor) -> tuple[bool, int, int]:
+        """``(all finite, lowest bin, highest bin)`` of a batch whose lowest and highest values are ``ends``: one
+        transfer to the host."""
+        finite = torch.isfinite(ends).all()
+        k = torch.floor(torch.where(torch.isfinite(ends), ends, 0) / self.eps).to(torch.int64)
+        ok, lo, hi = torch.cat([finite.to(torch.int64).view(1), k]).tolist()
+        return bool(ok), lo, hi
+
+    def _add_to_histogram(self, x: torch.Tensor, lo: int, hi: int) -> None:
+        """Count ``x: [n, width]`` (finite) into the histogram; ``lo``/``hi``: the lowest/highest bin of x."""
         k = torch.floor(x / self.eps).to(torch.int64)  # [n, width] bin index on the global grid
-        lo, hi = int(k.min()), int(k.max())
         if lo >= self.k_min and hi <= self.k_max:  # common case: nothing outside the window
             self._grow(lo, hi)
             offsets = torch.arange(self.width, device=x.device) * self.n_bins

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from knockout.errors import KnockoutError
-from knockout.runfolder import write_atomic
+from knockout.runfolder import CHECKSUM_KEY, tensors_sha256, verify_checksum, write_atomic
 from knockout.stats.running import DEFAULT_EPS, DEFAULT_LIMIT, LayerStats, check_hist_params
 
 FORMAT = "knockout.stats/1"
@@ -70,15 +70,19 @@ class Statistics:
         meta = dict(
             self.meta, format=FORMAT, eps=repr(self.eps), limit=repr(self.limit), widths=json.dumps(self.widths)
         )
+        meta[CHECKSUM_KEY] = tensors_sha256(tensors)
         write_atomic(path, save(tensors, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Statistics:
         meta = read_metadata(path)
+        remedy = "delete it so the statistics are recollected (or run `knockout stats` again)"
         try:
             tensors = load_file(str(path))
         except Exception as e:  # safetensors raises several types for a corrupt file
-            raise KnockoutError(f"{str(path)!r} is not a readable safetensors statistics file: {e}") from e
+            raise KnockoutError(f"{str(path)!r} is not a readable safetensors statistics file ({e}); {remedy}") from e
+        verify_checksum(path, tensors, meta, remedy)
+        meta.pop(CHECKSUM_KEY, None)
         widths = json.loads(meta.pop("widths"))
         stats = cls(widths, eps=float(meta.pop("eps")), limit=float(meta.pop("limit")))
         meta.pop("format")
@@ -87,9 +91,26 @@ class Statistics:
             s.load_state_dict({name: tensors[f"layer{i}.{name}"] for name in _STATE})
         return stats
 
+    def check_finite(self, source: str = "statistics") -> None:
+        """Raise if a mean, variance, minimum or maximum is NaN or infinite, naming the first layer and neuron (NaN or
+        infinite activations, or a damaged file; folding such a value into W_O would poison every result)."""
+        for i, s in enumerate(self.layers):
+            if s.count == 0:
+                continue
+            for name in ("mean", "m2", "min", "max"):
+                bad = (~torch.isfinite(getattr(s, name))).nonzero()
+                if len(bad):
+                    j = int(bad[0])
+                    raise KnockoutError(
+                        f"{source}: layer {i} neuron {j} has {name} {float(getattr(s, name)[j])} "
+                        f"({len(bad)} neuron(s) of that layer are not finite): the model gave NaN/inf activations "
+                        "or the file is damaged; check the model and data (e.g. --dtype float32), or delete the file"
+                    )
+
     def check_model(self, identity: dict, source: str = "statistics") -> None:
         """Raise if these statistics were collected on a model other than ``identity`` describes."""
         mine = json.loads(self.meta.get("model", "{}"))
+        mine.setdefault("site", "attention")  # files from before the MLP site existed are of the attention site
         diff = {k: (mine.get(k), v) for k, v in identity.items() if mine.get(k) != v}
         if diff:
             detail = "; ".join(f"{k}: file has {a!r}, model has {b!r}" for k, (a, b) in diff.items())

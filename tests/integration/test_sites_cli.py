@@ -1,0 +1,85 @@
+"""The MLP site and head selection through the CLI, end to end on a tiny Llama saved to a local folder."""
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+import knockout.reporting
+import tiny
+from knockout.cli import main
+from knockout.reporting.report import identity
+from knockout.reporting.run import RunData
+from knockout.runfolder import read_rows
+from knockout.stats import Statistics
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sites")
+    model = tiny.save(tiny.causal_lm("llama"), "causal", root / "model")
+    corpus = tiny.write_corpus(root / "corpus.txt", n_docs=40)
+    return root, model, corpus
+
+
+@pytest.fixture(autouse=True)
+def no_figures(monkeypatch):
+    """The report's figures are site-agnostic and slow on a shared CPU (tested in test_cli); skip drawing them."""
+    monkeypatch.setattr(knockout.reporting, "write_report", lambda run_dir, *a, **k: f"{run_dir}/report")
+
+
+def _sweep(model, corpus, out, *extra):
+    return [
+        "-q", "sweep", "--model", model, "--data", corpus, "--methods", "zero,mean,peak", "--fractions", "0,0.5,1",
+        "--seeds", "0", "--eval-tokens", "60", "--stats-tokens", "200", "--max-length", "30", "--batch-size", "4",
+        "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def test_sites_lists_both_sites(setup, capsys):
+    _, model, _ = setup
+    assert main(["sites", "--model", model]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.1.self_attn.o_proj  4 heads x 8 = 32 neurons" in out
+    assert "model.layers.1.mlp.down_proj  64 neurons" in out
+    assert main(["sites", "--model", model, "--site", "mlp"]) == 0
+    out = capsys.readouterr().out
+    assert "mlp.down_proj" in out and "o_proj" not in out
+
+
+def test_sweep_on_the_mlp_site(setup, capsys):
+    root, model, corpus = setup
+    out = root / "mlp"
+    assert main(_sweep(model, corpus, out, "--site", "mlp")) == 0
+    rows = read_rows(out)
+    assert len(rows) == 1 + 3 * 3
+    for r in rows:
+        assert r["n_neurons"] == 128 and r["n_ablated"] == {0.0: 0, 0.5: 64, 1.0: 128}[r["fraction"]]
+    assert len({round(r["ce"], 6) for r in rows if r["fraction"] == 1.0}) == 3  # the methods differ
+    config = json.loads((out / "config.json").read_text())
+    assert config["site"] == "mlp" and config["resolved"]["model_identity"]["site"] == "mlp"
+    stats = Statistics.load(out / "stats.safetensors")
+    assert stats.widths == [64, 64] and json.loads(stats.meta["model"])["site"] == "mlp"
+    shown = identity(RunData.load(out))
+    assert shown["site"] == "mlp" and shown["layers x neurons"] == "2 x 64"
+    # statistics of the attention site are refused for the MLP site, and a run folder keeps its site
+    path = root / "attention.safetensors"
+    assert main(["-q", "stats", "--model", model, "--data", corpus, "--stats-tokens", "100", "--out", str(path)]) == 0
+    capsys.readouterr()
+    assert main(_sweep(model, corpus, root / "wrong", "--site", "mlp", "--stats", str(path))) == 2
+    assert "site: file has 'attention', model has 'mlp'" in capsys.readouterr().err
+    assert main(_sweep(model, corpus, out)) == 2
+    assert "different settings" in capsys.readouterr().err
+
+
+def test_sweep_with_head_selection(setup, capsys):
+    root, model, corpus = setup
+    out = root / "heads"
+    assert main(_sweep(model, corpus, out, "--selection", "heads-per-layer", "--methods", "zero")) == 0
+    rows = read_rows(out)
+    assert {r["fraction"]: r["n_ablated"] for r in rows if r["method"] == "zero"} == {0.0: 0, 0.5: 32, 1.0: 64}
+    with safe_open(str(out / "selection.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == {"seed0.heads.layer0", "seed0.heads.layer1"}
+        assert f.metadata()["mode"] == "heads-per-layer"
+    assert main(_sweep(model, corpus, root / "bad", "--site", "mlp", "--selection", "heads-global")) == 2
+    assert "has no heads" in capsys.readouterr().err
