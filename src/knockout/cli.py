@@ -271,6 +271,7 @@ def _stats(args) -> int:
     from knockout.loading import model_identity
     from knockout.runfolder import check_out
     from knockout.sites import find_sites
+    from knockout.stats import centres
     from knockout.stats.running import check_hist_memory, check_hist_params
 
     out = Path(args.out)
@@ -300,9 +301,11 @@ def _stats(args) -> int:
     stats.save(out)
     gap = max(float((s.peak() - s.mean).abs().max()) for s in stats.layers)
     clipped = max(s.clipped_fraction for s in stats.layers)
+    n_pm = sum(int(centres.point_mass(s).sum()) for s in stats.layers)
     print(
         f"wrote {out}: {len(stats)} layers x {stats.widths[0]} neurons, {stats.n_tokens} tokens, "
-        f"largest |peak - mean| {gap:.4f}, clipped {100 * clipped:.3f}%"
+        f"largest |peak - mean| {gap:.4f}, clipped {100 * clipped:.3f}%, "
+        f"point-mass peaks {n_pm} ({100 * n_pm / max(sum(stats.widths), 1):.2f}% of neurons)"
     )
     return 0
 
@@ -331,12 +334,14 @@ def _sites(args) -> int:
 
 
 def _methods(args) -> int:
-    from knockout.ablation.methods import METHODS
+    from knockout.ablation.methods import METHODS, PARAMETRISED
 
     for name, cls in METHODS.items():
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         stats = " (needs statistics)" if cls.needs_stats else ""
         print(f"{name:<18}{', '.join(cls.tasks):<24}{doc}{stats}")
+    for base, factory in PARAMETRISED.items():
+        print(f"{base + '@...':<18}{'':<24}{(factory.__doc__ or '').strip().splitlines()[0]}")
     return 0
 
 

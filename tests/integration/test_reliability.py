@@ -3,6 +3,7 @@ files, NaN/inf, checksums, --restart, Ctrl-C, crash safety under SIGKILL, and de
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -346,12 +347,14 @@ def reference(setup):
 def test_ctrl_c_prints_one_line_and_resume_is_exact(setup, reference, tmp_path):
     _, model, corpus = setup
     out = tmp_path / "run"
-    proc = _run_cli(_args(model, corpus, out), KILL_AT="after:7", KILL_SIGNAL="SIGINT")  # after the 2nd row
+    proc = _run_cli(_args(model, corpus, out), KILL_AT="after:7", KILL_SIGNAL="SIGINT")  # a few rows in
     assert proc.returncode == 130, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "knockout: interrupted; re-run the same command to resume (2 of 14 rows done)"
-    )
+    last = proc.stderr.strip().splitlines()[-1]
+    done = re.fullmatch(r"knockout: interrupted; re-run the same command to resume \((\d+) of 14 rows done\)", last)
+    assert done, last
+    n_rows = len((out / "results.jsonl").read_text().splitlines())
+    assert int(done.group(1)) == n_rows and 0 < n_rows < 14  # the count is what the folder holds
     assert main(_args(model, corpus, out)) == 0
     assert _values(out) == _values(reference)
 

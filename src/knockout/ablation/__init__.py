@@ -1,5 +1,6 @@
 """Ablation methods (registry: zero, mean, peak, resampling ...) and nested neuron selection."""
 
+import knockout.ablation.centres  # noqa: F401  (registers median, mode, peak-nopm and peak@EPS)
 import knockout.ablation.optimal  # noqa: F401  (registers optimal)
 import knockout.ablation.resample  # noqa: F401  (registers the resample-* methods)
 from knockout.ablation.methods import (
@@ -10,6 +11,7 @@ from knockout.ablation.methods import (
     get_method,
     methods_for,
     register,
+    register_parametrised,
 )
 from knockout.ablation.selection import NeuronSelection, count_for, validate_fractions
 
@@ -23,5 +25,6 @@ __all__ = [
     "get_method",
     "methods_for",
     "register",
+    "register_parametrised",
     "validate_fractions",
 ]

@@ -6,12 +6,15 @@ Input-dependent methods (resampling) hook the pre-out and get told about each ba
 
 Register a new method with ``@register("name")``; the sweep, the CLI and the reports pick it up by name. Names
 are what users type (``zero``, ``mean``, ``peak``, ``resample-chars`` ...); registering a name twice raises.
+
+A family of methods that take a parameter is registered once with ``@register_parametrised("base")`` on a factory;
+users type ``base@param`` (``peak@0.05``, ``peak@fd``) and :func:`get_method` parses it, in one place.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +100,11 @@ class ConstantAblation(AblationMethod):
 
 
 METHODS: dict[str, type[AblationMethod]] = {}
+#: Families of methods with a parameter: ``base`` -> factory(param, name) returning the class of ``base@param``.
+#: A factory raises :class:`KnockoutError` for a parameter it cannot read. Its classes are not in :data:`METHODS`.
+PARAMETRISED: dict[str, Callable[[str, str], type[AblationMethod]]] = {}
+_VARIANTS: dict[str, type[AblationMethod]] = {}
+PARAM_SEP = "@"
 
 
 def register(name: str):
@@ -105,6 +113,8 @@ def register(name: str):
     def deco(cls: type[AblationMethod]) -> type[AblationMethod]:
         if name in METHODS:
             raise ValueError(f"ablation method {name!r} is already registered (by {METHODS[name].__qualname__})")
+        if PARAM_SEP in name:
+            raise ValueError(f"{name!r}: '{PARAM_SEP}' separates a parameter; use register_parametrised for a family")
         cls.name = name
         METHODS[name] = cls
         return cls
@@ -112,11 +122,46 @@ def register(name: str):
     return deco
 
 
+def register_parametrised(base: str):
+    """Decorator adding a factory ``(param, name) -> class`` to :data:`PARAMETRISED`: ``base@param`` names then
+    resolve through it. ``base`` may also be a plain method (``peak`` and ``peak@0.05``); registering a family twice
+    raises."""
+
+    def deco(factory: Callable[[str, str], type[AblationMethod]]):
+        if base in PARAMETRISED:
+            raise ValueError(f"parametrised ablation method {base!r}@... is already registered")
+        if PARAM_SEP in base:
+            raise ValueError(f"{base!r}: a family's base name cannot contain '{PARAM_SEP}'")
+        PARAMETRISED[base] = factory
+        return factory
+
+    return deco
+
+
+def _unknown(name: str) -> KnockoutError:
+    families = ", ".join(f"{b}{PARAM_SEP}..." for b in PARAMETRISED)
+    known = ", ".join(METHODS) + (f"; with a parameter: {families}" if families else "")
+    return KnockoutError(f"unknown ablation method {name!r}; known: {known}")
+
+
 def get_method(name: str) -> type[AblationMethod]:
-    try:
+    """The class of method ``name``: a registered name, or ``base@param`` of a :func:`register_parametrised` family
+    (the class is built once per name; its ``name`` is ``name`` as given)."""
+    if name in METHODS:
         return METHODS[name]
-    except KeyError:
-        raise KnockoutError(f"unknown ablation method {name!r}; known: {', '.join(METHODS)}") from None
+    if name in _VARIANTS:
+        return _VARIANTS[name]
+    base, sep, param = name.partition(PARAM_SEP)
+    if not sep:
+        raise _unknown(name)
+    if base not in PARAMETRISED:
+        if base in METHODS:
+            raise KnockoutError(f"ablation method {base!r} takes no parameter (got {name!r})")
+        raise _unknown(name)
+    cls = PARAMETRISED[base](param, name)
+    cls.name = name
+    _VARIANTS[name] = cls
+    return cls
 
 
 def methods_for(task: str, options: dict | None = None) -> list[str]:

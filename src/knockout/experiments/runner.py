@@ -30,7 +30,8 @@ from knockout.hooks import preout_length
 from knockout.loading import DTYPES, LoadedModel, load_model, model_identity
 from knockout.runfolder import ResultRow, ResultStore
 from knockout.sites import Site, find_sites, text_config
-from knockout.stats.running import check_hist_memory
+from knockout.stats import centres
+from knockout.stats.running import LayerStats, check_hist_memory
 from knockout.stats.statistics import Statistics
 from knockout.version import __version__
 
@@ -137,7 +138,29 @@ def obtain_stats(
                 100 * layer.clipped_fraction,
                 stats.limit,
             )
+        warn_clipped_neurons(i, layer)
     return stats, source != path
+
+
+def warn_clipped_neurons(layer_index: int, layer: LayerStats, threshold: float = 1e-3, shown: int = 10) -> None:
+    """Warn, naming the layer and neurons, where a neuron has more than ``threshold`` of its values outside the
+    histogram window (:func:`knockout.stats.centres.clipped_neurons`), and say what its centres then are."""
+    bad = centres.clipped_neurons(layer, threshold)
+    if not bad:
+        return
+    frac = centres.clipped(layer)
+    listed = ", ".join(f"{i} ({100 * float(frac[i]):.2f}%)" for i in bad[:shown])
+    log.warning(
+        "layer %d: %d neurons have more than %g%% of their values outside ±%g: %s%s. Their peak (and mode, "
+        "peak@EPS) is taken over the values inside the window only; their median counts the clipped values. "
+        "Raise --hist-limit",
+        layer_index,
+        len(bad),
+        100 * threshold,
+        layer.limit,
+        listed,
+        f" and {len(bad) - shown} more" if len(bad) > shown else "",
+    )
 
 
 def _evaluate(model: torch.nn.Module, batches: list[Batch], on_batch=None) -> Metrics:

@@ -125,7 +125,11 @@ def layers_figure(layers: list[LayerHist]) -> Figure:
 
 
 def gallery_figure(neurons: list[tuple[NeuronScore, LayerHist]], n_heads: int | None = None) -> Figure:
-    """Figure 1 (centre, right): each neuron's histogram with its mean (dashed), peak (solid) and zero (dotted)."""
+    """Figure 1 (centre, right): each neuron's histogram with its mean (dashed), peak (solid) and zero (dotted).
+
+    A neuron whose peak is a point mass says so in its title; its peak is drawn dotted, labelled "(point mass)",
+    next to the peak without point masses (orange, solid). The bin-free KDE mode is dash-dotted green; a peak more
+    than half a std from it (a spike the point-mass test missed, or a narrow mode) says so in the title."""
     n = max(len(neurons), 1)
     cols = min(n, 4)
     rows = int(np.ceil(n / cols))
@@ -135,12 +139,20 @@ def gallery_figure(neurons: list[tuple[NeuronScore, LayerHist]], n_heads: int | 
         _draw_hist(ax, lh.edges(), lh.hist[0].astype(np.float64), color="#6a51a3")
         ax.axvline(0, color="0.3", lw=0.9, ls=":", label="zero")
         ax.axvline(s.mean, color="#1f77b4", lw=1.4, ls="--", label=f"mean {s.mean:.3g}")
-        ax.axvline(s.peak, color="#d62728", lw=1.4, label=f"peak {s.peak:.3g}")
+        if s.point_mass:  # the stored peak is a spike: label it, and draw the bulk's peak the score used
+            ax.axvline(s.peak, color="#d62728", lw=1.4, ls=(0, (1, 1)), label=f"peak {s.peak:.3g} (point mass)")
+            ax.axvline(s.peak_nopm, color="#ff7f0e", lw=1.4, label=f"peak w/o point mass {s.peak_nopm:.3g}")
+        else:
+            ax.axvline(s.peak, color="#d62728", lw=1.4, label=f"peak {s.peak:.3g}")
+        if np.isfinite(s.mode):
+            ax.axvline(s.mode, color="#2ca02c", lw=1.2, ls="-.", label=f"mode (KDE) {s.mode:.3g}")
         who = f"L{s.layer} n{s.neuron}"
         if n_heads and s.width % n_heads == 0:
             d_head = s.width // n_heads
             who += f" (h{s.neuron // d_head}.{s.neuron % d_head})"
-        ax.set_title(f"#{rank} {who}  score {s.score:.2f} ({s.modes} mode{'s' if s.modes != 1 else ''})", fontsize=9)
+        title = f"#{rank} {who}  score {s.score:.2f} ({s.modes} mode{'s' if s.modes != 1 else ''})"
+        note = "\npoint mass at the peak" if s.point_mass else "\npeak far from the KDE mode" if s.peak_off_mode else ""
+        ax.set_title(title + note, fontsize=9)
         ax.set_xlabel("pre-out activation")
         ax.set_ylabel("density")
         ax.legend(fontsize=7, loc="upper right")

@@ -5,8 +5,9 @@ all in memory at once. Nothing here loads a model.
 
 Atypicality
 -----------
-For neuron ``i`` with mean ``mu``, population std ``sigma`` and histogram peak ``p`` (all from the stored
-statistics):
+For neuron ``i`` with mean ``mu``, population std ``sigma`` and histogram peak without point masses ``p`` (all from
+the stored statistics; ``p`` is :func:`knockout.stats.centres.peak_without_point_masses`, the stored peak unless the
+neuron's modal bin is a point mass):
 
 * **offset** ``= max(|p - mu| - eps / 2, 0) / sigma`` (0 when ``sigma = 0``): how far the most likely value sits
   from the mean, in standard deviations. ``p`` is a bin centre, so the true mode may lie up to ``eps / 2`` from it;
@@ -22,9 +23,11 @@ statistics):
 * **score** ``= offset + second``. A clean two-peaked neuron scores about 2, a skewed or off-centre unimodal neuron
   about 1, a zero-centred Gaussian-like neuron about 0. The gallery shows the neurons with the highest score.
 
-The offset uses the stored peak, the value peak ablation uses. With few statistics tokens a narrow spike (e.g. the
-same activation at the first position of every sequence) can hold the most populated bin; such neurons score high
-on offset with one mode, which is worth seeing: there peak and mean ablation differ most.
+Point masses. With few statistics tokens a narrow spike (e.g. the same activation at the first position of every
+sequence) can hold the most populated bin, so the stored peak (the value ``peak`` ablates to) is the spike, not the
+top of the bulk. Such a neuron (:func:`knockout.stats.centres.point_mass`) is flagged ``point_mass``; its offset is
+measured from the bulk's peak ``peak_nopm``, so it ranks by the shape of its bulk, and the gallery labels it and
+draws both peaks. :func:`point_mass_counts` counts them per layer.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from knockout.stats import centres
 from knockout.stats.running import LayerStats
 from knockout.stats.statistics import load_layer, read_metadata
 
@@ -57,6 +61,17 @@ class LayerHist:
     eps: float
     count: int
     peak: np.ndarray  # [width] float64
+    point_mass: np.ndarray | None = None  # [width] bool, the modal bin is a point mass (centres.point_mass)
+    peak_nopm: np.ndarray | None = None  # [width] float64, centres.peak_without_point_masses
+    mode: np.ndarray | None = None  # [width] float64, centres.mode (kernel density maximum; NaN if unknown)
+
+    def __post_init__(self):
+        if self.point_mass is None:
+            self.point_mass = np.zeros(self.mean.shape[0], dtype=bool)
+        if self.peak_nopm is None:
+            self.peak_nopm = self.peak.copy()
+        if self.mode is None:
+            self.mode = np.full(self.mean.shape[0], np.nan)
 
     @classmethod
     def of(cls, layer: int, stats: LayerStats) -> LayerHist:
@@ -69,6 +84,9 @@ class LayerHist:
             stats.eps,
             stats.count,
             stats.peak().double().numpy(),
+            centres.point_mass(stats).numpy(),
+            centres.peak_without_point_masses(stats).double().numpy(),
+            centres.mode(stats).double().numpy(),
         )
 
     @property
@@ -82,8 +100,9 @@ class LayerHist:
     def rows(self, r: list[int]) -> LayerHist:
         """The same layer restricted to neurons ``r``."""
         return LayerHist(
-            self.layer, self.mean[r], self.std[r], self.hist[r], self.k_lo, self.eps, self.count, self.peak[r]
-        )
+            self.layer, self.mean[r], self.std[r], self.hist[r], self.k_lo, self.eps, self.count, self.peak[r],
+            self.point_mass[r], self.peak_nopm[r], self.mode[r],
+        )  # fmt: skip
 
 
 class StatsFile:
@@ -179,18 +198,30 @@ class NeuronScore:
     second: float
     width: int = 0
     """Neurons in the layer (``head * d_head + j`` indexing)."""
+    point_mass: bool = False
+    """The stored peak is a point mass (:func:`knockout.stats.centres.point_mass`), not the top of the bulk."""
+    peak_nopm: float = float("nan")
+    """The peak without point masses, from which ``offset`` is measured (equal to ``peak`` unless ``point_mass``)."""
+    mode: float = float("nan")
+    """The bin-free mode (:func:`knockout.stats.centres.mode`), drawn next to the peak: a peak far from it is a
+    spike or a narrow mode that the point-mass test did not flag."""
+
+    @property
+    def peak_off_mode(self) -> bool:
+        """The peak lies more than half a std from the KDE mode (and is not flagged as a point mass)."""
+        return not self.point_mass and abs(self.peak - self.mode) > 0.5 * self.std
 
     @property
     def score(self) -> float:
         return self.offset + self.second
 
     def as_dict(self) -> dict:
-        return {**self.__dict__, "score": self.score}
+        return {**self.__dict__, "score": self.score, "peak_off_mode": self.peak_off_mode}
 
 
 def score_layer(lh: LayerHist) -> list[NeuronScore]:
     """Atypicality of every neuron of one layer (see the module docstring)."""
-    peak = lh.peak
+    peak = lh.peak_nopm
     sigma = lh.std
     gap = np.maximum(np.abs(peak - lh.mean) - lh.eps / 2, 0.0)  # the true mode lies anywhere in the peak's bin
     offset = np.where(sigma > 0, gap / np.where(sigma > 0, sigma, 1.0), 0.0)
@@ -213,11 +244,14 @@ def score_layer(lh: LayerHist) -> list[NeuronScore]:
                 i,
                 float(lh.mean[i]),
                 float(sigma[i]),
-                float(peak[i]),
+                float(lh.peak[i]),
                 float(offset[i]),
                 modes,
                 second,
                 lh.width,
+                bool(lh.point_mass[i]),
+                float(peak[i]),
+                float(lh.mode[i]),
             )
         )
     return out
@@ -238,3 +272,11 @@ def rank_atypical(stats: StatsFile, top_k: int = 8) -> tuple[list[NeuronScore], 
             if s.layer == layer:
                 hists[(layer, s.neuron)] = lh.rows([s.neuron])
     return scores, hists
+
+
+def point_mass_counts(scores: list[NeuronScore], n_layers: int) -> list[int]:
+    """Per layer, the number of neurons whose stored peak is a point mass (from :func:`rank_atypical`'s scores)."""
+    counts = [0] * n_layers
+    for s in scores:
+        counts[s.layer] += s.point_mass
+    return counts

@@ -10,6 +10,8 @@
     hist_layers.png/.svg     Figure 1 (left): layer-averaged activation histograms      (needs stats.safetensors)
     atypical.png/.svg        Figure 1 (centre/right): the most atypical neurons           (needs stats.safetensors)
     atypical_neurons.csv     the top neurons by atypicality (see knockout.reporting.neurons)
+    point_masses.csv         per layer, the neurons whose peak is a point mass                (needs stats.safetensors)
+    eps.md/.csv              CE and top-1 against the peak's bin width       (runs with peak@EPS methods, see .eps)
 
 ``compare_runs(run_dirs, out_dir)`` writes the table and curves of several runs side by side.
 """
@@ -26,8 +28,9 @@ from knockout.ablation.selection import validate_fractions
 from knockout.errors import KnockoutError
 from knockout.reporting import answer as A
 from knockout.reporting import html as H
+from knockout.reporting.eps import eps_columns, eps_markdown, eps_rows
 from knockout.reporting.figures import curves_figure, gallery_figure, layers_figure, png_bytes, save_figure
-from knockout.reporting.neurons import StatsFile, default_layers, rank_atypical
+from knockout.reporting.neurons import StatsFile, default_layers, point_mass_counts, rank_atypical
 from knockout.reporting.run import RunData
 from knockout.reporting.summary import METRICS
 from knockout.reporting.table import MARK_NOTES, build_table, paper_model
@@ -37,6 +40,33 @@ log = logging.getLogger(__name__)
 
 DEFAULT_FRACTIONS = (0.5, 0.9)
 N_ATYPICAL_CSV = 50
+ATYPICAL_COLUMNS = ["rank", "layer", "neuron", "score", "offset", "second", "modes", "mean", "peak", "std"]
+ATYPICAL_COLUMNS += ["point_mass", "peak_nopm", "mode", "peak_off_mode"]
+
+
+def _csv(records: list[dict], cols: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(records)
+    return buf.getvalue()
+
+
+def point_mass_note(counts: list[int], widths: list[int], off_mode: int | None = None) -> str:
+    """Total and per-layer (non-zero layers) count of point-mass peaks; and, if given, how many other neurons have
+    their peak more than half a std from the KDE mode."""
+    total, n = sum(counts), sum(widths)
+    layers = ", ".join(f"L{i}: {c}" for i, c in enumerate(counts) if c) or "none"
+    text = (
+        f"Point-mass peaks: {total} of {n} neurons ({100 * total / max(n, 1):.2f}%) have a modal bin that is a point "
+        f"mass (more than 5 times its larger neighbour; see docs/design.md); per layer: {layers}."
+    )
+    if off_mode is not None:
+        text += (
+            f" Peaks far from the KDE mode: {off_mode} other neurons ({100 * off_mode / max(n, 1):.2f}%) have their "
+            "peak more than half a std from the bin-free mode (spikes the test misses, or narrow modes)."
+        )
+    return text
 
 
 def _summary_csv(summary: list[dict]) -> str:
@@ -130,6 +160,10 @@ def write_report(
     write_atomic(out / "table2.tex", table.to_latex())
     write_atomic(out / "summary.csv", _summary_csv(run.summary))
     answer = A.run_answer(run.dir, fractions)
+    eps_table = eps_rows(run.summary, methods, fractions, run.config.get("eps"))
+    if eps_table:
+        write_atomic(out / "eps.csv", _csv(eps_table, eps_columns(fractions)))
+        write_atomic(out / "eps.md", "\n".join(eps_markdown(eps_table, fractions)) + "\n")
 
     # -- figures -----------------------------------------------------------------------------------------------
     images: dict[str, bytes] = {}
@@ -138,7 +172,7 @@ def write_report(
     images["curves"] = png_bytes(fig)
 
     atypical = []
-    stats_note = None
+    stats_note = pm_note = None
     if run.stats_path is None:
         stats_note = "No stats.safetensors in the run folder (no method needed statistics): no histograms."
     else:
@@ -152,12 +186,12 @@ def write_report(
         fig = gallery_figure([(s, hists[(s.layer, s.neuron)]) for s in scores[:top_k]], _n_heads(run))
         save_figure(fig, out / "atypical")
         images["atypical"] = png_bytes(fig)
-        buf = io.StringIO()
-        cols = ["rank", "layer", "neuron", "score", "offset", "second", "modes", "mean", "peak", "std"]
-        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        w.writerows({"rank": i + 1, **s.as_dict()} for i, s in enumerate(atypical))
-        write_atomic(out / "atypical_neurons.csv", buf.getvalue())
+        recs = [{"rank": i + 1, **s.as_dict()} for i, s in enumerate(atypical)]
+        write_atomic(out / "atypical_neurons.csv", _csv(recs, ATYPICAL_COLUMNS))
+        counts = point_mass_counts(scores, len(stats))
+        pm_recs = [{"layer": i, "neurons": w, "point_masses": c} for i, (w, c) in enumerate(zip(stats.widths, counts))]
+        write_atomic(out / "point_masses.csv", _csv(pm_recs, ["layer", "neurons", "point_masses"]))
+        pm_note = point_mass_note(counts, stats.widths, sum(s.peak_off_mode for s in scores))
         stats_note = (
             f"Statistics: {len(stats)} layers, {stats.meta.get('data', '?')} data, eps {stats.eps:g}; "
             f"histogram layers {', '.join(map(str, chosen))}."
@@ -165,10 +199,11 @@ def write_report(
 
     timings = run.timings()
     title = f"knockout report: {label}"
+    extra = {"eps_table": eps_table, "fractions": fractions, "pm_note": pm_note, "answer": answer}
     _write_html(
-        out / "report.html", title, run, table, images, atypical, timings, partial, notes, stats_note, pm, answer
+        out / "report.html", title, run, table, images, atypical, timings, partial, notes, stats_note, pm, extra
     )
-    _write_markdown(out / "report.md", title, run, table, images, atypical[:top_k], timings, partial, notes, pm, answer)
+    _write_markdown(out / "report.md", title, run, table, images, atypical[:top_k], timings, partial, notes, pm, extra)
     log.debug("report written to %s", out)
     return out / "report.html"
 
@@ -177,7 +212,8 @@ def _timing_records(timings: dict) -> list[dict]:
     return [{"method": m, **t} for m, t in timings["methods"].items()]
 
 
-def _write_html(path, title, run, table, images, atypical, timings, partial, notes, stats_note, pm, answer) -> None:
+def _write_html(path, title, run, table, images, atypical, timings, partial, notes, stats_note, pm, extra) -> None:
+    answer = extra["answer"]
     b: list[str] = []
     if partial:
         b.append(H.warning(partial))
@@ -193,24 +229,35 @@ def _write_html(path, title, run, table, images, atypical, timings, partial, not
     b.append(table.to_html())
     if answer.available:
         b.append("<h3>Best method per fraction (paired, 95% intervals)</h3>" + A.best_html(answer))
+    if extra["eps_table"]:
+        b.append("<h2>Peak against bin width</h2>")
+        b.append(
+            '<p class="note">Cross-entropy and top-1 (%) of each peak method, mean ± std over seeds, at the table\'s '
+            "fractions, by bin width (absolute; relative to each neuron's spread; Freedman–Diaconis per neuron).</p>"
+        )
+        b.append(H.records_table(extra["eps_table"], eps_columns(extra["fractions"])))
     b.append("<h2>Figures 2/3: change against fraction ablated</h2>")
     b.append('<p class="note">Mean over seeds, band ±1 std; change from the unablated baseline of each seed.</p>')
     b.append(H.img(images["curves"], "change in top-1 and cross-entropy against the fraction ablated"))
     b.append("<h2>Figure 1: activation distributions</h2>")
     if stats_note:
         b.append(f'<p class="note">{H.esc(stats_note)}</p>')
+    if extra["pm_note"]:
+        b.append(f"<p>{H.esc(extra['pm_note'])}</p>")
     if "hist_layers" in images:
         b.append("<h3>Layer-averaged histograms</h3>" + H.img(images["hist_layers"], "layer-averaged histograms"))
         b.append(
             "<h3>Most atypical neurons</h3>"
             '<p class="note">score = |peak − mean| / std + prominence of the second mode of the smoothed histogram '
-            "(see docs/reports.md). Dashed: mean; solid: peak; dotted: zero.</p>"
+            "(see docs/reports.md), with the peak without point masses. Dashed: mean; solid: peak; dotted: zero. "
+            "A neuron whose peak is a point mass says so; its spike is dotted red, its bulk's peak orange. "
+            "Dash-dotted green: the bin-free KDE mode.</p>"
         )
         b.append(H.img(images["atypical"], "most atypical neurons"))
         f3 = lambda x: f"{x:.4g}"  # noqa: E731
         recs = [{"rank": i + 1, **s.as_dict()} for i, s in enumerate(atypical[:20])]
-        cols = ["rank", "layer", "neuron", "score", "offset", "second", "modes", "mean", "peak", "std"]
-        b.append(H.records_table(recs, cols, {c: f3 for c in ("score", "offset", "second", "mean", "peak", "std")}))
+        fmt = {c: f3 for c in ("score", "offset", "second", "mean", "peak", "std", "peak_nopm", "mode")}
+        b.append(H.records_table(recs, ATYPICAL_COLUMNS, fmt))
     b.append("<h2>Timings</h2>")
     b.append(
         f"<p>Total {H.esc(_fmt_seconds(timings['total_seconds']))} over {timings['n_rows']} rows "
@@ -233,7 +280,8 @@ def _write_html(path, title, run, table, images, atypical, timings, partial, not
     write_atomic(path, H.page(title, b))
 
 
-def _write_markdown(path, title, run, table, images, atypical, timings, partial, notes, pm, answer) -> None:
+def _write_markdown(path, title, run, table, images, atypical, timings, partial, notes, pm, extra) -> None:
+    answer = extra["answer"]
     lines = [f"# {title}", ""]
     if partial:
         lines += [f"> **{partial}**", ""]
@@ -252,18 +300,22 @@ def _write_markdown(path, title, run, table, images, atypical, timings, partial,
     lines += ["", table.to_markdown()]
     if answer.available:
         lines += ["Best method per fraction (paired, 95% intervals):", "", *A.best_markdown(answer)]
+    if extra["eps_table"]:
+        lines += ["## Peak against bin width", "", *eps_markdown(extra["eps_table"], extra["fractions"]), ""]
     lines += ["## Change against fraction ablated", "", "![curves](curves.png)", ""]
     if "hist_layers" in images:
         lines += ["## Activation distributions", "", "![layer-averaged histograms](hist_layers.png)", ""]
+        if extra["pm_note"]:
+            lines += [extra["pm_note"], ""]
         lines += ["![most atypical neurons](atypical.png)", ""]
         lines += [
             "| rank | layer | neuron | score | modes | mean | peak | std |",
             "|---|---|---|---:|---:|---:|---:|---:|",
         ]
         for i, s in enumerate(atypical, 1):
+            peak = f"{s.peak:.4g} (point mass; bulk {s.peak_nopm:.4g})" if s.point_mass else f"{s.peak:.4g}"
             lines.append(
-                f"| {i} | {s.layer} | {s.neuron} | {s.score:.2f} | {s.modes} "
-                f"| {s.mean:.4g} | {s.peak:.4g} | {s.std:.4g} |"
+                f"| {i} | {s.layer} | {s.neuron} | {s.score:.2f} | {s.modes} | {s.mean:.4g} | {peak} | {s.std:.4g} |"
             )
         lines.append("")
     lines += ["## Timings", "", f"Total {_fmt_seconds(timings['total_seconds'])} over {timings['n_rows']} rows.", ""]
