@@ -253,7 +253,7 @@ def test_partial_run_says_so(tmp_path):
     assert data.n_expected == 3 * (1 + 3 * 4) and len(data.rows) == data.n_expected - 3
     assert data.missing() == sorted([("peak", 0.9, 2), ("peak", 1.0, 2), ("zero", 1.0, 1)])
     html = write_report(part).read_text()
-    assert "PARTIAL RUN: 36 of 39 expected rows" in html and "peak@0.9 seed 2" in html
+    assert "PARTIAL RUN: 36 of 39 expected rows" in html and "peak at 0.9 (seed 2)" in html
     assert "11.00 ± 1.41 (n=2)" in html  # peak at 90% over seeds 0, 1 only
     assert "No stats.safetensors" in html
     everything = {(m, f, s) for m in METHODS for f in FRACTIONS for s in SEEDS}

@@ -95,7 +95,7 @@ class RunData:
         missing = self.missing()
         if not missing:
             return None
-        shown = ", ".join(f"{m}@{f:g} seed {s}" for m, f, s in missing[:8])
+        shown = ", ".join(f"{m} at {f:g} (seed {s})" for m, f, s in missing[:8])
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         return (
             f"PARTIAL RUN: {len(self.rows)} of {self.n_expected} expected rows are present "
