@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -57,8 +58,9 @@ class CentreAblation(ConstantAblation):
     #: Why a centre can be undefined (NaN), for the error message.
     undefined: ClassVar[str] = "every value of the neuron lies outside the histogram window; raise --hist-limit"
 
+    @abstractmethod
     def centre(self, stats: LayerStats) -> torch.Tensor:
-        raise NotImplementedError
+        """``[width]`` centre of every neuron of one layer (float64; NaN where it is undefined)."""
 
     def constants(self) -> list[torch.Tensor]:
         values = [self.centre(layer).float() for layer in self.ctx.stats.layers]
