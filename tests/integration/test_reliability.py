@@ -300,6 +300,9 @@ WRAPPER = r"""
 import os, signal, sys
 from pathlib import Path
 import knockout.runfolder as rf, knockout.stats.statistics as st, knockout.stats.running as rn
+# A process started in the background by a non-interactive shell (as CI may start the tests) inherits SIGINT as
+# ignored, and Python then installs no KeyboardInterrupt handler: restore what an interactive terminal gives.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sig = getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL"))
 where, n = os.environ.get("KILL_AT", "none:0").split(":")
 real, calls = rf.write_atomic, [0]
