@@ -241,7 +241,7 @@ def _sweep(args) -> int:
     from knockout.runfolder import read_rows
 
     cfg = _sweep_config(args)
-    preflight(cfg, restart=getattr(args, "restart", False))  # everything checkable without the model
+    data_id = preflight(cfg, restart=getattr(args, "restart", False))  # everything checkable without the model
     try:
         loaded = load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device, cfg.device_map)
     except KnockoutError as e:
@@ -253,7 +253,7 @@ def _sweep(args) -> int:
             f"(and streams {cfg.data!r}): {detail}"
         ) from e
     with distributed.process_group(loaded.device):  # torchrun: every rank runs its share, rank 0 writes
-        out = run_sweep(cfg, progress=not args.quiet, loaded=loaded)
+        out = run_sweep(cfg, progress=not args.quiet, loaded=loaded, data_identity=data_id)
         if not distributed.is_main():
             return 0
     print(format_table(summarize(read_rows(out))))

@@ -211,18 +211,24 @@ def preflight(cfg: SweepConfig, restart: bool = False) -> dict:
 
 
 def run_sweep(
-    cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | None = None, restart: bool = False
+    cfg: SweepConfig,
+    progress: bool = True,
+    loaded: LoadedModel | None = None,
+    restart: bool = False,
+    data_identity: dict | None = None,
 ) -> Path:
     """Run (or resume) the sweep of ``cfg``; returns the run folder.
 
     For each seed: the unablated baseline, then for each method and fraction the ablated evaluation. Rows already
     in the folder's results are skipped, so re-running the same command resumes an interrupted run. ``restart``
-    moves an existing run folder aside (``<out>.old-<timestamp>``) and starts afresh.
+    moves an existing run folder aside (``<out>.old-<timestamp>``) and starts afresh. ``data_identity``: what
+    :func:`preflight` returned when the caller already ran it (the CLI does, before loading the model); its checks,
+    which hash the data, are then not repeated.
 
     Launched with ``torchrun`` (``WORLD_SIZE`` > 1) it runs data-parallel: see :func:`_run_sweep`.
     """
     with distributed.process_group(_launch_device(cfg)):
-        return _run_sweep(cfg, progress, loaded, restart)
+        return _run_sweep(cfg, progress, loaded, restart, data_identity)
 
 
 def _launch_device(cfg: SweepConfig) -> torch.device:
@@ -232,7 +238,9 @@ def _launch_device(cfg: SweepConfig) -> torch.device:
     return resolve_device(cfg.device)
 
 
-def _run_sweep(cfg: SweepConfig, progress: bool, loaded: LoadedModel | None, restart: bool) -> Path:
+def _run_sweep(
+    cfg: SweepConfig, progress: bool, loaded: LoadedModel | None, restart: bool, data_id: dict | None
+) -> Path:
     """:func:`run_sweep` once the process group (if any) is joined.
 
     Distributed (torchrun): every rank loads the model, reads the same resume state and builds the same batches;
@@ -242,11 +250,12 @@ def _run_sweep(cfg: SweepConfig, progress: bool, loaded: LoadedModel | None, res
     main = distributed.is_main()
     progress = progress and main
     out = Path(cfg.out)
-    if main:  # rank 0 alone may move an old run folder aside (--restart); the others check what it left
-        data_id = preflight(cfg, restart)
-    distributed.barrier()
-    if not main:
-        data_id = preflight(cfg)
+    if data_id is None:
+        if main:  # rank 0 alone may move an old run folder aside (--restart); the others check what it left
+            data_id = preflight(cfg, restart)
+        distributed.barrier()
+        if not main:
+            data_id = preflight(cfg)
     loaded = loaded or load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device, cfg.device_map)
     cfg = cfg.for_task(loaded.task)
     runfolder.check_resumable(out, cfg.result_fields(), SweepConfig.SPEED_OPTIONS, SweepConfig.defaults())
