@@ -313,6 +313,7 @@ def _run_sweep(
     n_neurons = sum(widths)
     per_seed = 1 + len(classes) * len(cfg.fractions)
     bar = tqdm(total=len(cfg.seeds) * per_seed, desc="sweep", unit="row", disable=not progress)
+    stored_docs = runfolder.read_doc_sums(out)  # the per-document sums of a resumed run, read once
     for seed in cfg.seeds:
         todo = [(c, f) for c in classes for f in cfg.fractions if (c.name, f, seed) not in store]
         if ("baseline", 0.0, seed) in store and not todo:
@@ -324,7 +325,7 @@ def _run_sweep(
         if main:
             runfolder.save_selection(out, selection.state_dict(), selection.mode)
         base = store.get("baseline", 0.0, seed)
-        base_docs = runfolder.read_doc_sums(out).get(runfolder.row_key("baseline", 0.0, seed))
+        base_docs = stored_docs.get(runfolder.row_key("baseline", 0.0, seed))
         if base is None:
             t0 = time.perf_counter()
             m = _evaluate(model, batches)
