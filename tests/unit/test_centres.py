@@ -243,6 +243,28 @@ def test_no_gaussian_is_flagged_however_narrow():
     assert not centres.point_mass(_stats(x)).any()
 
 
+def test_a_spike_on_a_bulk_is_flagged_and_a_narrow_core_is_not():
+    """Test 2 of point_mass: 1% of the values at one point inside a N(0, 0.5) bulk (its bins either side hold the
+    bulk, so the isolated-spike test misses it) is flagged; peaked distributions whose top spreads over a few bins
+    (Laplace, a std-eps core on a wide Gaussian, narrow Gaussians) are not."""
+    g = np.random.default_rng(4)
+    n = 16384
+    spike = g.normal(0.0, 0.5, n)
+    spike[: n // 100] = 0.1234
+    core = np.where(g.random(n) < 0.3, g.normal(0.0, EPS, n), g.normal(0.0, 0.15, n))
+    columns = [spike, g.laplace(0.0, 0.02, n), g.laplace(0.0, 0.05, n), core, g.normal(0.2, 0.3, n)]
+    s = _stats(np.stack(columns, axis=1))
+    assert s.peak()[0].item() == pytest.approx(0.125)  # the spike's bin
+    assert centres.point_mass(s).tolist() == [True, False, False, False, False]
+    # without the spike, the peak is the bulk's: that of the histogram of the other values
+    edges = s.bin_edges().numpy()
+    counts, _ = np.histogram(spike[n // 100 :], bins=edges)
+    bulk_top = counts.max()
+    near_bulk_top = np.abs(centres.peak_without_point_masses(s)[0].item() - (edges[:-1] + EPS / 2)[counts.argmax()])
+    assert near_bulk_top <= 3 * EPS  # the bulk's own top is flat to within Poisson noise over a few bins
+    assert counts[np.searchsorted(edges, centres.peak_without_point_masses(s)[0].item()) - 1] > 0.9 * bulk_top
+
+
 def test_peak_without_point_masses_is_the_bulk_peak(data, stats):
     """Each spike's bin is the global maximum in turn; what is left equals the histogram of the bulk alone."""
     g = np.random.default_rng(3)

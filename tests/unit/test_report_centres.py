@@ -22,7 +22,9 @@ METHODS = ("zero", "peak", "peak@fd", "peak@0.2", "peak@0.1", "peak@0.5std")
 SEEDS = (0, 1)
 FRACTIONS = (0.5, 0.9)
 POINT_MASSES = {(0, 2): 2.5, (1, 4): -1.8, (1, 9): 3.1}  # (layer, neuron) -> spike value, far from the bulk
-SHOULDER = (0, 6)  # a spike on the bulk's shoulder: it holds the peak but is under 5 times its neighbours
+SHOULDER = (0, 6)  # a spike on the bulk's shoulder: under 5 times its neighbours, a point mass by the bulk test
+OFF_MODE = (1, 12)  # 10% in a narrow N(2, 0.08): the histogram's peak, but not the KDE mode and not a point mass
+PLANTED = {**POINT_MASSES, SHOULDER: 1.2}
 
 
 def _ce(method: str, fraction: float, seed: int) -> float:
@@ -31,7 +33,8 @@ def _ce(method: str, fraction: float, seed: int) -> float:
 
 def make_stats() -> Statistics:
     """Two layers of 16 N(0, 1) neurons, 20,000 values each; the neurons of POINT_MASSES get 4% of their values
-    replaced by one repeated value (as a common first token's pre-out at position 0)."""
+    replaced by one repeated value (as a common first token's pre-out at position 0), SHOULDER 350 values at 1.2 and
+    OFF_MODE a narrow second component."""
     rng = np.random.default_rng(1)
     stats = Statistics([16, 16], eps=EPS, meta={"model": "{}", "data": "synthetic"})
     n = 20000
@@ -42,6 +45,9 @@ def make_stats() -> Statistics:
                 x[rng.random(n) < 0.04, neuron] = value
         if layer == SHOULDER[0]:
             x[:350, SHOULDER[1]] = 1.2
+        if layer == OFF_MODE[0]:
+            narrow = rng.random(n) < 0.1
+            x[narrow, OFF_MODE[1]] = rng.normal(2.0, 0.08, int(narrow.sum()))
         stats.add(layer, torch.from_numpy(x))
     return stats
 
@@ -77,14 +83,14 @@ def run(tmp_path_factory):
 def test_point_mass_counts_in_the_report_equal_centres_on_the_stored_file(run):
     stats = Statistics.load(run / "stats.safetensors")
     want = [int(centres.point_mass(layer).sum()) for layer in stats.layers]
-    assert want == [1, 2]  # the planted ones, and no Gaussian neuron
+    assert want == [2, 2]  # the planted ones, and no Gaussian neuron
     with open(run / "report" / "point_masses.csv") as f:
         got = [int(r["point_masses"]) for r in csv.DictReader(f)]
     assert got == want
-    sentence = "Point-mass peaks: 3 of 32 neurons (9.38%)"
+    sentence = "Point-mass peaks: 4 of 32 neurons (12.50%)"
     assert sentence in (run / "report" / "report.md").read_text()
     assert sentence in (run / "report" / "report.html").read_text()
-    assert "per layer: L0: 1, L1: 2." in (run / "report" / "report.md").read_text()
+    assert "per layer: L0: 2, L1: 2." in (run / "report" / "report.md").read_text()
     assert "Peaks far from the KDE mode: 1 other neurons (3.12%)" in (run / "report" / "report.md").read_text()
 
 
@@ -93,11 +99,11 @@ def test_point_mass_neurons_are_labelled_in_the_csv(run):
         recs = {(int(r["layer"]), int(r["neuron"])): r for r in csv.DictReader(f)}
     assert len(recs) == 32
     for key, r in recs.items():
-        assert (r["point_mass"] == "True") == (key in POINT_MASSES)
+        assert (r["point_mass"] == "True") == (key in PLANTED)
         assert abs(float(r["mode"])) < 0.3  # every bulk is N(0, 1)
-        assert (r["peak_off_mode"] == "True") == (key == SHOULDER)
-        if key in POINT_MASSES:
-            assert float(r["peak"]) == pytest.approx(POINT_MASSES[key], abs=EPS)  # the stored peak is the spike
+        assert (r["peak_off_mode"] == "True") == (key == OFF_MODE)
+        if key in PLANTED:
+            assert float(r["peak"]) == pytest.approx(PLANTED[key], abs=EPS)  # the stored peak is the spike
             assert abs(float(r["peak_nopm"])) < 0.3  # the bulk's peak
             assert float(r["offset"]) < 0.3  # ranked by the bulk, not by the spike
 
@@ -105,15 +111,15 @@ def test_point_mass_neurons_are_labelled_in_the_csv(run):
 def test_gallery_ranks_by_the_bulk_and_labels_point_masses(run):
     stats = StatsFile(run / "stats.safetensors")
     scores, hists = rank_atypical(stats, top_k=32)
-    assert point_mass_counts(scores, len(stats)) == [1, 2]
+    assert point_mass_counts(scores, len(stats)) == [2, 2]
     assert not any(s.point_mass for s in scores[:3] if s.offset > 1)  # no spike outranks real shapes by its offset
     shown = [s for s in scores if s.point_mass] + scores[:3]  # the gallery draws what it is given
-    shoulder = [s for s in scores if (s.layer, s.neuron) == SHOULDER]
-    shown = shown + shoulder
+    off_mode = [s for s in scores if (s.layer, s.neuron) == OFF_MODE]
+    shown = shown + off_mode
     fig = gallery_figure([(s, hists[(s.layer, s.neuron)]) for s in shown], n_heads=4)
     assert "peak far from the KDE mode" in fig.axes[len(shown) - 1].get_title()
     for s, ax in zip(shown, fig.axes):
-        assert ("point mass" in ax.get_title()) == ((s.layer, s.neuron) in POINT_MASSES)
+        assert ("point mass" in ax.get_title()) == ((s.layer, s.neuron) in PLANTED)
         assert any(x.startswith("mode (KDE)") for x in [line.get_label() for line in ax.get_lines()])
         labels = [line.get_label() for line in ax.get_lines()]
         if s.point_mass:

@@ -22,7 +22,8 @@ Summary of the estimators and their error bounds (``eps`` = stored bin width):
 - :func:`peak_at`: exactly the peak of the histogram on the global grid ``K * eps_new`` (``eps_new`` rounded to a
   multiple of ``eps``).
 - :func:`point_mass` / :func:`peak_without_point_masses`: a modal bin that holds more than 5 times its larger
-  neighbour (and at least 50 values, under half of all values) is a point mass; no Gaussian of any width is flagged.
+  neighbour (an isolated spike), or whose excess over the bulk predicted from the bins around it is large,
+  significant and confined to that bin (a spike on a bulk), is a point mass; no Gaussian of any width is flagged.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ POINT_MASS_RATIO = 5.0
 POINT_MASS_MIN_COUNT = 50
 POINT_MASS_MIN_SHARE = 1e-4
 POINT_MASS_MAX_SHARE = 0.5
+#: second point-mass test (a spike on a bulk), see :func:`point_mass`
+BULK_WINDOW = 5
+BULK_MIN_COUNT = 5
+BULK_EXCESS = 0.5
+BULK_Z = 5.0
+BULK_CONCENTRATION = 3.0
 
 
 def _check_nonempty(stats: LayerStats) -> None:
@@ -313,20 +320,45 @@ def mode(stats: LayerStats, bandwidth: torch.Tensor | float | None = None) -> to
 
 
 # -- point masses -----------------------------------------------------------------------------------------------
+def _bulk_design(window: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Offsets ``d`` (2..window on both sides of the modal bin), the ``[3, len(d)]`` least-squares weights that
+    predict a parabola's value at offsets -1, 0, +1 from its values at ``d``, and the sum of squared weights of the
+    centre prediction (its variance factor for independent noise of equal variance)."""
+    d = torch.tensor([*range(-window, -1), *range(2, window + 1)], dtype=torch.float64)
+    design = torch.stack([torch.ones_like(d), d, d * d], 1)
+    at = torch.tensor([[1.0, -1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    weights = at @ torch.linalg.pinv(design)
+    return d.long().to(device), weights.to(dtype=dtype, device=device), float((weights[1] ** 2).sum())
+
+
 def _point_mass_test(
     hist: torch.Tensor, n: int, ratio: float, min_count: float, min_share: float, max_share: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(modal column [width], is-point-mass [width]) for a float ``[width, n_bins]`` histogram."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(modal column, is-point-mass, count the bulk alone would put in the modal bin), each ``[width]``, for a
+    float ``[width, n_bins]`` histogram. See :func:`point_mass` for the two tests."""
     j = hist.argmax(1)
     padded = torch.nn.functional.pad(hist, (1, 1))  # bins beyond the stored ones are empty
     left, centre, right = (padded.gather(1, (j + o)[:, None]).squeeze(1) for o in (0, 1, 2))
-    flagged = (
-        (centre > ratio * torch.maximum(left, right))
-        & (centre >= min_count)
-        & (centre >= min_share * n)
-        & (centre < max_share * n)
+    share = (centre >= min_share * n) & (centre < max_share * n)
+    isolated = (centre > ratio * torch.maximum(left, right)) & (centre >= min_count)
+    # spike on a bulk: the bulk under bins -1, 0, +1 predicted from bins 2..W away (log-parabola: exact for a Gaussian)
+    w = BULK_WINDOW
+    d, weights, var_factor = _bulk_design(w, hist.dtype, hist.device)
+    wide = torch.nn.functional.pad(hist, (w, w))
+    around = wide.gather(1, j[:, None] + w + d[None, :])  # [width, 2 (W - 1)]
+    near = wide.gather(1, j[:, None] + w + torch.arange(-1, 2, device=hist.device)[None, :])  # [width, 3]
+    in_bulk = (around >= BULK_MIN_COUNT).all(1)
+    bulk = torch.exp(around.clamp(min=1).log() @ weights.T)  # [width, 3] predicted counts at -1, 0, +1
+    excess = near - bulk
+    on_bulk = (
+        in_bulk
+        & (excess[:, 1] > BULK_EXCESS * bulk[:, 1])
+        & (excess[:, 1] > BULK_Z * torch.sqrt(bulk[:, 1] * (1 + var_factor)))
+        & (excess[:, 1] > BULK_CONCENTRATION * excess[:, [0, 2]].clamp(min=0).amax(1))
     )
-    return j, flagged
+    flagged = share & (isolated | on_bulk)
+    fill = torch.where(isolated, 0.5 * (left + right), torch.minimum(bulk[:, 1], centre))
+    return j, flagged, fill
 
 
 def point_mass(
@@ -339,22 +371,37 @@ def point_mass(
     """``[width]`` bool: whether the neuron's modal bin (the one ``peak()`` picks) is a point mass rather than the
     top of a bulk.
 
-    Definition: with ``c`` the modal bin's count, ``a, b`` its two neighbours' counts (0 beyond the stored bins) and
-    ``N`` all values, a point mass is ``c > ratio * max(a, b)`` and ``c >= min_count`` and ``c >= min_share * N``
-    and ``c < max_share * N``. Why each condition:
+    Definition: with ``c`` the modal bin's count and ``N`` all values, a point mass holds ``min_share * N <= c <
+    max_share * N`` and passes one of two tests:
+
+    1. **Isolated spike**: ``c > ratio * max(a, b)`` (``a, b`` its two neighbours' counts, 0 beyond the stored
+       bins) and ``c >= min_count``.
+    2. **Spike on a bulk** (e.g. the first token's value on top of the neuron's distribution: a spike whose bins
+       either side hold the bulk, so test 1 cannot see it): the bulk's counts at offsets -1, 0, +1 from the modal
+       bin are predicted by a least-squares parabola in log-count through the bins 2..``BULK_WINDOW`` away on both
+       sides (all of which must hold at least ``BULK_MIN_COUNT`` values). With ``e0, e-1, e+1`` the observed minus
+       predicted counts, the bin is a point mass when ``e0 > BULK_EXCESS * predicted`` (the spike adds at least
+       half the bulk there), ``e0 > BULK_Z * sqrt(predicted * (1 + sum of squared weights))`` (5 Poisson standard
+       deviations of the observed count and the prediction: not noise, over many neurons), and ``e0 >
+       BULK_CONCENTRATION * max(e-1, e+1, 0)`` (the excess sits in one bin: a narrow core spread over neighbouring
+       bins, such as a sharp Laplace or a std-0.01 component on a wide one, is a peak, not a point mass).
+
+    Why each condition:
 
     - ``ratio`` (5): a smooth bulk changes little from one bin to the next. For a Gaussian of any std and offset
       whose top bin holds under half the values, that bin holds at most 2.18 times its larger neighbour (the worst
-      case is std = 0.74 eps, centred in a bin); so no Gaussian is flagged, however narrow.
-    - ``min_count`` (50): the statistical guard. Where bins hold few values the modal bin is the luckiest of many
-      noisy counts; 50 values against a neighbour of at most 10 is not a Poisson fluctuation of a smooth density.
+      case is std = 0.74 eps, centred in a bin); so no Gaussian is flagged by test 1, however narrow. Test 2's
+      parabola is exact for a Gaussian's log-density, and its excess must be concentrated in the one bin.
+    - ``min_count`` (50): the statistical guard of test 1. Where bins hold few values the modal bin is the luckiest
+      of many noisy counts; 50 values against a neighbour of at most 10 is not a Poisson fluctuation.
     - ``min_share`` (1e-4): ignore masses too small to matter (the share is of all values).
     - ``max_share`` (0.5): a bin holding at least half the values holds the median; it *is* the bulk at this
       resolution (e.g. a near-constant neuron), and removing it would leave only tails.
 
-    Comparing with the KDE at the modal bin was rejected: the KDE includes the spike itself, so the reference would
-    depend on the spike and on ``h``. Limitation: a spike split across a bin edge (values jittered by float noise)
-    counts as two bins and is not flagged.
+    Measured on SmolLM2-135M (Wikipedia, eps 0.01, 17,280 neurons): test 1 alone flags 0-7 neurons; with test 2,
+    3.0% (4,096 tokens) and 4.6% (8,192 tokens) when position 0 is counted, 0.67% (8,192) and 0.78% (16,384) with
+    ``--stats-skip-first 1``: most point masses are first-token values. Limitation: a spike split across a bin edge
+    (values jittered by float noise) counts as two bins and is not flagged.
     """
     _check_nonempty(stats)
     if stats.n_bins == 0:
@@ -373,10 +420,11 @@ def peak_without_point_masses(
     """``[width]`` peak after removing point masses: the centre of the modal bin once no modal bin is a point mass.
 
     Definition: start from the stored counts. While the modal bin (lowest on ties) passes the :func:`point_mass`
-    test, replace its count by the mean of its two neighbours' counts (linear interpolation of the bulk under the
-    spike) and take the modal bin again. A replaced bin is at most its larger neighbour, so it is never flagged
-    twice and the loop ends; each round is vectorised over neurons and at most ``max_iter`` rounds are run (a warning
-    if neurons still have a point mass then). Without point masses this equals ``stats.peak()``; neurons with no value
+    test, replace its count by the bulk's estimate under the spike (the mean of its two neighbours for an isolated
+    spike, the parabola's prediction for a spike on a bulk) and take the modal bin again. A replaced bin is at most
+    its larger neighbour, or has no excess over the bulk, so it is never flagged twice and the loop ends; each
+    round is vectorised over neurons and at most ``max_iter`` rounds are run (a warning if neurons still have a
+    point mass then). Without point masses this equals ``stats.peak()``; neurons with no value
     in the window get their mean.
     """
     _check_nonempty(stats)
@@ -386,14 +434,12 @@ def peak_without_point_masses(
     hist = stats.hist.double()
     rows = torch.arange(stats.width, device=hist.device)
     for _ in range(max_iter):
-        j, flagged = _point_mass_test(hist, stats.count, ratio, min_count, min_share, max_share)
+        j, flagged, fill = _point_mass_test(hist, stats.count, ratio, min_count, min_share, max_share)
         if not flagged.any():
             break
-        padded = torch.nn.functional.pad(hist, (1, 1))
-        fill = 0.5 * (padded.gather(1, j[:, None]) + padded.gather(1, (j + 2)[:, None])).squeeze(1)
         hist[rows[flagged], j[flagged]] = fill[flagged]
     else:
-        j, flagged = _point_mass_test(hist, stats.count, ratio, min_count, min_share, max_share)
+        j, flagged, _ = _point_mass_test(hist, stats.count, ratio, min_count, min_share, max_share)
         if flagged.any():
             log.warning("%d neurons still have a point mass after %d removals", int(flagged.sum()), max_iter)
     return _empty_fallback(stats, _bin_centres(stats, j), stats.hist.sum(1) == 0)
