@@ -44,7 +44,26 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-_KINDS = {"str": str, "int": int, "float": float, "floats": _floats, "ints": _ints, "names": _names}
+def _method_fractions(text: str) -> dict[str, list[float]]:
+    """``'optimal=0.5,0.9;resample-text=0.5'`` -> ``{'optimal': [0.5, 0.9], 'resample-text': [0.5]}``."""
+    result = {}
+    for part in filter(str.strip, text.split(";")):
+        name, sep, fractions = part.partition("=")
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"expected METHOD=FRACTIONS[;METHOD=FRACTIONS...], got {part!r}")
+        result[name.strip()] = _floats(fractions)
+    return result
+
+
+_KINDS = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "floats": _floats,
+    "ints": _ints,
+    "names": _names,
+    "method_fractions": _method_fractions,
+}
 
 
 def _config_fields(groups: tuple[str, ...]) -> list:
@@ -72,6 +91,8 @@ def _add_config_flags(
         if meta["group"] not in arg_groups:
             arg_groups[meta["group"]] = p.add_argument_group(meta["group"])
         value = (shown or {}).get(f.name, default(f.name))
+        if isinstance(value, dict):
+            value = ";".join(f"{k}={','.join(map(str, v))}" for k, v in value.items()) or None
         value = ",".join(map(str, value)) if isinstance(value, tuple) else value
         help_text = meta["help"] + ("" if value is None else f" (default {value})")
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
@@ -470,15 +491,13 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 def _progress_note(args) -> str:
     """``N of M rows done`` for an interrupted sweep, from what its run folder holds; empty if unknown."""
     try:
+        from knockout.reporting.run import RunData
         from knockout.runfolder import RESULTS_FILE, read_config, read_rows
 
         out = Path(_sweep_config(args).out)
         done = len(read_rows(out)) if (out / RESULTS_FILE).is_file() else 0
-        config = read_config(out)
-        if config is None:
-            return f" ({done} rows done)"
-        total = len(config["seeds"]) * (1 + len(config["methods"]) * len(config["fractions"]))
-        return f" ({done} of {total} rows done)"
+        total = RunData(out, read_config(out) or {}, []).n_expected
+        return f" ({done} rows done)" if total is None else f" ({done} of {total} rows done)"
     except Exception:  # only a courtesy: never let it hide the interruption
         return ""
 

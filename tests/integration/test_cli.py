@@ -279,3 +279,31 @@ def test_seed_independent_evaluation_inputs_are_built_once(setup, monkeypatch):
     assert main(_sweep_args(model, corpus, out, "--seeds", "0,1,2", "--fractions", "0,1", "--methods", "zero")) == 0
     assert calls == [0]  # causal: the same batches for every seed
     assert len({r["n_eval"] for r in read_rows(out)}) == 1
+
+
+def test_method_fractions_run_a_method_at_fewer_fractions(setup, capsys):
+    """--method-fractions: a method runs only at its own fractions, on the same nested neuron sets (its rows equal
+    those of a full run), the report counts the run complete, and a fraction outside --fractions is refused."""
+    root, model, _, corpus = setup
+    out = root / "per-method"
+    assert main(_sweep_args(model, corpus, out, "--method-fractions", "mean=0.5;peak=0,1")) == 0
+    rows = read_rows(out)
+    keys = {(r["method"], r["fraction"], r["seed"]) for r in rows}
+    per_seed = {("zero", f) for f in (0.0, 0.5, 1.0)} | {("mean", 0.5), ("peak", 0.0), ("peak", 1.0), ("baseline", 0.0)}
+    assert keys == {(m, f, s) for m, f in per_seed for s in (0, 1)}
+    if not (root / "run" / "results.jsonl").is_file():  # the full run of the first test, when run alone
+        assert main(_sweep_args(model, corpus, root / "run")) == 0
+    full = {(r["method"], r["fraction"], r["seed"]): r for r in read_rows(root / "run")}
+    for r in rows:
+        assert r["ce"] == pytest.approx(full[(r["method"], r["fraction"], r["seed"])]["ce"], abs=1e-9)
+    from knockout.reporting.run import RunData
+
+    assert RunData.load(out).missing() == [] and RunData.load(out).n_expected == len(rows)
+    assert main(["report", str(out)]) == 0
+    assert "PARTIAL" not in (out / "report" / "report.md").read_text()
+    capsys.readouterr()
+    assert main(_sweep_args(model, corpus, root / "bad", "--method-fractions", "mean=0.3")) == 2
+    assert "not among the fractions" in capsys.readouterr().err
+    assert main(_sweep_args(model, corpus, root / "bad", "--method-fractions", "optimal=0.5")) == 2
+    assert "not among the methods" in capsys.readouterr().err
+    assert not (root / "bad").exists()

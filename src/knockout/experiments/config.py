@@ -59,6 +59,12 @@ class SweepConfig:
     fractions: tuple[float, ...] = _field(
         DEFAULT_FRACTIONS, "fractions of neurons to ablate, nested per seed: 0,0.5,1 or 0:1:0.1", kind="floats"
     )
+    method_fractions: dict = _field(
+        {},
+        "run some methods at fewer fractions (each a subset of --fractions), e.g. 'optimal=0.5,0.9;resample-text=0.5' "
+        "(quote it in a shell); the other methods run at every fraction",
+        kind="method_fractions",
+    )
     seeds: tuple[int, ...] = _field(
         (0, 1, 2), "seeds of the neuron selection (and of masks, random inputs)", kind="ints"
     )
@@ -135,6 +141,7 @@ class SweepConfig:
             raise KnockoutError(f"methods are repeated: {self.methods}")
         if ALL_METHODS in self.methods and len(self.methods) > 1:
             raise KnockoutError(f"'{ALL_METHODS}' stands for every applicable method; give it alone")
+        object.__setattr__(self, "method_fractions", self._checked_method_fractions())
         if not self.seeds:
             raise KnockoutError("give at least one seed")
         bad = [s for s in self.seeds if not 0 <= s < 2**63]
@@ -161,9 +168,41 @@ class SweepConfig:
 
     # Fields a resumed run may change without invalidating stored rows: which rows exist, and where it runs.
     # batch_size is not among them: resampling draws one random input per evaluation batch.
-    RESUMABLE_FIELDS = ("methods", "fractions", "seeds", "out", "device", "device_map", "stats_path")
+    RESUMABLE_FIELDS = (
+        "methods",
+        "fractions",
+        "method_fractions",
+        "seeds",
+        "out",
+        "device",
+        "device_map",
+        "stats_path",
+    )
     # Options that change only speed, not results.
     SPEED_OPTIONS = ("resample_cache",)
+
+    def _checked_method_fractions(self) -> dict[str, list[float]]:
+        """``method_fractions`` with each list validated, sorted, and checked to be a subset of ``fractions``."""
+        checked = {}
+        for name, fractions in dict(self.method_fractions).items():
+            if ALL_METHODS not in self.methods and name not in self.methods:
+                raise KnockoutError(
+                    f"method_fractions names {name!r}, which is not among the methods {', '.join(self.methods)}"
+                )
+            fractions = validate_fractions(tuple(fractions))
+            extra = [f for f in fractions if f not in self.fractions]
+            if extra:
+                raise KnockoutError(
+                    f"method_fractions of {name!r} has {', '.join(f'{f:g}' for f in extra)}, not among the "
+                    f"fractions {','.join(f'{f:g}' for f in self.fractions)}: give a subset (selections are nested "
+                    "over --fractions)"
+                )
+            checked[name] = list(fractions)
+        return checked
+
+    def fractions_of(self, method: str) -> tuple[float, ...]:
+        """The fractions at which ``method`` runs: its ``method_fractions`` entry, else every fraction."""
+        return tuple(self.method_fractions.get(method, self.fractions))
 
     @classmethod
     def defaults(cls) -> dict:

@@ -311,11 +311,11 @@ def _run_sweep(
             stats.save(out / runfolder.STATS_FILE)
     widths = [s.width for s in sites]
     n_neurons = sum(widths)
-    per_seed = 1 + len(classes) * len(cfg.fractions)
+    per_seed = 1 + sum(len(cfg.fractions_of(c.name)) for c in classes)
     bar = tqdm(total=len(cfg.seeds) * per_seed, desc="sweep", unit="row", disable=not progress)
     stored_docs = runfolder.read_doc_sums(out)  # the per-document sums of a resumed run, read once
     for seed in cfg.seeds:
-        todo = [(c, f) for c in classes for f in cfg.fractions if (c.name, f, seed) not in store]
+        todo = [(c, f) for c in classes for f in cfg.fractions_of(c.name) if (c.name, f, seed) not in store]
         if ("baseline", 0.0, seed) in store and not todo:
             bar.update(per_seed)
             continue

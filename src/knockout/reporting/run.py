@@ -62,13 +62,16 @@ class RunData:
         return list(dict.fromkeys([*map(int, self.config.get("seeds", [])), *(int(r["seed"]) for r in self.rows)]))
 
     def expected_keys(self) -> set[tuple] | None:
-        """Row keys config.json asks for: every (method, fraction, seed) and one baseline per seed; None without a
-        config."""
+        """Row keys config.json asks for: every (method, fraction, seed), a method at its ``method_fractions`` if it
+        has them, and one baseline per seed; None without a config."""
         cfg = self.config
         if not all(k in cfg for k in ("methods", "fractions", "seeds")):
             return None
         keys = {row_key("baseline", 0.0, s) for s in cfg["seeds"]}
-        keys |= {row_key(m, f, s) for m in cfg["methods"] for f in cfg["fractions"] for s in cfg["seeds"]}
+        per_method = cfg.get("method_fractions") or {}
+        keys |= {
+            row_key(m, f, s) for m in cfg["methods"] for f in per_method.get(m, cfg["fractions"]) for s in cfg["seeds"]
+        }
         return keys
 
     def missing(self) -> list[tuple]:
