@@ -3,7 +3,8 @@
 Batches are built in document order, so a batch mixes short and long sequences and pads the short ones to the
 longest; the padded positions are computed and thrown away. :func:`sort_by_length` takes the batches as built
 (masks already drawn, positions already left out of the statistics) and regroups their *rows* by length, longest
-first, into batches of the same size. Every row keeps its inputs, valid positions and targets, so the scored
+first, into batches of at most the same size (closed early before a row much shorter than the batch's first, see
+:data:`MIN_FILL`). Every row keeps its inputs, valid positions and targets, so the scored
 targets are exactly the same (the same multiset of (sequence, position, target)); only which rows share a forward
 pass changes. Results of constant ablations then equal the unsorted run up to float rounding. Resampling draws one
 random input per evaluation batch (seeded by the batch index), so its results change: that is why the option is
@@ -31,15 +32,27 @@ def _rows(batches: list[Batch]) -> list[tuple[dict[str, torch.Tensor], torch.Ten
     return rows
 
 
-def sort_by_length(batches: list[Batch], batch_size: int, pad: int) -> list[Batch]:
+#: A sorted batch is closed before a row shorter than this share of its width (the row would waste more than a
+#: quarter of its padded length); computing fewer positions costs one more, smaller, forward pass instead.
+MIN_FILL = 0.75
+
+
+def sort_by_length(batches: list[Batch], batch_size: int, pad: int, min_fill: float = MIN_FILL) -> list[Batch]:
     """The rows of right-padded text ``batches`` regrouped longest first (a stable sort: rows of equal length keep
-    their order) into right-padded batches of ``batch_size`` rows; ``pad`` fills ``input_ids``, 0 the other
-    inputs, ``False`` ``valid`` and ``IGNORE`` the targets."""
+    their order) into right-padded batches of at most ``batch_size`` rows; a batch is closed early before a row
+    shorter than ``min_fill`` times its width (so each row's padding is under ``1 - min_fill`` of its batch's width;
+    e.g. four full rows and a cut last document become two batches, not one padded to the full width). ``pad``
+    fills ``input_ids``, 0 the other inputs, ``False`` ``valid`` and ``IGNORE`` the targets."""
     rows = sorted(_rows(batches), key=lambda row: -row[1].shape[0])
+    chunks: list[list] = []
+    for row in rows:
+        n = row[1].shape[0]
+        if not chunks or len(chunks[-1]) == batch_size or n < min_fill * chunks[-1][0][1].shape[0]:
+            chunks.append([])
+        chunks[-1].append(row)
     out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        width = max(row[1].shape[0] for row in chunk)
+    for chunk in chunks:
+        width = chunk[0][1].shape[0]  # the longest row: the first, as rows are sorted
         inputs = {
             k: torch.full((len(chunk), width), pad if k == "input_ids" else 0, dtype=v.dtype)
             for k, v in chunk[0][0].items()
