@@ -87,7 +87,7 @@ def test_a_rank_other_than_0_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "world", lambda: (1, 2))
     monkeypatch.setattr(distributed, "barrier", lambda: None)
     monkeypatch.setattr(distributed, "all_reduce_statistics", lambda s: s)
-    monkeypatch.setattr(distributed, "all_reduce_metrics", lambda m: m)
+    monkeypatch.setattr(distributed, "all_reduce_metrics", lambda m, batch_index=None: m)
     cfg = SweepConfig(
         model=model, data=corpus, methods=("zero", "peak"), fractions=(1.0,), seeds=(0,), eval_tokens=40,
         stats_tokens=40, max_length=16, batch_size=2, device="cpu", out=str(tmp_path / "run"),
