@@ -7,7 +7,10 @@ all batches:
 - statistics: histograms, ``count``, ``under``/``over``, ``min``/``max`` bit-exact; ``mean``/``m2`` equal up to
   float64 rounding (the per-rank moments are merged with the same pairwise update as
   :meth:`~knockout.stats.running.LayerStats.merge`, so a split of the data changes only the rounding);
-- metrics: ``n`` and ``n_correct`` exact, ``ce_sum`` up to float rounding.
+- metrics: ``n`` and ``n_correct`` exact, ``ce_sum`` up to float rounding; per-document sums (``per_doc``, for
+  paired comparisons) gathered from the ranks in the original batch order. A batch is one rank's whole unit of work
+  and its per-document sums are computed within it, so they are the single-process sums bit for bit (given the same
+  logits for that batch, as on CPU with the same thread count).
 
 How a run uses it::
 
@@ -273,18 +276,47 @@ def _reduce_layer(mine: LayerStats, res: LayerStats, counts: list[int], k_lo: in
     res.under, res.over = clipped[:width].clone().to(home), clipped[width:].clone().to(home)
 
 
-def all_reduce_metrics(m: Metrics) -> Metrics:
+def all_reduce_metrics(m: Metrics, batch_index: Sequence[int] | None = None) -> Metrics:
     """Sum every rank's :class:`Metrics`: ``n`` and ``n_correct`` exactly (Python ints), ``ce_sum`` as the correctly
     rounded float64 sum (``math.fsum``) of the ranks' sums, the same on every rank. Returns ``m`` itself when the run
-    is not distributed. Every rank must call it."""
-    _, size = world()
+    is not distributed. Every rank must call it.
+
+    Per-document sums (``m.per_doc``, on every rank alike) are gathered too: ``batch_index[i]`` is the index, in the
+    full list of batches, of the ``i``-th batch this rank added to ``m``. The result holds every rank's per-batch
+    sums in that global order, so its :meth:`~Metrics.doc_sums` equal those of one process evaluating all batches,
+    bit for bit given the same logits (each batch's sums are computed within the batch, whichever rank runs it).
+    """
+    rank, size = world()
     if size == 1:
         return m
-    parts: list[tuple[int, int, float]] = [None] * size  # type: ignore[list-item]
-    dist.all_gather_object(parts, (int(m.n), int(m.n_correct), float(m.ce_sum)))
-    return Metrics(
-        n=sum(p[0] for p in parts), n_correct=sum(p[1] for p in parts), ce_sum=math.fsum(p[2] for p in parts)
+    docs = None
+    if m.per_doc:
+        per_batch = m.batch_doc_sums()
+        if batch_index is None or len(batch_index) != len(per_batch):
+            raise ValueError(
+                f"per-document sums of {len(per_batch)} batches need their {len(per_batch)} global batch indices, "
+                f"got {None if batch_index is None else len(batch_index)}"
+            )
+        docs = [(int(i), d) for i, d in zip(batch_index, per_batch)]
+    parts: list[tuple[int, int, float, list | None]] = [None] * size  # type: ignore[list-item]
+    dist.all_gather_object(parts, (int(m.n), int(m.n_correct), float(m.ce_sum), docs))
+    if any((p[3] is None) != (docs is None) for p in parts):
+        raise KnockoutError(f"rank {rank} evaluated with per_doc={m.per_doc}, another rank not: every rank must agree")
+    out = Metrics(
+        n=sum(p[0] for p in parts),
+        n_correct=sum(p[1] for p in parts),
+        ce_sum=math.fsum(p[2] for p in parts),
+        per_doc=m.per_doc,
     )
+    if docs is not None:
+        ordered = sorted((pair for p in parts for pair in p[3]), key=lambda pair: pair[0])  # type: ignore[union-attr]
+        index = [i for i, _ in ordered]
+        if len(set(index)) != len(index):
+            dup = sorted({i for i in index if index.count(i) > 1})
+            raise ValueError(f"batches {dup} were evaluated on more than one rank")
+        for _, d in ordered:
+            out.add_doc_sums(d)
+    return out
 
 
 # -- sharded passes -------------------------------------------------------------------------------------------------
@@ -299,22 +331,24 @@ def collect_stats_sharded(
 
 
 def evaluate_sharded(
-    model: torch.nn.Module, batches: Sequence[Batch], on_batch: Callable[[int, Batch], None] | None = None
+    model: torch.nn.Module,
+    batches: Sequence[Batch],
+    on_batch: Callable[[int, Batch], None] | None = None,
+    per_doc: bool = False,
 ) -> Metrics:
     """:func:`~knockout.evaluation.evaluate` on this rank's share of ``batches``, all-reduced over ranks.
 
     ``on_batch`` receives each batch's index in the full ``batches`` list (as in a single-process run), not its
-    position in this rank's share. A rank whose share has no scored targets contributes nothing (instead of raising);
-    the error is raised, on every rank, only when no rank had any.
+    position in this rank's share. A rank whose share has no scored targets contributes no targets (instead of
+    raising; its documents still count, with nothing scored); the error is raised, on every rank, only when no rank
+    had any. ``per_doc``: also keep per-document sums, gathered
+    from every rank in the order of ``batches`` (:func:`all_reduce_metrics`): the same as
+    ``evaluate(model, batches, per_doc=True).doc_sums()``.
     """
     idx = shard_indices(len(batches))
-    mine = [batches[i] for i in idx]
-    if sum(b.n_scored for b in mine):
-        hook = None if on_batch is None else (lambda i, b: on_batch(idx[i], b))
-        metrics = evaluate(model, mine, on_batch=hook)
-    else:
-        metrics = Metrics()
-    metrics = all_reduce_metrics(metrics)
+    hook = None if on_batch is None else (lambda i, b: on_batch(idx[i], b))
+    metrics = evaluate(model, [batches[i] for i in idx], on_batch=hook, per_doc=per_doc, allow_empty=True)
+    metrics = all_reduce_metrics(metrics, idx)
     if metrics.n == 0:
         raise KnockoutError("the evaluation set has no scored targets; give more evaluation data")
     return metrics

@@ -21,6 +21,7 @@ from pathlib import Path
 if __name__ == "__main__":  # a worker rank: find the tiny-model helpers as conftest does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as torch_dist
@@ -28,6 +29,7 @@ import torch.distributed as torch_dist
 import knockout
 import tiny
 from knockout import KnockoutError, collect_stats, distributed, evaluate, find_sites
+from knockout.data.batch import IGNORE, Batch
 from knockout.data.text import causal_batches
 from knockout.evaluation.metrics import Metrics
 from knockout.stats import LayerStats, Statistics
@@ -42,6 +44,12 @@ def _batches():
     rng = random.Random(7)
     seqs = [[rng.randrange(5, tiny.VOCAB) for _ in range(rng.randint(3, 20))] for _ in range(23)]
     return causal_batches(seqs, batch_size=3, pad=0)
+
+
+def _unscored_second(batches):
+    """The first two batches, the second with nothing scored: with two ranks, rank 1's share has no targets."""
+    b = batches[1]
+    return [batches[0], Batch(b.inputs, b.valid, torch.full_like(b.targets, IGNORE))]
 
 
 @contextmanager
@@ -80,6 +88,11 @@ def _worker(out: Path) -> None:
         # one batch for two ranks: rank 1 has no tokens and no scored targets
         small = distributed.collect_stats_sharded(model, sites, batches[:1], eps=EPS, limit=LIMIT)
         small_metrics = distributed.evaluate_sharded(model, batches[:1])
+        # per-document sums, gathered in batch order; also when a rank's share has documents but no targets
+        parts = {"docs": batches, "docs_small": batches[:1], "docs_unscored": _unscored_second(batches)}
+        for name, part in parts.items():
+            m = distributed.evaluate_sharded(model, part, per_doc=True)
+            np.savez(out / f"{name}{rank}.npz", total=[m.n, m.n_correct], **m.doc_sums())
         stats.save(out / f"stats{rank}.safetensors")
         small.save(out / f"small{rank}.safetensors")
         report = {
@@ -244,6 +257,11 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
             ref_metrics = evaluate(model, batches)
             ref_small = collect_stats(model, sites, batches[:1], eps=EPS, limit=LIMIT, progress=False)
             ref_small_metrics = evaluate(model, batches[:1])
+            ref_docs = {
+                "docs": evaluate(model, batches, per_doc=True),
+                "docs_small": evaluate(model, batches[:1], per_doc=True),
+                "docs_unscored": evaluate(model, _unscored_second(batches), per_doc=True),
+            }
     finally:
         _wait(procs)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
@@ -260,6 +278,14 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
             n, n_correct, ce_sum = reports[r][key]
             assert (n, n_correct) == (want.n, want.n_correct)
             assert ce_sum == pytest.approx(want.ce_sum, rel=1e-9)
+    # per-document sums: every rank holds those of one process over all batches, bit for bit, in batch order
+    assert ref_docs["docs_unscored"].doc_sums()["n"][-1] == 0
+    for name, want in ref_docs.items():
+        for r in range(WORLD):
+            got = np.load(tmp_path / f"{name}{r}.npz")
+            assert got["total"].tolist() == [want.n, want.n_correct], name
+            for field, w in want.doc_sums().items():
+                assert got[field].dtype == w.dtype and np.array_equal(got[field], w), (name, field)
     # every rank holds the same bits
     _assert_same_statistics(
         Statistics.load(tmp_path / "stats1.safetensors"),

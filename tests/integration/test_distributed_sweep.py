@@ -3,7 +3,8 @@
 Two worker processes run this file as a script: each calls ``knockout sweep`` (``knockout.cli.main``) on the same
 tiny saved model and corpus into the same run folder; only rank 0 writes. The test process runs the same sweep
 itself, in one process, while the workers run, and compares the folders: the rows (top-1 and counts exact, CE
-within 1e-9 relative) and the statistics (histograms, counts, min, max bit-exact).
+within 1e-9 relative), the statistics (histograms, counts, min, max bit-exact), and the per-document sums of every
+row (``paired/``, bit-exact) with the report's paired comparison built from them.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from pathlib import Path
 if __name__ == "__main__":  # a worker rank: find the tiny-model helpers as conftest does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as torch_dist
 
 import tiny
 from knockout.cli import main
-from knockout.runfolder import read_rows
+from knockout.runfolder import read_doc_sums, read_rows
 from knockout.stats import Statistics
 
 METHODS = "zero,mean,peak,resample-tokens"
@@ -39,6 +41,14 @@ def _worker(model: str, corpus: str, out: Path) -> None:
     torch.set_num_threads(1)
     assert main(_args(model, corpus, out)) == 0
     assert not torch_dist.is_initialized()  # the CLI left the process group
+
+
+def _answer(report_md: Path) -> str:
+    """The report's paired comparison: its section "The answer"."""
+    text = report_md.read_text()
+    start = text.index("## The answer")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else None]
 
 
 def _rows(out: Path) -> dict:
@@ -70,9 +80,20 @@ def test_two_rank_sweep_writes_the_single_process_results(tmp_path):
         Statistics.load(tmp_path / "dist" / "stats.safetensors"),
         Statistics.load(tmp_path / "single" / "stats.safetensors"),
     )
+    # per-document sums of every row, gathered from the ranks in batch order: those of one process, bit for bit
+    got_docs, want_docs = read_doc_sums(tmp_path / "dist"), read_doc_sums(tmp_path / "single")
+    assert got_docs.keys() == want_docs.keys() == want.keys()
+    for key, w in want_docs.items():
+        for field in ("n", "ce_sum", "correct"):
+            assert got_docs[key][field].dtype == w[field].dtype, (key, field)
+            assert np.array_equal(got_docs[key][field], w[field]), (key, field)
     config = json.loads((tmp_path / "dist" / "config.json").read_text())
     assert config["methods"] == METHODS.split(",")
     assert (tmp_path / "dist" / "report" / "report.html").is_file()
+    # so the report opens with the same paired comparison
+    answer = [_answer(tmp_path / run / "report" / "report.md") for run in ("dist", "single")]
+    assert "At 50% ablated (2 seeds x " in answer[0] and "best by CE **" in answer[0]
+    assert answer[0] == answer[1]
 
 
 def test_a_rank_other_than_0_writes_nothing(tmp_path, monkeypatch):
@@ -87,7 +108,7 @@ def test_a_rank_other_than_0_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "world", lambda: (1, 2))
     monkeypatch.setattr(distributed, "barrier", lambda: None)
     monkeypatch.setattr(distributed, "all_reduce_statistics", lambda s: s)
-    monkeypatch.setattr(distributed, "all_reduce_metrics", lambda m: m)
+    monkeypatch.setattr(distributed, "all_reduce_metrics", lambda m, batch_index=None: m)
     cfg = SweepConfig(
         model=model, data=corpus, methods=("zero", "peak"), fractions=(1.0,), seeds=(0,), eval_tokens=40,
         stats_tokens=40, max_length=16, batch_size=2, device="cpu", out=str(tmp_path / "run"),

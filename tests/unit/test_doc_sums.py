@@ -60,3 +60,25 @@ def test_doc_sums_round_trip_through_the_run_folder(tmp_path):
     assert set(got) == {("mean", 0.5, 1), ("resample-chars", 0.9, 1), ("baseline", 0.0, 0)}
     for field in ("n", "ce_sum", "correct"):
         assert np.array_equal(got[("mean", 0.5, 1)][field], a[field])
+
+
+def test_batch_doc_sums_rebuild_the_doc_sums_in_any_order_given():
+    """What a data-parallel run gathers: the per-batch sums, appended to another Metrics in a chosen order."""
+    m = Metrics(per_doc=True)
+    for logits, targets in _batches():
+        m.add(logits, targets)
+    parts = m.batch_doc_sums()
+    assert [len(p["n"]) for p in parts] == [3, 2]
+    rebuilt = Metrics(per_doc=True)
+    for p in parts:
+        rebuilt.add_doc_sums(p)
+    for field, want in m.doc_sums().items():
+        got = rebuilt.doc_sums()[field]
+        assert got.dtype == want.dtype and np.array_equal(got, want), field
+    swapped = Metrics(per_doc=True)
+    for p in parts[::-1]:
+        swapped.add_doc_sums(p)
+    assert swapped.doc_sums()["n"].tolist() == [*parts[1]["n"].tolist(), *parts[0]["n"].tolist()]
+    assert rebuilt.n == 0  # the scalar sums are the caller's
+    with pytest.raises(ValueError, match="per_doc"):
+        Metrics().batch_doc_sums()

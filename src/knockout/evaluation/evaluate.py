@@ -18,6 +18,7 @@ def evaluate(
     batches: Sequence[Batch],
     on_batch: Callable[[int, Batch], None] | None = None,
     per_doc: bool = False,
+    allow_empty: bool = False,
 ) -> Metrics:
     """Top-1 and cross-entropy of ``model`` over ``batches``.
 
@@ -25,6 +26,8 @@ def evaluate(
     ``IGNORE`` elsewhere), or ``logits[b]`` against ``targets[b]`` (image classes). ``on_batch(index, batch)`` is
     called before each forward pass, for ablations whose values depend on the input (resampling). ``per_doc``: also
     keep per-document sums (:meth:`Metrics.doc_sums`; one document per batch row), for paired comparisons.
+    ``allow_empty``: return metrics with ``n == 0`` instead of raising when no batch has a scored target (a rank's
+    share of a data-parallel evaluation may have none; its rows still count as documents).
     """
     device = input_device(model)
     metrics = Metrics(per_doc=per_doc)
@@ -34,6 +37,6 @@ def evaluate(
             on_batch(i, batch)
         logits = model(**batch.inputs).logits
         metrics.add(logits, batch.targets)
-    if metrics.n == 0:
+    if metrics.n == 0 and not allow_empty:
         raise KnockoutError("the evaluation set has no scored targets; give more evaluation data")
     return metrics

@@ -60,14 +60,39 @@ class Metrics:
         """Per document, in batch order: ``n`` (int64), ``ce_sum`` (float64, nats) and ``correct`` (int64), each
         ``[n_docs]``. ``n`` and ``correct`` add up exactly to :attr:`n` and :attr:`n_correct`; ``ce_sum`` to
         :attr:`ce_sum` up to float rounding."""
-        if not self.per_doc:
-            raise ValueError("these Metrics were not accumulated with per_doc=True")
+        self._check_per_doc()
         if not self._docs:
             return {
                 k: np.zeros(0, dtype=t) for k, t in (("n", np.int64), ("ce_sum", np.float64), ("correct", np.int64))
             }
         n, ce, correct = (torch.cat(parts) for parts in zip(*self._docs))
         return {"n": n.numpy().astype(np.int64), "ce_sum": ce.numpy(), "correct": correct.numpy().astype(np.int64)}
+
+    def batch_doc_sums(self) -> list[dict[str, np.ndarray]]:
+        """:meth:`doc_sums` split by batch: one dict (``n``, ``ce_sum``, ``correct``, each ``[rows]``) per call of
+        :meth:`add`, in order. A data-parallel run gathers these from every rank and puts them in the global batch
+        order (:func:`knockout.distributed.all_reduce_metrics`)."""
+        self._check_per_doc()
+        return [
+            {"n": n.numpy().astype(np.int64), "ce_sum": ce.numpy(), "correct": c.numpy().astype(np.int64)}
+            for n, ce, c in self._docs
+        ]
+
+    def add_doc_sums(self, sums: dict[str, np.ndarray]) -> None:
+        """Append one batch's per-document sums computed elsewhere (one dict of :meth:`batch_doc_sums`, e.g. from
+        another rank). The scalar sums are left alone: the caller accounts for them."""
+        self._check_per_doc()
+        self._docs.append(
+            (
+                torch.as_tensor(np.asarray(sums["n"], dtype=np.int64)),
+                torch.as_tensor(np.asarray(sums["ce_sum"], dtype=np.float64)),
+                torch.as_tensor(np.asarray(sums["correct"], dtype=np.int64)),
+            )
+        )
+
+    def _check_per_doc(self) -> None:
+        if not self.per_doc:
+            raise ValueError("these Metrics were not accumulated with per_doc=True")
 
     @property
     def top1(self) -> float:

@@ -165,14 +165,10 @@ def warn_clipped_neurons(layer_index: int, layer: LayerStats, threshold: float =
 
 def _evaluate(model: torch.nn.Module, batches: list[Batch], on_batch=None) -> Metrics:
     """:func:`evaluate` on every batch, keeping per-document sums; in a distributed run on this rank's share,
-    all-reduced (without per-document sums: the paired comparisons then have none for these rows)."""
+    all-reduced, with the per-document sums of all ranks gathered in batch order (every rank holds them all)."""
     if distributed.world()[1] > 1:
-        return distributed.evaluate_sharded(model, batches, on_batch=on_batch)
+        return distributed.evaluate_sharded(model, batches, on_batch=on_batch, per_doc=True)
     return evaluate(model, batches, on_batch=on_batch, per_doc=True)
-
-
-def _doc_sums(metrics: Metrics) -> dict | None:
-    return metrics.doc_sums() if metrics.per_doc else None
 
 
 def load_generator(cfg: SweepConfig, loaded: LoadedModel) -> LoadedModel | None:
@@ -244,8 +240,9 @@ def _run_sweep(
     """:func:`run_sweep` once the process group (if any) is joined.
 
     Distributed (torchrun): every rank loads the model, reads the same resume state and builds the same batches;
-    statistics and every evaluation are sharded over the ranks and all-reduced, so all ranks hold the same rows;
-    only rank 0 writes files. A barrier separates the reading of the existing run folder from the first write.
+    statistics and every evaluation are sharded over the ranks and all-reduced, so all ranks hold the same rows
+    (and per-document sums); only rank 0 writes files. A barrier separates the reading of the existing run folder
+    from the first write.
     """
     main = distributed.is_main()
     progress = progress and main
@@ -330,8 +327,8 @@ def _run_sweep(
             t0 = time.perf_counter()
             m = _evaluate(model, batches)
             base = ResultRow.measured("baseline", 0.0, seed, m.top1, m.ce, m.n, 0, n_neurons, time.perf_counter() - t0)
-            base_docs = _doc_sums(m)
-            if main and base_docs is not None:
+            base_docs = m.doc_sums()
+            if main:
                 runfolder.save_doc_sums(out, "baseline", 0.0, seed, base_docs)
             store.add(base)
         bar.update(per_seed - len(todo))
@@ -346,7 +343,7 @@ def _run_sweep(
                 method = instances.get(cls.name) or instances.setdefault(cls.name, cls(context(seed, batches)))
                 with method.ablate(selection.at(fraction)):
                     m = _evaluate(model, batches, method.on_batch)
-                top1, ce, n, docs = m.top1, m.ce, m.n, _doc_sums(m)
+                top1, ce, n, docs = m.top1, m.ce, m.n, m.doc_sums()
             seconds = time.perf_counter() - t0
             if main and docs is not None:  # before the row, so a stored row always has its sums unless it predates them
                 runfolder.save_doc_sums(out, cls.name, fraction, seed, docs)
