@@ -59,7 +59,8 @@ def point_mass_note(counts: list[int], widths: list[int], off_mode: int | None =
     layers = ", ".join(f"L{i}: {c}" for i, c in enumerate(counts) if c) or "none"
     text = (
         f"Point-mass peaks: {total} of {n} neurons ({100 * total / max(n, 1):.2f}%) have a modal bin that is a point "
-        f"mass (more than 5 times its larger neighbour; see docs/design.md); per layer: {layers}."
+        "mass (an isolated spike, or a spike on the bulk confined to one bin; see docs/design.md); "
+        f"per layer: {layers}."
     )
     if off_mode is not None:
         text += (
