@@ -262,7 +262,14 @@ def _sweep(args) -> int:
     from knockout.runfolder import read_rows
 
     cfg = _sweep_config(args)
-    data_id = preflight(cfg, restart=getattr(args, "restart", False))  # everything checkable without the model
+    # Everything checkable without the model. Under torchrun (no process group yet: the launcher's environment
+    # says) only rank 0 checks here, as only it may move an old folder aside (--restart); run_sweep then repeats the
+    # checks in order: rank 0, a barrier, the other ranks (who see the folder as rank 0 left it).
+    restart = getattr(args, "restart", False)
+    rank, size = distributed.launch_world()
+    data_id = preflight(cfg, restart=restart) if rank == 0 else None
+    if size > 1:
+        data_id = None
     try:
         loaded = load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device, cfg.device_map)
     except KnockoutError as e:
@@ -288,7 +295,7 @@ def _stats(args) -> int:
     from knockout import distributed
     from knockout.data.text import check_source, data_identity
     from knockout.experiments.config import data_spec, default
-    from knockout.experiments.runner import collect_run_stats, model_inputs
+    from knockout.experiments.runner import check_max_length, collect_run_stats, model_inputs
     from knockout.loading import model_identity
     from knockout.runfolder import check_out
     from knockout.sites import find_sites
@@ -308,6 +315,7 @@ def _stats(args) -> int:
     data_identity(spec.source)  # the data exists
     check_source(spec.source)
     loaded = _load(args)
+    check_max_length(spec.max_length, loaded.model, loaded.task)
     sites = find_sites(loaded.model, value("site_module"), value("n_heads"), value("site"))
     check_hist_memory([s.width for s in sites], value("eps"), value("hist_limit"))
     inputs = model_inputs(loaded, sites, spec)

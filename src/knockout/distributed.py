@@ -74,6 +74,12 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def launch_world() -> tuple[int, int]:
+    """``(rank, world_size)`` as the launcher (``torchrun``, ``accelerate launch``) set them in ``RANK`` and
+    ``WORLD_SIZE``, usable before any process group exists; ``(0, 1)`` when not launched so."""
+    return int(os.environ.get("RANK") or 0), int(os.environ.get("WORLD_SIZE") or 1)
+
+
 def is_main() -> bool:
     """True on rank 0 (and in a single-process run): the process that writes files and logs progress."""
     return world()[0] == 0

@@ -133,8 +133,31 @@ def test_a_run_folder_of_an_older_version_resumes(setup, capsys):
 def test_stats_command_and_reuse(setup, capsys):
     root, model, other, corpus = setup
     path = root / "s.safetensors"
-    assert main(["-q", "stats", "--model", model, "--data", corpus, "--stats-tokens", "300", "--out", str(path)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "stats",
+                "--model",
+                model,
+                "--data",
+                corpus,
+                "--stats-tokens",
+                "300",
+                "--max-length",
+                "40",
+                "--out",
+                str(path),
+            ]
+        )
+        == 0
+    )
     assert Statistics.load(path).n_tokens == 300
+    # a --max-length beyond the model's positions (64 here) is refused, as by the sweep, and nothing is written
+    too_long = root / "too-long.safetensors"
+    cmd = ["-q", "stats", "--model", model, "--data", corpus, "--stats-tokens", "300", "--out", str(too_long)]
+    assert main(cmd) == 2 and not too_long.exists()
+    assert "exceeds the model's 64 positions" in capsys.readouterr().err
     out = root / "reuse"
     assert main(_sweep_args(model, corpus, out, "--seeds", "0", "--stats", str(path))) == 0
     assert Statistics.load(out / "stats.safetensors").n_tokens == 300  # reused, not recollected (400)
