@@ -58,6 +58,11 @@ def test_sweep_on_the_mlp_site(setup, capsys):
     assert len({round(r["ce"], 6) for r in rows if r["fraction"] == 1.0}) == 3  # the methods differ
     config = json.loads((out / "config.json").read_text())
     assert config["site"] == "mlp" and config["resolved"]["model_identity"]["site"] == "mlp"
+    from knockout.reporting.report import write_report  # the real one (the module's is patched out above)
+
+    write_report(out, top_k=1)
+    svg = (out / "report" / "atypical.svg").read_text() + (out / "report" / "hist_layers.svg").read_text()
+    assert "MLP neuron activation" in svg and "pre-out activation" not in svg  # the histograms' axis names the site
     stats = Statistics.load(out / "stats.safetensors")
     assert stats.widths == [64, 64] and json.loads(stats.meta["model"])["site"] == "mlp"
     shown = identity(RunData.load(out))

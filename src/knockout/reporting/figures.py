@@ -105,7 +105,11 @@ def _draw_hist(ax, edges: np.ndarray, counts: np.ndarray, color: str = "#4c72b0"
     ax.stairs(density, e, color=color, lw=0.8)
 
 
-def layers_figure(layers: list[LayerHist]) -> Figure:
+#: x-axis label of the histograms per site (``model_identity.site``)
+SITE_AXIS = {"attention": "pre-out activation", "mlp": "MLP neuron activation (input of the MLP out-projection)"}
+
+
+def layers_figure(layers: list[LayerHist], site: str = "attention") -> Figure:
     """Figure 1 (left): the average over a layer's neurons of their activation histograms, one panel per layer."""
     n = max(len(layers), 1)
     cols = min(n, 4)
@@ -117,14 +121,16 @@ def layers_figure(layers: list[LayerHist]) -> Figure:
         _draw_hist(ax, edges, density * lh.eps)
         ax.axvline(0, color="0.3", lw=0.8, ls=":")
         ax.set_title(f"layer {lh.layer}: mean of {lh.width} neurons", fontsize=9)
-        ax.set_xlabel("pre-out activation")
+        ax.set_xlabel(SITE_AXIS.get(site, "activation"))
         ax.set_ylabel("density")
     for ax in axes[len(layers) :]:
         ax.set_axis_off()
     return fig
 
 
-def gallery_figure(neurons: list[tuple[NeuronScore, LayerHist]], n_heads: int | None = None) -> Figure:
+def gallery_figure(
+    neurons: list[tuple[NeuronScore, LayerHist]], n_heads: int | None = None, site: str = "attention"
+) -> Figure:
     """Figure 1 (centre, right): each neuron's histogram with its mean (dashed), peak (solid) and zero (dotted).
 
     A neuron whose peak is a point mass says so in its title; its peak is drawn dotted, labelled "(point mass)",
@@ -153,7 +159,7 @@ def gallery_figure(neurons: list[tuple[NeuronScore, LayerHist]], n_heads: int | 
         title = f"#{rank} {who}  score {s.score:.2f} ({s.modes} mode{'s' if s.modes != 1 else ''})"
         note = "\npoint mass at the peak" if s.point_mass else "\npeak far from the KDE mode" if s.peak_off_mode else ""
         ax.set_title(title + note, fontsize=9)
-        ax.set_xlabel("pre-out activation")
+        ax.set_xlabel(SITE_AXIS.get(site, "activation"))
         ax.set_ylabel("density")
         ax.legend(fontsize=7, loc="upper right")
     for ax in axes[len(neurons) :]:

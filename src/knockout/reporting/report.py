@@ -179,12 +179,13 @@ def write_report(
     else:
         stats = StatsFile(run.stats_path)
         chosen = layers if layers is not None else default_layers(len(stats))
-        fig = layers_figure([stats.layer(i) for i in chosen])
+        site = (run.resolved.get("model_identity") or {}).get("site", "attention")
+        fig = layers_figure([stats.layer(i) for i in chosen], site)
         save_figure(fig, out / "hist_layers")
         images["hist_layers"] = png_bytes(fig)
         scores, hists = rank_atypical(stats, top_k)
         atypical = scores[:N_ATYPICAL_CSV]
-        fig = gallery_figure([(s, hists[(s.layer, s.neuron)]) for s in scores[:top_k]], _n_heads(run))
+        fig = gallery_figure([(s, hists[(s.layer, s.neuron)]) for s in scores[:top_k]], _n_heads(run), site)
         save_figure(fig, out / "atypical")
         images["atypical"] = png_bytes(fig)
         recs = [{"rank": i + 1, **s.as_dict()} for i, s in enumerate(atypical)]
