@@ -95,6 +95,88 @@ def test_values_outside_the_window_are_counted_not_binned():
     assert stats.k_lo + stats.n_bins - 1 <= stats.k_max
 
 
+def _numpy_reference(batches: list[torch.Tensor], eps: float, limit: float, k_min: int, k_max: int) -> dict:
+    """What ``LayerStats.add`` of ``batches`` must give, from the concatenated data in numpy: the bin of a value is
+    floor(x / eps) in the dtype ``add`` works in (float32 for half precision, widened exactly), moments in float64."""
+    data = np.concatenate([(b.float() if b.dtype in (torch.float16, torch.bfloat16) else b).numpy() for b in batches])
+    k = np.floor(data / data.dtype.type(eps)).astype(np.float64)  # whole numbers, exact also beyond int64
+    inside = (k >= k_min) & (k <= k_max)
+    lo, hi = int(k[inside].min()), int(k[inside].max())
+    hist = np.stack([np.bincount((c[ok] - lo).astype(np.int64), minlength=hi - lo + 1) for c, ok in zip(k.T, inside.T)])
+    d64 = data.astype(np.float64)
+    return {
+        "count": data.shape[0],
+        "k_lo": lo,
+        "hist": hist,
+        "under": (k < k_min).sum(0),
+        "over": (k > k_max).sum(0),
+        "min": d64.min(0),
+        "max": d64.max(0),
+        "mean": d64.mean(0),
+        "var": d64.var(0),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_add_equals_numpy_over_batches_that_grow_and_clip(dtype):
+    """Counts, under/over, min/max exactly and moments closely equal numpy on the concatenated data, over batches
+    whose bins grow on both sides, that fall partly or wholly outside the window, that are empty, or sit on edges."""
+    eps, limit, width = 0.01, 2.0, 6
+    g = torch.Generator().manual_seed(5)
+    batches = [
+        torch.randn(300, width, generator=g) * 0.3,  # the first bins
+        torch.randn(0, width),  # nothing
+        torch.randn(200, width, generator=g) * 0.8 + 0.4,  # the stored bins grow on both sides
+        torch.randn(150, width, generator=g) * 3.0,  # partly beyond ±limit: under / over, and growth
+        torch.full((3, width), 7.0) * torch.tensor([[1.0], [-1.0], [1.0]]),  # wholly outside the window
+        torch.randint(-250, 250, (80, width), generator=g) * eps,  # on (rounded) bin edges, some outside
+        torch.tensor([[-limit, limit, limit - eps / 2, -limit - eps / 2, 0.0, -0.0]]),  # the window's own edges
+    ]
+    batches = [b.to(dtype) for b in batches]
+    stats = LayerStats(width, eps=eps, limit=limit)
+    for b in batches:
+        stats.add(b)
+    want = _numpy_reference(batches, eps, limit, stats.k_min, stats.k_max)
+    assert stats.count == want["count"] and stats.k_lo == want["k_lo"]
+    np.testing.assert_array_equal(stats.hist.numpy(), want["hist"])
+    np.testing.assert_array_equal(stats.under.numpy(), want["under"])
+    np.testing.assert_array_equal(stats.over.numpy(), want["over"])
+    assert int(stats.under.sum() + stats.over.sum() + stats.hist.sum()) == want["count"] * width
+    np.testing.assert_array_equal(stats.min.numpy(), want["min"])
+    np.testing.assert_array_equal(stats.max.numpy(), want["max"])
+    np.testing.assert_allclose(stats.mean.numpy(), want["mean"], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(stats.var.numpy(), want["var"], rtol=1e-10)
+
+
+def test_moments_of_one_batch_are_torch_var_mean_of_its_float64_values():
+    """The moments of a batch are ``torch.var_mean`` of the batch widened to float64, bit for bit (mean ablation
+    uses them, and the demo's results must not move when the statistics' code is made faster)."""
+    x = torch.randn(257, 9) * torch.rand(9) + torch.randn(9)
+    for dtype in (torch.float32, torch.bfloat16):
+        stats = LayerStats(9, eps=0.01)
+        stats.add(x.to(dtype))
+        var, mean = torch.var_mean(x.to(dtype).double(), dim=0, correction=0)
+        assert torch.equal(stats.mean, mean) and torch.equal(stats.m2, var * 257)
+
+
+def test_values_beyond_the_integer_range_of_their_bin_are_clipped():
+    """x / eps beyond int64 (or inf in float32) still counts as below / above the window."""
+    stats = LayerStats(2, eps=0.01, limit=1.0)
+    stats.add(torch.tensor([[1e30, 0.5], [-1e30, 3e38], [0.25, -3e38], [0.25, 1e17]]))
+    assert stats.over.tolist() == [1, 2] and stats.under.tolist() == [1, 1]
+    assert stats.hist.sum(1).tolist() == [2, 1] and (stats.k_lo, stats.n_bins) == (25, 26)
+
+
+def test_count_in_float_and_in_int64_agree():
+    """Flat bin indices are formed in float where exact, else in int64 (very wide layers): same counts."""
+    stats = LayerStats(5, eps=0.1, limit=3.0)
+    k = torch.randint(-30, 30, (400, 5))
+    want = stats._count(k.clone(), -30, 60)
+    for dtype in (torch.float32, torch.float64):
+        assert torch.equal(stats._count(k.to(dtype), -30, 60), want)
+    assert want.sum() == 2000 and torch.equal(want[2], torch.bincount(k[:, 2] + 30, minlength=60))
+
+
 def test_memory_does_not_grow_with_tokens():
     stats = LayerStats(16, eps=0.01)
     stats.add(torch.randn(1000, 16).clamp(-3, 3))
