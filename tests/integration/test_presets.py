@@ -134,18 +134,19 @@ def test_preset_with_local_overrides_runs(tmp_path):
 
 
 def test_demo_preset_runs_the_answer_methods_at_the_papers_two_fractions():
-    """The demo: zero, mean, peak at all 11 fractions, resampling and optimal at 0.5 and 0.9; overriding the
-    methods or fractions keeps the per-method fractions consistent with them (or drops them)."""
+    """The demo: zero, mean, peak at 7 fractions, optimal at 0.5 and 0.9; overriding the methods or fractions keeps
+    the per-method fractions consistent with them (or drops them)."""
     from knockout.reporting.run import RunData
 
     cfg = resolve_preset("demo")
-    assert cfg.fractions_of("zero") == cfg.fractions and len(cfg.fractions) == 11
-    assert cfg.fractions_of("optimal") == (0.5, 0.9) == cfg.fractions_of("resample-text")
+    assert cfg.fractions_of("zero") == cfg.fractions == (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+    assert cfg.fractions_of("optimal") == (0.5, 0.9)
     assert cfg.stats_skip_first == 1 and cfg.options["sort_by_length"]
     run = RunData(Path("unused"), cfg.to_dict(), [])
-    assert run.n_expected == 3 * (1 + 3 * 11 + 4 * 2)  # a baseline per seed
+    assert run.n_expected == 3 * (1 + 3 * 7 + 2)  # a baseline per seed
     only = resolve_preset("demo", methods=("zero", "optimal"))
     assert only.method_fractions == {"optimal": [0.5, 0.9]}
+    assert resolve_preset("demo", methods=("all",)).method_fractions == {}  # optimal is not in 'all'
     fewer = resolve_preset("demo", fractions=(0.0, 0.5, 1.0))
     assert fewer.fractions_of("optimal") == (0.5,) and fewer.fractions_of("peak") == (0.0, 0.5, 1.0)
     assert resolve_preset("demo", fractions=(0.0, 1.0)).fractions_of("optimal") == (0.0, 1.0)
