@@ -399,7 +399,7 @@ def point_mass(
       resolution (e.g. a near-constant neuron), and removing it would leave only tails.
 
     Measured on SmolLM2-135M (Wikipedia, eps 0.01, 17,280 neurons): test 1 alone flags 0-7 neurons; with test 2,
-    3.0% (4,096 tokens) and 4.6% (8,192 tokens) when position 0 is counted, 0.67% (8,192) and 0.78% (16,384) with
+    2.8% (4,096 tokens) and 4.4% (8,192 tokens) when position 0 is counted, 0.49% (8,192) and 0.47% (16,384) with
     ``--stats-skip-first 1``: most point masses are first-token values. Limitation: a spike split across a bin edge
     (values jittered by float noise) counts as two bins and is not flagged.
     """
