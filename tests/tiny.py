@@ -122,3 +122,9 @@ def write_corpus(path, n_docs: int = 40) -> str:
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(8, 30))) for _ in range(n_docs)]
     path.write_text("\n\n".join(docs), encoding="utf-8")
     return str(path)
+
+
+def stats_cmd(model, corpus, n_tokens: int, out, *extra: str) -> list[str]:
+    """Arguments of ``knockout -q stats`` on a tiny model and corpus (sequences of 40 tokens, within its positions)."""
+    return ["-q", "stats", "--model", str(model), "--data", str(corpus), "--stats-tokens", str(n_tokens),
+            "--max-length", "40", "--out", str(out), *extra]  # fmt: skip

@@ -133,25 +133,7 @@ def test_a_run_folder_of_an_older_version_resumes(setup, capsys):
 def test_stats_command_and_reuse(setup, capsys):
     root, model, other, corpus = setup
     path = root / "s.safetensors"
-    assert (
-        main(
-            [
-                "-q",
-                "stats",
-                "--model",
-                model,
-                "--data",
-                corpus,
-                "--stats-tokens",
-                "300",
-                "--max-length",
-                "40",
-                "--out",
-                str(path),
-            ]
-        )
-        == 0
-    )
+    assert main(tiny.stats_cmd(model, corpus, 300, path)) == 0
     assert Statistics.load(path).n_tokens == 300
     # a --max-length beyond the model's positions (64 here) is refused, as by the sweep, and nothing is written
     too_long = root / "too-long.safetensors"

@@ -222,20 +222,7 @@ def test_changed_setting_refuses_and_restart_applies_it(setup, tmp_path, capsys)
 def test_nan_statistics_name_layer_and_neuron(setup, tmp_path, capsys):
     _, model, corpus = setup
     stats_path = tmp_path / "s.safetensors"
-    cmd = [
-        "-q",
-        "stats",
-        "--model",
-        model,
-        "--data",
-        corpus,
-        "--stats-tokens",
-        "200",
-        "--max-length",
-        "40",
-        "--out",
-        str(stats_path),
-    ]
+    cmd = tiny.stats_cmd(model, corpus, 200, stats_path)
     assert main(cmd) == 0
     stats = Statistics.load(stats_path)
     stats.layers[1].mean[5] = float("nan")

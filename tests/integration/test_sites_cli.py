@@ -69,25 +69,7 @@ def test_sweep_on_the_mlp_site(setup, capsys):
     assert shown["site"] == "mlp" and shown["layers x neurons"] == "2 x 64"
     # statistics of the attention site are refused for the MLP site, and a run folder keeps its site
     path = root / "attention.safetensors"
-    assert (
-        main(
-            [
-                "-q",
-                "stats",
-                "--model",
-                model,
-                "--data",
-                corpus,
-                "--stats-tokens",
-                "100",
-                "--max-length",
-                "40",
-                "--out",
-                str(path),
-            ]
-        )
-        == 0
-    )
+    assert main(tiny.stats_cmd(model, corpus, 100, path)) == 0
     capsys.readouterr()
     assert main(_sweep(model, corpus, root / "wrong", "--site", "mlp", "--stats", str(path))) == 2
     assert "site: file has 'attention', model has 'mlp'" in capsys.readouterr().err
