@@ -24,7 +24,8 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def no_figures(monkeypatch):
-    """The report's figures are site-agnostic and slow on a shared CPU (tested in test_cli); skip drawing them."""
+    """The report's figures are slow on a shared CPU (tested in test_cli): skip drawing them in the sweeps here;
+    the one site-dependent part, the histograms' axis label, is drawn and checked by test_sweep_on_the_mlp_site."""
     monkeypatch.setattr(knockout.reporting, "write_report", lambda run_dir, *a, **k: f"{run_dir}/report")
 
 
