@@ -148,15 +148,28 @@ def test_add_equals_numpy_over_batches_that_grow_and_clip(dtype):
     np.testing.assert_allclose(stats.var.numpy(), want["var"], rtol=1e-10)
 
 
-def test_moments_of_one_batch_are_torch_var_mean_of_its_float64_values():
-    """The moments of a batch are ``torch.var_mean`` of the batch widened to float64, bit for bit (mean ablation
-    uses them, and the demo's results must not move when the statistics' code is made faster)."""
-    x = torch.randn(257, 9) * torch.rand(9) + torch.randn(9)
-    for dtype in (torch.float32, torch.bfloat16):
-        stats = LayerStats(9, eps=0.01)
-        stats.add(x.to(dtype))
-        var, mean = torch.var_mean(x.to(dtype).double(), dim=0, correction=0)
-        assert torch.equal(stats.mean, mean) and torch.equal(stats.m2, var * 257)
+def test_moments_are_exact_to_float64_rounding_also_far_from_zero():
+    """A batch's moments are two float64 passes (mean, then squared deviations): against exact rational arithmetic
+    (``fractions``) they are right to float64 rounding, also for a neuron whose mean is 10^4 of its std, where
+    the one-pass sum-of-squares formula loses every digit. The input is not changed (a float64 batch too)."""
+    from fractions import Fraction
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 4, generator=g, dtype=torch.float64) * torch.tensor([1.0, 1e-3, 2.0, 1e-2])
+    x = x + torch.tensor([0.0, 10.0, -5.0, 1e2])
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        batch = x.to(dtype)
+        before = batch.clone()
+        stats = LayerStats(4, eps=0.01, limit=200.0)
+        stats.add(batch[:100])
+        stats.add(batch[100:])
+        assert torch.equal(batch, before)
+        for j in range(4):
+            col = [Fraction(v) for v in batch[:, j].double().tolist()]
+            mean = sum(col) / len(col)
+            var = sum((v - mean) ** 2 for v in col) / len(col)
+            assert abs(float(stats.mean[j]) - float(mean)) <= 4e-16 * max(abs(float(mean)), 1e-300)
+            assert abs(float(stats.var[j]) - float(var)) <= 1e-12 * float(var)
 
 
 def test_values_beyond_the_integer_range_of_their_bin_are_clipped():
@@ -300,3 +313,26 @@ def test_collected_statistics_merge_and_extend():
     before = whole.layers[0].count
     whole.add(0, extra)  # extending collected statistics with more data
     assert whole.layers[0].count == before + 5
+
+
+def test_collect_stats_into_extends_and_sync_free_collection_is_the_same():
+    """``into`` continues a collection: batch 1, then batches 2.. into it, equals one collection of all batches bit
+    for bit; so does a collection whose layers count sync-free (the accelerator path, forced on the CPU)."""
+    model = tiny.causal_lm("llama")
+    sites = find_sites(model)
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(5, tiny.VOCAB, (int(n),), generator=g).tolist() for n in torch.randint(4, 20, (7,))]
+    batches = causal_batches(seqs, 3, pad=0)
+    whole = collect_stats(model, sites, batches, eps=0.01, progress=False)
+    part = collect_stats(model, sites, batches[:1], eps=0.01, progress=False)
+    assert collect_stats(model, sites, batches[1:], progress=False, into=part) is part
+    free = Statistics([s.width for s in sites], eps=0.01)
+    for layer in free.layers:
+        layer.sync_free = True
+    collect_stats(model, sites, batches, progress=False, into=free)
+    for other in (part, free):
+        for a, b in zip(other.layers, whole.layers):
+            sa, sb = a.state_dict(), b.state_dict()
+            assert all(torch.equal(sa[k], sb[k]) for k in sb)
+    with pytest.raises(KnockoutError, match="widths"):
+        collect_stats(model, sites[:1], batches, progress=False, into=whole)

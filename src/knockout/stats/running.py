@@ -18,17 +18,23 @@ ran sit well inside ±20; the clipped fraction is stored, and a warning names la
 were clipped. Override with ``--eps`` / ``--hist-limit``.
 
 The peak of a neuron is the centre ``(k + 0.5) * eps`` of its most populated bin (the lowest such bin on ties, as
-``numpy.argmax``). Mean and variance use Chan et al.'s pairwise update in float64.
+``numpy.argmax``). Mean and variance: each batch's in float64 (two passes), merged with Chan et al.'s pairwise
+update.
 
 Device and precision
 --------------------
 The statistics live on the device of the activations they are given (the model's; each layer on its own device
 when a model is split over devices) and are kept in float64 (moments, min, max) and int64 (counts), also for
-float16/bfloat16 models, whose activations are widened to float32 first (exactly). :meth:`LayerStats.add` reads
-back from the device once per call: three numbers (all finite?, lowest and highest bin of the batch) that decide
-whether the stored bins must grow. A batch with values outside the window reads once more (the extreme bins of
-the values inside it). :func:`knockout.stats.collect_stats` selects the non-padding positions with one index per
-batch, not a boolean mask per layer (which would read its size back at every layer).
+float16/bfloat16 models, whose activations are widened to float32 first (exactly).
+
+On the CPU, :meth:`LayerStats.add` reads three numbers per call (all finite?, lowest and highest bin of the batch)
+that decide whether the stored bins must grow; a batch with values outside the window reads once more. On an
+accelerator (``sync_free``, the default off the CPU) it reads nothing back: it counts into a buffer over the whole
+window (``2 * limit / eps`` bins per neuron, 8 bytes each), and :meth:`LayerStats.finish`, called once at the end
+of a collection, raises if any batch held NaN/inf and trims the histogram to the bins in use, bit for bit what
+counting with reads stores. :func:`knockout.stats.collect_stats` selects the non-padding positions with an index
+found on the host before the batch moves to the device, so a collection on an accelerator waits for the device
+only at its end.
 """
 
 from __future__ import annotations
@@ -46,6 +52,11 @@ log = logging.getLogger(__name__)
 DEFAULT_EPS = 0.01
 DEFAULT_LIMIT = 20.0
 
+
+NONFINITE = (
+    "non-finite (NaN/inf) pre-out activations: the model overflowed or its weights are broken; "
+    "try --dtype float32 and check that the model produces finite logits"
+)
 
 MAX_BINS_PER_NEURON = 1_000_000
 """Most histogram bins one neuron may need (8 MB of int64 counts): ``2 * limit / eps`` above this is refused."""
@@ -105,6 +116,9 @@ class LayerStats:
     k_lo: int = 0
     under: torch.Tensor = field(default=None)  # [width] int64, values < -limit
     over: torch.Tensor = field(default=None)  # [width] int64, values >= limit
+    sync_free: bool | None = None
+    """Count without reading back from the device (see "Device and precision" above). ``None``: on accelerators,
+    not on the CPU (where a read costs nothing). Not part of the state."""
 
     def __post_init__(self):
         check_hist_params(self.eps, self.limit)
@@ -116,6 +130,10 @@ class LayerStats:
         self.hist = torch.zeros(self.width, 0, dtype=torch.int64) if self.hist is None else self.hist
         self.under = z(torch.int64) if self.under is None else self.under
         self.over = z(torch.int64) if self.over is None else self.over
+        self._buf: torch.Tensor | None = None  # sync-free counting: [width, window + 2], under | hist | over
+        self._buf_k_lo = 0  # k_lo before the buffer was made (kept if the buffer ends up empty)
+        self._nonfinite: torch.Tensor | None = None  # sync-free: number of batches with a NaN/inf, on the device
+        self._eps: dict = {}  # eps as a 0-dim tensor per (dtype, device), see _bins
 
     # -- grid -------------------------------------------------------------------------------------------------
     @property
@@ -158,26 +176,88 @@ class LayerStats:
             return
         x = x.detach()
         x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        sync_free = x.device.type != "cpu" if self.sync_free is None else self.sync_free
+        if not sync_free:
+            self.finish()
         self._to(x.device)
+        if sync_free and self._buf is None:
+            sync_free = self._start_buffer()
         x_min, x_max = x.amin(0), x.amax(0)  # [width] in x's dtype
-        # One host read per batch and layer (a device sync on GPU): whether every value is finite, and the batch's
-        # lowest and highest bin, which decide whether the stored bins must grow. floor(x / eps) is monotonic in x,
-        # so the extreme bins are those of the extreme values (the same float operations as for every value).
         ends = torch.stack([x_min.min(), x_max.max()])
-        finite, lo, hi = self._read_ends(ends)
-        if not finite:  # NaN/inf propagate into min/max
-            raise KnockoutError(
-                "non-finite (NaN/inf) pre-out activations: the model overflowed or its weights are broken; "
-                "try --dtype float32 and check that the model produces finite logits"
-            )
-        # Moments: torch.var_mean of the float64 values, as before the histogram was made faster, so that they (and
-        # mean ablation) stay bit for bit the same. On a CPU it is a sequential Welford pass per neuron, the largest
-        # part of this method's time (a third to a half of it on 2 cores).
-        var, mean = torch.var_mean(x.double(), dim=0, correction=0)
-        self._merge_moments(n, mean, var * n)
+        if sync_free:
+            # NaN/inf propagate into min/max; counted on the device, raised by finish()
+            bad = (~torch.isfinite(ends)).any()
+            self._nonfinite = bad.long() if self._nonfinite is None else self._nonfinite + bad
+        else:
+            # One host read per batch and layer: whether every value is finite, and the batch's lowest and highest
+            # bin, which decide whether the stored bins must grow. floor(x / eps) is monotonic in x, so the extreme
+            # bins are those of the extreme values (the same float operations as for every value).
+            finite, lo, hi = self._read_ends(ends)
+            if not finite:
+                raise KnockoutError(NONFINITE)
+        # Moments of the batch in float64, two passes (mean, then the squared deviations from it), merged into the
+        # running ones with Chan et al.'s update. Not torch.var_mean: on a CPU that is a sequential Welford pass per
+        # neuron, ten times slower than these three vectorised reductions; both are exact to float64 rounding.
+        d = x.to(torch.float64, copy=True)  # a copy also when x is float64: it is changed in place below
+        mean = d.sum(0).div_(n)
+        self._merge_moments(n, mean, d.sub_(mean).square_().sum(0))
         self.min = torch.minimum(self.min, x_min.double())
         self.max = torch.maximum(self.max, x_max.double())
-        self._add_to_histogram(x, lo, hi)
+        if sync_free:
+            self._count_into_buffer(x)
+        else:
+            self._add_to_histogram(x, lo, hi)
+
+    def finish(self) -> None:
+        """Settle what sync-free counting left on the device: raise if a batch held NaN/inf, and store the
+        histogram trimmed to the bins in use, as counting with host reads stores it (bit for bit). One host read;
+        nothing to do after counting with host reads. :func:`~knockout.stats.collect_stats` calls it; reading
+        ``hist`` before it is safe (the same counts over the whole window), the check for NaN/inf is not done."""
+        if self._nonfinite is not None:
+            bad, self._nonfinite = self._nonfinite, None
+            if int(bad):
+                self._buf = None
+                raise KnockoutError(NONFINITE)
+        if self._buf is None:
+            return
+        buf, self._buf = self._buf, None
+        self.under, self.over = buf[:, 0].clone(), buf[:, -1].clone()
+        used = (buf[:, 1:-1] != 0).any(0).nonzero().squeeze(1)  # the bins in use, as growth on a CPU keeps them
+        if used.numel() == 0:
+            self.hist = buf.new_zeros(self.width, 0)
+            self.k_lo = self._buf_k_lo
+            return
+        lo, hi = (int(v) for v in used[[0, -1]].tolist())
+        self.hist = buf[:, 1 + lo : 2 + hi].clone()
+        self.k_lo = self.k_min + lo
+
+    def _start_buffer(self) -> bool:
+        """Start sync-free counting: a buffer over the whole window plus a column below and above it, holding the
+        counts so far. False (and counting with host reads from then on) if the device has no room for it."""
+        n_window = self.k_max - self.k_min + 1
+        try:
+            buf = torch.zeros(self.width, n_window + 2, dtype=torch.int64, device=self.mean.device)
+        except torch.OutOfMemoryError:
+            log.warning(
+                "no room on %s for a %s histogram buffer; counting with a host read per batch instead",
+                self.mean.device, _size(8 * self.width * (n_window + 2)),
+            )  # fmt: skip
+            self.sync_free = False
+            return False
+        buf[:, 0], buf[:, -1] = self.under, self.over
+        if self.n_bins:
+            start = 1 + self.k_lo - self.k_min
+            buf[:, start : start + self.n_bins] = self.hist
+        self._buf, self._buf_k_lo = buf, self.k_lo
+        # the stored fields are views of the buffer until finish(): reading them in between is right
+        self.under, self.over, self.hist, self.k_lo = buf[:, 0], buf[:, -1], buf[:, 1:-1], self.k_min
+        return True
+
+    def _count_into_buffer(self, x: torch.Tensor) -> None:
+        """Sync-free counting of ``x`` into the buffer (see :meth:`_start_buffer`)."""
+        k = self._bins(x).nan_to_num_(nan=float(self.k_max + 1)).clamp_(self.k_min - 1, self.k_max + 1)
+        flat = self._flat_index(k, self.k_min - 1, self._buf.shape[1])
+        self._buf.view(-1).index_add_(0, flat.view(-1), self._buf.new_ones(1).expand(flat.numel()))
 
     def _read_ends(self, ends: torch.Tensor) -> tuple[bool, int, int]:
         """``(all finite, lowest bin, highest bin)`` of a batch whose lowest and highest values are ``ends``: one
@@ -193,7 +273,13 @@ class LayerStats:
         numbers, still in that dtype. It becomes an integer only after values outside the window are clamped to
         ``k_min - 1`` / ``k_max + 1``, so that a value whose ``x / eps`` lies beyond int64 (or is inf) still counts as
         below / above the window."""
-        return (x / self.eps).floor_()
+        # Divided by eps as a tensor on x's device: CUDA multiplies by the reciprocal of a Python-number divisor,
+        # which can move a value on a bin edge into the next bin; this keeps the bins of every device the same.
+        key = (x.dtype, x.device)
+        eps = self._eps.get(key)
+        if eps is None:
+            eps = self._eps[key] = torch.tensor(self.eps, dtype=x.dtype, device=x.device)
+        return (x / eps).floor_()
 
     def _add_to_histogram(self, x: torch.Tensor, lo: int, hi: int) -> None:
         """Count ``x: [n, width]`` (finite) into the histogram; ``lo``/``hi``: the lowest/highest bin of x."""
@@ -224,13 +310,16 @@ class LayerStats:
         The flat index is formed in k's float dtype when every number involved is a whole number below the dtype's
         exact-integer limit (2**24 in float32), else in an integer type; it is handed to ``bincount`` as int32 where
         it fits. The counts are the same either way; the float path saves two passes over int64 on a CPU."""
-        size = self.width * n_cols
-        bound = size + abs(base) + n_cols  # above any number formed here
+        flat = self._flat_index(k, base, n_cols)
+        return torch.bincount(flat.view(-1), minlength=self.width * n_cols).view(self.width, n_cols)
+
+    def _flat_index(self, k: torch.Tensor, base: int, n_cols: int) -> torch.Tensor:
+        """``[n, width]`` flat indices ``j * n_cols + k - base`` of the bins ``k`` (see :meth:`_count`)."""
+        bound = self.width * n_cols + abs(base) + n_cols  # above any number formed here
         exact = k.is_floating_point() and bound <= 2 / torch.finfo(k.dtype).eps
         index = torch.int32 if bound < 2**31 else torch.int64
         offsets = torch.arange(self.width, device=k.device, dtype=k.dtype if exact else index) * n_cols - base
-        flat = k.add_(offsets).to(index) if exact else k.to(index).add_(offsets)
-        return torch.bincount(flat.view(-1), minlength=size).view(self.width, n_cols)
+        return k.add_(offsets).to(index) if exact else k.to(index).add_(offsets)
 
     def _merge_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         n_a = self.count
@@ -249,6 +338,8 @@ class LayerStats:
             )
         if other.count == 0:
             return
+        self.finish()
+        other.finish()
         self._to(other.mean.device)
         self._merge_moments(other.count, other.mean, other.m2)
         self.min = torch.minimum(self.min, other.min)
@@ -262,6 +353,7 @@ class LayerStats:
 
     def _to(self, device) -> None:
         if self.mean.device != device:
+            self.finish()
             for name in self.TENSORS:
                 setattr(self, name, getattr(self, name).to(device))
 
@@ -271,6 +363,7 @@ class LayerStats:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every field needed to rebuild these statistics (as baukit's runningstats), on the statistics' device."""
+        self.finish()
         state = {name: getattr(self, name).detach() for name in self.TENSORS}
         state["count"] = torch.tensor([self.count], dtype=torch.int64)
         state["k_lo"] = torch.tensor([self.k_lo], dtype=torch.int64)
@@ -279,6 +372,7 @@ class LayerStats:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Replace the state by ``state`` (from :meth:`state_dict`). The tensors are cloned, so statistics built
         under ``torch.inference_mode`` can still be merged and extended afterwards."""
+        self._buf, self._nonfinite = None, None
         for name in self.TENSORS:
             setattr(self, name, state[name].clone())
         self.count = int(state["count"][0])
@@ -306,6 +400,7 @@ class LayerStats:
         """
         if self.count == 0:
             raise KnockoutError("statistics are empty: no tokens were collected")
+        self.finish()
         if self.n_bins == 0:
             log.warning("no value fell inside ±%g; using the mean as the peak", self.limit)
             return self.mean.clone()
