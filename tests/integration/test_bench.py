@@ -15,20 +15,22 @@ def test_benchmark_reports_ratios_and_memory(tmp_path, capsys):
     import torch
 
     loaded = LoadedModel(tiny.causal_lm("llama"), tiny.tokenizer(), "causal", "tiny-llama", torch.device("cpu"))
-    result = run_benchmark(loaded, batch_size=2, seq_len=16, repeats=2, progress=False)
-    assert set(result["tokens_per_second"]) == {"forward", "statistics", "eval", "eval_folded", "eval_hooked_tl"}
+    result = run_benchmark(loaded, batch_size=2, seq_len=16, repeats=2, progress=False, compare_tokens=500)
+    modes = {"forward", "statistics", "statistics_first", "eval", "eval_folded", "eval_hooked_tl"}
+    assert set(result["tokens_per_second"]) == modes
     assert all(v > 0 for v in result["tokens_per_second"].values())
     ratio = result["ratios"]["statistics_vs_forward"]
     tps = result["tokens_per_second"]
     assert abs(ratio - tps["statistics"] / tps["forward"]) < 0.01
-    assert list(result["stats_memory_bytes"]) == ["32", "96"]  # one batch; the warm-up and 2 rounds merged
+    # one batch; then the set-up, the warm-up and 2 rounds of the running statistics: 4 batches
+    assert list(result["stats_memory_bytes"]) == ["32", "128"]
     a = result["authors_stats"]
-    assert (a["tokens"], a["width"]) == (32, 32)
+    assert (a["tokens"], a["width"], a["drawn_from_tokens"]) == (500, 32, 32)
     assert a["speedup"] == pytest.approx(a["authors_seconds_per_layer"] / a["knockout_seconds_per_layer"], rel=0.05)
     assert a["memory_ratio"] == pytest.approx(a["authors_bytes"] / a["knockout_bytes"], rel=0.01)
-    assert a["authors_bytes"] >= 32 * 32 * 4 and a["authors_bytes_at_tokens_extrapolated"] > a["authors_bytes"]
+    assert a["authors_bytes"] >= 500 * 32 * 4
     text = format_benchmark(result)
-    assert "authors' method" in text and "extrapolated" in text
+    assert "authors' method" in text and "500 tokens" in text
     assert "folded ablation / eval" in text and f"{result['ratios']['statistics_vs_forward']:.3f}" in text
 
 
