@@ -5,14 +5,18 @@ alike), and the median round is reported. Ratios are against the plain measureme
 
 - statistics / plain forward   (target >= 0.97): one more batch into running statistics, as every batch of a
   collection after its first; a collection's first batch also allocates the histograms (``statistics_first``, a
-  new collection of this one batch, reported beside it);
+  new collection of this one batch, reported beside it). The statistics' own time inside such a pass (every
+  ``LayerStats.add``, timed where the hooks call it; on a CPU only) is reported as a share of the forward pass:
+  unlike the ratio of two passes it is hardly touched by the machine's drift;
 - folded ablation / plain eval (target >= 0.97): peak ablation of 50% of neurons folded into W_O, against the same
   evaluation (forward + top-1 + cross-entropy) without ablation;
 - hooked ablation / plain eval, for comparison: the same ablation done with a pre-hook that rewrites the pre-out.
 
 The sweep enters an ablation once per (method, fraction) and then evaluates every batch inside it, so the ablated
 evaluations are timed inside their context, and the one-off cost of entering it (the weight edit) is reported
-apart. The round-to-round spread is printed too: on a shared 2-core machine it is often larger than the effect.
+apart. The round-to-round spread is printed too: on a shared 2-core machine it is often larger than the effect, so
+each ratio is also given from each mode's fastest round (the round least disturbed by other work, as ``timeit``
+advises), and every round's time is in the JSON output (``seconds``).
 
 It also reports the statistics' memory after one batch and after every batch of the run (``repeats + 2`` times the
 tokens): it must not grow with the number of tokens; it grows only if later batches widen the histogram's range.
@@ -117,8 +121,27 @@ def run_benchmark(
         with torch.inference_mode():
             model(**batch.inputs)
 
+    # The statistics' own time inside a pass (every LayerStats.add the hooks call, timed in place): a measure of
+    # their cost that the machine's drift hardly touches, unlike the difference of two forward passes.
+    inside: list[float] = []
+    add = stats.add
+
+    # Not on a GPU, where timing each call would need the synchronisations the statistics avoid.
+    time_inside = loaded.device.type == "cpu"
+
+    def timed_add(layer: int, x: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        add(layer, x)
+        inside[-1] += time.perf_counter() - t0
+
     def stats_pass():
-        collect_stats(model, sites, [batch], progress=False, into=stats)
+        inside.append(0.0)
+        if time_inside:
+            stats.add = timed_add
+        try:
+            collect_stats(model, sites, [batch], progress=False, into=stats)
+        finally:
+            vars(stats).pop("add", None)
 
     def stats_first():
         collect_stats(model, sites, [batch], progress=False)
@@ -162,6 +185,7 @@ def run_benchmark(
                 times[name].append(time.perf_counter() - t0)
             bar.update(1)
     tps = {name: n_tokens / pystats.median(ts) for name, ts in times.items()}
+    fastest = {name: min(ts) for name, ts in times.items()}
     result = {
         "model": loaded.name,
         "device": str(loaded.device),
@@ -176,6 +200,18 @@ def run_benchmark(
             "folded_ablation_vs_eval": round(tps["eval_folded"] / tps["eval"], 3),
             "hooked_ablation_tl_vs_eval": round(tps["eval_hooked_tl"] / tps["eval"], 3),
         },
+        # the same ratios from each mode's fastest round: the least disturbed by other work on a shared machine
+        "ratios_fastest": {
+            "statistics_vs_forward": round(fastest["forward"] / fastest["statistics"], 3),
+            "statistics_first_batch_vs_forward": round(fastest["forward"] / fastest["statistics_first"], 3),
+            "folded_ablation_vs_eval": round(fastest["eval"] / fastest["eval_folded"], 3),
+            "hooked_ablation_tl_vs_eval": round(fastest["eval"] / fastest["eval_hooked_tl"], 3),
+        },
+        "seconds": {k: [round(t, 6) for t in v] for k, v in times.items()},
+        # statistics' own time per batch (LayerStats.add of every layer) over the plain forward pass's
+        "statistics_update_share": (
+            round(pystats.median(inside[1:]) / pystats.median(times["forward"]), 4) if time_inside else None
+        ),
         "ablation_enter_seconds": round(pystats.median(enter_exit), 4),
         "spread": {k: round(max(v) / min(v), 3) for k, v in times.items()},
         "stats_memory_bytes": {str(n_tokens): mem_1, str(stats.n_tokens): _stats_bytes(stats)},

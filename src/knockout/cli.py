@@ -404,18 +404,26 @@ def _bench(args) -> int:
 
 def format_benchmark(result: dict) -> str:
     """The benchmark's figures (:func:`knockout.bench.run_benchmark`) as text."""
-    r, mem = result["ratios"], result["stats_memory_bytes"]
+    r, mem, best = result["ratios"], result["stats_memory_bytes"], result["ratios_fastest"]
     lines = [
         f"benchmark: {result['model']} on {result['device']} ({result['dtype']}), {result['tokens_per_batch']} tokens "
-        f"per batch, median of {result['repeats']} rounds"
+        f"per batch, median of {result['repeats']} rounds (in brackets: from each mode's fastest round)"
     ]
-    lines += [f"  {name:<12} {v:>10.1f} tokens/s" for name, v in result["tokens_per_second"].items()]
+    lines += [f"  {name:<17} {v:>10.1f} tokens/s" for name, v in result["tokens_per_second"].items()]
+    pair = lambda key: f"{r[key]:.3f} [{best[key]:.3f}]"  # noqa: E731
     lines += [
-        f"  statistics / forward      {r['statistics_vs_forward']:.3f}   (target >= 0.97; one more batch into running "
-        f"statistics; a collection's first batch, which also allocates them: "
-        f"{r['statistics_first_batch_vs_forward']:.3f})",
-        f"  folded ablation / eval    {r['folded_ablation_vs_eval']:.3f}   (target >= 0.97)",
-        f"  hooked ablation / eval    {r['hooked_ablation_tl_vs_eval']:.3f}   "
+        f"  statistics / forward      {pair('statistics_vs_forward')}   "
+        "(target >= 0.97; one more batch into running statistics)",
+        "    their own time (every LayerStats.add, timed in place): "
+        + (
+            "not timed on a GPU"
+            if result["statistics_update_share"] is None
+            else f"{100 * result['statistics_update_share']:.1f}% of a forward pass"
+        ),
+        f"  first batch / forward     {pair('statistics_first_batch_vs_forward')}   "
+        "(a new collection's first batch: allocating its statistics)",
+        f"  folded ablation / eval    {pair('folded_ablation_vs_eval')}   (target >= 0.97)",
+        f"  hooked ablation / eval    {pair('hooked_ablation_tl_vs_eval')}   "
         "(the same ablation as TransformerLens does it: a hook rewriting hook_z every pass)",
         f"  entering an ablation (once per method and fraction): {1000 * result['ablation_enter_seconds']:.1f} ms",
         f"  round-to-round spread (max/min time): up to {max(result['spread'].values()):.2f}x",

@@ -22,6 +22,11 @@ def test_benchmark_reports_ratios_and_memory(tmp_path, capsys):
     ratio = result["ratios"]["statistics_vs_forward"]
     tps = result["tokens_per_second"]
     assert abs(ratio - tps["statistics"] / tps["forward"]) < 0.01
+    secs = result["seconds"]
+    assert all(len(v) == 2 for v in secs.values())
+    best = min(secs["forward"]) / min(secs["statistics"])
+    assert result["ratios_fastest"]["statistics_vs_forward"] == pytest.approx(best, abs=2e-3)
+    assert 0 < result["statistics_update_share"] < max(secs["statistics"]) / min(secs["forward"])
     # one batch; then the set-up, the warm-up and 2 rounds of the running statistics: 4 batches
     assert list(result["stats_memory_bytes"]) == ["32", "128"]
     a = result["authors_stats"]
