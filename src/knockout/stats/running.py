@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import torch
 
 from knockout.errors import KnockoutError
+from knockout.stats import native
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,9 @@ class LayerStats:
             finite, lo, hi = self._read_ends(ends)
             if not finite:
                 raise KnockoutError(NONFINITE)
+            if lo >= self.k_min and hi <= self.k_max and native.usable(x):
+                self._add_native(x, lo, hi, x_min, x_max)
+                return
         # Moments of the batch in float64, two passes (mean, then the squared deviations from it), merged into the
         # running ones with Chan et al.'s update. Not torch.var_mean: on a CPU that is a sequential Welford pass per
         # neuron, ten times slower than these three vectorised reductions; both are exact to float64 rounding.
@@ -207,6 +211,16 @@ class LayerStats:
             self._count_into_buffer(x)
         else:
             self._add_to_histogram(x, lo, hi)
+
+    def _add_native(self, x: torch.Tensor, lo: int, hi: int, x_min: torch.Tensor, x_max: torch.Tensor) -> None:
+        """The moments and counts of a float32 batch with every bin in ``[lo, hi]`` inside the window, by the compiled
+        update (:mod:`knockout.stats.native`): the counts of the torch path, its moments up to float64 rounding."""
+        self._grow(lo, hi)
+        self.hist = self.hist.contiguous()
+        mean, m2 = native.add(x, self.eps, self.k_min, self.k_max, self.k_lo, self.hist, self.under, self.over)
+        self._merge_moments(x.shape[0], mean, m2)
+        self.min = torch.minimum(self.min, x_min.double())
+        self.max = torch.maximum(self.max, x_max.double())
 
     def finish(self) -> None:
         """Settle what sync-free counting left on the device: raise if a batch held NaN/inf, and store the

@@ -1,0 +1,56 @@
+/* knockout's statistics update compiled for the CPU: the moments and eps-histogram of one batch, for a range of
+ * neurons (knockout/stats/native.py builds it with the system C compiler; without one, knockout uses its torch path).
+ *
+ * The same arithmetic as LayerStats.add's torch path: bin = floorf(x / eps) in float32 (IEEE division and floor; built
+ * without fast-math and without contracting into FMA, so the bins are those of the torch path bit for bit), batch
+ * moments in double in two passes (the mean, then the squared deviations from it; summed in another order than torch,
+ * so equal to float64 rounding).
+ *
+ * x: [n, w] float32, row-major. Only neurons j0 <= j < j1 are touched, so calls on disjoint ranges may run at once.
+ * hist: [w, n_bins] int64, column c holding bin k_lo + c; every bin of the batch inside [k_min, k_max] must lie in
+ * [k_lo, k_lo + n_bins) (the caller grows hist first); bins below k_min / above k_max count in under / over.
+ * mean, m2: [w] double, written (not accumulated): the batch's mean and sum of squared deviations from it.
+ * Neurons are done BLOCK at a time (their accumulators and histogram rows stay in cache while their columns are
+ * read); per row, the deviations and bins are computed in vectorisable loops, then counted one by one.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#define BLOCK 64
+
+void ko_add(const float *x, int64_t n, int64_t w, int64_t j0, int64_t j1, float eps, int64_t k_min, int64_t k_max,
+            int64_t k_lo, int64_t n_bins, int64_t *hist, int64_t *under, int64_t *over, double *mean, double *m2) {
+    const float lo = (float)k_min, hi = (float)k_max;
+    for (int64_t b0 = j0; b0 < j1; b0 += BLOCK) {
+        const int64_t m = (b0 + BLOCK < j1 ? b0 + BLOCK : j1) - b0;
+        double s[BLOCK] = {0}, q[BLOCK] = {0};
+        float kf[BLOCK];
+        for (int64_t i = 0; i < n; i++) {
+            const float *row = x + i * w + b0;
+            for (int64_t j = 0; j < m; j++) s[j] += (double)row[j];
+        }
+        for (int64_t j = 0; j < m; j++) s[j] /= (double)n;
+        for (int64_t i = 0; i < n; i++) {
+            const float *row = x + i * w + b0;
+            for (int64_t j = 0; j < m; j++) {
+                const double d = (double)row[j] - s[j];
+                q[j] += d * d;
+            }
+            for (int64_t j = 0; j < m; j++) kf[j] = floorf(row[j] / eps);
+            for (int64_t j = 0; j < m; j++) {
+                const float k = kf[j];
+                if (k >= lo && k <= hi) {
+                    hist[(b0 + j) * n_bins + ((int64_t)k - k_lo)]++;
+                } else if (k < lo) {
+                    under[b0 + j]++;
+                } else {
+                    over[b0 + j]++;
+                }
+            }
+        }
+        for (int64_t j = 0; j < m; j++) {
+            mean[b0 + j] = s[j];
+            m2[b0 + j] = q[j];
+        }
+    }
+}
