@@ -44,8 +44,8 @@ def test_compiled_update_equals_the_torch_path(dtype, monkeypatch):
     width = 70  # more than one block of neurons, and not a multiple of it
     batches = _batches(width, seed=1)
     calls = []
-    real_add = native.add
-    monkeypatch.setattr(native, "add", lambda *a, **k: calls.append(1) or real_add(*a, **k))
+    real_pass2 = native.pass2
+    monkeypatch.setattr(native, "pass2", lambda *a, **k: calls.append(1) or real_pass2(*a, **k))
     fast = _collect(batches, dtype)
     inside = [b for b in batches if len(b) and -2 <= b.to(dtype).min() and b.to(dtype).max() < 2]
     assert len(inside) >= 3 and len(calls) == len(inside)  # every non-empty batch inside the window, and only those
@@ -69,7 +69,9 @@ def test_compiled_update_does_not_depend_on_the_split_over_threads():
     for threads in (1, 2, 5):
         hist = torch.zeros(131, n_bins, dtype=torch.int64)
         under, over = torch.zeros(131, dtype=torch.int64), torch.zeros(131, dtype=torch.int64)
-        mean, m2 = native.add(x, 0.01, -2000, 1999, k_lo, hist, under, over, threads=threads)
+        mean, lo, hi, bad = native.pass1(x, threads=threads)
+        m2 = native.pass2(x, mean, 0.01, -2000, 1999, k_lo, hist, under, over, threads=threads)
+        assert bad == 0 and torch.equal(lo, x.amin(0)) and torch.equal(hi, x.amax(0))
         results.append((hist, under, over, mean, m2))
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
@@ -94,3 +96,16 @@ def test_without_a_working_compiler_the_torch_path_is_used(monkeypatch, tmp_path
     monkeypatch.delenv("CC")
     monkeypatch.setenv("KNOCKOUT_NATIVE", "0")
     assert native.library() is None and "lib" not in native._state  # turned off: not even built
+
+
+@needs_compiler
+def test_compiled_update_refuses_nan_and_inf_before_counting():
+    s = LayerStats(3, eps=0.01, limit=1.0)
+    s.add(torch.tensor([[0.5, -0.25, 0.0]]))
+    before = {k: v.clone() for k, v in s.state_dict().items()}
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(Exception, match="non-finite"):
+            s.add(torch.tensor([[0.1, bad, 0.2], [0.0, 0.0, 0.0]]))
+        after = s.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)  # nothing half-written
+    assert native.pass1(torch.tensor([[1.0, float("nan")], [float("inf"), 2.0]]))[3] == 2

@@ -89,8 +89,10 @@ def build() -> Path:
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))  # ctypes releases the GIL during a call: ranges of neurons run on several threads
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.ko_add.argtypes = [ptr, i64, i64, i64, i64, ctypes.c_float, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
-    lib.ko_add.restype = None
+    lib.ko_pass1.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr]
+    lib.ko_pass1.restype = i64
+    lib.ko_pass2.argtypes = [ptr, i64, i64, i64, i64, ctypes.c_float, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
+    lib.ko_pass2.restype = None
     return lib
 
 
@@ -99,35 +101,46 @@ def usable(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and library() is not None
 
 
-def add(
-    x: torch.Tensor, eps: float, k_min: int, k_max: int, k_lo: int,
-    hist: torch.Tensor, under: torch.Tensor, over: torch.Tensor, threads: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Count ``x: [n, w]`` (float32, finite, n >= 1) into ``hist`` (``[w, n_bins]``, first column bin ``k_lo``,
-    covering every bin of x inside ``[k_min, k_max]``), ``under`` and ``over`` in place (int64 CPU tensors); return
-    the batch's ``(mean, m2)`` in float64. One range of neurons per thread (``torch.get_num_threads()`` by default)."""
-    lib = library()
-    for t in (hist, under, over):
-        if t.device.type != "cpu" or t.dtype != torch.int64 or not t.is_contiguous():
-            raise ValueError("the compiled update counts into contiguous int64 CPU tensors")
-    x = x.contiguous()
-    n, w = x.shape
-    mean, m2 = torch.empty(w, dtype=torch.float64), torch.empty(w, dtype=torch.float64)
-    ptrs = [t.data_ptr() for t in (hist, under, over, mean, m2)]
+def _split(run, w: int, threads: int | None) -> list:
+    """``run(j0, j1)`` on one range of the ``w`` neurons per thread (``torch.get_num_threads()`` by default), the
+    caller's thread taking the first; the results in order."""
     threads = max(1, min(threads or torch.get_num_threads(), w))
     bounds = [w * t // threads for t in range(threads + 1)]
-
-    def run(j0: int, j1: int) -> None:
-        lib.ko_add(x.data_ptr(), n, w, j0, j1, eps, k_min, k_max, k_lo, hist.shape[1], *ptrs)
-
     if threads == 1:
-        run(0, w)
-        return mean, m2
+        return [run(0, w)]
     pool = _state.get("pool")
     if pool is None or pool._max_workers < threads - 1:
         pool = _state["pool"] = ThreadPoolExecutor(threads - 1, thread_name_prefix="knockout-stats")
     futures = [pool.submit(run, bounds[t], bounds[t + 1]) for t in range(1, threads)]
-    run(bounds[0], bounds[1])
-    for f in futures:
-        f.result()
-    return mean, m2
+    return [run(bounds[0], bounds[1]), *(f.result() for f in futures)]
+
+
+def pass1(x: torch.Tensor, threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``(mean, min, max, number of NaN/inf values)`` of each neuron of ``x: [n, w]`` (float32, contiguous, n >= 1);
+    the mean in float64, the extremes in float32."""
+    lib = library()
+    n, w = x.shape
+    mean = torch.empty(w, dtype=torch.float64)
+    lo, hi = torch.empty(w, dtype=torch.float32), torch.empty(w, dtype=torch.float32)
+    ptrs = (mean.data_ptr(), lo.data_ptr(), hi.data_ptr())
+    bad = _split(lambda j0, j1: lib.ko_pass1(x.data_ptr(), n, w, j0, j1, *ptrs), w, threads)
+    return mean, lo, hi, sum(bad)
+
+
+def pass2(
+    x: torch.Tensor, mean: torch.Tensor, eps: float, k_min: int, k_max: int, k_lo: int,
+    hist: torch.Tensor, under: torch.Tensor, over: torch.Tensor, threads: int | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Count finite ``x: [n, w]`` (float32, contiguous) into ``hist`` (``[w, n_bins]``, first column bin ``k_lo``,
+    covering every bin of x inside ``[k_min, k_max]``), ``under`` and ``over`` in place; return the sum of squared
+    deviations from ``mean`` (from :func:`pass1`) in float64."""
+    lib = library()
+    for t in (hist, under, over):
+        if t.device.type != "cpu" or t.dtype != torch.int64 or not t.is_contiguous():
+            raise ValueError("the compiled update counts into contiguous int64 CPU tensors")
+    n, w = x.shape
+    m2 = torch.empty(w, dtype=torch.float64)
+    ptrs = (mean.data_ptr(), hist.data_ptr(), under.data_ptr(), over.data_ptr(), m2.data_ptr())
+    args = (eps, k_min, k_max, k_lo, hist.shape[1])
+    _split(lambda j0, j1: lib.ko_pass2(x.data_ptr(), n, w, j0, j1, *args, *ptrs), w, threads)
+    return m2

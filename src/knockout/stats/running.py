@@ -183,6 +183,8 @@ class LayerStats:
         self._to(x.device)
         if sync_free and self._buf is None:
             sync_free = self._start_buffer()
+        if not sync_free and native.usable(x) and self._add_native(x.contiguous()):
+            return
         x_min, x_max = x.amin(0), x.amax(0)  # [width] in x's dtype
         ends = torch.stack([x_min.min(), x_max.max()])
         if sync_free:
@@ -196,9 +198,6 @@ class LayerStats:
             finite, lo, hi = self._read_ends(ends)
             if not finite:
                 raise KnockoutError(NONFINITE)
-            if lo >= self.k_min and hi <= self.k_max and native.usable(x):
-                self._add_native(x, lo, hi, x_min, x_max)
-                return
         # Moments of the batch in float64, two passes (mean, then the squared deviations from it), merged into the
         # running ones with Chan et al.'s update. Not torch.var_mean: on a CPU that is a sequential Welford pass per
         # neuron, ten times slower than these three vectorised reductions; both are exact to float64 rounding.
@@ -212,15 +211,23 @@ class LayerStats:
         else:
             self._add_to_histogram(x, lo, hi)
 
-    def _add_native(self, x: torch.Tensor, lo: int, hi: int, x_min: torch.Tensor, x_max: torch.Tensor) -> None:
-        """The moments and counts of a float32 batch with every bin in ``[lo, hi]`` inside the window, by the compiled
-        update (:mod:`knockout.stats.native`): the counts of the torch path, its moments up to float64 rounding."""
+    def _add_native(self, x: torch.Tensor) -> bool:
+        """The update of a float32 batch by the compiled kernel (:mod:`knockout.stats.native`): the counts, extremes
+        and checks of the torch path, its moments up to float64 rounding. False, with nothing changed, for a batch
+        with values outside the window (the torch path takes it)."""
+        mean, x_min, x_max, bad = native.pass1(x)
+        if bad:
+            raise KnockoutError(NONFINITE)
+        _, lo, hi = self._read_ends(torch.stack([x_min.min(), x_max.max()]))
+        if lo < self.k_min or hi > self.k_max:
+            return False
         self._grow(lo, hi)
         self.hist = self.hist.contiguous()
-        mean, m2 = native.add(x, self.eps, self.k_min, self.k_max, self.k_lo, self.hist, self.under, self.over)
+        m2 = native.pass2(x, mean, self.eps, self.k_min, self.k_max, self.k_lo, self.hist, self.under, self.over)
         self._merge_moments(x.shape[0], mean, m2)
         self.min = torch.minimum(self.min, x_min.double())
         self.max = torch.maximum(self.max, x_max.double())
+        return True
 
     def finish(self) -> None:
         """Settle what sync-free counting left on the device: raise if a batch held NaN/inf, and store the
