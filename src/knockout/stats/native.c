@@ -58,18 +58,25 @@ void ko_pass2(const float *x, int64_t n, int64_t w, int64_t j0, int64_t j1, floa
         const int64_t m = (b0 + BLOCK < j1 ? b0 + BLOCK : j1) - b0;
         double q[BLOCK] = {0};
         float kf[BLOCK];
+        int32_t ki[BLOCK];
+        const float base = (float)k_lo; /* whole numbers below 2^24 (check_hist_params): exact in float */
         for (int64_t i = 0; i < n; i++) {
             const float *row = x + i * w + b0;
             for (int64_t j = 0; j < m; j++) {
                 const double d = (double)row[j] - mean[b0 + j];
                 q[j] += d * d;
             }
-            for (int64_t j = 0; j < m; j++) kf[j] = floorf(row[j] / eps);
+            for (int64_t j = 0; j < m; j++) { /* the bin, clamped to one below / above the window */
+                const float k = floorf(row[j] / eps);
+                kf[j] = k < lo ? lo - 1.0f : (k > hi ? hi + 1.0f : k);
+            }
+            /* column of the bin: < 0 below the window, >= n_bins above it (the stored bins lie inside it) */
+            for (int64_t j = 0; j < m; j++) ki[j] = (int32_t)(kf[j] - base);
             for (int64_t j = 0; j < m; j++) {
-                const float k = kf[j];
-                if (k >= lo && k <= hi) {
-                    hist[(b0 + j) * n_bins + ((int64_t)k - k_lo)]++;
-                } else if (k < lo) {
+                const int32_t c = ki[j];
+                if ((uint32_t)c < (uint32_t)n_bins) {
+                    hist[(b0 + j) * n_bins + c]++;
+                } else if (c < 0) {
                     under[b0 + j]++;
                 } else {
                     over[b0 + j]++;
