@@ -28,7 +28,9 @@ when a model is split over devices) and are kept in float64 (moments, min, max) 
 float16/bfloat16 models, whose activations are widened to float32 first (exactly).
 
 On the CPU, :meth:`LayerStats.add` reads three numbers per call (all finite?, lowest and highest bin of the batch)
-that decide whether the stored bins must grow; a batch with values outside the window reads once more. On an
+that decide whether the stored bins must grow; a batch with values outside the window reads once more. There a
+float32 batch inside the window is counted by a compiled kernel (:mod:`knockout.stats.native`; the same counts,
+moments to float64 rounding), the torch code below does the rest and runs where no C compiler is found. On an
 accelerator (``sync_free``, the default off the CPU) it reads nothing back: it counts into a buffer over the whole
 window (``2 * limit / eps`` bins per neuron, 8 bytes each), and :meth:`LayerStats.finish`, called once at the end
 of a collection, raises if any batch held NaN/inf and trims the histogram to the bins in use, bit for bit what
