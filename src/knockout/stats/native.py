@@ -36,7 +36,7 @@ CACHE = Path.home() / ".cache" / "knockout" / "native"
 #: ``-fno-math-errno -fno-trapping-math`` only let floorf and the division be vectorised; they change no value.
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 
-_state: dict = {}  # "lib": the loaded library, or None once building or loading failed; "pool": worker threads
+_state: dict = {}  # "lib": the loaded library, or None once building or loading failed; "pool", "workers": threads
 
 
 def library() -> ctypes.CDLL | None:
@@ -108,9 +108,10 @@ def _split(run, w: int, threads: int | None) -> list:
     bounds = [w * t // threads for t in range(threads + 1)]
     if threads == 1:
         return [run(0, w)]
-    pool = _state.get("pool")
-    if pool is None or pool._max_workers < threads - 1:
-        pool = _state["pool"] = ThreadPoolExecutor(threads - 1, thread_name_prefix="knockout-stats")
+    if _state.get("workers", 0) < threads - 1:  # a pool with enough threads, made once (or when more are asked)
+        _state["pool"] = ThreadPoolExecutor(threads - 1, thread_name_prefix="knockout-stats")
+        _state["workers"] = threads - 1
+    pool = _state["pool"]
     futures = [pool.submit(run, bounds[t], bounds[t + 1]) for t in range(1, threads)]
     return [run(bounds[0], bounds[1]), *(f.result() for f in futures)]
 
