@@ -56,7 +56,7 @@ from knockout.evaluation.evaluate import evaluate
 from knockout.evaluation.metrics import Metrics
 from knockout.sites import Site
 from knockout.stats.collect import collect_stats
-from knockout.stats.running import LayerStats
+from knockout.stats.running import LayerStats, merge_moments
 from knockout.stats.statistics import Statistics
 
 log = logging.getLogger(__name__)
@@ -193,18 +193,6 @@ def _pad_hist(layer: LayerStats, k_lo: int, n_bins: int, out: torch.Tensor | Non
     return out
 
 
-def _merge_moments(
-    n_a: int, mean_a: torch.Tensor, m2_a: torch.Tensor, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor
-) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Chan et al.'s pairwise update, the same operations in the same order as ``LayerStats._merge_moments``
-    (a unit test checks that both give the same bits). ``n_b`` must be positive."""
-    n = n_a + n_b
-    delta = mean_b - mean_a
-    mean = mean_a + delta * (n_b / n)
-    m2 = m2_a + m2_b + delta**2 * (n_a * n_b / n)
-    return n, mean, m2
-
-
 def _common_range(ranges: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """``(k_lo, n_bins)`` covering every non-empty ``(k_lo, n_bins)`` of ``ranges``; ``(0, 0)`` if all are empty."""
     spans = [(lo, lo + n - 1) for lo, n in ranges if n > 0]
@@ -274,7 +262,7 @@ def _reduce_layer(mine: LayerStats, res: LayerStats, counts: list[int], k_lo: in
     m2 = torch.zeros(width, dtype=torch.float64, device=dev)
     for c, g in zip(counts, gathered):
         if c:
-            n, mean, m2 = _merge_moments(n, mean, m2, c, g[0], g[1])
+            n, mean, m2 = merge_moments(n, mean, m2, c, g[0], g[1])
     res.count = n
     res.mean, res.m2 = mean.to(home), m2.to(home)
     res.min, res.max = (-ext[:width]).to(home), ext[width:].clone().to(home)

@@ -33,6 +33,7 @@ from knockout.data.batch import IGNORE, Batch
 from knockout.data.text import causal_batches
 from knockout.evaluation.metrics import Metrics
 from knockout.stats import LayerStats, Statistics
+from knockout.stats.running import merge_moments
 
 EPS, LIMIT = 0.002, 0.25  # narrow window: some values are clipped, so under/over are exercised
 WORLD = 2
@@ -165,13 +166,13 @@ def test_histograms_on_different_bin_ranges_align_and_add_like_merge():
         distributed._pad_hist(a, a.k_lo + 1, a.n_bins)
 
 
-def test_moment_update_is_bit_identical_to_layerstats_merge():
+def test_the_shared_moment_update_is_layerstats_merge_and_exact_into_nothing():
     a, b = _layer(-0.3, 0.7, 37, 3), _layer(0.2, 0.9, 91, 4)
-    n, mean, m2 = distributed._merge_moments(a.count, a.mean, a.m2, b.count, b.mean, b.m2)
+    n, mean, m2 = merge_moments(a.count, a.mean, a.m2, b.count, b.mean, b.m2)
     a.merge(b)
     assert n == a.count and torch.equal(mean, a.mean) and torch.equal(m2, a.m2)
     zero = torch.zeros(3, dtype=torch.float64)  # merging into nothing gives the other side exactly
-    n, mean, m2 = distributed._merge_moments(0, zero, zero, b.count, b.mean, b.m2)
+    n, mean, m2 = merge_moments(0, zero, zero, b.count, b.mean, b.m2)
     assert n == b.count and torch.equal(mean, b.mean) and torch.equal(m2, b.m2)
 
 

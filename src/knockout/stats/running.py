@@ -103,6 +103,19 @@ def _size(n_bytes: float) -> str:
     return ""  # pragma: no cover
 
 
+def merge_moments(
+    n_a: int, mean_a: torch.Tensor, m2_a: torch.Tensor, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Count, mean and sum of squared deviations of two parts together (Chan et al.'s pairwise update, float64):
+    :meth:`LayerStats.add` and ``merge`` use it, and so does the all-reduce of :mod:`knockout.distributed`, so that
+    sharded statistics take the same operations in the same order. ``n_b`` must be positive."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b / n)
+    m2 = m2_a + m2_b + delta**2 * (n_a * n_b / n)
+    return n, mean, m2
+
+
 @dataclass
 class LayerStats:
     """Statistics of one layer's ``width`` neurons. Feed ``[n_tokens, width]`` batches to :meth:`add`."""
@@ -205,9 +218,7 @@ class LayerStats:
         # neuron, ten times slower than these three vectorised reductions; both are exact to float64 rounding.
         d = x.to(torch.float64, copy=True)  # a copy also when x is float64: it is changed in place below
         mean = d.sum(0).div_(n)
-        self._merge_moments(n, mean, d.sub_(mean).square_().sum(0))
-        self.min = torch.minimum(self.min, x_min.double())
-        self.max = torch.maximum(self.max, x_max.double())
+        self._merge(n, mean, d.sub_(mean).square_().sum(0), x_min, x_max)
         if sync_free:
             self._count_into_buffer(x)
         else:
@@ -226,9 +237,7 @@ class LayerStats:
         self._grow(lo, hi)
         self.hist = self.hist.contiguous()
         m2 = native.pass2(x, mean, self.eps, self.k_min, self.k_max, self.k_lo, self.hist, self.under, self.over)
-        self._merge_moments(x.shape[0], mean, m2)
-        self.min = torch.minimum(self.min, x_min.double())
-        self.max = torch.maximum(self.max, x_max.double())
+        self._merge(x.shape[0], mean, m2, x_min, x_max)
         return True
 
     def finish(self) -> None:
@@ -344,13 +353,12 @@ class LayerStats:
         offsets = torch.arange(self.width, device=k.device, dtype=k.dtype if exact else index) * n_cols - base
         return k.add_(offsets).to(index) if exact else k.to(index).add_(offsets)
 
-    def _merge_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        n_a = self.count
-        n = n_a + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + delta**2 * (n_a * n_b / n)
-        self.count = n
+    def _merge(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor, min_b: torch.Tensor, max_b: torch.Tensor):
+        """Fold in the summary of ``n_b`` more values: their mean and sum of squared deviations (float64; Chan et
+        al.'s pairwise update), minimum and maximum (any float dtype)."""
+        self.min = torch.minimum(self.min, min_b.double())
+        self.max = torch.maximum(self.max, max_b.double())
+        self.count, self.mean, self.m2 = merge_moments(self.count, self.mean, self.m2, n_b, mean_b, m2_b)
 
     def merge(self, other: LayerStats) -> None:
         """Add the data of ``other`` (same width, eps and limit) to this one."""
@@ -364,9 +372,7 @@ class LayerStats:
         self.finish()
         other.finish()
         self._to(other.mean.device)
-        self._merge_moments(other.count, other.mean, other.m2)
-        self.min = torch.minimum(self.min, other.min)
-        self.max = torch.maximum(self.max, other.max)
+        self._merge(other.count, other.mean, other.m2, other.min, other.max)
         self.under += other.under
         self.over += other.over
         if other.n_bins:
