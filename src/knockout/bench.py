@@ -185,7 +185,17 @@ def run_benchmark(
                 times[name].append(time.perf_counter() - t0)
             bar.update(1)
     tps = {name: n_tokens / pystats.median(ts) for name, ts in times.items()}
-    fastest = {name: min(ts) for name, ts in times.items()}
+
+    def ratios(t: dict[str, float]) -> dict[str, float]:
+        """Each measured mode's throughput over its plain counterpart's, from one time per mode."""
+        pairs = {
+            "statistics_vs_forward": ("statistics", "forward"),
+            "statistics_first_batch_vs_forward": ("statistics_first", "forward"),
+            "folded_ablation_vs_eval": ("eval_folded", "eval"),
+            "hooked_ablation_tl_vs_eval": ("eval_hooked_tl", "eval"),
+        }
+        return {key: round(t[plain] / t[mode], 3) for key, (mode, plain) in pairs.items()}
+
     result = {
         "model": loaded.name,
         "device": str(loaded.device),
@@ -194,19 +204,9 @@ def run_benchmark(
         "tokens_per_batch": n_tokens,
         "repeats": repeats,
         "tokens_per_second": {k: round(v, 1) for k, v in tps.items()},
-        "ratios": {
-            "statistics_vs_forward": round(tps["statistics"] / tps["forward"], 3),
-            "statistics_first_batch_vs_forward": round(tps["statistics_first"] / tps["forward"], 3),
-            "folded_ablation_vs_eval": round(tps["eval_folded"] / tps["eval"], 3),
-            "hooked_ablation_tl_vs_eval": round(tps["eval_hooked_tl"] / tps["eval"], 3),
-        },
-        # the same ratios from each mode's fastest round: the least disturbed by other work on a shared machine
-        "ratios_fastest": {
-            "statistics_vs_forward": round(fastest["forward"] / fastest["statistics"], 3),
-            "statistics_first_batch_vs_forward": round(fastest["forward"] / fastest["statistics_first"], 3),
-            "folded_ablation_vs_eval": round(fastest["eval"] / fastest["eval_folded"], 3),
-            "hooked_ablation_tl_vs_eval": round(fastest["eval"] / fastest["eval_hooked_tl"], 3),
-        },
+        "ratios": ratios({name: pystats.median(ts) for name, ts in times.items()}),
+        # the same from each mode's fastest round: the least disturbed by other work on a shared machine
+        "ratios_fastest": ratios({name: min(ts) for name, ts in times.items()}),
         "seconds": {k: [round(t, 6) for t in v] for k, v in times.items()},
         # statistics' own time per batch (LayerStats.add of every layer) over the plain forward pass's
         "statistics_update_share": (
