@@ -82,6 +82,7 @@ def test_benchmark_refuses_bad_arguments():
         ({"batch_size": 0}, "batch size"),
         ({"seq_len": 0}, "sequence length"),
         ({"repeats": 0}, "repeats"),
+        ({"compare_tokens": 0}, "compare tokens"),
         ({"seq_len": 100}, "exceeds the model's 64 positions"),
     ]:
         with pytest.raises(KnockoutError, match=message):
