@@ -64,145 +64,138 @@ _KINDS = {
     "names": _names,
     "method_fractions": _method_fractions,
 }
+FLAG_SECTIONS = ("model", "data", "sweep")
+OPTION_GROUPS = ("optimal", "resample", "image")
 
 
-def _config_fields(groups: tuple[str, ...]) -> list:
-    """The :class:`SweepConfig` fields that are flags, in the given groups."""
+def _flag_fields(sections: tuple[str, ...], groups: tuple[str, ...] = ()) -> list[tuple[str | None, object]]:
+    """``(group or None, field)`` for every :class:`SweepConfig` setting that is a flag in ``sections``, then every
+    setting of the option groups ``groups`` (``optimal``, ``resample``, ``image``)."""
     from dataclasses import fields
 
     from knockout.experiments.config import SweepConfig
 
-    return [f for f in fields(SweepConfig) if "kind" in f.metadata and f.metadata["group"] in groups]
+    out: list[tuple[str | None, object]] = [
+        (None, f) for f in fields(SweepConfig) if f.metadata.get("kind") and f.metadata["group"] in sections
+    ]
+    for name in groups:
+        out += [(name, f) for f in fields(SweepConfig.GROUPS[name]) if f.metadata.get("kind")]
+    return out
+
+
+def _dest(group: str | None, name: str) -> str:
+    return name if group is None else f"{group}_{name}"
 
 
 def _add_config_flags(
-    p: argparse.ArgumentParser, groups: tuple[str, ...], shown: dict | None = None, exclude: tuple[str, ...] = ()
+    p: argparse.ArgumentParser,
+    sections: tuple[str, ...],
+    groups: tuple[str, ...] = (),
+    shown: dict | None = None,
+    exclude: tuple[str, ...] = (),
 ) -> None:
-    """One flag per :class:`SweepConfig` field of ``groups`` (except those in ``exclude``); its help and the default
-    it shows come from the field (or from ``shown``, a preset's values). Flags left out of the command line stay
-    ``None``, so only the given ones override the config's (or the preset's) values."""
-    from knockout.experiments.config import default
+    """One flag per setting (see :func:`_flag_fields`), except those in ``exclude``; its help and the default it
+    shows come from the setting (or from ``shown``, a preset's values). Flags left out of the command line stay
+    ``None``, so only the given ones override the config's (or the preset's, or the config file's) values."""
+    from knockout.experiments.config import SweepConfig
+    from knockout.options import default_of
 
-    arg_groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in _config_fields(groups):
+    headings: dict[str, argparse._ArgumentGroup] = {}
+    for group, f in _flag_fields(sections, groups):
         if f.name in exclude:
             continue
         meta = f.metadata
-        if meta["group"] not in arg_groups:
-            arg_groups[meta["group"]] = p.add_argument_group(meta["group"])
-        value = (shown or {}).get(f.name, default(f.name))
+        heading = meta["group"] if group is None else SweepConfig.GROUPS[group].title
+        if heading not in headings:
+            headings[heading] = p.add_argument_group(heading)
+        if group is None:
+            value = (shown or {}).get(f.name, default_of(SweepConfig, f.name))
+        else:
+            value = ((shown or {}).get(group) or {}).get(f.name, default_of(SweepConfig.GROUPS[group], f.name))
         if isinstance(value, dict):
             value = ";".join(f"{k}={','.join(map(str, v))}" for k, v in value.items()) or None
-        value = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        value = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
         help_text = meta["help"] + ("" if value is None else f" (default {value})")
-        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
-        arg_groups[meta["group"]].add_argument(
-            flag, dest=f.name, type=_KINDS[meta["kind"]], choices=meta.get("choices"), help=help_text
-        )
+        flag = meta.get("flag", "--" + _dest(group, f.name).replace("_", "-"))
+        dest = _dest(group, f.name)
+        if meta["kind"] == "bool":
+            headings[heading].add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            headings[heading].add_argument(
+                flag, dest=dest, type=_KINDS[meta["kind"]], choices=meta.get("choices"), help=help_text
+            )
 
 
-def _given(args, groups: tuple[str, ...]) -> dict:
-    """The config fields given on the command line (lists as tuples)."""
-    given = {}
-    for f in _config_fields(groups):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            given[f.name] = tuple(value) if isinstance(value, list) else value
+def _given(args, sections: tuple[str, ...] = FLAG_SECTIONS, groups: tuple[str, ...] = OPTION_GROUPS) -> dict:
+    """The settings given on the command line, as config overrides (lists as tuples, option groups nested)."""
+    given: dict = {}
+    for group, f in _flag_fields(sections, groups):
+        value = getattr(args, _dest(group, f.name), None)
+        if value is None:
+            continue
+        value = tuple(value) if isinstance(value, list) else value
+        if group is None:
+            given[f.name] = value
+        else:
+            given.setdefault(group, {})[f.name] = value
     return given
 
 
-def _add_option_flags(p: argparse.ArgumentParser, sweep: bool = True) -> None:
-    """Flags that become :attr:`SweepConfig.options` entries (image preprocessing; resampling for sweeps)."""
-    g = p.add_argument_group("images without an image processor")
-    g.add_argument("--image-size", type=int, help="resize to this (default: the model config's image_size)")
-    g.add_argument("--image-mean", type=_floats, help="1 or 3 numbers (default 0.5)")
-    g.add_argument("--image-std", type=_floats, help="1 or 3 numbers (default 0.5)")
+def _add_config_file(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--sort-by-length",
-        action="store_true",
-        help="text: batch sequences of similar length together (less padding, the same scored targets; "
-        "resampling results change, as its random inputs are drawn per batch)",
+        "--config",
+        help="read the settings from this file (.json, e.g. a run folder's config.json; .toml; .yaml); flags given "
+        "on the command line override it",
     )
-    if not sweep:
-        return
-    r = p.add_argument_group("resampling")
-    r.add_argument(
-        "--resample-model",
-        help="causal LM that writes resample-text's text (default: the model itself; required for masked LMs)",
-    )
-    r.add_argument("--resample-prompt", help="prompt of resample-text's generation (default 'The')")
-    r.add_argument(
-        "--resample-fixed",
-        action="store_true",
-        help="the paper's protocol: one fixed random input per seed for every evaluation input",
-    )
-    r.add_argument(
-        "--resample-no-cache",
-        action="store_true",
-        help="recompute random-input activations for every fraction instead of caching them",
-    )
-    o = p.add_argument_group("optimal (learned constants; see knockout.ablation.optimal)")
-    o.add_argument("--optimal-steps", type=int, help="Adam steps per neuron set (default 100)")
-    o.add_argument("--optimal-lr", type=float, help="learning rate, in units of each neuron's std (default 0.02)")
-    o.add_argument("--optimal-batch-size", type=int, help="collection rows per step (default: --batch-size)")
-    o.add_argument("--optimal-tokens", type=int, help="scored collection targets used (default: all)")
-
-
-def _options(args) -> dict:
-    """Image and resampling flags as :attr:`SweepConfig.options` entries (only those given)."""
-    keys = ("image_size", "image_mean", "image_std", "resample_model", "resample_prompt")
-    keys += ("optimal_steps", "optimal_lr", "optimal_batch_size", "optimal_tokens")
-    options = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    if getattr(args, "resample_fixed", False):
-        options["resample_fixed"] = True
-    if getattr(args, "sort_by_length", False):
-        options["sort_by_length"] = True
-    if getattr(args, "resample_no_cache", False):
-        options["resample_cache"] = False
-    return options
 
 
 def build_parser() -> argparse.ArgumentParser:
     from knockout.experiments.presets import resolve_preset
+    from knockout.version import __version__
 
     parser = argparse.ArgumentParser(prog="knockout", description="Neuron-ablation experiments on attention pre-out.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"knockout {__version__}")
+    # -q / -v before or after the command: the subcommands' copies leave the value alone unless given
+    common = argparse.ArgumentParser(add_help=False)
+    for p in (parser, common):
+        default = False if p is parser else argparse.SUPPRESS
+        p.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bars")
+        p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    everything = ("model", "data", "sweep")
+    command = lambda name, help: sub.add_parser(name, help=help, parents=[common])  # noqa: E731
+    groups = OPTION_GROUPS
 
-    p = sub.add_parser("sweep", help="ablate neurons at many fractions with several methods and seeds")
+    p = command("sweep", "ablate neurons at many fractions with several methods and seeds")
     p.add_argument(
         "--preset",
         help="one of the paper's settings (see `knockout presets`): its values are the defaults, and every flag "
         "given overrides them",
     )
-    _add_config_flags(p, everything)
-    _add_option_flags(p)
+    _add_config_file(p)
+    _add_config_flags(p, FLAG_SECTIONS, groups)
     p.add_argument(
         "--restart",
         action="store_true",
         help="move an existing --out folder aside (to OUT.old-TIMESTAMP) and start afresh, instead of resuming",
     )
 
-    p = sub.add_parser("demo", help="the default sweep: SmolLM2-135M on built-in Wikipedia text, offline")
-    _add_config_flags(p, everything, shown=resolve_preset("demo").to_dict())
-    _add_option_flags(p)
+    p = command("demo", "the default sweep: SmolLM2-135M on built-in Wikipedia text, offline")
+    _add_config_flags(p, FLAG_SECTIONS, groups, shown=resolve_preset("demo").to_dict())
 
-    p = sub.add_parser("stats", help="collect per-neuron statistics into a safetensors file")
-    _add_config_flags(p, ("model", "data"))
-    _add_option_flags(p, sweep=False)
-    p.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
+    p = command("stats", "collect per-neuron statistics into a safetensors file")
+    _add_config_file(p)
+    _add_config_flags(p, ("model", "data"), ("image",))
+    p.add_argument("--out", dest="stats_out", required=True, help="statistics file to write (.safetensors)")
 
-    p = sub.add_parser("sites", help="show the sites of a model: attention pre-out (heads x d_head) and MLP, per layer")
+    p = command("sites", "show the sites of a model: attention pre-out (heads x d_head) and MLP, per layer")
     _add_config_flags(p, ("model",))
 
-    sub.add_parser("methods", help="list the ablation methods")
+    command("methods", "list the ablation methods")
 
-    p = sub.add_parser("presets", help="print the paper's preset sweeps (use with `knockout sweep --preset NAME`)")
+    p = command("presets", "print the paper's preset sweeps (use with `knockout sweep --preset NAME`)")
     p.add_argument("names", nargs="*", help="only these presets")
 
-    p = sub.add_parser("bench", help="throughput of plain forward, statistics collection and ablated evaluation")
+    p = command("bench", "throughput of plain forward, statistics collection and ablated evaluation")
     _add_config_flags(p, ("model",), exclude=("site",))
     p.add_argument("--batch-size", type=int, help="sequences per batch (default 8)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 128)")
@@ -211,82 +204,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare-tokens", type=int, help="tokens of the comparison with the authors' statistics (default 100000)"
     )
     p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
-    _add_report_parsers(sub)
+    _add_report_parsers(command)
     return parser
 
 
-def _add_report_parsers(sub) -> None:
-    p = sub.add_parser("report", help="rebuild a run folder's report (tables, figures, HTML) from its stored files")
+def _add_report_parsers(command) -> None:
+    p = command("report", "rebuild a run folder's report (tables, figures, HTML) from its stored files")
     p.add_argument("run_dir", help="run folder (with config.json and results.jsonl)")
     p.add_argument("--out", help="output folder (default RUN_DIR/report)")
     p.add_argument("--fractions", type=_floats, default=[0.5, 0.9], help="fractions in the table (default 0.5,0.9)")
     p.add_argument("--layers", type=_ints, help="layers of the histogram figure (default four spread over depth)")
     p.add_argument("--top-k", type=int, default=8, help="atypical neurons drawn (default 8)")
 
-    p = sub.add_parser("compare", help="the table and curves of several runs side by side")
+    p = command("compare", "the table and curves of several runs side by side")
     p.add_argument("run_dirs", nargs="+", help="run folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--fractions", type=_floats, default=[0.5, 0.9], help="fractions in the table (default 0.5,0.9)")
     p.add_argument("--labels", type=_names, help="comma-separated run names (default: the model names)")
 
 
-def _load(args, default_model: str | None = None):
-    from knockout.experiments.config import default
-    from knockout.loading import load_model
+def _config(args, sections: tuple[str, ...] = FLAG_SECTIONS, **extra):
+    """The config of a command: a preset's (``--preset``, or the demo's) or a config file's (``--config``) with the
+    given flags as overrides, or one made of the given flags alone."""
+    from knockout.experiments.config import SweepConfig, merge_settings, read_settings_file
+    from knockout.experiments.presets import get_preset
 
-    model = args.model or default_model
-    if model is None:
-        raise KnockoutError("give a model with --model (a hub name, local folder, .gguf file or built-in name)")
-    value = lambda name: getattr(args, name) if getattr(args, name) is not None else default(name)  # noqa: E731
-    return load_model(
-        model, value("gguf_file"), value("task"), value("dtype"), value("device"), getattr(args, "device_map", None)
-    )
-
-
-def _sweep_config(args):
-    """The sweep's config: a preset's (``--preset``, or the demo's) with the given flags as overrides, or one built
-    from the given flags alone."""
-    from knockout.experiments.config import SweepConfig
-    from knockout.experiments.presets import resolve_preset
-
-    given = _given(args, ("model", "data", "sweep"))
-    preset = "demo" if args.command == "demo" else args.preset
-    if preset is None:
-        return SweepConfig(**given, options=_options(args))
-    base = resolve_preset(preset)
-    return resolve_preset(preset, **given, options={**base.options, **_options(args)})
+    base = read_settings_file(args.config) if getattr(args, "config", None) else {}
+    values = merge_settings({k: v for k, v in base.items() if k != "resolved"}, {**_given(args, sections), **extra})
+    preset = "demo" if args.command == "demo" else getattr(args, "preset", None)
+    if preset is not None:
+        return get_preset(preset).config(**values)
+    return SweepConfig.from_dict(values)
 
 
 def _sweep(args) -> int:
-    from knockout import distributed
-    from knockout.experiments.runner import preflight, run_sweep
-    from knockout.loading import load_model
+    from knockout.experiments.runner import run_sweep
     from knockout.reporting import format_table, summarize, write_report
     from knockout.runfolder import read_rows
 
-    cfg = _sweep_config(args)
-    # Everything checkable without the model. Under torchrun (no process group yet: the launcher's environment
-    # says) only rank 0 checks here, as only it may move an old folder aside (--restart); run_sweep then repeats the
-    # checks in order: rank 0, a barrier, the other ranks (who see the folder as rank 0 left it).
-    restart = getattr(args, "restart", False)
-    rank, size = distributed.launch_world()
-    data_id = preflight(cfg, restart=restart) if rank == 0 else None
-    if size > 1:
-        data_id = None
-    try:
-        loaded = load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device, cfg.device_map)
-    except KnockoutError as e:
-        if args.command == "demo" or args.preset is None:
-            raise
-        detail = " ".join(str(e).split())  # one line
-        raise KnockoutError(
-            f"preset {args.preset!r} needs the model {cfg.model!r} from the Hugging Face Hub or its local cache "
-            f"(and streams {cfg.data!r}): {detail}"
-        ) from e
-    with distributed.process_group(loaded.device):  # torchrun: every rank runs its share, rank 0 writes
-        out = run_sweep(cfg, progress=not args.quiet, loaded=loaded, data_identity=data_id)
-        if not distributed.is_main():
-            return 0
+    out = run_sweep(_config(args), progress=not args.quiet, restart=getattr(args, "restart", False))
+    if not _main_process():
+        return 0
     print(format_table(summarize(read_rows(out))))
     print(f"\nresults: {out}/results.csv  config: {out}/config.json")
     with _quiet_numpy():
@@ -294,72 +252,35 @@ def _sweep(args) -> int:
     return 0
 
 
-def _stats(args) -> int:
-    from knockout import distributed
-    from knockout.data.text import check_source, data_identity
-    from knockout.experiments.config import data_spec, default
-    from knockout.experiments.runner import check_max_length, collect_run_stats, model_inputs
-    from knockout.loading import model_identity
-    from knockout.runfolder import check_out
-    from knockout.sites import find_sites
-    from knockout.stats import centres
-    from knockout.stats.running import check_hist_memory, check_hist_params
+def _main_process() -> bool:
+    from knockout.distributed import launch_world
 
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise KnockoutError(f"--out {args.out!r} should end in .safetensors")
-    given = _given(args, ("model", "data"))
-    spec = data_spec({**given, "options": _options(args)})
-    value = lambda name: given.get(name, default(name))  # noqa: E731
-    check_hist_params(value("eps"), value("hist_limit"))
-    if out.is_dir():
-        raise KnockoutError(f"--out {args.out!r} is a folder; give a .safetensors file name")
-    check_out(out.parent)
-    data_identity(spec.source)  # the data exists
-    check_source(spec.source)
-    loaded = _load(args)
-    check_max_length(spec.max_length, loaded.model, loaded.task)
-    sites = find_sites(loaded.model, value("site_module"), value("n_heads"), value("site"))
-    check_hist_memory([s.width for s in sites], value("eps"), value("hist_limit"))
-    inputs = model_inputs(loaded, sites, spec)
-    identity = model_identity(args.model, loaded.model, sites)
-    with distributed.process_group(loaded.device):  # torchrun: every rank collects its share, rank 0 writes
-        stats = collect_run_stats(
-            loaded, sites, spec, inputs, value("eps"), value("hist_limit"), identity, progress=not args.quiet
-        )
-        if not distributed.is_main():
-            return 0
-    stats.check_finite("the collected statistics")
-    stats.save(out)
-    gap = max(float((s.peak() - s.mean).abs().max()) for s in stats.layers)
-    clipped = max(s.clipped_fraction for s in stats.layers)
-    n_pm = sum(int(centres.point_mass(s).sum()) for s in stats.layers)
-    print(
-        f"wrote {out}: {len(stats)} layers x {stats.widths[0]} neurons, {stats.n_tokens} tokens, "
-        f"largest |peak - mean| {gap:.4f}, clipped {100 * clipped:.3f}%, "
-        f"point-mass peaks {n_pm} ({100 * n_pm / max(sum(stats.widths), 1):.2f}% of neurons)"
-    )
+    return launch_world().is_main
+
+
+def _stats(args) -> int:
+    from knockout.experiments.runner import describe_stats, run_stats
+
+    stats = run_stats(_config(args, ("model", "data")), args.stats_out, progress=not args.quiet)
+    if _main_process():
+        print(f"wrote {args.stats_out}: {describe_stats(stats)}")
     return 0
 
 
 def _sites(args) -> int:
-    from knockout.sites import find_sites
+    from knockout.experiments.prepare import find_all_sites
 
-    loaded = _load(args)
-    # Both sites, unless --site names one; --site-module and --n-heads apply to the named (default: attention) site.
-    named = args.site or "attention"
-    found = {named: find_sites(loaded.model, args.site_module, args.n_heads, named)}
-    if args.site is None:
-        try:
-            found["mlp"] = find_sites(loaded.model, kind="mlp")
-        except KnockoutError as e:
-            found["mlp"] = []
-            print(f"no MLP site: {e}", file=sys.stderr)
-    n_layers = max(len(s) for s in found.values())
-    print(f"{args.model}: {getattr(loaded.model.config, 'model_type', '?')}, task {loaded.task}, {n_layers} layers")
+    cfg = _config(args, ("model",))
+    loaded, found = find_all_sites(cfg, kinds=None if args.site is None else (cfg.site,))
+    for kind, problem in found.items():
+        if isinstance(problem, str):
+            print(f"no {kind.upper() if kind == 'mlp' else kind} site: {problem}", file=sys.stderr)
+    sites = {kind: s for kind, s in found.items() if not isinstance(s, str)}
+    n_layers = max((len(s) for s in sites.values()), default=0)
+    print(f"{cfg.model}: {getattr(loaded.model.config, 'model_type', '?')}, task {loaded.task}, {n_layers} layers")
     for layer in range(n_layers):
         for kind in ("attention", "mlp"):
-            for s in found.get(kind, [])[layer : layer + 1]:
+            for s in sites.get(kind, [])[layer : layer + 1]:
                 shape = f"{s.n_heads} heads x {s.d_head} = " if kind == "attention" else ""
                 print(f"  layer {s.layer:>3}  {kind:<9}  {s.name}  {shape}{s.width} neurons")
     return 0
@@ -390,58 +311,18 @@ def _presets(args) -> int:
 
 
 def _bench(args) -> int:
-    from knockout.bench import run_benchmark
+    from knockout.bench import format_benchmark, run_benchmark
+    from knockout.experiments.prepare import load
     from knockout.experiments.presets import DEMO
 
     names = ("batch_size", "seq_len", "repeats", "compare_tokens")
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-    result = run_benchmark(_load(args, DEMO.model), site_module=args.site_module, progress=not args.quiet, **given)
+    cfg = _config(args, ("model",), model=args.model or DEMO.overrides["model"])
+    result = run_benchmark(load(cfg), site_module=cfg.site_module, progress=not args.quiet, **given)
     print(format_benchmark(result))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
-
-
-def format_benchmark(result: dict) -> str:
-    """The benchmark's figures (:func:`knockout.bench.run_benchmark`) as text."""
-    r, mem, best = result["ratios"], result["stats_memory_bytes"], result["ratios_fastest"]
-    lines = [
-        f"benchmark: {result['model']} on {result['device']} ({result['dtype']}), {result['tokens_per_batch']} tokens "
-        f"per batch, median of {result['repeats']} rounds (in brackets: from each mode's fastest round)"
-    ]
-    lines += [f"  {name:<17} {v:>10.1f} tokens/s" for name, v in result["tokens_per_second"].items()]
-    pair = lambda key: f"{r[key]:.3f} [{best[key]:.3f}]"  # noqa: E731
-    lines += [
-        f"  statistics / forward      {pair('statistics_vs_forward')}   "
-        "(target >= 0.97; one more batch into running statistics)",
-        "    their own time (every LayerStats.add, timed in place): "
-        + (
-            "not timed on a GPU"
-            if result["statistics_update_share"] is None
-            else f"{100 * result['statistics_update_share']:.1f}% of a forward pass"
-        ),
-        f"  first batch / forward     {pair('statistics_first_batch_vs_forward')}   "
-        "(a new collection's first batch: allocating its statistics)",
-        f"  folded ablation / eval    {pair('folded_ablation_vs_eval')}   (target >= 0.97)",
-        f"  hooked ablation / eval    {pair('hooked_ablation_tl_vs_eval')}   "
-        "(the same ablation as TransformerLens does it: a hook rewriting hook_z every pass)",
-        f"  entering an ablation (once per method and fraction): {1000 * result['ablation_enter_seconds']:.1f} ms",
-        f"  round-to-round spread (max/min time): up to {max(result['spread'].values()):.2f}x",
-        "  statistics memory: " + ", ".join(f"{b / 2**20:.2f} MiB after {int(n):,} tokens" for n, b in mem.items()),
-    ]
-    a = result.get("authors_stats")
-    if a:
-        lines += [
-            f"  statistics vs the authors' method (keep every activation, then one 100-bin np.histogram per neuron"
-            f" in a Python loop), one layer of {a['width']} neurons, {a['tokens']:,} tokens (rows drawn from the"
-            f" {a['drawn_from_tokens']:,} of the batch):",
-            f"    time per layer: knockout {1000 * a['knockout_seconds_per_layer']:.1f} ms, authors "
-            f"{1000 * a['authors_seconds_per_layer']:.1f} ms: {a['speedup']:.1f}x faster   (target >= 10x)",
-            f"    memory: knockout {a['knockout_bytes'] / 2**20:.2f} MiB, "
-            f"authors {a['authors_bytes'] / 2**20:.1f} MiB: "
-            f"{a['memory_ratio']:.0f}x less   (target >= 100x)",
-        ]
-    return "\n".join(lines)
 
 
 def _report(args) -> int:
@@ -516,7 +397,7 @@ def _progress_note(args) -> str:
         from knockout.reporting.run import RunData
         from knockout.runfolder import RESULTS_FILE, read_config, read_rows
 
-        out = Path(_sweep_config(args).out)
+        out = Path(_config(args).out)
         done = len(read_rows(out)) if (out / RESULTS_FILE).is_file() else 0
         total = RunData(out, read_config(out) or {}, []).n_expected
         return f" ({done} rows done)" if total is None else f" ({done} of {total} rows done)"

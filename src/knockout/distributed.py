@@ -45,7 +45,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -67,22 +67,45 @@ _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 # -- process group --------------------------------------------------------------------------------------------------
-def world() -> tuple[int, int]:
-    """``(rank, world_size)`` of this process; ``(0, 1)`` when ``torch.distributed`` is not initialised."""
+class World(NamedTuple):
+    """This process's place in a run: its ``rank`` among ``size`` processes. The runner reads it once, after joining
+    the process group, and passes it down (methods get it in their context): rank 0 writes files and shows progress.
+    """
+
+    rank: int
+    size: int
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0 (and in a single-process run)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def single() -> World:
+    """The world of a single-process run."""
+    return World(0, 1)
+
+
+def world() -> World:
+    """``(rank, size)`` of this process; ``(0, 1)`` when ``torch.distributed`` is not initialised."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+        return World(dist.get_rank(), dist.get_world_size())
+    return single()
 
 
-def launch_world() -> tuple[int, int]:
-    """``(rank, world_size)`` as the launcher (``torchrun``, ``accelerate launch``) set them in ``RANK`` and
+def launch_world() -> World:
+    """``(rank, size)`` as the launcher (``torchrun``, ``accelerate launch``) set them in ``RANK`` and
     ``WORLD_SIZE``, usable before any process group exists; ``(0, 1)`` when not launched so."""
-    return int(os.environ.get("RANK") or 0), int(os.environ.get("WORLD_SIZE") or 1)
+    return World(int(os.environ.get("RANK") or 0), int(os.environ.get("WORLD_SIZE") or 1))
 
 
 def is_main() -> bool:
-    """True on rank 0 (and in a single-process run): the process that writes files and logs progress."""
-    return world()[0] == 0
+    """True on rank 0 (and in a single-process run)."""
+    return world().is_main
 
 
 def init_from_env(

@@ -94,28 +94,15 @@ def move_aside(run_dir: str | os.PathLike) -> Path | None:
     return target
 
 
-_WARNED: set[str] = set()
-
-
 def check_data(run_dir: str | os.PathLike, identity: dict) -> None:
     """Raise if ``run_dir``'s config records data other than ``identity`` (:func:`knockout.data.text.data_identity`
-    or its image counterpart). A folder written before data was recorded is accepted with a warning; its
-    config.json records the data from now on."""
+    or its image counterpart)."""
     old = read_config(run_dir)
     if old is None:
         return
     recorded = (old.get("resolved") or {}).get("data_identity")
-    if recorded is None:
-        if str(run_dir) in _WARNED:
-            return
-        _WARNED.add(str(run_dir))
-        log.warning(
-            "%s does not record what its data was (written by an older knockout); assuming it is %s and recording it",
-            run_dir,
-            identity.get("source"),
-        )
-        return
     if recorded != identity:
+        recorded = recorded if isinstance(recorded, dict) else {}
         keys = [k for k in identity if recorded.get(k) != identity.get(k)]
         detail = "; ".join(f"{k}: {recorded.get(k)!r} -> {identity.get(k)!r}" for k in keys)
         raise KnockoutError(
@@ -151,13 +138,9 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def verify_checksum(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict, remedy: str) -> None:
-    """Raise if ``meta``'s checksum does not match ``tensors`` (read from ``path``); warn if there is none (a file
-    written before checksums)."""
+    """Raise if ``meta``'s checksum is missing or does not match ``tensors`` (read from ``path``)."""
     expected = meta.get(CHECKSUM_KEY)
-    if expected is None:
-        log.warning("%s has no checksum (written by an older knockout); it cannot be checked for damage", path)
-        return
-    if tensors_sha256(tensors) != expected:
+    if expected is None or tensors_sha256(tensors) != expected:
         raise KnockoutError(f"{str(path)!r} is damaged (its checksum does not match its data); {remedy}")
 
 
@@ -180,21 +163,12 @@ def write_config(run_dir: str | os.PathLike, config: dict) -> None:
     write_atomic(Path(run_dir) / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
 
-def check_resumable(
-    run_dir: str | os.PathLike, fields: dict, ignored_options: Iterable[str] = (), defaults: dict | None = None
-) -> None:
-    """Raise if ``run_dir`` holds a run whose results-defining settings differ from ``fields`` (a config's
-    :meth:`~knockout.experiments.config.SweepConfig.result_fields`); options in ``ignored_options`` change only
-    speed and are not compared. A setting that a run folder written by an older version lacks counts as its value
-    in ``defaults`` (the behaviour of that version), so such folders still resume."""
-    old = read_config(run_dir)
-    if old is None:
-        return
-    ignored = set(ignored_options)
-    old["options"] = {k: v for k, v in (old.get("options") or {}).items() if k not in ignored}
+def check_same_settings(run_dir: str | os.PathLike, stored: dict, fields: dict) -> None:
+    """Raise if the results-defining settings ``stored`` in ``run_dir``'s config.json differ from ``fields`` (both
+    from :func:`knockout.experiments.config.result_settings`), naming each difference."""
+    old = json.loads(json.dumps(stored))
     new = json.loads(json.dumps(fields))
-    known = json.loads(json.dumps(defaults or {}))
-    diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k, known.get(k)) != v}
+    diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
     if diff:
         detail = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise KnockoutError(
@@ -245,7 +219,7 @@ def save_doc_sums(run_dir: str | os.PathLike, method: str, fraction: float, seed
 
     path = _paired_path(run_dir, seed)
     tensors = load_file(str(path)) if path.is_file() else {}
-    key = f"{method}@{round(float(fraction), 10)!r}"
+    key = f"{method}@{fraction_key(fraction)!r}"
     for name in DOC_FIELDS:
         tensors[f"{key}.{name}"] = torch.as_tensor(sums[name]).contiguous()
     note = "per-document sums of each (method, fraction) row of this seed, for paired comparisons"
@@ -253,8 +227,7 @@ def save_doc_sums(run_dir: str | os.PathLike, method: str, fraction: float, seed
 
 
 def read_doc_sums(run_dir: str | os.PathLike) -> dict[tuple[str, float, int], dict]:
-    """Every stored row's per-document sums: ``row_key -> {"n", "ce_sum", "correct"}`` (numpy arrays). Rows
-    evaluated before these were stored (or by an older knockout) are absent."""
+    """Every stored row's per-document sums: ``row_key -> {"n", "ce_sum", "correct"}`` (numpy arrays)."""
     from safetensors.torch import load_file
 
     out: dict[tuple[str, float, int], dict] = {}
@@ -342,8 +315,14 @@ class ResultRow:
 ROW_FIELDS = tuple(f.name for f in dataclasses.fields(ResultRow))
 
 
+def fraction_key(fraction: float) -> float:
+    """A fraction as rows are keyed by it: rounded to 10 decimals, so 0.1 * 3 and 0.3 are the same row."""
+    return round(float(fraction), 10)
+
+
 def row_key(method: str, fraction: float, seed: int) -> tuple[str, float, int]:
-    return (method, round(float(fraction), 10), int(seed))
+    """The key of a row: ``(method, fraction_key(fraction), seed)``."""
+    return (method, fraction_key(fraction), int(seed))
 
 
 def read_rows(run_dir: str | os.PathLike) -> list[dict]:
@@ -379,18 +358,22 @@ def _csv_text(rows: Iterable[ResultRow]) -> str:
 
 
 class ResultStore:
-    """The rows of one run folder, kept in memory and rewritten atomically after every addition."""
+    """The rows of one run folder, kept in memory and rewritten atomically after every addition.
+
+    ``read_only``: keep rows in memory and write nothing (distributed ranks other than 0). A writable store repairs
+    results.csv when a crash between the two files left it behind results.jsonl."""
 
     def __init__(self, run_dir: str | os.PathLike, read_only: bool = False):
         self.dir = Path(run_dir)
-        self.read_only = read_only  # distributed ranks other than 0 keep rows in memory and write nothing
+        self.read_only = read_only
         self.rows: dict[tuple, ResultRow] = {}
         if (self.dir / RESULTS_FILE).is_file():
             for row in read_rows(self.dir):
                 self.rows[row_key(row["method"], row["fraction"], row["seed"])] = ResultRow.from_dict(row)
             csv_path = self.dir / RESULTS_CSV
-            if not csv_path.is_file() or csv_path.read_text(encoding="utf-8") != _csv_text(self.rows.values()):
-                write_rows(self.dir, self.rows.values())  # a crash between the two files left the CSV behind
+            stale = not csv_path.is_file() or csv_path.read_text(encoding="utf-8") != _csv_text(self.rows.values())
+            if stale and not read_only:
+                write_rows(self.dir, self.rows.values())
 
     def __contains__(self, key: tuple) -> bool:
         return row_key(*key) in self.rows

@@ -2,6 +2,7 @@
 retraining, and the report / compare open with the answer computed from those sums."""
 
 import json
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -28,16 +29,25 @@ def run(tmp_path_factory):
     cfg = SweepConfig(
         model="tiny-llama", data=corpus, out=str(root / "run"), methods=METHODS, fractions=(0.0, 0.5, 0.9),
         seeds=(0, 1), eval_tokens=80, stats_tokens=200, max_length=20, batch_size=4,
-        options={"optimal_steps": 10, "optimal_lr": 0.05},
+        optimal={"steps": 10, "lr": 0.05},
     )  # fmt: skip
-    before, threads = OptimalAblation.trainings, torch.get_num_threads()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threads only contend
     try:
-        out = run_sweep(cfg, progress=False, loaded=loaded)
+        with _counting_trainings() as trained:
+            out = run_sweep(cfg, progress=False, loaded=loaded)
     finally:
         torch.set_num_threads(threads)
-    trained = OptimalAblation.trainings - before
-    return root, cfg, loaded, out, trained
+    return root, cfg, loaded, out, len(trained)
+
+
+@contextmanager
+def _counting_trainings():
+    """Count the neuron sets ``optimal`` trains (calls of ``OptimalAblation.learn``) in the body."""
+    calls, learn = [], OptimalAblation.learn
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(OptimalAblation, "learn", lambda self, neurons: calls.append(1) or learn(self, neurons))
+        yield calls
 
 
 def test_doc_sums_add_up_to_the_rows(run):
@@ -58,9 +68,9 @@ def test_resume_reuses_the_learned_constants(run):
     results = (out / "results.jsonl").read_text()
     kept = [line for line in results.splitlines() if json.loads(line)["method"] != "optimal"]  # keep artifacts/
     (out / "results.jsonl").write_text("\n".join(kept) + "\n")
-    before = OptimalAblation.trainings
-    run_sweep(cfg, progress=False, loaded=loaded)
-    assert OptimalAblation.trainings == before  # re-evaluated from artifacts/, not retrained
+    with _counting_trainings() as trained:
+        run_sweep(cfg, progress=False, loaded=loaded)
+    assert trained == []  # re-evaluated from artifacts/, not retrained
     assert len(read_rows(out)) == 26
 
 

@@ -113,23 +113,6 @@ def test_changed_settings_refuse_to_mix_into_an_old_run(setup, capsys):
     assert (out / "results.jsonl").read_text() == before
 
 
-def test_a_run_folder_of_an_older_version_resumes(setup, capsys):
-    """Settings added since a run folder was written count as their defaults (what the older version did)."""
-    root, model, _, corpus = setup
-    out = root / "older"
-    assert main(_sweep_args(model, corpus, out, "--seeds", "0", "--fractions", "0,1")) == 0
-    config = json.loads((out / "config.json").read_text())
-    for key in ("site", "stats_skip_first"):  # fields that older versions did not write
-        config.pop(key)
-    (out / "config.json").write_text(json.dumps(config))
-    before = (out / "results.jsonl").read_text()
-    assert main(_sweep_args(model, corpus, out, "--seeds", "0", "--fractions", "0,1")) == 0
-    assert (out / "results.jsonl").read_text() == before
-    # a non-default value of such a setting is still a different run
-    assert main(_sweep_args(model, corpus, out, "--seeds", "0", "--fractions", "0,1", "--stats-skip-first", "1")) == 2
-    assert "stats_skip_first" in capsys.readouterr().err
-
-
 def test_stats_command_and_reuse(setup, capsys):
     root, model, other, corpus = setup
     path = root / "s.safetensors"
@@ -200,7 +183,7 @@ def test_resampling_flags_reach_the_config(setup):
     )
     assert main(args) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["options"] == {"resample_fixed": True, "resample_prompt": "Once"}
+    assert config["resample"] == {"model": None, "prompt": "Once", "fixed": True, "cache": True}
     rows = {r["method"]: r for r in read_rows(out) if r["fraction"] == 1.0}
     assert rows["resample-tokens"]["ce"] != next(r for r in read_rows(out) if r["method"] == "baseline")["ce"]
 
@@ -226,7 +209,7 @@ def test_changing_batch_size_is_refused_on_resume_but_cache_option_is_not(setup,
     out = root / "bs"
     args = _sweep_args(model, corpus, out, "--seeds", "0", "--fractions", "0,1", "--methods", "resample-tokens")
     assert main(args) == 0
-    assert main([*args, "--resample-no-cache"]) == 0  # speed only: resumes
+    assert main([*args, "--no-resample-cache"]) == 0  # speed only: resumes
     assert main([*args, "--batch-size", "3"]) == 2
     assert "batch_size" in capsys.readouterr().err
 

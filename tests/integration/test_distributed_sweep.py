@@ -105,7 +105,7 @@ def test_a_rank_other_than_0_writes_nothing(tmp_path, monkeypatch):
 
     model = tiny.save(tiny.causal_lm("llama"), "causal", tmp_path / "model")
     corpus = tiny.write_corpus(tmp_path / "corpus.txt", n_docs=30)
-    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
+    monkeypatch.setattr(distributed, "world", lambda: distributed.World(1, 2))
     monkeypatch.setattr(distributed, "barrier", lambda: None)
     monkeypatch.setattr(distributed, "all_reduce_statistics", lambda s: s)
     monkeypatch.setattr(distributed, "all_reduce_metrics", lambda m, batch_index=None: m)

@@ -9,7 +9,7 @@ import pytest
 
 import tiny
 from knockout.ablation.methods import methods_for
-from knockout.cli import _sweep_config, build_parser, main
+from knockout.cli import _config, build_parser, main
 from knockout.errors import KnockoutError
 from knockout.experiments.config import DEFAULT_FRACTIONS
 from knockout.experiments.presets import PRESETS, resolve_preset
@@ -32,7 +32,7 @@ def test_preset_has_the_papers_settings(name):
     assert len(cfg.fractions) == 11
     assert cfg.seeds == (0, 1, 2)
     assert cfg.selection == "per-layer"
-    assert cfg.methods == tuple(methods_for(task, cfg.options))
+    assert cfg.methods == tuple(methods_for(task, cfg.resample))
     # every resampling family of the paper's Table 2 for this model (RoBERTa's RS3 text comes from resample_model)
     expected_rs = {
         "causal": {"resample-chars", "resample-tokens", "resample-text"},
@@ -48,7 +48,8 @@ def test_preset_has_the_papers_settings(name):
     # The paper's RS3 text is written by OPT for its text models: the RoBERTa and Mistral presets name OPT-1.3B
     # (a masked LM cannot write text at all); OPT-1.3B writes its own.
     opt_writes = name in ("roberta-large", "mistral-7b")
-    assert cfg.options == ({"resample_model": "facebook/opt-1.3b"} if opt_writes else {})
+    assert cfg.resample.model == ("facebook/opt-1.3b" if opt_writes else None)
+    assert cfg.preset == name
 
 
 def test_presets_are_exactly_the_four_settings():
@@ -66,7 +67,7 @@ def test_overrides_and_unknown_names():
 
 def test_cli_flags_override_only_when_given():
     args = build_parser().parse_args(["sweep", "--preset", "vit-base", "--eval-tokens", "7", "--seeds", "4,5"])
-    cfg = _sweep_config(args)
+    cfg = _config(args)
     assert (cfg.eval_tokens, cfg.seeds) == (7, (4, 5))
     assert (cfg.model, cfg.data, cfg.stats_tokens, cfg.out) == (
         "google/vit-base-patch16-224",
@@ -75,10 +76,10 @@ def test_cli_flags_override_only_when_given():
         "runs/vit-base",
     )
     args = build_parser().parse_args(["sweep", "--preset", "vit-base", "--image-size", "64", "--image-mean", "0.4"])
-    assert _sweep_config(args).options == {"image_size": 64, "image_mean": [0.4]}
+    assert _config(args).image.to_dict() == {"size": 64, "mean": (0.4, 0.4, 0.4), "std": (0.5, 0.5, 0.5)}
     args = build_parser().parse_args(["sweep", "--preset", "roberta-large", "--methods", "zero,peak"])
-    assert _sweep_config(args).methods == ("zero", "peak")
-    assert _sweep_config(args).options == {"resample_model": "facebook/opt-1.3b"}
+    assert _config(args).methods == ("zero", "peak")
+    assert _config(args).resample.model == "facebook/opt-1.3b"
 
 
 def test_presets_command_prints_resolved_configs(capsys):
@@ -141,7 +142,7 @@ def test_demo_preset_runs_the_answer_methods_at_the_papers_two_fractions():
     cfg = resolve_preset("demo")
     assert cfg.fractions_of("zero") == cfg.fractions == (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
     assert cfg.fractions_of("optimal") == (0.5, 0.9)
-    assert cfg.stats_skip_first == 1 and cfg.options["sort_by_length"]
+    assert cfg.stats_skip_first == 1 and cfg.sort_by_length
     run = RunData(Path("unused"), cfg.to_dict(), [])
     assert run.n_expected == 3 * (1 + 3 * 7 + 2)  # a baseline per seed
     only = resolve_preset("demo", methods=("zero", "optimal"))

@@ -17,7 +17,7 @@ import knockout.loading
 import tiny
 from knockout.cli import main
 from knockout.errors import KnockoutError
-from knockout.experiments import runner
+from knockout.experiments import prepare, runner
 from knockout.runfolder import ResultRow, ResultStore, load_selection, read_rows
 from knockout.stats import Statistics
 
@@ -69,6 +69,7 @@ def no_model(monkeypatch):
         raise AssertionError("the model was loaded although the input could be checked without it")
 
     monkeypatch.setattr(knockout.loading, "load_model", refuse)
+    monkeypatch.setattr(prepare, "load_model", refuse)
     monkeypatch.setattr(runner, "load_model", refuse)
 
 
@@ -191,13 +192,11 @@ def test_changed_data_is_refused_and_restart_starts_over(setup, tmp_path, capsys
     assert "data differs" in err and "sha256" in err and "--restart" in err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # nothing written
 
-    # a folder written before data was recorded: accepted with a warning, and recorded from then on
+    # a config.json that records no data identity (edited by hand) is refused too: nothing says what its rows are of
     config["resolved"].pop("data_identity")
     (out / "config.json").write_text(json.dumps(config))
-    caplog.clear()
-    assert main(args) == 0
-    assert caplog.text.count("does not record what its data was") == 1
-    assert json.loads((out / "config.json").read_text())["resolved"]["data_identity"]["sha256"] != ident["sha256"]
+    assert main(args) == 2
+    assert "data differs" in capsys.readouterr().err
 
     # --restart moves the old folder aside and starts afresh
     data.write_text(data.read_text() + "\n\nAnd another one.")
@@ -271,7 +270,7 @@ def test_damaged_stats_and_selection_files_are_named(setup, tmp_path, capsys):
     assert main([*args, "--seeds", "0,1"]) == 0  # repaired: resumes
 
 
-def test_files_without_checksum_still_load(tmp_path, caplog):
+def test_files_without_checksum_are_refused_as_damaged(tmp_path):
     stats = Statistics([4, 4], eps=0.5, limit=2.0)
     stats.add(0, torch.randn(10, 4))
     stats.add(1, torch.randn(10, 4))
@@ -283,12 +282,12 @@ def test_files_without_checksum_still_load(tmp_path, caplog):
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata())
     meta.pop("sha256")
-    save_file(tensors, str(path), metadata=meta)  # as an older knockout wrote it
-    again = Statistics.load(path)
-    assert torch.equal(again.layers[1].hist, stats.layers[1].hist)
-    assert "no checksum" in caplog.text
+    save_file(tensors, str(path), metadata=meta)  # written by another tool, or its metadata edited
+    with pytest.raises(KnockoutError, match="is damaged"):
+        Statistics.load(path)
     save_file({"seed0": torch.arange(4)}, str(tmp_path / "selection.safetensors"), metadata={"mode": "per-layer"})
-    assert torch.equal(load_selection(tmp_path)["seed0"], torch.arange(4))
+    with pytest.raises(KnockoutError, match="is damaged"):
+        load_selection(tmp_path)
 
 
 # -- 6, 7: Ctrl-C and SIGKILL in a real sweep process ----------------------------------------------------------------

@@ -7,11 +7,12 @@ import torch
 import tiny
 from knockout import MethodContext, NeuronSelection, find_sites, get_method
 from knockout.ablation.optimal import OptimalAblation
+from knockout.ablation.options import OptimalOptions
 from knockout.data.batch import Batch
 from knockout.data.text import causal_batches
 from knockout.stats import collect_stats
 
-OPTIONS = {"optimal_steps": 20, "optimal_lr": 0.05}
+OPTIONS = OptimalOptions(steps=20, lr=0.05)
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +49,7 @@ def _setup(task, tmp_path):
     sites = find_sites(model)
     stats = collect_stats(model, sites, batches, progress=False)
     ctx = MethodContext(
-        model, sites, stats, seed=0, task=task, processor=tok, options=OPTIONS, train_batches=batches,
+        model, sites, stats, seed=0, task=task, processor=tok, optimal=OPTIONS, train_batches=batches,
         artifacts=tmp_path / "artifacts",
     )  # fmt: skip
     return model, sites, ctx
@@ -97,11 +98,12 @@ def test_optimal_is_registered_but_not_in_all():
     assert cls.needs_stats and cls.needs_train_batches and "optimal" not in methods_for("causal")
 
 
-@pytest.mark.parametrize("bad", [{"optimal_steps": -1}, {"optimal_lr": 0}, {"optimal_batch_size": 0}])
-def test_bad_options_are_refused(bad, tmp_path):
+@pytest.mark.parametrize(
+    "bad", [{"steps": -1}, {"steps": 1.5}, {"lr": 0}, {"lr": float("nan")}, {"batch_size": 0}, {"tokens": "many"}]
+)
+def test_bad_options_are_refused_when_the_settings_are_made(bad):
     from knockout import KnockoutError
 
-    _, _, ctx = _setup("image", tmp_path)
-    ctx.options = {**OPTIONS, **bad}
-    with pytest.raises(KnockoutError, match=next(iter(bad))):
-        get_method("optimal")(ctx)
+    name = next(iter(bad))
+    with pytest.raises(KnockoutError, match=f"optimal.{name} \\(--optimal-{name.replace('_', '-')}\\)"):
+        OptimalOptions(**bad)

@@ -42,7 +42,7 @@ def _specs(tmp_path, task: str, **extra):
     n = 150 if task == "causal" else 30
     kwargs = dict(model="m", data=corpus, eval_tokens=n, stats_tokens=n, max_length=20, batch_size=4, **extra)
     plain = SweepConfig(**kwargs).data_spec()
-    packed = SweepConfig(**kwargs, options={"sort_by_length": True}).data_spec()
+    packed = SweepConfig(**kwargs, sort_by_length=True).data_spec()
     assert (plain.sort_by_length, packed.sort_by_length) == (False, True)
     return plain, packed
 

@@ -9,9 +9,11 @@ import torch
 
 import tiny
 from knockout.ablation import METHODS, MethodContext, NeuronSelection
+from knockout.ablation.options import ResampleOptions
 from knockout.ablation.random_inputs import random_token_ids, token_pool
 from knockout.ablation.resample import TokenResample
 from knockout.data.batch import Batch
+from knockout.data.images import ImageOptions
 from knockout.data.text import causal_batches
 from knockout.errors import KnockoutError
 from knockout.evaluation.evaluate import evaluate
@@ -35,9 +37,14 @@ def text_batches(n_seqs: int = 7, batch_size: int = 3, seed: int = 1) -> list[Ba
     return causal_batches(seqs, batch_size, pad=0)
 
 
-def make(name_or_cls, model, sites, tok, task="causal", batches=(), seed=0, generator=None, **options):
+def make(name_or_cls, model, sites, tok, task="causal", batches=(), seed=0, generator=None, image=None, **resample):
+    """The method with ``resample`` settings (``fixed=True``, ``cache=False``) and ``image`` settings (a dict)."""
     cls = METHODS[name_or_cls] if isinstance(name_or_cls, str) else name_or_cls
-    return cls(MethodContext(model, sites, None, seed, task, tok, list(batches), options, generator=generator))
+    ctx = MethodContext(
+        model, sites, None, seed, task, tok, list(batches), resample=ResampleOptions(**resample),
+        image=ImageOptions(**(image or {})), generator=generator,
+    )  # fmt: skip
+    return cls(ctx)
 
 
 def all_neurons(sites):
@@ -203,7 +210,7 @@ def test_resample_text_for_masked_lm_needs_a_causal_model(gpt2):
     gen, _, causal_tok = gpt2
     model = tiny.masked_lm("roberta")
     sites, tok = find_sites(model), tiny.tokenizer("masked")
-    with pytest.raises(KnockoutError, match="resample_model"):
+    with pytest.raises(KnockoutError, match="--resample-model"):
         make("resample-text", model, sites, tok, task="masked")
     loaded = LoadedModel(gen, causal_tok, "causal", "tiny-gpt2", torch.device("cpu"))
     ids = torch.randint(5, tiny.VOCAB, (2, 9))
@@ -233,7 +240,7 @@ def test_resample_pixels_on_vit():
         for n in (3, 2)
     ]
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
-    method = make("resample-pixels", model, sites, None, task="image", seed=2, image_mean=mean, image_std=std)
+    method = make("resample-pixels", model, sites, None, task="image", seed=2, image={"mean": mean, "std": std})
     neurons = NeuronSelection([s.width for s in sites], seed=2).at(0.7)
     got = method_logits(method, model, batches, neurons)
     for i, b in enumerate(batches):
@@ -252,7 +259,7 @@ def test_resample_pixels_on_vit():
     class Processor:
         image_mean, image_std = [0.0, 0.0, 0.0], [0.5, 0.5, 0.5]
 
-    proc = make("resample-pixels", model, sites, Processor(), task="image", image_mean=mean, image_std=std)
+    proc = make("resample-pixels", model, sites, Processor(), task="image", image={"mean": mean, "std": std})
     proc = proc.random_inputs(0, batches[0])["pixel_values"]
     assert proc.min() >= 0 and proc.max() <= 2 and proc.max() > 1.9
 
@@ -271,7 +278,7 @@ def test_fixed_option_gives_one_random_input_for_all_rows(gpt2):
     model, sites, tok = gpt2
     batches = text_batches()
     for name in ("resample-chars", "resample-tokens"):
-        method = make(name, model, sites, tok, batches=batches, resample_fixed=True)
+        method = make(name, model, sites, tok, batches=batches, fixed=True)
         longest = max(b.valid.shape[1] for b in batches)
         rows = []
         for i, b in enumerate(batches):
@@ -296,7 +303,7 @@ def test_cache_computes_once_per_batch_and_can_be_turned_off(gpt2, monkeypatch):
     neurons = NeuronSelection([s.width for s in sites], seed=0).at(0.5)
     results = {}
     for cache in (True, False):
-        method = make("resample-tokens", model, sites, tok, resample_cache=cache)
+        method = make("resample-tokens", model, sites, tok, cache=cache)
         calls = []
         original = method.activations_of
         monkeypatch.setattr(method, "activations_of", lambda inputs, o=original, c=calls: c.append(1) or o(inputs))
@@ -338,5 +345,5 @@ def test_all_methods_of_a_masked_lm_include_resample_text_only_with_a_generator(
 
     assert "resample-text" in methods_for("causal")
     assert "resample-text" not in methods_for("masked")
-    assert "resample-text" in methods_for("masked", {"resample_model": "facebook/opt-1.3b"})
+    assert "resample-text" in methods_for("masked", ResampleOptions(model="facebook/opt-1.3b"))
     assert methods_for("image") == ["zero", "mean", "peak", "resample-pixels"]

@@ -9,10 +9,10 @@ from PIL import Image
 
 import tiny
 from knockout.data import tasks
-from knockout.data.images import folder_classes, load_images, preprocess
+from knockout.data.images import ImageOptions, folder_classes, load_images, preprocess
 from knockout.errors import KnockoutError
 from knockout.experiments.config import SweepConfig
-from knockout.experiments.runner import model_inputs
+from knockout.experiments.prepare import model_inputs
 from knockout.hooks import capture, preout_length
 from knockout.loading import load_model
 from knockout.runfolder import read_rows
@@ -106,15 +106,16 @@ def test_preprocess_without_processor_uses_size_mean_std(tmp_path):
     root = make_folder(tmp_path / "images", per_class=1)
     img = root / "red" / "000.png"
     config = tiny.vit_classifier().config
-    x = preprocess([img], None, {"image_mean": [0.0, 0.5, 1.0], "image_std": 0.5}, config)
+    x = preprocess([img], None, ImageOptions(mean=(0.0, 0.5, 1.0), std=(0.5,)), config)
     assert x.shape == (1, 3, 32, 32)  # config.image_size
     expected = torch.tensor([(1 - 0) / 0.5, (0 - 0.5) / 0.5, (0 - 1) / 0.5])
     assert torch.allclose(x[0, :, 0, 0], expected)
-    assert preprocess([img], None, {"image_size": 16}, config).shape == (1, 3, 16, 16)
+    assert preprocess([img], None, ImageOptions(size=16), config).shape == (1, 3, 16, 16)
     # The model's own processor, when there is one.
     proc = tf.ViTImageProcessor(size={"height": 32, "width": 32})
     assert torch.allclose(
-        preprocess([img], proc, {}, config), proc(images=[Image.open(img)], return_tensors="pt")["pixel_values"]
+        preprocess([img], proc, ImageOptions(), config),
+        proc(images=[Image.open(img)], return_tensors="pt")["pixel_values"],
     )
 
 

@@ -22,7 +22,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from knockout.ablation.options import OptimalOptions, ResampleOptions
 from knockout.data.batch import Batch
+from knockout.data.images import ImageOptions
+from knockout.distributed import World, single
 from knockout.errors import KnockoutError
 from knockout.hooks import fold_constants
 from knockout.loading import TASKS, LoadedModel
@@ -43,14 +46,20 @@ class MethodContext:
     """The model's tokenizer (text models) or image processor (image models; ``None`` if it has none)."""
     eval_batches: Sequence[Batch] = ()
     """The seed's evaluation batches (resampling aligns its random inputs with them)."""
-    options: dict[str, Any] = field(default_factory=dict)
-    """Method options (:attr:`knockout.experiments.config.SweepConfig.options`)."""
+    optimal: OptimalOptions = field(default_factory=OptimalOptions)
+    """``optimal``'s settings."""
+    resample: ResampleOptions = field(default_factory=ResampleOptions)
+    """The resampling methods' settings."""
+    image: ImageOptions = field(default_factory=ImageOptions)
+    """Image normalisation for models without an image processor (``resample-pixels``)."""
     generator: LoadedModel | None = None
-    """``resample-text``'s causal LM when it is not the model itself (option ``resample_model``)."""
+    """``resample-text``'s causal LM when it is not the model itself (``ResampleOptions.model``)."""
     train_batches: Sequence[Batch] = ()
     """Batches of the collection split (never the evaluation split), for methods that learn their values."""
     artifacts: Path | None = None
     """A folder where a method may keep what it learned (in a run folder, so a resumed run reuses it)."""
+    world: World = field(default_factory=single)
+    """This process's place in a distributed run (rank 0 writes files); a single process by default."""
 
 
 class AblationMethod(ABC):
@@ -65,8 +74,9 @@ class AblationMethod(ABC):
     in_all: ClassVar[bool] = True
 
     @classmethod
-    def applies(cls, task: str, options: dict | None = None) -> bool:
-        """Whether this method can run on a ``task`` model with these options (used to expand "all")."""
+    def applies(cls, task: str, resample: ResampleOptions | None = None) -> bool:
+        """Whether this method can run on a ``task`` model with these resampling settings (used to expand
+        "all")."""
         return task in cls.tasks
 
     def __init__(self, ctx: MethodContext):
@@ -164,10 +174,10 @@ def get_method(name: str) -> type[AblationMethod]:
     return cls
 
 
-def methods_for(task: str, options: dict | None = None) -> list[str]:
-    """Names of the registered methods that ``methods="all"`` runs on ``task`` with ``options`` (those that apply
-    and are :attr:`AblationMethod.in_all`), in registration order."""
-    return [n for n, cls in METHODS.items() if cls.in_all and cls.applies(task, options)]
+def methods_for(task: str, resample: ResampleOptions | None = None) -> list[str]:
+    """Names of the registered methods that ``methods="all"`` runs on ``task`` with the ``resample`` settings (those
+    that apply and are :attr:`AblationMethod.in_all`), in registration order."""
+    return [n for n, cls in METHODS.items() if cls.in_all and cls.applies(task, resample)]
 
 
 @register("zero")

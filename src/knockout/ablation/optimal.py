@@ -15,12 +15,12 @@ Masked LMs: the collection batches are unmasked text, so they are BERT-masked he
 :mod:`knockout.data.masked`, drawn from the generator of the run's seed (deterministic, so a resumed run trains on the
 same inputs).
 
-Options (``SweepConfig.options``): ``optimal_steps`` (default 100 Adam steps), ``optimal_lr`` (0.02, in units of
-the neuron's std), ``optimal_batch_size`` (rows per step, default: the collection batches as they are),
-``optimal_tokens`` (scored training targets used, default all of the collection split).
+Settings (:class:`~knockout.ablation.options.OptimalOptions`, CLI ``--optimal-*``): ``steps`` (default 100 Adam
+steps), ``lr`` (0.02, in units of the neuron's std), ``batch_size`` (rows per step, default: the collection batches as
+they are), ``tokens`` (scored training targets used, default all of the collection split).
 
 The learned constants are saved in ``artifacts/optimal/seed{s}-{hash}.safetensors`` (the hash covers the neuron set
-and the options), and reused when present, so a resumed run does not train again.
+and the settings), and reused when present, so a resumed run does not train again.
 """
 
 from __future__ import annotations
@@ -35,14 +35,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from knockout.ablation.methods import ConstantAblation, register
+from knockout.ablation.methods import AblationMethod, get_method, register
 from knockout.data.batch import IGNORE, Batch
 from knockout.errors import KnockoutError
 from knockout.hooks import edit_preout, fold_constants
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"optimal_steps": 100, "optimal_lr": 0.02, "optimal_batch_size": None, "optimal_tokens": None}
+#: The constant methods whose constants are scored beside the learned ones (the best on the training data is kept).
 CANDIDATES = ("zero", "mean", "peak")
 
 
@@ -56,34 +56,12 @@ def neuron_set_hash(neurons: Sequence[torch.Tensor]) -> str:
 
 
 @register("optimal")
-class OptimalAblation(ConstantAblation):
+class OptimalAblation(AblationMethod):
     """z_i := c_i learned to minimise the task's loss on the collection split (see the module docstring)."""
 
     needs_stats = True
     needs_train_batches = True
     in_all = False
-    trainings = 0
-    """How many neuron sets were trained in this process (the tests check that a resumed run trains none)."""
-
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        for key in DEFAULTS:
-            value = self.option(key)
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if key == "optimal_lr":
-                ok = number and value > 0
-            elif key == "optimal_steps":
-                ok = number and int(value) == value and value >= 0
-            else:
-                ok = value is None or (number and int(value) == value and value > 0)
-            if not ok:
-                raise KnockoutError(f"option {key} must be a positive number (steps may be 0), got {value!r}")
-
-    def constants(self):
-        return self.ctx.stats.means()
-
-    def option(self, key: str):
-        return self.ctx.options.get(key, DEFAULTS[key])
 
     @contextmanager
     def ablate(self, neurons: Sequence[torch.Tensor]) -> Iterator[None]:
@@ -95,7 +73,7 @@ class OptimalAblation(ConstantAblation):
     def artifact_path(self, neurons: Sequence[torch.Tensor]):
         if self.ctx.artifacts is None:
             return None
-        opts = json.dumps({k: self.option(k) for k in DEFAULTS}, sort_keys=True)
+        opts = json.dumps(self.ctx.optimal.to_dict(), sort_keys=True)
         key = hashlib.sha256((neuron_set_hash(neurons) + opts).encode()).hexdigest()[:16]
         return self.ctx.artifacts / "optimal" / f"seed{self.ctx.seed}-{key}.safetensors"
 
@@ -110,9 +88,7 @@ class OptimalAblation(ConstantAblation):
             log.info("optimal: reusing learned constants from %s", path)
             return [tensors[f"layer{s.layer}"] for s in self.ctx.sites]
         values, meta = self.learn(neurons)
-        from knockout.distributed import is_main
-
-        if path is not None and is_main():  # under torchrun every rank learns the same constants; rank 0 writes
+        if path is not None and self.ctx.world.is_main:  # under torchrun every rank learns the same; rank 0 writes
             from knockout.runfolder import write_atomic
 
             tensors = {f"layer{s.layer}": v.contiguous() for s, v in zip(self.ctx.sites, values)}
@@ -129,14 +105,14 @@ class OptimalAblation(ConstantAblation):
             batches = _masked(
                 batches, self.ctx.processor, self.ctx.seed, getattr(self.ctx.model.config, "vocab_size", None)
             )
-        size = self.option("optimal_batch_size")
+        size = self.ctx.optimal.batch_size
         if size:
-            batches = [_rows(b, i, i + int(size)) for b in batches for i in range(0, b.size, int(size))]
-        limit = self.option("optimal_tokens")
+            batches = [_rows(b, i, i + size) for b in batches for i in range(0, b.size, size)]
+        limit = self.ctx.optimal.tokens
         if limit:
             kept, total = [], 0
             for b in batches:
-                if total >= int(limit):
+                if total >= limit:
                     break
                 kept.append(b)
                 total += b.n_scored
@@ -148,7 +124,6 @@ class OptimalAblation(ConstantAblation):
 
     def learn(self, neurons: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
         """Learn the constants of ``neurons``; returns per layer ``[width]`` values and a record of the choice."""
-        OptimalAblation.trainings += 1
         ctx, model = self.ctx, self.ctx.model
         device = next(model.parameters()).device
         batches = [b.to(device) for b in self.train_batches()]
@@ -161,7 +136,7 @@ class OptimalAblation(ConstantAblation):
         scale = {k: stds[k].to(device)[i] for k, i in idx.items()}
         params = {k: torch.nn.Parameter(torch.zeros_like(base[k])) for k in idx}
         values = {k: (lambda k=k: base[k] + scale[k] * params[k]) for k in idx}
-        steps, lr = int(self.option("optimal_steps")), float(self.option("optimal_lr"))
+        steps, lr = ctx.optimal.steps, ctx.optimal.lr
 
         if params and steps > 0:
             opt = torch.optim.Adam(list(params.values()), lr=lr)
@@ -185,12 +160,8 @@ class OptimalAblation(ConstantAblation):
         learned = [m.clone() for m in means]
         for k, value in values.items():
             learned[k][idx[k].cpu()] = value().detach().float().cpu()
-        candidates = {
-            "zero": [torch.zeros_like(m) for m in means],
-            "mean": means,
-            "peak": [p.float() for p in ctx.stats.peaks()],
-            "learned": learned,
-        }
+        candidates = {name: get_method(name)(ctx).constants() for name in CANDIDATES}
+        candidates["learned"] = learned
         losses = {name: self.training_loss(neurons, values, batches) for name, values in candidates.items()}
         best = min(losses, key=lambda k: (losses[k], k != "learned"))  # ties keep the learned constants
         log.info("optimal seed %d: training CE %s; kept %s", ctx.seed, losses, best)

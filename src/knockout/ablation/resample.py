@@ -7,12 +7,12 @@ Methods (registry names):
 - ``resample-tokens`` (RS2): token ids drawn uniformly from the vocabulary without the special tokens
   (``tokenizer.all_special_ids``), no special tokens added;
 - ``resample-text`` (RS3): text sampled (temperature 1, full softmax) from a causal LM, starting from a short prompt
-  (option ``resample_prompt``, default ``"The"``). The LM is the evaluated model when it is causal, or the model
-  named by option ``resample_model`` (required for masked LMs); another model's text is decoded and re-tokenised
+  (``--resample-prompt``, default ``"The"``). The LM is the evaluated model when it is causal, or the model named
+  by ``--resample-model`` (required for masked LMs); another model's text is decoded and re-tokenised
   with the evaluated model's tokenizer;
 - ``resample-pixels`` (image models): pixels uniform in [0, 1] per channel, normalised like the evaluation images
-  (the image processor's ``image_mean`` / ``image_std`` when the model has a processor, else the options
-  ``image_mean`` / ``image_std``, 0.5 by default), in the shape of ``pixel_values``.
+  (the image processor's ``image_mean`` / ``image_std`` when the model has a processor, else ``--image-mean`` /
+  ``--image-std``, 0.5 by default), in the shape of ``pixel_values``.
 
 Alignment. For an evaluation batch of shape ``[batch, pos]`` the random inputs are a ``[batch, pos]`` batch too (full
 attention mask), and the hook sets ``z[b, t, i] := z_rand[b, t, i]``: row ``b``, position ``t`` of the evaluation
@@ -23,7 +23,7 @@ and the pre-out raises :class:`KnockoutError` instead of broadcasting or truncat
 
 Seeding. The random inputs of evaluation batch ``index`` are drawn from generators seeded by
 ``(ctx.seed, index)`` (never the global RNG), so every fraction and every method of a seed sees the same random
-inputs, and reruns reproduce them. Option ``resample_fixed=True`` reproduces the paper instead: one random sequence
+inputs, and reruns reproduce them. ``--resample-fixed`` reproduces the paper instead: one random sequence
 (or image), drawn once per seed, for every row of every batch (cut to each batch's length).
 
 Cost and memory. The random-input activations are computed with one forward pass of the unablated model per
@@ -31,15 +31,15 @@ evaluation batch (plus, for ``resample-text``, the sampling loop) the first time
 and cached by batch index for the later fractions of the same seed. The cache holds, for every evaluation batch and
 layer, the full pre-out ``[batch, pos, width]`` in the model's dtype and on its device:
 ``n_batches * batch * pos * n_layers * width * bytes`` in all (e.g. 4096 positions x 24 layers x 2048 neurons in
-bfloat16 = 400 MB). Option ``resample_cache=False`` keeps only the current batch and recomputes it for every
-fraction (one extra forward pass per batch and fraction). With ``resample_fixed`` only one ``[1, pos, width]`` per
+bfloat16 = 400 MB). ``--no-resample-cache`` keeps only the current batch and recomputes it for every
+fraction (one extra forward pass per batch and fraction). With ``--resample-fixed`` only one ``[1, pos, width]`` per
 layer is kept.
 
-Options (:attr:`MethodContext.options`): ``resample_fixed`` (default False), ``resample_cache`` (default True),
-``resample_prompt`` (default ``"The"``), ``resample_model`` (the causal LM that writes ``resample-text``'s text; the
-sweep loads it into :attr:`MethodContext.generator`), ``image_mean`` / ``image_std`` (see
-:func:`knockout.data.images.normalisation`). The random inputs themselves are made in
-:mod:`knockout.ablation.random_inputs`.
+Settings (:class:`~knockout.ablation.options.ResampleOptions`, :attr:`MethodContext.resample`; CLI
+``--resample-*``): ``fixed`` (default False), ``cache`` (default True), ``prompt`` (default ``"The"``), ``model``
+(the causal LM that writes ``resample-text``'s text; the sweep loads it into :attr:`MethodContext.generator`);
+``resample-pixels`` normalises with :attr:`MethodContext.image` (see :func:`knockout.data.images.normalisation`).
+The random inputs themselves are made in :mod:`knockout.ablation.random_inputs`.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ from typing import Any, ClassVar
 import torch
 
 from knockout.ablation.methods import AblationMethod, MethodContext, register
+from knockout.ablation.options import ResampleOptions
 from knockout.ablation.random_inputs import (
-    DEFAULT_PROMPT,
     embedding_size,
     generated_ids,
     random_char_ids,
@@ -67,17 +67,6 @@ from knockout.errors import KnockoutError
 from knockout.hooks import capture, edit_preout
 
 _FIXED = -1  # batch "index" whose seed draws the single fixed random input
-
-
-def _flag(options: dict, key: str, default: bool) -> bool:
-    value = options.get(key, default)
-    if isinstance(value, str):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise KnockoutError(f"option {key!r} must be true or false, got {value!r}")
-    return bool(value)
 
 
 def _full_mask(ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -96,8 +85,8 @@ class ResampleAblation(AblationMethod):
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
-        self.fixed = _flag(ctx.options, "resample_fixed", False)
-        self.use_cache = _flag(ctx.options, "resample_cache", True)
+        self.fixed = ctx.resample.fixed
+        self.use_cache = ctx.resample.cache
         self._cache: dict[int, list[torch.Tensor]] = {}  # batch index -> per layer [batch, pos, width]
         self._fixed_acts: list[torch.Tensor] | None = None  # per layer [1, pos_max, width]
         self._current: list[torch.Tensor] | None = None
@@ -113,7 +102,7 @@ class ResampleAblation(AblationMethod):
     def random_inputs(self, index: int, batch: Batch) -> dict[str, torch.Tensor]:
         """The random inputs aligned with evaluation batch ``index`` (same ``[batch, pos]``), on its device.
 
-        Default: a fresh random input per row, seeded by ``(ctx.seed, index)``. With ``resample_fixed``: the seed's
+        Default: a fresh random input per row, seeded by ``(ctx.seed, index)``. With ``ctx.resample.fixed``: the seed's
         single random input, repeated for every row (and cut to the batch length).
         """
         if self.fixed:
@@ -252,21 +241,21 @@ class TextResample(_TextResample):
     """RS3: values on text sampled from a causal LM (the evaluated one, or :attr:`MethodContext.generator`)."""
 
     @classmethod
-    def applies(cls, task: str, options: dict | None = None) -> bool:
-        """A masked LM cannot write text itself: it needs option ``resample_model``."""
-        return super().applies(task, options) and (task == "causal" or bool((options or {}).get("resample_model")))
+    def applies(cls, task: str, resample: ResampleOptions | None = None) -> bool:
+        """A masked LM cannot write text itself: it needs ``resample.model``."""
+        return super().applies(task, resample) and (task == "causal" or bool(resample and resample.model))
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
-        self.prompt = str(ctx.options.get("resample_prompt", DEFAULT_PROMPT))
+        self.prompt = ctx.resample.prompt
         if ctx.generator is None and ctx.task != "causal":
             raise KnockoutError(
                 f"method {self.name!r} on a {ctx.task} model needs a causal LM to generate the random text: "
-                "give one with --resample-model (option resample_model), e.g. a hub name or local folder "
+                "give one with --resample-model, e.g. a hub name or local folder "
                 "(Python: MethodContext(..., generator=load_model(name, task='causal')))"
             )
         if ctx.generator is not None and ctx.generator.task != "causal":
-            raise KnockoutError(f"resample_model must be a causal LM, got a {ctx.generator.task} model")
+            raise KnockoutError(f"--resample-model must be a causal LM, got a {ctx.generator.task} model")
 
     def generator(self) -> tuple[torch.nn.Module, Any]:
         """The causal LM that writes the random text, and its tokenizer."""
@@ -289,7 +278,7 @@ class PixelResample(ResampleAblation):
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
-        self.mean, self.std = normalisation(ctx.processor, ctx.options) or (None, None)
+        self.mean, self.std = normalisation(ctx.processor, ctx.image) or (None, None)
 
     def random_rows(self, n_rows, like, seed, n_pos=None):
         pixels = like.inputs["pixel_values"]

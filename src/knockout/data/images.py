@@ -21,8 +21,8 @@ length (``n_patches + 1`` for ViT). The evaluation images are the same for every
 
 Preprocessing uses the model's own image processor when it has one. Otherwise images are converted to RGB,
 resized to ``image_size`` x ``image_size`` (bilinear), scaled to [0, 1] and normalised with ``image_mean`` and
-``image_std``; these are :attr:`SweepConfig.options` keys (CLI ``--image-size/--image-mean/--image-std``),
-defaulting to the model config's ``image_size`` and 0.5 / 0.5 per channel (ViT's defaults).
+``image_std``, the settings of :class:`ImageOptions` (CLI ``--image-size/--image-mean/--image-std``), defaulting to
+the model config's ``image_size`` and 0.5 / 0.5 per channel (ViT's defaults).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,10 +38,30 @@ import torch
 from knockout.data.batch import Batch
 from knockout.data.text import open_hf_split, split_items
 from knockout.errors import KnockoutError
+from knockout.options import OptionGroup, setting
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-IMAGE_OPTIONS = ("image_size", "image_mean", "image_std")
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageOptions(OptionGroup):
+    """Preprocessing of images for models without an image processor (one that has a processor uses its own)."""
+
+    prefix = "image"
+    title = "images without an image processor"
+
+    size: int | None = setting(None, "resize to this (default: the model config's image_size)", "images", kind="int")
+    mean: tuple[float, ...] = setting((0.5,), "normalisation mean: 1 or 3 numbers", "images", kind="floats")
+    std: tuple[float, ...] = setting((0.5,), "normalisation std: 1 or 3 positive numbers", "images", kind="floats")
+
+    def __post_init__(self):
+        self._int("size", 1, optional=True)
+        for name in ("mean", "std"):
+            object.__setattr__(self, name, tuple(_per_channel(getattr(self, name), f"image.{name}")))
+        if min(self.std) <= 0:
+            raise KnockoutError(f"image.std (--image-std) must be positive, got {list(self.std)}")
+
 
 _IMAGE_COLUMNS = ("image", "img")
 _LABEL_COLUMNS = ("label", "labels", "fine_label")
@@ -131,20 +152,23 @@ def _numbers(value) -> list[float]:
 
 
 def _per_channel(value, name: str) -> list[float]:
-    values = _numbers(value)
+    try:
+        values = _numbers(value)
+    except (TypeError, ValueError):
+        raise KnockoutError(f"{name} needs 1 or 3 numbers, got {value!r}") from None
     if len(values) == 1:
         values *= 3
-    if len(values) != 3:
-        raise KnockoutError(f"option {name} needs 1 or 3 numbers, got {value!r}")
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise KnockoutError(f"{name} needs 1 or 3 numbers, got {value!r}")
     return values
 
 
-def normalisation(processor, options: dict) -> tuple[list[float], list[float]] | None:
+def normalisation(processor, options: ImageOptions) -> tuple[list[float], list[float]] | None:
     """``(mean, std)`` per channel that model inputs are normalised with, ``(x - mean[c]) / std[c]``, or ``None``.
 
     The image processor's own ``image_mean`` / ``image_std`` when there is a processor (``None`` if it does not
-    normalise); otherwise the options ``image_mean`` / ``image_std`` (1 or 3 numbers), 0.5 by default (ViT's).
-    The evaluation images and ``resample-pixels``'s random images both use this.
+    normalise); otherwise ``options.mean`` / ``options.std``, 0.5 by default (ViT's). The evaluation images and
+    ``resample-pixels``'s random images both use this.
     """
     if processor is not None:
         if getattr(processor, "do_normalize", True) is False:
@@ -152,19 +176,15 @@ def normalisation(processor, options: dict) -> tuple[list[float], list[float]] |
         mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
         if mean is not None and std is not None:
             return _numbers(mean), _numbers(std)
-    mean = _per_channel(options.get("image_mean", 0.5), "image_mean")
-    std = _per_channel(options.get("image_std", 0.5), "image_std")
-    if min(std) <= 0:
-        raise KnockoutError(f"image_std must be positive, got {std}")
-    return mean, std
+    return list(options.mean), list(options.std)
 
 
-def preprocess(images: Sequence, processor, options: dict, config) -> torch.Tensor:
+def preprocess(images: Sequence, processor, options: ImageOptions, config) -> torch.Tensor:
     """``[n, 3, H, W]`` float pixel values of PIL images or image paths."""
     pil = [_open(im) if isinstance(im, (str, Path)) else im.convert("RGB") for im in images]
     if processor is not None:
         return processor(images=pil, return_tensors="pt")["pixel_values"]
-    size = int(options.get("image_size") or getattr(config, "image_size", 224))
+    size = int(options.size or getattr(config, "image_size", 224))
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in normalisation(None, options))
     import numpy as np
     from PIL import Image
@@ -178,7 +198,7 @@ def preprocess(images: Sequence, processor, options: dict, config) -> torch.Tens
 
 
 def image_batches(
-    items: Sequence[tuple[object, int]], batch_size: int, processor, options: dict, config, seq: int
+    items: Sequence[tuple[object, int]], batch_size: int, processor, options: ImageOptions, config, seq: int
 ) -> list[Batch]:
     """Batches of ``{"pixel_values": [b, 3, H, W]}``, ``valid`` all True ``[b, seq]`` (``seq``: the pre-out
     sequence length, see :func:`knockout.hooks.preout_length`), targets = labels ``[b]``."""
@@ -198,7 +218,7 @@ def image_batches(
     return batches
 
 
-def probe_inputs(source: str, processor, options: dict, config) -> dict[str, torch.Tensor]:
+def probe_inputs(source: str, processor, options: ImageOptions, config) -> dict[str, torch.Tensor]:
     """Model inputs of one collection image, to measure the pre-out sequence length with."""
     probe = load_images(source, "collect", 1, getattr(config, "label2id", None))
     return {"pixel_values": preprocess([probe[0][0]], processor, options, config)}

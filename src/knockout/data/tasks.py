@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from knockout.data.batch import Batch
+from knockout.data.images import ImageOptions
 from knockout.data.text import causal_batches, load_texts, pad_id, tokenize_exact
 from knockout.errors import KnockoutError
 
@@ -44,8 +45,8 @@ class DataSpec:
     """Sequences (or images) per batch."""
     stats_skip_first: int = 0
     """Text: positions at the start of every collection sequence left out of the statistics."""
-    image_options: dict[str, Any] = field(default_factory=dict)
-    """Image models without an image processor: ``image_size``, ``image_mean``, ``image_std``."""
+    image: ImageOptions = field(default_factory=ImageOptions)
+    """Image models without an image processor: size and normalisation."""
     sort_by_length: bool = False
     """Text: regroup the batches' rows by length (less padding; the same scored targets), see
     :mod:`knockout.data.packing`."""
@@ -85,7 +86,7 @@ def stats_batches(spec: DataSpec, model: ModelInputs) -> list[Batch]:
         from knockout.data.images import image_stats_batches
 
         return image_stats_batches(
-            spec.source, spec.stats_tokens, spec.batch_size, model.processor, spec.image_options, model.config,
+            spec.source, spec.stats_tokens, spec.batch_size, model.processor, spec.image, model.config,
             _preout_len(model),
         )  # fmt: skip
     raise KnockoutError(f"task {model.task!r} is not supported")
@@ -108,7 +109,7 @@ def eval_batches(spec: DataSpec, model: ModelInputs, seed: int) -> list[Batch]:
         from knockout.data.images import image_eval_batches
 
         return image_eval_batches(
-            spec.source, spec.eval_tokens, spec.batch_size, model.processor, spec.image_options, model.config,
+            spec.source, spec.eval_tokens, spec.batch_size, model.processor, spec.image, model.config,
             _preout_len(model),
         )  # fmt: skip
     raise KnockoutError(f"task {model.task!r} is not supported")
@@ -120,7 +121,7 @@ def probe_inputs(spec: DataSpec, task: str, processor, config) -> dict | None:
         return None
     from knockout.data.images import probe_inputs as image_probe
 
-    return image_probe(spec.source, processor, spec.image_options, config)
+    return image_probe(spec.source, processor, spec.image, config)
 
 
 def _sorted(batches: list[Batch], spec: DataSpec, tokenizer) -> list[Batch]:

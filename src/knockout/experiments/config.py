@@ -1,21 +1,33 @@
 """Experiment configuration: one frozen dataclass, validated on creation, saved beside the results as JSON.
 
-Each field's ``metadata`` holds its help text and, for fields that are command-line flags, how the CLI parses them:
-the CLI builds its flags from these fields (names, defaults and help are not repeated there).
+Every field is a :func:`knockout.options.setting`: its ``metadata`` holds its help text and, for fields that are
+command-line flags, how the CLI parses them (the CLI builds its flags from these fields; names, defaults and help are
+not repeated there). The settings of one method or concern are a typed group (:class:`OptimalOptions`,
+:class:`ResampleOptions`, :class:`ImageOptions`): a nested object in a config file, ``--optimal-steps`` etc. on the
+command line. Everything is validated when the config is made, before a model is loaded.
+
+A config is read from and written to a file (:meth:`SweepConfig.from_file`, :meth:`SweepConfig.from_dict`,
+:meth:`SweepConfig.to_dict`): ``knockout sweep --config sweep.json`` (or ``.toml``, ``.yaml``), and ``config.json`` in a
+run folder is such a file (with a ``resolved`` section the run adds: model identity, versions, data identity).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-from dataclasses import dataclass, field
-from typing import Any
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
+from knockout.ablation.options import OptimalOptions, ResampleOptions
 from knockout.ablation.selection import HEAD_MODES, MODES, validate_fractions
-from knockout.data.images import IMAGE_OPTIONS
+from knockout.data.images import ImageOptions
 from knockout.data.tasks import DataSpec
 from knockout.errors import KnockoutError
 from knockout.loading import TASKS, parse_device_map
+from knockout.options import OptionGroup, default_of, setting
 from knockout.sites import SITE_KINDS
 from knockout.stats.running import DEFAULT_EPS, DEFAULT_LIMIT, check_hist_params
 
@@ -23,56 +35,55 @@ log = logging.getLogger(__name__)
 
 DEFAULT_FRACTIONS = tuple(round(0.1 * i, 10) for i in range(11))
 ALL_METHODS = "all"
-
-
-def _field(default: Any, help: str, group: str = "sweep", **cli: Any) -> Any:
-    """A config field; ``cli`` keys: ``kind`` (how the flag is parsed: int, float, str, floats, ints, names),
-    ``flag`` (when it differs from ``--field-name``), ``choices``."""
-    meta = {"help": help, "group": group, **cli}
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+#: Keys of a run folder's config.json that are not settings (what the run resolved and recorded).
+RECORD_KEYS = ("resolved",)
 
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """Everything that defines a sweep. Fields that change results are compared when a run is resumed."""
+    """Everything that defines a sweep. Settings that change results are compared when a run is resumed."""
 
-    model: str | None = _field(
+    model: str | None = setting(
         None,
         "hub name (facebook/opt-1.3b), local folder, .gguf file, or built-in name (smollm2-135m, gemma3-270m)",
         "model",
         kind="str",
     )
-    out: str = _field("runs/sweep", "run folder: config.json, results.jsonl/csv, stats and selection", kind="str")
-    data: str = _field(
+    out: str = setting(
+        "runs/sweep", "run folder: config.json, results.jsonl/csv, stats and selection", kind="str",
+        affects_results=False,
+    )  # fmt: skip
+    data: str = setting(
         "wiki",
         "wiki (built-in Wikipedia paragraphs), a .txt/.jsonl/.json file, an image folder, or a HF datasets name",
         "data",
         kind="str",
     )
-    methods: tuple[str, ...] = _field(
+    methods: tuple[str, ...] = setting(
         (ALL_METHODS,),
         "comma-separated ablation methods by registry name, or 'all' for every one that applies to the model",
         kind="names",
+        affects_results=False,
     )
-    fractions: tuple[float, ...] = _field(
-        DEFAULT_FRACTIONS, "fractions of neurons to ablate, nested per seed: 0,0.5,1 or 0:1:0.1", kind="floats"
-    )
-    method_fractions: dict = _field(
+    fractions: tuple[float, ...] = setting(
+        DEFAULT_FRACTIONS, "fractions of neurons to ablate, nested per seed: 0,0.5,1 or 0:1:0.1", kind="floats",
+        affects_results=False,
+    )  # fmt: skip
+    method_fractions: dict = setting(
         {},
         "run some methods at fewer fractions (each a subset of --fractions), e.g. 'optimal=0.5,0.9;resample-text=0.5' "
         "(quote it in a shell); the other methods run at every fraction",
         kind="method_fractions",
+        affects_results=False,
     )
-    seeds: tuple[int, ...] = _field(
-        (0, 1, 2), "seeds of the neuron selection (and of masks, random inputs)", kind="ints"
+    seeds: tuple[int, ...] = setting(
+        (0, 1, 2), "seeds of the neuron selection (and of masks, random inputs)", kind="ints", affects_results=False
     )
-    eval_tokens: int = _field(
+    eval_tokens: int = setting(
         4096, "exact number of scored evaluation targets (tokens; images for image models)", kind="int"
     )
-    stats_tokens: int = _field(16384, "non-padding positions of the statistics collection set", "data", kind="int")
-    stats_skip_first: int = _field(
+    stats_tokens: int = setting(16384, "non-padding positions of the statistics collection set", "data", kind="int")
+    stats_skip_first: int = setting(
         0,
         "text: leave the first N positions of each collection sequence out of the statistics. The pre-out at "
         "position 0 of a causal LM depends on the first token alone, so documents that start alike put point masses "
@@ -80,22 +91,30 @@ class SweepConfig:
         "data",
         kind="int",
     )
-    max_length: int = _field(128, "longest sequence, in tokens; longer documents are cut", "data", kind="int")
-    batch_size: int = _field(8, "sequences (or images) per forward pass", "data", kind="int")
-    eps: float = _field(DEFAULT_EPS, "histogram bin width for the peak", "data", kind="float")
-    hist_limit: float = _field(
-        DEFAULT_LIMIT, "histogram window [-limit, limit); values outside are left out of the peak", "data", kind="float"
+    max_length: int = setting(128, "longest sequence, in tokens; longer documents are cut", "data", kind="int")
+    batch_size: int = setting(8, "sequences (or images) per forward pass", "data", kind="int")
+    sort_by_length: bool = setting(
+        False,
+        "text: batch sequences of similar length together (less padding, the same scored targets; resampling "
+        "results change, as its random inputs are drawn per batch)",
+        "data",
+        kind="bool",
     )
-    selection: str = _field(
+    eps: float = setting(DEFAULT_EPS, "histogram bin width for the peak", "data", kind="float")
+    hist_limit: float = setting(
+        DEFAULT_LIMIT, "histogram window [-limit, limit); values outside are left out of the peak", "data",
+        kind="float",
+    )  # fmt: skip
+    selection: str = setting(
         "per-layer",
         "per-layer (the paper's) or global neurons, or whole attention heads: heads-per-layer or heads-global",
         kind="str",
         choices=MODES,
     )
-    task: str = _field("auto", "auto (from the model's config), causal, masked or image", "model", kind="str",
-                       choices=("auto", *TASKS))  # fmt: skip
-    gguf_file: str | None = _field(None, "GGUF file name inside the model folder", "model", kind="str")
-    site: str = _field(
+    task: str = setting("auto", "auto (from the model's config), causal, masked or image", "model", kind="str",
+                        choices=("auto", *TASKS))  # fmt: skip
+    gguf_file: str | None = setting(None, "GGUF file name inside the model folder", "model", kind="str")
+    site: str = setting(
         "attention",
         "which neurons: attention (the pre-out, input of the attention output projection) or mlp (input of the "
         "MLP output projection: down_proj, fc2, mlp.c_proj, dense_4h_to_h, output.dense)",
@@ -103,38 +122,52 @@ class SweepConfig:
         kind="str",
         choices=SITE_KINDS,
     )
-    site_module: str | None = _field(
+    site_module: str | None = setting(
         None,
         "out-projection path with {i} for the layer, for unknown architectures, "
         "e.g. 'model.layers.{i}.self_attn.o_proj'",
         "model",
         kind="str",
     )
-    n_heads: int | None = _field(None, "override the number of attention heads read from the config", "model",
-                                 kind="int")  # fmt: skip
-    stats_path: str | None = _field(
+    n_heads: int | None = setting(None, "override the number of attention heads read from the config", "model",
+                                  kind="int")  # fmt: skip
+    stats_path: str | None = setting(
         None, "reuse statistics from this file (of the same model) instead of collecting them", kind="str",
-        flag="--stats",
+        flag="--stats", affects_results=False,
     )  # fmt: skip
-    device: str = _field("auto", "auto, cpu, cuda, cuda:N", "model", kind="str")
-    device_map: str | None = _field(
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N", "model", kind="str", affects_results=False)
+    device_map: str | None = setting(
         None,
         "place a model larger than one device with accelerate: auto, balanced, sequential, or a JSON object of "
         'module -> device (\'{"model.layers.1": "disk", ...}\'); layers may sit on several devices, the CPU or '
         "disk. Default: the whole model on --device",
         "model",
         kind="str",
+        affects_results=False,
     )
-    dtype: str = _field("auto", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16", "model",
-                        kind="str")  # fmt: skip
-    options: dict = _field({}, "method- and task-specific options (resampling, image preprocessing)")
+    dtype: str = setting("auto", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16", "model",
+                         kind="str")  # fmt: skip
+    preset: str | None = setting(None, "the preset this config came from (recorded, not compared)",
+                                 affects_results=False)  # fmt: skip
+    optimal: OptimalOptions = setting(OptimalOptions(), "settings of the optimal method")
+    resample: ResampleOptions = setting(ResampleOptions(), "settings of the resampling methods")
+    image: ImageOptions = setting(ImageOptions(), "image preprocessing for models without an image processor")
+
+    #: The option groups, by field name.
+    GROUPS: ClassVar[dict[str, type[OptionGroup]]] = {
+        "optimal": OptimalOptions,
+        "resample": ResampleOptions,
+        "image": ImageOptions,
+    }
 
     def __post_init__(self):
+        for name, group in self.GROUPS.items():
+            object.__setattr__(self, name, group.from_dict(getattr(self, name)))
         if not self.model:
             raise KnockoutError("give a model (--model), or --preset NAME for one of the paper's settings")
         object.__setattr__(self, "fractions", validate_fractions(tuple(self.fractions)))
         object.__setattr__(self, "methods", tuple(self.methods))
-        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        object.__setattr__(self, "seeds", tuple(_integer(s, "seeds") for s in self.seeds))
         if not self.methods:
             raise KnockoutError("give at least one ablation method")
         if len(set(self.methods)) != len(self.methods):
@@ -147,6 +180,8 @@ class SweepConfig:
         bad = [s for s in self.seeds if not 0 <= s < 2**63]
         if bad:
             raise KnockoutError(f"seeds must be integers from 0 to 2**63 - 1 (torch's generator range), got {bad[0]}")
+        if not isinstance(self.sort_by_length, bool):
+            raise KnockoutError(f"sort_by_length must be true or false, got {self.sort_by_length!r}")
         self.data_spec()  # validates the data fields
         check_hist_params(self.eps, self.hist_limit)
         parse_device_map(self.device_map)
@@ -166,25 +201,12 @@ class SweepConfig:
             if m != ALL_METHODS:
                 get_method(m)
 
-    # Fields a resumed run may change without invalidating stored rows: which rows exist, and where it runs.
-    # batch_size is not among them: resampling draws one random input per evaluation batch.
-    RESUMABLE_FIELDS = (
-        "methods",
-        "fractions",
-        "method_fractions",
-        "seeds",
-        "out",
-        "device",
-        "device_map",
-        "stats_path",
-    )
-    # Options that change only speed, not results.
-    SPEED_OPTIONS = ("resample_cache",)
-
     def _checked_method_fractions(self) -> dict[str, list[float]]:
         """``method_fractions`` with each list validated, sorted, and checked to be a subset of ``fractions``."""
+        if not isinstance(self.method_fractions, dict):
+            raise KnockoutError(f"method_fractions must map methods to fractions, got {self.method_fractions!r}")
         checked = {}
-        for name, fractions in dict(self.method_fractions).items():
+        for name, fractions in self.method_fractions.items():
             if ALL_METHODS not in self.methods and name not in self.methods:
                 raise KnockoutError(
                     f"method_fractions names {name!r}, which is not among the methods {', '.join(self.methods)}"
@@ -204,67 +226,135 @@ class SweepConfig:
         """The fractions at which ``method`` runs: its ``method_fractions`` entry, else every fraction."""
         return tuple(self.method_fractions.get(method, self.fractions))
 
-    @classmethod
-    def defaults(cls) -> dict:
-        """Every field's default value (what a field that a run folder's config lacks meant when it was written)."""
-        return {name: default(name) for name in cls.__dataclass_fields__}
-
+    # -- reading and writing -------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """Every setting, option groups as nested dicts (what config.json holds, less ``resolved``)."""
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict, **overrides) -> SweepConfig:
+        """The config of ``values`` (a config file's or config.json's contents; its ``resolved`` record is ignored)
+        with ``overrides`` on top (an option group's overrides replace only the settings they name)."""
+        if not isinstance(values, dict):
+            raise KnockoutError(f"a config must be an object of settings, got {type(values).__name__}")
+        merged = merge_settings({k: v for k, v in values.items() if k not in RECORD_KEYS}, overrides)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise KnockoutError(f"unknown setting(s) {', '.join(unknown)}; see `knockout sweep --help`")
+        return cls(**merged)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> SweepConfig:
+        """The config in ``path``: JSON (e.g. a run folder's config.json), TOML or YAML, by its suffix."""
+        return cls.from_dict(read_settings_file(path), **overrides)
+
     def result_fields(self) -> dict:
-        """The fields whose change makes stored results incomparable."""
-        fields = {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_FIELDS}
-        fields["options"] = {k: v for k, v in self.options.items() if k not in self.SPEED_OPTIONS}
-        return fields
+        """The settings whose change makes stored results incomparable (JSON types: what config.json holds)."""
+        return json.loads(json.dumps(result_settings(self.to_dict())))
 
     def data_spec(self) -> DataSpec:
         """The description of the data this sweep's batches are built from."""
-        return data_spec(self.__dict__)
+        return DataSpec(
+            source=self.data,
+            eval_tokens=self.eval_tokens,
+            stats_tokens=self.stats_tokens,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            stats_skip_first=self.stats_skip_first,
+            image=self.image,
+            sort_by_length=self.sort_by_length,
+        )
 
     def for_task(self, task: str) -> SweepConfig:
         """This config for a loaded model of ``task``: ``task`` filled in and ``methods='all'`` expanded."""
         if self.task not in ("auto", task):
             raise KnockoutError(f"config task {self.task!r} does not match the loaded model's task {task!r}")
-        return dataclasses.replace(self, task=task, methods=resolve_methods(self.methods, task, self.options))
+        return dataclasses.replace(self, task=task, methods=resolve_methods(self.methods, task, self.resample))
 
 
-def image_options(options: dict) -> dict:
-    """The image-preprocessing entries of ``options`` (used for models without an image processor)."""
-    return {k: v for k, v in options.items() if k in IMAGE_OPTIONS}
-
-
-def data_spec(values: dict[str, Any]) -> DataSpec:
-    """A :class:`DataSpec` from :class:`SweepConfig` field values (``knockout stats`` gives only some: the others
-    take the config's defaults)."""
-    value = lambda name: values[name] if values.get(name) is not None else default(name)  # noqa: E731
-    return DataSpec(
-        source=value("data"),
-        eval_tokens=value("eval_tokens"),
-        stats_tokens=value("stats_tokens"),
-        max_length=value("max_length"),
-        batch_size=value("batch_size"),
-        stats_skip_first=value("stats_skip_first"),
-        image_options=image_options(value("options")),
-        sort_by_length=bool(value("options").get("sort_by_length", False)),
-    )
+def _integer(value: Any, name: str) -> int:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and int(value) == value):
+        raise KnockoutError(f"{name} must be integers, got {value!r}")
+    return int(value)
 
 
 def default(name: str) -> Any:
-    """The default value of :class:`SweepConfig` field ``name``."""
-    f = SweepConfig.__dataclass_fields__[name]
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+    """The default value of :class:`SweepConfig` setting ``name``."""
+    return default_of(SweepConfig, name)
 
 
-def resolve_methods(methods: tuple[str, ...], task: str, options: dict | None = None) -> tuple[str, ...]:
-    """``methods`` with ``'all'`` expanded into every registered method that applies to ``task`` with ``options``
-    (registration order); a method that applies only with more options (e.g. ``resample-text`` on a masked LM
-    without ``resample_model``) is left out with a warning."""
+def merge_settings(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` on top; an option group (a dict, or an :class:`OptionGroup`) is merged setting
+    by setting, so ``{"optimal": {"steps": 5}}`` keeps the base's other optimal settings."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if key in SweepConfig.GROUPS and key in out:
+            old = out[key].to_dict() if isinstance(out[key], OptionGroup) else out[key]
+            new = value.to_dict() if isinstance(value, OptionGroup) else value
+            if isinstance(old, dict) and isinstance(new, dict):
+                value = {**old, **new}
+        out[key] = value
+    return out
+
+
+def result_settings(values: dict) -> dict:
+    """The entries of a config dict (:meth:`SweepConfig.to_dict`, or a stored config.json) whose settings change
+    results: every setting with ``affects_results``, and within option groups the same."""
+    out = {}
+    for f in dataclasses.fields(SweepConfig):
+        if not f.metadata.get("affects_results", True) or f.name not in values:
+            continue
+        value = values[f.name]
+        group = SweepConfig.GROUPS.get(f.name)
+        if group is not None and isinstance(value, dict):
+            keep = {g.name for g in dataclasses.fields(group) if g.metadata.get("affects_results", True)}
+            value = {k: v for k, v in value.items() if k in keep}
+        out[f.name] = value
+    return out
+
+
+def read_settings_file(path: str | Path) -> dict:
+    """The settings in a ``.json``, ``.toml`` or ``.yaml``/``.yml`` file, as a dict (not yet validated)."""
+    path = Path(path)
+    if not path.is_file():
+        raise KnockoutError(f"config file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".json":
+            values = json.loads(text)
+        elif suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                raise KnockoutError("TOML config files need Python 3.11 or later; use JSON") from None
+            values = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            raise KnockoutError(f"config file {str(path)!r} should end in .json, .toml, .yaml or .yml")
+    except KnockoutError:
+        raise
+    except Exception as e:  # the parsers raise their own error types
+        raise KnockoutError(f"config file {str(path)!r} cannot be read: {e}") from e
+    if not isinstance(values, dict):
+        raise KnockoutError(f"config file {str(path)!r} must hold an object of settings")
+    return values
+
+
+def resolve_methods(methods: tuple[str, ...], task: str, resample: ResampleOptions | None = None) -> tuple[str, ...]:
+    """``methods`` with ``'all'`` expanded into every registered method that applies to ``task`` with the
+    ``resample`` settings (registration order); a method that applies only with more settings (e.g.
+    ``resample-text`` on a masked LM without ``--resample-model``) is left out with a warning."""
     if tuple(methods) != (ALL_METHODS,):
         return tuple(methods)
     from knockout.ablation.methods import METHODS, methods_for
 
-    chosen = methods_for(task, options)
+    chosen = methods_for(task, resample)
     skipped = [m for m, cls in METHODS.items() if m not in chosen and cls.in_all and task in cls.tasks]
     if skipped:
         log.warning(

@@ -7,8 +7,7 @@ Read from the run folder's per-document sums (``paired/``, see :mod:`knockout.ru
 - when ``optimal`` is in the run, each other method's excess CE over ``optimal`` (``CE(method) - CE(optimal)``, with
   its interval): how far that method is from the best constant found for the same neuron sets.
 
-Rows evaluated before per-document sums were stored have none; they are left out of the comparison and the answer
-says so.
+Rows without per-document sums are left out of the comparison and the answer says so.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from pathlib import Path
 from knockout.errors import KnockoutError
 from knockout.reporting import html as H
 from knockout.reporting.paired import BestMethod, DocSums, PairedDifference, best_method, paired_difference
-from knockout.runfolder import read_doc_sums, read_rows, row_key
+from knockout.runfolder import fraction_key, read_doc_sums, read_rows, row_key
 
 OPTIMAL = "optimal"
 LEVEL = 0.95
@@ -71,8 +70,8 @@ def run_answer(run_dir: str | Path, fractions: tuple[float, ...], n_boot: int = 
 
 def fraction_answer(rows: list[dict], sums: dict, fraction: float, n_boot: int = N_BOOT) -> FractionAnswer:
     """Compare the methods of ``rows`` at ``fraction`` on the per-document ``sums`` (``read_doc_sums``)."""
-    key_f = row_key("x", fraction, 0)[1]
-    at = [r for r in rows if r["method"] != "baseline" and row_key(r["method"], r["fraction"], 0)[1] == key_f]
+    key_f = fraction_key(fraction)
+    at = [r for r in rows if r["method"] != "baseline" and fraction_key(r["fraction"]) == key_f]
     methods = list(dict.fromkeys(r["method"] for r in at))
     seeds = sorted({int(r["seed"]) for r in at})
     fa = FractionAnswer(fraction, [], [])
@@ -82,8 +81,8 @@ def fraction_answer(rows: list[dict], sums: dict, fraction: float, n_boot: int =
     without = [m for m in methods if not any(row_key(m, fraction, s) in sums for s in seeds)]
     if without:
         fa.notes.append(
-            f"Rows of {', '.join(without)} at {fraction:g} have no per-document sums (evaluated before they were "
-            "stored); left out of the paired comparison."
+            f"Rows of {', '.join(without)} at {fraction:g} have no per-document sums; left out of the paired "
+            "comparison."
         )
     methods = [m for m in methods if m not in without]
     common = [s for s in seeds if all(row_key(m, fraction, s) in sums for m in methods)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from knockout.ablation.centres import EpsChoice, parse_eps
 from knockout.ablation.methods import PARAM_SEP
 from knockout.errors import KnockoutError
+from knockout.runfolder import fraction_key
 
 PEAK = "peak"
 _KIND_ORDER = {"abs": 0, "std": 1, "iqr": 2, "fd": 3}
@@ -40,7 +41,7 @@ def eps_rows(
     variants = peak_variants(methods, stored_eps)
     if len(variants) < 2 or not any(m != PEAK for m, _ in variants):
         return []
-    by_key = {(e["method"], round(e["fraction"], 10)): e for e in summary}
+    by_key = {(e["method"], fraction_key(e["fraction"])): e for e in summary}
     rows = []
     for method, choice in variants:
         label = choice.label
@@ -48,7 +49,7 @@ def eps_rows(
             label += " (stored)"
         rec = {"method": method, "bin width": label}
         for f in fractions:
-            e = by_key.get((method, round(float(f), 10)))
+            e = by_key.get((method, fraction_key(f)))
             rec[_ce(f)] = f"{e['ce_mean']:.4f} ± {e['ce_std']:.4f}" if e else "–"
             rec[_top1(f)] = f"{100 * e['top1_mean']:.2f} ± {100 * e['top1_std']:.2f}" if e else "–"
         rows.append(rec)

@@ -34,7 +34,7 @@ from knockout.reporting.neurons import StatsFile, default_layers, point_mass_cou
 from knockout.reporting.run import RunData
 from knockout.reporting.summary import METRICS
 from knockout.reporting.table import MARK_NOTES, build_table, paper_model
-from knockout.runfolder import REPORT_DIR, ROW_FIELDS, write_atomic
+from knockout.runfolder import REPORT_DIR, ROW_FIELDS, fraction_key, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,8 @@ def write_report(
     pm = paper_model(run.model)
     n_seeds = {label: len(run.config["seeds"])} if run.config.get("seeds") else None
     table = build_table([(label, run.summary)], fractions, methods, n_seeds, {label: pm} if pm else None)
-    have = {round(e["fraction"], 10) for e in run.summary if e["method"] != "baseline"}
-    absent = [f for f in fractions if round(float(f), 10) not in have]
+    have = {fraction_key(e["fraction"]) for e in run.summary if e["method"] != "baseline"}
+    absent = [f for f in fractions if fraction_key(f) not in have]
     if absent:
         notes.append(f"Fractions {', '.join(f'{f:g}' for f in absent)} are not in this run's results.")
     write_atomic(out / "table2.md", table.to_markdown())

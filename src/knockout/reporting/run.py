@@ -87,10 +87,6 @@ class RunData:
         expected = self.expected_keys()
         return None if expected is None else len(expected)
 
-    @property
-    def is_partial(self) -> bool:
-        return bool(self.missing())
-
     def partial_note(self) -> str | None:
         """A sentence for the report when the run is partial (or when its completeness cannot be checked)."""
         if self.n_expected is None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+from knockout.runfolder import fraction_key
+
 METRICS = ("top1", "ce", "delta_top1", "delta_ce")
 
 
@@ -23,7 +25,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     """
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for row in rows:
-        groups[(row["method"], round(row["fraction"], 10))].append(row)
+        groups[(row["method"], fraction_key(row["fraction"]))].append(row)
     order = {m: i for i, m in enumerate(dict.fromkeys(["baseline"] + [r["method"] for r in rows]))}
     out = []
     for (method, fraction), group in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from knockout.errors import KnockoutError
+from knockout.runfolder import fraction_key
 
 METRIC_LABELS = {"top1": "Top-1 (%)", "ce": "CE (nats)"}
 HIGHER_IS_BETTER = {"top1": True, "ce": False}
@@ -186,7 +187,7 @@ class Table:
 
 # -- building -------------------------------------------------------------------------------------------------
 def _index(summary: list[dict]) -> dict[tuple[str, float], dict]:
-    return {(e["method"], round(e["fraction"], 10)): e for e in summary}
+    return {(e["method"], fraction_key(e["fraction"])): e for e in summary}
 
 
 _SLACK = 1e-9
@@ -250,7 +251,7 @@ def build_table(
     """
     if rule not in MARK_RULES:
         raise KnockoutError(f"unknown marking rule {rule!r}; choose one of {', '.join(MARK_RULES)}")
-    fractions = tuple(round(float(f), 10) for f in fractions)
+    fractions = tuple(fraction_key(f) for f in fractions)
     indexes = {label: _index(summary) for label, summary in runs}
     if methods is None:
         methods = list(dict.fromkeys(e["method"] for _, s in runs for e in s if e["method"] != "baseline"))

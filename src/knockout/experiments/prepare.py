@@ -1,0 +1,190 @@
+"""How every run starts: the checks that need no model, the model, its sites and the inputs its batches need.
+
+A sweep (:func:`knockout.experiments.runner.run_sweep`) and a statistics-only run
+(:func:`knockout.experiments.runner.run_stats`) both start with :func:`prepare`, inside the launcher's process group:
+
+1. :func:`check` everything that can be checked without the model (the output folder or file, the data, an
+   existing run folder's files, settings and data), so bad input costs nothing; under ``torchrun`` rank 0 checks
+   first (it alone may move an old run folder aside, ``--restart``), then the others see what it left;
+2. load the model (:func:`load`), fill in its task, refuse a ``--max-length`` beyond its positions;
+3. find its sites and measure what the batch builders need (:class:`~knockout.data.tasks.ModelInputs`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from knockout import distributed, runfolder
+from knockout.data.tasks import DataSpec, ModelInputs, probe_inputs
+from knockout.distributed import World
+from knockout.errors import KnockoutError
+from knockout.experiments.config import SweepConfig, result_settings
+from knockout.hooks import preout_length
+from knockout.loading import LoadedModel, load_model, model_identity
+from knockout.sites import Site, find_sites, text_config
+from knockout.version import __version__
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """A run ready to go: its config (for the loaded model's task), the model, its sites, the data and identities."""
+
+    cfg: SweepConfig
+    loaded: LoadedModel
+    sites: list[Site]
+    spec: DataSpec
+    inputs: ModelInputs
+    identity: dict
+    """The model's identity (:func:`knockout.loading.model_identity`), saved with statistics and run folders."""
+    data_id: dict
+    """What the data was (:func:`knockout.data.text.data_identity`)."""
+    world: World
+
+
+def environment() -> dict:
+    """The versions a run records."""
+    import transformers
+
+    return {
+        "knockout": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def check(cfg: SweepConfig, restart: bool = False, stats_file: str | Path | None = None) -> dict:
+    """Everything checkable without the model; returns the data's identity.
+
+    A sweep: ``--out`` is a writable folder, the data exists, and an existing run folder is intact and holds a run
+    of the same settings and data (``restart``: move it aside first). A statistics-only run (``stats_file``): that
+    file can be written, and the data exists."""
+    from knockout.data.text import check_source, data_identity
+
+    if stats_file is not None:
+        path = Path(stats_file)
+        if path.suffix != ".safetensors":
+            raise KnockoutError(f"--out {str(path)!r} should end in .safetensors")
+        if path.is_dir():
+            raise KnockoutError(f"--out {str(path)!r} is a folder; give a .safetensors file name")
+        runfolder.check_out(path.parent)
+    else:
+        runfolder.check_out(cfg.out)
+    data_id = data_identity(cfg.data)
+    check_source(cfg.data)
+    if stats_file is not None:
+        return data_id
+    out = Path(cfg.out)
+    if restart and (moved := runfolder.move_aside(out)) is not None:
+        log.warning("--restart: moved the old run folder to %s", moved)
+    runfolder.check_integrity(out)
+    check_settings(out, cfg, task_known=cfg.task != "auto")
+    runfolder.check_data(out, data_id)
+    return data_id
+
+
+def check_settings(out: Path, cfg: SweepConfig, task_known: bool = True) -> None:
+    """Raise if the run folder ``out`` holds a run whose results-defining settings differ from ``cfg``'s
+    (``task_known=False``: the task is not compared, as it is not known before the model is loaded)."""
+    old = runfolder.read_config(out)
+    if old is None:
+        return
+    new = cfg.result_fields()
+    stored = result_settings(old)
+    if not task_known:
+        new.pop("task")
+    runfolder.check_same_settings(out, stored, new)
+
+
+def load(cfg: SweepConfig) -> LoadedModel:
+    """The model of ``cfg`` (a preset's load error names the preset: its model comes from the Hub)."""
+    try:
+        return load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device, cfg.device_map)
+    except KnockoutError as e:
+        if cfg.preset is None or cfg.preset == "demo":
+            raise
+        detail = " ".join(str(e).split())  # one line
+        raise KnockoutError(
+            f"preset {cfg.preset!r} needs the model {cfg.model!r} from the Hugging Face Hub or its local cache "
+            f"(and streams {cfg.data!r}): {detail}"
+        ) from e
+
+
+def check_max_length(max_length: int, model: torch.nn.Module, task: str) -> None:
+    """Refuse a ``max_length`` beyond a text model's position embeddings (it would fail mid-run)."""
+    if task == "image":
+        return
+    config = text_config(model.config)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= 2  # their positions start after the padding index
+    if limit and max_length > limit:
+        raise KnockoutError(f"--max-length {max_length} exceeds the model's {limit} positions; use at most {limit}")
+
+
+def model_inputs(loaded: LoadedModel, sites: list[Site], spec: DataSpec) -> ModelInputs:
+    """What the batch builders need to know about ``loaded`` (for image models, the pre-out length is measured on
+    one collection image)."""
+    config = loaded.model.config
+    probe = probe_inputs(spec, loaded.task, loaded.processor, config)
+    seq = None if probe is None else preout_length(loaded.model, sites, probe)
+    return ModelInputs(loaded.task, loaded.processor, config, seq)
+
+
+def stats_meta(spec: DataSpec, identity: dict) -> dict[str, str]:
+    """The metadata saved with statistics: the model's identity and how the collection set was made."""
+    return {
+        "model": json.dumps(identity),
+        "data": spec.source,
+        "stats_tokens": str(spec.stats_tokens),
+        "max_length": str(spec.max_length),
+        "stats_skip_first": str(spec.stats_skip_first),
+    }
+
+
+def prepare(
+    cfg: SweepConfig,
+    world: World,
+    restart: bool = False,
+    loaded: LoadedModel | None = None,
+    stats_file: str | Path | None = None,
+) -> Prepared:
+    """Check, load and measure (see the module docstring). Call it inside the process group (``world``); every
+    rank must. ``loaded``: a model already loaded for ``cfg`` (it is not loaded again). ``stats_file``: a
+    statistics-only run writing that file (no run folder is checked)."""
+    if world.is_main:  # rank 0 alone may move an old run folder aside (--restart); the others check what it left
+        data_id = check(cfg, restart, stats_file)
+    distributed.barrier()
+    if not world.is_main:
+        data_id = check(cfg, stats_file=stats_file)
+    loaded = loaded or load(cfg)
+    cfg = cfg.for_task(loaded.task)
+    if stats_file is None:
+        check_settings(Path(cfg.out), cfg)
+    check_max_length(cfg.max_length, loaded.model, loaded.task)
+    sites = find_sites(loaded.model, cfg.site_module, cfg.n_heads, cfg.site)
+    identity = model_identity(cfg.model, loaded.model, sites)
+    spec = cfg.data_spec()
+    inputs = model_inputs(loaded, sites, spec)
+    return Prepared(cfg, loaded, sites, spec, inputs, identity, data_id, world)
+
+
+def find_all_sites(cfg: SweepConfig, kinds: tuple[str, ...] | None = None) -> tuple[LoadedModel, dict]:
+    """The model of ``cfg`` and its sites by kind (``knockout sites``): ``cfg.site`` (with ``cfg.site_module`` and
+    ``cfg.n_heads``) and, when ``kinds`` is ``None``, the MLP site too; a kind the model lacks maps to the reason."""
+    loaded = load(cfg)
+    found: dict[str, list[Site] | str] = {cfg.site: find_sites(loaded.model, cfg.site_module, cfg.n_heads, cfg.site)}
+    if kinds is None and cfg.site != "mlp":
+        try:
+            found["mlp"] = find_sites(loaded.model, kind="mlp")
+        except KnockoutError as e:
+            found["mlp"] = str(e)
+    return loaded, found
