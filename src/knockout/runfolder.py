@@ -10,7 +10,8 @@ Layout::
     selection.safetensors   per seed, the random neuron orders the nested selections come from
     artifacts/              what methods learned (e.g. learned constants), reused on resume
     paired/seed{s}.safetensors  per row of seed s, per-document sums for paired comparisons ("{method}@{fraction}.n",
-                            ".ce_sum", ".correct"; see knockout.reporting.paired)
+                            ".ce_sum", ".correct"; "{method}@{fraction}#{target}..." for a row of a named target;
+                            see knockout.reporting.paired)
     report/                 the report (knockout.reporting)
 
 Every file is written through :func:`write_atomic` (a temporary file renamed into place), so a crash never leaves
@@ -47,6 +48,7 @@ SELECTION_FILE = "selection.safetensors"
 ARTIFACTS_DIR = "artifacts"
 PAIRED_DIR = "paired"
 DOC_FIELDS = ("n", "ce_sum", "correct")
+TARGET_SEP = "#"
 REPORT_DIR = "report"
 
 
@@ -212,14 +214,16 @@ def _paired_path(run_dir: str | os.PathLike, seed: int) -> Path:
     return Path(run_dir) / PAIRED_DIR / f"seed{int(seed)}.safetensors"
 
 
-def save_doc_sums(run_dir: str | os.PathLike, method: str, fraction: float, seed: int, sums: dict) -> None:
+def save_doc_sums(
+    run_dir: str | os.PathLike, method: str, fraction: float, seed: int, sums: dict, target: str = ""
+) -> None:
     """Add one row's per-document sums (``{"n", "ce_sum", "correct"}``: ``[n_docs]`` arrays, as
     :meth:`knockout.evaluation.Metrics.doc_sums` gives them) to ``paired/seed{seed}.safetensors``."""
     from safetensors.torch import load_file, save
 
     path = _paired_path(run_dir, seed)
     tensors = load_file(str(path)) if path.is_file() else {}
-    key = f"{method}@{fraction_key(fraction)!r}"
+    key = f"{method}@{fraction_key(fraction)!r}" + (f"{TARGET_SEP}{target}" if target else "")
     for name in DOC_FIELDS:
         tensors[f"{key}.{name}"] = torch.as_tensor(sums[name]).contiguous()
     note = "per-document sums of each (method, fraction) row of this seed, for paired comparisons"
@@ -242,8 +246,9 @@ def read_doc_sums(run_dir: str | os.PathLike) -> dict[tuple[str, float, int], di
             raise KnockoutError(f"{str(path)!r} is damaged ({e}); delete it to rebuild the report without it") from e
         for name, t in tensors.items():
             key, field = name.rsplit(".", 1)
+            key, _, target = key.partition(TARGET_SEP)
             method, fraction = key.rsplit("@", 1)
-            out.setdefault(row_key(method, float(fraction), seed), {})[field] = t.numpy()
+            out.setdefault(row_key(method, float(fraction), seed, target), {})[field] = t.numpy()
     return {k: v for k, v in out.items() if all(f in v for f in DOC_FIELDS)}
 
 
@@ -267,6 +272,9 @@ class ResultRow:
     n_eval: int
     """Scored targets."""
     seconds: float
+    target: str = ""
+    """What was ablated when it is not a random fraction of the neurons: the name of a component set (``--ablate``)
+    or of one unit of a scan (``L9.H6``); empty for the random nested sets of a sweep."""
 
     @classmethod
     def measured(
@@ -281,6 +289,7 @@ class ResultRow:
         n_neurons: int,
         seconds: float,
         baseline: ResultRow | None = None,
+        target: str = "",
     ) -> ResultRow:
         """A row with its changes from ``baseline`` (``None``: this row is the baseline, changes 0)."""
         return cls(
@@ -295,11 +304,12 @@ class ResultRow:
             n_neurons=n_neurons,
             n_eval=n_eval,
             seconds=round(seconds, 4),
+            target=target,
         )
 
     @property
-    def key(self) -> tuple[str, float, int]:
-        return row_key(self.method, self.fraction, self.seed)
+    def key(self) -> tuple[str, float, int, str]:
+        return row_key(self.method, self.fraction, self.seed, self.target)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -320,9 +330,9 @@ def fraction_key(fraction: float) -> float:
     return round(float(fraction), 10)
 
 
-def row_key(method: str, fraction: float, seed: int) -> tuple[str, float, int]:
-    """The key of a row: ``(method, fraction_key(fraction), seed)``."""
-    return (method, fraction_key(fraction), int(seed))
+def row_key(method: str, fraction: float, seed: int, target: str = "") -> tuple[str, float, int, str]:
+    """The key of a row: ``(method, fraction_key(fraction), seed, target)``."""
+    return (method, fraction_key(fraction), int(seed), target)
 
 
 def read_rows(run_dir: str | os.PathLike) -> list[dict]:
@@ -369,7 +379,8 @@ class ResultStore:
         self.rows: dict[tuple, ResultRow] = {}
         if (self.dir / RESULTS_FILE).is_file():
             for row in read_rows(self.dir):
-                self.rows[row_key(row["method"], row["fraction"], row["seed"])] = ResultRow.from_dict(row)
+                parsed = ResultRow.from_dict(row)
+                self.rows[parsed.key] = parsed
             csv_path = self.dir / RESULTS_CSV
             stale = not csv_path.is_file() or csv_path.read_text(encoding="utf-8") != _csv_text(self.rows.values())
             if stale and not read_only:
@@ -378,8 +389,8 @@ class ResultStore:
     def __contains__(self, key: tuple) -> bool:
         return row_key(*key) in self.rows
 
-    def get(self, method: str, fraction: float, seed: int) -> ResultRow | None:
-        return self.rows.get(row_key(method, fraction, seed))
+    def get(self, method: str, fraction: float, seed: int, target: str = "") -> ResultRow | None:
+        return self.rows.get(row_key(method, fraction, seed, target))
 
     def add(self, row: ResultRow) -> None:
         """Store ``row``; a NaN or infinite metric is an error, never a stored row (it is not valid JSON either)."""

@@ -56,10 +56,15 @@ def test_doc_sums_round_trip_through_the_run_folder(tmp_path):
     save_doc_sums(tmp_path, "mean", 0.5, 1, a)
     save_doc_sums(tmp_path, "resample-chars", 0.9, 1, a)
     save_doc_sums(tmp_path, "baseline", 0.0, 0, a)
+    b = {k: v + 1 for k, v in a.items()}
+    save_doc_sums(tmp_path, "peak@0.05", 0.5, 1, b, target="L1.H3")  # a named target's row, '@' in the method
     got = read_doc_sums(tmp_path)
-    assert set(got) == {("mean", 0.5, 1), ("resample-chars", 0.9, 1), ("baseline", 0.0, 0)}
+    assert set(got) == {
+        ("mean", 0.5, 1, ""), ("resample-chars", 0.9, 1, ""), ("baseline", 0.0, 0, ""), ("peak@0.05", 0.5, 1, "L1.H3")
+    }  # fmt: skip
     for field in ("n", "ce_sum", "correct"):
-        assert np.array_equal(got[("mean", 0.5, 1)][field], a[field])
+        assert np.array_equal(got[("mean", 0.5, 1, "")][field], a[field])
+        assert np.array_equal(got[("peak@0.05", 0.5, 1, "L1.H3")][field], b[field])
 
 
 def test_batch_doc_sums_rebuild_the_doc_sums_in_any_order_given():

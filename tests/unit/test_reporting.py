@@ -251,7 +251,7 @@ def test_partial_run_says_so(tmp_path):
     part = make_run(tmp_path / "part", drop=drop, stats=False)
     data = RunData.load(part)
     assert data.n_expected == 3 * (1 + 3 * 4) and len(data.rows) == data.n_expected - 3
-    assert data.missing() == sorted([("peak", 0.9, 2), ("peak", 1.0, 2), ("zero", 1.0, 1)])
+    assert data.missing() == sorted([("peak", 0.9, 2, ""), ("peak", 1.0, 2, ""), ("zero", 1.0, 1, "")])
     html = write_report(part).read_text()
     assert "PARTIAL RUN: 36 of 39 expected rows" in html and "peak at 0.9 (seed 2)" in html
     assert "11.00 ± 1.41 (n=2)" in html  # peak at 90% over seeds 0, 1 only

@@ -79,7 +79,7 @@ class RunData:
         expected = self.expected_keys()
         if expected is None:
             return []
-        have = {row_key(r["method"], r["fraction"], r["seed"]) for r in self.rows}
+        have = {row_key(r["method"], r["fraction"], r["seed"], r["target"]) for r in self.rows}
         return sorted(expected - have)
 
     @property
@@ -94,7 +94,7 @@ class RunData:
         missing = self.missing()
         if not missing:
             return None
-        shown = ", ".join(f"{m} at {f:g} (seed {s})" for m, f, s in missing[:8])
+        shown = ", ".join(f"{m} at {f:g} (seed {s})" for m, f, s, _ in missing[:8])
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         return (
             f"PARTIAL RUN: {len(self.rows)} of {self.n_expected} expected rows are present "
