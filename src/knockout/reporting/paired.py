@@ -60,6 +60,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from statistics import NormalDist
 
 import numpy as np
@@ -217,6 +218,105 @@ def _bootstrap_ratios(x: np.ndarray, n: np.ndarray, n_boot: int, rng: np.random.
     return ratios
 
 
+@dataclass(frozen=True)
+class PairedComponents:
+    """The variance components of one paired comparison (see the module docstring), from which its interval at any
+    level follows without another bootstrap (:meth:`difference`)."""
+
+    metric: str
+    per_seed: np.ndarray
+    """``[n_seeds]`` each seed's ``D_s`` (ratio of sums)."""
+    n_docs: int
+    v: float
+    """Per-seed document variance (bootstrap)."""
+    c: float
+    """Document variance shared by all seeds (bootstrap; 0 with one seed)."""
+    n_resamples: int
+    docs_variance: float = 0.0
+    """Variance of the seed mean from document sampling alone (seeds held fixed): the mean of the bootstrap
+    covariance matrix."""
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.per_seed)
+
+    @property
+    def estimate(self) -> float:
+        return float(self.per_seed.mean())
+
+    @property
+    def between(self) -> float:
+        """Sample variance of the seeds' ``D_s`` (ddof 1); 0 with one seed."""
+        return float(np.var(self.per_seed, ddof=1)) if self.n_seeds > 1 else 0.0
+
+    @property
+    def variance(self) -> float:
+        """``Var(D)``: ``c + max(B, v - c) / S`` (one seed: ``v``)."""
+        if self.n_seeds == 1:
+            return self.v
+        return self.c + max(self.between, self.v - self.c) / self.n_seeds
+
+    def half_width(self, level: float) -> float:
+        """Half-width of the interval at ``level`` (step 3 of the module docstring)."""
+        q = (1 + level) / 2
+        t_docs = _t_quantile(q, max(self.n_docs - 1, 1))
+        if self.n_seeds == 1:
+            half_sq = t_docs**2 * self.v
+        else:
+            t_seeds = _t_quantile(q, self.n_seeds - 1)
+            half_sq = max(t_seeds**2 * self.between, t_docs**2 * (self.v - self.c)) / self.n_seeds + t_docs**2 * self.c
+        return math.sqrt(max(half_sq, 0.0))
+
+    def difference(self, level: float = 0.95) -> PairedDifference:
+        """The estimate with its interval at ``level``."""
+        if not 0 < level < 1:
+            raise KnockoutError(f"level must be between 0 and 1, got {level}")
+        estimate, half = self.estimate, self.half_width(level)
+        if self.n_seeds == 1:
+            how = (
+                f"paired document bootstrap ({self.n_resamples} resamples), one seed: document sampling only, "
+                "t interval"
+            )
+        else:
+            how = (
+                f"paired document bootstrap ({self.n_resamples} resamples, shared across {self.n_seeds} seeds) "
+                "+ random-effects seed variance; t quantiles per component"
+            )
+        low, high = estimate - half, estimate + half
+        return PairedDifference(
+            metric=self.metric,
+            estimate=estimate,
+            low=low,
+            high=high,
+            se=math.sqrt(max(self.variance, 0.0)),
+            se_docs=math.sqrt(max(self.docs_variance, 0.0)),
+            level=level,
+            n_seeds=self.n_seeds,
+            n_docs=self.n_docs,
+            significant=bool(low > 0 or high < 0),
+            method=how,
+        )
+
+
+def paired_components(
+    a: Sequence[DocSums], b: Sequence[DocSums], metric: str, n_boot: int = 2000, seed: int = 0
+) -> PairedComponents:
+    """The variance components of ``metric(A) - metric(B)`` (arguments as :func:`paired_difference`)."""
+    if n_boot < 10:
+        raise KnockoutError(f"n_boot must be at least 10, got {n_boot}")
+    x, n = _paired_arrays(a, b, metric)  # [n_seeds, n_docs]
+    n_seeds, n_docs = x.shape
+    per_seed = x.sum(axis=1) / n.sum(axis=1)  # [n_seeds]
+    ratios = _bootstrap_ratios(x, n, n_boot, np.random.default_rng(seed))  # [n_boot, n_seeds]
+    cov = np.atleast_2d(np.cov(ratios, rowvar=False))  # [n_seeds, n_seeds]
+    if n_seeds == 1:
+        v, c = float(cov[0, 0]), 0.0
+    else:
+        v = float(np.mean(np.diag(cov)))  # per-seed document variance
+        c = float((cov.sum() - np.trace(cov)) / (n_seeds * (n_seeds - 1)))  # shared by all seeds
+    return PairedComponents(metric, per_seed, n_docs, v, c, len(ratios), docs_variance=float(cov.mean()))
+
+
 def paired_difference(
     a: Sequence[DocSums],
     b: Sequence[DocSums],
@@ -233,48 +333,7 @@ def paired_difference(
     """
     if not 0 < level < 1:
         raise KnockoutError(f"level must be between 0 and 1, got {level}")
-    if n_boot < 10:
-        raise KnockoutError(f"n_boot must be at least 10, got {n_boot}")
-    x, n = _paired_arrays(a, b, metric)  # [n_seeds, n_docs]
-    n_seeds, n_docs = x.shape
-    per_seed = x.sum(axis=1) / n.sum(axis=1)  # [n_seeds]
-    estimate = float(per_seed.mean())
-
-    ratios = _bootstrap_ratios(x, n, n_boot, np.random.default_rng(seed))  # [n_boot, n_seeds]
-    cov = np.atleast_2d(np.cov(ratios, rowvar=False))  # [n_seeds, n_seeds]
-    q = (1 + level) / 2
-    t_docs = _t_quantile(q, max(n_docs - 1, 1))
-    if n_seeds == 1:
-        variance = float(cov[0, 0])
-        half_sq = t_docs**2 * variance
-        how = f"paired document bootstrap ({len(ratios)} resamples), one seed: document sampling only, t interval"
-    else:
-        v = float(np.mean(np.diag(cov)))  # per-seed document variance
-        c = float((cov.sum() - np.trace(cov)) / (n_seeds * (n_seeds - 1)))  # shared by all seeds
-        between = float(np.var(per_seed, ddof=1))
-        variance = c + max(between, v - c) / n_seeds
-        half_sq = max(_t_quantile(q, n_seeds - 1) ** 2 * between, t_docs**2 * (v - c)) / n_seeds + t_docs**2 * c
-        how = (
-            f"paired document bootstrap ({len(ratios)} resamples, shared across {n_seeds} seeds) "
-            "+ random-effects seed variance; t quantiles per component"
-        )
-    se = math.sqrt(max(variance, 0.0))
-    se_docs = math.sqrt(max(float(cov.mean()), 0.0))
-    half = math.sqrt(max(half_sq, 0.0))
-    low, high = estimate - half, estimate + half
-    return PairedDifference(
-        metric=metric,
-        estimate=estimate,
-        low=low,
-        high=high,
-        se=se,
-        se_docs=se_docs,
-        level=level,
-        n_seeds=n_seeds,
-        n_docs=n_docs,
-        significant=bool(low > 0 or high < 0),
-        method=how,
-    )
+    return paired_components(a, b, metric, n_boot, seed).difference(level)
 
 
 @dataclass(frozen=True)
@@ -371,6 +430,7 @@ def _betainc(a: float, b: float, x: float) -> float:
     return 1.0 - front * _betacf(b, a, 1.0 - x) / b
 
 
+@lru_cache(maxsize=4096)
 def _t_quantile(p: float, df: float) -> float:
     """Quantile of Student's t with ``df`` (real, > 0) degrees of freedom, for ``0.5 <= p < 1`` (scipy-free)."""
     if not 0.5 <= p < 1:
