@@ -11,7 +11,7 @@ Layout::
     artifacts/              what methods learned (e.g. learned constants), reused on resume
     paired/seed{s}.safetensors  per row of seed s, per-document sums for paired comparisons ("{method}@{fraction}.n",
                             ".ce_sum", ".correct"; "{method}@{fraction}#{target}..." for a row of a named target;
-                            see knockout.reporting.paired)
+                            see knockout.inference.paired)
     report/                 the report (knockout.reporting)
 
 Every file is written through :func:`write_atomic` (a temporary file renamed into place), so a crash never leaves

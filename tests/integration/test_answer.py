@@ -12,9 +12,9 @@ import tiny
 from knockout.ablation.optimal import OptimalAblation
 from knockout.experiments.config import SweepConfig
 from knockout.experiments.runner import run_sweep
+from knockout.inference.paired import DocSums, best_method, paired_difference
 from knockout.loading import LoadedModel
 from knockout.reporting.answer import markdown, run_answer
-from knockout.reporting.paired import DocSums, best_method, paired_difference
 from knockout.reporting.report import compare_runs, write_report
 from knockout.runfolder import read_doc_sums, read_rows, row_key
 

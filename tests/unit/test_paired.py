@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from knockout.errors import KnockoutError
-from knockout.reporting.paired import DocSums, best_method, paired_difference
-from knockout.reporting.paired import _t_quantile as t_quantile
+from knockout.inference.paired import DocSums, best_method, paired_difference
+from knockout.inference.paired import _t_quantile as t_quantile
 
 # Student t quantiles from printed tables (two-sided 95% unless stated).
 T_TABLE = {(0.975, 1): 12.706205, (0.975, 2): 4.302653, (0.975, 5): 2.570582, (0.975, 30): 2.042272}

@@ -1,4 +1,4 @@
-"""The sequential design over neuron sets (knockout.reporting.sequential), checked by simulation on synthetic paired
+"""The sequential design over neuron sets (knockout.inference.sequential), checked by simulation on synthetic paired
 data with known truth: no true difference -> any decision at most 5% of the time; known differences -> decided the
 right way, with the power and the sets used reported; and its parts against closed forms."""
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from knockout.errors import KnockoutError
-from knockout.reporting.paired import DocSums, paired_components
-from knockout.reporting.sequential import Plan, SequentialTest, needed, plan_for, projected_half_width, spending
+from knockout.inference.paired import DocSums, paired_components
+from knockout.inference.sequential import Plan, SequentialTest, needed, plan_for, projected_half_width, spending
 
 
 def simulate(rng, deltas: dict[str, float], n_sets: int, n_docs: int, tau=0.3, shared=0.15, own=0.3, top1=False):

@@ -17,7 +17,7 @@ class Metrics:
 
     With ``per_doc=True`` it also keeps, per document (one batch row: an evaluation sequence, or an image), the
     scored targets, summed cross-entropy and correct predictions (:meth:`doc_sums`), for paired comparisons of
-    methods (:mod:`knockout.reporting.paired`). The scalar sums are accumulated exactly as without it.
+    methods (:mod:`knockout.inference.paired`). The scalar sums are accumulated exactly as without it.
     """
 
     n: int = 0

@@ -2,7 +2,7 @@
 
 Read from the run folder's per-document sums (``paired/``, see :mod:`knockout.runfolder`) only. For each fraction:
 
-- the best method by CE and by top-1 (:func:`knockout.reporting.paired.best_method`), its lead over the runner-up
+- the best method by CE and by top-1 (:func:`knockout.inference.paired.best_method`), its lead over the runner-up
   with a 95% interval, and whether it is significantly better than *every* other method;
 - when ``optimal`` is in the run, each other method's excess CE over ``optimal`` (``CE(method) - CE(optimal)``, with
   its interval): how far that method is from the best constant found for the same neuron sets.
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from knockout.errors import KnockoutError
+from knockout.inference.paired import BestMethod, DocSums, PairedDifference, best_method, paired_difference
 from knockout.reporting import html as H
-from knockout.reporting.paired import BestMethod, DocSums, PairedDifference, best_method, paired_difference
 from knockout.runfolder import fraction_key, read_doc_sums, read_rows, row_key
 
 OPTIMAL = "optimal"

@@ -46,7 +46,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from knockout.errors import KnockoutError
-from knockout.reporting.paired import HIGHER_IS_BETTER, DocSums, PairedComponents, _t_quantile, paired_components
+from knockout.inference.paired import HIGHER_IS_BETTER, DocSums, PairedComponents, _t_quantile, paired_components
 
 ALPHA = 0.05
 N_BOOT = 2000
