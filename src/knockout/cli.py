@@ -40,6 +40,16 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers like 0,1,2, got {text!r}") from None
 
 
+def _seeds(text: str) -> list[int] | str:
+    """``0,1,2`` or ``auto``."""
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        return _ints(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0,1,2 or 'auto', got {text!r}") from None
+
+
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -61,11 +71,12 @@ _KINDS = {
     "float": float,
     "floats": _floats,
     "ints": _ints,
+    "seeds": _seeds,
     "names": _names,
     "method_fractions": _method_fractions,
 }
 FLAG_SECTIONS = ("model", "data", "sweep")
-OPTION_GROUPS = ("optimal", "resample", "image")
+OPTION_GROUPS = ("optimal", "resample", "image", "decide")
 
 
 def _flag_fields(sections: tuple[str, ...], groups: tuple[str, ...] = ()) -> list[tuple[str | None, object]]:

@@ -20,9 +20,9 @@ from typing import Any, ClassVar
 from knockout.errors import KnockoutError
 
 #: How a flag's text is parsed (see ``knockout.cli``): ``str``, ``int``, ``float``, ``floats`` (``0,0.5,1`` or
-#: ``start:stop:step``), ``ints``, ``names`` (comma-separated), ``method_fractions``, ``bool``
-#: (``--flag`` / ``--no-flag``).
-KINDS = ("str", "int", "float", "floats", "ints", "names", "method_fractions", "bool")
+#: ``start:stop:step``), ``ints``, ``seeds`` (``ints`` or ``auto``), ``names`` (comma-separated),
+#: ``method_fractions``, ``bool`` (``--flag`` / ``--no-flag``).
+KINDS = ("str", "int", "float", "floats", "ints", "seeds", "names", "method_fractions", "bool")
 
 
 def setting(

@@ -72,6 +72,9 @@ class AblationMethod(ABC):
     tasks: ClassVar[tuple[str, ...]] = TASKS
     #: Whether ``methods="all"`` includes this method (expensive or experimental methods are asked for by name).
     in_all: ClassVar[bool] = True
+    #: Whether the method is a bound the others are measured against (``optimal``: the best any constant can do),
+    #: not a contender in the answer's decisions.
+    is_bound: ClassVar[bool] = False
 
     @classmethod
     def applies(cls, task: str, resample: ResampleOptions | None = None) -> bool:

@@ -62,6 +62,7 @@ class OptimalAblation(AblationMethod):
     needs_stats = True
     needs_train_batches = True
     in_all = False
+    is_bound = True
 
     @contextmanager
     def ablate(self, neurons: Sequence[torch.Tensor]) -> Iterator[None]:

@@ -26,6 +26,7 @@ from knockout.ablation.selection import HEAD_MODES, MODES, validate_fractions
 from knockout.data.images import ImageOptions
 from knockout.data.tasks import DataSpec
 from knockout.errors import KnockoutError
+from knockout.inference.sequential import DecideOptions
 from knockout.loading import TASKS, parse_device_map
 from knockout.options import OptionGroup, default_of, setting
 from knockout.sites import SITE_KINDS
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_FRACTIONS = tuple(round(0.1 * i, 10) for i in range(11))
 ALL_METHODS = "all"
+AUTO = "auto"
 #: Keys of a run folder's config.json that are not settings (what the run resolved and recorded).
 RECORD_KEYS = ("resolved",)
 
@@ -76,8 +78,12 @@ class SweepConfig:
         kind="method_fractions",
         affects_results=False,
     )
-    seeds: tuple[int, ...] = setting(
-        (0, 1, 2), "seeds of the neuron selection (and of masks, random inputs)", kind="ints", affects_results=False
+    seeds: tuple[int, ...] | str = setting(
+        (0, 1, 2),
+        "seeds of the neuron selection (and of masks, random inputs): 0,1,2, or 'auto' to add neuron sets at the "
+        "--decide-fractions until every pair of methods is decided (--decide-* settings; docs/decisions.md)",
+        kind="seeds",
+        affects_results=False,
     )
     eval_tokens: int = setting(
         4096, "exact number of scored evaluation targets (tokens; images for image models)", kind="int"
@@ -152,12 +158,16 @@ class SweepConfig:
     optimal: OptimalOptions = setting(OptimalOptions(), "settings of the optimal method")
     resample: ResampleOptions = setting(ResampleOptions(), "settings of the resampling methods")
     image: ImageOptions = setting(ImageOptions(), "image preprocessing for models without an image processor")
+    decide: DecideOptions = setting(
+        DecideOptions(), "how --seeds auto adds neuron sets, and the answer's error rate", affects_results=False
+    )
 
     #: The option groups, by field name.
     GROUPS: ClassVar[dict[str, type[OptionGroup]]] = {
         "optimal": OptimalOptions,
         "resample": ResampleOptions,
         "image": ImageOptions,
+        "decide": DecideOptions,
     }
 
     def __post_init__(self):
@@ -167,7 +177,10 @@ class SweepConfig:
             raise KnockoutError("give a model (--model), or --preset NAME for one of the paper's settings")
         object.__setattr__(self, "fractions", validate_fractions(tuple(self.fractions)))
         object.__setattr__(self, "methods", tuple(self.methods))
-        object.__setattr__(self, "seeds", tuple(_integer(s, "seeds") for s in self.seeds))
+        if self.seeds != AUTO:
+            if isinstance(self.seeds, str):
+                raise KnockoutError(f"seeds must be integers or {AUTO!r}, got {self.seeds!r}")
+            object.__setattr__(self, "seeds", tuple(_integer(s, "seeds") for s in self.seeds))
         if not self.methods:
             raise KnockoutError("give at least one ablation method")
         if len(set(self.methods)) != len(self.methods):
@@ -175,9 +188,16 @@ class SweepConfig:
         if ALL_METHODS in self.methods and len(self.methods) > 1:
             raise KnockoutError(f"'{ALL_METHODS}' stands for every applicable method; give it alone")
         object.__setattr__(self, "method_fractions", self._checked_method_fractions())
+        if self.sequential:
+            extra = [f for f in self.decide.fractions if f not in self.fractions]
+            if extra:
+                raise KnockoutError(
+                    f"--decide-fractions {','.join(f'{f:g}' for f in extra)} not among the fractions "
+                    f"{','.join(f'{f:g}' for f in self.fractions)}: sets are added at fractions the sweep runs"
+                )
         if not self.seeds:
             raise KnockoutError("give at least one seed")
-        bad = [s for s in self.seeds if not 0 <= s < 2**63]
+        bad = [s for s in self.fixed_seeds if not 0 <= s < 2**63]
         if bad:
             raise KnockoutError(f"seeds must be integers from 0 to 2**63 - 1 (torch's generator range), got {bad[0]}")
         if not isinstance(self.sort_by_length, bool):
@@ -221,6 +241,16 @@ class SweepConfig:
                 )
             checked[name] = list(fractions)
         return checked
+
+    @property
+    def sequential(self) -> bool:
+        """Whether neuron sets are added until the answer is decided (``seeds='auto'``)."""
+        return self.seeds == AUTO
+
+    @property
+    def fixed_seeds(self) -> tuple[int, ...]:
+        """The seeds every method runs at all its fractions: ``seeds``, or with ``seeds='auto'`` the first look's."""
+        return tuple(range(self.decide.first)) if self.sequential else self.seeds
 
     def fractions_of(self, method: str) -> tuple[float, ...]:
         """The fractions at which ``method`` runs: its ``method_fractions`` entry, else every fraction."""

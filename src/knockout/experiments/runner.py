@@ -7,6 +7,7 @@ inputs), the run folder's files are written through :mod:`knockout.runfolder`, t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ from knockout.evaluation.evaluate import evaluate
 from knockout.evaluation.metrics import Metrics
 from knockout.experiments.config import SweepConfig
 from knockout.experiments.prepare import Prepared, environment, prepare, stats_meta
+from knockout.inference.paired import DocSums
+from knockout.inference.sequential import SequentialTest
 from knockout.loading import DTYPES, LoadedModel, load_model, resolve_device
 from knockout.runfolder import ResultRow, ResultStore
 from knockout.stats import centres
@@ -182,96 +185,186 @@ def run_sweep(
 
 
 def _sweep(run: Prepared, progress: bool) -> None:
-    """The rows of a prepared run (see :func:`run_sweep`)."""
-    cfg, loaded, world, sites = run.cfg, run.loaded, run.world, run.sites
-    main = world.is_main
+    """The rows of a prepared run (see :func:`run_sweep`): every method at its fractions for the fixed seeds, then,
+    with ``seeds='auto'``, the sets the sequential design asks for (:func:`_add_sets`)."""
+    cfg, loaded, world = run.cfg, run.loaded, run.world
     out = Path(cfg.out)
-    model = loaded.model
     classes = [get_method(m) for m in cfg.methods]
     for cls in classes:
         if loaded.task not in cls.tasks:
             raise KnockoutError(f"method {cls.name!r} does not apply to {loaded.task} models")
-    spec, inputs = run.spec, run.inputs
-    first_batches = eval_batches(spec, inputs, cfg.seeds[0])
+    seeds = cfg.fixed_seeds
+    first_batches = eval_batches(run.spec, run.inputs, seeds[0])
     used = scored_fraction(first_batches) if loaded.task != "image" else 1.0
-    if main:
+    if world.is_main:
         log.info(
             "evaluation: %.1f%% of the computed positions are scored targets%s",
             100 * used,
-            " (batches sorted by length)" if spec.sort_by_length else "",
+            " (batches sorted by length)" if run.spec.sort_by_length else "",
         )
     stats, save_stats = None, False
     if any(c.needs_stats for c in classes):
         stats, save_stats = obtain_stats(run, progress)
-    generator = load_generator(cfg, loaded)
-    train = stats_batches(spec, inputs) if any(c.needs_train_batches for c in classes) else ()
-
-    def context(seed: int, batches: list[Batch]) -> MethodContext:
-        return MethodContext(
-            model, sites, stats, seed, loaded.task, loaded.processor, batches, optimal=cfg.optimal,
-            resample=cfg.resample, image=cfg.image, generator=generator, train_batches=train,
-            artifacts=out / runfolder.ARTIFACTS_DIR, world=world,
-        )  # fmt: skip
-
-    first_instances = {cls.name: cls(context(cfg.seeds[0], first_batches)) for cls in classes}
+    rows = _Rows(run, classes, stats, first_batches, progress)
     resolved = {
         "task": loaded.task,
-        "positions_used": {"eval_scored_fraction": round(used, 6), "sort_by_length": spec.sort_by_length},
+        "positions_used": {"eval_scored_fraction": round(used, 6), "sort_by_length": run.spec.sort_by_length},
         "model_identity": run.identity,
         "device": str(loaded.device),
-        "dtype": str(model_dtype(model)),
-        "device_map": {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()} or None,
+        "dtype": str(model_dtype(loaded.model)),
+        "device_map": {k: str(v) for k, v in (getattr(loaded.model, "hf_device_map", None) or {}).items()} or None,
         "environment": environment(),
         "data_identity": run.data_id,
     }
-    store = ResultStore(out, read_only=not main)
     distributed.barrier()  # every rank has read the folder's state; rank 0 may now write
-    if main:
+    if world.is_main:
         runfolder.write_config(out, {**cfg.to_dict(), "resolved": resolved})
         if save_stats:
             stats.save(out / runfolder.STATS_FILE)
-    widths = [s.width for s in sites]
-    n_neurons = sum(widths)
-    per_seed = 1 + sum(len(cfg.fractions_of(c.name)) for c in classes)
-    bar = tqdm(total=len(cfg.seeds) * per_seed, desc="sweep", unit="row", disable=not progress)
-    stored_docs = runfolder.read_doc_sums(out)  # the per-document sums of a resumed run, read once
-    for seed in cfg.seeds:
-        todo = [(c, f) for c in classes for f in cfg.fractions_of(c.name) if (c.name, f, seed) not in store]
-        if ("baseline", 0.0, seed) in store and not todo:
-            bar.update(per_seed)
-            continue
-        same_inputs = seed == cfg.seeds[0] or loaded.task not in SEED_DEPENDENT_TASKS
-        batches = first_batches if same_inputs else eval_batches(spec, inputs, seed)
-        selection = NeuronSelection.for_sites(sites, seed, cfg.selection)
-        if main:
-            runfolder.save_selection(out, selection.state_dict(), selection.mode)
-        base = store.get("baseline", 0.0, seed)
-        base_docs = stored_docs.get(runfolder.row_key("baseline", 0.0, seed))
+    for seed in seeds:
+        rows.ensure(seed, [(c, f) for c in classes for f in cfg.fractions_of(c.name)])
+    if cfg.sequential:
+        _add_sets(cfg, rows, classes)
+    rows.close()
+    distributed.barrier()  # rank 0's files are complete when run_sweep returns on any rank
+
+
+def _add_sets(cfg: SweepConfig, rows: _Rows, classes: list) -> None:
+    """``--seeds auto``: at each decision fraction, replay the sequential design on the stored sums and evaluate the
+    sets its next look needs (only the methods of pairs not yet decided), until every fraction's design is finished
+    (all decided, futile, or the maximum reached). Replaying makes a resumed run take the same path."""
+    plan = cfg.decide.plan()
+    by_name = {c.name: c for c in classes}
+    while True:
+        todo = []
+        for fraction in cfg.decide.fractions:
+            contenders = [c.name for c in classes if not c.is_bound and fraction in cfg.fractions_of(c.name)]
+            if len(contenders) < 2:
+                continue
+            test = SequentialTest(plan, contenders, "ce")
+            test.replay(rows.sums(fraction, contenders))
+            if test.next_sets is not None:
+                todo.append((fraction, test.next_sets, test.methods_needed()))
+                log.info(
+                    "at %g: %d pair(s) undecided after %d sets; adding sets up to %d",
+                    fraction, len(test.undecided), plan.looks[test.looks_done - 1], test.next_sets,
+                )  # fmt: skip
+        if not todo:
+            return
+        for fraction, n_sets, methods in todo:
+            for seed in range(n_sets):
+                rows.ensure(seed, [(by_name[m], fraction) for m in methods])
+
+
+class _Rows:
+    """Evaluates and stores the rows of one run: per seed its baseline and the (method, fraction) rows not yet in the
+    run folder, with their per-document sums; keeps each seed's batches, neuron selection and method instances."""
+
+    def __init__(self, run: Prepared, classes: list, stats: Statistics | None, first_batches: list[Batch], progress):
+        cfg, loaded = run.cfg, run.loaded
+        self.run, self.cfg, self.world = run, cfg, run.world
+        self.out = Path(cfg.out)
+        self.model = loaded.model
+        self.store = ResultStore(self.out, read_only=not run.world.is_main)
+        self.docs = runfolder.read_doc_sums(self.out)  # the per-document sums of a resumed run, read once
+        self.n_neurons = sum(s.width for s in run.sites)
+        self.first_seed = cfg.fixed_seeds[0]
+        self.first_batches = first_batches
+        generator = load_generator(cfg, loaded)
+        train = stats_batches(run.spec, run.inputs) if any(c.needs_train_batches for c in classes) else ()
+
+        def context(seed: int, batches: list[Batch]) -> MethodContext:
+            return MethodContext(
+                self.model, run.sites, stats, seed, loaded.task, loaded.processor, batches, optimal=cfg.optimal,
+                resample=cfg.resample, image=cfg.image, generator=generator, train_batches=train,
+                artifacts=self.out / runfolder.ARTIFACTS_DIR, world=run.world,
+            )  # fmt: skip
+
+        self.context = context
+        # built before the first file is written: a method refusing its settings fails here
+        self.instances = {self.first_seed: {c.name: c(context(self.first_seed, first_batches)) for c in classes}}
+        self._seed: tuple[int, list[Batch], NeuronSelection] | None = None
+        total = len(cfg.fixed_seeds) * (1 + sum(len(cfg.fractions_of(c.name)) for c in classes))
+        self.bar = tqdm(total=total, desc="sweep", unit="row", disable=not progress)
+
+    def sums(self, fraction: float, methods: list[str]) -> dict[str, list[DocSums]]:
+        """Per method, the per-document sums of its rows at ``fraction`` for seeds 0, 1, ... (as long as they are
+        consecutive)."""
+        out: dict[str, list[DocSums]] = {}
+        for m in methods:
+            found, seed = [], 0
+            while (d := self.docs.get(runfolder.row_key(m, fraction, seed))) is not None:
+                found.append(DocSums(**d))
+                seed += 1
+            out[m] = found
+        return out
+
+    def _setup(self, seed: int) -> tuple[list[Batch], NeuronSelection]:
+        if self._seed is None or self._seed[0] != seed:
+            same_inputs = seed == self.first_seed or self.run.loaded.task not in SEED_DEPENDENT_TASKS
+            batches = self.first_batches if same_inputs else eval_batches(self.run.spec, self.run.inputs, seed)
+            selection = NeuronSelection.for_sites(self.run.sites, seed, self.cfg.selection)
+            if self.world.is_main:
+                runfolder.save_selection(self.out, selection.state_dict(), selection.mode)
+            self._seed = (seed, batches, selection)
+        return self._seed[1], self._seed[2]
+
+    def _baseline(self, seed: int, batches: list[Batch]) -> ResultRow:
+        """The unablated row of ``seed``. Where the evaluation inputs do not depend on the seed it is the first
+        seed's (the same model on the same batches), stored again under this seed without evaluating."""
+        base = self.store.get("baseline", 0.0, seed)
+        first = self.store.get("baseline", 0.0, self.first_seed)
+        first_docs = self.docs.get(runfolder.row_key("baseline", 0.0, self.first_seed))
+        if base is None and batches is self.first_batches and first is not None and first_docs is not None:
+            base = dataclasses.replace(first, seed=seed, seconds=0.0)
+            self._store(base, first_docs)
         if base is None:
             t0 = time.perf_counter()
-            m = _evaluate(model, batches, world)
-            base = ResultRow.measured("baseline", 0.0, seed, m.top1, m.ce, m.n, 0, n_neurons, time.perf_counter() - t0)
-            base_docs = m.doc_sums()
-            if main:
-                runfolder.save_doc_sums(out, "baseline", 0.0, seed, base_docs)
-            store.add(base)
-        bar.update(per_seed - len(todo))
-        instances = first_instances if seed == cfg.seeds[0] else {}
+            m = _evaluate(self.model, batches, self.world)
+            base = ResultRow.measured(
+                "baseline", 0.0, seed, m.top1, m.ce, m.n, 0, self.n_neurons, time.perf_counter() - t0
+            )
+            self._store(base, m.doc_sums())
+        return base
+
+    def _store(self, row: ResultRow, docs: dict | None) -> None:
+        if docs is not None:
+            self.docs[row.key] = docs
+            if self.world.is_main:  # before the row, so a stored row always has its sums
+                runfolder.save_doc_sums(self.out, row.method, row.fraction, row.seed, docs)
+        self.store.add(row)
+
+    def ensure(self, seed: int, wanted: list[tuple[type, float]]) -> None:
+        """Evaluate the baseline of ``seed`` and each ``(method class, fraction)`` of ``wanted`` not yet stored."""
+        todo = [(c, f) for c, f in wanted if (c.name, f, seed) not in self.store]
+        if seed in self.cfg.fixed_seeds:
+            self.bar.update(len(wanted) - len(todo) + (("baseline", 0.0, seed) in self.store))
+        else:
+            self.bar.total += len(todo) + (("baseline", 0.0, seed) not in self.store)
+            self.bar.refresh()
+        if not todo and ("baseline", 0.0, seed) in self.store:
+            return
+        batches, selection = self._setup(seed)
+        new_base = ("baseline", 0.0, seed) not in self.store
+        base = self._baseline(seed, batches)
+        base_docs = self.docs.get(runfolder.row_key("baseline", 0.0, seed))
+        self.bar.update(new_base)
+        instances = self.instances.setdefault(seed, {})
         for cls, fraction in todo:
-            bar.set_postfix_str(f"seed {seed} {cls.name} {fraction:.2f}")
+            self.bar.set_postfix_str(f"seed {seed} {cls.name} {fraction:.2f}")
             t0 = time.perf_counter()
             n_ablated = selection.n_ablated(fraction)
             if n_ablated == 0:
                 top1, ce, n, docs = base.top1, base.ce, base.n_eval, base_docs
             else:
-                method = instances.get(cls.name) or instances.setdefault(cls.name, cls(context(seed, batches)))
+                method = instances.get(cls.name) or instances.setdefault(cls.name, cls(self.context(seed, batches)))
                 with method.ablate(selection.at(fraction)):
-                    m = _evaluate(model, batches, world, method.on_batch)
+                    m = _evaluate(self.model, batches, self.world, method.on_batch)
                 top1, ce, n, docs = m.top1, m.ce, m.n, m.doc_sums()
             seconds = time.perf_counter() - t0
-            if main and docs is not None:  # before the row, so a stored row always has its sums
-                runfolder.save_doc_sums(out, cls.name, fraction, seed, docs)
-            store.add(ResultRow.measured(cls.name, fraction, seed, top1, ce, n, n_ablated, n_neurons, seconds, base))
-            bar.update(1)
-    bar.close()
-    distributed.barrier()  # rank 0's files are complete when run_sweep returns on any rank
+            row = ResultRow.measured(cls.name, fraction, seed, top1, ce, n, n_ablated, self.n_neurons, seconds, base)
+            self._store(row, docs)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 
 from knockout.errors import KnockoutError
 from knockout.inference.paired import HIGHER_IS_BETTER, DocSums, PairedComponents, _t_quantile, paired_components
+from knockout.options import OptionGroup, setting
 
 ALPHA = 0.05
 N_BOOT = 2000
@@ -73,8 +74,8 @@ class Plan:
 
     def __post_init__(self):
         looks = tuple(int(s) for s in self.looks)
-        if not looks or any(b <= a for a, b in zip(looks, looks[1:])) or looks[0] < 2:
-            raise KnockoutError(f"looks must be increasing numbers of sets, the first at least 2, got {self.looks}")
+        if not looks or any(b <= a for a, b in zip(looks, looks[1:])) or looks[0] < 1:
+            raise KnockoutError(f"looks must be increasing positive numbers of sets, got {self.looks}")
         if not 0 < self.alpha < 1:
             raise KnockoutError(f"alpha must be between 0 and 1, got {self.alpha}")
         object.__setattr__(self, "looks", looks)
@@ -94,6 +95,46 @@ class Plan:
         if n_sets not in self.looks:
             raise KnockoutError(f"{n_sets} sets is not a planned look ({', '.join(map(str, self.looks))})")
         return self.looks.index(n_sets)
+
+
+@dataclass(frozen=True)
+class DecideOptions(OptionGroup):
+    """How a sweep with ``--seeds auto`` adds neuron sets, and the error rate of every run's answer."""
+
+    prefix = "decide"
+    title = "decisions (--seeds auto: add neuron sets until every pair of methods is decided)"
+
+    fractions: tuple[float, ...] = setting(
+        (0.5, 0.9), "with --seeds auto: the fractions at which sets are added (a subset of --fractions)", "decide",
+        kind="floats",
+    )  # fmt: skip
+    max_sets: int = setting(20, "with --seeds auto: the most neuron sets per decision fraction", "decide", kind="int")
+    first: int = setting(
+        3, "with --seeds auto: the sets every method and fraction gets (the first look)", "decide", kind="int"
+    )
+    alpha: float = setting(
+        ALPHA, "family-wise error rate of the answer's decisions (all pairs, all looks) per fraction", "decide",
+        kind="float",
+    )  # fmt: skip
+
+    def __post_init__(self):
+        self._int("first", 2)
+        self._int("max_sets", 2)
+        if self.max_sets < self.first:
+            raise KnockoutError(f"decide.max_sets ({self.max_sets}) must be at least decide.first ({self.first})")
+        self._positive("alpha")
+        if self.alpha >= 0.5:
+            raise KnockoutError(f"decide.alpha (--decide-alpha) must be below 0.5, got {self.alpha}")
+        try:
+            fractions = tuple(sorted({float(f) for f in self.fractions}))
+        except (TypeError, ValueError):
+            raise KnockoutError(f"decide.fractions must be numbers, got {self.fractions!r}") from None
+        if not fractions or not all(0 < f <= 1 for f in fractions):
+            raise KnockoutError(f"decide.fractions (--decide-fractions) must be in (0, 1], got {self.fractions!r}")
+        object.__setattr__(self, "fractions", fractions)
+
+    def plan(self) -> Plan:
+        return plan_for(self.max_sets, self.first, self.alpha)
 
 
 def plan_for(max_sets: int, first: int = 3, alpha: float = ALPHA) -> Plan:
@@ -168,6 +209,24 @@ class SequentialTest:
         self.n_boot, self.seed = n_boot, seed
         self.verdicts: dict[tuple[str, str], PairVerdict] = {}
         self.looks_done = 0
+
+    @property
+    def finished(self) -> bool:
+        """No further look: every pair decided, futile, or every planned look made."""
+        return self.done or self.futile() or self.looks_done >= len(self.plan.looks)
+
+    @property
+    def next_sets(self) -> int | None:
+        """The number of sets the next look needs (``None`` when finished)."""
+        return None if self.finished else self.plan.looks[self.looks_done]
+
+    def replay(self, data: Mapping[str, Sequence[DocSums]]) -> None:
+        """Make every look that ``data`` (sets in order) allows, until finished: what a run that stopped or was
+        interrupted did, made again from its stored sums."""
+        while (n_sets := self.next_sets) is not None:
+            if any(len(data.get(m, ())) < n_sets for m in self.methods_needed()):
+                return
+            self.look(data)
 
     @property
     def undecided(self) -> list[tuple[str, str]]:

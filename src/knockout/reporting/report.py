@@ -105,12 +105,21 @@ def identity(run: RunData) -> dict:
         "selection": cfg.get("selection", "?"),
         "methods": ", ".join(cfg.get("methods", [])) or "?",
         "fractions": ", ".join(f"{f:g}" for f in cfg.get("fractions", [])) or "?",
-        "seeds": ", ".join(map(str, cfg.get("seeds", []))) or "?",
+        "seeds": _seeds_text(run),
         "device": res.get("device", cfg.get("device", "?")),
         "dtype": res.get("dtype", cfg.get("dtype", "?")),
     }
     out.update({f"{k} version": v for k, v in env.items()})
     return out
+
+
+def _seeds_text(run: RunData) -> str:
+    if run.config.get("seeds") == "auto":
+        extra = sorted(set(run.seeds) - set(run.fixed_seeds))
+        return f"auto: {len(run.fixed_seeds)} for every fraction" + (
+            f", up to {len(run.seeds)} at the decision fractions" if extra else ""
+        )
+    return ", ".join(map(str, run.config.get("seeds", []))) or "?"
 
 
 def _fmt_seconds(s: float) -> str:
@@ -150,7 +159,7 @@ def write_report(
 
     # -- table -------------------------------------------------------------------------------------------------
     pm = paper_model(run.model)
-    n_seeds = {label: len(run.config["seeds"])} if run.config.get("seeds") else None
+    n_seeds = {label: len(run.fixed_seeds)} if run.config.get("seeds") else None
     table = build_table([(label, run.summary)], fractions, methods, n_seeds, {label: pm} if pm else None)
     have = {fraction_key(e["fraction"]) for e in run.summary if e["method"] != "baseline"}
     absent = [f for f in fractions if fraction_key(f) not in have]
@@ -351,7 +360,7 @@ def compare_runs(
     out.mkdir(parents=True, exist_ok=True)
     methods = list(dict.fromkeys(m for r in runs for m in r.methods))
     pairs = [(n, r.summary) for n, r in zip(names, runs)]
-    n_seeds = {n: len(r.config["seeds"]) for n, r in zip(names, runs) if r.config.get("seeds")}
+    n_seeds = {n: len(r.fixed_seeds) for n, r in zip(names, runs) if r.config.get("seeds")}
     table = build_table(pairs, fractions, methods, n_seeds)
     write_atomic(out / "table2.md", table.to_markdown())
     write_atomic(out / "table2.csv", table.to_csv())

@@ -58,20 +58,28 @@ class RunData:
         return list(dict.fromkeys([*self.config.get("methods", []), *found]))
 
     @property
+    def fixed_seeds(self) -> list[int]:
+        """The seeds config.json asks every method and fraction to run (with ``seeds: "auto"``, the first look's)."""
+        seeds = self.config.get("seeds", [])
+        if seeds == "auto":
+            return list(range(int((self.config.get("decide") or {}).get("first", 3))))
+        return [int(s) for s in seeds]
+
+    @property
     def seeds(self) -> list[int]:
-        return list(dict.fromkeys([*map(int, self.config.get("seeds", [])), *(int(r["seed"]) for r in self.rows)]))
+        return list(dict.fromkeys([*self.fixed_seeds, *(int(r["seed"]) for r in self.rows)]))
 
     def expected_keys(self) -> set[tuple] | None:
         """Row keys config.json asks for: every (method, fraction, seed), a method at its ``method_fractions`` if it
-        has them, and one baseline per seed; None without a config."""
+        has them, and one baseline per seed (with ``seeds: "auto"``, the first look's seeds: the sets added after it
+        depend on the data, and the answer accounts for them); None without a config."""
         cfg = self.config
         if not all(k in cfg for k in ("methods", "fractions", "seeds")):
             return None
-        keys = {row_key("baseline", 0.0, s) for s in cfg["seeds"]}
+        seeds = self.fixed_seeds
+        keys = {row_key("baseline", 0.0, s) for s in seeds}
         per_method = cfg.get("method_fractions") or {}
-        keys |= {
-            row_key(m, f, s) for m in cfg["methods"] for f in per_method.get(m, cfg["fractions"]) for s in cfg["seeds"]
-        }
+        keys |= {row_key(m, f, s) for m in cfg["methods"] for f in per_method.get(m, cfg["fractions"]) for s in seeds}
         return keys
 
     def missing(self) -> list[tuple]:
