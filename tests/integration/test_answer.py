@@ -12,7 +12,7 @@ import tiny
 from knockout.ablation.optimal import OptimalAblation
 from knockout.experiments.config import SweepConfig
 from knockout.experiments.runner import run_sweep
-from knockout.inference.paired import DocSums, best_method, paired_difference
+from knockout.inference.paired import DocSums, paired_difference
 from knockout.loading import LoadedModel
 from knockout.reporting.answer import markdown, run_answer
 from knockout.reporting.report import compare_runs, write_report
@@ -75,13 +75,12 @@ def test_resume_reuses_the_learned_constants(run):
 
 
 def _independent(out, f):
+    """The paired statistics at ``f`` recomputed from the stored sums: per-seed ratios of sums by hand, and zero's
+    excess over optimal."""
     sums = read_doc_sums(out)
     data = {m: [DocSums(**sums[row_key(m, f, s)]) for s in (0, 1)] for m in METHODS}
-    best = best_method(data, "ce")
-    for m in METHODS:  # the point estimates by hand: mean over seeds of the ratio of sums
-        per_seed = [data[m][s].ce_sum.sum() / data[m][s].n.sum() for s in (0, 1)]
-        assert best.values[m] == pytest.approx(np.mean(per_seed))
-    return data, best, paired_difference(data["zero"], data["optimal"], "ce")
+    by_hand = {m: np.mean([data[m][s].ce_sum.sum() / data[m][s].n.sum() for s in (0, 1)]) for m in METHODS}
+    return data, by_hand, paired_difference(data["zero"], data["optimal"], "ce")
 
 
 def test_answer_matches_the_paired_statistics_of_the_stored_sums(run):
@@ -89,15 +88,43 @@ def test_answer_matches_the_paired_statistics_of_the_stored_sums(run):
     answer = run_answer(out, (0.5, 0.9))
     md = "\n".join(markdown(answer))
     for f in (0.5, 0.9):
-        data, best, ex = _independent(out, f)
+        data, by_hand, ex = _independent(out, f)
         ans = next(a for a in answer.fractions if a.fraction == f)
-        assert ans.ce.best == best.best and ans.ce.lead.low == best.lead.low and ans.seeds == [0, 1]
-        assert ans.top1.best == best_method(data, "top1").best
-        assert best.values["optimal"] <= best.values["mean"] + 0.05  # learned on other text, so not guaranteed
+        assert ans.methods == ["zero", "mean", "peak"] and ans.bound == "optimal"  # optimal is the bound
+        assert ans.n_sets == 2 and ans.stop == "fixed" and len(ans.ce) == 3 and len(ans.top1) == 3
+        for v in ans.ce:
+            assert v.estimate == pytest.approx(by_hand[v.a] - by_hand[v.b], abs=1e-12)
+            assert v.decided == (v.low > 0 or v.high < 0) and v.low <= v.estimate <= v.high
+            assert v.level >= 1 - 0.05 / 3  # Holm over three pairs at 5%: at least the Bonferroni level
         assert ans.excess["zero"].estimate == ex.estimate and set(ans.excess) == {"zero", "mean", "peak"}
-        assert f"At {100 * f:g}% ablated" in md and f"best by CE **{best.best}**" in md
-        assert f"{best.lead.estimate:+.3f} [{best.lead.low:+.3f}, {best.lead.high:+.3f}]" in md
         assert f"zero {ex.estimate:+.3f} [{ex.low:+.3f}, {ex.high:+.3f}]" in md
+        best = ans.best("ce")
+        if best is not None:
+            assert f"At {100 * f:g}%, **{best}** hurts least" in md
+            assert all(by_hand[best] < by_hand[m] for m in ans.methods if m != best)
+        else:
+            assert f"At {100 * f:g}%, no method is decided best" in md
+        flagged = [s for s in (0, 1) for m in ans.methods if data["optimal"][s].metric("ce") > data[m][s].metric("ce")]
+        assert len(ans.flags) == len(flagged)  # a bound above a contender on evaluation is flagged, every time
+
+
+def test_answer_files_match_the_report(run, tmp_path):
+    _, _, _, out, _ = run
+    html = write_report(out, tmp_path / "report")
+    saved = json.loads((tmp_path / "report" / "answer.json").read_text())
+    answer = run_answer(out, (0.5, 0.9))
+    assert [f["fraction"] for f in saved["fractions"]] == [0.5, 0.9]
+    for fa, entry in zip(answer.fractions, saved["fractions"]):
+        assert entry["best"]["ce"] == fa.best("ce") and entry["n_sets"] == fa.n_sets == 2
+        assert entry["sentence"]["ce"] in (html.parent / "report.md").read_text()
+    lines = (tmp_path / "report" / "paired.csv").read_text().splitlines()
+    assert lines[0].split(",")[:6] == ["fraction", "metric", "kind", "a", "b", "estimate"]
+    # 2 fractions x (3 CE pairs + 3 top-1 pairs + 3 excess over optimal)
+    assert len(lines) == 1 + 2 * 9 and len(saved["pairs"]) == 18
+    first = next(p for p in saved["pairs"] if p["kind"] == "pair" and p["metric"] == "ce" and p["fraction"] == 0.5)
+    v = answer.fractions[0].ce[0]
+    assert (first["a"], first["b"], first["estimate"], first["decided"]) == (v.a, v.b, v.estimate, v.decided)
+    assert (tmp_path / "report" / "answer.png").is_file()
 
 
 @pytest.mark.slow
@@ -106,14 +133,13 @@ def test_report_and_compare_open_with_the_answer(run):
     html = write_report(out)
     md = (html.parent / "report.md").read_text()
     for f in (0.5, 0.9):
-        _, best, ex = _independent(out, f)
-        assert f"best by CE **{best.best}**" in md and f"zero {ex.estimate:+.3f} [{ex.low:+.3f}, {ex.high:+.3f}]" in md
-    assert md.index("## The answer") < md.index("## Table 2") < md.index("Best method per fraction")
+        _, _, ex = _independent(out, f)
+        assert f"zero {ex.estimate:+.3f} [{ex.low:+.3f}, {ex.high:+.3f}]" in md
+    assert md.index("## The answer") < md.index("## Table 2") < md.index("Verdicts per fraction")
     text = html.read_text()
-    assert text.index("The answer") < text.index("Model and data") and "Best method per fraction" in text
+    assert text.index("The answer") < text.index("Model and data") and "Verdicts per fraction" in text
     cmp = compare_runs([out], root / "cmp")
     assert "The answer: tiny-llama" in cmp.read_text()
-    assert f"best by CE **{best.best}**" in (root / "cmp" / "compare.md").read_text()
 
 
 def test_rows_without_doc_sums_are_reported_as_such(run, tmp_path):

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from knockout.errors import KnockoutError
-from knockout.inference.paired import DocSums, best_method, paired_difference
+from knockout.inference.paired import DocSums, paired_difference
 from knockout.inference.paired import _t_quantile as t_quantile
+from knockout.inference.sequential import Plan, SequentialTest
 
 # Student t quantiles from printed tables (two-sided 95% unless stated).
 T_TABLE = {(0.975, 1): 12.706205, (0.975, 2): 4.302653, (0.975, 5): 2.570582, (0.975, 30): 2.042272}
@@ -257,9 +258,9 @@ def test_bad_arguments_and_rows_raise():
         with pytest.raises(KnockoutError, match=message):
             DocSums(**fields)
     with pytest.raises(KnockoutError, match="at least two methods"):
-        best_method({"peak": r}, "ce")
-    with pytest.raises(KnockoutError, match="no rows"):
-        best_method({"peak": r, "zero": []}, "ce")
+        SequentialTest(Plan((3,)), ["peak"], "ce")
+    with pytest.raises(KnockoutError, match="needs 2 sets of .zero."):
+        SequentialTest(Plan((2,)), ["peak", "zero"], "ce").look({"peak": r, "zero": []})
 
 
 def _methods(rng, ce_per_token, top1_rate, n_seeds=3, n_docs=400):
@@ -279,28 +280,35 @@ def _methods(rng, ce_per_token, top1_rate, n_seeds=3, n_docs=400):
     return rows
 
 
-def test_best_method_picks_the_clear_winner_for_each_metric():
+def _one_look(rows, metric):
+    """The answer's verdicts for fixed seeds: one look at every set, Holm over the pairs at 5%."""
+    test = SequentialTest(Plan((len(next(iter(rows.values()))),)), list(rows), metric, n_boot=2000)
+    test.look(rows)
+    return test.verdicts
+
+
+def test_one_look_decides_the_clear_winner_for_each_metric():
     rng = np.random.default_rng(9)
     rows = _methods(rng, {"zero": 0.8, "mean": 0.5, "peak": 0.0}, {"zero": 0.2, "mean": 0.5, "peak": 0.3})
-    ce = best_method(rows, "ce")
-    assert (ce.best, ce.runner_up, ce.significant) == ("peak", "mean", True)
-    assert ce.values["peak"] == pytest.approx(np.mean([r.metric("ce") for r in rows["peak"]]))
-    assert ce.lead.estimate == pytest.approx(ce.values["peak"] - ce.values["mean"]) and ce.lead.high < 0
-    assert set(ce.leads) == {"mean", "zero"}
-    top1 = best_method(rows, "top1")  # highest top-1 wins, not lowest
-    assert (top1.best, top1.runner_up, top1.significant) == ("mean", "peak", True)
-    assert top1.lead.low > 0
+    ce = _one_look(rows, "ce")
+    assert all(v.decided for v in ce.values())
+    assert ce[("mean", "peak")].better == "peak" and ce[("zero", "peak")].better == "peak"
+    by_hand = np.mean([r.metric("ce") for r in rows["mean"]]) - np.mean([r.metric("ce") for r in rows["peak"]])
+    assert ce[("mean", "peak")].estimate == pytest.approx(by_hand)
+    # Holm: the smallest difference is tested last, at alpha / 1 once the others are decided
+    assert ce[("zero", "mean")].level == pytest.approx(1 - 0.05 / 3) or ce[("zero", "mean")].level >= 1 - 0.05 / 2
+    top1 = _one_look(rows, "top1")  # highest top-1 wins, not lowest
+    assert top1[("zero", "mean")].better == "mean" and top1[("mean", "peak")].better == "mean"
 
 
-def test_best_method_reports_a_tie_as_not_significant():
+def test_one_look_reports_a_tie_as_undecided():
     # "b" equals "a" except that each seed's documents trade +-1 nat in pairs: same sums, so a difference of exactly
-    # 0 with a nonzero spread. "c" is clearly worse. The winner must not be significant, and a clear lead still is.
+    # 0 with a nonzero spread. "c" is clearly worse. The tie must be undecided, and the clear differences decided.
     rng = np.random.default_rng(10)
     rows = _methods(rng, {"a": 0.0, "c": 1.0}, {"a": 0.5, "c": 0.5})
     swing = np.where(np.arange(400) % 2 == 0, 1.0, -1.0)
     rows = {"c": rows["c"], "a": rows["a"], "b": [_replace(r, ce_sum=r.ce_sum + swing) for r in rows["a"]]}
-    result = best_method(rows, "ce")
-    assert result.best == "a" and result.runner_up == "b"  # exact tie: the first listed wins
-    assert result.lead.estimate == pytest.approx(0, abs=1e-12) and result.lead.low < 0 < result.lead.high
-    assert not result.significant
-    assert result.leads["c"].significant
+    result = _one_look(rows, "ce")
+    tie = result[("a", "b")]
+    assert tie.estimate == pytest.approx(0, abs=1e-12) and tie.low < 0 < tie.high and not tie.decided
+    assert result[("c", "a")].decided and result[("c", "a")].better == "a"

@@ -58,7 +58,7 @@ product (3 seeds x 2000 documents x 2000 resamples take about 0.1 s).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from statistics import NormalDist
@@ -334,67 +334,6 @@ def paired_difference(
     if not 0 < level < 1:
         raise KnockoutError(f"level must be between 0 and 1, got {level}")
     return paired_components(a, b, metric, n_boot, seed).difference(level)
-
-
-@dataclass(frozen=True)
-class BestMethod:
-    """The best method at one fraction and whether it is significantly better than each of the others."""
-
-    metric: str
-    best: str
-    """The method with the lowest mean CE or the highest mean top-1 (the first one listed on exact ties)."""
-    runner_up: str
-    """The second best by the same ordering."""
-    values: dict[str, float]
-    """Method -> mean over seeds of its metric (ratio of sums per seed)."""
-    leads: dict[str, PairedDifference]
-    """Other method -> ``metric(best) - metric(other)`` with its interval."""
-    significant: bool
-    """The best is significantly better than *every* other method (each interval excludes 0). Requiring all
-    comparisons to be significant at ``level`` is an intersection-union test, so no multiplicity correction is needed.
-    """
-
-    @property
-    def lead(self) -> PairedDifference:
-        """The best method's lead over the runner-up."""
-        return self.leads[self.runner_up]
-
-
-def best_method(
-    rows: Mapping[str, Sequence[DocSums]],
-    metric: str,
-    level: float = 0.95,
-    n_boot: int = 2000,
-    seed: int = 0,
-) -> BestMethod:
-    """Which method is best at one fraction, and is it significantly better than all the others?
-
-    ``rows[method][s]`` is that method's row for seed ``s`` at the fraction compared (seeds in the same order for
-    every method). Each comparison uses :func:`paired_difference` with the same ``level``, ``n_boot`` and ``seed`` (so
-    the same document resamples).
-    """
-    _check_metric(metric)
-    if len(rows) < 2:
-        raise KnockoutError(f"best_method needs at least two methods to compare, got {len(rows)}")
-    for name, seeds in rows.items():
-        if len(seeds) == 0:
-            raise KnockoutError(f"method {name!r} has no rows")
-    values = {name: float(np.mean([r.metric(metric) for r in seeds])) for name, seeds in rows.items()}
-    sign = -1.0 if HIGHER_IS_BETTER[metric] else 1.0
-    order = sorted(values, key=lambda name: sign * values[name])  # stable: first listed wins exact ties
-    best, runner_up = order[0], order[1]
-    leads = {
-        other: paired_difference(rows[best], rows[other], metric, level=level, n_boot=n_boot, seed=seed)
-        for other in order[1:]
-    }
-    return BestMethod(
-        metric=metric,
-        best=best,
-        runner_up=runner_up,
-        values=values,
-        leads=leads,
-        significant=all(d.significant for d in leads.values()),
-    )
 
 
 def _betacf(a: float, b: float, x: float) -> float:

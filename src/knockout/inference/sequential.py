@@ -327,7 +327,7 @@ class Need:
     """The cheapest combination (sets x documents) found: ``cheapest_docs_factor`` times the documents."""
     more_sets_help_most: bool
     """Whether, from where the run is, one more set narrows the interval more per second of evaluation than more
-    documents for every set do."""
+    documents for every set do (False when more sets alone cannot decide it)."""
 
 
 def needed(
@@ -358,4 +358,5 @@ def needed(
     now = projected_half_width(c, s, 1.0, level) ** 2
     gain_sets = (now - projected_half_width(c, s + 1, 1.0, level) ** 2) / (1 / s)
     gain_docs = (now - projected_half_width(c, s, 2.0, level) ** 2) / 1.0
-    return Need(at_current, best[1] if best else None, float(best[2]) if best else None, gain_sets >= gain_docs)
+    sets_help = at_current is not None and gain_sets >= gain_docs
+    return Need(at_current, best[1] if best else None, float(best[2]) if best else None, sets_help)

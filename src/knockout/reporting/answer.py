@@ -1,112 +1,241 @@
-"""The answer a report opens with: which method is best at each table fraction, by how much, and how sure we are.
+"""The answer a report opens with: at each fraction, which method hurts the model least, a verdict for every pair of
+methods, and how far each is from the bound.
 
-Read from the run folder's per-document sums (``paired/``, see :mod:`knockout.runfolder`) only. For each fraction:
+Read from the run folder's rows and per-document sums (``paired/``) only. For each fraction:
 
-- the best method by CE and by top-1 (:func:`knockout.inference.paired.best_method`), its lead over the runner-up
-  with a 95% interval, and whether it is significantly better than *every* other method;
-- when ``optimal`` is in the run, each other method's excess CE over ``optimal`` (``CE(method) - CE(optimal)``, with
-  its interval): how far that method is from the best constant found for the same neuron sets.
+- the *contenders* are the methods a user would choose (zero, mean, peak, median, mode, the resampling methods ...);
+  ``optimal`` is a *bound* (the best any constant found for the same neuron sets: ``is_bound`` in the registry), not
+  a contender;
+- every pair of contenders gets a verdict from the sequential design of :mod:`knockout.inference.sequential`, for CE
+  and for top-1: "A hurts less than B by x [lo, hi]", or undecided. A run with fixed seeds is one look at all its
+  sets (Holm over the pairs at ``alpha``); a ``--seeds auto`` run is replayed look by look exactly as the runner made
+  it, with its planned looks and spending;
+- the best contender is the one decided better than every other (none while a pair involving the leader is open);
+- each contender's excess CE over the bound, ``CE(method) - CE(optimal)``, with a plain 95% interval on the sets
+  that have both; a bound whose evaluation CE is above a contender's on some set is flagged (its constants did not
+  generalise from the collection split: the bound is then false there);
+- for undecided pairs: what deciding the observed difference would need (:func:`knockout.inference.sequential.needed`)
+  and whether more sets or more documents would narrow the interval faster.
 
-Rows without per-document sums are left out of the comparison and the answer says so.
+The report's folder gets ``answer.json`` (everything above, as data) and ``paired.csv`` (one line per pair, metric
+and fraction, and one per excess over the bound), and ``answer.png`` (a forest plot of the differences).
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from knockout.errors import KnockoutError
-from knockout.inference.paired import BestMethod, DocSums, PairedDifference, best_method, paired_difference
+from knockout.inference.paired import HIGHER_IS_BETTER, DocSums, PairedDifference, paired_difference
+from knockout.inference.sequential import ALPHA, DecideOptions, Need, PairVerdict, Plan, SequentialTest, needed
 from knockout.reporting import html as H
 from knockout.runfolder import fraction_key, read_doc_sums, read_rows, row_key
 
-OPTIMAL = "optimal"
 LEVEL = 0.95
 N_BOOT = 2000
+METRIC_WORDS = {"ce": ("hurts least", "nats", "less than"), "top1": ("keeps the most top-1", "points", "more than")}
+
+
+def is_bound(method: str) -> bool:
+    """Whether ``method`` is a bound (``optimal``) rather than a contender (unknown names are contenders)."""
+    from knockout.ablation.methods import get_method
+
+    try:
+        return bool(get_method(method).is_bound)
+    except KnockoutError:
+        return False
 
 
 @dataclass
 class FractionAnswer:
-    """The comparison of the methods at one fraction."""
+    """The verdicts at one fraction."""
 
     fraction: float
     methods: list[str]
-    """Methods compared (those with per-document sums for every seed compared)."""
-    seeds: list[int]
-    ce: BestMethod | None = None
-    top1: BestMethod | None = None
+    """The contenders compared."""
+    ce: list[PairVerdict] = field(default_factory=list)
+    top1: list[PairVerdict] = field(default_factory=list)
+    n_sets: int = 0
+    """Neuron sets of the last look (CE)."""
+    n_docs: int = 0
+    design: str = ""
+    """How the sets were chosen and looked at, in words."""
+    stop: str = ""
+    """``decided`` (every CE pair), ``futile``, ``maximum``, ``fixed`` (one look at fixed seeds) or ``incomplete``."""
+    bound: str | None = None
     excess: dict[str, PairedDifference] = field(default_factory=dict)
-    """Method -> ``CE(method) - CE(optimal)`` (only when ``optimal`` was compared)."""
+    """Contender -> ``CE(contender) - CE(bound)`` with its 95% interval."""
+    needs: dict[tuple[str, str], Need] = field(default_factory=dict)
+    """Undecided CE pair -> what deciding it would take."""
+    flags: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def n_docs(self) -> int:
-        return self.ce.lead.n_docs if self.ce else 0
+    def verdicts(self, metric: str) -> list[PairVerdict]:
+        return self.ce if metric == "ce" else self.top1
+
+    def best(self, metric: str) -> str | None:
+        """The contender decided better than every other, if there is one."""
+        for m in self.methods:
+            wins = [v for v in self.verdicts(metric) if m in (v.a, v.b)]
+            if wins and len(wins) == len(self.methods) - 1 and all(v.better == m for v in wins):
+                return m
+        return None
+
+    def leader(self, metric: str) -> str | None:
+        """The contender with the best estimate (decided or not)."""
+        values = self.values(metric)
+        if not values:
+            return None
+        sign = -1 if HIGHER_IS_BETTER[metric] else 1
+        return min(values, key=lambda m: sign * values[m])
+
+    def values(self, metric: str) -> dict[str, float]:
+        """Each contender's metric relative to the first contender (from the pairs' estimates)."""
+        verdicts = self.verdicts(metric)
+        if not self.methods or not verdicts:
+            return {}
+        ref = self.methods[0]
+        out = {ref: 0.0}
+        for v in verdicts:
+            if v.a == ref:
+                out[v.b] = -v.estimate
+            elif v.b == ref:
+                out[v.a] = v.estimate
+        return out
 
 
 @dataclass
 class Answer:
     fractions: list[FractionAnswer]
-    method: str = ""
-    """How the intervals are computed, in words (from :func:`paired_difference`)."""
+    alpha: float = ALPHA
 
     @property
     def available(self) -> bool:
-        return any(f.ce is not None for f in self.fractions)
+        return any(f.ce for f in self.fractions)
 
 
+# -- computing ------------------------------------------------------------------------------------------------------
 def run_answer(run_dir: str | Path, fractions: tuple[float, ...], n_boot: int = N_BOOT) -> Answer:
     """The answer for ``run_dir`` at each of ``fractions`` (see the module docstring)."""
+    from knockout.runfolder import read_config
+
     rows = read_rows(run_dir)
     sums = read_doc_sums(run_dir)
-    out, how = [], ""
-    for f in fractions:
-        fa = fraction_answer(rows, sums, f, n_boot)
-        out.append(fa)
-        if fa.ce is not None:
-            how = fa.ce.lead.method
-    return Answer(out, how)
+    config = read_config(run_dir) or {}
+    decide = DecideOptions.from_dict(config.get("decide"))
+    return Answer([fraction_answer(rows, sums, config, f, n_boot) for f in fractions], decide.alpha)
 
 
-def fraction_answer(rows: list[dict], sums: dict, fraction: float, n_boot: int = N_BOOT) -> FractionAnswer:
-    """Compare the methods of ``rows`` at ``fraction`` on the per-document ``sums`` (``read_doc_sums``)."""
+def _seed_order(config: dict, rows: list[dict]) -> list[int]:
+    """Seeds in the order their sets were added: the configured ones (``auto``: 0, 1, 2, ...), then any others."""
+    seeds = config.get("seeds", [])
+    found = sorted({int(r["seed"]) for r in rows})
+    if seeds == "auto" or not isinstance(seeds, list):
+        return found
+    return list(dict.fromkeys([*map(int, seeds), *found]))
+
+
+def fraction_answer(
+    rows: list[dict], sums: dict, config: dict, fraction: float, n_boot: int = N_BOOT
+) -> FractionAnswer:
+    """The verdicts at ``fraction`` from ``rows`` (``read_rows``), their per-document ``sums`` (``read_doc_sums``)
+    and the run's ``config`` (config.json)."""
     key_f = fraction_key(fraction)
-    at = [r for r in rows if r["method"] != "baseline" and fraction_key(r["fraction"]) == key_f]
+    at = [r for r in rows if r["method"] != "baseline" and not r["target"] and fraction_key(r["fraction"]) == key_f]
     methods = list(dict.fromkeys(r["method"] for r in at))
-    seeds = sorted({int(r["seed"]) for r in at})
-    fa = FractionAnswer(fraction, [], [])
+    fa = FractionAnswer(fraction, [])
     if not methods:
         fa.notes.append(f"No rows at fraction {fraction:g}.")
         return fa
-    without = [m for m in methods if not any(row_key(m, fraction, s) in sums for s in seeds)]
+    order = _seed_order(config, rows)
+
+    def sets_of(m: str) -> list[DocSums]:
+        """Consecutive sets (in seed order) with per-document sums."""
+        out = []
+        for s in order:
+            d = sums.get(row_key(m, fraction, s))
+            if d is None:
+                break
+            out.append(DocSums(**d))
+        return out
+
+    data = {m: sets_of(m) for m in methods}
+    without = [m for m in methods if not data[m]]
     if without:
-        fa.notes.append(
-            f"Rows of {', '.join(without)} at {fraction:g} have no per-document sums; left out of the paired "
-            "comparison."
-        )
-    methods = [m for m in methods if m not in without]
-    common = [s for s in seeds if all(row_key(m, fraction, s) in sums for m in methods)]
-    if len(common) < len(seeds) and methods:
-        fa.notes.append(
-            f"At {fraction:g} only seeds {', '.join(map(str, common)) or 'none'} have per-document sums for every "
-            "method; the comparison uses those."
-        )
-    fa.methods, fa.seeds = methods, common
-    if len(methods) < 2 or not common:
+        fa.notes.append(f"Rows of {', '.join(without)} at {fraction:g} have no per-document sums; left out.")
+    bounds = [m for m in methods if is_bound(m) and data[m]]
+    contenders = [m for m in methods if not is_bound(m) and data[m]]
+    fa.methods = contenders
+    if len(contenders) < 2:
         fa.notes.append(f"Fewer than two methods to compare at {fraction:g}.")
         return fa
-    data = {m: [DocSums(**sums[row_key(m, fraction, s)]) for s in common] for m in methods}
+    decide = DecideOptions.from_dict(config.get("decide"))
+    sequential = config.get("seeds") == "auto" and any(fraction_key(f) == key_f for f in decide.fractions)
+    if sequential:
+        plan = decide.plan()
+    else:
+        common = min(len(data[m]) for m in contenders)
+        if common < max(len(data[m]) for m in contenders):
+            fa.notes.append(f"At {fraction:g} the comparison uses the {common} sets every method has.")
+        plan = Plan((common,), decide.alpha)
+    tests = {}
     try:
-        fa.ce = best_method(data, "ce", LEVEL, n_boot)
-        fa.top1 = best_method(data, "top1", LEVEL, n_boot)
-        if OPTIMAL in data:
-            fa.excess = {
-                m: paired_difference(data[m], data[OPTIMAL], "ce", LEVEL, n_boot) for m in methods if m != OPTIMAL
-            }
+        for metric in ("ce", "top1"):
+            tests[metric] = test = SequentialTest(plan, contenders, metric, n_boot=n_boot)
+            test.replay(data)
+            if test.looks_done == 0:
+                raise KnockoutError(f"not enough sets for the first look ({plan.looks[0]})")
     except KnockoutError as e:
-        fa.ce = fa.top1 = None
         fa.notes.append(f"No paired comparison at {fraction:g}: {e}")
+        return fa
+    ce = tests["ce"]
+    fa.ce = [ce.verdicts[p] for p in sorted(ce.verdicts, key=_pair_order(contenders))]
+    fa.top1 = [tests["top1"].verdicts[p] for p in sorted(tests["top1"].verdicts, key=_pair_order(contenders))]
+    fa.n_sets = plan.looks[ce.looks_done - 1]
+    fa.n_docs = fa.ce[0].n_docs
+    if not sequential:
+        fa.stop, fa.design = "fixed", f"one look at {fa.n_sets} fixed sets, Holm over the pairs at alpha {plan.alpha:g}"
+    else:
+        fa.stop = (
+            "decided" if ce.done else "futile" if ce.futile() else "maximum" if ce.looks_done == len(plan.looks)
+            else "incomplete"
+        )  # fmt: skip
+        made = ", ".join(map(str, plan.looks[: ce.looks_done]))
+        fa.design = (
+            f"sequential: looks at {made} of the planned {', '.join(map(str, plan.looks))} sets, alpha {plan.alpha:g} "
+            "spent over them (Hwang-Shih-DeCani, gamma -2), Holm over the pairs at each look"
+        )
+    level = ce.final_level(len(ce.undecided))
+    for v in fa.ce:
+        if not v.decided and v.components is not None:
+            fa.needs[(v.a, v.b)] = needed(v.components, v.estimate, level)
+    if bounds:
+        fa.bound = bounds[0]
+        b = data[fa.bound]
+        for m in contenders:
+            n = min(len(b), len(data[m]))
+            try:
+                fa.excess[m] = paired_difference(data[m][:n], b[:n], "ce", LEVEL, n_boot)
+            except KnockoutError as e:
+                fa.notes.append(f"No excess over {fa.bound} for {m}: {e}")
+            for s in range(n):
+                if b[s].metric("ce") > data[m][s].metric("ce"):
+                    fa.flags.append(
+                        f"{fa.bound} is above {m} on evaluation for set {order[s]} at {fraction:g} "
+                        f"(CE {b[s].metric('ce'):.4f} vs {data[m][s].metric('ce'):.4f}): its learned constants did not "
+                        "generalise from the collection split, so the bound is not a bound there"
+                    )
     return fa
+
+
+def _pair_order(methods: list[str]):
+    index = {m: i for i, m in enumerate(methods)}
+    return lambda pair: (index[pair[0]], index[pair[1]])
 
 
 # -- wording ----------------------------------------------------------------------------------------------------------
@@ -114,34 +243,87 @@ def _pct(f: float) -> str:
     return f"{100 * f:g}%"
 
 
-def _ci(d: PairedDifference, scale: float = 1.0, unit: str = "") -> str:
-    return f"{scale * d.estimate:+.3f}{unit} [{scale * d.low:+.3f}, {scale * d.high:+.3f}]"
+def _scale(metric: str) -> float:
+    return 100.0 if metric == "top1" else 1.0
 
 
-def _sig(b: BestMethod) -> str:
-    if b.significant:
-        return "significant (every 95% interval against the others excludes 0)"
-    losers = [m for m, d in b.leads.items() if not d.significant]
-    return f"not significant (the interval against {', '.join(losers)} includes 0)"
+def _amount(v: PairVerdict, winner: str) -> str:
+    """How much better ``winner`` (one of the pair) is, with the interval: ``0.250 nats [+0.100, +0.400]`` (CE: lower
+    by; top-1: higher by, in points)."""
+    s = -1.0 if (winner == v.a) == (v.metric == "ce") else 1.0
+    s *= _scale(v.metric)
+    lo, hi = sorted([s * v.low, s * v.high])
+    unit = METRIC_WORDS[v.metric][1]
+    digits = 3 if v.metric == "ce" else 2
+    return f"{s * v.estimate:.{digits}f} {unit} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def sentence(fa: FractionAnswer, metric: str = "ce") -> str:
+    """One plain sentence answering the question at ``fa.fraction`` for ``metric``."""
+    head = f"At {_pct(fa.fraction)}"
+    verdicts = fa.verdicts(metric)
+    if not verdicts:
+        return f"{head}: no paired comparison. " + " ".join(fa.notes)
+    what, _, than = METRIC_WORDS[metric]
+    sets = f"{fa.n_sets} set{'s' if fa.n_sets != 1 else ''} x {fa.n_docs} documents"
+    best = fa.best(metric)
+    if best is not None:
+        wins = sorted((v for v in verdicts if best in (v.a, v.b)), key=lambda v: abs(v.estimate))
+        parts = [f"{_amount(v, best)} {than} {v.worse}" for v in wins]
+        text = f"{head}, **{best}** {what}: {'; '.join(parts)}; decided with {sets}"
+    else:
+        leader = fa.leader(metric)
+        open_pairs = [v for v in verdicts if not v.decided]
+        shown = [v for v in open_pairs if leader in (v.a, v.b)] or open_pairs
+        parts = [f"{_amount(v, leader)} ahead of {v.b if v.a == leader else v.a}" for v in shown]
+        text = f"{head}, no method is decided best ({sets}{_stopped(fa)}): {leader} is {' and '.join(parts)}, undecided"
+        if metric == "ce":
+            text += _need_text(fa, shown)
+        decided = [v for v in verdicts if v.decided]
+        if decided:
+            text += "; decided: " + ", ".join(f"{v.better} over {v.worse}" for v in decided)
+    if metric == "ce" and fa.excess:
+        ex = "; ".join(f"{m} {d.estimate:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" for m, d in fa.excess.items())
+        text += f". Above {fa.bound} (nats, 95%): {ex}"
+    return text + "."
+
+
+def _stopped(fa: FractionAnswer) -> str:
+    return {
+        "maximum": ", the maximum",
+        "futile": "; stopped: the maximum could not decide it",
+        "incomplete": "; the run stopped before its next look",
+    }.get(fa.stop, "")
+
+
+def _need_text(fa: FractionAnswer, shown: list[PairVerdict]) -> str:
+    out = []
+    for v in shown:
+        need = fa.needs.get((v.a, v.b))
+        if need is None:
+            continue
+        pair = f"{v.a} against {v.b}"
+        if need.sets is not None:
+            text = f"deciding {pair} would take about {need.sets} sets at these documents"
+        else:
+            text = f"more sets alone cannot decide {pair} at these documents"
+        if need.cheapest_sets is not None and need.cheapest_docs_factor and need.cheapest_docs_factor > 1:
+            text += f" (about {need.cheapest_sets} sets with {need.cheapest_docs_factor:g}x the documents would)"
+        text += (
+            "; from here more sets narrow it fastest"
+            if need.more_sets_help_most
+            else ("; from here more evaluation documents narrow it fastest")
+        )
+        out.append(text)
+    return "; " + "; ".join(out) if out else ""
 
 
 def sentences(fa: FractionAnswer) -> list[str]:
-    """Plain-text sentences (markdown emphasis) answering the question at one fraction."""
-    head = f"At {_pct(fa.fraction)} ablated"
-    if fa.ce is None:
-        return [f"{head}: no paired comparison. " + " ".join(fa.notes)]
-    ce, t1 = fa.ce, fa.top1
-    out = [
-        f"{head} ({len(fa.seeds)} seed{'s' if len(fa.seeds) != 1 else ''} x {fa.n_docs} documents): best by CE "
-        f"**{ce.best}** (CE {ce.values[ce.best]:.4f}), {-ce.lead.estimate:.4f} nats below the runner-up "
-        f"{ce.runner_up} (difference {_ci(ce.lead)} nats); {_sig(ce)}.",
-        f"Best by top-1 **{t1.best}** ({100 * t1.values[t1.best]:.2f}%), {100 * t1.lead.estimate:+.2f} points over "
-        f"{t1.runner_up} ({_ci(t1.lead, 100, ' pt')}); {_sig(t1)}.",
-    ]
-    if fa.excess:
-        parts = [f"{m} {_ci(d)}{'' if d.significant else ' (n.s.)'}" for m, d in fa.excess.items()]
-        out.append("Excess CE over optimal (nats, 95% interval): " + "; ".join(parts) + ".")
-    return out + fa.notes
+    """The answer at one fraction: the CE sentence, the top-1 sentence, flags and notes."""
+    out = [sentence(fa, "ce")]
+    if fa.top1:
+        out.append(sentence(fa, "top1").replace(f"At {_pct(fa.fraction)}", "By top-1", 1))
+    return out + fa.flags + fa.notes
 
 
 def markdown(answer: Answer, heading: str = "## The answer") -> list[str]:
@@ -152,7 +334,12 @@ def markdown(answer: Answer, heading: str = "## The answer") -> list[str]:
         return lines + ["No paired comparison is possible: " + (" ".join(notes) or "no per-document sums."), ""]
     for fa in answer.fractions:
         lines += ["- " + " ".join(sentences(fa))]
-    lines += ["", f"_Differences are paired (same neuron sets and evaluation tokens per seed); {answer.method}._", ""]
+    designs = dict.fromkeys(fa.design for fa in answer.fractions if fa.design)
+    note = (
+        f"_Differences are paired (same neuron sets and documents); {'; '.join(designs)}. Each interval is the one "
+        "that decided its pair (or the last tested); docs/decisions.md explains the design._"
+    )
+    lines += ["", note, ""]
     return lines
 
 
@@ -164,51 +351,147 @@ def html(answer: Answer, heading: str = "<h2>The answer</h2>") -> str:
     items = []
     for fa in answer.fractions:
         text = H.esc(" ".join(sentences(fa)))
-        text = text.replace("**", "\x00")
-        parts = text.split("\x00")
+        parts = text.split("**")
         items.append("".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts)))
-    note = f"Differences are paired (same neuron sets and evaluation tokens per seed); {answer.method}."
+    designs = dict.fromkeys(fa.design for fa in answer.fractions if fa.design)
+    note = f"Differences are paired (same neuron sets and documents); {'; '.join(designs)}."
     return heading + "<ul>" + "".join(f"<li>{i}</li>" for i in items) + f'</ul><p class="note">{H.esc(note)}</p>'
 
 
-def best_rows(answer: Answer) -> list[dict]:
-    """One record per fraction for the table beside Table 2: best method (CE, top-1), lead and significance."""
+# -- as data --------------------------------------------------------------------------------------------------------
+PAIRED_COLUMNS = [
+    "fraction", "metric", "kind", "a", "b", "estimate", "low", "high", "level", "decided", "better", "n_sets",
+    "n_docs", "look", "low95", "high95", "design",
+]  # fmt: skip
+
+
+def paired_records(answer: Answer) -> list[dict]:
+    """One record per pair, metric and fraction (``kind="pair"``), and per excess over the bound (``"excess"``)."""
     out = []
     for fa in answer.fractions:
-        if fa.ce is None:
-            out.append({"fraction": f"{fa.fraction:g}", "best (CE)": "n/a", "best (top-1)": "n/a"})
-            continue
-        out.append(
-            {
-                "fraction": f"{fa.fraction:g}",
-                "best (CE)": fa.ce.best,
-                "CE lead over runner-up": f"{fa.ce.runner_up}: {_ci(fa.ce.lead)}",
-                "CE significant": "yes" if fa.ce.significant else "no",
-                "best (top-1)": fa.top1.best,
-                "top-1 lead (pt)": f"{fa.top1.runner_up}: {_ci(fa.top1.lead, 100)}",
-                "top-1 significant": "yes" if fa.top1.significant else "no",
-            }
-        )
+        for v in [*fa.ce, *fa.top1]:
+            out.append(
+                {
+                    "fraction": fa.fraction, "metric": v.metric, "kind": "pair", "a": v.a, "b": v.b,
+                    "estimate": v.estimate, "low": v.low, "high": v.high, "level": v.level, "decided": v.decided,
+                    "better": v.better or "", "n_sets": v.n_sets, "n_docs": v.n_docs, "look": v.look + 1,
+                    "low95": v.low95, "high95": v.high95, "design": fa.design,
+                }
+            )  # fmt: skip
+        for m, d in fa.excess.items():
+            out.append(
+                {
+                    "fraction": fa.fraction, "metric": "ce", "kind": "excess", "a": m, "b": fa.bound,
+                    "estimate": d.estimate, "low": d.low, "high": d.high, "level": d.level, "decided": d.significant,
+                    "better": (fa.bound if d.estimate > 0 else m) if d.significant else "", "n_sets": d.n_seeds,
+                    "n_docs": d.n_docs, "look": "", "low95": d.low, "high95": d.high, "design": d.method,
+                }
+            )  # fmt: skip
     return out
 
 
-BEST_COLUMNS = [
-    "fraction",
-    "best (CE)",
-    "CE lead over runner-up",
-    "CE significant",
-    "best (top-1)",
-    "top-1 lead (pt)",
-    "top-1 significant",
-]
+def paired_csv(answer: Answer) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=PAIRED_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(paired_records(answer))
+    return buf.getvalue()
 
 
-def best_markdown(answer: Answer) -> list[str]:
-    recs = best_rows(answer)
-    lines = ["| " + " | ".join(BEST_COLUMNS) + " |", "|" + "---|" * len(BEST_COLUMNS)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in BEST_COLUMNS) + " |" for r in recs]
+def to_json(answer: Answer) -> dict:
+    """The answer as plain data (``answer.json``)."""
+
+    def num(x):
+        return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+
+    fractions = []
+    for fa in answer.fractions:
+        fractions.append(
+            {
+                "fraction": fa.fraction,
+                "methods": fa.methods,
+                "best": {m: fa.best(m) for m in ("ce", "top1")},
+                "leader": {m: fa.leader(m) for m in ("ce", "top1")},
+                "sentence": {m: sentence(fa, m) for m in ("ce", "top1") if fa.verdicts(m)},
+                "n_sets": fa.n_sets,
+                "n_docs": fa.n_docs,
+                "stop": fa.stop,
+                "design": fa.design,
+                "bound": fa.bound,
+                "needs": [
+                    {
+                        "a": a,
+                        "b": b,
+                        "sets": n.sets,
+                        "cheapest_sets": n.cheapest_sets,
+                        "cheapest_docs_factor": n.cheapest_docs_factor,
+                        "more_sets_help_most": n.more_sets_help_most,
+                    }
+                    for (a, b), n in fa.needs.items()
+                ],  # fmt: skip
+                "flags": fa.flags,
+                "notes": fa.notes,
+            }
+        )
+    pairs = [{k: num(v) for k, v in r.items()} for r in paired_records(answer)]
+    return {"alpha": answer.alpha, "fractions": fractions, "pairs": pairs}
+
+
+def write_files(answer: Answer, out: Path, write) -> list[Path]:
+    """Write ``answer.json`` and ``paired.csv`` into ``out`` with ``write(path, text)``; returns their paths."""
+    paths = [out / "answer.json", out / "paired.csv"]
+    write(paths[0], json.dumps(to_json(answer), indent=2) + "\n")
+    write(paths[1], paired_csv(answer))
+    return paths
+
+
+def verdict_rows(answer: Answer) -> list[dict]:
+    """One record per fraction and metric for the table beside Table 2: best (or undecided), sets, stop."""
+    out = []
+    for fa in answer.fractions:
+        for metric in ("ce", "top1"):
+            if not fa.verdicts(metric):
+                continue
+            best = fa.best(metric)
+            open_pairs = [f"{v.a}-{v.b}" for v in fa.verdicts(metric) if not v.decided]
+            out.append(
+                {
+                    "fraction": f"{fa.fraction:g}",
+                    "metric": "CE" if metric == "ce" else "top-1",
+                    "best": best or f"undecided (leader {fa.leader(metric)})",
+                    "undecided pairs": ", ".join(open_pairs) or "none",
+                    "sets x documents": f"{fa.n_sets} x {fa.n_docs}",
+                    "stop": fa.stop,
+                }
+            )
+    return out
+
+
+VERDICT_COLUMNS = ["fraction", "metric", "best", "undecided pairs", "sets x documents", "stop"]
+
+
+def verdict_markdown(answer: Answer) -> list[str]:
+    recs = verdict_rows(answer)
+    lines = ["| " + " | ".join(VERDICT_COLUMNS) + " |", "|" + "---|" * len(VERDICT_COLUMNS)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in VERDICT_COLUMNS) + " |" for r in recs]
     return lines + [""]
 
 
-def best_html(answer: Answer) -> str:
-    return H.records_table(best_rows(answer), BEST_COLUMNS)
+def verdict_html(answer: Answer) -> str:
+    return H.records_table(verdict_rows(answer), VERDICT_COLUMNS)
+
+
+def forest_panels(answer: Answer, label: str = "") -> list[tuple[str, list]]:
+    """The answer's CE differences per fraction as :func:`knockout.reporting.figures.forest_figure` panels: every
+    pair (``A - B``: negative means A hurts less), then every excess over the bound."""
+    panels = []
+    for fa in answer.fractions:
+        if not fa.ce:
+            continue
+        entries = [(f"{v.a} - {v.b}", v.estimate, v.low, v.high, v.decided, "pair") for v in fa.ce]
+        entries += [
+            (f"{m} - {fa.bound}", d.estimate, d.low, d.high, d.significant, "excess") for m, d in fa.excess.items()
+        ]
+        title = f"{label + ': ' if label else ''}{_pct(fa.fraction)} ablated ({fa.n_sets} sets x {fa.n_docs} docs)"
+        panels.append((title, entries))
+    return panels

@@ -167,6 +167,29 @@ def gallery_figure(
     return fig
 
 
+def forest_figure(panels: list[tuple[str, list[tuple[str, float, float, float, bool, str]]]]) -> Figure:
+    """A forest plot: one panel per ``(title, entries)``; each entry ``(label, estimate, low, high, decided, kind)`` is
+    a point with its interval (filled when decided, hollow when not; ``kind`` "pair" in black, "excess" in grey),
+    against a dashed line at 0. Used for the answer's paired differences (CE, nats) per fraction, and for several
+    runs side by side."""
+    n = max(len(panels), 1)
+    height = max(2.2, 0.42 * max((len(e) for _, e in panels), default=1) + 1.2)
+    fig = Figure(figsize=(4.8 * n, height), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for ax, (title, entries) in zip(axes, panels):
+        ys = np.arange(len(entries))[::-1]
+        for y, (_label, est, lo, hi, decided, kind) in zip(ys, entries):
+            color = "black" if kind == "pair" else "0.55"
+            ax.plot([lo, hi], [y, y], color=color, lw=1.6)
+            ax.plot([est], [y], "o", ms=6, color=color, mfc=color if decided else "white")
+        ax.axvline(0, color="0.4", lw=0.9, ls="--")
+        ax.set_yticks(ys, [e[0] for e in entries], fontsize=8)
+        ax.set_xlabel("difference in cross-entropy (nats)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
 def save_figure(fig: Figure, stem: Path, dpi: int = 110) -> list[Path]:
     """Write ``stem.png`` and ``stem.svg``; returns both paths."""
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,9 @@
 
 ``write_report(run_dir)`` writes into ``run_dir/report/`` (see docs/reports.md)::
 
-    report.html              self-contained: table, figures (base64 PNG), identity, config, timings, all rows
+    report.html              self-contained: the answer, table, figures (base64 PNG), identity, config, timings, rows
+    answer.json, paired.csv  the answer as data: every pair's verdict and interval, excess over the bound
+    answer.png/.svg          forest plot of the paired CE differences per fraction
     report.md                README-friendly summary referencing the PNGs
     table2.md/.csv/.tex      the paper's Table 2 for this run (see knockout.reporting.table for the marking rule)
     summary.csv              mean ± std over seeds of every (method, fraction)
@@ -29,7 +31,14 @@ from knockout.errors import KnockoutError
 from knockout.reporting import answer as A
 from knockout.reporting import html as H
 from knockout.reporting.eps import eps_columns, eps_markdown, eps_rows
-from knockout.reporting.figures import curves_figure, gallery_figure, layers_figure, png_bytes, save_figure
+from knockout.reporting.figures import (
+    curves_figure,
+    forest_figure,
+    gallery_figure,
+    layers_figure,
+    png_bytes,
+    save_figure,
+)
 from knockout.reporting.neurons import StatsFile, default_layers, point_mass_counts, rank_atypical
 from knockout.reporting.run import RunData
 from knockout.reporting.summary import METRICS
@@ -170,6 +179,7 @@ def write_report(
     write_atomic(out / "table2.tex", table.to_latex())
     write_atomic(out / "summary.csv", _summary_csv(run.summary))
     answer = A.run_answer(run.dir, fractions)
+    A.write_files(answer, out, write_atomic)
     eps_table = eps_rows(run.summary, methods, fractions, run.config.get("eps"))
     if eps_table:
         write_atomic(out / "eps.csv", _csv(eps_table, eps_columns(fractions)))
@@ -177,6 +187,11 @@ def write_report(
 
     # -- figures -----------------------------------------------------------------------------------------------
     images: dict[str, bytes] = {}
+    panels = A.forest_panels(answer)
+    if panels:
+        fig = forest_figure(panels)
+        save_figure(fig, out / "answer")
+        images["answer"] = png_bytes(fig)
     fig = curves_figure([(label, run.summary)], methods)
     save_figure(fig, out / "curves")
     images["curves"] = png_bytes(fig)
@@ -229,6 +244,8 @@ def _write_html(path, title, run, table, images, atypical, timings, partial, not
     if partial:
         b.append(H.warning(partial))
     b.append(A.html(answer))
+    if "answer" in images:
+        b.append(H.img(images["answer"], "paired differences in cross-entropy with their intervals, per fraction"))
     b += [f'<p class="note">{H.esc(n)}</p>' for n in notes]
     b.append("<h2>Model and data</h2>" + H.kv_table(identity(run)))
     b.append("<h2>Table 2: top-1 and cross-entropy at chosen fractions</h2>")
@@ -239,7 +256,7 @@ def _write_html(path, title, run, table, images, atypical, timings, partial, not
     )
     b.append(table.to_html())
     if answer.available:
-        b.append("<h3>Best method per fraction (paired, 95% intervals)</h3>" + A.best_html(answer))
+        b.append("<h3>Verdicts per fraction</h3>" + A.verdict_html(answer))
     if extra["eps_table"]:
         b.append("<h2>Peak against bin width</h2>")
         b.append(
@@ -297,6 +314,8 @@ def _write_markdown(path, title, run, table, images, atypical, timings, partial,
     if partial:
         lines += [f"> **{partial}**", ""]
     lines += A.markdown(answer)
+    if "answer" in images:
+        lines += ["![paired differences](answer.png)", ""]
     lines += [f"_{n}_" for n in notes] + ([""] if notes else [])
     ident = identity(run)
     keys = ["model", "model type", "layers x neurons", "task", "data", "eval tokens", "seeds", "device", "dtype"]
@@ -310,7 +329,7 @@ def _write_markdown(path, title, run, table, images, atypical, timings, partial,
         lines.append(f"Columns marked [paper] are the paper's numbers for {pm}.")
     lines += ["", table.to_markdown()]
     if answer.available:
-        lines += ["Best method per fraction (paired, 95% intervals):", "", *A.best_markdown(answer)]
+        lines += ["Verdicts per fraction:", "", *A.verdict_markdown(answer)]
     if extra["eps_table"]:
         lines += ["## Peak against bin width", "", *eps_markdown(extra["eps_table"], extra["fractions"]), ""]
     lines += ["## Change against fraction ablated", "", "![curves](curves.png)", ""]
