@@ -20,6 +20,7 @@ from knockout.experiments.config import SweepConfig  # noqa: E402
 from knockout.experiments.runner import run_sweep  # noqa: E402
 from knockout.hooks import capture, edit_preout, fold_constants, replace_with_constants  # noqa: E402
 from knockout.loading import load_model  # noqa: E402
+from knockout.reporting.results import RunResults, load_run  # noqa: E402
 from knockout.sites import MLP_SITE_PATTERNS, SITE_PATTERNS, Site, find_sites  # noqa: E402
 from knockout.stats import Statistics, collect_stats  # noqa: E402
 from knockout.version import __version__  # noqa: E402
@@ -47,5 +48,7 @@ __all__ = [
     "load_model",
     "register",
     "replace_with_constants",
+    "RunResults",
+    "load_run",
     "run_sweep",
 ]

@@ -250,13 +250,17 @@ def _config(args, sections: tuple[str, ...] = FLAG_SECTIONS, **extra):
 
 def _sweep(args) -> int:
     from knockout.experiments.runner import run_sweep
-    from knockout.reporting import format_table, summarize, write_report
-    from knockout.runfolder import read_rows
+    from knockout.reporting import format_table, write_report
+    from knockout.reporting.answer import sentence
 
-    out = run_sweep(_config(args), progress=not args.quiet, restart=getattr(args, "restart", False))
+    results = run_sweep(_config(args), progress=not args.quiet, restart=getattr(args, "restart", False))
     if not _main_process():
         return 0
-    print(format_table(summarize(read_rows(out))))
+    out = results.dir
+    print(format_table(results.summary.to_dict("records")))
+    print()
+    for fa in results.answer.fractions:
+        print(sentence(fa).replace("**", ""))
     print(f"\nresults: {out}/results.csv  config: {out}/config.json")
     with _quiet_numpy():
         print(f"report: {write_report(out)}")

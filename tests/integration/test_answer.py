@@ -3,6 +3,7 @@ retraining, and the report / compare open with the answer computed from those su
 
 import json
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from knockout.experiments.config import SweepConfig
 from knockout.experiments.runner import run_sweep
 from knockout.inference.paired import DocSums, paired_difference
 from knockout.loading import LoadedModel
-from knockout.reporting.answer import markdown, run_answer
+from knockout.reporting.answer import markdown, paired_records, run_answer
 from knockout.reporting.report import compare_runs, write_report
 from knockout.runfolder import read_doc_sums, read_rows, row_key
 
@@ -35,7 +36,7 @@ def run(tmp_path_factory):
     torch.set_num_threads(1)  # tiny matrices: threads only contend
     try:
         with _counting_trainings() as trained:
-            out = run_sweep(cfg, progress=False, loaded=loaded)
+            out = Path(run_sweep(cfg, progress=False, loaded=loaded))
     finally:
         torch.set_num_threads(threads)
     return root, cfg, loaded, out, len(trained)
@@ -151,3 +152,23 @@ def test_rows_without_doc_sums_are_reported_as_such(run, tmp_path):
     shutil.rmtree(copy / "paired")
     md = "\n".join(markdown(run_answer(copy, (0.5,))))
     assert "No paired comparison is possible" in md and "no per-document sums" in md
+
+
+def test_load_run_gives_the_rows_summary_and_answer_as_dataframes(run):
+    import pandas as pd
+
+    import knockout as ko
+    from knockout.reporting.summary import summarize
+
+    _, cfg, loaded, out, _ = run
+    results = ko.load_run(out)
+    rows = read_rows(out)
+    assert isinstance(results.rows, pd.DataFrame) and len(results.rows) == len(rows)
+    assert results.rows.to_dict("records") == rows
+    assert results.summary.to_dict("records") == summarize(rows)
+    answer = run_answer(out, (0.5, 0.9))  # the run's decision fractions by default
+    assert [fa.fraction for fa in results.answer.fractions] == [0.5, 0.9]
+    assert results.paired.to_dict("records") == pd.DataFrame(paired_records(answer)).to_dict("records")
+    assert results.best(0.5) == answer.fractions[0].best("ce") and Path(results) == out
+    again = run_sweep(cfg, progress=False, loaded=loaded)  # nothing left to run: the same object
+    assert again.rows.equals(results.rows) and again.paired.equals(results.paired)

@@ -31,6 +31,7 @@ from knockout.experiments.prepare import Prepared, environment, prepare, stats_m
 from knockout.inference.paired import DocSums
 from knockout.inference.sequential import SequentialTest
 from knockout.loading import DTYPES, LoadedModel, load_model, resolve_device
+from knockout.reporting.results import RunResults, load_run
 from knockout.runfolder import ResultRow, ResultStore
 from knockout.stats import centres
 from knockout.stats.running import LayerStats, check_hist_memory
@@ -165,8 +166,10 @@ def run_sweep(
     progress: bool = True,
     loaded: LoadedModel | None = None,
     restart: bool = False,
-) -> Path:
-    """Run (or resume) the sweep of ``cfg``; returns the run folder.
+) -> RunResults | None:
+    """Run (or resume) the sweep of ``cfg``; returns its results as data (:func:`knockout.reporting.load_run`;
+    path-like: ``Path(results)`` is the run folder), on the process that writes the folder (``None`` on the other
+    ranks of a torchrun).
 
     For each seed: the unablated baseline, then for each method and fraction the ablated evaluation. Rows already
     in the folder's results are skipped, so re-running the same command resumes an interrupted run. ``restart``
@@ -181,7 +184,7 @@ def run_sweep(
     with distributed.process_group(resolve_device(cfg.device)):
         run = prepare(cfg, distributed.world(), restart=restart, loaded=loaded)
         _sweep(run, progress and run.world.is_main)
-        return Path(cfg.out)
+        return load_run(cfg.out) if run.world.is_main else None
 
 
 def _sweep(run: Prepared, progress: bool) -> None:

@@ -1,6 +1,7 @@
 """Tables and figures, built from a run folder's stored results and statistics only."""
 
 from knockout.reporting.report import compare_runs, write_report
+from knockout.reporting.results import RunResults, load_run
 from knockout.reporting.summary import format_table, summarize
 
-__all__ = ["compare_runs", "format_table", "summarize", "write_report"]
+__all__ = ["RunResults", "compare_runs", "format_table", "load_run", "summarize", "write_report"]

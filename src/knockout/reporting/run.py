@@ -25,7 +25,16 @@ class RunData:
     summary: list[dict] = field(init=False)
 
     def __post_init__(self):
-        self.summary = summarize(self.rows) if self.rows else []
+        self.summary = summarize(self.table_rows) if self.rows else []
+
+    @property
+    def table_rows(self) -> list[dict]:
+        """The rows Table 2 and the curves summarise: with ``seeds: "auto"``, those of the first look's sets (every
+        method has them at every fraction; the sets added at the decision fractions serve the answer)."""
+        if self.config.get("seeds") != "auto":
+            return self.rows
+        fixed = set(self.fixed_seeds)
+        return [r for r in self.rows if int(r["seed"]) in fixed]
 
     @classmethod
     def load(cls, run_dir: str | Path) -> RunData:
