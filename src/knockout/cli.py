@@ -1,10 +1,12 @@
-"""Command line: ``knockout stats | sweep | demo | sites | methods | bench``. Thin: parse, build config, call."""
+"""Command line: ``knockout sweep | demo | stats | report | compare | sites | methods | presets | bench``. Thin: parse,
+build the config, call, print."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import warnings
@@ -440,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
         resume = "; re-run the same command to resume" if args.command in ("sweep", "demo") else ""
         print(f"\nknockout: interrupted{resume}{note}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`knockout presets | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

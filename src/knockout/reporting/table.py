@@ -15,9 +15,9 @@ Applied to the paper's own numbers (:func:`load_paper_table`), this rule reprodu
 paper's Table 2: four models, both metrics, 50% and 90% (RoBERTa's 90% peak row is missing from the source and left
 out; tested in ``tests/unit/test_paper_marks.py``). The factor 1/2 is read off those marks: any factor ``k`` with
 ``1/3 <= k < 0.56`` reproduces them, while a full std (``|m - m*| <= s``) also marks OPT's 90% top-1 mean, which the
-paper does not. docs/reports.md lists the other rules tried.
+paper does not.
 
-The previous rule is kept as ``rule="within-best-std"``: with ``s*`` the std of the best entry, every method with
+Another rule is available as ``rule="within-best-std"``: with ``s*`` the std of the best entry, every method with
 ``|m - m*| <= s*`` is marked (no slack). On the paper's table it marks three cells the paper does not (OPT's 90% top-1
 mean, ViT's 90% top-1 peak and mean).
 
