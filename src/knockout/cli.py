@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import re
@@ -51,6 +52,10 @@ def _method_fractions(text: str) -> dict[str, list[float]]:
         name, sep, fractions = part.partition("=")
         if not sep or not name.strip():
             raise argparse.ArgumentTypeError(f"expected METHOD=FRACTIONS[;METHOD=FRACTIONS...], got {part!r}")
+        if name.strip() in result:
+            raise argparse.ArgumentTypeError(
+                f"{name.strip()!r} is named twice in {text!r}; give each method once, with all its fractions"
+            )
         result[name.strip()] = _floats(fractions)
     return result
 
@@ -419,6 +424,12 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except KnockoutError as e:
         print(f"knockout: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" while writing {e.filename!r}" if e.filename else ""
+        print(f"knockout: error: no space left on the device{where}: free some space and re-run", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         note = _progress_note(args) if args.command in ("sweep", "demo") else ""

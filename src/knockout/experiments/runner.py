@@ -26,7 +26,14 @@ from knockout.errors import KnockoutError
 from knockout.evaluation.evaluate import evaluate
 from knockout.evaluation.metrics import Metrics
 from knockout.experiments.config import SweepConfig
-from knockout.experiments.prepare import Prepared, environment, prepare, stats_meta
+from knockout.experiments.prepare import (
+    Prepared,
+    check_stats_source,
+    environment,
+    prepare,
+    stats_meta,
+    stats_provenance,
+)
 from knockout.loading import DTYPES, LoadedModel, load_model, resolve_device
 from knockout.runfolder import ResultRow, ResultStore
 from knockout.stats import centres
@@ -46,7 +53,7 @@ def collect_run_stats(run: Prepared, progress: bool = True) -> Statistics:
     batches = stats_batches(run.spec, run.inputs)
     if run.inputs.task != "image":
         log.info("statistics: %.1f%% of the computed positions are counted", 100 * scored_fraction(batches, "valid"))
-    meta = stats_meta(run.spec, run.identity)
+    meta = stats_meta(run.spec, run.identity, run.data_id)
     return distributed.collect_stats_sharded(
         run.loaded.model, run.sites, batches, eps=cfg.eps, limit=cfg.hist_limit, meta=meta,
         progress=progress and run.world.is_main,
@@ -61,7 +68,7 @@ def obtain_stats(run: Prepared, progress: bool = True) -> tuple[Statistics, bool
     source = path if path.is_file() else (Path(cfg.stats_path) if cfg.stats_path else None)
     if source is not None:
         stats = Statistics.load(source)
-        stats.check_model(run.identity, source=f"statistics in {str(source)!r}")
+        check_stats_source(stats, run, source, given=source != path)
         if (stats.eps, stats.limit) != (cfg.eps, cfg.hist_limit):
             raise KnockoutError(
                 f"statistics in {str(source)!r} use eps={stats.eps}, hist limit={stats.limit}; "
@@ -125,7 +132,9 @@ def load_generator(cfg: SweepConfig, loaded: LoadedModel) -> LoadedModel | None:
         return None
     dtype = model_dtype(loaded.model)
     dtype_name = next((k for k, v in DTYPES.items() if v == dtype), "auto")
-    generator = load_model(spec, task="causal", dtype=dtype_name, device=str(loaded.device))
+    generator = load_model(
+        spec, task="causal", dtype=dtype_name, device=str(loaded.device), trust_remote_code=cfg.trust_remote_code
+    )
     if generator.task != "causal":
         raise KnockoutError(f"--resample-model must be a causal LM, got a {generator.task} model")
     return generator
@@ -176,8 +185,11 @@ def run_sweep(
     separates the reading of the existing run folder from the first write.
     """
     with distributed.process_group(resolve_device(cfg.device)):
-        run = prepare(cfg, distributed.world(), restart=restart, loaded=loaded)
-        _sweep(run, progress and run.world.is_main)
+        try:
+            run = prepare(cfg, distributed.world(), restart=restart, loaded=loaded)
+            _sweep(run, progress and run.world.is_main)
+        finally:
+            runfolder.unlock_run(cfg.out)  # the run folder's lock, taken by rank 0 in prepare
         return Path(cfg.out)
 
 
@@ -223,6 +235,7 @@ def _sweep(run: Prepared, progress: bool) -> None:
         "device_map": {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()} or None,
         "environment": environment(),
         "data_identity": run.data_id,
+        "statistics": None if stats is None else stats_provenance(stats, cfg.stats_path),
     }
     store = ResultStore(out, read_only=not main)
     distributed.barrier()  # every rank has read the folder's state; rank 0 may now write
@@ -235,9 +248,22 @@ def _sweep(run: Prepared, progress: bool) -> None:
     per_seed = 1 + sum(len(cfg.fractions_of(c.name)) for c in classes)
     bar = tqdm(total=len(cfg.seeds) * per_seed, desc="sweep", unit="row", disable=not progress)
     stored_docs = runfolder.read_doc_sums(out)  # the per-document sums of a resumed run, read once
+
+    def done(method: str, fraction: float, seed: int) -> bool:
+        """The row is stored with per-document sums that add up to it (else it is run again)."""
+        row = store.get(method, fraction, seed)
+        if row is None:
+            return False
+        why = runfolder.doc_sums_disagree(row, stored_docs.get(row.key))
+        if why is not None and main:
+            log.warning("%s at %g (seed %d): %s in %s; running the row again", method, fraction, seed, why,
+                        runfolder.PAIRED_DIR)  # fmt: skip
+        return why is None
+
     for seed in cfg.seeds:
-        todo = [(c, f) for c in classes for f in cfg.fractions_of(c.name) if (c.name, f, seed) not in store]
-        if ("baseline", 0.0, seed) in store and not todo:
+        todo = [(c, f) for c in classes for f in cfg.fractions_of(c.name) if not done(c.name, f, seed)]
+        base_done = done("baseline", 0.0, seed)
+        if base_done and not todo:
             bar.update(per_seed)
             continue
         same_inputs = seed == cfg.seeds[0] or loaded.task not in SEED_DEPENDENT_TASKS
@@ -245,7 +271,7 @@ def _sweep(run: Prepared, progress: bool) -> None:
         selection = NeuronSelection.for_sites(sites, seed, cfg.selection)
         if main:
             runfolder.save_selection(out, selection.state_dict(), selection.mode)
-        base = store.get("baseline", 0.0, seed)
+        base = store.get("baseline", 0.0, seed) if base_done else None
         base_docs = stored_docs.get(runfolder.row_key("baseline", 0.0, seed))
         if base is None:
             t0 = time.perf_counter()

@@ -17,8 +17,10 @@ from pathlib import Path
 
 from knockout.errors import KnockoutError
 from knockout.reporting import html as H
+from knockout.reporting.escape import markdown as md
+from knockout.reporting.escape import markdown_keep_bold
 from knockout.reporting.paired import BestMethod, DocSums, PairedDifference, best_method, paired_difference
-from knockout.runfolder import fraction_key, read_doc_sums, read_rows, row_key
+from knockout.runfolder import doc_sums_disagree, fraction_key, read_doc_sums, read_rows, row_key
 
 OPTIMAL = "optimal"
 LEVEL = 0.95
@@ -59,6 +61,10 @@ def run_answer(run_dir: str | Path, fractions: tuple[float, ...], n_boot: int = 
     """The answer for ``run_dir`` at each of ``fractions`` (see the module docstring)."""
     rows = read_rows(run_dir)
     sums = read_doc_sums(run_dir)
+    for r in rows:  # sums that do not add up to their row's CE and top-1 are not the row's: left out (and named)
+        key = row_key(r["method"], r["fraction"], r["seed"], r["target"])
+        if key in sums and doc_sums_disagree(r, sums[key]) is not None:
+            del sums[key]
     out, how = [], ""
     for f in fractions:
         fa = fraction_answer(rows, sums, f, n_boot)
@@ -87,9 +93,15 @@ def fraction_answer(rows: list[dict], sums: dict, fraction: float, n_boot: int =
     methods = [m for m in methods if m not in without]
     common = [s for s in seeds if all(row_key(m, fraction, s) in sums for m in methods)]
     if len(common) < len(seeds) and methods:
+        why = "; ".join(
+            f"seed {s} lacks those of {', '.join(m for m in methods if row_key(m, fraction, s) not in sums)}"
+            for s in seeds
+            if s not in common
+        )
         fa.notes.append(
             f"At {fraction:g} only seeds {', '.join(map(str, common)) or 'none'} have per-document sums for every "
-            "method; the comparison uses those."
+            f"method; the comparison uses those ({why}: missing from paired/, or not adding up to their rows in "
+            "results.jsonl; re-run the same sweep command to recompute them)."
         )
     fa.methods, fa.seeds = methods, common
     if len(methods) < 2 or not common:
@@ -149,9 +161,9 @@ def markdown(answer: Answer, heading: str = "## The answer") -> list[str]:
     lines = [heading, ""]
     if not answer.available:
         notes = [n for f in answer.fractions for n in f.notes]
-        return lines + ["No paired comparison is possible: " + (" ".join(notes) or "no per-document sums."), ""]
+        return lines + ["No paired comparison is possible: " + md(" ".join(notes) or "no per-document sums."), ""]
     for fa in answer.fractions:
-        lines += ["- " + " ".join(sentences(fa))]
+        lines += ["- " + markdown_keep_bold(" ".join(sentences(fa)))]
     lines += ["", f"_Differences are paired (same neuron sets and evaluation tokens per seed); {answer.method}._", ""]
     return lines
 
@@ -206,7 +218,7 @@ BEST_COLUMNS = [
 def best_markdown(answer: Answer) -> list[str]:
     recs = best_rows(answer)
     lines = ["| " + " | ".join(BEST_COLUMNS) + " |", "|" + "---|" * len(BEST_COLUMNS)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in BEST_COLUMNS) + " |" for r in recs]
+    lines += ["| " + " | ".join(md(r.get(c, "")) for c in BEST_COLUMNS) + " |" for r in recs]
     return lines + [""]
 
 
