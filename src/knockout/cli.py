@@ -403,8 +403,8 @@ def _progress_note(args) -> str:
         from knockout.runfolder import RESULTS_FILE, read_config, read_rows
 
         out = Path(_config(args).out)
-        done = len(read_rows(out)) if (out / RESULTS_FILE).is_file() else 0
-        total = RunData(out, read_config(out) or {}, []).n_expected
+        run = RunData(out, read_config(out) or {}, read_rows(out) if (out / RESULTS_FILE).is_file() else [])
+        done, total = run.n_present, run.n_expected
         return f" ({done} rows done)" if total is None else f" ({done} of {total} rows done)"
     except Exception:  # only a courtesy: never let it hide the interruption
         return ""

@@ -102,14 +102,14 @@ def folder_files(folder: Path, gguf_file: str | None = None) -> dict[str, Path]:
     return files
 
 
-def _hub_snapshot(name: str) -> tuple[Path, str] | None:
-    """The local cache's snapshot folder of hub model ``name`` and its commit, if it is cached."""
+def _hub_snapshot(name: str, filename: str = "config.json") -> tuple[Path, str] | None:
+    """The local cache's snapshot folder of hub model ``name`` and its commit, if its ``filename`` is cached."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - a dependency of transformers
         return None
     try:
-        found = try_to_load_from_cache(name, "config.json")
+        found = try_to_load_from_cache(name, filename)
     except Exception:  # not a valid repo id
         return None
     if not isinstance(found, str):
@@ -127,7 +127,7 @@ def source_fingerprint(model: str, gguf_file: str | None = None) -> dict | None:
     folder, revision = Path(source), None
     local = folder.is_dir()
     if not local:
-        snapshot = _hub_snapshot(source)
+        snapshot = _hub_snapshot(source, gguf or "config.json")
         if snapshot is None:
             return None
         folder, revision = snapshot

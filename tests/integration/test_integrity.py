@@ -111,7 +111,7 @@ def _cli(args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "knockout", *args], env=_env(), capture_output=True, text=True)
 
 
-def test_a_second_writer_is_refused_while_the_first_runs_and_readers_read(
+def test_a_second_writer_is_refused_and_a_folder_moved_away_is_not_written_again(
     setup, reference, tmp_path, capsys, monkeypatch
 ):
     from knockout.reporting.report import write_report
@@ -119,7 +119,7 @@ def test_a_second_writer_is_refused_while_the_first_runs_and_readers_read(
     _, model, corpus = setup
     out = tmp_path / "run"
     args = _args(model, corpus, out)
-    first, go = _start_paused(args, tmp_path, at=8)  # a few rows in
+    first, go = _start_paused(args, tmp_path, at=8)  # a few rows in, holding the folder's lock
     try:
         lock = out / runfolder.LOCK_FILE
         assert lock.read_text().strip() == str(first.pid)
@@ -138,23 +138,9 @@ def test_a_second_writer_is_refused_while_the_first_runs_and_readers_read(
         monkeypatch.setattr("knockout.reporting.write_report", write_report)
         assert main(["report", str(out), "--out", str(tmp_path / "elsewhere")]) == 0
         assert _files(out) == before
-    finally:
-        go.touch()
-        stdout, stderr = first.communicate(timeout=300)
-    assert first.returncode == 0, stderr
-    assert _values(out) == _values(reference)
-    assert not (out / runfolder.LOCK_FILE).exists()  # released
-    assert not list(out.rglob(".*.tmp"))
-
-
-def test_a_folder_moved_away_under_a_writer_is_not_written_again(setup, tmp_path):
-    _, model, corpus = setup
-    out = tmp_path / "run"
-    first, go = _start_paused(_args(model, corpus, out), tmp_path, at=6)
-    try:
+        # the folder is moved away (by hand) while the first writer runs: it stops and writes nothing more
         moved = tmp_path / "moved"
-        os.rename(out, moved)  # e.g. by hand, while it runs
-        before = _files(moved)
+        os.rename(out, moved)
     finally:
         go.touch()
         _, stderr = first.communicate(timeout=300)
@@ -162,6 +148,11 @@ def test_a_folder_moved_away_under_a_writer_is_not_written_again(setup, tmp_path
     assert "was moved away or replaced while this process was writing it" in stderr.strip().splitlines()[-1]
     assert _files(moved) == before  # the write it was in and everything after went nowhere
     assert not out.exists()
+    monkeypatch.setattr("knockout.reporting.write_report", lambda out, *a, **k: Path(out) / "report")
+    args[args.index("--out") + 1] = str(moved)  # resumed where it is now (its stale lock file is no obstacle)
+    assert main(args) == 0
+    assert _values(moved) == _values(reference)
+    assert not (moved / runfolder.LOCK_FILE).exists() and not list(moved.rglob(".*.tmp"))
 
 
 def test_restart_moves_the_folder_with_its_lock_and_takes_a_fresh_one(tmp_path):
@@ -247,8 +238,16 @@ def test_fingerprints_of_files_tensors_and_the_hub_cache(tmp_path, monkeypatch):
     snap.mkdir(parents=True)
     (blobs / digest).write_bytes(data)
     (snap / "model.safetensors").symlink_to(blobs / digest)
-    monkeypatch.setattr("builtins.open", None)  # nothing may be read
-    assert fp.file_sha256(snap / "model.safetensors") == digest
+    (snap / "config.json").write_bytes((Path(a) / "config.json").read_bytes())
+    # a hub name whose snapshot is in the local cache: the same fingerprint as the copied folder, with the commit
+    cached = {("org/tiny", "config.json"): str(snap / "config.json")}
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda repo, name: cached.get((repo, name)))
+    hub = fp.source_fingerprint("org/tiny")
+    assert hub.pop("revision") == "abc123" and hub == fp.source_fingerprint(a)
+    assert fp.source_fingerprint("org/not-cached") is None  # known only after loading
+    with monkeypatch.context() as mp:
+        mp.setattr("builtins.open", None)  # nothing may be read
+        assert fp.file_sha256(snap / "model.safetensors") == digest
 
 
 def test_large_files_have_their_sha256_cached_by_path_size_and_time(tmp_path, monkeypatch):
@@ -541,7 +540,13 @@ def test_code_shipped_with_a_model_runs_only_with_trust_remote_code(setup, tmp_p
         load_model(str(folder), device="cpu")
     assert "--trust-remote-code" in str(e.value)
     assert not asked and not (tmp_path / "marker").exists()
-    # with --trust-remote-code the folder's code runs (in a subprocess: it is copied into HF_MODULES_CACHE)
+
+
+@pytest.mark.slow
+def test_code_shipped_with_a_model_runs_with_trust_remote_code(setup, tmp_path):
+    _, model, _ = setup
+    folder = _custom_code_model(tmp_path, model)
+    # in a subprocess: the folder's code is copied into HF_MODULES_CACHE
     env = {**_env(), "HF_MODULES_CACHE": str(tmp_path / "modules")}
     cmd = ["sites", "--model", str(folder), "--trust-remote-code"]
     proc = subprocess.run([sys.executable, "-m", "knockout", *cmd], env=env, capture_output=True, text=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from knockout.ablation.selection import validate_fractions
 from knockout.errors import KnockoutError
+from knockout.fingerprint import describe
 from knockout.reporting import answer as A
 from knockout.reporting import html as H
 from knockout.reporting.eps import eps_columns, eps_markdown, eps_rows
@@ -96,6 +97,7 @@ def identity(run: RunData) -> dict:
         "model": run.model,
         "model type": mid.get("model_type", "?"),
         "site": mid.get("site", "attention"),
+        "model fingerprint": describe(mid.get("fingerprint")),
         "layers x neurons": _widths(mid.get("widths")),
         "heads": mid.get("n_heads", "?"),
         "task": res.get("task", cfg.get("task", "?")),
