@@ -120,8 +120,13 @@ class RunLock:
     @classmethod
     def acquire(cls, run_dir: str | os.PathLike) -> RunLock:
         """Lock ``run_dir`` (created if missing) for this process; re-entrant within one process. Raises
-        :class:`KnockoutError` naming the holder's PID when another process holds it."""
-        import fcntl
+        :class:`KnockoutError` naming the holder's PID when another process holds it. Where the OS has no
+        ``flock`` (Windows), the lock file is written but not locked, with a warning."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            fcntl = None
+            log.warning("this platform has no file locks: knockout cannot keep a second process out of a run folder")
 
         run_dir = Path(run_dir).absolute()
         held = _HELD.get(run_dir)
@@ -139,7 +144,8 @@ class RunLock:
             except OSError as e:
                 raise write_error(path, e) from e
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 os.close(fd)
                 if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
