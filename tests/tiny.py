@@ -128,3 +128,72 @@ def stats_cmd(model, corpus, n_tokens: int, out, *extra: str) -> list[str]:
     """Arguments of ``knockout -q stats`` on a tiny model and corpus (sequences of 40 tokens, within its positions)."""
     return ["-q", "stats", "--model", str(model), "--data", str(corpus), "--stats-tokens", str(n_tokens),
             "--max-length", "40", "--out", str(out), *extra]  # fmt: skip
+
+
+# -- every family of the site tables -------------------------------------------------------------------------------
+_SIZES = dict(_COMMON, max_position_embeddings=64)
+_GQA = dict(num_key_value_heads=2)
+#: model_type -> config arguments beyond :data:`_SIZES` (``None``: a builder of its own below).
+FAMILY_CONFIGS: dict[str, dict | None] = {
+    "gpt2": dict(n_embd=32, n_head=4, n_layer=2, n_positions=64, bos_token_id=2, eos_token_id=3),
+    "gpt_bigcode": dict(n_embd=32, n_head=4, n_layer=2, n_positions=64, n_inner=64),
+    "opt": dict(ffn_dim=64, word_embed_proj_dim=32, pad_token_id=1),
+    "llama": _GQA,
+    "mistral": _GQA,
+    "mixtral": dict(_GQA, num_local_experts=2, num_experts_per_tok=1),
+    "qwen2": _GQA,
+    "qwen3": dict(_GQA, head_dim=8),
+    "gemma": dict(_GQA, head_dim=8),
+    "gemma2": dict(_GQA, head_dim=8),
+    "gemma3_text": dict(_GQA, head_dim=8),
+    "gemma3": None,
+    "phi3": dict(_GQA, pad_token_id=0),
+    "olmo": {},
+    "olmo2": {},
+    "stablelm": _GQA,
+    "starcoder2": {},
+    "phi": {},
+    "gpt_neox": {},
+    "gptj": dict(n_embd=32, n_head=4, n_layer=2, n_positions=64, rotary_dim=4, n_inner=64),
+    "codegen": dict(n_embd=32, n_head=4, n_layer=2, n_positions=64, n_ctx=64, rotary_dim=4, n_inner=64),
+    "bloom": dict(n_head=4, n_layer=2),
+    "falcon": dict(new_decoder_architecture=False, multi_query=False),
+    "mpt": dict(d_model=32, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=64),
+    "bert": {},
+    "roberta": dict(pad_token_id=1),
+    "xlm-roberta": dict(pad_token_id=1),
+    "camembert": dict(pad_token_id=1),
+    "electra": {},
+    "deberta-v2": dict(relative_attention=False, position_biased_input=True),
+    "distilbert": dict(dim=32, n_heads=4, n_layers=2, hidden_dim=64),
+    "vit": None,
+    "deit": None,
+    "beit": None,
+    "dinov2": None,
+}
+MASKED_FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "deberta-v2", "distilbert")
+IMAGE_FAMILIES = ("vit", "deit", "beit", "dinov2")
+
+
+def family(model_type: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A tiny model of any ``model_type`` of the site tables (2 layers, hidden 32) and inputs for it: token ids
+    ``[3, 9]``, or images ``[2, 3, 32, 32]``."""
+    torch.manual_seed(0)
+    if model_type in IMAGE_FAMILIES:
+        sizes = dict(_COMMON, image_size=32, patch_size=8, num_labels=5)
+        sizes.pop("vocab_size")
+        cfg = _eager(tf.AutoConfig.for_model(model_type, **sizes))
+        cls = {"deit": tf.DeiTForImageClassification}.get(model_type, tf.AutoModelForImageClassification)
+        model = cls(cfg) if model_type == "deit" else cls.from_config(cfg)
+        return model.eval(), {"pixel_values": torch.randn(2, 3, 32, 32)}
+    ids = {"input_ids": torch.randint(5, VOCAB, (3, 9))}
+    if model_type == "gemma3":  # the multimodal Gemma 3: its text model is nested (language_model)
+        text = dict(_SIZES, vocab_size=300, num_key_value_heads=2, head_dim=8)
+        vision = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64, image_size=32,
+                      patch_size=8)  # fmt: skip
+        cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+                              boi_token_index=297, eoi_token_index=298)  # fmt: skip
+        return tf.Gemma3ForConditionalGeneration(_eager(cfg)).eval(), ids
+    cfg = _eager(tf.AutoConfig.for_model(model_type, **dict(_SIZES, **FAMILY_CONFIGS[model_type])))
+    auto = tf.AutoModelForMaskedLM if model_type in MASKED_FAMILIES else tf.AutoModelForCausalLM
+    return auto.from_config(cfg).eval(), ids

@@ -4,6 +4,7 @@ build the config, call, print."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -63,6 +64,10 @@ def _method_fractions(text: str) -> dict[str, list[float]]:
         name, sep, fractions = part.partition("=")
         if not sep or not name.strip():
             raise argparse.ArgumentTypeError(f"expected METHOD=FRACTIONS[;METHOD=FRACTIONS...], got {part!r}")
+        if name.strip() in result:
+            raise argparse.ArgumentTypeError(
+                f"{name.strip()!r} is named twice in {text!r}; give each method once, with all its fractions"
+            )
         result[name.strip()] = _floats(fractions)
     return result
 
@@ -415,8 +420,8 @@ def _progress_note(args) -> str:
         from knockout.runfolder import RESULTS_FILE, read_config, read_rows
 
         out = Path(_config(args).out)
-        done = len(read_rows(out)) if (out / RESULTS_FILE).is_file() else 0
-        total = RunData(out, read_config(out) or {}, []).n_expected
+        run = RunData(out, read_config(out) or {}, read_rows(out) if (out / RESULTS_FILE).is_file() else [])
+        done, total = run.n_present, run.n_expected
         return f" ({done} rows done)" if total is None else f" ({done} of {total} rows done)"
     except Exception:  # only a courtesy: never let it hide the interruption
         return ""
@@ -436,6 +441,12 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except KnockoutError as e:
         print(f"knockout: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" while writing {e.filename!r}" if e.filename else ""
+        print(f"knockout: error: no space left on the device{where}: free some space and re-run", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         note = _progress_note(args) if args.command in ("sweep", "demo") else ""

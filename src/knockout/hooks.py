@@ -2,6 +2,11 @@
 
 Every context manager here undoes what it did in ``finally``: hooks are removed and weights restored bit-exactly
 (from saved copies, not by subtracting), also when the body raises.
+
+The hooks always see a site's input as ``[batch, pos, width]``. Some blocks flatten batch and position before the
+projection (OPT's MLP gives ``fc2`` a ``[batch * pos, width]`` input): there the shape is read from the input of the
+site's parent block (:attr:`Site.parent`) on the same forward pass, and the input is viewed as ``[batch, pos,
+width]`` (an edit is flattened back).
 """
 
 from __future__ import annotations
@@ -22,15 +27,42 @@ log = logging.getLogger(__name__)
 
 @contextmanager
 def _pre_hooks(sites: Sequence[Site], make_hook: Callable[[Site], Callable]) -> Iterator[None]:
-    """Register ``make_hook(site)`` as a forward pre-hook on every site's out-projection; remove them on exit."""
+    """Register ``make_hook(site)`` as a forward pre-hook on every site's out-projection (and, where the site has a
+    parent block, a hook that records the ``[batch, pos]`` of the block's input, for :func:`_unflatten`); remove them
+    on exit."""
     handles = []
     try:
         for site in sites:
-            handles.append(site.module.register_forward_pre_hook(make_hook(site)))
+            shape: dict[str, torch.Size] = {}
+            if site.parent is not None:
+                handles.append(site.parent.register_forward_pre_hook(_record_shape(shape), with_kwargs=True))
+            handles.append(site.module.register_forward_pre_hook(make_hook(site, shape)))
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _record_shape(shape: dict) -> Callable:
+    """A pre-hook that keeps the leading ``[batch, pos]`` of a block's hidden-states input in ``shape["lead"]``."""
+
+    def hook(module, args, kwargs):
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states")
+        if isinstance(x, torch.Tensor) and x.ndim >= 3:
+            shape["lead"] = x.shape[:-1]
+
+    return hook
+
+
+def _unflatten(site: Site, z: torch.Tensor, shape: dict) -> torch.Tensor:
+    """``z`` as ``[batch, pos, width]``: a ``[batch * pos, width]`` input is viewed with the ``[batch, pos]`` its
+    parent block was called with (``[1, n, width]`` when that is unknown)."""
+    if z.ndim != 2:
+        return z
+    lead = shape.get("lead")
+    if lead is not None and lead.numel() == z.shape[0]:
+        return z.view(*lead, z.shape[-1])
+    return z.unsqueeze(0)
 
 
 def capture(sites: Sequence[Site], fn: Callable[[Site, torch.Tensor], None]) -> AbstractContextManager[None]:
@@ -39,9 +71,9 @@ def capture(sites: Sequence[Site], fn: Callable[[Site, torch.Tensor], None]) -> 
     The hook only reads: the model's outputs are bit-identical to running without it.
     """
 
-    def make_hook(site: Site):
+    def make_hook(site: Site, shape: dict):
         def hook(module, args):
-            fn(site, args[0])
+            fn(site, _unflatten(site, args[0], shape))
 
         return hook
 
@@ -53,10 +85,11 @@ def edit_preout(
 ) -> AbstractContextManager[None]:
     """Replace each site's pre-out by ``fn(site, z)`` (``None`` keeps it). The general, hook-based ablation."""
 
-    def make_hook(site: Site):
+    def make_hook(site: Site, shape: dict):
         def hook(module, args):
-            new = fn(site, args[0])
-            return None if new is None else (new, *args[1:])
+            z = args[0]
+            new = fn(site, _unflatten(site, z, shape))
+            return None if new is None else (new.reshape(z.shape), *args[1:])
 
         return hook
 

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,9 @@ def _detect_task(config) -> str:
 
 
 def _hub_hint(source: str) -> str:
+    """What to try when a hub name fails to load (nothing for a local folder: the hub was never asked)."""
+    if Path(source).exists():
+        return ""
     offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
     return (
         " HF_HUB_OFFLINE is set, so only models already in the local cache load; give a local folder or .gguf file."
@@ -141,12 +145,17 @@ def load_model(
     device_map: str | dict | None = None,
     offload_folder: str | None = None,
     gguf_cache: bool = True,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load ``model`` for ``task`` in eval mode, without gradients, on ``device``.
 
     With ``device_map`` (see :func:`parse_device_map`) the model is placed by accelerate instead: layers may sit on
     several devices, on the CPU, or on disk (in ``offload_folder``, default a new temporary folder), and it is not
-    moved as a whole. ``LoadedModel.device`` is then where inputs go (:func:`knockout.devices.input_device`).
+    moved as a whole. ``LoadedModel.device`` is then where inputs go (:func:`knockout.devices.input_device`). A
+    temporary offload folder is removed when the model is garbage-collected or the process ends.
+
+    ``trust_remote_code``: run Python code that a model folder or hub repository ships (its own model classes).
+    Off by default: such a model is refused instead (transformers would otherwise ask on a terminal).
 
     A GGUF model's dequantised weights are cached as safetensors on first load (``gguf_cache``, see
     :func:`load_gguf_cached`), so later loads take seconds; its config and tokenizer are cached too
@@ -160,6 +169,7 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     device_map = parse_device_map(device_map)
+    remote = {"trust_remote_code": bool(trust_remote_code)}
     kwargs = {"gguf_file": gguf} if gguf else {}
     meta_source, meta_kwargs, meta_cache = source, kwargs, None  # where the config and tokenizer are read
     if gguf and gguf_cache:
@@ -167,8 +177,13 @@ def load_model(
         if (meta_cache / _COMPLETE).is_file():
             meta_source, meta_kwargs, meta_cache = str(meta_cache), {}, None
     try:
-        config = tf.AutoConfig.from_pretrained(meta_source, **meta_kwargs)
+        config = tf.AutoConfig.from_pretrained(meta_source, **meta_kwargs, **remote)
     except Exception as e:
+        if "trust_remote_code" in str(e):
+            raise KnockoutError(
+                f"{model!r} needs Python code that ships with it to load; knockout runs such code only when asked: "
+                "read it, and pass --trust-remote-code (Python: trust_remote_code=True) if you trust it"
+            ) from e
         raise KnockoutError(f"could not load the config of {model!r}: {e}.{_hub_hint(source)}") from e
     if task == "auto":
         task = _detect_task(config)
@@ -179,17 +194,23 @@ def load_model(
         "masked": tf.AutoModelForMaskedLM,
         "image": tf.AutoModelForImageClassification,
     }[task]
-    placement = {}
+    placement, temporary = {}, None
     if device_map is not None:
         placement = {"device_map": device_map}
-        placement["offload_folder"] = offload_folder or tempfile.mkdtemp(prefix="knockout-offload-")
+        if offload_folder is None:
+            offload_folder = temporary = tempfile.mkdtemp(prefix="knockout-offload-")
+        placement["offload_folder"] = offload_folder
     try:
         if gguf and gguf_cache:
-            net = load_gguf_cached(auto, Path(source) / gguf, torch_dtype, config, placement)
+            net = load_gguf_cached(auto, Path(source) / gguf, torch_dtype, config, placement, remote)
         else:
-            net = auto.from_pretrained(source, dtype=torch_dtype, **kwargs, **placement)
+            net = auto.from_pretrained(source, dtype=torch_dtype, **kwargs, **placement, **remote)
     except Exception as e:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
         raise KnockoutError(f"could not load {model!r} as a {task} model: {e}.{_hub_hint(source)}") from e
+    if temporary is not None:  # the offloaded weights are needed while the model lives
+        weakref.finalize(net, shutil.rmtree, temporary, ignore_errors=True)
     if device_map is None:
         net.to(dev)
     else:
@@ -198,12 +219,12 @@ def load_model(
     net.eval().requires_grad_(False)
     if task == "image":
         try:
-            processor = tf.AutoImageProcessor.from_pretrained(source, **kwargs)
+            processor = tf.AutoImageProcessor.from_pretrained(source, **kwargs, **remote)
         except Exception:
             processor = None
     else:
         try:
-            processor = tf.AutoTokenizer.from_pretrained(meta_source, **meta_kwargs)
+            processor = tf.AutoTokenizer.from_pretrained(meta_source, **meta_kwargs, **remote)
         except Exception as e:
             raise KnockoutError(f"could not load the tokenizer of {model!r}: {e}.{_hub_hint(source)}") from e
         if meta_cache is not None:
@@ -232,7 +253,9 @@ def gguf_cache_folder(path: Path, model_class: str, dtype: torch.dtype | None) -
     return GGUF_CACHE / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def load_gguf_cached(auto, path: Path, dtype: torch.dtype, config, placement: dict | None = None) -> torch.nn.Module:
+def load_gguf_cached(
+    auto, path: Path, dtype: torch.dtype, config, placement: dict | None = None, remote: dict | None = None
+) -> torch.nn.Module:
     """``auto.from_pretrained`` of GGUF file ``path`` in ``dtype``, through the cache (``config``: the GGUF's, as
     ``AutoConfig.from_pretrained`` reads it; it is saved beside the weights).
 
@@ -242,12 +265,12 @@ def load_gguf_cached(auto, path: Path, dtype: torch.dtype, config, placement: di
     tensors the GGUF load produced (same dtype, so the weights are bit-identical). A cache that cannot be written
     (read-only home) only costs the speed-up.
     """
-    placement = placement or {}
+    placement, remote = placement or {}, remote or {}
     folder = gguf_cache_folder(path, auto.__name__, dtype)
     if (folder / _COMPLETE).is_file():
         log.info("loading %s from its converted copy %s", path.name, folder)
-        return auto.from_pretrained(folder, dtype=dtype, **placement)
-    net = auto.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **placement)
+        return auto.from_pretrained(folder, dtype=dtype, **placement, **remote)
+    net = auto.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **placement, **remote)
     if placement:  # a placed (possibly offloaded) model is not saved whole; convert without placement next time
         return net
     _cache_atomically(folder, lambda tmp: _save_converted(net, config, tmp), path.name)
@@ -281,9 +304,10 @@ def _save_converted(net: torch.nn.Module, config, folder: Path) -> None:
     save_model(net, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def model_identity(name: str, model: torch.nn.Module, sites) -> dict:
-    """What must match for statistics of one run to be used in another."""
-    return {
+def model_identity(name: str, model: torch.nn.Module, sites, fingerprint: dict | None = None) -> dict:
+    """What must match for statistics of one run to be used in another: the architecture and site, and the weights'
+    ``fingerprint`` (:mod:`knockout.fingerprint`; ``name``, as the user gave it, is recorded, not compared)."""
+    identity = {
         "name": name,
         "model_type": getattr(model.config, "model_type", None),
         "n_layers": len(sites),
@@ -291,3 +315,6 @@ def model_identity(name: str, model: torch.nn.Module, sites) -> dict:
         "n_heads": sites[0].n_heads if sites else None,
         "site": sites[0].kind if sites else None,  # statistics of the attention site never serve the MLP site
     }
+    if fingerprint is not None:
+        identity["fingerprint"] = fingerprint
+    return identity

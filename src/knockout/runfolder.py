@@ -14,20 +14,27 @@ Layout::
                             see knockout.inference.paired)
     report/                 the report (knockout.reporting)
 
-Every file is written through :func:`write_atomic` (a temporary file renamed into place), so a crash never leaves
-half a file: a reader sees the old version or the new one.
+Every file is written through :func:`write_atomic` (a temporary file with a unique name, renamed into place), so a
+crash never leaves half a file: a reader sees the old version or the new one. A full disk ends the write with a
+:class:`KnockoutError` and leaves no temporary file.
+
+One writer at a time: a sweep holds :class:`RunLock` (an OS file lock on ``.knockout.lock`` inside the folder, which
+records the holder's PID) from its first check of the folder to its end; a second writer is refused, naming that PID.
+The OS releases the lock when the holder dies. Readers (reports, comparisons) never take it.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import hashlib
 import io
 import json
 import logging
 import math
 import os
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -50,19 +57,214 @@ PAIRED_DIR = "paired"
 DOC_FIELDS = ("n", "ce_sum", "correct")
 TARGET_SEP = "#"
 REPORT_DIR = "report"
+LOCK_FILE = ".knockout.lock"
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     """Write ``data`` (text as UTF-8) to ``path`` through a temporary file and a rename, so readers never see half a
-    file. Creates the parent folder."""
+    file. Creates the parent folder. The temporary file's name is unique (``.NAME.PID.RANDOM.tmp``), so two writers
+    never share one. In a run folder this process holds locked, the lock is checked first (a folder moved away or
+    replaced meanwhile is not written). A failed write (a full disk) removes the temporary file and raises
+    :class:`KnockoutError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _check_lock_still_held(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # less the umask, as open()
+        try:
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise write_error(path, e) from e
+
+
+def write_error(path: str | os.PathLike, e: OSError) -> KnockoutError:
+    """The one-line error of a failed write of ``path``: a full disk or quota says to free space and re-run."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return KnockoutError(
+            f"no space left on the device while writing {str(path)!r}: free some space, then re-run the same command "
+            "(a sweep resumes where it stopped)"
+        )
+    return KnockoutError(f"could not write {str(path)!r}: {e.strerror or e}")
+
+
+# -- one writer per run folder ------------------------------------------------------------------------------------
+_HELD: dict[Path, RunLock] = {}
+
+
+class RunLock:
+    """The writer's lock of a run folder: ``fcntl.flock`` on ``dir/.knockout.lock``, which holds the writer's PID.
+
+    Held from :meth:`acquire` to :meth:`release` (or the process's end: the OS drops it). The holder removes the file
+    when it releases it, so a finished run leaves none; an acquirer checks that the file it locked is still the one at
+    the path (it retries otherwise), which keeps that removal safe. A folder created only to hold the lock is removed
+    again when nothing else was written into it (a run refused after the lock leaves no empty folder).
+    """
+
+    def __init__(self, run_dir: Path, fd: int, created: bool):
+        self.dir, self.fd, self.created = run_dir, fd, created
+        st = os.fstat(fd)
+        self.ident = (st.st_dev, st.st_ino)
+
+    @classmethod
+    def acquire(cls, run_dir: str | os.PathLike) -> RunLock:
+        """Lock ``run_dir`` (created if missing) for this process; re-entrant within one process. Raises
+        :class:`KnockoutError` naming the holder's PID when another process holds it. Where the OS has no
+        ``flock`` (Windows), the lock file is written but not locked, with a warning."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            fcntl = None
+            log.warning("this platform has no file locks: knockout cannot keep a second process out of a run folder")
+
+        run_dir = Path(run_dir).absolute()
+        held = _HELD.get(run_dir)
+        if held is not None:
+            return held
+        created = not run_dir.exists()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(run_dir / LOCK_FILE, e) from e
+        path = run_dir / LOCK_FILE
+        for _ in range(100):  # retried only when the holder removed the file between our open and our lock
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise write_error(path, e) from e
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise write_error(path, e) from e
+                raise KnockoutError(
+                    f"{str(run_dir)!r} is being written by another knockout process (PID {_holder(path)}): one "
+                    "writer at a time. Wait for it to finish (or stop it), or use another --out folder"
+                ) from None
+            st = os.fstat(fd)
+            try:
+                same = os.stat(path)
+                same = (same.st_dev, same.st_ino) == (st.st_dev, st.st_ino)
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder removed it after we opened it: lock the new one
+                os.close(fd)
+                continue
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except OSError as e:
+                os.close(fd)
+                raise write_error(path, e) from e
+            lock = _HELD[run_dir] = cls(run_dir, fd, created)
+            _remove_stale_temporaries(run_dir)
+            return lock
+        raise KnockoutError(f"could not lock {str(run_dir)!r}: its lock file keeps changing")
+
+    @property
+    def path(self) -> Path:
+        return self.dir / LOCK_FILE
+
+    def still_held(self) -> bool:
+        """Whether the lock file at the folder's path is still the one this lock holds (the folder was not moved
+        away or replaced)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.ident
+
+    def moved_to(self, new_dir: Path) -> None:
+        """The folder (and its lock file) was renamed to ``new_dir`` by this process."""
+        _HELD.pop(self.dir, None)
+        self.dir = Path(new_dir).absolute()
+        _HELD[self.dir] = self
+
+    def release(self) -> None:
+        """Remove the lock file (if it is still ours), unlock, and remove the folder if this lock created it and it
+        is empty."""
+        if _HELD.get(self.dir) is self:
+            del _HELD[self.dir]
+        if self.fd < 0:
+            return
+        try:
+            if self.still_held():
+                self.path.unlink()
+        except OSError:
+            pass
+        os.close(self.fd)  # unlocks
+        self.fd = -1
+        if self.created:
+            try:
+                self.dir.rmdir()  # only if empty
+            except OSError:
+                pass
+
+
+def lock_run(run_dir: str | os.PathLike) -> RunLock:
+    """:meth:`RunLock.acquire`: make this process the one writer of ``run_dir``."""
+    return RunLock.acquire(run_dir)
+
+
+def unlock_run(run_dir: str | os.PathLike) -> None:
+    """Release this process's lock of ``run_dir`` if it holds one."""
+    lock = _HELD.get(Path(run_dir).absolute())
+    if lock is not None:
+        lock.release()
+
+
+def _holder(path: Path) -> str:
+    """The PID recorded in a lock file (read a few times: the holder writes it just after locking)."""
+    for _ in range(20):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            text = ""
+        if text:
+            return text
+        time.sleep(0.05)
+    return "unknown"
+
+
+def _check_lock_still_held(path: Path) -> None:
+    """Raise if ``path`` lies in a run folder this process locked and the folder was moved away or replaced since."""
+    if not _HELD:
+        return
+    target = path.absolute()
+    for run_dir, lock in list(_HELD.items()):
+        if target.is_relative_to(run_dir) and not lock.still_held():
+            raise KnockoutError(
+                f"the run folder {str(run_dir)!r} was moved away or replaced while this process was writing it; "
+                "stopped, so that its files do not mix with another run's. Re-run the command to resume whatever "
+                "folder is there now"
+            )
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Remove temporary files a killed writer left (``.NAME....tmp``): with the lock held, no one else writes them.
+    The report folder is left alone (a report may be being written without the lock)."""
+    for sub in (run_dir, run_dir / PAIRED_DIR, run_dir / ARTIFACTS_DIR):
+        if not sub.is_dir():
+            continue
+        found = sub.rglob(".*.tmp") if sub.name == ARTIFACTS_DIR else sub.glob(".*.tmp")
+        for tmp in found:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
 
 
 def check_out(run_dir: str | os.PathLike) -> None:
@@ -82,9 +284,12 @@ def check_out(run_dir: str | os.PathLike) -> None:
 
 def move_aside(run_dir: str | os.PathLike) -> Path | None:
     """Rename an existing ``run_dir`` to ``<run_dir>.old-<UTC timestamp>`` (``--restart``); returns the new name,
-    or ``None`` if there was nothing to move."""
+    or ``None`` if there was nothing to move (no folder, or one holding only this process's lock file).
+
+    When this process holds the folder's lock, the lock moves with the folder, a fresh lock is taken on a new, empty
+    ``run_dir``, and then the moved one is released: no other writer can slip in between."""
     path = Path(run_dir)
-    if not path.exists():
+    if not path.exists() or all(p.name == LOCK_FILE for p in path.iterdir()):
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     target = path.with_name(f"{path.name}.old-{stamp}")
@@ -92,7 +297,15 @@ def move_aside(run_dir: str | os.PathLike) -> Path | None:
     while target.exists():
         n += 1
         target = path.with_name(f"{path.name}.old-{stamp}-{n}")
+    held = _HELD.get(path.absolute())
     os.replace(path, target)
+    if held is not None:
+        held.moved_to(target)
+        held.created = False
+        try:
+            RunLock.acquire(path)
+        finally:
+            held.release()
     return target
 
 
@@ -113,14 +326,58 @@ def check_data(run_dir: str | os.PathLike, identity: dict) -> None:
         )
 
 
+def check_model(run_dir: str | os.PathLike, fingerprint: dict) -> None:
+    """Raise if ``run_dir``'s config records a model whose weights differ from ``fingerprint``
+    (:mod:`knockout.fingerprint`). A fingerprint made differently (the files of a folder against the tensors of a
+    model passed from Python) cannot be compared: accepted with a warning, and this run's is recorded."""
+    from knockout.fingerprint import describe, same_model
+
+    old = read_config(run_dir)
+    if old is None:
+        return
+    recorded = ((old.get("resolved") or {}).get("model_identity") or {}).get("fingerprint")
+    same = same_model(recorded, fingerprint)
+    if same is False:
+        raise KnockoutError(
+            f"the model's weights differ from those of the run in {str(run_dir)!r} (fingerprint "
+            f"{describe(recorded)} -> {describe(fingerprint)}): its rows would mix two models. Restore the model, "
+            "use another --out folder, or --restart to start over."
+        )
+    if same is None:
+        log.warning(
+            "%s records no comparable model fingerprint (%s; now %s): the weights cannot be checked against its "
+            "rows; this run records them",
+            run_dir,
+            describe(recorded),
+            describe(fingerprint),
+        )
+
+
 def check_integrity(run_dir: str | os.PathLike) -> None:
-    """Read an existing run folder's results and neuron orders, so that a damaged file is named (with what to do)
-    before anything runs. The statistics file is checked when it is loaded."""
+    """Read an existing run folder's results, neuron orders and per-document sums, so that a damaged file is named
+    (with what to do) before anything runs. The statistics file is checked when it is loaded, learned constants
+    (``artifacts/``) when they are reused."""
     path = Path(run_dir)
     if (path / RESULTS_FILE).is_file():
         read_rows(path)
     if (path / SELECTION_FILE).is_file():
         load_selection(path)
+    read_doc_sums(path)
+    for artifact in sorted((path / ARTIFACTS_DIR).rglob("*.safetensors")):
+        _check_artifact(artifact)
+
+
+def load_artifact(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of an ``artifacts/`` file (what a method learned), checked against their checksum; a damaged file
+    is a :class:`KnockoutError` that names it and says to delete it (it is learned again)."""
+    remedy = f"delete {str(path)!r} (what it holds is learned again on the next run) and re-run"
+    tensors, meta = read_safetensors(path, remedy)
+    verify_checksum(path, tensors, meta, remedy)
+    return tensors
+
+
+def _check_artifact(path: Path) -> None:
+    load_artifact(path)
 
 
 # -- checksums ----------------------------------------------------------------------------------------------------
@@ -137,6 +394,20 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
         if t.numel():
             digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def read_safetensors(path: str | os.PathLike, remedy: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors file; an unreadable file is a :class:`KnockoutError` naming it, with
+    ``remedy`` (what to do)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a corrupt file
+        raise KnockoutError(f"{str(path)!r} is damaged ({type(e).__name__}: {e}); {remedy}") from e
+    return tensors, meta
 
 
 def verify_checksum(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict, remedy: str) -> None:
@@ -195,16 +466,9 @@ def save_selection(run_dir: str | os.PathLike, orders: dict[str, torch.Tensor], 
 
 def load_selection(run_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The neuron orders stored in a run folder's ``selection.safetensors``, checked against their checksum."""
-    from safetensors import safe_open
-
     path = Path(run_dir) / SELECTION_FILE
     remedy = f"delete {str(path)!r} (the orders are recomputed from the seeds) and re-run"
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for a corrupt file
-        raise KnockoutError(f"{str(path)!r} is damaged ({type(e).__name__}: {e}); {remedy}") from e
+    tensors, meta = read_safetensors(path, remedy)
     verify_checksum(path, tensors, meta, remedy)
     return tensors
 
@@ -214,42 +478,83 @@ def _paired_path(run_dir: str | os.PathLike, seed: int) -> Path:
     return Path(run_dir) / PAIRED_DIR / f"seed{int(seed)}.safetensors"
 
 
+def _doc_key(method: str, fraction: float, target: str = "") -> str:
+    return f"{method}@{fraction_key(fraction)!r}" + (f"{TARGET_SEP}{target}" if target else "")
+
+
 def save_doc_sums(
     run_dir: str | os.PathLike, method: str, fraction: float, seed: int, sums: dict, target: str = ""
 ) -> None:
     """Add one row's per-document sums (``{"n", "ce_sum", "correct"}``: ``[n_docs]`` arrays, as
-    :meth:`knockout.evaluation.Metrics.doc_sums` gives them) to ``paired/seed{seed}.safetensors``."""
-    from safetensors.torch import load_file, save
+    :meth:`knockout.evaluation.Metrics.doc_sums` gives them) to ``paired/seed{seed}.safetensors`` (with a checksum)."""
+    from safetensors.torch import save
 
     path = _paired_path(run_dir, seed)
-    tensors = load_file(str(path)) if path.is_file() else {}
-    key = f"{method}@{fraction_key(fraction)!r}" + (f"{TARGET_SEP}{target}" if target else "")
+    tensors = _load_paired(path) if path.is_file() else {}
+    key = _doc_key(method, fraction, target)
     for name in DOC_FIELDS:
         tensors[f"{key}.{name}"] = torch.as_tensor(sums[name]).contiguous()
     note = "per-document sums of each (method, fraction) row of this seed, for paired comparisons"
-    write_atomic(path, save(tensors, metadata={"seed": str(int(seed)), "note": note}))
+    meta = {"seed": str(int(seed)), "note": note, CHECKSUM_KEY: tensors_sha256(tensors)}
+    write_atomic(path, save(tensors, metadata=meta))
 
 
-def read_doc_sums(run_dir: str | os.PathLike) -> dict[tuple[str, float, int], dict]:
-    """Every stored row's per-document sums: ``row_key -> {"n", "ce_sum", "correct"}`` (numpy arrays)."""
-    from safetensors.torch import load_file
+def _load_paired(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one ``paired/`` file, checked against its checksum."""
+    remedy = (
+        f"delete {str(path)!r}: the next run of the same sweep command recomputes the sums of its rows (a report "
+        "made without it leaves that seed out of the paired comparison)"
+    )
+    tensors, meta = read_safetensors(path, remedy)
+    verify_checksum(path, tensors, meta, remedy)
+    return tensors
 
-    out: dict[tuple[str, float, int], dict] = {}
+
+def read_doc_sums(run_dir: str | os.PathLike) -> dict[tuple[str, float, int, str], dict]:
+    """Every stored row's per-document sums: ``row_key -> {"n", "ce_sum", "correct"}`` (numpy arrays), each file
+    checked against its checksum. See :func:`check_doc_sums` for their agreement with the rows."""
+    out: dict[tuple[str, float, int, str], dict] = {}
     folder = Path(run_dir) / PAIRED_DIR
     if not folder.is_dir():
         return out
     for path in sorted(folder.glob("seed*.safetensors")):
         try:
             seed = int(path.stem.removeprefix("seed"))
-            tensors = load_file(str(path))
-        except Exception as e:  # a damaged file loses the paired comparisons only
-            raise KnockoutError(f"{str(path)!r} is damaged ({e}); delete it to rebuild the report without it") from e
-        for name, t in tensors.items():
-            key, field = name.rsplit(".", 1)
-            key, _, target = key.partition(TARGET_SEP)
-            method, fraction = key.rsplit("@", 1)
-            out.setdefault(row_key(method, float(fraction), seed, target), {})[field] = t.numpy()
+        except ValueError:
+            continue  # not a file of knockout's
+        for name, t in _load_paired(path).items():
+            try:
+                key, field = name.rsplit(".", 1)
+                key, _, target = key.partition(TARGET_SEP)
+                method, fraction = key.rsplit("@", 1)
+                k = row_key(method, float(fraction), seed, target)
+            except ValueError as e:
+                raise KnockoutError(f"{str(path)!r} holds an unknown entry {name!r}; delete the file") from e
+            out.setdefault(k, {})[field] = t.numpy()
     return {k: v for k, v in out.items() if all(f in v for f in DOC_FIELDS)}
+
+
+def doc_sums_disagree(row: ResultRow | dict, sums: dict | None) -> str | None:
+    """Why a row's per-document ``sums`` do not belong to it (``None`` when they do): their totals must be the row's
+    scored targets, top-1 and CE (the CE up to float rounding: the row sums per batch in float32 precision)."""
+    if sums is None:
+        return "no per-document sums"
+    r = row if isinstance(row, dict) else row.as_dict()
+    try:
+        n = int(sums["n"].sum())
+        correct = int(sums["correct"].sum())
+        ce = float(sums["ce_sum"].sum())
+    except (KeyError, TypeError, ValueError):
+        return "unreadable per-document sums"
+    if n != int(r["n_eval"]):
+        return f"their targets add up to {n}, the row has {r['n_eval']}"
+    if n == 0:
+        return None
+    if abs(correct / n - float(r["top1"])) > 1e-9:
+        return f"their top-1 is {correct / n:.6g}, the row's {r['top1']:.6g}"
+    if not math.isclose(ce / n, float(r["ce"]), rel_tol=1e-5, abs_tol=1e-6):
+        return f"their CE is {ce / n:.6g}, the row's {r['ce']:.6g}"
+    return None
 
 
 # -- result rows --------------------------------------------------------------------------------------------------

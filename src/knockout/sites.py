@@ -133,6 +133,9 @@ class Site:
     n_heads: int
     d_head: int
     kind: str = "attention"
+    parent: nn.Module | None = None
+    """The block that holds the projection (its hidden-states input gives ``[batch, pos]`` where the block flattens
+    them before the projection, as OPT's MLP does; see :mod:`knockout.hooks`)."""
 
     @property
     def width(self) -> int:
@@ -246,6 +249,12 @@ def _find_modules(model: nn.Module, site_module: str | None, kind: str) -> dict[
     return found
 
 
+def _parent(model: nn.Module, name: str) -> nn.Module | None:
+    """The module that holds module ``name`` (``None`` for a top-level module)."""
+    head, _, _ = name.rpartition(".")
+    return model.get_submodule(head) if head else None
+
+
 def find_sites(
     model: nn.Module, site_module: str | None = None, n_heads: int | None = None, kind: str = "attention"
 ) -> list[Site]:
@@ -263,6 +272,7 @@ def find_sites(
     if kind not in SITE_KINDS:
         raise KnockoutError(f"site must be one of {', '.join(SITE_KINDS)}, got {kind!r}")
     found = _find_modules(model, site_module, kind)
+    parents = {layer: _parent(model, name) for layer, (name, _) in found.items()}
     if n_heads is not None and n_heads <= 0:
         raise KnockoutError(f"--n-heads must be a positive integer, got {n_heads}")
     if kind == "mlp":
@@ -272,7 +282,9 @@ def find_sites(
         for layer in range(len(found)):
             name, module = found[layer]
             width = _in_features(module, kind)
-            sites.append(Site(layer=layer, name=name, module=module, n_heads=1, d_head=width, kind="mlp"))
+            sites.append(
+                Site(layer=layer, name=name, module=module, n_heads=1, d_head=width, kind="mlp", parent=parents[layer])
+            )
         return sites
     config = text_config(getattr(model, "config", None))
     heads = n_heads or getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
@@ -284,5 +296,7 @@ def find_sites(
         width = _in_features(module)
         if width % heads:
             raise KnockoutError(f"{name} has {width} inputs, not a multiple of {heads} heads; pass --n-heads")
-        sites.append(Site(layer=layer, name=name, module=module, n_heads=heads, d_head=width // heads))
+        sites.append(
+            Site(layer=layer, name=name, module=module, n_heads=heads, d_head=width // heads, parent=parents[layer])
+        )
     return sites

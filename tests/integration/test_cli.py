@@ -124,7 +124,8 @@ def test_stats_command_and_reuse(setup, capsys):
     assert main(cmd) == 2 and not too_long.exists()
     assert "exceeds the model's 64 positions" in capsys.readouterr().err
     out = root / "reuse"
-    assert main(_sweep_args(model, corpus, out, "--seeds", "0", "--stats", str(path))) == 0
+    # collected on 300 tokens, the sweep asks for 400: refused unless --stats-any-data (see test_integrity.py)
+    assert main(_sweep_args(model, corpus, out, "--seeds", "0", "--stats", str(path), "--stats-any-data")) == 0
     assert Statistics.load(out / "stats.safetensors").n_tokens == 300  # reused, not recollected (400)
     # statistics of another model are refused with a clear message
     assert main(_sweep_args(other, corpus, root / "wrong", "--seeds", "0", "--stats", str(path))) == 2

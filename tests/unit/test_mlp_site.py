@@ -45,6 +45,13 @@ def _model(family):
     return tiny.causal_lm(family), {"input_ids": torch.randint(5, tiny.VOCAB, (3, 9))}
 
 
+def inputs_shape(inputs):
+    """``[batch, pos]`` of the pre-out on ``inputs``: tokens, or ViT's patches and class token."""
+    if "pixel_values" in inputs:
+        return (inputs["pixel_values"].shape[0], (32 // 8) ** 2 + 1)
+    return tuple(inputs["input_ids"].shape)
+
+
 def _linear(x, layer, transposed=False):
     """x @ W^T + b by hand (``transposed``: GPT-2's Conv1D stores W as [in, out])."""
     w = layer.weight if transposed else layer.weight.T
@@ -116,9 +123,10 @@ def test_captured_mlp_neurons_equal_hand_computation(family):
     for layer, (_, expected_of) in enumerate(modules):
         with torch.no_grad():
             expected = expected_of(seen_x[layer])
-        # OPT flattens [batch, pos] before its MLP; the others keep them
-        assert seen_z[layer].shape == expected.shape == (*seen_x[layer].shape[:-1], sites[layer].width)
-        torch.testing.assert_close(seen_z[layer], expected, atol=1e-5, rtol=1e-4)
+        # OPT flattens [batch, pos] before its MLP; capture gives every site as [batch, pos, width]
+        assert expected.shape == (*seen_x[layer].shape[:-1], sites[layer].width)
+        assert seen_z[layer].shape == (*inputs_shape(inputs), sites[layer].width)
+        torch.testing.assert_close(seen_z[layer], expected.reshape(seen_z[layer].shape), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])  # no bias / Conv1D / encoder with bias

@@ -20,7 +20,8 @@ steps), ``lr`` (0.02, in units of the neuron's std), ``batch_size`` (rows per st
 they are), ``tokens`` (scored training targets used, default all of the collection split).
 
 The learned constants are saved in ``artifacts/optimal/seed{s}-{hash}.safetensors`` (the hash covers the neuron set
-and the settings), and reused when present, so a resumed run does not train again.
+and the settings) with a checksum of their tensors, and reused when present and intact, so a resumed run does not
+train again. A damaged (edited, truncated) file is an error that names it: delete it and it is learned again.
 """
 
 from __future__ import annotations
@@ -81,19 +82,34 @@ class OptimalAblation(AblationMethod):
     def learned(self, neurons: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per layer, ``[width]`` constants for ``neurons`` (entries outside the set are the means): loaded from the
         artifacts folder when this set was learned before, else learned and saved there."""
-        from safetensors.torch import load_file, save
+        from safetensors.torch import save
+
+        from knockout.runfolder import CHECKSUM_KEY, tensors_sha256, write_atomic
 
         path = self.artifact_path(neurons)
         if path is not None and path.is_file():
-            tensors = load_file(str(path))
             log.info("optimal: reusing learned constants from %s", path)
-            return [tensors[f"layer{s.layer}"] for s in self.ctx.sites]
+            return self.load_learned(path)
         values, meta = self.learn(neurons)
         if path is not None and self.ctx.world.is_main:  # under torchrun every rank learns the same; rank 0 writes
-            from knockout.runfolder import write_atomic
-
             tensors = {f"layer{s.layer}": v.contiguous() for s, v in zip(self.ctx.sites, values)}
-            write_atomic(path, save(tensors, metadata={k: str(v) for k, v in meta.items()}))
+            meta = {k: str(v) for k, v in meta.items()}
+            meta[CHECKSUM_KEY] = tensors_sha256(tensors)
+            write_atomic(path, save(tensors, metadata=meta))
+        return values
+
+    def load_learned(self, path) -> list[torch.Tensor]:
+        """The constants stored in ``path``, checked (:func:`knockout.runfolder.load_artifact`: readable, matching
+        their checksum) to hold one ``[width]`` tensor per site."""
+        from knockout.runfolder import load_artifact
+
+        tensors = load_artifact(path)
+        values = [tensors.get(f"layer{s.layer}") for s in self.ctx.sites]
+        if any(v is None or tuple(v.shape) != (s.width,) for v, s in zip(values, self.ctx.sites)):
+            raise KnockoutError(
+                f"{str(path)!r} does not hold constants for this model's sites; delete it (they are learned again "
+                "on the next run) and re-run"
+            )
         return values
 
     def train_batches(self) -> list[Batch]:

@@ -141,6 +141,21 @@ class SweepConfig:
         None, "reuse statistics from this file (of the same model) instead of collecting them", kind="str",
         flag="--stats", affects_results=False,
     )  # fmt: skip
+    stats_any_data: bool = setting(
+        False,
+        "with --stats: use the file even when it was collected on other data or with other collection settings "
+        "(config.json records what it was collected on)",
+        kind="bool",
+        affects_results=False,
+    )
+    trust_remote_code: bool = setting(
+        False,
+        "run Python code shipped with the model (a folder's or hub repository's own model classes); off by default, "
+        "such a model is refused",
+        "model",
+        kind="bool",
+        affects_results=False,
+    )
     device: str = setting("auto", "auto, cpu, cuda, cuda:N", "model", kind="str", affects_results=False)
     device_map: str | None = setting(
         None,
@@ -200,8 +215,9 @@ class SweepConfig:
         bad = [s for s in self.fixed_seeds if not 0 <= s < 2**63]
         if bad:
             raise KnockoutError(f"seeds must be integers from 0 to 2**63 - 1 (torch's generator range), got {bad[0]}")
-        if not isinstance(self.sort_by_length, bool):
-            raise KnockoutError(f"sort_by_length must be true or false, got {self.sort_by_length!r}")
+        for name in ("sort_by_length", "stats_any_data", "trust_remote_code"):
+            if not isinstance(getattr(self, name), bool):
+                raise KnockoutError(f"{name} must be true or false, got {getattr(self, name)!r}")
         self.data_spec()  # validates the data fields
         check_hist_params(self.eps, self.hist_limit)
         parse_device_map(self.device_map)

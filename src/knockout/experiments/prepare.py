@@ -3,9 +3,10 @@
 A sweep (:func:`knockout.experiments.runner.run_sweep`) and a statistics-only run
 (:func:`knockout.experiments.runner.run_stats`) both start with :func:`prepare`, inside the launcher's process group:
 
-1. :func:`check` everything that can be checked without the model (the output folder or file, the data, an
-   existing run folder's files, settings and data), so bad input costs nothing; under ``torchrun`` rank 0 checks
-   first (it alone may move an old run folder aside, ``--restart``), then the others see what it left;
+1. :func:`check` everything that can be checked without the model (the output folder or file, the data, the
+   model's files and their fingerprint, an existing run folder's files, settings, data and model), so bad input
+   costs nothing; a sweep's rank 0 first becomes the run folder's one writer (its lock, held until the sweep ends)
+   and alone may move an old run folder aside (``--restart``), then the other ranks see what it left;
 2. load the model (:func:`load`), fill in its task, refuse a ``--max-length`` beyond its positions;
 3. find its sites and measure what the batch builders need (:class:`~knockout.data.tasks.ModelInputs`).
 """
@@ -25,6 +26,7 @@ from knockout.data.tasks import DataSpec, ModelInputs, probe_inputs
 from knockout.distributed import World
 from knockout.errors import KnockoutError
 from knockout.experiments.config import SweepConfig, result_settings
+from knockout.fingerprint import describe, model_fingerprint, same_model, source_fingerprint, tensors_fingerprint
 from knockout.hooks import preout_length
 from knockout.loading import LoadedModel, load_model, model_identity
 from knockout.sites import Site, find_sites, text_config
@@ -61,12 +63,19 @@ def environment() -> dict:
     }
 
 
-def check(cfg: SweepConfig, restart: bool = False, stats_file: str | Path | None = None) -> dict:
+def check(
+    cfg: SweepConfig,
+    restart: bool = False,
+    stats_file: str | Path | None = None,
+    lock: bool = False,
+    fingerprint: dict | None = None,
+) -> dict:
     """Everything checkable without the model; returns the data's identity.
 
     A sweep: ``--out`` is a writable folder, the data exists, and an existing run folder is intact and holds a run
-    of the same settings and data (``restart``: move it aside first). A statistics-only run (``stats_file``): that
-    file can be written, and the data exists."""
+    of the same settings, data and model (``fingerprint``, when known before loading; ``restart``: move it aside
+    first). ``lock``: make this process the folder's one writer first (:class:`knockout.runfolder.RunLock`; the
+    caller releases it). A statistics-only run (``stats_file``): that file can be written, and the data exists."""
     from knockout.data.text import check_source, data_identity
 
     if stats_file is not None:
@@ -83,11 +92,15 @@ def check(cfg: SweepConfig, restart: bool = False, stats_file: str | Path | None
     if stats_file is not None:
         return data_id
     out = Path(cfg.out)
+    if lock:
+        runfolder.lock_run(out)
     if restart and (moved := runfolder.move_aside(out)) is not None:
         log.warning("--restart: moved the old run folder to %s", moved)
     runfolder.check_integrity(out)
     check_settings(out, cfg, task_known=cfg.task != "auto")
     runfolder.check_data(out, data_id)
+    if fingerprint is not None:
+        runfolder.check_model(out, fingerprint)
     return data_id
 
 
@@ -107,7 +120,10 @@ def check_settings(out: Path, cfg: SweepConfig, task_known: bool = True) -> None
 def load(cfg: SweepConfig) -> LoadedModel:
     """The model of ``cfg`` (a preset's load error names the preset: its model comes from the Hub)."""
     try:
-        return load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device, cfg.device_map)
+        return load_model(
+            cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device, cfg.device_map,
+            trust_remote_code=cfg.trust_remote_code,
+        )  # fmt: skip
     except KnockoutError as e:
         if cfg.preset is None or cfg.preset == "demo":
             raise
@@ -139,15 +155,95 @@ def model_inputs(loaded: LoadedModel, sites: list[Site], spec: DataSpec) -> Mode
     return ModelInputs(loaded.task, loaded.processor, config, seq)
 
 
-def stats_meta(spec: DataSpec, identity: dict) -> dict[str, str]:
-    """The metadata saved with statistics: the model's identity and how the collection set was made."""
-    return {
+def stats_meta(spec: DataSpec, identity: dict, data_id: dict | None = None) -> dict[str, str]:
+    """The metadata saved with statistics: the model's identity (with its fingerprint), the data's identity and how
+    the collection set was made."""
+    meta = {
         "model": json.dumps(identity),
         "data": spec.source,
         "stats_tokens": str(spec.stats_tokens),
         "max_length": str(spec.max_length),
         "stats_skip_first": str(spec.stats_skip_first),
     }
+    if data_id is not None:
+        meta["data_identity"] = json.dumps(data_id)
+    return meta
+
+
+#: The collection settings a statistics file records (:func:`stats_meta`) and a run compares with its own.
+STATS_SETTINGS = ("stats_tokens", "max_length", "stats_skip_first")
+
+
+def _same_data(a: dict, b: dict) -> bool:
+    """Two data identities name the same data: equal contents (sha256) when both have one, else equal records."""
+    if isinstance(a, dict) and isinstance(b, dict) and a.get("sha256") and b.get("sha256"):
+        return a["sha256"] == b["sha256"]
+    return a == b
+
+
+def stats_differences(meta: dict[str, str], run: Prepared) -> list[str]:
+    """How the collection of statistics with metadata ``meta`` differs from what ``run`` would collect: the data
+    (by content, so another path to the same file is the same data) and :data:`STATS_SETTINGS`; one phrase each."""
+    spec, diffs = run.spec, []
+    recorded = json.loads(meta.get("data_identity", "null"))
+    if not _same_data(recorded, run.data_id):
+        diffs.append(f"data: {_describe_data(recorded)} -> {_describe_data(run.data_id)}")
+    for key in STATS_SETTINGS:
+        mine = str(getattr(spec, key))
+        if meta.get(key) != mine:
+            diffs.append(f"{key}: {meta.get(key, 'not recorded')} -> {mine}")
+    return diffs
+
+
+def _describe_data(identity: dict) -> str:
+    if not isinstance(identity, dict):
+        return repr(identity)
+    extra = f" sha256 {identity['sha256'][:12]}" if identity.get("sha256") else ""
+    extra += f" revision {identity['revision']}" if identity.get("revision") else ""
+    return f"{identity.get('source')!r}{extra}"
+
+
+def check_stats_source(stats, run: Prepared, source: Path, given: bool) -> None:
+    """Raise unless ``stats`` (read from ``source``) are of ``run``'s model: the same architecture and site, and the
+    same weights (by fingerprint, whatever path the model was given by). A file given with ``--stats`` (``given``)
+    must also be collected on the run's data with its collection settings, unless ``--stats-any-data``."""
+    where = f"statistics in {str(source)!r}"
+    stats.check_model({k: v for k, v in run.identity.items() if k not in ("name", "fingerprint")}, source=where)
+    recorded = json.loads(stats.meta.get("model", "{}")).get("fingerprint")
+    same = same_model(recorded, run.identity.get("fingerprint"))
+    if same is False:
+        raise KnockoutError(
+            f"{where} were collected on a model with other weights (fingerprint {describe(recorded)}, this model's "
+            f"{describe(run.identity.get('fingerprint'))}). Use statistics collected on this model, or delete the "
+            "file so they are recomputed."
+        )
+    if same is None:
+        log.warning("%s record no comparable model fingerprint (%s): the weights cannot be checked", where,
+                    describe(recorded))  # fmt: skip
+    diffs = stats_differences(stats.meta, run) if given else []
+    if diffs and not run.cfg.stats_any_data:
+        raise KnockoutError(
+            f"{where} were collected differently from this run ({'; '.join(diffs)}): the methods would use "
+            "statistics of other data. Drop --stats to collect them with this run's settings, collect a file with "
+            "them (`knockout stats`), or pass --stats-any-data to use it anyway (config.json records what it was "
+            "collected on)."
+        )
+    if diffs:
+        log.warning("--stats-any-data: using %s although %s", where, "; ".join(diffs))
+
+
+def stats_provenance(stats, file: str | None) -> dict:
+    """What statistics were collected on (their own record, not the run's settings), for config.json."""
+    meta = stats.meta
+    out = {"file": file, "data": meta.get("data"), "n_tokens": stats.n_tokens, "eps": stats.eps, "limit": stats.limit}
+    if "data_identity" in meta:
+        out["data_identity"] = json.loads(meta["data_identity"])
+    out.update({k: int(meta[k]) if str(meta.get(k, "")).isdigit() else meta.get(k) for k in STATS_SETTINGS})
+    try:
+        out["model_fingerprint"] = json.loads(meta.get("model", "{}")).get("fingerprint")
+    except json.JSONDecodeError:
+        out["model_fingerprint"] = None
+    return out
 
 
 def prepare(
@@ -159,19 +255,31 @@ def prepare(
 ) -> Prepared:
     """Check, load and measure (see the module docstring). Call it inside the process group (``world``); every
     rank must. ``loaded``: a model already loaded for ``cfg`` (it is not loaded again). ``stats_file``: a
-    statistics-only run writing that file (no run folder is checked)."""
-    if world.is_main:  # rank 0 alone may move an old run folder aside (--restart); the others check what it left
-        data_id = check(cfg, restart, stats_file)
+    statistics-only run writing that file (no run folder is checked). A sweep's rank 0 takes the run folder's lock
+    (:func:`knockout.runfolder.lock_run`); the caller releases it (:func:`knockout.runfolder.unlock_run`), also
+    when this raises."""
+    # the model's fingerprint, before loading it when its files are found (a bad --model path stops here, before
+    # --restart moves anything); a model object handed in is fingerprinted by its tensors
+    fingerprint = (
+        tensors_fingerprint(loaded.model) if loaded is not None else source_fingerprint(cfg.model, cfg.gguf_file)
+    )
+    sweep = stats_file is None
+    if world.is_main:  # rank 0 alone locks and may move an old run folder aside (--restart); the others check after
+        data_id = check(cfg, restart, stats_file, lock=sweep, fingerprint=fingerprint)
     distributed.barrier()
     if not world.is_main:
-        data_id = check(cfg, stats_file=stats_file)
+        data_id = check(cfg, stats_file=stats_file, fingerprint=fingerprint)
     loaded = loaded or load(cfg)
+    if fingerprint is None:  # a hub model that was not in the local cache before loading
+        fingerprint = model_fingerprint(cfg.model, cfg.gguf_file, loaded.model)
+        if sweep:
+            runfolder.check_model(Path(cfg.out), fingerprint)
     cfg = cfg.for_task(loaded.task)
-    if stats_file is None:
+    if sweep:
         check_settings(Path(cfg.out), cfg)
     check_max_length(cfg.max_length, loaded.model, loaded.task)
     sites = find_sites(loaded.model, cfg.site_module, cfg.n_heads, cfg.site)
-    identity = model_identity(cfg.model, loaded.model, sites)
+    identity = model_identity(cfg.model, loaded.model, sites, fingerprint)
     spec = cfg.data_spec()
     inputs = model_inputs(loaded, sites, spec)
     return Prepared(cfg, loaded, sites, spec, inputs, identity, data_id, world)

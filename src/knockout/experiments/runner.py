@@ -27,7 +27,14 @@ from knockout.errors import KnockoutError
 from knockout.evaluation.evaluate import evaluate
 from knockout.evaluation.metrics import Metrics
 from knockout.experiments.config import SweepConfig
-from knockout.experiments.prepare import Prepared, environment, prepare, stats_meta
+from knockout.experiments.prepare import (
+    Prepared,
+    check_stats_source,
+    environment,
+    prepare,
+    stats_meta,
+    stats_provenance,
+)
 from knockout.inference.paired import DocSums
 from knockout.inference.sequential import SequentialTest
 from knockout.loading import DTYPES, LoadedModel, load_model, resolve_device
@@ -50,7 +57,7 @@ def collect_run_stats(run: Prepared, progress: bool = True) -> Statistics:
     batches = stats_batches(run.spec, run.inputs)
     if run.inputs.task != "image":
         log.info("statistics: %.1f%% of the computed positions are counted", 100 * scored_fraction(batches, "valid"))
-    meta = stats_meta(run.spec, run.identity)
+    meta = stats_meta(run.spec, run.identity, run.data_id)
     return distributed.collect_stats_sharded(
         run.loaded.model, run.sites, batches, eps=cfg.eps, limit=cfg.hist_limit, meta=meta,
         progress=progress and run.world.is_main,
@@ -65,7 +72,7 @@ def obtain_stats(run: Prepared, progress: bool = True) -> tuple[Statistics, bool
     source = path if path.is_file() else (Path(cfg.stats_path) if cfg.stats_path else None)
     if source is not None:
         stats = Statistics.load(source)
-        stats.check_model(run.identity, source=f"statistics in {str(source)!r}")
+        check_stats_source(stats, run, source, given=source != path)
         if (stats.eps, stats.limit) != (cfg.eps, cfg.hist_limit):
             raise KnockoutError(
                 f"statistics in {str(source)!r} use eps={stats.eps}, hist limit={stats.limit}; "
@@ -129,7 +136,9 @@ def load_generator(cfg: SweepConfig, loaded: LoadedModel) -> LoadedModel | None:
         return None
     dtype = model_dtype(loaded.model)
     dtype_name = next((k for k, v in DTYPES.items() if v == dtype), "auto")
-    generator = load_model(spec, task="causal", dtype=dtype_name, device=str(loaded.device))
+    generator = load_model(
+        spec, task="causal", dtype=dtype_name, device=str(loaded.device), trust_remote_code=cfg.trust_remote_code
+    )
     if generator.task != "causal":
         raise KnockoutError(f"--resample-model must be a causal LM, got a {generator.task} model")
     return generator
@@ -182,8 +191,11 @@ def run_sweep(
     separates the reading of the existing run folder from the first write.
     """
     with distributed.process_group(resolve_device(cfg.device)):
-        run = prepare(cfg, distributed.world(), restart=restart, loaded=loaded)
-        _sweep(run, progress and run.world.is_main)
+        try:
+            run = prepare(cfg, distributed.world(), restart=restart, loaded=loaded)
+            _sweep(run, progress and run.world.is_main)
+        finally:
+            runfolder.unlock_run(cfg.out)  # the run folder's lock, taken by rank 0 in prepare
         return load_run(cfg.out) if run.world.is_main else None
 
 
@@ -218,6 +230,7 @@ def _sweep(run: Prepared, progress: bool) -> None:
         "device_map": {k: str(v) for k, v in (getattr(loaded.model, "hf_device_map", None) or {}).items()} or None,
         "environment": environment(),
         "data_identity": run.data_id,
+        "statistics": None if stats is None else stats_provenance(stats, cfg.stats_path),
     }
     distributed.barrier()  # every rank has read the folder's state; rank 0 may now write
     if world.is_main:
@@ -270,6 +283,7 @@ class _Rows:
         self.model = loaded.model
         self.store = ResultStore(self.out, read_only=not run.world.is_main)
         self.docs = runfolder.read_doc_sums(self.out)  # the per-document sums of a resumed run, read once
+        self._redo: set[tuple] = set()  # rows whose stored sums disagree with them (warned once)
         self.n_neurons = sum(s.width for s in run.sites)
         self.first_seed = cfg.fixed_seeds[0]
         self.first_batches = first_batches
@@ -312,11 +326,13 @@ class _Rows:
             self._seed = (seed, batches, selection)
         return self._seed[1], self._seed[2]
 
-    def _baseline(self, seed: int, batches: list[Batch]) -> ResultRow:
-        """The unablated row of ``seed``. Where the evaluation inputs do not depend on the seed it is the first
-        seed's (the same model on the same batches), stored again under this seed without evaluating."""
-        base = self.store.get("baseline", 0.0, seed)
-        first = self.store.get("baseline", 0.0, self.first_seed)
+    def _baseline(self, seed: int, batches: list[Batch], done: bool) -> ResultRow:
+        """The unablated row of ``seed`` (``done``: stored and intact). Where the evaluation inputs do not depend on
+        the seed it is the first seed's (the same model on the same batches), stored again under this seed without
+        evaluating."""
+        base = self.store.get("baseline", 0.0, seed) if done else None
+        first_ok = self.first_seed != seed and self.done("baseline", 0.0, self.first_seed)
+        first = self.store.get("baseline", 0.0, self.first_seed) if first_ok else None
         first_docs = self.docs.get(runfolder.row_key("baseline", 0.0, self.first_seed))
         if base is None and batches is self.first_batches and first is not None and first_docs is not None:
             base = dataclasses.replace(first, seed=seed, seconds=0.0)
@@ -337,21 +353,34 @@ class _Rows:
                 runfolder.save_doc_sums(self.out, row.method, row.fraction, row.seed, docs)
         self.store.add(row)
 
+    def done(self, method: str, fraction: float, seed: int) -> bool:
+        """The row is stored with per-document sums that add up to it (else it is run again)."""
+        row = self.store.get(method, fraction, seed)
+        if row is None:
+            return False
+        why = runfolder.doc_sums_disagree(row, self.docs.get(row.key))
+        if why is not None and self.world.is_main and row.key not in self._redo:
+            self._redo.add(row.key)
+            log.warning("%s at %g (seed %d): %s in %s; running the row again", method, fraction, seed, why,
+                        runfolder.PAIRED_DIR)  # fmt: skip
+        return why is None
+
     def ensure(self, seed: int, wanted: list[tuple[type, float]]) -> None:
-        """Evaluate the baseline of ``seed`` and each ``(method class, fraction)`` of ``wanted`` not yet stored."""
-        todo = [(c, f) for c, f in wanted if (c.name, f, seed) not in self.store]
+        """Evaluate the baseline of ``seed`` and each ``(method class, fraction)`` of ``wanted`` not yet stored (or
+        stored without per-document sums that add up to it)."""
+        todo = [(c, f) for c, f in wanted if not self.done(c.name, f, seed)]
+        base_done = self.done("baseline", 0.0, seed)
         if seed in self.cfg.fixed_seeds:
-            self.bar.update(len(wanted) - len(todo) + (("baseline", 0.0, seed) in self.store))
+            self.bar.update(len(wanted) - len(todo) + base_done)
         else:
-            self.bar.total += len(todo) + (("baseline", 0.0, seed) not in self.store)
+            self.bar.total += len(todo) + (not base_done)
             self.bar.refresh()
-        if not todo and ("baseline", 0.0, seed) in self.store:
+        if not todo and base_done:
             return
         batches, selection = self._setup(seed)
-        new_base = ("baseline", 0.0, seed) not in self.store
-        base = self._baseline(seed, batches)
+        base = self._baseline(seed, batches, base_done)
         base_docs = self.docs.get(runfolder.row_key("baseline", 0.0, seed))
-        self.bar.update(new_base)
+        self.bar.update(not base_done)
         instances = self.instances.setdefault(seed, {})
         for cls, fraction in todo:
             self.bar.set_postfix_str(f"seed {seed} {cls.name} {fraction:.2f}")

@@ -34,7 +34,9 @@ from knockout.errors import KnockoutError
 from knockout.inference.paired import HIGHER_IS_BETTER, DocSums, PairedDifference, paired_difference
 from knockout.inference.sequential import ALPHA, DecideOptions, Need, PairVerdict, Plan, SequentialTest, needed
 from knockout.reporting import html as H
-from knockout.runfolder import fraction_key, read_doc_sums, read_rows, row_key
+from knockout.reporting.escape import markdown as md
+from knockout.reporting.escape import markdown_keep_bold
+from knockout.runfolder import doc_sums_disagree, fraction_key, read_doc_sums, read_rows, row_key
 
 LEVEL = 0.95
 N_BOOT = 2000
@@ -126,6 +128,10 @@ def run_answer(run_dir: str | Path, fractions: tuple[float, ...], n_boot: int = 
 
     rows = read_rows(run_dir)
     sums = read_doc_sums(run_dir)
+    for r in rows:  # sums that do not add up to their row's CE and top-1 are not the row's: left out (and named)
+        key = row_key(r["method"], r["fraction"], r["seed"], r["target"])
+        if key in sums and doc_sums_disagree(r, sums[key]) is not None:
+            del sums[key]
     config = read_config(run_dir) or {}
     decide = DecideOptions.from_dict(config.get("decide"))
     return Answer([fraction_answer(rows, sums, config, f, n_boot) for f in fractions], decide.alpha)
@@ -180,8 +186,14 @@ def fraction_answer(
         plan = decide.plan()
     else:
         common = min(len(data[m]) for m in contenders)
-        if common < max(len(data[m]) for m in contenders):
-            fa.notes.append(f"At {fraction:g} the comparison uses the {common} sets every method has.")
+        if common < max(len(data[m]) for m in contenders) or common < len(order):
+            short = [m for m in contenders if len(data[m]) == common]
+            lacking = order[common] if common < len(order) else None
+            fa.notes.append(
+                f"At {fraction:g} the comparison uses the {common} sets every method has: seed {lacking} lacks the "
+                f"per-document sums of {', '.join(short)} (missing from paired/, or not adding up to their rows in "
+                "results.jsonl; re-run the same sweep command to recompute them)."
+            )
         plan = Plan((common,), decide.alpha)
     tests = {}
     try:
@@ -331,13 +343,13 @@ def markdown(answer: Answer, heading: str = "## The answer") -> list[str]:
     lines = [heading, ""]
     if not answer.available:
         notes = [n for f in answer.fractions for n in f.notes]
-        return lines + ["No paired comparison is possible: " + (" ".join(notes) or "no per-document sums."), ""]
+        return lines + ["No paired comparison is possible: " + md(" ".join(notes) or "no per-document sums."), ""]
     for fa in answer.fractions:
-        lines += ["- " + " ".join(sentences(fa))]
+        lines += ["- " + markdown_keep_bold(" ".join(sentences(fa)))]
     designs = dict.fromkeys(fa.design for fa in answer.fractions if fa.design)
     note = (
-        f"_Differences are paired (same neuron sets and documents); {'; '.join(designs)}. Each interval is the one "
-        "that decided its pair (or the last tested); docs/decisions.md explains the design._"
+        f"_Differences are paired (same neuron sets and documents); {md('; '.join(designs))}. Each interval is the "
+        "one that decided its pair (or the last tested); docs/decisions.md explains the design._"
     )
     lines += ["", note, ""]
     return lines
@@ -473,7 +485,7 @@ VERDICT_COLUMNS = ["fraction", "metric", "best", "undecided pairs", "sets x docu
 def verdict_markdown(answer: Answer) -> list[str]:
     recs = verdict_rows(answer)
     lines = ["| " + " | ".join(VERDICT_COLUMNS) + " |", "|" + "---|" * len(VERDICT_COLUMNS)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in VERDICT_COLUMNS) + " |" for r in recs]
+    lines += ["| " + " | ".join(md(r.get(c, "")) for c in VERDICT_COLUMNS) + " |" for r in recs]
     return lines + [""]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from knockout.ablation.centres import EpsChoice, parse_eps
 from knockout.ablation.methods import PARAM_SEP
 from knockout.errors import KnockoutError
+from knockout.reporting.escape import markdown
 from knockout.runfolder import fraction_key
 
 PEAK = "peak"
@@ -75,5 +76,5 @@ def eps_markdown(rows: list[dict], fractions: tuple[float, ...]) -> list[str]:
         return []
     cols = eps_columns(fractions)
     lines = ["| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(markdown(r[c]) for c in cols) + " |" for r in rows]
     return lines

@@ -191,11 +191,14 @@ def forest_figure(panels: list[tuple[str, list[tuple[str, float, float, float, b
 
 
 def save_figure(fig: Figure, stem: Path, dpi: int = 110) -> list[Path]:
-    """Write ``stem.png`` and ``stem.svg``; returns both paths."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``stem.png`` and ``stem.svg`` (each atomically); returns both paths."""
+    from knockout.runfolder import write_atomic
+
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    fig.savefig(paths[0], dpi=dpi)
-    fig.savefig(paths[1])
+    write_atomic(paths[0], png_bytes(fig, dpi))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="svg")
+    write_atomic(paths[1], buf.getvalue())
     return paths
 
 

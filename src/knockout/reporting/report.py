@@ -28,9 +28,11 @@ from pathlib import Path
 
 from knockout.ablation.selection import validate_fractions
 from knockout.errors import KnockoutError
+from knockout.fingerprint import describe
 from knockout.reporting import answer as A
 from knockout.reporting import html as H
 from knockout.reporting.eps import eps_columns, eps_markdown, eps_rows
+from knockout.reporting.escape import markdown as md
 from knockout.reporting.figures import (
     curves_figure,
     forest_figure,
@@ -43,7 +45,7 @@ from knockout.reporting.neurons import StatsFile, default_layers, point_mass_cou
 from knockout.reporting.run import RunData
 from knockout.reporting.summary import METRICS
 from knockout.reporting.table import MARK_NOTES, build_table, paper_model
-from knockout.runfolder import REPORT_DIR, ROW_FIELDS, fraction_key, write_atomic
+from knockout.runfolder import REPORT_DIR, RESULTS_FILE, ROW_FIELDS, fraction_key, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,7 @@ def identity(run: RunData) -> dict:
         "model": run.model,
         "model type": mid.get("model_type", "?"),
         "site": mid.get("site", "attention"),
+        "model fingerprint": describe(mid.get("fingerprint")),
         "layers x neurons": _widths(mid.get("widths")),
         "heads": mid.get("n_heads", "?"),
         "task": res.get("task", cfg.get("task", "?")),
@@ -310,23 +313,23 @@ def _write_html(path, title, run, table, images, atypical, timings, partial, not
 
 def _write_markdown(path, title, run, table, images, atypical, timings, partial, notes, pm, extra) -> None:
     answer = extra["answer"]
-    lines = [f"# {title}", ""]
+    lines = [f"# {md(title)}", ""]
     if partial:
-        lines += [f"> **{partial}**", ""]
+        lines += [f"> **{md(partial)}**", ""]
     lines += A.markdown(answer)
     if "answer" in images:
         lines += ["![paired differences](answer.png)", ""]
-    lines += [f"_{n}_" for n in notes] + ([""] if notes else [])
+    lines += [f"_{md(n)}_" for n in notes] + ([""] if notes else [])
     ident = identity(run)
     keys = ["model", "model type", "layers x neurons", "task", "data", "eval tokens", "seeds", "device", "dtype"]
-    lines += [f"- **{k}**: {ident[k]}" for k in keys] + [""]
+    lines += [f"- **{k}**: {md(ident[k])}" for k in keys] + [""]
     lines += [
         "## Table 2",
         "",
         "Mean ± std over seeds. " + MARK_NOTES["paper"].replace("Bold:", "**Bold**:"),
     ]
     if pm:
-        lines.append(f"Columns marked [paper] are the paper's numbers for {pm}.")
+        lines.append(f"Columns marked [paper] are the paper's numbers for {md(pm)}.")
     lines += ["", table.to_markdown()]
     if answer.available:
         lines += ["Verdicts per fraction:", "", *A.verdict_markdown(answer)]
@@ -351,8 +354,26 @@ def _write_markdown(path, title, run, table, images, atypical, timings, partial,
     lines += ["## Timings", "", f"Total {_fmt_seconds(timings['total_seconds'])} over {timings['n_rows']} rows.", ""]
     lines += ["| method | rows | seconds | per row |", "|---|---:|---:|---:|"]
     for r in _timing_records(timings):
-        lines.append(f"| {r['method']} | {r['rows']} | {r['seconds']:.2f} | {r['mean_seconds']:.2f} |")
+        lines.append(f"| {md(r['method'])} | {r['rows']} | {r['seconds']:.2f} | {r['mean_seconds']:.2f} |")
     write_atomic(path, "\n".join(lines) + "\n")
+
+
+def check_compare_out(out: Path, run_dirs: list[Path]) -> None:
+    """Refuse a comparison's output folder inside one of the compared run folders, or inside any run folder (its
+    ``report/`` folder, say): a comparison never writes into a run folder."""
+    target = out.resolve()
+    for run_dir in run_dirs:
+        if target.is_relative_to(run_dir.resolve()):
+            raise KnockoutError(
+                f"--out {str(out)!r} lies inside the run folder {str(run_dir)!r}: a comparison never writes into a run "
+                "folder (its report would be overwritten); give a folder outside it"
+            )
+    for folder in (target, *target.parents):
+        if (folder / RESULTS_FILE).is_file():
+            raise KnockoutError(
+                f"--out {str(out)!r} lies inside the run folder {str(folder)!r}: a comparison never writes into a run "
+                "folder; give a folder outside it"
+            )
 
 
 def compare_runs(
@@ -370,6 +391,7 @@ def compare_runs(
         raise KnockoutError(f"{len(labels)} labels for {len(runs)} runs")
     if labels is not None and len(set(labels)) < len(labels):
         raise KnockoutError(f"--labels must be distinct, got {labels}")
+    check_compare_out(Path(out_dir), [r.dir for r in runs])
     names = list(labels) if labels else [r.label for r in runs]
     if len(set(names)) < len(names):  # same model twice: tell them apart by folder
         names = [f"{n} ({r.dir.name})" for n, r in zip(names, runs)]
@@ -410,18 +432,19 @@ def compare_runs(
     b.append("<h2>Timings</h2>" + H.records_table(times, ["run", "rows", "seconds"]))
     write_atomic(out / "compare.html", H.page(title, b))
 
-    md = [f"# {title}", ""]
-    md += [f"> **{n}: {p}**\n" for n, p in partials if p]
-    md += ["| run | model | task | data | seeds |", "|---|---|---|---|---|"]
-    md += [f"| {n} | {i['model']} | {i['task']} | {i['data']} | {i['seeds']} |" for n, i in zip(names, idents)]
-    md += [
+    text = [f"# {md(title)}", ""]
+    text += [f"> **{md(n)}: {md(p)}**\n" for n, p in partials if p]
+    text += ["| run | model | task | data | seeds |", "|---|---|---|---|---|"]
+    cells = ("model", "task", "data", "seeds")
+    text += ["| " + " | ".join([md(n), *(md(i[c]) for c in cells)]) + " |" for n, i in zip(names, idents)]
+    text += [
         "",
         "## Table 2",
         "",
         table.to_markdown(),
     ]
     for n, a in zip(names, answers):
-        md += A.markdown(a, f"## The answer: {n}")
-    md += ["## Change against fraction ablated", "", "![curves](curves.png)", ""]
-    write_atomic(out / "compare.md", "\n".join(md) + "\n")
+        text += A.markdown(a, f"## The answer: {md(n)}")
+    text += ["## Change against fraction ablated", "", "![curves](curves.png)", ""]
+    write_atomic(out / "compare.md", "\n".join(text) + "\n")
     return out / "compare.html"

@@ -91,13 +91,22 @@ class RunData:
         keys |= {row_key(m, f, s) for m in cfg["methods"] for f in per_method.get(m, cfg["fractions"]) for s in seeds}
         return keys
 
+    def _have(self) -> set[tuple]:
+        return {row_key(r["method"], r["fraction"], r["seed"], r["target"]) for r in self.rows}
+
     def missing(self) -> list[tuple]:
         """Expected rows not (yet) in results.jsonl, sorted."""
         expected = self.expected_keys()
         if expected is None:
             return []
-        have = {row_key(r["method"], r["fraction"], r["seed"], r["target"]) for r in self.rows}
-        return sorted(expected - have)
+        return sorted(expected - self._have())
+
+    @property
+    def n_present(self) -> int:
+        """Expected rows that results.jsonl holds (rows it holds beyond those, e.g. of methods no longer asked for,
+        are not counted)."""
+        expected = self.expected_keys()
+        return len(self.rows) if expected is None else len(expected & self._have())
 
     @property
     def n_expected(self) -> int | None:
@@ -114,7 +123,7 @@ class RunData:
         shown = ", ".join(f"{m} at {f:g} (seed {s})" for m, f, s, _ in missing[:8])
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         return (
-            f"PARTIAL RUN: {len(self.rows)} of {self.n_expected} expected rows are present "
+            f"PARTIAL RUN: {self.n_present} of {self.n_expected} expected rows are present "
             f"({len(missing)} missing: {shown}{more}). Means and stds below use only the seeds that finished; "
             "resume the sweep with the same command to complete it."
         )

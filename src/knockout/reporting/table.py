@@ -100,11 +100,13 @@ class Table:
 
     def to_markdown(self) -> str:
         """A GitHub Markdown table; the best entries in **bold**."""
-        head = ["Fraction", "Method", *(c.label for c in self.columns)]
+        from knockout.reporting.escape import markdown as esc
+
+        head = ["Fraction", "Method", *(esc(c.label) for c in self.columns)]
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(self.columns)) + "|"]
         for row in self.rows:
             cells = [self._cell_text(row, c, ("**", "**")) for c in self.columns]
-            lines.append("| " + " | ".join([self._frac(row), row.method, *cells]) + " |")
+            lines.append("| " + " | ".join([self._frac(row), esc(row.method), *cells]) + " |")
         return "\n".join(lines) + "\n"
 
     def to_csv(self) -> str:
@@ -135,10 +137,7 @@ class Table:
     def to_latex(self) -> str:
         """A booktabs ``tabular``; the best entries in ``\\mathbf``."""
 
-        def esc(s: str) -> str:
-            for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
-                s = s.replace(a, b)
-            return s
+        from knockout.reporting.escape import latex as esc
 
         def cell(row: Row, col: Column) -> str:
             c = row.cells.get(col.key)
