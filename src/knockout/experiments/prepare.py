@@ -78,7 +78,7 @@ def check(cfg: SweepConfig, restart: bool = False, stats_file: str | Path | None
         runfolder.check_out(path.parent)
     else:
         runfolder.check_out(cfg.out)
-    data_id = data_identity(cfg.data)
+    data_id = data_identity(cfg.data, cfg.data_revision)
     check_source(cfg.data)
     if stats_file is not None:
         return data_id
@@ -107,7 +107,8 @@ def check_settings(out: Path, cfg: SweepConfig, task_known: bool = True) -> None
 def load(cfg: SweepConfig) -> LoadedModel:
     """The model of ``cfg`` (a preset's load error names the preset: its model comes from the Hub)."""
     try:
-        return load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device, cfg.device_map)
+        return load_model(cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device, cfg.device_map,
+                          revision=cfg.revision)  # fmt: skip
     except KnockoutError as e:
         if cfg.preset is None or cfg.preset == "demo":
             raise
