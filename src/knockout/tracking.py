@@ -4,7 +4,8 @@
 Both log the same things, from the :class:`~knockout.experiments.callbacks.Callback` events:
 
 - **params**: the resolved config (``config.json``: settings and the ``resolved`` record), flattened to dotted keys
-  (:func:`flatten_config`: ``optimal.steps``, ``resolved.model_identity.name``);
+  (:func:`flatten_config`: ``optimal.steps``, ``resolved.model_identity.name``; for MLflow, characters it does not
+  allow in names become ``_``, and values are strings, JSON for non-strings);
 - **metrics**, one step per row, the step being the row's index in ``results.jsonl``: ``top1``, ``ce``,
   ``delta_top1`` and ``delta_ce`` under ``{metric}/{method}/{fraction}`` (:func:`metric_name`, e.g.
   ``ce/peak/0.5``), and the row's ``seed``;
@@ -113,7 +114,7 @@ class MLflowCallback(Callback):
         name = self.run_name or Path(config.get("out") or "knockout").name
         run = self.client.create_run(experiment_id, run_name=name, tags={"knockout.out": str(config.get("out"))})
         self.run_id = run.info.run_id
-        params = [Param(k, param_text(v)) for k, v in sorted(flatten_config(config).items())]
+        params = [Param(_UNSAFE.sub("_", k), param_text(v)) for k, v in sorted(flatten_config(config).items())]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i : i + 100])
         log.info("MLflow: logging to run %s of experiment %r at %s", self.run_id, self.experiment, self.uri)

@@ -169,6 +169,22 @@ def test_metric_names():
     assert metric_name("delta_ce", named) == "delta_ce/zero/1:L9.H6 _name_"
 
 
+def test_mlflow_param_names_and_a_failed_run(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from knockout.tracking import MLflowCallback
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri = (tmp_path / "mlruns").as_uri()
+    cb = MLflowCallback(uri, experiment="e")
+    cb.on_start({"out": "runs/x", "method_fractions": {"peak@0.05": [0.5]}, "resolved": {"commit": None}})
+    cb.on_error(RuntimeError("boom"))
+    run = MlflowClient(tracking_uri=uri).get_run(cb.run_id)
+    assert run.data.params == {"out": "runs/x", "method_fractions.peak_0.05": "[0.5]", "resolved.commit": "null"}
+    assert (run.info.status, run.info.run_name) == ("FAILED", "x")
+
+
 def test_trackers_refuse_bad_settings():
     from knockout.tracking import MLflowCallback, WandbCallback
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from knockout import runfolder
+from knockout.errors import KnockoutError
 from knockout.runfolder import ResultRow
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,6 @@ class Callbacks:
         self.callbacks = list(callbacks)
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
-                from knockout.errors import KnockoutError
-
                 raise KnockoutError(f"callbacks must be knockout Callback instances, got {type(cb).__name__}")
 
     def __bool__(self) -> bool:
