@@ -18,7 +18,8 @@ nnsight            the out-projection's module path, ``[width]``    the MLP out-
 safetensors        ``layer{L}``, ``[width]``                     ``layer{L}``, ``[d_mlp]``
 =================  ===========================================  ==============================================
 
-``optimal``'s keys are prefixed with ``seed{s}/fraction{f}/`` and each has a ``.../ablated`` mask of the same shape.
+``optimal``'s keys are prefixed with ``seed{s}/fraction{f}/`` (the neuron sets of its stored rows) and each has a
+``.../ablated`` mask of the same shape.
 Neuron ``head * d_head + j`` of the flat layout is ``[head, j]`` of TransformerLens's.
 """
 
@@ -136,11 +137,15 @@ def _optimal(run_dir: Path, config: dict, sites: list[Site], task: str, format: 
 
     stats = _stats(run_dir, "optimal")
     options = OptimalOptions.from_dict(config.get("optimal"))
-    fractions = (config.get("method_fractions") or {}).get("optimal", config.get("fractions") or ())
+    done: dict[int, list[float]] = {}  # the neuron sets optimal was evaluated on: its stored rows
+    if (run_dir / runfolder.RESULTS_FILE).is_file():
+        for row in runfolder.read_rows(run_dir):
+            if row["method"] == "optimal" and row["n_ablated"] > 0 and not row["target"]:
+                done.setdefault(row["seed"], []).append(row["fraction"])
     stored = runfolder.load_selection(run_dir) if (run_dir / runfolder.SELECTION_FILE).is_file() else {}
     out: dict[str, torch.Tensor] = {}
     missing = []
-    for seed in config.get("seeds") or ():
+    for seed, fractions in sorted(done.items()):
         selection = NeuronSelection.for_sites(sites, seed, config.get("selection") or "per-layer")
         for name, order in selection.state_dict().items():
             if name in stored and not torch.equal(stored[name], order):
@@ -150,9 +155,7 @@ def _optimal(run_dir: Path, config: dict, sites: list[Site], task: str, format: 
                 )
         artifacts = run_dir / runfolder.ARTIFACTS_DIR
         method = OptimalAblation(MethodContext(None, sites, stats, seed, task, optimal=options, artifacts=artifacts))
-        for fraction in fractions:
-            if selection.n_ablated(fraction) == 0:
-                continue
+        for fraction in sorted(fractions):
             neurons = selection.at(fraction)
             path = method.artifact_path(neurons)
             if path is None or not path.is_file():
@@ -167,7 +170,7 @@ def _optimal(run_dir: Path, config: dict, sites: list[Site], task: str, format: 
                 out[key] = site_shape(learned[f"layer{site.layer}"], site, format)
                 out[key + "/ablated"] = site_shape(mask, site, format).bool()
     if missing:
-        log.warning("optimal: no learned constants for %s (not run yet?)", ", ".join(missing))
+        log.warning("optimal: no learned constants in %s for %s", runfolder.ARTIFACTS_DIR, ", ".join(missing))
     if not out:
         raise KnockoutError(f"the run in {str(run_dir)!r} holds no learned optimal constants yet; run its sweep first")
     return out

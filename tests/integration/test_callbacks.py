@@ -66,7 +66,7 @@ def _summary(sums: dict) -> dict:
 def test_callbacks_see_the_config_every_row_and_the_finished_run(saved, tmp_path):
     rec = Recorder()  # zero only: without statistics the report has no histogram figures to draw (faster)
     cfg = _cfg(saved, tmp_path / "run", methods=("zero",), fractions=(0.0, 0.5, 1.0), seeds=(0, 1))
-    out = run_sweep(cfg, progress=False, callbacks=[rec], report=True)
+    out = Path(run_sweep(cfg, progress=False, callbacks=[rec], report=True))
     kinds = [e[0] for e in rec.events]
     assert kinds[0] == "start" and kinds[-1] == "end" and set(kinds[1:-1]) == {"row"}
     assert rec.events[0][1] == json.loads((out / "config.json").read_text())  # the resolved config
@@ -90,7 +90,8 @@ def test_a_resumed_run_tells_the_stored_rows_first(saved, tmp_path):
     run_sweep(_cfg(saved, tmp_path / "run", methods=("zero",)), progress=False)
     first = read_rows(tmp_path / "run")
     rec = Recorder()
-    out = run_sweep(_cfg(saved, tmp_path / "run", methods=("zero",), seeds=(0, 1)), progress=False, callbacks=[rec])
+    cfg = _cfg(saved, tmp_path / "run", methods=("zero",), seeds=(0, 1))
+    out = Path(run_sweep(cfg, progress=False, callbacks=[rec]))
     rows = read_rows(out)
     assert len(rows) == 2 * len(first) and rows[: len(first)] == first
     assert rec.rows() == rows

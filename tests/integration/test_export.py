@@ -9,6 +9,7 @@ bias b_V (TransformerLens's ``fold_value_biases``) matters.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def run(tmp_path_factory):
     model = _gpt2_with_biases(root / "model")
     corpus = tiny.write_corpus(root / "corpus.txt", n_docs=40)
     cfg = _config(model, corpus, root / "run")
-    return cfg, run_sweep(cfg, progress=False)
+    return cfg, Path(run_sweep(cfg, progress=False))
 
 
 def _rows(out) -> dict:
@@ -260,7 +261,7 @@ def test_mlp_site_exports_hook_post_for_transformerlens(tmp_path):
     model = _gpt2_with_biases(tmp_path / "model")
     corpus = tiny.write_corpus(tmp_path / "corpus.txt", n_docs=40)
     cfg = _config(model, corpus, tmp_path / "run", methods=("peak",), seeds=(0,), site="mlp")
-    out = run_sweep(cfg, progress=False)
+    out = Path(run_sweep(cfg, progress=False))
     constants = export_constants(out, "peak", "transformerlens")
     assert list(constants) == ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
     assert constants["blocks.0.mlp.hook_post"].shape == (128,)  # GPT-2's MLP: 4 * 32
@@ -276,7 +277,6 @@ def test_the_examples_of_docs_export_md_run_and_agree_with_knockout(run):
     """The plain pre-hook and the TransformerLens examples of docs/export.md, run on this run folder, give the same
     logits, and those of knockout's own (weight-edit) ablation of the same neurons with the same constants."""
     import re
-    from pathlib import Path
 
     pytest.importorskip("transformer_lens")
     from knockout import MethodContext, NeuronSelection, find_sites, get_method, load_model
