@@ -10,19 +10,24 @@ Python API, bottom-up::
     with method.ablate(sel.at(0.5)):                # weights restored on exit
         metrics = evaluate(model, batches)
 
-or the whole experiment: ``knockout.run_sweep(knockout.SweepConfig(model=..., out=...))``.
+or the whole experiment: ``knockout.run_sweep(knockout.SweepConfig(model=..., out=...))``, optionally logged to a
+tracker (``callbacks=[knockout.MLflowCallback("file:./mlruns")]``); a run's constants for other tools:
+``knockout.export_constants(run_dir, "peak", "transformerlens")``. Every public name: docs/api.md.
 """
 
 from knockout.ablation import METHODS, AblationMethod, MethodContext, NeuronSelection, get_method, register  # noqa: E402
 from knockout.errors import KnockoutError  # noqa: E402
 from knockout.evaluation import Metrics, evaluate  # noqa: E402
+from knockout.experiments.callbacks import Callback  # noqa: E402
 from knockout.experiments.config import SweepConfig  # noqa: E402
 from knockout.experiments.runner import run_sweep  # noqa: E402
+from knockout.export import export_constants  # noqa: E402
 from knockout.hooks import capture, edit_preout, fold_constants, replace_with_constants  # noqa: E402
 from knockout.loading import load_model  # noqa: E402
 from knockout.reporting.results import RunResults, load_run  # noqa: E402
 from knockout.sites import MLP_SITE_PATTERNS, SITE_PATTERNS, Site, find_sites  # noqa: E402
 from knockout.stats import Statistics, collect_stats  # noqa: E402
+from knockout.tracking import MLflowCallback, WandbCallback  # noqa: E402
 from knockout.version import __version__  # noqa: E402
 
 __all__ = [
@@ -30,18 +35,22 @@ __all__ = [
     "MLP_SITE_PATTERNS",
     "SITE_PATTERNS",
     "AblationMethod",
+    "Callback",
     "KnockoutError",
+    "MLflowCallback",
     "MethodContext",
     "Metrics",
     "NeuronSelection",
     "Site",
     "Statistics",
     "SweepConfig",
+    "WandbCallback",
     "__version__",
     "capture",
     "collect_stats",
     "edit_preout",
     "evaluate",
+    "export_constants",
     "find_sites",
     "fold_constants",
     "get_method",

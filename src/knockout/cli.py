@@ -196,9 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="move an existing --out folder aside (to OUT.old-TIMESTAMP) and start afresh, instead of resuming",
     )
+    _add_tracking_flags(p)
 
     p = command("demo", "the default sweep: SmolLM2-135M on built-in Wikipedia text, offline")
     _add_config_flags(p, FLAG_SECTIONS, groups, shown=resolve_preset("demo").to_dict())
+    _add_tracking_flags(p)
 
     p = command("stats", "collect per-neuron statistics into a safetensors file")
     _add_config_file(p)
@@ -223,7 +225,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     _add_report_parsers(command)
+    _add_export_parser(command)
     return parser
+
+
+def _add_tracking_flags(p: argparse.ArgumentParser) -> None:
+    """``--mlflow`` and ``--wandb`` (knockout.tracking; docs/tracking.md)."""
+    from knockout.tracking import WANDB_MODES
+
+    g = p.add_argument_group("experiment tracking (pip install 'knockout[tracking]'; docs/tracking.md)")
+    g.add_argument("--mlflow", metavar="URI", help="log the sweep to MLflow at this tracking URI (file:./mlruns works "
+                   "offline)")  # fmt: skip
+    g.add_argument("--wandb", metavar="PROJECT", help="log the sweep to this Weights & Biases project")
+    g.add_argument("--wandb-mode", choices=WANDB_MODES, default="offline",
+                   help="offline (default: no network; upload later with `wandb sync`), online, disabled")  # fmt: skip
+
+
+def _add_export_parser(command) -> None:
+    from knockout.export import FORMATS
+
+    p = command("export", "a run's ablation constants for TransformerLens, nnsight or safetensors (docs/export.md)")
+    p.add_argument("run_dir", help="run folder (with config.json and stats.safetensors)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="how the constants are keyed")
+    p.add_argument("--method", default="peak", help="a constant method (mean, peak, median, mode, peak-nopm, "
+                   "peak@EPS, zero) or optimal (default peak)")  # fmt: skip
+    p.add_argument("--out", help="file to write (.safetensors; default RUN/export/METHOD.FORMAT.safetensors)")
 
 
 def _add_report_parsers(command) -> None:
@@ -257,10 +283,15 @@ def _config(args, sections: tuple[str, ...] = FLAG_SECTIONS, **extra):
 
 def _sweep(args) -> int:
     from knockout.experiments.runner import run_sweep
-    from knockout.reporting import format_table, write_report
+    from knockout.reporting import format_table
     from knockout.reporting.answer import sentence
+    from knockout.runfolder import REPORT_DIR
+    from knockout.tracking import trackers
 
-    results = run_sweep(_config(args), progress=not args.quiet, restart=getattr(args, "restart", False))
+    cfg = _config(args)
+    callbacks = trackers(args.mlflow, args.wandb, args.wandb_mode)
+    results = run_sweep(cfg, progress=not args.quiet, restart=getattr(args, "restart", False), callbacks=callbacks,
+                        report=True)  # fmt: skip
     if not _main_process():
         return 0
     out = results.dir
@@ -269,8 +300,7 @@ def _sweep(args) -> int:
     for fa in results.answer.fractions:
         print(sentence(fa).replace("**", ""))
     print(f"\nresults: {out}/results.csv  config: {out}/config.json")
-    with _quiet_numpy():
-        print(f"report: {write_report(out)}")
+    print(f"report: {out / REPORT_DIR / 'report.html'}")
     return 0
 
 
@@ -374,7 +404,21 @@ COMMANDS = {
     "presets": _presets,
     "bench": _bench,
 }
-COMMANDS.update(report=_report, compare=_compare)
+
+
+def _export(args) -> int:
+    from safetensors import safe_open
+
+    from knockout.export import write_export
+
+    path = write_export(args.run_dir, args.method, args.format, args.out)
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    print(f"wrote {path}: {len(keys)} tensors ({keys[0]} ... {keys[-1]})")
+    return 0
+
+
+COMMANDS.update(report=_report, compare=_compare, export=_export)
 
 
 class _quiet_numpy:

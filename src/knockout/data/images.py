@@ -101,9 +101,9 @@ def _open(path: Path):
         raise KnockoutError(f"cannot read image {str(path)!r}: {e}") from e
 
 
-def _hf_images(name: str, split: str) -> Iterator[tuple[object, int]]:
+def _hf_images(name: str, split: str, revision: str | None = None) -> Iterator[tuple[object, int]]:
     ds = open_hf_split(
-        name, split, ("validation", "test"), "give a local image folder (<root>/<class>/<image>) as --data."
+        name, split, ("validation", "test"), "give a local image folder (<root>/<class>/<image>) as --data.", revision
     )
     for row in ds:
         image = next((row[c] for c in _IMAGE_COLUMNS if c in row), None)
@@ -117,8 +117,11 @@ def _hf_images(name: str, split: str) -> Iterator[tuple[object, int]]:
         yield image, int(label)
 
 
-def load_images(source: str, split: str, n: int, label2id: dict | None = None) -> list[tuple[object, int]]:
-    """The first ``n`` ``(image, label)`` pairs of ``source``'s ``split`` (``"collect"`` or ``"eval"``).
+def load_images(
+    source: str, split: str, n: int, label2id: dict | None = None, revision: str | None = None
+) -> list[tuple[object, int]]:
+    """The first ``n`` ``(image, label)`` pairs of ``source``'s ``split`` (``"collect"`` or ``"eval"``); ``revision``:
+    of a Hugging Face dataset.
 
     Images are returned as file paths (local folders) or PIL images (datasets); raises if there are fewer than ``n``.
     """
@@ -135,7 +138,7 @@ def load_images(source: str, split: str, n: int, label2id: dict | None = None) -
         raise KnockoutError(f"image data {source!r} is not a folder (expected <root>/<class>/<image>)")
     else:
         items = []
-        for item in _hf_images(source, split):
+        for item in _hf_images(source, split, revision):
             items.append(item)
             if len(items) == n:
                 break
@@ -218,23 +221,25 @@ def image_batches(
     return batches
 
 
-def probe_inputs(source: str, processor, options: ImageOptions, config) -> dict[str, torch.Tensor]:
+def probe_inputs(source: str, processor, options: ImageOptions, config, revision=None) -> dict[str, torch.Tensor]:
     """Model inputs of one collection image, to measure the pre-out sequence length with."""
-    probe = load_images(source, "collect", 1, getattr(config, "label2id", None))
+    probe = load_images(source, "collect", 1, getattr(config, "label2id", None), revision)
     return {"pixel_values": preprocess([probe[0][0]], processor, options, config)}
 
 
-def image_eval_batches(source: str, n_images: int, batch_size: int, processor, options, config, seq) -> list[Batch]:
+def image_eval_batches(
+    source: str, n_images: int, batch_size: int, processor, options, config, seq, revision: str | None = None
+) -> list[Batch]:
     """The first ``n_images`` evaluation images (the same for every seed)."""
-    items = load_images(source, "eval", n_images, getattr(config, "label2id", None))
+    items = load_images(source, "eval", n_images, getattr(config, "label2id", None), revision)
     return image_batches(items, batch_size, processor, options, config, seq)
 
 
 def image_stats_batches(
-    source: str, n_positions: int, batch_size: int, processor, options, config, seq: int
+    source: str, n_positions: int, batch_size: int, processor, options, config, seq: int, revision: str | None = None
 ) -> list[Batch]:
     """Collection images holding at least ``n_positions`` pre-out positions (whole images of ``seq`` each)."""
-    items = load_images(source, "collect", math.ceil(n_positions / seq), getattr(config, "label2id", None))
+    items = load_images(source, "collect", math.ceil(n_positions / seq), getattr(config, "label2id", None), revision)
     if len(items) >= 20 and len({label for _, label in items}) == 1:
         log.warning(
             "all %d collection images of %r have the same label: is its train split sorted?", len(items), source

@@ -50,6 +50,8 @@ class DataSpec:
     sort_by_length: bool = False
     """Text: regroup the batches' rows by length (less padding; the same scored targets), see
     :mod:`knockout.data.packing`."""
+    revision: str | None = None
+    """A Hugging Face dataset's branch, tag or commit (``None``: its main branch)."""
 
     def __post_init__(self):
         for name in ("eval_tokens", "stats_tokens", "max_length", "batch_size"):
@@ -76,7 +78,7 @@ def stats_batches(spec: DataSpec, model: ModelInputs) -> list[Batch]:
     """Batches of the collection split for :func:`knockout.stats.collect_stats`."""
     if model.task in ("causal", "masked"):
         tok, skip = model.processor, spec.stats_skip_first
-        texts = load_texts(spec.source, "collect")
+        texts = load_texts(spec.source, "collect", spec.revision)
         seqs = tokenize_exact(tok, texts, spec.stats_tokens, spec.max_length, "positions", skip)
         batches = causal_batches(seqs, spec.batch_size, pad_id(tok))
         for batch in batches:
@@ -87,7 +89,7 @@ def stats_batches(spec: DataSpec, model: ModelInputs) -> list[Batch]:
 
         return image_stats_batches(
             spec.source, spec.stats_tokens, spec.batch_size, model.processor, spec.image, model.config,
-            _preout_len(model),
+            _preout_len(model), spec.revision,
         )  # fmt: skip
     raise KnockoutError(f"task {model.task!r} is not supported")
 
@@ -96,13 +98,14 @@ def eval_batches(spec: DataSpec, model: ModelInputs, seed: int) -> list[Batch]:
     """The fixed evaluation batches of ``seed`` (the same for every method and fraction of that seed)."""
     if model.task == "causal":
         tok = model.processor
-        seqs = tokenize_exact(tok, load_texts(spec.source, "eval"), spec.eval_tokens, spec.max_length, "targets")
+        texts = load_texts(spec.source, "eval", spec.revision)
+        seqs = tokenize_exact(tok, texts, spec.eval_tokens, spec.max_length, "targets")
         return _sorted(causal_batches(seqs, spec.batch_size, pad_id(tok)), spec, tok)
     if model.task == "masked":
         from knockout.data.masked import masked_batches, masked_sequences
 
         tok = model.processor
-        seqs = masked_sequences(tok, load_texts(spec.source, "eval"), spec.eval_tokens, spec.max_length)
+        seqs = masked_sequences(tok, load_texts(spec.source, "eval", spec.revision), spec.eval_tokens, spec.max_length)
         vocab = getattr(model.config, "vocab_size", None)
         return _sorted(masked_batches(tok, seqs, spec.batch_size, seed, pad_id(tok), vocab), spec, tok)
     if model.task == "image":
@@ -110,7 +113,7 @@ def eval_batches(spec: DataSpec, model: ModelInputs, seed: int) -> list[Batch]:
 
         return image_eval_batches(
             spec.source, spec.eval_tokens, spec.batch_size, model.processor, spec.image, model.config,
-            _preout_len(model),
+            _preout_len(model), spec.revision,
         )  # fmt: skip
     raise KnockoutError(f"task {model.task!r} is not supported")
 
@@ -121,7 +124,7 @@ def probe_inputs(spec: DataSpec, task: str, processor, config) -> dict | None:
         return None
     from knockout.data.images import probe_inputs as image_probe
 
-    return image_probe(spec.source, processor, spec.image, config)
+    return image_probe(spec.source, processor, spec.image, config, spec.revision)
 
 
 def _sorted(batches: list[Batch], spec: DataSpec, tokenizer) -> list[Batch]:

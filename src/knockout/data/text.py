@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from knockout.caches import hub_commit
 from knockout.data.batch import IGNORE, Batch
 from knockout.errors import KnockoutError
 
@@ -139,10 +140,18 @@ def _read_local(path: Path) -> list[str]:
     return docs
 
 
-def data_identity(source: str) -> dict:
+def data_identity(source: str, revision: str | None = None) -> dict:
     """What the data of ``source`` was, for the run folder: the sha256 of a local file (or of the built-in set's
-    file), or of an image folder's files (names and bytes); for a Hugging Face dataset its name and the revision
-    ``datasets`` reports if it can tell without loading (else the name alone). Raises for a missing local path."""
+    file), or of an image folder's files (names and bytes); for a Hugging Face dataset its name and the commit in
+    the local hub cache if there is one (else the name alone). With ``revision`` (a branch, tag or commit of a
+    Hugging Face dataset) also ``requested_revision``, and ``revision`` is the commit it resolved to (or, when the
+    cache does not know it, the revision as given). Raises for a missing local path, and for a ``revision`` of
+    local data."""
+    if revision is not None and (source == "wiki" or _is_local(source)):
+        raise KnockoutError(
+            f"--data-revision {revision!r} applies to Hugging Face datasets, but {source!r} is local data; "
+            "leave --data-revision out"
+        )
     if source == "wiki":
         return {"source": "wiki", "sha256": _file_sha256(builtin_wiki_path())}
     path = Path(source).expanduser()
@@ -155,7 +164,16 @@ def data_identity(source: str) -> dict:
         return {"source": source, "sha256": _file_sha256(path)}
     if path.suffix.lower() in (".txt", ".jsonl", ".json") or source.startswith((".", "/", "~")):
         raise KnockoutError(f"data file {source!r} does not exist")
+    if revision is not None:
+        commit = hub_commit(source.split(":", 1)[0], revision, "dataset")
+        return {"source": source, "revision": commit or revision, "requested_revision": revision}
     return {"source": source, "revision": _hf_revision(source)}
+
+
+def _is_local(source: str) -> bool:
+    """Whether ``source`` names local data (an existing path, a data file name, or a path-like name)."""
+    path = Path(source).expanduser()
+    return path.exists() or path.suffix.lower() in (".txt", ".jsonl", ".json") or source.startswith((".", "/", "~"))
 
 
 _SHA_CACHE: dict[tuple, str] = {}
@@ -224,9 +242,10 @@ def split_items(docs: list, split: str) -> list:
     return [docs[i] for i in chosen]
 
 
-def open_hf_split(name: str, split: str, eval_splits: Sequence[str], offline_hint: str):
-    """Stream the Hugging Face dataset ``name`` (``name:config`` allowed): its ``train`` split for ``collect``,
-    else the first of ``eval_splits`` it has. Errors say what to use offline (``offline_hint``)."""
+def open_hf_split(name: str, split: str, eval_splits: Sequence[str], offline_hint: str, revision: str | None = None):
+    """Stream the Hugging Face dataset ``name`` (``name:config`` allowed) at ``revision`` (default: its main
+    branch): its ``train`` split for ``collect``, else the first of ``eval_splits`` it has. Errors say what to use
+    offline (``offline_hint``)."""
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - datasets is a dependency
@@ -235,10 +254,11 @@ def open_hf_split(name: str, split: str, eval_splits: Sequence[str], offline_hin
     if ":" in name:
         name, config = name.split(":", 1)
     candidates = ["train"] if split == "collect" else list(eval_splits)
+    pinned = {"revision": revision} if revision is not None else {}
     last = None
     for hf_split in candidates:
         try:
-            return datasets.load_dataset(name, config, split=hf_split, streaming=True)
+            return datasets.load_dataset(name, config, split=hf_split, streaming=True, **pinned)
         except ValueError as e:  # unknown split: try the next one
             last = e
         except Exception as e:
@@ -249,8 +269,8 @@ def open_hf_split(name: str, split: str, eval_splits: Sequence[str], offline_hin
     raise KnockoutError(f"dataset {name!r} has none of the splits {candidates}: {last}")
 
 
-def _hf_texts(name: str, split: str) -> Iterator[str]:
-    ds = open_hf_split(name, split, ("test", "validation"), "use --data wiki or a local .txt/.jsonl file.")
+def _hf_texts(name: str, split: str, revision: str | None = None) -> Iterator[str]:
+    ds = open_hf_split(name, split, ("test", "validation"), "use --data wiki or a local .txt/.jsonl file.", revision)
     for row in ds:
         text = row.get("text")
         if text is None:
@@ -259,8 +279,9 @@ def _hf_texts(name: str, split: str) -> Iterator[str]:
             yield text
 
 
-def load_texts(source: str, split: str) -> Iterator[str]:
-    """The documents of ``source`` for ``split`` (``"collect"`` or ``"eval"``), in a fixed order."""
+def load_texts(source: str, split: str, revision: str | None = None) -> Iterator[str]:
+    """The documents of ``source`` for ``split`` (``"collect"`` or ``"eval"``), in a fixed order; ``revision``: of a
+    Hugging Face dataset."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if source == "wiki":
@@ -280,7 +301,7 @@ def load_texts(source: str, split: str) -> Iterator[str]:
         if not docs:
             raise KnockoutError(f"data file {source!r} contains no text")
         return iter(split_items(docs, split))
-    return _hf_texts(source, split)
+    return _hf_texts(source, split, revision)
 
 
 def pad_id(tokenizer) -> int:

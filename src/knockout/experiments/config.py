@@ -89,6 +89,12 @@ class SweepConfig:
         4096, "exact number of scored evaluation targets (tokens; images for image models)", kind="int"
     )
     stats_tokens: int = setting(16384, "non-padding positions of the statistics collection set", "data", kind="int")
+    data_revision: str | None = setting(
+        None,
+        "Hugging Face datasets: the branch, tag or commit to load (config.json records the commit it resolved to)",
+        "data",
+        kind="str",
+    )
     stats_skip_first: int = setting(
         0,
         "text: leave the first N positions of each collection sequence out of the statistics. The pre-out at "
@@ -120,6 +126,13 @@ class SweepConfig:
     task: str = setting("auto", "auto (from the model's config), causal, masked or image", "model", kind="str",
                         choices=("auto", *TASKS))  # fmt: skip
     gguf_file: str | None = setting(None, "GGUF file name inside the model folder", "model", kind="str")
+    revision: str | None = setting(
+        None,
+        "hub models: the branch, tag or commit to load (config.json records the commit it resolved to); default: "
+        "the main branch",
+        "model",
+        kind="str",
+    )
     site: str = setting(
         "attention",
         "which neurons: attention (the pre-out, input of the attention output projection) or mlp (input of the "
@@ -218,6 +231,10 @@ class SweepConfig:
         for name in ("sort_by_length", "stats_any_data", "trust_remote_code"):
             if not isinstance(getattr(self, name), bool):
                 raise KnockoutError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("revision", "data_revision"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise KnockoutError(f"{name} must be a branch, tag or commit name (a non-empty string), got {value!r}")
         self.data_spec()  # validates the data fields
         check_hist_params(self.eps, self.hist_limit)
         parse_device_map(self.device_map)
@@ -310,6 +327,7 @@ class SweepConfig:
             stats_skip_first=self.stats_skip_first,
             image=self.image,
             sort_by_length=self.sort_by_length,
+            revision=self.data_revision,
         )
 
     def for_task(self, task: str) -> SweepConfig:

@@ -87,7 +87,7 @@ def check(
         runfolder.check_out(path.parent)
     else:
         runfolder.check_out(cfg.out)
-    data_id = data_identity(cfg.data)
+    data_id = data_identity(cfg.data, cfg.data_revision)
     check_source(cfg.data)
     if stats_file is not None:
         return data_id
@@ -122,7 +122,7 @@ def load(cfg: SweepConfig) -> LoadedModel:
     try:
         return load_model(
             cfg.model, cfg.gguf_file, cfg.task, cfg.dtype, cfg.device, cfg.device_map,
-            trust_remote_code=cfg.trust_remote_code,
+            trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
         )  # fmt: skip
     except KnockoutError as e:
         if cfg.preset is None or cfg.preset == "demo":

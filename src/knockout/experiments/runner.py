@@ -8,8 +8,10 @@ inputs), the run folder's files are written through :mod:`knockout.runfolder`, t
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from knockout.distributed import World
 from knockout.errors import KnockoutError
 from knockout.evaluation.evaluate import evaluate
 from knockout.evaluation.metrics import Metrics
+from knockout.experiments.callbacks import Callback, Callbacks, replay, run_files
 from knockout.experiments.config import SweepConfig
 from knockout.experiments.prepare import (
     Prepared,
@@ -175,6 +178,8 @@ def run_sweep(
     progress: bool = True,
     loaded: LoadedModel | None = None,
     restart: bool = False,
+    callbacks: Sequence[Callback] = (),
+    report: bool = False,
 ) -> RunResults | None:
     """Run (or resume) the sweep of ``cfg``; returns its results as data (:func:`knockout.reporting.load_run`;
     path-like: ``Path(results)`` is the run folder), on the process that writes the folder (``None`` on the other
@@ -183,23 +188,50 @@ def run_sweep(
     For each seed: the unablated baseline, then for each method and fraction the ablated evaluation. Rows already
     in the folder's results are skipped, so re-running the same command resumes an interrupted run. ``restart``
     moves an existing run folder aside (``<out>.old-<timestamp>``) and starts afresh. ``loaded``: the model of
-    ``cfg`` when the caller has it loaded already.
+    ``cfg`` when the caller has it loaded already. ``report``: write the report (``report/``) at the end, as the CLI
+    does. ``callbacks``: :class:`~knockout.experiments.callbacks.Callback` instances told about the start, every
+    row and the end (after the report), e.g. the trackers of :mod:`knockout.tracking`.
 
     Launched with ``torchrun`` (``WORLD_SIZE`` > 1) it runs data-parallel: every rank loads the model, reads the same
     resume state and builds the same batches; statistics and every evaluation are sharded over the ranks and
     all-reduced, so all ranks hold the same rows (and per-document sums); only rank 0 writes files. A barrier
     separates the reading of the existing run folder from the first write.
     """
+    notify = Callbacks(callbacks)  # checked before anything runs
     with distributed.process_group(resolve_device(cfg.device)):
         try:
             run = prepare(cfg, distributed.world(), restart=restart, loaded=loaded)
-            _sweep(run, progress and run.world.is_main)
+            out = Path(cfg.out)
+            if not run.world.is_main:  # under torchrun, rank 0 alone reports
+                notify = Callbacks()
+            try:
+                _sweep(run, progress and run.world.is_main, notify)
+                if run.world.is_main:
+                    if report:
+                        _write_report(out)
+                    notify.end(out, run_files(out))
+            except BaseException as e:
+                notify.error(e)
+                raise
         finally:
             runfolder.unlock_run(cfg.out)  # the run folder's lock, taken by rank 0 in prepare
         return load_run(cfg.out) if run.world.is_main else None
 
 
-def _sweep(run: Prepared, progress: bool) -> None:
+def _write_report(run_dir: Path) -> Path:
+    """The run's report (:func:`knockout.reporting.write_report`), without numpy's floating-point warnings."""
+    import warnings
+
+    import numpy as np
+
+    from knockout.reporting import write_report
+
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return write_report(run_dir)
+
+
+def _sweep(run: Prepared, progress: bool, notify: Callbacks | None = None) -> None:
     """The rows of a prepared run (see :func:`run_sweep`): every method at its fractions for the fixed seeds, then,
     with ``seeds='auto'``, the sets the sequential design asks for (:func:`_add_sets`)."""
     cfg, loaded, world = run.cfg, run.loaded, run.world
@@ -225,6 +257,8 @@ def _sweep(run: Prepared, progress: bool) -> None:
         "task": loaded.task,
         "positions_used": {"eval_scored_fraction": round(used, 6), "sort_by_length": run.spec.sort_by_length},
         "model_identity": run.identity,
+        "model_revision": {"requested": loaded.revision, "commit": loaded.commit},
+        "site_modules": [s.name for s in run.sites],
         "device": str(loaded.device),
         "dtype": str(model_dtype(loaded.model)),
         "device_map": {k: str(v) for k, v in (getattr(loaded.model, "hf_device_map", None) or {}).items()} or None,
@@ -233,10 +267,15 @@ def _sweep(run: Prepared, progress: bool) -> None:
         "statistics": None if stats is None else stats_provenance(stats, cfg.stats_path),
     }
     distributed.barrier()  # every rank has read the folder's state; rank 0 may now write
+    config = json.loads(json.dumps({**cfg.to_dict(), "resolved": resolved}))  # JSON types, as config.json holds
     if world.is_main:
-        runfolder.write_config(out, {**cfg.to_dict(), "resolved": resolved})
+        runfolder.write_config(out, config)
         if save_stats:
             stats.save(out / runfolder.STATS_FILE)
+    notify = notify or Callbacks()
+    notify.start(config)
+    replay(list(rows.store.rows.values()), rows.docs, notify)  # a resumed run's stored rows first
+    rows.notify = notify
     for seed in seeds:
         rows.ensure(seed, [(c, f) for c in classes for f in cfg.fractions_of(c.name)])
     if cfg.sequential:
@@ -287,6 +326,7 @@ class _Rows:
         self.n_neurons = sum(s.width for s in run.sites)
         self.first_seed = cfg.fixed_seeds[0]
         self.first_batches = first_batches
+        self.notify = Callbacks()  # told about every row stored (set by _sweep once the callbacks have started)
         generator = load_generator(cfg, loaded)
         train = stats_batches(run.spec, run.inputs) if any(c.needs_train_batches for c in classes) else ()
 
@@ -347,11 +387,13 @@ class _Rows:
         return base
 
     def _store(self, row: ResultRow, docs: dict | None) -> None:
+        """Store ``row`` with its per-document sums, then tell the callbacks: every row of a sweep passes here."""
         if docs is not None:
             self.docs[row.key] = docs
             if self.world.is_main:  # before the row, so a stored row always has its sums
                 runfolder.save_doc_sums(self.out, row.method, row.fraction, row.seed, docs)
         self.store.add(row)
+        self.notify.row(row, docs)
 
     def done(self, method: str, fraction: float, seed: int) -> bool:
         """The row is stored with per-document sums that add up to it (else it is run again)."""

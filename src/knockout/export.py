@@ -1,0 +1,244 @@
+"""A run's ablation constants, keyed for other tools: TransformerLens, nnsight (Hugging Face module paths) or plain
+safetensors (``knockout export RUN --format ...``; Python :func:`export_constants`). See docs/export.md.
+
+The constants are the method's own (computed through the method registry, :mod:`knockout.ablation`, from the run's
+``stats.safetensors``): ``mean``, ``peak``, ``median``, ``mode``, ``peak-nopm``, ``peak@EPS`` and ``zero`` give one
+``[width]`` vector per layer, the value each neuron is set to when it is ablated. ``optimal`` learns constants per
+neuron set, so it gives one vector per seed and fraction of the run (read from ``artifacts/optimal/``), each with a
+boolean mask of the neurons it ablates.
+
+Keys, per layer ``L`` (the site of the run: attention pre-out, or ``--site mlp``):
+
+=================  ===========================================  ==============================================
+format             attention site                               MLP site
+=================  ===========================================  ==============================================
+transformerlens    ``blocks.{L}.attn.hook_z``, ``[n_heads, d_head]``  ``blocks.{L}.mlp.hook_post``, ``[d_mlp]``
+nnsight            the out-projection's module path, ``[width]``    the MLP out-projection's path, ``[d_mlp]``
+                   (``model.layers.3.self_attn.o_proj``)
+safetensors        ``layer{L}``, ``[width]``                     ``layer{L}``, ``[d_mlp]``
+=================  ===========================================  ==============================================
+
+``optimal``'s keys are prefixed with ``seed{s}/fraction{f}/`` (the neuron sets of its stored rows) and each has a
+``.../ablated`` mask of the same shape.
+Neuron ``head * d_head + j`` of the flat layout is ``[head, j]`` of TransformerLens's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from knockout import runfolder
+from knockout.ablation.methods import ConstantAblation, MethodContext, get_method
+from knockout.ablation.optimal import OptimalAblation
+from knockout.ablation.options import OptimalOptions
+from knockout.ablation.selection import NeuronSelection
+from knockout.errors import KnockoutError
+from knockout.sites import Site
+from knockout.stats.statistics import Statistics
+from knockout.version import __version__
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("transformerlens", "nnsight", "safetensors")
+FORMAT_TAG = "knockout.export/1"
+
+
+def run_sites(config: dict, need_modules: bool = False) -> list[Site]:
+    """The sites a run folder's ``config.json`` describes (layer, module path, heads; no module objects)."""
+    resolved = config.get("resolved") or {}
+    identity = resolved.get("model_identity") or {}
+    widths, n_heads, kind = identity.get("widths"), identity.get("n_heads"), identity.get("site") or "attention"
+    if not widths or not n_heads:
+        raise KnockoutError("the run folder's config.json lacks the model identity; is it a knockout sweep folder?")
+    names = resolved.get("site_modules")
+    if names is None:
+        if need_modules:
+            raise KnockoutError(
+                "the run folder does not record its site modules (written by an older knockout); re-run the same "
+                "sweep command (it resumes, recomputing no rows, and records them), then export again"
+            )
+        names = [f"layer{i}" for i in range(len(widths))]
+    return [
+        Site(layer=i, name=name, module=None, n_heads=n_heads, d_head=w // n_heads, kind=kind)  # type: ignore[arg-type]
+        for i, (name, w) in enumerate(zip(names, widths))
+    ]
+
+
+def site_key(site: Site, format: str) -> str:
+    """The name another tool gives ``site`` (see the module docs)."""
+    if format == "transformerlens":
+        return f"blocks.{site.layer}.mlp.hook_post" if site.kind == "mlp" else f"blocks.{site.layer}.attn.hook_z"
+    if format == "nnsight":
+        return site.name
+    if format == "safetensors":
+        return f"layer{site.layer}"
+    raise KnockoutError(f"unknown export format {format!r}; use {', '.join(FORMATS)}")
+
+
+def site_shape(values: torch.Tensor, site: Site, format: str) -> torch.Tensor:
+    """``[width]`` values in ``format``'s layout: ``[n_heads, d_head]`` for TransformerLens's ``hook_z``."""
+    values = values.detach().float().cpu().contiguous()
+    if format == "transformerlens" and site.kind != "mlp":
+        return values.view(site.n_heads, site.d_head).contiguous()
+    return values
+
+
+def _read(run_dir: str | os.PathLike) -> dict:
+    config = runfolder.read_config(run_dir)
+    if config is None:
+        raise KnockoutError(f"{str(run_dir)!r} has no config.json; give a knockout run folder")
+    return config
+
+
+def _stats(run_dir: Path, method: str) -> Statistics:
+    path = run_dir / runfolder.STATS_FILE
+    if not path.is_file():
+        raise KnockoutError(
+            f"method {method!r} needs the run's statistics, but {str(path)!r} does not exist (a run keeps them when "
+            "one of its methods needs them): run a sweep with a statistics method (mean, peak ...) into this folder"
+        )
+    return Statistics.load(path)
+
+
+def export_constants(run_dir: str | os.PathLike, method: str = "peak", format: str = "transformerlens") -> dict:
+    """The constants of ``method`` in run folder ``run_dir``, keyed for ``format`` (see the module docs): a dict of
+    tensors. Constant methods need the run's ``stats.safetensors`` (except ``zero``); ``optimal`` needs its learned
+    constants in ``artifacts/optimal/``."""
+    if format not in FORMATS:
+        raise KnockoutError(f"unknown export format {format!r}; use {', '.join(FORMATS)}")
+    run_dir = Path(run_dir)
+    config = _read(run_dir)
+    sites = run_sites(config, need_modules=format == "nnsight")
+    task = (config.get("resolved") or {}).get("task") or config.get("task")
+    cls = get_method(method)
+    if cls is OptimalAblation:
+        return _optimal(run_dir, config, sites, task, format)
+    if not issubclass(cls, ConstantAblation):
+        raise KnockoutError(
+            f"method {method!r} does not ablate to constants (its values depend on the input), so there is nothing "
+            "to export; export a constant method (zero, mean, peak, median, mode, peak-nopm, peak@EPS) or optimal"
+        )
+    stats = _stats(run_dir, method) if cls.needs_stats else None
+    values = cls(MethodContext(None, sites, stats, task=task)).constants()  # type: ignore[arg-type]
+    return {site_key(s, format): site_shape(v, s, format) for s, v in zip(sites, values)}
+
+
+def _optimal(run_dir: Path, config: dict, sites: list[Site], task: str, format: str) -> dict:
+    """``optimal``'s learned constants per seed and fraction, with masks of the ablated neurons."""
+    methods = config.get("methods") or ()
+    if "optimal" not in methods:
+        raise KnockoutError(f"the run in {str(run_dir)!r} did not run optimal (its methods: {', '.join(methods)})")
+    from safetensors.torch import load_file
+
+    stats = _stats(run_dir, "optimal")
+    options = OptimalOptions.from_dict(config.get("optimal"))
+    done: dict[int, list[float]] = {}  # the neuron sets optimal was evaluated on: its stored rows
+    if (run_dir / runfolder.RESULTS_FILE).is_file():
+        for row in runfolder.read_rows(run_dir):
+            if row["method"] == "optimal" and row["n_ablated"] > 0 and not row["target"]:
+                done.setdefault(row["seed"], []).append(row["fraction"])
+    stored = runfolder.load_selection(run_dir) if (run_dir / runfolder.SELECTION_FILE).is_file() else {}
+    out: dict[str, torch.Tensor] = {}
+    missing = []
+    for seed, fractions in sorted(done.items()):
+        selection = NeuronSelection.for_sites(sites, seed, config.get("selection") or "per-layer")
+        for name, order in selection.state_dict().items():
+            if name in stored and not torch.equal(stored[name], order):
+                raise KnockoutError(
+                    f"the neuron orders in {runfolder.SELECTION_FILE} differ from seed {seed}'s; the run folder was "
+                    "written by another version of knockout, so its learned constants cannot be matched to fractions"
+                )
+        artifacts = run_dir / runfolder.ARTIFACTS_DIR
+        method = OptimalAblation(MethodContext(None, sites, stats, seed, task, optimal=options, artifacts=artifacts))
+        for fraction in sorted(fractions):
+            neurons = selection.at(fraction)
+            path = method.artifact_path(neurons)
+            if path is None or not path.is_file():
+                missing.append(f"seed {seed} fraction {fraction:g}")
+                continue
+            learned = load_file(str(path))
+            prefix = f"seed{seed}/fraction{runfolder.fraction_key(fraction):g}/"
+            for site in sites:
+                key = prefix + site_key(site, format)
+                mask = torch.zeros(site.width, dtype=torch.bool)
+                mask[neurons[site.layer]] = True
+                out[key] = site_shape(learned[f"layer{site.layer}"], site, format)
+                out[key + "/ablated"] = site_shape(mask, site, format).bool()
+    if missing:
+        log.warning("optimal: no learned constants in %s for %s", runfolder.ARTIFACTS_DIR, ", ".join(missing))
+    if not out:
+        raise KnockoutError(f"the run in {str(run_dir)!r} holds no learned optimal constants yet; run its sweep first")
+    return out
+
+
+def export_metadata(run_dir: str | os.PathLike, method: str, format: str) -> dict[str, str]:
+    """What an exported file records (safetensors metadata, strings): the tool and layout, the method, the model
+    identity and revision, the task and site, and the statistics' settings (eps, limit, tokens, data)."""
+    run_dir = Path(run_dir)
+    config = _read(run_dir)
+    resolved = config.get("resolved") or {}
+    identity = resolved.get("model_identity") or {}
+    site = identity.get("site") or "attention"
+    settings = {
+        "eps": config.get("eps"),
+        "limit": config.get("hist_limit"),
+        "stats_tokens": config.get("stats_tokens"),
+        "data": config.get("data"),
+        "max_length": config.get("max_length"),
+        "stats_skip_first": config.get("stats_skip_first"),
+    }
+    stats_path = run_dir / runfolder.STATS_FILE
+    if stats_path.is_file():  # the statistics actually used (they may come from another run's --stats file)
+        from knockout.stats.statistics import read_metadata
+
+        meta = read_metadata(stats_path)
+        settings.update(eps=float(meta["eps"]), limit=float(meta["limit"]))
+        for key in ("stats_tokens", "data", "max_length", "stats_skip_first"):
+            if key in meta:
+                settings[key] = int(meta[key]) if key != "data" else meta[key]
+    layout = {
+        "transformerlens": "blocks.{L}.mlp.hook_post [d_mlp]"
+        if site == "mlp"
+        else "blocks.{L}.attn.hook_z [n_heads, d_head]",
+        "nnsight": "module path of the out-projection whose input is the site, [width]",
+        "safetensors": "layer{L} [width]",
+    }[format]
+    if method == "optimal":
+        layout = "seed{s}/fraction{f}/" + layout + "; .../ablated: bool mask of the ablated neurons"
+    return {
+        "format": FORMAT_TAG,
+        "tool": format,
+        "layout": layout,
+        "method": method,
+        "model": identity.get("name") or "",
+        "model_identity": json.dumps(identity),
+        "model_revision": json.dumps(resolved.get("model_revision")),
+        "task": str(resolved.get("task") or config.get("task")),
+        "site": site,
+        "statistics": json.dumps(settings),
+        "data_identity": json.dumps(resolved.get("data_identity")),
+        "knockout": __version__,
+    }
+
+
+def write_export(
+    run_dir: str | os.PathLike,
+    method: str = "peak",
+    format: str = "transformerlens",
+    out: str | os.PathLike | None = None,
+) -> Path:
+    """Write :func:`export_constants` with :func:`export_metadata` to a safetensors file (default
+    ``RUN/export/{method}.{format}.safetensors``); returns its path."""
+    from safetensors.torch import save
+
+    tensors = export_constants(run_dir, method, format)
+    path = Path(out) if out is not None else Path(run_dir) / "export" / f"{method}.{format}.safetensors"
+    if path.suffix != ".safetensors":
+        raise KnockoutError(f"--out {str(path)!r} should end in .safetensors")
+    runfolder.write_atomic(path, save(tensors, metadata=export_metadata(run_dir, method, format)))
+    return path
