@@ -10,10 +10,12 @@ Python API, bottom-up::
     with method.ablate(sel.at(0.5)):                # weights restored on exit
         metrics = evaluate(model, batches)
 
-or the whole experiment: ``knockout.run_sweep(knockout.SweepConfig(model=..., out=...))``.
+or the whole experiment: ``knockout.run_sweep(knockout.SweepConfig(model=..., out=...))``. Named components:
+``knockout.components("L9.H6,L9.H9", sites)`` gives what ``method.ablate`` takes (docs/components.md).
 """
 
 from knockout.ablation import METHODS, AblationMethod, MethodContext, NeuronSelection, get_method, register  # noqa: E402
+from knockout.components import component_sets, components  # noqa: E402
 from knockout.errors import KnockoutError  # noqa: E402
 from knockout.evaluation import Metrics, evaluate  # noqa: E402
 from knockout.experiments.config import SweepConfig  # noqa: E402
@@ -39,6 +41,8 @@ __all__ = [
     "__version__",
     "capture",
     "collect_stats",
+    "component_sets",
+    "components",
     "edit_preout",
     "evaluate",
     "find_sites",
