@@ -1,4 +1,4 @@
-"""Command line: ``knockout stats | sweep | demo | sites | methods | bench``. Thin: parse, build config, call."""
+"""Command line: ``knockout stats | sweep | scan | demo | sites | methods | bench``. Thin: parse, build config, call."""
 
 from __future__ import annotations
 
@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="move an existing --out folder aside (to OUT.old-TIMESTAMP) and start afresh, instead of resuming",
     )
 
+    _add_scan_parser(command)
+
     p = command("demo", "the default sweep: SmolLM2-135M on built-in Wikipedia text, offline")
     _add_config_flags(p, FLAG_SECTIONS, groups, shown=resolve_preset("demo").to_dict())
 
@@ -206,6 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     _add_report_parsers(command)
     return parser
+
+
+def _add_scan_parser(command) -> None:
+    from knockout.experiments.scan import SCAN_DEFAULTS, SCAN_EVAL_PROMPTS, SCAN_EVAL_TOKENS
+
+    p = command("scan", "ablate each head (layer, group of neurons) alone with each method, and compare the rankings")
+    _add_config_file(p)
+    exclude = ("fractions", "method_fractions", "ablate", "selection")
+    shown = {
+        **SCAN_DEFAULTS,
+        "eval_tokens": f"{SCAN_EVAL_PROMPTS} prompts of task data, {SCAN_EVAL_TOKENS} tokens of text",
+    }
+    _add_config_flags(p, FLAG_SECTIONS, (*OPTION_GROUPS, "scan"), shown=shown, exclude=exclude)
+    p.add_argument("--restart", action="store_true", help="move an existing --out folder aside and start afresh")
 
 
 def _add_report_parsers(command) -> None:
@@ -249,6 +265,24 @@ def _sweep(args) -> int:
     print(f"\nresults: {out}/results.csv  config: {out}/config.json")
     with _quiet_numpy():
         print(f"report: {write_report(out)}")
+    return 0
+
+
+def _scan(args) -> int:
+    from knockout.experiments.config import merge_settings, read_settings_file
+    from knockout.experiments.scan import run_scan, scan_config
+    from knockout.reporting.scan import format_scan, write_scan_report
+
+    scan_sections = (FLAG_SECTIONS, (*OPTION_GROUPS, "scan"))
+    base = read_settings_file(args.config) if args.config else {}
+    values = merge_settings({k: v for k, v in base.items() if k != "resolved"}, _given(args, *scan_sections))
+    out = run_scan(scan_config(**values), progress=not args.quiet, restart=args.restart)
+    if not _main_process():
+        return 0
+    with _quiet_numpy():
+        report = write_scan_report(out)
+        print(format_scan(out))
+    print(f"\nresults: {out}/results.csv  report: {report}\n        {report.with_name('report.md')}")
     return 0
 
 
@@ -345,6 +379,7 @@ def _compare(args) -> int:
 
 COMMANDS = {
     "sweep": _sweep,
+    "scan": _scan,
     "demo": _sweep,
     "stats": _stats,
     "sites": _sites,
@@ -422,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         note = _progress_note(args) if args.command in ("sweep", "demo") else ""
-        resume = "; re-run the same command to resume" if args.command in ("sweep", "demo") else ""
+        resume = "; re-run the same command to resume" if args.command in ("sweep", "demo", "scan") else ""
         print(f"\nknockout: interrupted{resume}{note}", file=sys.stderr)
         return 130
 

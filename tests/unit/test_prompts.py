@@ -13,7 +13,7 @@ from knockout.data import prompts as P
 from knockout.data.batch import IGNORE
 from knockout.evaluation import Metrics, evaluate
 
-# -- metrics on hand-built logits ---------------------------------------------------------------------------------------
+# -- metrics on hand-built logits --------------------------------------------------------------------------------------
 
 
 def _ce(row: list[float], target: int) -> float:
@@ -175,7 +175,7 @@ def test_bad_task_files(tmp_path, lines, message):
         P.read_task_file(_write(tmp_path / "bad.jsonl", lines))
 
 
-# -- the built-in ioi task ----------------------------------------------------------------------------------------------
+# -- the built-in ioi task ---------------------------------------------------------------------------------------------
 
 
 def _take(it, n):

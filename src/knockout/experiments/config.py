@@ -26,6 +26,7 @@ from knockout.ablation.selection import HEAD_MODES, MODES, validate_fractions
 from knockout.data.images import ImageOptions
 from knockout.data.tasks import DataSpec
 from knockout.errors import KnockoutError
+from knockout.experiments.scan_options import ScanOptions
 from knockout.loading import TASKS, parse_device_map
 from knockout.options import OptionGroup, default_of, setting
 from knockout.sites import SITE_KINDS
@@ -34,6 +35,10 @@ from knockout.stats.running import DEFAULT_EPS, DEFAULT_LIMIT, check_hist_params
 log = logging.getLogger(__name__)
 
 DEFAULT_FRACTIONS = tuple(round(0.1 * i, 10) for i in range(11))
+DEFAULT_SEEDS = (0, 1, 2)
+#: Seeds of ``--ablate`` runs and scans when none are given: their neuron sets are fixed, so the seed changes only
+#: masked-LM masks and resampling draws (constant methods on causal LMs give the same rows for every seed).
+TARGETED_SEEDS = (0,)
 ALL_METHODS = "all"
 #: Keys of a run folder's config.json that are not settings (what the run resolved and recorded).
 RECORD_KEYS = ("resolved",)
@@ -76,13 +81,34 @@ class SweepConfig:
         kind="method_fractions",
         affects_results=False,
     )
-    seeds: tuple[int, ...] = setting(
-        (0, 1, 2), "seeds of the neuron selection (and of masks, random inputs)", kind="ints", affects_results=False
+    seeds: tuple[int, ...] | None = setting(
+        None,
+        "seeds of the neuron selection (and of masks, random inputs) (default 0,1,2; 0 for --ablate runs and scans, "
+        "whose neuron sets do not depend on the seed)",
+        kind="ints",
+        affects_results=False,
+    )
+    ablate: str | None = setting(
+        None,
+        "ablate named components instead of random fractions: a spec such as 'L9.H6,L9.H9' (heads), 'L3:17', "
+        "'L3:0-63', 'L5', several sets as 'name=L9.H6,L9.H9;L1.H3', or a .json/.csv file of named sets "
+        "(docs/components.md); --fractions is then not used",
+        kind="str",
+        affects_results=False,
     )
     eval_tokens: int = setting(
-        4096, "exact number of scored evaluation targets (tokens; images for image models)", kind="int"
+        4096,
+        "exact number of scored evaluation targets (tokens; images for image models; prompts for task data)",
+        kind="int",
     )
     stats_tokens: int = setting(16384, "non-padding positions of the statistics collection set", "data", kind="int")
+    stats_data: str | None = setting(
+        None,
+        "collect the statistics for mean/peak on this source's collection part instead of --data's (the same kinds "
+        "of source as --data, e.g. wiki for task prompts)",
+        "data",
+        kind="str",
+    )
     stats_skip_first: int = setting(
         0,
         "text: leave the first N positions of each collection sequence out of the statistics. The pre-out at "
@@ -152,12 +178,16 @@ class SweepConfig:
     optimal: OptimalOptions = setting(OptimalOptions(), "settings of the optimal method")
     resample: ResampleOptions = setting(ResampleOptions(), "settings of the resampling methods")
     image: ImageOptions = setting(ImageOptions(), "image preprocessing for models without an image processor")
+    scan: ScanOptions = setting(
+        ScanOptions(), "settings of a per-component scan (knockout scan)", affects_results=False
+    )
 
     #: The option groups, by field name.
     GROUPS: ClassVar[dict[str, type[OptionGroup]]] = {
         "optimal": OptimalOptions,
         "resample": ResampleOptions,
         "image": ImageOptions,
+        "scan": ScanOptions,
     }
 
     def __post_init__(self):
@@ -167,6 +197,8 @@ class SweepConfig:
             raise KnockoutError("give a model (--model), or --preset NAME for one of the paper's settings")
         object.__setattr__(self, "fractions", validate_fractions(tuple(self.fractions)))
         object.__setattr__(self, "methods", tuple(self.methods))
+        if self.seeds is None:
+            object.__setattr__(self, "seeds", TARGETED_SEEDS if self.targeted else DEFAULT_SEEDS)
         object.__setattr__(self, "seeds", tuple(_integer(s, "seeds") for s in self.seeds))
         if not self.methods:
             raise KnockoutError("give at least one ablation method")
@@ -183,6 +215,7 @@ class SweepConfig:
         if not isinstance(self.sort_by_length, bool):
             raise KnockoutError(f"sort_by_length must be true or false, got {self.sort_by_length!r}")
         self.data_spec()  # validates the data fields
+        self._check_targets()
         check_hist_params(self.eps, self.hist_limit)
         parse_device_map(self.device_map)
         if self.selection not in MODES:
@@ -200,6 +233,24 @@ class SweepConfig:
         for m in self.methods:
             if m != ALL_METHODS:
                 get_method(m)
+
+    @property
+    def targeted(self) -> bool:
+        """Whether the run ablates named components (``--ablate``) or scan units rather than random fractions."""
+        return self.ablate is not None or self.scan.unit is not None
+
+    def _check_targets(self) -> None:
+        """``--ablate``'s syntax (its ranges are checked against the model's sites when it is loaded)."""
+        if self.ablate is not None and self.scan.unit is not None:
+            raise KnockoutError("a scan ablates its units one at a time; --ablate is for sweeps")
+        if self.stats_data is not None and (not isinstance(self.stats_data, str) or not self.stats_data.strip()):
+            raise KnockoutError(f"stats_data (--stats-data) must be a data source, got {self.stats_data!r}")
+        if self.ablate is not None:
+            from knockout.components import parse_spec
+
+            parse_spec(self.ablate)
+            if self.method_fractions:
+                raise KnockoutError("--method-fractions chooses fractions, which --ablate runs do not use")
 
     def _checked_method_fractions(self) -> dict[str, list[float]]:
         """``method_fractions`` with each list validated, sorted, and checked to be a subset of ``fractions``."""
@@ -264,6 +315,7 @@ class SweepConfig:
             stats_skip_first=self.stats_skip_first,
             image=self.image,
             sort_by_length=self.sort_by_length,
+            stats_source=self.stats_data,
         )
 
     def for_task(self, task: str) -> SweepConfig:

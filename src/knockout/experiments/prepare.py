@@ -80,6 +80,9 @@ def check(cfg: SweepConfig, restart: bool = False, stats_file: str | Path | None
         runfolder.check_out(cfg.out)
     data_id = data_identity(cfg.data)
     check_source(cfg.data)
+    if cfg.stats_data is not None:  # the statistics' source is part of what the data was
+        data_id = {**data_id, "stats": data_identity(cfg.stats_data)}
+        check_source(cfg.stats_data)
     if stats_file is not None:
         return data_id
     out = Path(cfg.out)
@@ -143,7 +146,7 @@ def stats_meta(spec: DataSpec, identity: dict) -> dict[str, str]:
     """The metadata saved with statistics: the model's identity and how the collection set was made."""
     return {
         "model": json.dumps(identity),
-        "data": spec.source,
+        "data": spec.collection_source,
         "stats_tokens": str(spec.stats_tokens),
         "max_length": str(spec.max_length),
         "stats_skip_first": str(spec.stats_skip_first),

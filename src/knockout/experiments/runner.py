@@ -175,10 +175,33 @@ def run_sweep(
     all-reduced, so all ranks hold the same rows (and per-document sums); only rank 0 writes files. A barrier
     separates the reading of the existing run folder from the first write.
     """
+    if cfg.scan.unit is not None:
+        raise KnockoutError("this config is a scan's (scan.unit is set); run it with `knockout scan` (run_scan)")
     with distributed.process_group(resolve_device(cfg.device)):
         run = prepare(cfg, distributed.world(), restart=restart, loaded=loaded)
-        _sweep(run, progress and run.world.is_main)
+        if cfg.ablate is not None:  # named component sets instead of random fractions
+            from knockout.experiments.targets import ablate_sets, run_targets
+
+            run_targets(run, ablate_sets(run), progress and run.world.is_main)
+        else:
+            _sweep(run, progress and run.world.is_main)
         return Path(cfg.out)
+
+
+def run_record(run: Prepared, used: float) -> dict:
+    """What a run resolved, stored as config.json's ``resolved``: task, positions used (``used``: the share of
+    computed evaluation positions that are scored), model identity, device, dtype, versions and data identity."""
+    model = run.loaded.model
+    return {
+        "task": run.loaded.task,
+        "positions_used": {"eval_scored_fraction": round(used, 6), "sort_by_length": run.spec.sort_by_length},
+        "model_identity": run.identity,
+        "device": str(run.loaded.device),
+        "dtype": str(model_dtype(model)),
+        "device_map": {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()} or None,
+        "environment": environment(),
+        "data_identity": run.data_id,
+    }
 
 
 def _sweep(run: Prepared, progress: bool) -> None:
@@ -214,16 +237,7 @@ def _sweep(run: Prepared, progress: bool) -> None:
         )  # fmt: skip
 
     first_instances = {cls.name: cls(context(cfg.seeds[0], first_batches)) for cls in classes}
-    resolved = {
-        "task": loaded.task,
-        "positions_used": {"eval_scored_fraction": round(used, 6), "sort_by_length": spec.sort_by_length},
-        "model_identity": run.identity,
-        "device": str(loaded.device),
-        "dtype": str(model_dtype(model)),
-        "device_map": {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()} or None,
-        "environment": environment(),
-        "data_identity": run.data_id,
-    }
+    resolved = run_record(run, used)
     store = ResultStore(out, read_only=not main)
     distributed.barrier()  # every rank has read the folder's state; rank 0 may now write
     if main:
@@ -234,7 +248,7 @@ def _sweep(run: Prepared, progress: bool) -> None:
     n_neurons = sum(widths)
     per_seed = 1 + sum(len(cfg.fractions_of(c.name)) for c in classes)
     bar = tqdm(total=len(cfg.seeds) * per_seed, desc="sweep", unit="row", disable=not progress)
-    stored_docs = runfolder.read_doc_sums(out)  # the per-document sums of a resumed run, read once
+    stored_docs = runfolder.read_doc_sums(out, runfolder.ALL_DOC_FIELDS)  # a resumed run's, read once
     for seed in cfg.seeds:
         todo = [(c, f) for c in classes for f in cfg.fractions_of(c.name) if (c.name, f, seed) not in store]
         if ("baseline", 0.0, seed) in store and not todo:
@@ -250,7 +264,10 @@ def _sweep(run: Prepared, progress: bool) -> None:
         if base is None:
             t0 = time.perf_counter()
             m = _evaluate(model, batches, world)
-            base = ResultRow.measured("baseline", 0.0, seed, m.top1, m.ce, m.n, 0, n_neurons, time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            base = ResultRow.measured(
+                "baseline", 0.0, seed, m.top1, m.ce, m.n, 0, n_neurons, seconds, logit_diff=m.logit_diff
+            )
             base_docs = m.doc_sums()
             if main:
                 runfolder.save_doc_sums(out, "baseline", 0.0, seed, base_docs)
@@ -262,16 +279,19 @@ def _sweep(run: Prepared, progress: bool) -> None:
             t0 = time.perf_counter()
             n_ablated = selection.n_ablated(fraction)
             if n_ablated == 0:
-                top1, ce, n, docs = base.top1, base.ce, base.n_eval, base_docs
+                top1, ce, n, docs, ld = base.top1, base.ce, base.n_eval, base_docs, base.logit_diff
             else:
                 method = instances.get(cls.name) or instances.setdefault(cls.name, cls(context(seed, batches)))
                 with method.ablate(selection.at(fraction)):
                     m = _evaluate(model, batches, world, method.on_batch)
-                top1, ce, n, docs = m.top1, m.ce, m.n, m.doc_sums()
+                top1, ce, n, docs, ld = m.top1, m.ce, m.n, m.doc_sums(), m.logit_diff
             seconds = time.perf_counter() - t0
             if main and docs is not None:  # before the row, so a stored row always has its sums
                 runfolder.save_doc_sums(out, cls.name, fraction, seed, docs)
-            store.add(ResultRow.measured(cls.name, fraction, seed, top1, ce, n, n_ablated, n_neurons, seconds, base))
+            row = ResultRow.measured(
+                cls.name, fraction, seed, top1, ce, n, n_ablated, n_neurons, seconds, base, logit_diff=ld
+            )
+            store.add(row)
             bar.update(1)
     bar.close()
     distributed.barrier()  # rank 0's files are complete when run_sweep returns on any rank

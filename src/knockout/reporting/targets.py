@@ -1,0 +1,183 @@
+"""The answer of an ``--ablate`` run, per named set: which constant hurts least when *this* set is ablated.
+
+For each target (a named component set; rows with a non-empty ``target``), the methods are compared on the run's
+per-document sums exactly as the fraction sweep's answer compares them (:func:`knockout.reporting.paired.best_method`:
+paired over the same documents, intervals from a document bootstrap shared across seeds), by CE and by top-1, and,
+for task prompts with a correct and an incorrect answer, the logit difference is quoted per method. Read from the run
+folder's files only.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from knockout.errors import KnockoutError
+from knockout.reporting import html as H
+from knockout.reporting.paired import BestMethod, DocSums, PairedDifference, best_method
+from knockout.runfolder import read_doc_sums, read_rows, row_key
+
+LEVEL = 0.95
+N_BOOT = 2000
+
+
+@dataclass
+class TargetAnswer:
+    """The comparison of the methods on one named set."""
+
+    target: str
+    fraction: float
+    n_ablated: int
+    methods: list[str]
+    seeds: list[int]
+    ce: BestMethod | None = None
+    top1: BestMethod | None = None
+    logit_diff: dict[str, float] = field(default_factory=dict)
+    """Method -> mean logit difference (task prompts with a correct and an incorrect answer), with ``baseline``."""
+    notes: list[str] = field(default_factory=list)
+
+
+def has_targets(rows: list[dict]) -> bool:
+    """Whether the rows ablate named sets (an ``--ablate`` run or a scan)."""
+    return any(r.get("target") for r in rows)
+
+
+def target_answers(run_dir: str | Path, n_boot: int = N_BOOT) -> list[TargetAnswer]:
+    """One :class:`TargetAnswer` per target of ``run_dir``'s rows, in the rows' order."""
+    rows = read_rows(run_dir)
+    sums = read_doc_sums(run_dir)
+    base_ld = [r["logit_diff"] for r in rows if r["method"] == "baseline" and r.get("logit_diff") is not None]
+    out = []
+    for target in dict.fromkeys(r["target"] for r in rows if r["target"]):
+        at = [r for r in rows if r["target"] == target]
+        methods = list(dict.fromkeys(r["method"] for r in at))
+        seeds = sorted({int(r["seed"]) for r in at})
+        ta = TargetAnswer(target, at[0]["fraction"], int(at[0]["n_ablated"]), methods, seeds)
+        lds = {
+            m: [r["logit_diff"] for r in at if r["method"] == m and r.get("logit_diff") is not None] for m in methods
+        }
+        if base_ld and all(lds.values()):
+            ta.logit_diff = {"baseline": sum(base_ld) / len(base_ld), **{m: sum(v) / len(v) for m, v in lds.items()}}
+        common = [s for s in seeds if all(row_key(m, ta.fraction, s, target) in sums for m in methods)]
+        if len(common) < len(seeds):
+            ta.notes.append(
+                f"Only seeds {', '.join(map(str, common)) or 'none'} have per-document sums for every method."
+            )
+        if len(methods) < 2 or not common:
+            ta.notes.append("Fewer than two methods to compare.")
+            out.append(ta)
+            continue
+        ta.seeds = common
+        data = {m: [DocSums(**sums[row_key(m, ta.fraction, s, target)]) for s in common] for m in methods}
+        try:
+            ta.ce = best_method(data, "ce", LEVEL, n_boot)
+            ta.top1 = best_method(data, "top1", LEVEL, n_boot)
+        except KnockoutError as e:
+            ta.notes.append(f"No paired comparison: {e}")
+        out.append(ta)
+    return out
+
+
+def _ci(d: PairedDifference, scale: float = 1.0) -> str:
+    return f"{scale * d.estimate:+.3f} [{scale * d.low:+.3f}, {scale * d.high:+.3f}]"
+
+
+def _sig(b: BestMethod) -> str:
+    if b.significant:
+        return "significant"
+    losers = [m for m, d in b.leads.items() if not d.significant]
+    return f"not significant against {', '.join(losers)}"
+
+
+def sentences(ta: TargetAnswer) -> list[str]:
+    """Plain sentences (markdown emphasis) answering "which constant for this set"."""
+    head = f"Set **{ta.target}** ({ta.n_ablated} neurons, {100 * ta.fraction:.3g}% of the site)"
+    out = []
+    if ta.ce is not None:
+        ce, t1 = ta.ce, ta.top1
+        n_docs = ce.lead.n_docs
+        out.append(
+            f"{head}, {len(ta.seeds)} seed{'s' if len(ta.seeds) != 1 else ''} x {n_docs} documents: least harm by CE "
+            f"**{ce.best}** (CE {ce.values[ce.best]:.4f}), {-ce.lead.estimate:.4f} nats below {ce.runner_up} "
+            f"(difference {_ci(ce.lead)} nats), {_sig(ce)}; by top-1 **{t1.best}** ({100 * t1.values[t1.best]:.2f}%), "
+            f"{100 * t1.lead.estimate:+.2f} points over {t1.runner_up} ({_ci(t1.lead, 100)} pt), {_sig(t1)}."
+        )
+    else:
+        out.append(f"{head}: no paired comparison.")
+    if ta.logit_diff:
+        parts = ", ".join(f"{m} {v:.3f}" for m, v in ta.logit_diff.items())
+        out.append(f"Logit difference: {parts}.")
+    return out + ta.notes
+
+
+NOTE = "Differences are paired (same documents per seed), 95% intervals; see knockout.reporting.paired."
+
+
+def markdown(answers: list[TargetAnswer], summary: list[dict]) -> list[str]:
+    """The per-set answer and the per-set table (``summary``: :func:`knockout.reporting.summarize` of the rows)."""
+    lines = ["## The answer, per named set", ""]
+    lines += ["- " + " ".join(sentences(ta)) for ta in answers]
+    lines += ["", f"_{NOTE}_", "", "Per set and method (mean ± std over seeds):", ""]
+    cols = _shown_columns(summary)
+    lines += ["| " + " | ".join(c for c, _ in cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
+    for e in _table_rows(summary):
+        lines.append("| " + " | ".join(fmt(e) for _, fmt in cols) + " |")
+    return lines + [""]
+
+
+def html(answers: list[TargetAnswer], summary: list[dict]) -> str:
+    """The per-set answer and the per-set table in HTML."""
+    items = []
+    for ta in answers:
+        parts = H.esc(" ".join(sentences(ta))).split("**")
+        items.append("".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts)))
+    cols = _shown_columns(summary)
+    records = [{c: fmt(e) for c, fmt in cols} for e in _table_rows(summary)]
+    return (
+        "<h2>The answer, per named set</h2><ul>"
+        + "".join(f"<li>{i}</li>" for i in items)
+        + f'</ul><p class="note">{H.esc(NOTE)}</p><h3>Per set and method (mean ± std over seeds)</h3>'
+        + H.records_table(records, [c for c, _ in cols])
+    )
+
+
+def _table_rows(summary: list[dict]) -> list[dict]:
+    base = [e for e in summary if e["method"] == "baseline"]
+    order = {t: i for i, t in enumerate(dict.fromkeys(e["target"] for e in summary if e.get("target")))}
+    return base + sorted((e for e in summary if e.get("target")), key=lambda e: order[e["target"]])
+
+
+def _pm(e: dict, key: str, scale: float = 1.0, spec: str = ".4f") -> str:
+    if f"{key}_mean" not in e:
+        return ""
+    return f"{format(scale * e[f'{key}_mean'], spec)} ± {format(scale * e[f'{key}_std'], spec.lstrip('+'))}"
+
+
+def _shown_columns(summary: list[dict]) -> list[tuple[str, object]]:
+    cols = [
+        ("set", lambda e: e.get("target") or "(none)"),
+        ("method", lambda e: e["method"]),
+        ("neurons", lambda e: f"{e['n_ablated']:g}"),
+        ("top-1 %", lambda e: _pm(e, "top1", 100, ".2f")),
+        ("CE", lambda e: _pm(e, "ce")),
+        ("ΔCE", lambda e: _pm(e, "delta_ce", 1, "+.4f")),
+    ]
+    if any("logit_diff_mean" in e for e in summary):
+        cols += [("logit diff", lambda e: _pm(e, "logit_diff", 1, ".3f"))]
+        cols += [("Δ logit diff", lambda e: _pm(e, "delta_logit_diff", 1, "+.3f"))]
+    return cols
+
+
+TABLE_COLUMNS = ["target", "method", "n_ablated", "fraction", "n_seeds", "top1_mean", "ce_mean", "delta_top1_mean"]
+TABLE_COLUMNS += ["delta_ce_mean", "logit_diff_mean", "delta_logit_diff_mean"]
+
+
+def table_csv(summary: list[dict]) -> str:
+    """Every (target, method) entry of the summary (mean over seeds), as CSV."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=TABLE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(e for e in summary if e.get("target"))
+    return buf.getvalue()
