@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_scan_parser(command) -> None:
-    from knockout.experiments.scan import SCAN_DEFAULTS, SCAN_EVAL_PROMPTS, SCAN_EVAL_TOKENS
+    from knockout.experiments.scan import SCAN_DEFAULTS, SCAN_EVAL_PROMPTS, SCAN_EVAL_TOKENS, SCAN_TEXT_MAX_LENGTH
 
     p = command("scan", "ablate each head (layer, group of neurons) alone with each method, and compare the rankings")
     _add_config_file(p)
@@ -219,6 +219,7 @@ def _add_scan_parser(command) -> None:
     shown = {
         **SCAN_DEFAULTS,
         "eval_tokens": f"{SCAN_EVAL_PROMPTS} prompts of task data, {SCAN_EVAL_TOKENS} tokens of text",
+        "max_length": f"{SCAN_TEXT_MAX_LENGTH} for text with the default --eval-tokens, else 128",
     }
     _add_config_flags(p, FLAG_SECTIONS, (*OPTION_GROUPS, "scan"), shown=shown, exclude=exclude)
     p.add_argument("--restart", action="store_true", help="move an existing --out folder aside and start afresh")

@@ -21,6 +21,7 @@ from knockout.experiments.scan import run_scan, scan_config
 from knockout.loading import LoadedModel
 from knockout.reporting.report import write_report
 from knockout.reporting.scan import agreement, load_scan, spearman
+from knockout.reporting.targets import target_answers
 from knockout.runfolder import read_attribution, read_config, read_doc_sums, read_rows, row_key
 from knockout.stats import Statistics
 
@@ -111,7 +112,7 @@ def _scan_cfg(root, out, **extra):
 
 def test_scan_of_a_task_resumes_after_a_kill_to_the_same_values(root, monkeypatch):
     cfg = _scan_cfg(root, "scan-full", scan={"unit": "head", "attribution": True, "top_k": 3})
-    assert cfg.eval_tokens == 16 and cfg.methods == ("zero", "mean", "peak") and cfg.seeds == (0,)
+    assert cfg.eval_tokens == 8 and cfg.methods == ("zero", "mean", "peak") and cfg.seeds == (0,)
     full = run_scan(cfg, progress=False, loaded=_loaded())
     rows = read_rows(full)
     assert len(rows) == 1 + 3 * 12 and all(r.get("logit_diff") is not None for r in rows)
@@ -188,6 +189,12 @@ def test_cli_sweep_ablate_and_scan(root, tmp_path, capsys):
     assert {r["target"] for r in rows} == {"", "pair", "L1"} and all("logit_diff" in r for r in rows)
     csv_header = (tmp_path / "sweep" / "results.csv").read_text().splitlines()[0]
     assert csv_header.endswith("target,logit_diff,delta_logit_diff")
+    for ta in target_answers(tmp_path / "sweep"):  # the paired comparison by the logit difference, per set
+        for m in ("zero", "mean"):
+            (row,) = [r for r in rows if r["method"] == m and r["target"] == ta.target]
+            assert -ta.ld.values[m] == pytest.approx(row["logit_diff"])
+        assert ta.ld.best == max(("zero", "mean"), key=lambda m: ta.logit_diff[m])
+    assert "By the logit difference **" in (tmp_path / "sweep" / "report" / "report.md").read_text()
     args = ["-q", "scan", "--model", model, "--data", corpus, "--unit", "layer", "--eval-tokens", "60",
             "--stats-tokens", "200", "--max-length", "30", "--out", str(tmp_path / "scan")]  # fmt: skip
     assert main(args) == 0

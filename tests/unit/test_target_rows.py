@@ -118,3 +118,19 @@ def test_stats_data_is_part_of_the_data_identity(tmp_path):
     assert {k: v for k, v in other.items() if k != "stats"} == plain
     with pytest.raises(KnockoutError, match="does not exist"):
         check(SweepConfig(model="m", data=str(tmp_path / "a.txt"), stats_data=str(tmp_path / "c.txt")))
+
+
+def test_scan_defaults_depend_on_the_data():
+    from knockout.experiments.scan import scan_config
+
+    text = scan_config(model="m")
+    assert (text.eval_tokens, text.max_length, text.methods, text.scan.unit) == (
+        128,
+        32,
+        ("zero", "mean", "peak"),
+        "head",
+    )
+    task = scan_config(model="m", data="ioi")
+    assert (task.eval_tokens, task.max_length) == (8, 128)
+    given = scan_config(model="m", eval_tokens=500, scan={"unit": "layer"})
+    assert (given.eval_tokens, given.max_length, given.scan.unit) == (500, 128, "layer")

@@ -8,10 +8,11 @@ patching estimate of every unit's effect for every constant method (:mod:`knocko
 ``attribution.json``. The report (:mod:`knockout.reporting.scan`) compares the methods' rankings of the units.
 
 Defaults (:func:`scan_config`, what ``knockout scan`` starts from; every flag overrides them): the methods zero,
-mean and peak; seed 0; 16 evaluation prompts of task data (``--data ioi``) or 256 tokens of text; 4096 statistics
-tokens. A scan's cost is (units x methods + 1) evaluations of the evaluation set, roughly halved by reusing the
-unablated layers below each unit (:mod:`knockout.evaluation.prefix`); these defaults size a scan of SmolLM2-135M's
-270 heads (810 evaluations) to about ten minutes on two CPU cores (docs/components.md has the measurements).
+mean and peak; seed 0; 8 evaluation prompts of task data (``--data ioi``) or 128 tokens of text in sequences of 32;
+4096 statistics tokens. A scan's cost is (units x methods + 1) evaluations of the evaluation set, roughly halved by
+reusing the unablated layers below each unit (:mod:`knockout.evaluation.prefix`); these defaults size a scan of
+SmolLM2-135M's 270 heads (810 evaluations) under ten minutes on two shared CPU cores (docs/components.md has the
+measurements).
 """
 
 from __future__ import annotations
@@ -39,21 +40,26 @@ SCAN_DEFAULTS: dict = {
     "out": "runs/scan",
     "scan": {"unit": "head"},
 }
-#: A scan's evaluation set when none is given: 16 prompts of task data (one scored position each for ioi: about
-#: 270 tokens on SmolLM2), or 256 tokens of text.
-SCAN_EVAL_PROMPTS = 16
-SCAN_EVAL_TOKENS = 256
+#: A scan's evaluation set when none is given: 8 prompts of task data (one scored position each for ioi: about
+#: 135 tokens on SmolLM2), or 128 tokens of text in sequences of at most 32 tokens (4 documents, so that every unit's
+#: effect has a standard error).
+SCAN_EVAL_PROMPTS = 8
+SCAN_EVAL_TOKENS = 128
+SCAN_TEXT_MAX_LENGTH = 32
 
 
 def scan_config(**settings) -> SweepConfig:
     """A scan's config: :data:`SCAN_DEFAULTS` with ``settings`` on top; without ``eval_tokens``,
-    :data:`SCAN_EVAL_PROMPTS` prompts of task data or :data:`SCAN_EVAL_TOKENS` tokens of text."""
-    values = merge_settings(SCAN_DEFAULTS, settings)
-    if values.get("eval_tokens") is None:
-        from knockout.data.prompts import is_task_source
+    :data:`SCAN_EVAL_PROMPTS` prompts of task data, or :data:`SCAN_EVAL_TOKENS` tokens of text (in sequences of
+    :data:`SCAN_TEXT_MAX_LENGTH` unless ``max_length`` is given)."""
+    from knockout.data.prompts import is_task_source
 
-        task = is_task_source(values.get("data") or default("data"))
+    values = merge_settings(SCAN_DEFAULTS, settings)
+    task = is_task_source(values.get("data") or default("data"))
+    if values.get("eval_tokens") is None:
         values["eval_tokens"] = SCAN_EVAL_PROMPTS if task else SCAN_EVAL_TOKENS
+        if not task and values.get("max_length") is None:
+            values["max_length"] = SCAN_TEXT_MAX_LENGTH
     return SweepConfig.from_dict(values)
 
 

@@ -3,8 +3,8 @@
 For each target (a named component set; rows with a non-empty ``target``), the methods are compared on the run's
 per-document sums exactly as the fraction sweep's answer compares them (:func:`knockout.reporting.paired.best_method`:
 paired over the same documents, intervals from a document bootstrap shared across seeds), by CE and by top-1, and,
-for task prompts with a correct and an incorrect answer, the logit difference is quoted per method. Read from the run
-folder's files only.
+for task prompts with a correct and an incorrect answer, by the logit difference too (the highest is best). Read from
+the run folder's files only.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from knockout.errors import KnockoutError
 from knockout.reporting import html as H
 from knockout.reporting.paired import BestMethod, DocSums, PairedDifference, best_method
-from knockout.runfolder import read_doc_sums, read_rows, row_key
+from knockout.runfolder import ALL_DOC_FIELDS, DOC_FIELDS, read_doc_sums, read_rows, row_key
 
 LEVEL = 0.95
 N_BOOT = 2000
@@ -36,6 +38,9 @@ class TargetAnswer:
     top1: BestMethod | None = None
     logit_diff: dict[str, float] = field(default_factory=dict)
     """Method -> mean logit difference (task prompts with a correct and an incorrect answer), with ``baseline``."""
+    ld: BestMethod | None = None
+    """The paired comparison by the logit difference (higher is better), on its *negation* (see
+    :func:`_negated_ld`): values and differences are of ``-logit_diff``."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -47,7 +52,7 @@ def has_targets(rows: list[dict]) -> bool:
 def target_answers(run_dir: str | Path, n_boot: int = N_BOOT) -> list[TargetAnswer]:
     """One :class:`TargetAnswer` per target of ``run_dir``'s rows, in the rows' order."""
     rows = read_rows(run_dir)
-    sums = read_doc_sums(run_dir)
+    sums = read_doc_sums(run_dir, ALL_DOC_FIELDS)
     base_ld = [r["logit_diff"] for r in rows if r["method"] == "baseline" and r.get("logit_diff") is not None]
     out = []
     for target in dict.fromkeys(r["target"] for r in rows if r["target"]):
@@ -70,14 +75,25 @@ def target_answers(run_dir: str | Path, n_boot: int = N_BOOT) -> list[TargetAnsw
             out.append(ta)
             continue
         ta.seeds = common
-        data = {m: [DocSums(**sums[row_key(m, ta.fraction, s, target)]) for s in common] for m in methods}
+        keys = {m: [row_key(m, ta.fraction, s, target) for s in common] for m in methods}
+        data = {m: [DocSums(**{f: sums[k][f] for f in DOC_FIELDS}) for k in keys[m]] for m in methods}
         try:
             ta.ce = best_method(data, "ce", LEVEL, n_boot)
             ta.top1 = best_method(data, "top1", LEVEL, n_boot)
+            if all("ld_sum" in sums[k] for ks in keys.values() for k in ks):
+                ta.ld = best_method({m: [_negated_ld(sums[k]) for k in ks] for m, ks in keys.items()}, "ce", LEVEL,
+                                    n_boot)  # fmt: skip
         except KnockoutError as e:
             ta.notes.append(f"No paired comparison: {e}")
         out.append(ta)
     return out
+
+
+def _negated_ld(sums: dict) -> DocSums:
+    """A row's per-document logit differences as :class:`DocSums` whose "CE" is ``-logit_diff``: the paired
+    comparison of ratios of sums is the same estimator for any per-document sum, and its "lower is better" then
+    ranks the highest logit difference first."""
+    return DocSums(n=sums["n"], ce_sum=-sums["ld_sum"], correct=np.zeros_like(sums["n"]))
 
 
 def _ci(d: PairedDifference, scale: float = 1.0) -> str:
@@ -106,6 +122,13 @@ def sentences(ta: TargetAnswer) -> list[str]:
         )
     else:
         out.append(f"{head}: no paired comparison.")
+    if ta.ld is not None:
+        ld = ta.ld
+        out.append(
+            f"By the logit difference **{ld.best}** ({-ld.values[ld.best]:.3f}, baseline "
+            f"{ta.logit_diff.get('baseline', float('nan')):.3f}), {-ld.lead.estimate:.3f} above {ld.runner_up} "
+            f"(difference {-ld.lead.estimate:+.3f} [{-ld.lead.high:+.3f}, {-ld.lead.low:+.3f}]), {_sig(ld)}."
+        )
     if ta.logit_diff:
         parts = ", ".join(f"{m} {v:.3f}" for m, v in ta.logit_diff.items())
         out.append(f"Logit difference: {parts}.")
