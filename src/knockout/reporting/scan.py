@@ -21,9 +21,11 @@ effect, ``|effect|``; a method's top-k are its k units of largest ``|effect|`` (
 methods: Spearman's rank correlation of their (signed) effects over the units both have, and how many of their top-k
 units they share. The answer is
 
-- **No** when every pair of methods has the same top-k units,
-- **Partly** when the top-k sets differ but every method's most important unit is the same,
-- **Yes** when the methods disagree on the most important unit.
+- **Yes** when the methods disagree on the most important unit (the report then says whether the evaluation set
+  resolves the disagreement: two methods each rank their own top unit above the other's by more than two standard
+  errors),
+- **Partly** when every method's most important unit is the same but the top-k sets differ,
+- **No** when every method has the same most important unit and the same top-k units.
 
 A unit's standard error comes from its per-document sums (first seed, paired with the baseline: the effect is a
 ratio of sums, its variance by the delta method over documents); it says how much of an effect, and of a difference
@@ -326,23 +328,27 @@ def _contrasts(data: ScanData, pair: dict, shown: int = 3) -> str:
 
 
 def _resolved(data: ScanData, firsts: dict[str, str]) -> str:
-    """Whether the evaluation set resolves the disagreement on the most important unit: under each method, its top
-    unit's lead over the other methods' top units, with a paired standard error."""
-    leads = []
+    """Whether the evaluation set resolves the disagreement on the most important unit. Under each method, its top
+    unit's lead over the other methods' top units has a paired standard error; the disagreement is resolved when two
+    methods each rank their own top unit above the other's by more than two standard errors."""
+    leads: dict[tuple[str, str, str], tuple[float, float]] = {}
     for m, u in firsts.items():
         for other in sorted(set(firsts.values()) - {u}):
             lead = data.lead(m, u, other)
             if lead is not None and math.isfinite(lead[1]):
-                leads.append((m, u, other, *lead))
+                leads[(m, u, other)] = lead
     if not leads:
         return ""
-    resolved = [x for x in leads if x[3] > 2 * x[4]]
-    shown = "; ".join(f"under {m}, {u} leads {o} by {v:.3g} ± {se:.2g}" for m, u, o, v, se in leads[:4])
-    if resolved:
+    sig = {k for k, (v, se) in leads.items() if v > 2 * se}
+    both = [(a, b) for a in sig for b in sig if a[1] == b[2] and a[2] == b[1]]
+    shown = "; ".join(
+        f"under {m}, {u} leads {o} by {v:.3g} ± {se:.2g}" for (m, u, o), (v, se) in list(leads.items())[:4]
+    )
+    if both:
         return f" The evaluation set resolves this ({shown}; ± one standard error, paired over documents)."
     return (
-        f" But every such lead is within two standard errors ({shown}), so more evaluation data would be needed to "
-        "tell whether the methods really disagree."
+        f" But the evaluation set does not resolve it: no two methods each rank their own top unit above the other's "
+        f"by more than two standard errors ({shown}; ± one standard error, paired over documents)."
     )
 
 
