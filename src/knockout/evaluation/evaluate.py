@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -47,17 +48,18 @@ def forward_scored(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, 
     """``(logits, targets, contrast)`` of one batch (already on the model's device). When the batch names the few
     positions that hold its scored targets (``batch.keep``, task prompts) and the model takes ``logits_to_keep``, the
     logits are computed at those positions only, and the targets cut to match."""
-    if batch.keep is not None and _takes_logits_to_keep(model):
+    if batch.keep is not None and _takes_logits_to_keep(type(model)):
         logits = model(**batch.inputs, logits_to_keep=batch.keep).logits
         cut = lambda t: None if t is None else t[:, batch.keep]  # noqa: E731
         return logits, cut(batch.targets), cut(batch.contrast)
     return model(**batch.inputs).logits, batch.targets, batch.contrast
 
 
-def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:
     import inspect
 
     try:
-        return "logits_to_keep" in inspect.signature(type(model).forward).parameters
+        return "logits_to_keep" in inspect.signature(model_class.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
         return False
