@@ -12,10 +12,13 @@ Python API, bottom-up::
 
 or the whole experiment: ``knockout.run_sweep(knockout.SweepConfig(model=..., out=...))``, optionally logged to a
 tracker (``callbacks=[knockout.MLflowCallback("file:./mlruns")]``); a run's constants for other tools:
-``knockout.export_constants(run_dir, "peak", "transformerlens")``. Every public name: docs/api.md.
+``knockout.export_constants(run_dir, "peak", "transformerlens")``. Named components:
+``knockout.components("L9.H6,L9.H9", sites)`` gives what ``method.ablate`` takes (docs/components.md). Every public
+name: docs/api.md.
 """
 
 from knockout.ablation import METHODS, AblationMethod, MethodContext, NeuronSelection, get_method, register  # noqa: E402
+from knockout.components import component_sets, components  # noqa: E402
 from knockout.errors import KnockoutError  # noqa: E402
 from knockout.evaluation import Metrics, evaluate  # noqa: E402
 from knockout.experiments.callbacks import Callback  # noqa: E402
@@ -48,6 +51,8 @@ __all__ = [
     "__version__",
     "capture",
     "collect_stats",
+    "component_sets",
+    "components",
     "edit_preout",
     "evaluate",
     "export_constants",

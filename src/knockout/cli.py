@@ -1,5 +1,5 @@
-"""Command line: ``knockout sweep | demo | stats | report | compare | sites | methods | presets | bench``. Thin: parse,
-build the config, call, print."""
+"""Command line: ``knockout sweep | demo | scan | stats | report | compare | export | sites | methods | presets |
+bench``. Thin: parse, build the config, call, print."""
 
 from __future__ import annotations
 
@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_tracking_flags(p)
 
+    _add_scan_parser(command)
+
     p = command("demo", "the default sweep: SmolLM2-135M on built-in Wikipedia text, offline")
     _add_config_flags(p, FLAG_SECTIONS, groups, shown=resolve_preset("demo").to_dict())
     _add_tracking_flags(p)
@@ -252,6 +254,21 @@ def _add_export_parser(command) -> None:
     p.add_argument("--out", help="file to write (.safetensors; default RUN/export/METHOD.FORMAT.safetensors)")
 
 
+def _add_scan_parser(command) -> None:
+    from knockout.experiments.scan import SCAN_DEFAULTS, SCAN_EVAL_PROMPTS, SCAN_EVAL_TOKENS, SCAN_TEXT_MAX_LENGTH
+
+    p = command("scan", "ablate each head (layer, group of neurons) alone with each method, and compare the rankings")
+    _add_config_file(p)
+    exclude = ("fractions", "method_fractions", "ablate", "selection")
+    shown = {
+        **SCAN_DEFAULTS,
+        "eval_tokens": f"{SCAN_EVAL_PROMPTS} prompts of task data, {SCAN_EVAL_TOKENS} tokens of text",
+        "max_length": f"{SCAN_TEXT_MAX_LENGTH} for text with the default --eval-tokens, else 128",
+    }
+    _add_config_flags(p, FLAG_SECTIONS, (*OPTION_GROUPS, "scan"), shown=shown, exclude=exclude)
+    p.add_argument("--restart", action="store_true", help="move an existing --out folder aside and start afresh")
+
+
 def _add_report_parsers(command) -> None:
     p = command("report", "rebuild a run folder's report (tables, figures, HTML) from its stored files")
     p.add_argument("run_dir", help="run folder (with config.json and results.jsonl)")
@@ -301,6 +318,24 @@ def _sweep(args) -> int:
         print(sentence(fa).replace("**", ""))
     print(f"\nresults: {out}/results.csv  config: {out}/config.json")
     print(f"report: {out / REPORT_DIR / 'report.html'}")
+    return 0
+
+
+def _scan(args) -> int:
+    from knockout.experiments.config import merge_settings, read_settings_file
+    from knockout.experiments.scan import run_scan, scan_config
+    from knockout.reporting.scan import format_scan, write_scan_report
+
+    scan_sections = (FLAG_SECTIONS, (*OPTION_GROUPS, "scan"))
+    base = read_settings_file(args.config) if args.config else {}
+    values = merge_settings({k: v for k, v in base.items() if k != "resolved"}, _given(args, *scan_sections))
+    out = run_scan(scan_config(**values), progress=not args.quiet, restart=args.restart)
+    if not _main_process():
+        return 0
+    with _quiet_numpy():
+        report = write_scan_report(out)
+        print(format_scan(out))
+    print(f"\nresults: {out}/results.csv  report: {report}\n        {report.with_name('report.md')}")
     return 0
 
 
@@ -397,6 +432,7 @@ def _compare(args) -> int:
 
 COMMANDS = {
     "sweep": _sweep,
+    "scan": _scan,
     "demo": _sweep,
     "stats": _stats,
     "sites": _sites,
@@ -494,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         note = _progress_note(args) if args.command in ("sweep", "demo") else ""
-        resume = "; re-run the same command to resume" if args.command in ("sweep", "demo") else ""
+        resume = "; re-run the same command to resume" if args.command in ("sweep", "demo", "scan") else ""
         print(f"\nknockout: interrupted{resume}{note}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`knockout presets | head`): stop quietly

@@ -294,9 +294,9 @@ def _reduce_layer(mine: LayerStats, res: LayerStats, counts: list[int], k_lo: in
 
 
 def all_reduce_metrics(m: Metrics, batch_index: Sequence[int] | None = None) -> Metrics:
-    """Sum every rank's :class:`Metrics`: ``n`` and ``n_correct`` exactly (Python ints), ``ce_sum`` as the correctly
-    rounded float64 sum (``math.fsum``) of the ranks' sums, the same on every rank. Returns ``m`` itself when the run
-    is not distributed. Every rank must call it.
+    """Sum every rank's :class:`Metrics`: ``n`` and ``n_correct`` exactly (Python ints), ``ce_sum`` (and the logit
+    difference's ``ld_sum``) as the correctly rounded float64 sum (``math.fsum``) of the ranks' sums, the same on
+    every rank. Returns ``m`` itself when the run is not distributed. Every rank must call it.
 
     Per-document sums (``m.per_doc``, on every rank alike) are gathered too: ``batch_index[i]`` is the index, in the
     full list of batches, of the ``i``-th batch this rank added to ``m``. The result holds every rank's per-batch
@@ -315,8 +315,8 @@ def all_reduce_metrics(m: Metrics, batch_index: Sequence[int] | None = None) -> 
                 f"got {None if batch_index is None else len(batch_index)}"
             )
         docs = [(int(i), d) for i, d in zip(batch_index, per_batch)]
-    parts: list[tuple[int, int, float, list | None]] = [None] * size  # type: ignore[list-item]
-    dist.all_gather_object(parts, (int(m.n), int(m.n_correct), float(m.ce_sum), docs))
+    parts: list[tuple[int, int, float, list | None, int, float]] = [None] * size  # type: ignore[list-item]
+    dist.all_gather_object(parts, (int(m.n), int(m.n_correct), float(m.ce_sum), docs, m.n_contrast, m.ld_sum))
     if any((p[3] is None) != (docs is None) for p in parts):
         raise KnockoutError(f"rank {rank} evaluated with per_doc={m.per_doc}, another rank not: every rank must agree")
     out = Metrics(
@@ -324,6 +324,8 @@ def all_reduce_metrics(m: Metrics, batch_index: Sequence[int] | None = None) -> 
         n_correct=sum(p[1] for p in parts),
         ce_sum=math.fsum(p[2] for p in parts),
         per_doc=m.per_doc,
+        n_contrast=sum(p[4] for p in parts),
+        ld_sum=math.fsum(p[5] for p in parts),
     )
     if docs is not None:
         ordered = sorted((pair for p in parts for pair in p[3]), key=lambda pair: pair[0])  # type: ignore[union-attr]

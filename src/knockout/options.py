@@ -93,7 +93,8 @@ class OptionGroup:
 
     # -- validation helpers ------------------------------------------------------------------------------------
     def _name(self, name: str) -> str:
-        return f"{self.prefix}.{name} (--{self.prefix}-{name.replace('_', '-')})"
+        flag = self.__dataclass_fields__[name].metadata.get("flag", f"--{self.prefix}-{name.replace('_', '-')}")
+        return f"{self.prefix}.{name} ({flag})"
 
     def _int(self, name: str, minimum: int, optional: bool = False) -> None:
         value = getattr(self, name)

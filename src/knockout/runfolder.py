@@ -9,8 +9,10 @@ Layout::
     stats.safetensors       the statistics used by mean/peak (see knockout.stats)
     selection.safetensors   per seed, the random neuron orders the nested selections come from
     artifacts/              what methods learned (e.g. learned constants), reused on resume
+    attribution.json        a scan's attribution-patching estimates (``knockout scan --attribution``)
     paired/seed{s}.safetensors  per row of seed s, per-document sums for paired comparisons ("{method}@{fraction}.n",
-                            ".ce_sum", ".correct"; "{method}@{fraction}#{target}..." for a row of a named target;
+                            ".ce_sum", ".correct", and ".ld_sum" for task prompts with a correct and an
+                            incorrect answer; "{method}@{fraction}#{target}..." for a row of a named target;
                             see knockout.inference.paired)
     report/                 the report (knockout.reporting)
 
@@ -55,9 +57,12 @@ SELECTION_FILE = "selection.safetensors"
 ARTIFACTS_DIR = "artifacts"
 PAIRED_DIR = "paired"
 DOC_FIELDS = ("n", "ce_sum", "correct")
+EXTRA_DOC_FIELDS = ("ld_sum",)  # stored when a row has it (task prompts with a correct and an incorrect answer)
+ALL_DOC_FIELDS = DOC_FIELDS + EXTRA_DOC_FIELDS
 TARGET_SEP = "#"
 REPORT_DIR = "report"
 LOCK_FILE = ".knockout.lock"
+ATTRIBUTION_FILE = "attribution.json"
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
@@ -492,7 +497,7 @@ def save_doc_sums(
     path = _paired_path(run_dir, seed)
     tensors = _load_paired(path) if path.is_file() else {}
     key = _doc_key(method, fraction, target)
-    for name in DOC_FIELDS:
+    for name in (*DOC_FIELDS, *(f for f in EXTRA_DOC_FIELDS if f in sums)):
         tensors[f"{key}.{name}"] = torch.as_tensor(sums[name]).contiguous()
     note = "per-document sums of each (method, fraction) row of this seed, for paired comparisons"
     meta = {"seed": str(int(seed)), "note": note, CHECKSUM_KEY: tensors_sha256(tensors)}
@@ -510,9 +515,12 @@ def _load_paired(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_doc_sums(run_dir: str | os.PathLike) -> dict[tuple[str, float, int, str], dict]:
+def read_doc_sums(
+    run_dir: str | os.PathLike, fields: tuple[str, ...] = DOC_FIELDS
+) -> dict[tuple[str, float, int, str], dict]:
     """Every stored row's per-document sums: ``row_key -> {"n", "ce_sum", "correct"}`` (numpy arrays), each file
-    checked against its checksum. See :func:`check_doc_sums` for their agreement with the rows."""
+    checked against its checksum. ``fields`` may add ``"ld_sum"`` (the summed logit differences of task prompts),
+    present only in rows that have it. See :func:`check_doc_sums` for their agreement with the rows."""
     out: dict[tuple[str, float, int, str], dict] = {}
     folder = Path(run_dir) / PAIRED_DIR
     if not folder.is_dir():
@@ -531,7 +539,28 @@ def read_doc_sums(run_dir: str | os.PathLike) -> dict[tuple[str, float, int, str
             except ValueError as e:
                 raise KnockoutError(f"{str(path)!r} holds an unknown entry {name!r}; delete the file") from e
             out.setdefault(k, {})[field] = t.numpy()
-    return {k: v for k, v in out.items() if all(f in v for f in DOC_FIELDS)}
+    return {k: {f: v[f] for f in fields if f in v} for k, v in out.items() if all(f in v for f in DOC_FIELDS)}
+
+
+# -- a scan's attribution estimates ------------------------------------------------------------------------------------
+def write_attribution(run_dir: str | os.PathLike, record: dict) -> None:
+    """Write a scan's attribution estimates (``{"metric", "seed", "seconds", "estimates": {method: {unit: value}}}``,
+    see :func:`knockout.experiments.scan.write_attribution`)."""
+    write_atomic(Path(run_dir) / ATTRIBUTION_FILE, json.dumps(record, indent=1) + "\n")
+
+
+def read_attribution(run_dir: str | os.PathLike) -> dict | None:
+    """A scan's attribution estimates, or ``None`` when it has none; a damaged file is an error."""
+    path = Path(run_dir) / ATTRIBUTION_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KnockoutError(f"{str(path)!r} is damaged ({e}); delete it (the scan recomputes it)") from e
+    if not isinstance(data, dict) or not isinstance(data.get("estimates"), dict):
+        raise KnockoutError(f"{str(path)!r} is damaged; delete it (the scan recomputes it)")
+    return data
 
 
 def doc_sums_disagree(row: ResultRow | dict, sums: dict | None) -> str | None:
@@ -580,6 +609,12 @@ class ResultRow:
     target: str = ""
     """What was ablated when it is not a random fraction of the neurons: the name of a component set (``--ablate``)
     or of one unit of a scan (``L9.H6``); empty for the random nested sets of a sweep."""
+    logit_diff: float | None = None
+    """Task prompts with a correct and an incorrect answer: mean ``logit[correct] - logit[incorrect]`` (then
+    ``top1`` is the share of prompts where the correct logit is the larger, and ``ce`` the correct token's
+    cross-entropy). ``None`` (and absent from results.jsonl) for every other evaluation."""
+    delta_logit_diff: float | None = None
+    """Change of ``logit_diff`` from the baseline of the same seed."""
 
     @classmethod
     def measured(
@@ -595,8 +630,12 @@ class ResultRow:
         seconds: float,
         baseline: ResultRow | None = None,
         target: str = "",
+        logit_diff: float | None = None,
     ) -> ResultRow:
         """A row with its changes from ``baseline`` (``None``: this row is the baseline, changes 0)."""
+        delta_ld = None
+        if logit_diff is not None:
+            delta_ld = 0.0 if baseline is None or baseline.logit_diff is None else logit_diff - baseline.logit_diff
         return cls(
             method=method,
             fraction=fraction,
@@ -610,6 +649,8 @@ class ResultRow:
             n_eval=n_eval,
             seconds=round(seconds, 4),
             target=target,
+            logit_diff=logit_diff,
+            delta_logit_diff=delta_ld,
         )
 
     @property
@@ -617,17 +658,22 @@ class ResultRow:
         return row_key(self.method, self.fraction, self.seed, self.target)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The row's fields; an optional metric that was not measured (``None``) is left out."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if not (k in OPTIONAL_FIELDS and v is None)}
 
     @classmethod
     def from_dict(cls, row: dict, where: str = "row") -> ResultRow:
-        missing = [f for f in ROW_FIELDS if f not in row] if isinstance(row, dict) else list(ROW_FIELDS)
+        required = [f for f in ROW_FIELDS if f not in OPTIONAL_FIELDS]
+        missing = [f for f in required if f not in row] if isinstance(row, dict) else required
         if missing:
             raise KnockoutError(f"{where} lacks {', '.join(missing)}; fix or delete that line")
-        return cls(**{f: row[f] for f in ROW_FIELDS})
+        return cls(**{f: row[f] for f in ROW_FIELDS if f in row})
 
 
 ROW_FIELDS = tuple(f.name for f in dataclasses.fields(ResultRow))
+#: Metrics only some evaluations have (task prompts with a correct and an incorrect answer); rows without them, and
+#: results files written before they existed, read as ``None``.
+OPTIONAL_FIELDS = ("logit_diff", "delta_logit_diff")
 
 
 def fraction_key(fraction: float) -> float:
@@ -665,8 +711,11 @@ def write_rows(run_dir: str | os.PathLike, rows: Iterable[ResultRow]) -> None:
 
 
 def _csv_text(rows: Iterable[ResultRow]) -> str:
+    """The rows as CSV; the optional metrics' columns only when some row has them."""
+    rows = list(rows)
+    fields = [f for f in ROW_FIELDS if f not in OPTIONAL_FIELDS or any(getattr(r, f) is not None for r in rows)]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(ROW_FIELDS), lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(r.as_dict() for r in rows)
     return buf.getvalue()
@@ -699,7 +748,8 @@ class ResultStore:
 
     def add(self, row: ResultRow) -> None:
         """Store ``row``; a NaN or infinite metric is an error, never a stored row (it is not valid JSON either)."""
-        bad = [f for f in ("top1", "ce", "delta_top1", "delta_ce") if not math.isfinite(getattr(row, f))]
+        metrics = ("top1", "ce", "delta_top1", "delta_ce", *OPTIONAL_FIELDS)
+        bad = [f for f in metrics if getattr(row, f) is not None and not math.isfinite(getattr(row, f))]
         if bad:
             raise KnockoutError(
                 f"{row.method} at fraction {row.fraction} (seed {row.seed}) gave {bad[0]} = {getattr(row, bad[0])}: "

@@ -1,6 +1,8 @@
 """``optimal`` on the real SmolLM2-135M: learned constants beat zero, mean and peak on the *evaluation* split (they
 are learned on the collection split) at the paper's fractions. Slow: run with `make test-slow`."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ def test_optimal_beats_zero_mean_peak_on_smollm2(tmp_path):
         fractions=(0.5, 0.9), seeds=(0,), eval_tokens=256, stats_tokens=1024, max_length=64, batch_size=4,
         options={"optimal_steps": 30, "optimal_lr": 0.03, "optimal_batch_size": 2, "optimal_tokens": 512},
     )  # fmt: skip
-    out = run_sweep(cfg, progress=False, loaded=loaded)
+    out = Path(run_sweep(cfg, progress=False, loaded=loaded))
     ce = {(r["method"], r["fraction"]): r["ce"] for r in read_rows(out)}
     for f in (0.5, 0.9):
         assert ce[("optimal", f)] < min(ce[(m, f)] for m in ("zero", "mean", "peak")), (f, ce)

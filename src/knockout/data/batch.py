@@ -17,14 +17,28 @@ class Batch:
     valid:   ``[batch, pos]`` bool, True at real (non-padding) positions: these enter the statistics.
     targets: ``[batch, pos]`` token ids with ``IGNORE`` where nothing is scored (causal and masked LMs), or
              ``[batch]`` class labels (image classifiers). ``logits[..., :]`` at a position predicts its target.
+    contrast: prompts with a correct and an incorrect answer (:mod:`knockout.data.prompts`): ``[batch, pos]`` the
+             incorrect answer's token where ``targets`` holds the correct one, ``IGNORE`` elsewhere; scored by the
+             logit difference ``logit[target] - logit[contrast]``. ``None`` for every other batch.
+    keep:    ``[k]`` sorted positions that hold every scored target, when few do (task prompts): the model computes
+             logits at these positions only (``logits_to_keep``). ``None``: logits at every position.
     """
 
     inputs: dict[str, torch.Tensor]
     valid: torch.Tensor
     targets: torch.Tensor
+    contrast: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
 
     def to(self, device) -> Batch:
-        return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.valid.to(device), self.targets.to(device))
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(
+            {k: v.to(device) for k, v in self.inputs.items()},
+            self.valid.to(device),
+            self.targets.to(device),
+            move(self.contrast),
+            move(self.keep),
+        )
 
     @property
     def size(self) -> int:

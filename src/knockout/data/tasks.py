@@ -8,9 +8,13 @@
 - ``image``: evaluation scores the class of ``eval_tokens`` images of the evaluation split, the same for every seed
   (see :mod:`knockout.data.images`).
 
+Task prompts (``ioi``, a task ``.jsonl`` file) are evaluated prompt by prompt (:mod:`knockout.data.prompts`; causal LMs
+only); ``eval_tokens`` then counts prompts.
+
 Statistics are collected on unmodified inputs of the collection split (``stats_tokens`` real positions; for images,
 whole images until at least that many pre-out positions): masked LMs see their collection text unmasked. For text,
 ``stats_skip_first`` leaves the first positions of every sequence out of the statistics (see docs/design.md).
+``stats_source`` (``--stats-data``) collects them on another source's collection split.
 
 Nothing here runs the model: what the batches need to know about it is passed in (its task, tokenizer or image
 processor, config, and for images the pre-out sequence length, measured by :func:`knockout.hooks.preout_length`).
@@ -34,7 +38,8 @@ class DataSpec:
     """What a run's batches are built from (the data fields of :class:`knockout.experiments.config.SweepConfig`)."""
 
     source: str
-    """``wiki``, a local text file or image folder, or a Hugging Face datasets name."""
+    """``wiki``, a local text file or image folder, a Hugging Face datasets name, or task data (``ioi``, a task
+    ``.jsonl`` file: see :mod:`knockout.data.prompts`)."""
     eval_tokens: int
     """Scored evaluation targets: next tokens (causal), chosen tokens (masked) or images (image)."""
     stats_tokens: int
@@ -49,9 +54,21 @@ class DataSpec:
     """Image models without an image processor: size and normalisation."""
     sort_by_length: bool = False
     """Text: regroup the batches' rows by length (less padding; the same scored targets), see
-    :mod:`knockout.data.packing`."""
+    :mod:`knockout.data.packing`. Task prompts are batched in their order."""
     revision: str | None = None
-    """A Hugging Face dataset's branch, tag or commit (``None``: its main branch)."""
+    """A Hugging Face dataset's branch, tag or commit (``None``: its main branch); it applies to ``source``."""
+    stats_source: str | None = None
+    """Where statistics are collected (its collection part); ``None``: ``source``'s collection part."""
+
+    @property
+    def collection_source(self) -> str:
+        """The source whose collection part the statistics come from."""
+        return self.stats_source or self.source
+
+    @property
+    def collection_revision(self) -> str | None:
+        """The revision of :attr:`collection_source` (``revision`` when it is ``source``)."""
+        return self.revision if self.collection_source == self.source else None
 
     def __post_init__(self):
         for name in ("eval_tokens", "stats_tokens", "max_length", "batch_size"):
@@ -78,7 +95,7 @@ def stats_batches(spec: DataSpec, model: ModelInputs) -> list[Batch]:
     """Batches of the collection split for :func:`knockout.stats.collect_stats`."""
     if model.task in ("causal", "masked"):
         tok, skip = model.processor, spec.stats_skip_first
-        texts = load_texts(spec.source, "collect", spec.revision)
+        texts = load_texts(spec.collection_source, "collect", spec.collection_revision)
         seqs = tokenize_exact(tok, texts, spec.stats_tokens, spec.max_length, "positions", skip)
         batches = causal_batches(seqs, spec.batch_size, pad_id(tok))
         for batch in batches:
@@ -88,14 +105,18 @@ def stats_batches(spec: DataSpec, model: ModelInputs) -> list[Batch]:
         from knockout.data.images import image_stats_batches
 
         return image_stats_batches(
-            spec.source, spec.stats_tokens, spec.batch_size, model.processor, spec.image, model.config,
-            _preout_len(model), spec.revision,
+            spec.collection_source, spec.stats_tokens, spec.batch_size, model.processor, spec.image, model.config,
+            _preout_len(model), spec.collection_revision,
         )  # fmt: skip
     raise KnockoutError(f"task {model.task!r} is not supported")
 
 
 def eval_batches(spec: DataSpec, model: ModelInputs, seed: int) -> list[Batch]:
     """The fixed evaluation batches of ``seed`` (the same for every method and fraction of that seed)."""
+    from knockout.data import prompts
+
+    if prompts.is_task_source(spec.source):
+        return _prompt_batches(spec, model)
     if model.task == "causal":
         tok = model.processor
         texts = load_texts(spec.source, "eval", spec.revision)
@@ -116,6 +137,24 @@ def eval_batches(spec: DataSpec, model: ModelInputs, seed: int) -> list[Batch]:
             _preout_len(model), spec.revision,
         )  # fmt: skip
     raise KnockoutError(f"task {model.task!r} is not supported")
+
+
+def _prompt_batches(spec: DataSpec, model: ModelInputs) -> list[Batch]:
+    """Task prompts (:mod:`knockout.data.prompts`): the first ``eval_tokens`` evaluation prompts, one per document."""
+    import logging
+
+    from knockout.data import prompts
+
+    if model.task != "causal":
+        raise KnockoutError(f"task prompts ({spec.source!r}) need a causal LM; this is a {model.task} model")
+    items = prompts.eval_prompts(spec.source, spec.eval_tokens)
+    if len(items) < spec.eval_tokens:
+        logging.getLogger(__name__).info(
+            "%s: using all %d evaluation prompts (--eval-tokens asks for up to %d)",
+            spec.source, len(items), spec.eval_tokens,
+        )  # fmt: skip
+    tok = model.processor
+    return prompts.task_batches(tok, items, spec.batch_size, spec.max_length, pad_id(tok))
 
 
 def probe_inputs(spec: DataSpec, task: str, processor, config) -> dict | None:

@@ -6,7 +6,9 @@ A *source* is one of
 - a local ``.txt`` file (documents separated by blank lines; one document per line if there is no blank line),
   ``.jsonl`` file (one JSON object per line with a ``text`` field) or ``.json`` file (a list of strings or objects
   with a ``text`` field);
-- a Hugging Face datasets name such as ``monology/pile-uncopyrighted`` (optionally ``name:config``), streamed.
+- a Hugging Face datasets name such as ``monology/pile-uncopyrighted`` (optionally ``name:config``), streamed;
+- task data (prompts with answers: ``ioi`` or a task ``.jsonl`` file, see :mod:`knockout.data.prompts`), whose
+  texts here are the prompts' full texts.
 
 Collection and evaluation texts are disjoint. For the built-in set and local files the documents are put in a
 fixed pseudo-random order (seed 1234, independent of the run's seeds); the first fifth is the evaluation part and
@@ -154,6 +156,10 @@ def data_identity(source: str, revision: str | None = None) -> dict:
         )
     if source == "wiki":
         return {"source": "wiki", "sha256": _file_sha256(builtin_wiki_path())}
+    from knockout.data import prompts
+
+    if source in prompts.BUILTIN_TASKS:
+        return prompts.identity(source)
     path = Path(source).expanduser()
     if path.is_dir():
         digest = hashlib.sha256()
@@ -182,8 +188,12 @@ _SHA_CACHE: dict[tuple, str] = {}
 def check_source(source: str) -> None:
     """Read a local data source before any model is loaded, so that a missing, empty, binary or malformed file (or
     an empty folder) is reported at once. Hugging Face names and ``wiki`` are not opened here."""
+    from knockout.data import prompts
+
     if source == "wiki":
         return
+    if prompts.is_task_source(source):
+        return prompts.check(source)
     path = Path(source).expanduser()
     if path.is_dir():
         if not any(p.is_file() for p in path.rglob("*")):
@@ -286,6 +296,10 @@ def load_texts(source: str, split: str, revision: str | None = None) -> Iterator
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if source == "wiki":
         return iter(split_items(_read_builtin(), split))
+    from knockout.data import prompts
+
+    if prompts.is_task_source(source):  # prompts with answers: their full texts
+        return prompts.texts(source, split)
     path = Path(source)
     if path.expanduser().is_dir():
         raise KnockoutError(f"{source!r} is a folder; a text model needs a .txt/.jsonl/.json file, wiki, or a HF name")

@@ -26,6 +26,7 @@ from knockout.ablation.selection import HEAD_MODES, MODES, validate_fractions
 from knockout.data.images import ImageOptions
 from knockout.data.tasks import DataSpec
 from knockout.errors import KnockoutError
+from knockout.experiments.scan_options import ScanOptions
 from knockout.inference.sequential import DecideOptions
 from knockout.loading import TASKS, parse_device_map
 from knockout.options import OptionGroup, default_of, setting
@@ -35,6 +36,10 @@ from knockout.stats.running import DEFAULT_EPS, DEFAULT_LIMIT, check_hist_params
 log = logging.getLogger(__name__)
 
 DEFAULT_FRACTIONS = tuple(round(0.1 * i, 10) for i in range(11))
+DEFAULT_SEEDS = (0, 1, 2)
+#: Seeds of ``--ablate`` runs and scans when none are given: their neuron sets are fixed, so the seed changes only
+#: masked-LM masks and resampling draws (constant methods on causal LMs give the same rows for every seed).
+TARGETED_SEEDS = (0,)
 ALL_METHODS = "all"
 AUTO = "auto"
 #: Keys of a run folder's config.json that are not settings (what the run resolved and recorded).
@@ -78,20 +83,38 @@ class SweepConfig:
         kind="method_fractions",
         affects_results=False,
     )
-    seeds: tuple[int, ...] | str = setting(
-        (0, 1, 2),
-        "seeds of the neuron selection (and of masks, random inputs): 0,1,2, or 'auto' to add neuron sets at the "
-        "--decide-fractions until every pair of methods is decided (--decide-* settings; docs/decisions.md)",
+    seeds: tuple[int, ...] | str | None = setting(
+        None,
+        "seeds of the neuron selection (and of masks, random inputs): 0,1,2 (the default), or 'auto' to add neuron "
+        "sets at the --decide-fractions until every pair of methods is decided (--decide-* settings; "
+        "docs/decisions.md); --ablate runs and scans default to 0 (their neuron sets do not depend on the seed)",
         kind="seeds",
         affects_results=False,
     )
+    ablate: str | None = setting(
+        None,
+        "ablate named components instead of random fractions: a spec such as 'L9.H6,L9.H9' (heads), 'L3:17', "
+        "'L3:0-63', 'L5', several sets as 'name=L9.H6,L9.H9;L1.H3', or a .json/.csv file of named sets "
+        "(docs/components.md); --fractions is then not used",
+        kind="str",
+        affects_results=False,
+    )
     eval_tokens: int = setting(
-        4096, "exact number of scored evaluation targets (tokens; images for image models)", kind="int"
+        4096,
+        "exact number of scored evaluation targets (tokens; images for image models; prompts for task data)",
+        kind="int",
     )
     stats_tokens: int = setting(16384, "non-padding positions of the statistics collection set", "data", kind="int")
     data_revision: str | None = setting(
         None,
         "Hugging Face datasets: the branch, tag or commit to load (config.json records the commit it resolved to)",
+        "data",
+        kind="str",
+    )
+    stats_data: str | None = setting(
+        None,
+        "collect the statistics for mean/peak on this source's collection part instead of --data's (the same kinds "
+        "of source as --data, e.g. wiki for task prompts)",
         "data",
         kind="str",
     )
@@ -189,6 +212,9 @@ class SweepConfig:
     decide: DecideOptions = setting(
         DecideOptions(), "how --seeds auto adds neuron sets, and the answer's error rate", affects_results=False
     )
+    scan: ScanOptions = setting(
+        ScanOptions(), "settings of a per-component scan (knockout scan)", affects_results=False
+    )
 
     #: The option groups, by field name.
     GROUPS: ClassVar[dict[str, type[OptionGroup]]] = {
@@ -196,6 +222,7 @@ class SweepConfig:
         "resample": ResampleOptions,
         "image": ImageOptions,
         "decide": DecideOptions,
+        "scan": ScanOptions,
     }
 
     def __post_init__(self):
@@ -205,10 +232,14 @@ class SweepConfig:
             raise KnockoutError("give a model (--model), or --preset NAME for one of the paper's settings")
         object.__setattr__(self, "fractions", validate_fractions(tuple(self.fractions)))
         object.__setattr__(self, "methods", tuple(self.methods))
+        if self.seeds is None:
+            object.__setattr__(self, "seeds", TARGETED_SEEDS if self.targeted else DEFAULT_SEEDS)
         if self.seeds != AUTO:
             if isinstance(self.seeds, str):
                 raise KnockoutError(f"seeds must be integers or {AUTO!r}, got {self.seeds!r}")
             object.__setattr__(self, "seeds", tuple(_integer(s, "seeds") for s in self.seeds))
+        elif self.targeted:
+            raise KnockoutError("--seeds auto adds random neuron sets; --ablate runs and scans have fixed ones")
         if not self.methods:
             raise KnockoutError("give at least one ablation method")
         if len(set(self.methods)) != len(self.methods):
@@ -236,6 +267,7 @@ class SweepConfig:
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise KnockoutError(f"{name} must be a branch, tag or commit name (a non-empty string), got {value!r}")
         self.data_spec()  # validates the data fields
+        self._check_targets()
         check_hist_params(self.eps, self.hist_limit)
         parse_device_map(self.device_map)
         if self.selection not in MODES:
@@ -253,6 +285,24 @@ class SweepConfig:
         for m in self.methods:
             if m != ALL_METHODS:
                 get_method(m)
+
+    @property
+    def targeted(self) -> bool:
+        """Whether the run ablates named components (``--ablate``) or scan units rather than random fractions."""
+        return self.ablate is not None or self.scan.unit is not None
+
+    def _check_targets(self) -> None:
+        """``--ablate``'s syntax (its ranges are checked against the model's sites when it is loaded)."""
+        if self.ablate is not None and self.scan.unit is not None:
+            raise KnockoutError("a scan ablates its units one at a time; --ablate is for sweeps")
+        if self.stats_data is not None and (not isinstance(self.stats_data, str) or not self.stats_data.strip()):
+            raise KnockoutError(f"stats_data (--stats-data) must be a data source, got {self.stats_data!r}")
+        if self.ablate is not None:
+            from knockout.components import parse_spec
+
+            parse_spec(self.ablate)
+            if self.method_fractions:
+                raise KnockoutError("--method-fractions chooses fractions, which --ablate runs do not use")
 
     def _checked_method_fractions(self) -> dict[str, list[float]]:
         """``method_fractions`` with each list validated, sorted, and checked to be a subset of ``fractions``."""
@@ -328,6 +378,7 @@ class SweepConfig:
             image=self.image,
             sort_by_length=self.sort_by_length,
             revision=self.data_revision,
+            stats_source=self.stats_data,
         )
 
     def for_task(self, task: str) -> SweepConfig:

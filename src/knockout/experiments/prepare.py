@@ -89,6 +89,9 @@ def check(
         runfolder.check_out(cfg.out)
     data_id = data_identity(cfg.data, cfg.data_revision)
     check_source(cfg.data)
+    if cfg.stats_data is not None:  # the statistics' source is part of what the data was
+        data_id = {**data_id, "stats": data_identity(cfg.stats_data)}
+        check_source(cfg.stats_data)
     if stats_file is not None:
         return data_id
     out = Path(cfg.out)
@@ -160,7 +163,7 @@ def stats_meta(spec: DataSpec, identity: dict, data_id: dict | None = None) -> d
     the collection set was made."""
     meta = {
         "model": json.dumps(identity),
-        "data": spec.source,
+        "data": spec.collection_source,
         "stats_tokens": str(spec.stats_tokens),
         "max_length": str(spec.max_length),
         "stats_skip_first": str(spec.stats_skip_first),

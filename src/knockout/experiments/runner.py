@@ -198,6 +198,8 @@ def run_sweep(
     separates the reading of the existing run folder from the first write.
     """
     notify = Callbacks(callbacks)  # checked before anything runs
+    if cfg.scan.unit is not None:
+        raise KnockoutError("this config is a scan's (scan.unit is set); run it with `knockout scan` (run_scan)")
     with distributed.process_group(resolve_device(cfg.device)):
         try:
             run = prepare(cfg, distributed.world(), restart=restart, loaded=loaded)
@@ -205,7 +207,12 @@ def run_sweep(
             if not run.world.is_main:  # under torchrun, rank 0 alone reports
                 notify = Callbacks()
             try:
-                _sweep(run, progress and run.world.is_main, notify)
+                if cfg.ablate is not None:  # named component sets instead of random fractions
+                    from knockout.experiments.targets import ablate_sets, run_targets
+
+                    run_targets(run, ablate_sets(run), progress and run.world.is_main)
+                else:
+                    _sweep(run, progress and run.world.is_main, notify)
                 if run.world.is_main:
                     if report:
                         _write_report(out)
@@ -216,6 +223,26 @@ def run_sweep(
         finally:
             runfolder.unlock_run(cfg.out)  # the run folder's lock, taken by rank 0 in prepare
         return load_run(cfg.out) if run.world.is_main else None
+
+
+def run_record(run: Prepared, used: float, stats: Statistics | None = None) -> dict:
+    """What a run resolved, stored as config.json's ``resolved``: task, positions used (``used``: the share of
+    computed evaluation positions that are scored), model identity and revision, site modules, device, dtype,
+    versions, data identity, and where the statistics came from."""
+    loaded, model = run.loaded, run.loaded.model
+    return {
+        "task": loaded.task,
+        "positions_used": {"eval_scored_fraction": round(used, 6), "sort_by_length": run.spec.sort_by_length},
+        "model_identity": run.identity,
+        "model_revision": {"requested": loaded.revision, "commit": loaded.commit},
+        "site_modules": [s.name for s in run.sites],
+        "device": str(loaded.device),
+        "dtype": str(model_dtype(model)),
+        "device_map": {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()} or None,
+        "environment": environment(),
+        "data_identity": run.data_id,
+        "statistics": None if stats is None else stats_provenance(stats, run.cfg.stats_path),
+    }
 
 
 def _write_report(run_dir: Path) -> Path:
@@ -253,19 +280,7 @@ def _sweep(run: Prepared, progress: bool, notify: Callbacks | None = None) -> No
     if any(c.needs_stats for c in classes):
         stats, save_stats = obtain_stats(run, progress)
     rows = _Rows(run, classes, stats, first_batches, progress)
-    resolved = {
-        "task": loaded.task,
-        "positions_used": {"eval_scored_fraction": round(used, 6), "sort_by_length": run.spec.sort_by_length},
-        "model_identity": run.identity,
-        "model_revision": {"requested": loaded.revision, "commit": loaded.commit},
-        "site_modules": [s.name for s in run.sites],
-        "device": str(loaded.device),
-        "dtype": str(model_dtype(loaded.model)),
-        "device_map": {k: str(v) for k, v in (getattr(loaded.model, "hf_device_map", None) or {}).items()} or None,
-        "environment": environment(),
-        "data_identity": run.data_id,
-        "statistics": None if stats is None else stats_provenance(stats, cfg.stats_path),
-    }
+    resolved = run_record(run, used, stats)
     distributed.barrier()  # every rank has read the folder's state; rank 0 may now write
     config = json.loads(json.dumps({**cfg.to_dict(), "resolved": resolved}))  # JSON types, as config.json holds
     if world.is_main:
@@ -321,7 +336,7 @@ class _Rows:
         self.out = Path(cfg.out)
         self.model = loaded.model
         self.store = ResultStore(self.out, read_only=not run.world.is_main)
-        self.docs = runfolder.read_doc_sums(self.out)  # the per-document sums of a resumed run, read once
+        self.docs = runfolder.read_doc_sums(self.out, runfolder.ALL_DOC_FIELDS)  # a resumed run's, read once
         self._redo: set[tuple] = set()  # rows whose stored sums disagree with them (warned once)
         self.n_neurons = sum(s.width for s in run.sites)
         self.first_seed = cfg.fixed_seeds[0]
@@ -380,8 +395,9 @@ class _Rows:
         if base is None:
             t0 = time.perf_counter()
             m = _evaluate(self.model, batches, self.world)
+            seconds = time.perf_counter() - t0
             base = ResultRow.measured(
-                "baseline", 0.0, seed, m.top1, m.ce, m.n, 0, self.n_neurons, time.perf_counter() - t0
+                "baseline", 0.0, seed, m.top1, m.ce, m.n, 0, self.n_neurons, seconds, logit_diff=m.logit_diff
             )
             self._store(base, m.doc_sums())
         return base
@@ -429,14 +445,16 @@ class _Rows:
             t0 = time.perf_counter()
             n_ablated = selection.n_ablated(fraction)
             if n_ablated == 0:
-                top1, ce, n, docs = base.top1, base.ce, base.n_eval, base_docs
+                top1, ce, n, docs, ld = base.top1, base.ce, base.n_eval, base_docs, base.logit_diff
             else:
                 method = instances.get(cls.name) or instances.setdefault(cls.name, cls(self.context(seed, batches)))
                 with method.ablate(selection.at(fraction)):
                     m = _evaluate(self.model, batches, self.world, method.on_batch)
-                top1, ce, n, docs = m.top1, m.ce, m.n, m.doc_sums()
+                top1, ce, n, docs, ld = m.top1, m.ce, m.n, m.doc_sums(), m.logit_diff
             seconds = time.perf_counter() - t0
-            row = ResultRow.measured(cls.name, fraction, seed, top1, ce, n, n_ablated, self.n_neurons, seconds, base)
+            row = ResultRow.measured(
+                cls.name, fraction, seed, top1, ce, n, n_ablated, self.n_neurons, seconds, base, logit_diff=ld
+            )
             self._store(row, docs)
             self.bar.update(1)
 

@@ -68,7 +68,7 @@ import numpy as np
 from knockout.errors import KnockoutError
 
 METRICS = ("ce", "top1")
-HIGHER_IS_BETTER = {"ce": False, "top1": True}
+HIGHER_IS_BETTER = {"ce": False, "top1": True, "ld": True}  # ld: the logit difference of task prompts
 _CHUNK_ELEMENTS = 1 << 22  # resampled indices held at once (n_resamples_in_chunk * n_docs)
 
 

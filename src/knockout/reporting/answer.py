@@ -40,7 +40,11 @@ from knockout.runfolder import doc_sums_disagree, fraction_key, read_doc_sums, r
 
 LEVEL = 0.95
 N_BOOT = 2000
-METRIC_WORDS = {"ce": ("hurts least", "nats", "less than"), "top1": ("keeps the most top-1", "points", "more than")}
+METRIC_WORDS = {
+    "ce": ("hurts least", "nats", "less than"),
+    "top1": ("keeps the most top-1", "points", "more than"),
+    "ld": ("keeps the logit difference highest", "", "more than"),
+}
 
 
 def is_bound(method: str) -> bool:
@@ -62,6 +66,8 @@ class FractionAnswer:
     """The contenders compared."""
     ce: list[PairVerdict] = field(default_factory=list)
     top1: list[PairVerdict] = field(default_factory=list)
+    ld: list[PairVerdict] = field(default_factory=list)
+    """By the logit difference (task prompts with a correct and an incorrect answer; named sets only)."""
     n_sets: int = 0
     """Neuron sets of the last look (CE)."""
     n_docs: int = 0
@@ -78,7 +84,7 @@ class FractionAnswer:
     notes: list[str] = field(default_factory=list)
 
     def verdicts(self, metric: str) -> list[PairVerdict]:
-        return self.ce if metric == "ce" else self.top1
+        return {"ce": self.ce, "top1": self.top1, "ld": self.ld}[metric]
 
     def best(self, metric: str) -> str | None:
         """The contender decided better than every other, if there is one."""
@@ -266,13 +272,13 @@ def _amount(v: PairVerdict, winner: str) -> str:
     s *= _scale(v.metric)
     lo, hi = sorted([s * v.low, s * v.high])
     unit = METRIC_WORDS[v.metric][1]
-    digits = 3 if v.metric == "ce" else 2
-    return f"{s * v.estimate:.{digits}f} {unit} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+    digits = 2 if v.metric == "top1" else 3
+    return f"{s * v.estimate:.{digits}f}{' ' + unit if unit else ''} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
-def sentence(fa: FractionAnswer, metric: str = "ce") -> str:
-    """One plain sentence answering the question at ``fa.fraction`` for ``metric``."""
-    head = f"At {_pct(fa.fraction)}"
+def sentence(fa: FractionAnswer, metric: str = "ce", head: str | None = None) -> str:
+    """One plain sentence answering the question at ``fa.fraction`` (or for what ``head`` names) for ``metric``."""
+    head = head or f"At {_pct(fa.fraction)}"
     verdicts = fa.verdicts(metric)
     if not verdicts:
         return f"{head}: no paired comparison. " + " ".join(fa.notes)

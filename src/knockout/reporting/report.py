@@ -31,6 +31,7 @@ from knockout.errors import KnockoutError
 from knockout.fingerprint import describe
 from knockout.reporting import answer as A
 from knockout.reporting import html as H
+from knockout.reporting import targets as T
 from knockout.reporting.eps import eps_columns, eps_markdown, eps_rows
 from knockout.reporting.escape import markdown as md
 from knockout.reporting.figures import (
@@ -43,7 +44,7 @@ from knockout.reporting.figures import (
 )
 from knockout.reporting.neurons import StatsFile, default_layers, point_mass_counts, rank_atypical
 from knockout.reporting.run import RunData
-from knockout.reporting.summary import METRICS
+from knockout.reporting.summary import METRICS, OPTIONAL_METRICS
 from knockout.reporting.table import MARK_NOTES, build_table, paper_model
 from knockout.runfolder import REPORT_DIR, RESULTS_FILE, ROW_FIELDS, fraction_key, write_atomic
 
@@ -82,7 +83,8 @@ def point_mass_note(counts: list[int], widths: list[int], off_mode: int | None =
 
 
 def _summary_csv(summary: list[dict]) -> str:
-    cols = ["method", "fraction", "n_seeds", "n_ablated"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+    cols = ["method", "fraction", "target", "n_seeds", "n_ablated"]
+    cols += [f"{m}_{s}" for m in METRICS + OPTIONAL_METRICS for s in ("mean", "std")]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -156,6 +158,10 @@ def write_report(
     ``fractions`` are the table's columns blocks; ``layers`` the layers of the histogram figure (default four spread
     over depth); ``top_k`` the number of atypical neurons drawn. Reads files only; never loads a model.
     """
+    from knockout.reporting.scan import is_scan, write_scan_report
+
+    if is_scan(run_dir):  # a scan's report compares the methods' rankings of its units
+        return write_scan_report(run_dir, out_dir)
     fractions = validate_fractions(fractions)
     if not isinstance(top_k, int) or top_k < 1:
         raise KnockoutError(f"top_k (--top-k) must be a positive integer, got {top_k!r}")
@@ -170,12 +176,15 @@ def write_report(
         partial = "This run has no results yet."
 
     # -- table -------------------------------------------------------------------------------------------------
+    summary = [e for e in run.summary if not e.get("target")]  # named sets are answered per set (T)
+    targeted = T.target_answers(run.dir) if T.has_targets(run.rows) else None
     pm = paper_model(run.model)
     n_seeds = {label: len(run.fixed_seeds)} if run.config.get("seeds") else None
-    table = build_table([(label, run.summary)], fractions, methods, n_seeds, {label: pm} if pm else None)
-    have = {fraction_key(e["fraction"]) for e in run.summary if e["method"] != "baseline"}
+    in_table = [] if targeted else methods  # a run of named sets has no fraction rows: its table is per set
+    table = build_table([(label, summary)], fractions, in_table, n_seeds, {label: pm} if pm else None)
+    have = {fraction_key(e["fraction"]) for e in summary if e["method"] != "baseline"}
     absent = [f for f in fractions if fraction_key(f) not in have]
-    if absent:
+    if absent and not targeted:
         notes.append(f"Fractions {', '.join(f'{f:g}' for f in absent)} are not in this run's results.")
     write_atomic(out / "table2.md", table.to_markdown())
     write_atomic(out / "table2.csv", table.to_csv())
@@ -183,19 +192,21 @@ def write_report(
     write_atomic(out / "summary.csv", _summary_csv(run.summary))
     answer = A.run_answer(run.dir, fractions)
     A.write_files(answer, out, write_atomic)
-    eps_table = eps_rows(run.summary, methods, fractions, run.config.get("eps"))
+    if targeted:
+        write_atomic(out / "targets.csv", T.table_csv(run.summary))
+    eps_table = eps_rows(summary, methods, fractions, run.config.get("eps"))
     if eps_table:
         write_atomic(out / "eps.csv", _csv(eps_table, eps_columns(fractions)))
         write_atomic(out / "eps.md", "\n".join(eps_markdown(eps_table, fractions)) + "\n")
 
     # -- figures -----------------------------------------------------------------------------------------------
     images: dict[str, bytes] = {}
-    panels = A.forest_panels(answer)
+    panels = [] if targeted else A.forest_panels(answer)
     if panels:
         fig = forest_figure(panels)
         save_figure(fig, out / "answer")
         images["answer"] = png_bytes(fig)
-    fig = curves_figure([(label, run.summary)], methods)
+    fig = curves_figure([(label, summary)], methods)
     save_figure(fig, out / "curves")
     images["curves"] = png_bytes(fig)
 
@@ -228,7 +239,7 @@ def write_report(
 
     timings = run.timings()
     title = f"knockout report: {label}"
-    extra = {"eps_table": eps_table, "fractions": fractions, "pm_note": pm_note, "answer": answer}
+    extra = {"eps_table": eps_table, "fractions": fractions, "pm_note": pm_note, "answer": answer, "targets": targeted}
     _write_html(
         out / "report.html", title, run, table, images, atypical, timings, partial, notes, stats_note, pm, extra
     )
@@ -246,7 +257,7 @@ def _write_html(path, title, run, table, images, atypical, timings, partial, not
     b: list[str] = []
     if partial:
         b.append(H.warning(partial))
-    b.append(A.html(answer))
+    b.append(T.html(extra["targets"], run.summary) if extra["targets"] else A.html(answer))
     if "answer" in images:
         b.append(H.img(images["answer"], "paired differences in cross-entropy with their intervals, per fraction"))
     b += [f'<p class="note">{H.esc(n)}</p>' for n in notes]
@@ -316,7 +327,7 @@ def _write_markdown(path, title, run, table, images, atypical, timings, partial,
     lines = [f"# {md(title)}", ""]
     if partial:
         lines += [f"> **{md(partial)}**", ""]
-    lines += A.markdown(answer)
+    lines += T.markdown(extra["targets"], run.summary) if extra["targets"] else A.markdown(answer)
     if "answer" in images:
         lines += ["![paired differences](answer.png)", ""]
     lines += [f"_{md(n)}_" for n in notes] + ([""] if notes else [])

@@ -81,12 +81,19 @@ class RunData:
     def expected_keys(self) -> set[tuple] | None:
         """Row keys config.json asks for: every (method, fraction, seed), a method at its ``method_fractions`` if it
         has them, and one baseline per seed (with ``seeds: "auto"``, the first look's seeds: the sets added after it
-        depend on the data, and the answer accounts for them); None without a config."""
+        depend on the data, and the answer accounts for them; a run of named targets: every method on every target
+        of ``resolved.targets``); None without a config."""
         cfg = self.config
         if not all(k in cfg for k in ("methods", "fractions", "seeds")):
             return None
         seeds = self.fixed_seeds
         keys = {row_key("baseline", 0.0, s) for s in seeds}
+        targets = self.resolved.get("targets")
+        if targets:  # named sets (--ablate) or scan units: each method on each target
+            return keys | {
+                row_key(m, t["fraction"], s, name) for m in cfg["methods"] for name, t in targets.items()
+                for s in seeds
+            }  # fmt: skip
         per_method = cfg.get("method_fractions") or {}
         keys |= {row_key(m, f, s) for m in cfg["methods"] for f in per_method.get(m, cfg["fractions"]) for s in seeds}
         return keys
@@ -120,7 +127,7 @@ class RunData:
         missing = self.missing()
         if not missing:
             return None
-        shown = ", ".join(f"{m} at {f:g} (seed {s})" for m, f, s, _ in missing[:8])
+        shown = ", ".join(f"{m} at {t or f'{f:g}'} (seed {s})" for m, f, s, t in missing[:8])
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         return (
             f"PARTIAL RUN: {self.n_present} of {self.n_expected} expected rows are present "

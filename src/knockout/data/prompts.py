@@ -1,0 +1,293 @@
+"""Task evaluations: prompts with answers, from a JSONL file or the built-in ``ioi`` task (causal LMs only).
+
+A task file is a ``.jsonl`` file whose lines are objects of one of two kinds (every line the same kind):
+
+- ``{"prompt": ..., "answer": ...}``: every token of the answer is scored given the prompt and the answer's previous
+  tokens (cross-entropy and top-1 accuracy on the answer's tokens);
+- ``{"prompt": ..., "correct": ..., "incorrect": ...}``: one position is scored, the one after the prompt, by the
+  logit difference ``logit[correct] - logit[incorrect]`` of the two answers' first tokens (Wang et al. 2022,
+  indirect-object identification); top-1 is then the share of prompts where the correct token's logit beats the
+  incorrect one's, and the cross-entropy is that of the correct token.
+
+Tokens. The answer's tokens are those of ``prompt + answer`` after its longest common prefix with the tokens of
+``prompt`` alone; the compared tokens are the first tokens where ``prompt + correct`` and ``prompt + incorrect``
+differ, after their common prefix (the input). With a clean split (the prompt ends where a word ends, each answer
+starts with its space: ``"... gave a drink to"``, ``" Mary"``) these are the answer's tokens and the answers' first
+tokens; a tokenizer that merges the prompt's end with the answer cannot make them cross the boundary. Text is
+tokenized as a whole, with the tokenizer's special tokens (as evaluation text is).
+
+Splits. A task file's prompts are split like text documents (:func:`knockout.data.text.split_items`: the first fifth
+of a fixed shuffle is the evaluation part, the rest the collection part). ``--eval-tokens`` counts evaluation
+*prompts* for task data (at most that many are used: all of a smaller evaluation part). Statistics for mean and peak
+are collected on the collection part's full texts (``prompt + answer``, or ``prompt + correct``), or on another
+source given with ``--stats-data``.
+
+The built-in ``ioi`` task (``--data ioi``) is generated offline from the templates, names, places and objects in
+``ioi.json`` beside this module: each prompt draws a template, two different names, a place, an object and the order
+of first mention (``A and B ... B gave ... to`` or ``B and A ... B gave ... to``; the answer is always the other
+name, the indirect object). Generation is deterministic (seed 0 for the evaluation part, 1 for the collection part)
+and the two parts use disjoint names (even and odd positions of the list), so they never share a prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from knockout.data.batch import IGNORE, Batch
+from knockout.errors import KnockoutError
+
+BUILTIN_TASKS = ("ioi",)
+KINDS = ("answer", "contrast")
+_IOI_VERSION = "ioi-v1"  # changes when the generator's output would change
+_IOI_SEEDS = {"eval": 0, "collect": 1}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One task item: a prompt and either an ``answer`` or a ``correct`` and an ``incorrect`` answer."""
+
+    prompt: str
+    answer: str | None = None
+    correct: str | None = None
+    incorrect: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "answer" if self.answer is not None else "contrast"
+
+    @property
+    def text(self) -> str:
+        """The full text (collection statistics): the prompt followed by its (correct) answer."""
+        return self.prompt + (self.answer if self.answer is not None else self.correct)
+
+
+# -- sources --------------------------------------------------------------------------------------------------------
+def _first_object(path: Path) -> dict | None:
+    """The first non-empty line of a ``.jsonl`` file as an object, or ``None``."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for line in f:
+                if line.strip():
+                    item = json.loads(line)
+                    return item if isinstance(item, dict) else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return None
+
+
+def is_task_source(source: str) -> bool:
+    """Whether ``source`` is task data: a built-in task (``ioi``) or a ``.jsonl`` file whose first line has a
+    ``prompt``."""
+    if source in BUILTIN_TASKS:
+        return True
+    path = Path(source).expanduser()
+    if path.suffix.lower() != ".jsonl" or not path.is_file():
+        return False
+    first = _first_object(path)
+    return first is not None and "prompt" in first
+
+
+def read_task_file(path: str | Path) -> list[Prompt]:
+    """Every prompt of a task ``.jsonl`` file, validated: each line an object with a non-empty ``prompt`` and an
+    ``answer``, or a ``correct`` and an ``incorrect`` (different) answer; every line of the same kind."""
+    from knockout.data.text import decode_text
+
+    path = Path(path).expanduser()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise KnockoutError(f"cannot read task file {str(path)!r}: {e.strerror or e}") from e
+    text = decode_text(data, f"task file {str(path)!r}")
+    items: list[Prompt] = []
+    kind = None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise KnockoutError(f"{where} is not valid JSON ({e}); fix or delete that line") from e
+        item = _prompt(obj, where)
+        if kind is None:
+            kind = item.kind
+        elif item.kind != kind:
+            raise KnockoutError(
+                f"{where} is a {item.kind} prompt but the first line is a {kind} prompt; one file holds one kind "
+                '(all {"prompt", "answer"} or all {"prompt", "correct", "incorrect"})'
+            )
+        items.append(item)
+    if len(items) < 2:
+        raise KnockoutError(
+            f"task file {str(path)!r} holds {len(items)} prompt(s); it needs at least two (evaluation and collection "
+            "parts)"
+        )
+    return items
+
+
+def _prompt(obj, where: str) -> Prompt:
+    forms = '{"prompt": ..., "answer": ...} or {"prompt": ..., "correct": ..., "incorrect": ...}'
+    if not isinstance(obj, dict):
+        raise KnockoutError(f"{where}: expected an object {forms}")
+    keys = set(obj)
+    if keys == {"prompt", "answer"}:
+        fields = ("prompt", "answer")
+    elif keys == {"prompt", "correct", "incorrect"}:
+        fields = ("prompt", "correct", "incorrect")
+    else:
+        raise KnockoutError(f"{where}: expected {forms}, got the fields {', '.join(sorted(keys)) or 'none'}")
+    for f in fields:
+        if not isinstance(obj[f], str) or not obj[f]:
+            raise KnockoutError(f"{where}: {f!r} must be a non-empty string, got {obj[f]!r}")
+    if "correct" in obj and obj["correct"] == obj["incorrect"]:
+        raise KnockoutError(f"{where}: the correct and the incorrect answer are the same ({obj['correct']!r})")
+    return Prompt(**{f: obj[f] for f in fields})
+
+
+def check(source: str) -> None:
+    """Read a task source before the model is loaded, so a malformed file is reported at once."""
+    if source not in BUILTIN_TASKS:
+        read_task_file(source)
+
+
+def identity(source: str) -> dict:
+    """The built-in task's identity: its data file's sha256 with the generator's version."""
+    digest = hashlib.sha256(_IOI_VERSION.encode() + b"\0" + _ioi_bytes()).hexdigest()
+    return {"source": source, "sha256": digest}
+
+
+def prompts(source: str, split: str) -> Iterator[Prompt]:
+    """The prompts of a task source's ``split`` (``"eval"`` or ``"collect"``), in a fixed order (the built-in task's
+    are an endless deterministic stream)."""
+    from knockout.data.text import SPLITS, split_items
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if source == "ioi":
+        return ioi_prompts(split)
+    return iter(split_items(read_task_file(source), split))
+
+
+def texts(source: str, split: str) -> Iterator[str]:
+    """The full texts of a task source's prompts (what statistics are collected on)."""
+    return (p.text for p in prompts(source, split))
+
+
+# -- the built-in IOI task --------------------------------------------------------------------------------------------
+def _ioi_bytes() -> bytes:
+    return importlib.resources.files("knockout.data").joinpath("ioi.json").read_bytes()
+
+
+def ioi_data() -> dict:
+    """Templates, names, places and objects of the built-in ``ioi`` task (``ioi.json``)."""
+    return json.loads(_ioi_bytes().decode("utf-8"))
+
+
+def ioi_prompts(split: str) -> Iterator[Prompt]:
+    """The endless, deterministic stream of IOI prompts of ``split`` (see the module docstring)."""
+    data = ioi_data()
+    names = data["names"][0::2] if split == "eval" else data["names"][1::2]
+    rng = random.Random(f"{_IOI_VERSION}:{_IOI_SEEDS[split]}")
+    while True:
+        template = rng.choice(data["templates"])
+        io, s = rng.sample(names, 2)
+        first, second = (io, s) if rng.random() < 0.5 else (s, io)
+        prompt = template.format(
+            N1=first, N2=second, S=s, PLACE=rng.choice(data["places"]), OBJECT=rng.choice(data["objects"])
+        )
+        yield Prompt(prompt, correct=" " + io, incorrect=" " + s)
+
+
+# -- batches ----------------------------------------------------------------------------------------------------------
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text)["input_ids"])
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode(tokenizer, item: Prompt, where: str = "") -> tuple[list[int], list[int], list[int] | None]:
+    """``(input_ids, targets, contrast)`` of one prompt: ``targets[t]`` is the token position ``t`` is scored on
+    (``IGNORE`` elsewhere); ``contrast`` the incorrect answer's token at the scored position (contrast prompts)."""
+    if item.answer is not None:
+        prompt, full = _ids(tokenizer, item.prompt), _ids(tokenizer, item.prompt + item.answer)
+        start = _common(prompt, full)
+        if start == len(full):
+            raise KnockoutError(f"{where}: the answer {item.answer!r} adds no token to the prompt")
+        if start == 0:
+            raise KnockoutError(f"{where}: the answer merges with the prompt's first token; end the prompt earlier")
+        ids = full[:-1]  # the last answer token is a target only
+        targets = [IGNORE] * len(ids)
+        for t in range(start - 1, len(ids)):
+            targets[t] = full[t + 1]
+        return ids, targets, None
+    a, b = _ids(tokenizer, item.prompt + item.correct), _ids(tokenizer, item.prompt + item.incorrect)
+    start = _common(a, b)
+    if start == min(len(a), len(b)):
+        raise KnockoutError(
+            f"{where}: the correct answer {item.correct!r} and the incorrect {item.incorrect!r} have no differing "
+            "token (one tokenizes as the start of the other)"
+        )
+    if start == 0:
+        raise KnockoutError(f"{where}: the answers differ at the first token; the prompt gives no context")
+    ids = a[:start]
+    targets, contrast = [IGNORE] * start, [IGNORE] * start
+    targets[-1], contrast[-1] = a[start], b[start]
+    return ids, targets, contrast
+
+
+def task_batches(tokenizer, items: Iterable[Prompt], batch_size: int, max_length: int, pad: int) -> list[Batch]:
+    """Right-padded batches of ``items``, one document per prompt, with their scored targets (and the contrast
+    tokens); ``keep`` names the positions holding scored targets. A prompt longer than ``max_length`` tokens is an
+    error naming it."""
+    if batch_size <= 0:
+        raise KnockoutError(f"batch size must be positive, got {batch_size}")
+    rows = []
+    for i, item in enumerate(items):
+        where = f"prompt {i} ({item.prompt[:40]!r}...)"
+        ids, targets, contrast = encode(tokenizer, item, where)
+        if len(ids) > max_length:
+            raise KnockoutError(f"{where} has {len(ids)} input tokens, more than --max-length {max_length}")
+        rows.append((ids, targets, contrast))
+    if not rows:
+        raise KnockoutError("the task has no evaluation prompts")
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(r[0]) for r in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        targets = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
+        contrast = None if chunk[0][2] is None else torch.full((len(chunk), width), IGNORE, dtype=torch.long)
+        for r, (seq, tg, ct) in enumerate(chunk):
+            n = len(seq)
+            ids[r, :n], targets[r, :n], mask[r, :n] = torch.tensor(seq), torch.tensor(tg), 1
+            if contrast is not None:
+                contrast[r, :n] = torch.tensor(ct)
+        keep = torch.nonzero((targets != IGNORE).any(0)).flatten()
+        batches.append(Batch({"input_ids": ids, "attention_mask": mask}, mask.bool(), targets, contrast, keep))
+    return batches
+
+
+def eval_prompts(source: str, n: int) -> list[Prompt]:
+    """The first ``n`` evaluation prompts of ``source`` (all of them when its evaluation part is smaller)."""
+    out = []
+    for item in prompts(source, "eval"):
+        if len(out) == n:
+            break
+        out.append(item)
+    return out

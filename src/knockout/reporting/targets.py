@@ -1,0 +1,203 @@
+"""The answer of an ``--ablate`` run, per named set: which constant hurts least when *this* set is ablated.
+
+For each target (a named component set; rows with a non-empty ``target``), every pair of methods gets a verdict
+exactly as at a fraction of a sweep (:mod:`knockout.reporting.answer`: one look at the run's sets with Holm over the
+pairs, paired over the same documents, intervals from a document bootstrap shared across sets), by CE and by top-1,
+and, for task prompts with a correct and an incorrect answer, by the logit difference too (the highest is best).
+Read from the run folder's files only.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from knockout.errors import KnockoutError
+from knockout.inference.paired import DocSums
+from knockout.inference.sequential import ALPHA, PairVerdict, Plan, SequentialTest
+from knockout.reporting import answer as A
+from knockout.reporting import html as H
+from knockout.reporting.escape import markdown as md
+from knockout.reporting.escape import markdown_keep_bold
+from knockout.runfolder import ALL_DOC_FIELDS, DOC_FIELDS, read_doc_sums, read_rows, row_key
+
+N_BOOT = 2000
+
+
+@dataclass
+class TargetAnswer:
+    """The verdicts of the methods on one named set."""
+
+    target: str
+    fraction: float
+    n_ablated: int
+    verdicts: A.FractionAnswer
+    """Every pair's verdict by CE, top-1 and (task prompts) the logit difference, as at a fraction of a sweep."""
+    logit_diff: dict[str, float] = field(default_factory=dict)
+    """Method -> mean logit difference (task prompts with a correct and an incorrect answer), with ``baseline``."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def methods(self) -> list[str]:
+        return self.verdicts.methods
+
+
+def has_targets(rows: list[dict]) -> bool:
+    """Whether the rows ablate named sets (an ``--ablate`` run or a scan)."""
+    return any(r.get("target") for r in rows)
+
+
+def target_answers(run_dir: str | Path, n_boot: int = N_BOOT, alpha: float = ALPHA) -> list[TargetAnswer]:
+    """One :class:`TargetAnswer` per target of ``run_dir``'s rows, in the rows' order."""
+    rows = read_rows(run_dir)
+    sums = read_doc_sums(run_dir, ALL_DOC_FIELDS)
+    base_ld = [r["logit_diff"] for r in rows if r["method"] == "baseline" and r.get("logit_diff") is not None]
+    out = []
+    for target in dict.fromkeys(r["target"] for r in rows if r["target"]):
+        at = [r for r in rows if r["target"] == target]
+        methods = list(dict.fromkeys(r["method"] for r in at))
+        seeds = sorted({int(r["seed"]) for r in at})
+        fa = A.FractionAnswer(at[0]["fraction"], methods)
+        ta = TargetAnswer(target, at[0]["fraction"], int(at[0]["n_ablated"]), fa)
+        lds = {
+            m: [r["logit_diff"] for r in at if r["method"] == m and r.get("logit_diff") is not None] for m in methods
+        }
+        if base_ld and all(lds.values()):
+            ta.logit_diff = {"baseline": sum(base_ld) / len(base_ld), **{m: sum(v) / len(v) for m, v in lds.items()}}
+        common = [s for s in seeds if all(row_key(m, ta.fraction, s, target) in sums for m in methods)]
+        if len(common) < len(seeds):
+            ta.notes.append(
+                f"Only seeds {', '.join(map(str, common)) or 'none'} have per-document sums for every method."
+            )
+        out.append(ta)
+        if len(methods) < 2 or not common:
+            ta.notes.append("Fewer than two methods to compare.")
+            continue
+        keys = {m: [row_key(m, ta.fraction, s, target) for s in common] for m in methods}
+        data = {m: [DocSums(**{f: sums[k][f] for f in DOC_FIELDS}) for k in keys[m]] for m in methods}
+        plan = Plan((len(common),), alpha)
+        try:
+            for metric in ("ce", "top1"):
+                test = SequentialTest(plan, methods, metric, n_boot=n_boot)
+                test.look(data)
+                setattr(fa, metric, list(test.verdicts.values()))
+            if all("ld_sum" in sums[k] for ks in keys.values() for k in ks):
+                negated = {m: [_negated_ld(sums[k]) for k in ks] for m, ks in keys.items()}
+                test = SequentialTest(plan, methods, "ce", n_boot=n_boot)
+                test.look(negated)
+                fa.ld = [_as_ld(v) for v in test.verdicts.values()]
+        except KnockoutError as e:
+            ta.notes.append(f"No paired comparison: {e}")
+            continue
+        fa.n_sets, fa.n_docs = len(common), fa.ce[0].n_docs
+        fa.stop, fa.design = "fixed", f"one look at {len(common)} sets, Holm over the pairs at alpha {alpha:g}"
+    return out
+
+
+def _negated_ld(sums: dict) -> DocSums:
+    """A row's per-document logit differences as :class:`DocSums` whose "CE" is ``-logit_diff``: the paired
+    comparison of ratios of sums is the same estimator for any per-document sum, and its "lower is better" then
+    ranks the highest logit difference first."""
+    return DocSums(n=sums["n"], ce_sum=-sums["ld_sum"], correct=np.zeros_like(sums["n"]))
+
+
+def _as_ld(v: PairVerdict) -> PairVerdict:
+    """A verdict computed on the negated logit differences, stated for the logit difference itself."""
+    from dataclasses import replace
+
+    return replace(v, metric="ld", estimate=-v.estimate, low=-v.high, high=-v.low, low95=-v.high95, high95=-v.low95)
+
+
+def sentences(ta: TargetAnswer) -> list[str]:
+    """Plain sentences (markdown emphasis) answering "which constant for this set"."""
+    head = f"Set **{ta.target}** ({ta.n_ablated} neurons, {100 * ta.fraction:.3g}% of the site)"
+    fa = ta.verdicts
+    if not fa.ce:
+        return [f"{head}: no paired comparison.", *ta.notes]
+    out = [A.sentence(fa, "ce", head), A.sentence(fa, "top1", "By top-1")]
+    if fa.ld:
+        baseline = ta.logit_diff.get("baseline")
+        by = "By the logit difference" + (f" (baseline {baseline:.3f})" if baseline is not None else "")
+        out.append(A.sentence(fa, "ld", by))
+    if ta.logit_diff:
+        parts = ", ".join(f"{m} {v:.3f}" for m, v in ta.logit_diff.items())
+        out.append(f"Logit difference: {parts}.")
+    return out + ta.notes
+
+
+NOTE = (
+    "Differences are paired (same documents per seed); one look at the run's sets with Holm over the pairs at 5%: "
+    "each interval is the one that decided its pair (docs/decisions.md)."
+)
+
+
+def markdown(answers: list[TargetAnswer], summary: list[dict]) -> list[str]:
+    """The per-set answer and the per-set table (``summary``: :func:`knockout.reporting.summarize` of the rows)."""
+    lines = ["## The answer, per named set", ""]
+    lines += ["- " + markdown_keep_bold(" ".join(sentences(ta))) for ta in answers]
+    lines += ["", f"_{NOTE}_", "", "Per set and method (mean ± std over seeds):", ""]
+    cols = _shown_columns(summary)
+    lines += ["| " + " | ".join(c for c, _ in cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
+    for e in _table_rows(summary):
+        lines.append("| " + " | ".join(md(fmt(e)) for _, fmt in cols) + " |")
+    return lines + [""]
+
+
+def html(answers: list[TargetAnswer], summary: list[dict]) -> str:
+    """The per-set answer and the per-set table in HTML."""
+    items = []
+    for ta in answers:
+        parts = H.esc(" ".join(sentences(ta))).split("**")
+        items.append("".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts)))
+    cols = _shown_columns(summary)
+    records = [{c: fmt(e) for c, fmt in cols} for e in _table_rows(summary)]
+    return (
+        "<h2>The answer, per named set</h2><ul>"
+        + "".join(f"<li>{i}</li>" for i in items)
+        + f'</ul><p class="note">{H.esc(NOTE)}</p><h3>Per set and method (mean ± std over seeds)</h3>'
+        + H.records_table(records, [c for c, _ in cols])
+    )
+
+
+def _table_rows(summary: list[dict]) -> list[dict]:
+    base = [e for e in summary if e["method"] == "baseline"]
+    order = {t: i for i, t in enumerate(dict.fromkeys(e["target"] for e in summary if e.get("target")))}
+    return base + sorted((e for e in summary if e.get("target")), key=lambda e: order[e["target"]])
+
+
+def _pm(e: dict, key: str, scale: float = 1.0, spec: str = ".4f") -> str:
+    if f"{key}_mean" not in e:
+        return ""
+    return f"{format(scale * e[f'{key}_mean'], spec)} ± {format(scale * e[f'{key}_std'], spec.lstrip('+'))}"
+
+
+def _shown_columns(summary: list[dict]) -> list[tuple[str, object]]:
+    cols = [
+        ("set", lambda e: e.get("target") or "(none)"),
+        ("method", lambda e: e["method"]),
+        ("neurons", lambda e: f"{e['n_ablated']:g}"),
+        ("top-1 %", lambda e: _pm(e, "top1", 100, ".2f")),
+        ("CE", lambda e: _pm(e, "ce")),
+        ("ΔCE", lambda e: _pm(e, "delta_ce", 1, "+.4f")),
+    ]
+    if any("logit_diff_mean" in e for e in summary):
+        cols += [("logit diff", lambda e: _pm(e, "logit_diff", 1, ".3f"))]
+        cols += [("Δ logit diff", lambda e: _pm(e, "delta_logit_diff", 1, "+.3f"))]
+    return cols
+
+
+TABLE_COLUMNS = ["target", "method", "n_ablated", "fraction", "n_seeds", "top1_mean", "ce_mean", "delta_top1_mean"]
+TABLE_COLUMNS += ["delta_ce_mean", "logit_diff_mean", "delta_logit_diff_mean"]
+
+
+def table_csv(summary: list[dict]) -> str:
+    """Every (target, method) entry of the summary (mean over seeds), as CSV."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=TABLE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(e for e in summary if e.get("target"))
+    return buf.getvalue()
