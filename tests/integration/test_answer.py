@@ -30,7 +30,7 @@ def run(tmp_path_factory):
     cfg = SweepConfig(
         model="tiny-llama", data=corpus, out=str(root / "run"), methods=METHODS, fractions=(0.0, 0.5, 0.9),
         seeds=(0, 1), eval_tokens=80, stats_tokens=200, max_length=20, batch_size=4,
-        optimal={"steps": 10, "lr": 0.05},
+        optimal={"steps": 10, "lr": 0.05, "held_out_tokens": 40},
     )  # fmt: skip
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threads only contend
@@ -140,7 +140,7 @@ def test_report_and_compare_open_with_the_answer(run):
     text = html.read_text()
     assert text.index("The answer") < text.index("Model and data") and "Verdicts per fraction" in text
     cmp = compare_runs([out], root / "cmp")
-    assert "The answer: tiny-llama" in cmp.read_text()
+    assert "The answer per model" in cmp.read_text() and "Details: the answer for tiny-llama" in cmp.read_text()
 
 
 def test_rows_without_doc_sums_are_reported_as_such(run, tmp_path):
@@ -172,3 +172,49 @@ def test_load_run_gives_the_rows_summary_and_answer_as_dataframes(run):
     assert results.best(0.5) == answer.fractions[0].best("ce") and Path(results) == out
     again = run_sweep(cfg, progress=False, loaded=loaded)  # nothing left to run: the same object
     assert again.rows.equals(results.rows) and again.paired.equals(results.paired)
+
+
+def _verdict(a, b, estimate, decided):
+    from knockout.inference.sequential import PairVerdict
+
+    half = abs(estimate) / 2 if decided else abs(estimate) * 2 + 0.1
+    return PairVerdict(a, b, "ce", estimate, estimate - half, estimate + half, 0.98, decided, 3, 10, 0,
+                       estimate - half, estimate + half)  # fmt: skip
+
+
+def test_models_side_by_side_agree_disagree_or_stay_undecided():
+    from knockout.reporting.answer import Answer, FractionAnswer, agreement, pair_records, side_by_side
+
+    def fraction(mean_minus_peak, decided):
+        fa = FractionAnswer(0.9, ["zero", "mean", "peak"])
+        fa.ce = [_verdict("zero", "mean", 5.0, True), _verdict("zero", "peak", 5.0 + mean_minus_peak, True),
+                 _verdict("mean", "peak", mean_minus_peak, decided)]  # fmt: skip
+        return fa
+
+    mean_wins, peak_wins, open_ = fraction(-0.2, True), fraction(0.2, True), fraction(-0.1, False)
+    assert mean_wins.best("ce") == "mean" and peak_wins.best("ce") == "peak" and open_.best("ce") is None
+    assert agreement([mean_wins, mean_wins]) == "agree: mean"
+    assert agreement([mean_wins, peak_wins]) == "disagree: mean vs peak"
+    assert agreement([mean_wins, open_]) == "same leader, not decided on every model"
+    assert agreement([peak_wins, open_]) == "different leaders, not decided on every model"
+    names = ["smol", "gemma"]
+    recs = side_by_side(names, [Answer([mean_wins]), Answer([open_])])
+    assert recs[0]["smol"].startswith("mean (decided; 0.200 nats") and recs[0]["gemma"].startswith(
+        "undecided (leader mean"
+    )
+    pairs = pair_records(names, [Answer([mean_wins]), Answer([open_])])
+    assert [p["pair"] for p in pairs] == ["zero - mean", "zero - peak", "mean - peak"]
+    assert pairs[2]["smol"].endswith(" *") and not pairs[2]["gemma"].endswith(" *")
+
+
+def test_compare_opens_with_the_answer_per_model(run, tmp_path):
+    _, _, _, out, _ = run
+    path = compare_runs([out, out], tmp_path / "cmp", labels=["a", "b"])
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    answer = run_answer(out, (0.5, 0.9))
+    for rec, fa in zip(saved["verdicts"], answer.fractions):
+        who = fa.best("ce") or fa.leader("ce")
+        assert rec["a"] == rec["b"] and who in rec["a"]
+        assert rec["models agree?"] in (f"agree: {fa.best('ce')}", "same leader, not decided on every model")
+    text = path.read_text()
+    assert text.index("The answer per model") < text.index("Table 2") and (tmp_path / "cmp" / "answer.png").is_file()

@@ -72,7 +72,7 @@ def test_a_bad_method_option_is_refused_before_the_model_loads(setup, no_model, 
 
 def test_option_groups_from_python_are_typed_and_validated():
     cfg = SweepConfig(model="m", optimal={"steps": 5}, resample={"fixed": True}, image={"mean": [0.1, 0.2, 0.3]})
-    assert (cfg.optimal.steps, cfg.optimal.lr, cfg.resample.fixed, cfg.image.mean) == (5, 0.02, True, (0.1, 0.2, 0.3))
+    assert (cfg.optimal.steps, cfg.optimal.lr, cfg.resample.fixed, cfg.image.mean) == (5, 0.06, True, (0.1, 0.2, 0.3))
     with pytest.raises(KnockoutError, match="unknown optimal option"):
         SweepConfig(model="m", optimal={"step": 5})
     with pytest.raises(KnockoutError, match="resample.fixed .* must be true or false"):
@@ -123,10 +123,12 @@ def test_toml_and_yaml_config_files_with_flags_on_top(tmp_path):
 
 
 def test_a_preset_is_a_name_a_description_and_its_overrides():
+    from knockout.ablation.options import OptimalOptions
     from knockout.experiments.presets import DEMO, resolve_preset
 
-    cfg = resolve_preset("demo", optimal={"steps": 3})
-    assert cfg.optimal.steps == 3 and cfg.optimal.lr == DEMO.overrides["optimal"]["lr"]
+    cfg = resolve_preset("demo", optimal={"steps": 3}, resample={"prompt": "A"})
+    assert cfg.optimal.steps == 3 and cfg.optimal.lr == OptimalOptions().lr and cfg.resample.prompt == "A"
+    assert resolve_preset("demo", optimal={"steps": 3}, decide={"max_sets": 6}).decide.max_sets == 6
     assert cfg.preset == "demo" and cfg.out == "runs/demo"
     assert set(DEMO.__dataclass_fields__) == {"name", "description", "overrides"}
 

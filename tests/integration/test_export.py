@@ -46,7 +46,7 @@ def _config(model: str, corpus: str, out, **kw) -> SweepConfig:
     values = dict(
         model=model, data=corpus, methods=("mean", "peak", "optimal"), fractions=(0.0, FRACTION), seeds=SEEDS,
         eval_tokens=160, stats_tokens=320, max_length=40, batch_size=4, device="cpu", out=str(out),
-        optimal={"steps": 3, "lr": 0.5},
+        optimal={"steps": 3, "lr": 0.5, "held_out_tokens": 40},
     )  # fmt: skip
     values.update(kw)
     return SweepConfig(**values)

@@ -60,6 +60,8 @@ class MethodContext:
     """A folder where a method may keep what it learned (in a run folder, so a resumed run reuses it)."""
     world: World = field(default_factory=single)
     """This process's place in a distributed run (rank 0 writes files); a single process by default."""
+    progress: bool = True
+    """Whether a method's long work (``optimal``'s training) may show a progress bar."""
 
 
 class AblationMethod(ABC):

@@ -7,17 +7,30 @@ written as a hook so that autograd sees it). They minimise the task's cross-entr
 class) on the **collection** split (:attr:`MethodContext.train_batches`; never the evaluation batches), starting at
 the mean, with Adam on ``u`` where ``c = mean + std * u`` (so the learning rate is in units of each neuron's spread).
 
-Guarantee: after training, the candidates zero, mean, peak and the learned constants are scored on the same training
-tokens and the one with the lowest mean CE is kept, so on the training data ``optimal`` is never worse than zero,
-mean or peak for the same neuron set (gradient descent alone does not promise that for a short run).
+The collection split's rows, cut to their first ``train_length`` tokens (so that a step, and the held-out part, see
+more documents for their cost), are divided in two: a **held-out part** (every fourth row, until it holds
+``held_out_tokens`` scored targets; never trained on) and **training rows** (the others in order, each seen once with
+the defaults: ``steps`` x ``batch_size`` rows). Three measures keep the learned constants from overfitting the few
+training documents:
+
+- the held-out part scores the constants at the end (and, with ``eval_every``, every so many steps: training stops
+  once they got worse, and the best scored point is kept: early stopping);
+- every constant stays within ``max_shift`` of its neuron's stds of its mean (regularisation toward the mean);
+- the candidates zero, mean, peak and the learned constants are scored on the held-out part and the one with the
+  lowest CE is kept. **Guarantee**: on the held-out part of the collection split, tokens the constants were not
+  trained on, ``optimal`` is never worse than zero, mean or peak for the same neuron set. The candidates are scored
+  row by row and stop as soon as their CE sum exceeds the best total so far (a sum of non-negative terms), which
+  gives the same choice at a fraction of the cost.
+
+The training CE (mean over the steps' batches, each before its update) and the held-out CE of every candidate are
+saved with the constants and shown in the report; the answer flags a set where ``optimal``'s evaluation CE is above
+a contender's (then the bound is not one there).
 
 Masked LMs: the collection batches are unmasked text, so they are BERT-masked here with the evaluation protocol of
 :mod:`knockout.data.masked`, drawn from the generator of the run's seed (deterministic, so a resumed run trains on the
 same inputs).
 
-Settings (:class:`~knockout.ablation.options.OptimalOptions`, CLI ``--optimal-*``): ``steps`` (default 100 Adam
-steps), ``lr`` (0.02, in units of the neuron's std), ``batch_size`` (rows per step, default: the collection batches as
-they are), ``tokens`` (scored training targets used, default all of the collection split).
+Settings: :class:`~knockout.ablation.options.OptimalOptions` (CLI ``--optimal-*``).
 
 The learned constants are saved in ``artifacts/optimal/seed{s}-{hash}.safetensors`` (the hash covers the neuron set
 and the settings) with a checksum of their tensors, and reused when present and intact, so a resumed run does not
@@ -29,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -112,9 +126,11 @@ class OptimalAblation(AblationMethod):
             )
         return values
 
-    def train_batches(self) -> list[Batch]:
-        """The training batches: the collection split (BERT-masked for masked LMs), cut to ``optimal_tokens``
-        scored targets and split into ``optimal_batch_size`` rows."""
+    def split(self) -> tuple[list[Batch], list[Batch]]:
+        """``(training rows, held-out rows)`` of the collection split (BERT-masked for masked LMs), one row per batch,
+        each cut to its first ``train_length`` tokens (text). Every fourth row is held out until the held-out part has
+        ``held_out_tokens`` scored targets (spread over the split, so it is like it); the training rows are the others
+        in order (``tokens`` scored targets, default ``steps * batch_size`` rows). The two never overlap."""
         batches = list(self.ctx.train_batches)
         if not batches:
             raise KnockoutError("method 'optimal' needs the collection batches (MethodContext.train_batches)")
@@ -122,28 +138,40 @@ class OptimalAblation(AblationMethod):
             batches = _masked(
                 batches, self.ctx.processor, self.ctx.seed, getattr(self.ctx.model.config, "vocab_size", None)
             )
-        size = self.ctx.optimal.batch_size
-        if size:
-            batches = [_rows(b, i, i + size) for b in batches for i in range(0, b.size, size)]
-        limit = self.ctx.optimal.tokens
-        if limit:
-            kept, total = [], 0
-            for b in batches:
-                if total >= limit:
-                    break
-                kept.append(b)
-                total += b.n_scored
-            batches = kept
-        batches = [b for b in batches if b.n_scored > 0]
-        if not batches:
-            raise KnockoutError("the collection split has no scored targets to learn the optimal constants on")
-        return batches
+        opts = self.ctx.optimal
+        rows = [r for b in batches for r in (_rows(b, i, i + 1) for i in range(b.size))]
+        if opts.train_length and self.ctx.task != "image":
+            rows = [_cut(r, opts.train_length) for r in rows]
+        rows = [r for r in rows if r.n_scored > 0]
+        held, n_held, rest = [], 0, []
+        for i, r in enumerate(rows):
+            if i % 4 == 3 and n_held < opts.held_out_tokens:
+                held.append(r)
+                n_held += r.n_scored
+            else:
+                rest.append(r)
+        want = opts.tokens
+        train, n_train = [], 0
+        for r in rest:
+            if (want is not None and n_train >= want) or (want is None and len(train) >= opts.steps * opts.batch_size):
+                break
+            train.append(r)
+            n_train += r.n_scored
+        if not train or n_held < opts.held_out_tokens:
+            raise KnockoutError(
+                f"the collection split ({sum(r.n_scored for r in rows)} scored targets) is too small for optimal's "
+                f"{opts.held_out_tokens} held-out targets (every fourth row) and its training rows: raise "
+                "--stats-tokens or lower --optimal-held-out-tokens"
+            )
+        return train, held
 
     def learn(self, neurons: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
-        """Learn the constants of ``neurons``; returns per layer ``[width]`` values and a record of the choice."""
-        ctx, model = self.ctx, self.ctx.model
+        """Learn the constants of ``neurons`` (see the module docstring); returns per layer ``[width]`` values and a
+        record of the training and the choice."""
+        ctx, model, opts = self.ctx, self.ctx.model, self.ctx.optimal
         device = next(model.parameters()).device
-        batches = [b.to(device) for b in self.train_batches()]
+        train, held = self.split()
+        train, held = [b.to(device) for b in train], [b.to(device) for b in held]
         means = [m.float() for m in ctx.stats.means()]
         idx = {s.layer: neurons[s.layer].to(device).long() for s in ctx.sites if neurons[s.layer].numel()}
         # c = mean + std * u with u trainable (init 0): the learning rate is in units of each neuron's spread, so one
@@ -153,46 +181,98 @@ class OptimalAblation(AblationMethod):
         scale = {k: stds[k].to(device)[i] for k, i in idx.items()}
         params = {k: torch.nn.Parameter(torch.zeros_like(base[k])) for k in idx}
         values = {k: (lambda k=k: base[k] + scale[k] * params[k]) for k in idx}
-        steps, lr = ctx.optimal.steps, ctx.optimal.lr
 
-        if params and steps > 0:
-            opt = torch.optim.Adam(list(params.values()), lr=lr)
+        def current() -> list[torch.Tensor]:
+            out = [m.clone() for m in means]
+            for k, value in values.items():
+                out[k][idx[k].cpu()] = value().detach().float().cpu()
+            return out
+
+        candidates = self.candidates()
+        best_ce, best, best_step, train_ces = math.inf, None, 0, []
+        groups = [[train[(i * opts.batch_size + j) % len(train)] for j in range(opts.batch_size)]
+                  for i in range(opts.steps)]  # fmt: skip
+        if params and opts.steps > 0:
+            opt = torch.optim.Adam(list(params.values()), lr=opts.lr)
             flags = [p.requires_grad for p in model.parameters()]
             try:
                 for p in model.parameters():
                     p.requires_grad_(False)
-                with torch.enable_grad(), _replace(ctx.sites, idx, values):
-                    bar = tqdm(range(steps), desc=f"optimal seed {ctx.seed}", unit="step", leave=False)
-                    for step in bar:
-                        batch = batches[step % len(batches)]
-                        loss = _loss(model, batch, reduction="mean")
+                with _replace(ctx.sites, idx, values):
+                    bar = tqdm(
+                        groups,
+                        desc=f"optimal seed {ctx.seed}",
+                        unit="step",
+                        leave=False,
+                        disable=not (ctx.progress and ctx.world.is_main),
+                    )
+                    for step, group in enumerate(bar, 1):
+                        n = sum(b.n_scored for b in group)
                         opt.zero_grad(set_to_none=True)
-                        loss.backward()
+                        total = 0.0
+                        with torch.enable_grad():
+                            for b in group:
+                                loss = _loss(model, b, reduction="sum") / n
+                                loss.backward()
+                                total += float(loss.detach())
                         opt.step()
-                        bar.set_postfix_str(f"CE {float(loss.detach()):.4f}")
+                        if opts.max_shift is not None:
+                            with torch.no_grad():
+                                for p in params.values():
+                                    p.clamp_(-opts.max_shift, opts.max_shift)
+                        train_ces.append(total)
+                        bar.set_postfix_str(f"CE {total:.4f}")
+                        if step == opts.steps or (opts.eval_every and step % opts.eval_every == 0):
+                            ce = self.held_out_ce(neurons, current(), held)
+                            if ce >= best_ce:  # worse than at the last check: stop, keeping the best
+                                break
+                            best_ce, best, best_step = ce, current(), step
             finally:
                 for p, f in zip(model.parameters(), flags):
                     p.requires_grad_(f)
+        if best is None:  # nothing to train
+            best = current()
+            best_ce = self.held_out_ce(neurons, best, held)
+        scores = {"learned": best_ce}
+        bound = best_ce
+        for name in ("mean", "peak", "zero"):  # row by row, stopped once they cannot win: the same choice, cheaper
+            scores[name] = self.held_out_ce(neurons, candidates[name], held, bound)
+            bound = min(bound, scores[name])
+        chosen = min(scores, key=lambda k: (scores[k], k != "learned"))  # ties keep the learned constants
+        values_out = best if chosen == "learned" else [v.clone() for v in candidates[chosen]]
+        log.info("optimal seed %d: held-out CE %s; kept %s", ctx.seed, {k: round(v, 4) for k, v in scores.items()},
+                 chosen)  # fmt: skip
+        meta = {
+            "chosen": chosen,
+            "seed": ctx.seed,
+            "n_ablated": sum(int(n.numel()) for n in neurons),
+            "train_ce": sum(train_ces) / len(train_ces) if train_ces else float("nan"),
+            "best_step": best_step,
+            "train_tokens": sum(b.n_scored for b in train),
+            "held_out_tokens": sum(b.n_scored for b in held),
+            **{f"held_out_ce_{k}": v for k, v in scores.items()},
+        }
+        return values_out, meta
 
-        learned = [m.clone() for m in means]
-        for k, value in values.items():
-            learned[k][idx[k].cpu()] = value().detach().float().cpu()
-        candidates = {name: get_method(name)(ctx).constants() for name in CANDIDATES}
-        candidates["learned"] = learned
-        losses = {name: self.training_loss(neurons, values, batches) for name, values in candidates.items()}
-        best = min(losses, key=lambda k: (losses[k], k != "learned"))  # ties keep the learned constants
-        log.info("optimal seed %d: training CE %s; kept %s", ctx.seed, losses, best)
-        meta = {"chosen": best, **{f"train_ce_{k}": v for k, v in losses.items()}, "steps": steps, "lr": lr}
-        return [v.clone() for v in candidates[best]], meta
+    def candidates(self) -> dict[str, list[torch.Tensor]]:
+        """The constants of :data:`CANDIDATES` (computed once per instance: they do not depend on the neuron set)."""
+        if not hasattr(self, "_candidates"):
+            self._candidates = {name: get_method(name)(self.ctx).constants() for name in CANDIDATES}
+        return self._candidates
 
     @torch.no_grad()
-    def training_loss(self, neurons, values: Sequence[torch.Tensor], batches: Sequence[Batch]) -> float:
-        """Mean CE over all scored targets of ``batches`` with ``neurons`` ablated to ``values`` (folded)."""
-        total, n = 0.0, 0
+    def held_out_ce(
+        self, neurons, values: Sequence[torch.Tensor], batches: Sequence[Batch], stop_above: float = math.inf
+    ) -> float:
+        """Mean CE over the scored targets of ``batches`` with ``neurons`` ablated to ``values`` (folded). Scored
+        batch by batch: once the sum exceeds ``stop_above`` times all targets (it cannot come below that mean any
+        more, CE being non-negative) the rest is skipped and ``inf`` returned."""
+        total, n = 0.0, sum(b.n_scored for b in batches)
         with fold_constants(self.ctx.sites, neurons, values):
             for batch in batches:
                 total += float(_loss(self.ctx.model, batch, reduction="sum"))
-                n += batch.n_scored
+                if total > stop_above * n:
+                    return math.inf
         return total / n
 
 
@@ -221,6 +301,13 @@ def _replace(sites, idx: dict[int, torch.Tensor], values: dict) -> Iterator[None
 def _rows(batch: Batch, start: int, stop: int) -> Batch:
     return Batch(
         {k: v[start:stop] for k, v in batch.inputs.items()}, batch.valid[start:stop], batch.targets[start:stop]
+    )
+
+
+def _cut(batch: Batch, length: int) -> Batch:
+    """``batch`` cut to its first ``length`` positions."""
+    return Batch(
+        {k: v[:, :length] for k, v in batch.inputs.items()}, batch.valid[:, :length], batch.targets[:, :length]
     )
 
 

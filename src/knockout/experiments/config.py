@@ -267,6 +267,12 @@ class SweepConfig:
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise KnockoutError(f"{name} must be a branch, tag or commit name (a non-empty string), got {value!r}")
         self.data_spec()  # validates the data fields
+        if "optimal" in self.methods and self.optimal.held_out_tokens > self.stats_tokens // 4:
+            raise KnockoutError(
+                f"optimal holds out {self.optimal.held_out_tokens} scored targets from every fourth row of the "
+                f"{self.stats_tokens}-token collection split, which holds about a quarter of it: raise --stats-tokens "
+                f"to at least {4 * self.optimal.held_out_tokens} or lower --optimal-held-out-tokens"
+            )
         self._check_targets()
         check_hist_params(self.eps, self.hist_limit)
         parse_device_map(self.device_map)

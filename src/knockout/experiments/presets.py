@@ -135,7 +135,6 @@ DEMO = Preset(
         "methods": ("zero", "mean", "peak", "optimal"),
         "fractions": (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0),
         "method_fractions": {"optimal": [0.5, 0.9]},
-        "optimal": {"steps": 10, "batch_size": 2, "lr": 0.05, "tokens": 1024},
     },
 )
 

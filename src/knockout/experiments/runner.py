@@ -349,7 +349,7 @@ class _Rows:
             return MethodContext(
                 self.model, run.sites, stats, seed, loaded.task, loaded.processor, batches, optimal=cfg.optimal,
                 resample=cfg.resample, image=cfg.image, generator=generator, train_batches=train,
-                artifacts=self.out / runfolder.ARTIFACTS_DIR, world=run.world,
+                artifacts=self.out / runfolder.ARTIFACTS_DIR, world=run.world, progress=progress,
             )  # fmt: skip
 
         self.context = context

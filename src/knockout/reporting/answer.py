@@ -281,7 +281,7 @@ def sentence(fa: FractionAnswer, metric: str = "ce", head: str | None = None) ->
     head = head or f"At {_pct(fa.fraction)}"
     verdicts = fa.verdicts(metric)
     if not verdicts:
-        return f"{head}: no paired comparison. " + " ".join(fa.notes)
+        return f"{head}: no paired comparison."
     what, _, than = METRIC_WORDS[metric]
     sets = f"{fa.n_sets} set{'s' if fa.n_sets != 1 else ''} x {fa.n_docs} documents"
     best = fa.best(metric)
@@ -512,4 +512,115 @@ def forest_panels(answer: Answer, label: str = "") -> list[tuple[str, list]]:
         ]
         title = f"{label + ': ' if label else ''}{_pct(fa.fraction)} ablated ({fa.n_sets} sets x {fa.n_docs} docs)"
         panels.append((title, entries))
+    return panels
+
+
+# -- the bound's training record --------------------------------------------------------------------------------------
+BOUND_COLUMNS = ["fraction", "seed", "kept", "train CE", "held-out learned", "held-out mean", "held-out peak",
+                 "held-out zero", "evaluation CE"]  # fmt: skip
+
+
+def bound_records(run_dir: str | Path, rows: list[dict]) -> list[dict]:
+    """Per neuron set ``optimal`` learned (``artifacts/optimal/``): the fraction and seed (matched to its row by the
+    number of neurons ablated), which candidate was kept, the training CE (mean over the steps' batches) and each
+    candidate's CE on the held-out part of the collection split ("worse (stopped)" where scoring stopped because it
+    could not win), beside the row's evaluation CE."""
+    from safetensors import safe_open
+
+    folder = Path(run_dir) / "artifacts" / "optimal"
+    by_set = {(int(r["seed"]), int(r["n_ablated"])): r for r in rows if r["method"] == "optimal" and not r["target"]}
+    out = []
+    for path in sorted(folder.glob("seed*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            row = by_set.get((int(meta["seed"]), int(meta["n_ablated"])))
+        except Exception:  # a damaged or foreign file: the sweep names it when it is used
+            continue
+        if row is None:
+            continue
+
+        def ce(key: str, meta: dict = meta) -> str:
+            value = float(meta.get(key, "nan"))
+            return "worse (stopped)" if math.isinf(value) else f"{value:.4f}"
+
+        out.append(
+            {
+                "fraction": row["fraction"], "seed": row["seed"], "kept": meta.get("chosen", "?"),
+                "train CE": ce("train_ce"), "held-out learned": ce("held_out_ce_learned"),
+                "held-out mean": ce("held_out_ce_mean"), "held-out peak": ce("held_out_ce_peak"),
+                "held-out zero": ce("held_out_ce_zero"), "evaluation CE": f"{row['ce']:.4f}",
+            }
+        )  # fmt: skip
+    return sorted(out, key=lambda r: (r["fraction"], r["seed"]))
+
+
+# -- several runs side by side --------------------------------------------------------------------------------------
+def _verdict_text(fa: FractionAnswer, metric: str = "ce") -> str:
+    """``mean (decided; 0.250 nats [+0.10, +0.40] less than peak)`` or ``undecided (leader mean, ...)``."""
+    verdicts = fa.verdicts(metric)
+    if not verdicts:
+        return "no comparison"
+    best = fa.best(metric)
+    who = best or fa.leader(metric)
+    near = min((v for v in verdicts if who in (v.a, v.b)), key=lambda v: abs(v.estimate), default=None)
+    _, _, than = METRIC_WORDS[metric]
+    detail = "" if near is None else f"{_amount(near, who)} {than} {near.b if near.a == who else near.a}"
+    return f"{who} (decided; {detail})" if best else f"undecided (leader {who}: {detail})"
+
+
+def agreement(answers: list[FractionAnswer], metric: str = "ce") -> str:
+    """Whether several runs' answers at one fraction agree: on the best method when every run decided one, else on
+    the leader."""
+    best = [fa.best(metric) for fa in answers]
+    if all(b is not None for b in best):
+        return f"agree: {best[0]}" if len(set(best)) == 1 else "disagree: " + " vs ".join(dict.fromkeys(best))
+    leaders = [fa.leader(metric) for fa in answers]
+    same = len(set(leaders)) == 1
+    return ("same leader, " if same else "different leaders, ") + "not decided on every model"
+
+
+def side_by_side(names: list[str], answers: list[Answer]) -> list[dict]:
+    """One record per fraction: each run's verdict (CE) and whether the runs agree."""
+    out = []
+    fractions = list(dict.fromkeys(fa.fraction for a in answers for fa in a.fractions))
+    for f in fractions:
+        at = [next((fa for fa in a.fractions if fa.fraction == f), FractionAnswer(f, [])) for a in answers]
+        rec = {"fraction": f"{f:g}"}
+        rec.update({n: _verdict_text(fa) for n, fa in zip(names, at)})
+        rec["sets x documents"] = "; ".join(f"{n}: {fa.n_sets} x {fa.n_docs}" for n, fa in zip(names, at))
+        rec["models agree?"] = agreement(at)
+        out.append(rec)
+    return out
+
+
+def pair_records(names: list[str], answers: list[Answer]) -> list[dict]:
+    """One record per fraction and pair (CE): each run's difference with the interval that decided it (or the last
+    tested), ``*`` when decided."""
+    out = []
+    for f in dict.fromkeys(fa.fraction for a in answers for fa in a.fractions):
+        at = {n: next((fa for fa in a.fractions if fa.fraction == f), None) for n, a in zip(names, answers)}
+        pairs = list(dict.fromkeys((v.a, v.b) for fa in at.values() if fa for v in fa.ce))
+        for a, b in pairs:
+            rec = {"fraction": f"{f:g}", "pair": f"{a} - {b}"}
+            for n, fa in at.items():
+                v = next((v for v in (fa.ce if fa else []) if (v.a, v.b) == (a, b)), None)
+                rec[n] = (
+                    "" if v is None else f"{v.estimate:+.3f} [{v.low:+.3f}, {v.high:+.3f}]{' *' if v.decided else ''}"
+                )
+            out.append(rec)
+    return out
+
+
+def compare_panels(names: list[str], answers: list[Answer], colors: list[str]) -> list[tuple[str, list]]:
+    """Forest-plot panels, one per fraction: every pair's CE difference for every run, one colour per run."""
+    panels = []
+    for f in dict.fromkeys(fa.fraction for a in answers for fa in a.fractions):
+        entries = []
+        for n, a, color in zip(names, answers, colors):
+            fa = next((fa for fa in a.fractions if fa.fraction == f), None)
+            for v in fa.ce if fa else []:
+                entries.append((f"{v.a} - {v.b} ({n})", v.estimate, v.low, v.high, v.decided, color))
+        if entries:
+            panels.append((f"{_pct(f)} ablated", entries))
     return panels

@@ -167,11 +167,11 @@ def gallery_figure(
     return fig
 
 
-def forest_figure(panels: list[tuple[str, list[tuple[str, float, float, float, bool, str]]]]) -> Figure:
+def forest_figure(panels: list[tuple[str, list[tuple]]]) -> Figure:
     """A forest plot: one panel per ``(title, entries)``; each entry ``(label, estimate, low, high, decided, kind)`` is
-    a point with its interval (filled when decided, hollow when not; ``kind`` "pair" in black, "excess" in grey),
-    against a dashed line at 0. Used for the answer's paired differences (CE, nats) per fraction, and for several
-    runs side by side."""
+    a point with its interval (filled when decided, hollow when not; ``kind`` "pair" in black, "excess" in grey, or
+    any matplotlib colour), against a dashed line at 0. Used for the answer's paired differences (CE, nats) per
+    fraction, and for several runs side by side (one colour per run)."""
     n = max(len(panels), 1)
     height = max(2.2, 0.42 * max((len(e) for _, e in panels), default=1) + 1.2)
     fig = Figure(figsize=(4.8 * n, height), layout="constrained")
@@ -179,7 +179,7 @@ def forest_figure(panels: list[tuple[str, list[tuple[str, float, float, float, b
     for ax, (title, entries) in zip(axes, panels):
         ys = np.arange(len(entries))[::-1]
         for y, (_label, est, lo, hi, decided, kind) in zip(ys, entries):
-            color = "black" if kind == "pair" else "0.55"
+            color = {"pair": "black", "excess": "0.55"}.get(kind, kind)
             ax.plot([lo, hi], [y, y], color=color, lw=1.6)
             ax.plot([est], [y], "o", ms=6, color=color, mfc=color if decided else "white")
         ax.axvline(0, color="0.4", lw=0.9, ls="--")

@@ -39,6 +39,7 @@ from knockout.reporting.figures import (
     forest_figure,
     gallery_figure,
     layers_figure,
+    method_colors,
     png_bytes,
     save_figure,
 )
@@ -240,6 +241,7 @@ def write_report(
     timings = run.timings()
     title = f"knockout report: {label}"
     extra = {"eps_table": eps_table, "fractions": fractions, "pm_note": pm_note, "answer": answer, "targets": targeted}
+    extra["bound"] = A.bound_records(run.dir, run.rows)
     _write_html(
         out / "report.html", title, run, table, images, atypical, timings, partial, notes, stats_note, pm, extra
     )
@@ -271,6 +273,12 @@ def _write_html(path, title, run, table, images, atypical, timings, partial, not
     b.append(table.to_html())
     if answer.available:
         b.append("<h3>Verdicts per fraction</h3>" + A.verdict_html(answer))
+    if extra["bound"]:
+        b.append(
+            '<h3>optimal per neuron set</h3><p class="note">The constants are trained on rows of the collection split '
+            "and chosen on its held-out rows (every fourth; learned, or zero, mean or peak if better there); the "
+            "evaluation split is never used.</p>" + H.records_table(extra["bound"], A.BOUND_COLUMNS)
+        )
     if extra["eps_table"]:
         b.append("<h2>Peak against bin width</h2>")
         b.append(
@@ -344,6 +352,11 @@ def _write_markdown(path, title, run, table, images, atypical, timings, partial,
     lines += ["", table.to_markdown()]
     if answer.available:
         lines += ["Verdicts per fraction:", "", *A.verdict_markdown(answer)]
+    if extra["bound"]:
+        cols = A.BOUND_COLUMNS
+        lines += ["`optimal` per neuron set (trained on collection rows, chosen on held-out collection rows):", ""]
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(md(r[c]) for c in cols) + " |" for r in extra["bound"]] + [""]
     if extra["eps_table"]:
         lines += ["## Peak against bin width", "", *eps_markdown(extra["eps_table"], extra["fractions"]), ""]
     lines += ["## Change against fraction ablated", "", "![curves](curves.png)", ""]
@@ -424,6 +437,25 @@ def compare_runs(
     partials = [(n, r.partial_note()) for n, r in zip(names, runs)]
     title = "knockout comparison: " + ", ".join(names)
     b = [H.warning(f"{n}: {p}") for n, p in partials if p]
+    answers = [A.run_answer(r.dir, fractions) for r in runs]
+    verdicts = A.side_by_side(names, answers)
+    pair_rows = A.pair_records(names, answers)
+    b.append(
+        '<h2>The answer per model</h2><p class="note">Which method hurts least (CE) at each fraction on each model, '
+        "decided or not, and whether the models agree; every pair's difference below (* decided).</p>"
+        + H.records_table(verdicts, ["fraction", *names, "sets x documents", "models agree?"])
+        + H.records_table(pair_rows, ["fraction", "pair", *names])
+    )
+    panels = A.compare_panels(names, answers, list(method_colors(names).values()))
+    if panels:
+        fig = forest_figure(panels)
+        save_figure(fig, out / "answer")
+        b.append(H.img(png_bytes(fig), "paired differences of every run side by side"))
+    write_atomic(
+        out / "compare.json",
+        json.dumps({"runs": names, "verdicts": verdicts, "pairs": pair_rows,
+                    "answers": {n: A.to_json(a) for n, a in zip(names, answers)}}, indent=2) + "\n",
+    )  # fmt: skip
     idents = [identity(r) for r in runs]
     keys = ["model", "model type", "layers x neurons", "task", "data", "eval tokens", "seeds", "device", "dtype"]
     b.append(
@@ -433,8 +465,7 @@ def compare_runs(
     b.append("<h2>Table 2</h2>")
     b.append(f'<p class="note">Mean ± std over seeds. {H.esc(MARK_NOTES["paper"])}</p>')
     b.append(table.to_html())
-    answers = [A.run_answer(r.dir, fractions) for r in runs]
-    b += [A.html(a, f"<h2>The answer: {H.esc(n)}</h2>") for n, a in zip(names, answers)]
+    b += [f"<h2>Details: the answer for {H.esc(n)}</h2>" + A.html(a, "") for n, a in zip(names, answers)]
     b.append("<h2>Change against fraction ablated</h2>" + H.img(png, "curves of every run"))
     times = [
         {"run": n, "rows": r.timings()["n_rows"], "seconds": f"{r.timings()['total_seconds']:.1f}"}
@@ -448,14 +479,16 @@ def compare_runs(
     text += ["| run | model | task | data | seeds |", "|---|---|---|---|---|"]
     cells = ("model", "task", "data", "seeds")
     text += ["| " + " | ".join([md(n), *(md(i[c]) for c in cells)]) + " |" for n, i in zip(names, idents)]
-    text += [
-        "",
-        "## Table 2",
-        "",
-        table.to_markdown(),
-    ]
+    text += ["", "## The answer per model", ""]
+    for rows_, cols in ((verdicts, ["fraction", *names, "sets x documents", "models agree?"]),
+                        (pair_rows, ["fraction", "pair", *names])):  # fmt: skip
+        text += ["| " + " | ".join(md(c) for c in cols) + " |", "|" + "---|" * len(cols)]
+        text += ["| " + " | ".join(md(r.get(c, "")) for c in cols) + " |" for r in rows_] + [""]
+    if panels:
+        text += ["![paired differences](answer.png)", ""]
+    text += ["## Table 2", "", table.to_markdown()]
     for n, a in zip(names, answers):
-        text += A.markdown(a, f"## The answer: {md(n)}")
+        text += A.markdown(a, f"## Details: the answer for {md(n)}")
     text += ["## Change against fraction ablated", "", "![curves](curves.png)", ""]
     write_atomic(out / "compare.md", "\n".join(text) + "\n")
     return out / "compare.html"
