@@ -30,7 +30,7 @@ def run(tmp_path_factory):
     cfg = SweepConfig(
         model="tiny-llama", data=corpus, out=str(root / "run"), methods=METHODS, fractions=(0.0, 0.5, 0.9),
         seeds=(0, 1), eval_tokens=80, stats_tokens=200, max_length=20, batch_size=4,
-        optimal={"steps": 10, "lr": 0.05, "held_out_tokens": 40},
+        optimal={"steps": 10, "lr": 0.05, "held_out_tokens": 30},
     )  # fmt: skip
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threads only contend
@@ -218,3 +218,25 @@ def test_compare_opens_with_the_answer_per_model(run, tmp_path):
         assert rec["models agree?"] in (f"agree: {fa.best('ce')}", "same leader, not decided on every model")
     text = path.read_text()
     assert text.index("The answer per model") < text.index("Table 2") and (tmp_path / "cmp" / "answer.png").is_file()
+
+
+def test_the_report_shows_optimal_training_and_held_out_ce_per_set(run):
+    from safetensors import safe_open
+
+    from knockout.reporting.answer import bound_records
+
+    _, _, _, out, _ = run
+    rows = read_rows(out)
+    recs = bound_records(out, rows)
+    optimal = {(r["fraction"], r["seed"]): r for r in rows if r["method"] == "optimal" and r["n_ablated"] > 0}
+    assert {(r["fraction"], r["seed"]) for r in recs} == set(optimal)  # 2 seeds x 2 fractions
+    metas = []
+    for path in sorted((out / "artifacts" / "optimal").glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            metas.append(f.metadata())
+    for r in recs:
+        assert r["evaluation CE"] == f"{optimal[(r['fraction'], r['seed'])]['ce']:.4f}"
+        meta = next(m for m in metas if int(m["seed"]) == r["seed"]
+                    and int(m["n_ablated"]) == optimal[(r["fraction"], r["seed"])]["n_ablated"])  # fmt: skip
+        assert r["kept"] == meta["chosen"] and r["train CE"] == f"{float(meta['train_ce']):.4f}"
+        assert r["held-out learned"] == f"{float(meta['held_out_ce_learned']):.4f}"

@@ -273,7 +273,7 @@ def test_damaged_artifacts_are_named_and_relearned_after_deleting(setup, tmp_pat
     _, model, corpus = setup
     out = tmp_path / "run"
     args = _args(model, corpus, out, "--methods", "optimal", "--fractions", "0,0.5", "--seeds", "0",
-                 "--optimal-steps", "2", "--optimal-tokens", "40", "--optimal-held-out-tokens", "40")  # fmt: skip
+                 "--optimal-steps", "2", "--optimal-tokens", "40", "--optimal-held-out-tokens", "20")  # fmt: skip
     assert main(args) == 0
     (artifact,) = (out / "artifacts").rglob("*.safetensors")
     good, rows = artifact.read_bytes(), _values(out)

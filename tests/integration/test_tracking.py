@@ -84,7 +84,7 @@ def test_mlflow_file_store_reads_back_equal_to_the_run_folder(tracked, tmp_path)
     config = json.loads((out / "config.json").read_text())
     want = {k: v if isinstance(v, str) else json.dumps(v) for k, v in _flat(config).items()}
     assert run.data.params == want
-    assert run.data.params["resolved.task"] == "causal" and run.data.params["optimal.steps"] == "6"
+    assert run.data.params["resolved.task"] == "causal" and run.data.params["optimal.steps"] == "8"
 
     history = client.get_metric_history
     got = {(m.key, m.step, m.value) for key in run.data.metrics for m in history(run.info.run_id, key)}

@@ -79,6 +79,11 @@ class OptimalAblation(AblationMethod):
     in_all = False
     is_bound = True
 
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        if ctx.train_batches:  # refuse a collection split too small for the settings before anything is written
+            self.split()
+
     @contextmanager
     def ablate(self, neurons: Sequence[torch.Tensor]) -> Iterator[None]:
         values = self.learned(neurons)
