@@ -315,11 +315,9 @@ def test_collected_statistics_merge_and_extend():
     assert whole.layers[0].count == before + 5
 
 
-def test_collect_stats_into_extends_and_sync_free_collection_is_the_same(monkeypatch):
+def test_collect_stats_into_extends_and_sync_free_collection_is_the_same():
     """``into`` continues a collection: batch 1, then batches 2.. into it, equals one collection of all batches bit
-    for bit; so does a collection whose layers count sync-free (the accelerator path, forced on the CPU; compared
-    with the torch path, as the compiled CPU update sums the moments in another order)."""
-    monkeypatch.setenv("KNOCKOUT_NATIVE", "0")
+    for bit; so does a collection whose layers count sync-free (the accelerator path, forced on the CPU)."""
     model = tiny.causal_lm("llama")
     sites = find_sites(model)
     g = torch.Generator().manual_seed(4)

@@ -28,9 +28,7 @@ when a model is split over devices) and are kept in float64 (moments, min, max) 
 float16/bfloat16 models, whose activations are widened to float32 first (exactly).
 
 On the CPU, :meth:`LayerStats.add` reads three numbers per call (all finite?, lowest and highest bin of the batch)
-that decide whether the stored bins must grow; a batch with values outside the window reads once more. There a
-float32 batch inside the window is counted by a compiled kernel (:mod:`knockout.stats.native`; the same counts,
-moments to float64 rounding), the torch code below does the rest and runs where no C compiler is found. On an
+that decide whether the stored bins must grow; a batch with values outside the window reads once more. On an
 accelerator (``sync_free``, the default off the CPU) it reads nothing back: it counts into a buffer over the whole
 window (``2 * limit / eps`` bins per neuron, 8 bytes each), and :meth:`LayerStats.finish`, called once at the end
 of a collection, raises if any batch held NaN/inf and trims the histogram to the bins in use, bit for bit what
@@ -48,7 +46,6 @@ from dataclasses import dataclass, field
 import torch
 
 from knockout.errors import KnockoutError
-from knockout.stats import native
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +195,6 @@ class LayerStats:
         self._to(x.device)
         if sync_free and self._buf is None:
             sync_free = self._start_buffer()
-        if not sync_free and native.usable(x) and self._add_native(x.contiguous()):
-            return
         x_min, x_max = x.amin(0), x.amax(0)  # [width] in x's dtype
         ends = torch.stack([x_min.min(), x_max.max()])
         if sync_free:
@@ -223,22 +218,6 @@ class LayerStats:
             self._count_into_buffer(x)
         else:
             self._add_to_histogram(x, lo, hi)
-
-    def _add_native(self, x: torch.Tensor) -> bool:
-        """The update of a float32 batch by the compiled kernel (:mod:`knockout.stats.native`): the counts, extremes
-        and checks of the torch path, its moments up to float64 rounding. False, with nothing changed, for a batch
-        with values outside the window (the torch path takes it)."""
-        mean, x_min, x_max, bad = native.pass1(x)
-        if bad:
-            raise KnockoutError(NONFINITE)
-        _, lo, hi = self._read_ends(torch.stack([x_min.min(), x_max.max()]))
-        if lo < self.k_min or hi > self.k_max:
-            return False
-        self._grow(lo, hi)
-        self.hist = self.hist.contiguous()
-        m2 = native.pass2(x, mean, self.eps, self.k_min, self.k_max, self.k_lo, self.hist, self.under, self.over)
-        self._merge(x.shape[0], mean, m2, x_min, x_max)
-        return True
 
     def finish(self) -> None:
         """Settle what sync-free counting left on the device: raise if a batch held NaN/inf, and store the
