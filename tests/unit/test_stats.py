@@ -9,7 +9,7 @@ import torch
 import tiny
 from knockout import KnockoutError, capture, collect_stats, find_sites
 from knockout.data.text import causal_batches
-from knockout.stats import LayerStats, Statistics
+from knockout.stats import HistGrid, LayerStats, Statistics
 
 EPS = 0.05
 
@@ -212,6 +212,29 @@ def test_bad_input_errors():
         Statistics([2], eps=0.1).merge(Statistics([2], eps=0.2))
     with pytest.raises(KnockoutError, match="empty"):
         LayerStats(2).peak()
+
+
+def test_the_grid_is_checked_once_where_it_is_made(monkeypatch):
+    """A grid with a bad eps or limit is refused where it is made (a LayerStats built directly makes its own);
+    Statistics makes one, checked once, and its layers share it."""
+    from knockout.stats import running
+
+    for eps in (0, -0.1, float("nan"), float("inf"), "0.01"):
+        with pytest.raises(KnockoutError, match="eps"):
+            HistGrid(eps)
+    with pytest.raises(KnockoutError, match="limit"):
+        LayerStats(2, eps=0.1, limit=float("inf"))
+    with pytest.raises(KnockoutError, match="histogram bins per neuron"):
+        Statistics([2], eps=1e-9, limit=20.0)
+    with pytest.raises(TypeError, match="not both"):
+        LayerStats(2, eps=0.1, grid=HistGrid())
+    checks = []
+    real = running.check_hist_params
+    monkeypatch.setattr(running, "check_hist_params", lambda *a: checks.append(a) or real(*a))
+    stats = Statistics([3, 4, 5], eps=0.05, limit=2)
+    assert checks == [(0.05, 2)] and all(layer.grid is stats.grid for layer in stats.layers)
+    assert (stats.eps, stats.limit, stats.layers[1].eps, stats.layers[1].limit) == (0.05, 2.0, 0.05, 2.0)
+    assert (stats.grid.k_min, stats.grid.k_max) == (-40, 39) == (stats.layers[0].k_min, stats.layers[0].k_max)
 
 
 def test_save_load_round_trip_and_model_check(tmp_path):

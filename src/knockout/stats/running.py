@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -113,51 +114,96 @@ def merge_moments(
     return n, mean, m2
 
 
-@dataclass
-class LayerStats:
-    """Statistics of one layer's ``width`` neurons. Feed ``[n_tokens, width]`` batches to :meth:`add`."""
+@dataclass(frozen=True)
+class HistGrid:
+    """The histogram grid of a collection, the same for every neuron and layer: bin ``k`` covers
+    ``[k * eps, (k + 1) * eps)``, and bins ``k_min .. k_max`` cover the window ``[-limit, limit)``. Checked
+    (:func:`check_hist_params`) once, when it is made; :class:`~knockout.stats.Statistics` makes one and shares it
+    with its layers."""
 
-    width: int
     eps: float = DEFAULT_EPS
+    """Bin width."""
     limit: float = DEFAULT_LIMIT
-    count: int = 0
-    mean: torch.Tensor = field(default=None)  # [width] float64
-    m2: torch.Tensor = field(default=None)  # [width] float64, sum of squared deviations
-    min: torch.Tensor = field(default=None)  # [width] float64
-    max: torch.Tensor = field(default=None)  # [width] float64
-    hist: torch.Tensor = field(default=None)  # [width, n_bins] int64, bin k_lo + j in column j
-    k_lo: int = 0
-    under: torch.Tensor = field(default=None)  # [width] int64, values < -limit
-    over: torch.Tensor = field(default=None)  # [width] int64, values >= limit
-    sync_free: bool | None = None
-    """Count without reading back from the device (see "Device and precision" above). ``None``: on accelerators,
-    not on the CPU (where a read costs nothing). Not part of the state."""
+    """Half-width of the window; values outside it are counted in ``under`` / ``over``, not binned."""
 
     def __post_init__(self):
         check_hist_params(self.eps, self.limit)
-        z = lambda dtype: torch.zeros(self.width, dtype=dtype)  # noqa: E731
-        self.mean = z(torch.float64) if self.mean is None else self.mean
-        self.m2 = z(torch.float64) if self.m2 is None else self.m2
-        self.min = torch.full((self.width,), math.inf, dtype=torch.float64) if self.min is None else self.min
-        self.max = torch.full((self.width,), -math.inf, dtype=torch.float64) if self.max is None else self.max
-        self.hist = torch.zeros(self.width, 0, dtype=torch.int64) if self.hist is None else self.hist
-        self.under = z(torch.int64) if self.under is None else self.under
-        self.over = z(torch.int64) if self.over is None else self.over
+        object.__setattr__(self, "eps", float(self.eps))
+        object.__setattr__(self, "limit", float(self.limit))
+
+    @cached_property
+    def k_min(self) -> int:
+        """Lowest bin index of the window: bin ``k_min`` starts at ``-limit``."""
+        return math.floor(-self.limit / self.eps + 1e-9)
+
+    @cached_property
+    def k_max(self) -> int:
+        """Highest bin index of the window (its upper edge is ``limit``)."""
+        return math.ceil(self.limit / self.eps - 1e-9) - 1
+
+
+class LayerStats:
+    """Statistics of one layer's ``width`` neurons. Feed ``[n_tokens, width]`` batches to :meth:`add`.
+
+    The grid is ``grid`` (shared, already checked) or, without it, a new :class:`HistGrid` of ``eps`` and ``limit``.
+    """
+
+    #: The tensors that, with ``count`` and ``k_lo``, are the whole state (``width`` and the grid are settings).
+    TENSORS = ("mean", "m2", "min", "max", "hist", "under", "over")
+
+    def __init__(
+        self,
+        width: int,
+        eps: float | None = None,
+        limit: float | None = None,
+        *,
+        grid: HistGrid | None = None,
+        sync_free: bool | None = None,
+    ):
+        if grid is None:
+            grid = HistGrid(DEFAULT_EPS if eps is None else eps, DEFAULT_LIMIT if limit is None else limit)
+        elif eps is not None or limit is not None:
+            raise TypeError("give either eps and limit or a grid, not both")
+        self.width = width
+        self.grid = grid
+        self.sync_free = sync_free
+        """Count without reading back from the device (see "Device and precision" above). ``None``: on
+        accelerators, not on the CPU (where a read costs nothing). Not part of the state."""
+        self.count = 0
+        self.mean = torch.zeros(width, dtype=torch.float64)
+        self.m2 = torch.zeros(width, dtype=torch.float64)  # sum of squared deviations from the mean
+        self.min = torch.full((width,), math.inf, dtype=torch.float64)
+        self.max = torch.full((width,), -math.inf, dtype=torch.float64)
+        self.hist = torch.zeros(width, 0, dtype=torch.int64)  # [width, n_bins], bin k_lo + j in column j
+        self.k_lo = 0
+        self.under = torch.zeros(width, dtype=torch.int64)  # values < -limit
+        self.over = torch.zeros(width, dtype=torch.int64)  # values >= limit
         self._buf: torch.Tensor | None = None  # sync-free counting: [width, window + 2], under | hist | over
         self._buf_k_lo = 0  # k_lo before the buffer was made (kept if the buffer ends up empty)
         self._nonfinite: torch.Tensor | None = None  # sync-free: number of batches with a NaN/inf, on the device
         self._eps: dict = {}  # eps as a 0-dim tensor per (dtype, device), see _bins
 
+    def __repr__(self) -> str:
+        return f"LayerStats(width={self.width}, eps={self.eps}, limit={self.limit}, count={self.count})"
+
     # -- grid -------------------------------------------------------------------------------------------------
+    @property
+    def eps(self) -> float:
+        return self.grid.eps
+
+    @property
+    def limit(self) -> float:
+        return self.grid.limit
+
     @property
     def k_min(self) -> int:
         """Lowest bin index the grid may hold: bin ``k_min`` starts at ``-limit``."""
-        return math.floor(-self.limit / self.eps + 1e-9)
+        return self.grid.k_min
 
     @property
     def k_max(self) -> int:
         """Highest bin index the grid may hold (its upper edge is ``limit``)."""
-        return math.ceil(self.limit / self.eps - 1e-9) - 1
+        return self.grid.k_max
 
     @property
     def n_bins(self) -> int:
@@ -341,7 +387,7 @@ class LayerStats:
 
     def merge(self, other: LayerStats) -> None:
         """Add the data of ``other`` (same width, eps and limit) to this one."""
-        if (other.width, other.eps, other.limit) != (self.width, self.eps, self.limit):
+        if (other.width, other.grid) != (self.width, self.grid):
             raise KnockoutError(
                 f"cannot merge statistics with width/eps/limit {(other.width, other.eps, other.limit)} into "
                 f"{(self.width, self.eps, self.limit)}: collect both with the same --eps and --hist-limit"
@@ -366,9 +412,6 @@ class LayerStats:
                 setattr(self, name, getattr(self, name).to(device))
 
     # -- state ------------------------------------------------------------------------------------------------
-    #: The tensors that, with ``count`` and ``k_lo``, are the whole state (``width``, ``eps``, ``limit`` are settings).
-    TENSORS = ("mean", "m2", "min", "max", "hist", "under", "over")
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every field needed to rebuild these statistics (as baukit's runningstats), on the statistics' device."""
         self.finish()
