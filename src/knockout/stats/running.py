@@ -18,8 +18,8 @@ ran sit well inside ±20; the clipped fraction is stored, and a warning names la
 were clipped. Override with ``--eps`` / ``--hist-limit``.
 
 The peak of a neuron is the centre ``(k + 0.5) * eps`` of its most populated bin (the lowest such bin on ties, as
-``numpy.argmax``). Mean and variance: each batch's in float64 (two passes), merged with Chan et al.'s pairwise
-update.
+``numpy.argmax``), computed by :func:`knockout.stats.centres.peak_at`. Mean and variance: each batch's in float64
+(two passes), merged with Chan et al.'s pairwise update.
 
 Device and precision
 --------------------
@@ -47,6 +47,7 @@ from functools import cached_property
 import torch
 
 from knockout.errors import KnockoutError
+from knockout.stats import centres
 
 log = logging.getLogger(__name__)
 
@@ -445,22 +446,10 @@ class LayerStats:
         return float((self.under + self.over).sum()) / max(self.count * self.width, 1)
 
     def peak(self) -> torch.Tensor:
-        """``[width]`` centre of each neuron's most populated bin (float64).
+        """``[width]`` centre of each neuron's most populated bin (float64; the lowest such bin on ties, as
+        ``numpy.argmax``): :func:`knockout.stats.centres.peak_at` at the stored ``eps``.
 
         A neuron with no value inside the window (all clipped) has no peak; its mean is used and a warning given.
         """
-        if self.count == 0:
-            raise KnockoutError("statistics are empty: no tokens were collected")
         self.finish()
-        if self.n_bins == 0:
-            log.warning("no value fell inside ±%g; using the mean as the peak", self.limit)
-            return self.mean.clone()
-        k = self.hist.argmax(1) + self.k_lo
-        peak = (k.to(torch.float64) + 0.5) * self.eps
-        empty = self.hist.sum(1) == 0
-        if empty.any():
-            log.warning(
-                "%d neurons have every value outside ±%g; using their mean as the peak", int(empty.sum()), self.limit
-            )
-            peak[empty] = self.mean[empty]
-        return peak
+        return centres.peak_at(self, self.eps)
