@@ -1,4 +1,5 @@
-"""Benchmark: throughput of a plain forward pass, of statistics collection and of ablated evaluation.
+"""Benchmark: throughput of a plain forward pass, of statistics collection and of ablated evaluation
+(``knockout bench``; method and current figures in docs/benchmark.md).
 
 All modes run on the same model and the same batch, interleaved round by round (so drift of the machine hits them
 alike), and the median round is reported. Ratios are against the plain measurements of the same run:
@@ -287,3 +288,45 @@ def compare_with_authors(
         "authors_bytes": theirs_bytes,
         "memory_ratio": round(theirs_bytes / ours_bytes, 1),
     }
+
+
+def format_benchmark(result: dict) -> str:
+    """The benchmark's figures (:func:`run_benchmark`) as text (``knockout bench`` prints it)."""
+    r, mem, best = result["ratios"], result["stats_memory_bytes"], result["ratios_fastest"]
+    lines = [
+        f"benchmark: {result['model']} on {result['device']} ({result['dtype']}), {result['tokens_per_batch']} tokens "
+        f"per batch, median of {result['repeats']} rounds (in brackets: from each mode's fastest round)"
+    ]
+    lines += [f"  {name:<17} {v:>10.1f} tokens/s" for name, v in result["tokens_per_second"].items()]
+    pair = lambda key: f"{r[key]:.3f} [{best[key]:.3f}]"  # noqa: E731
+    lines += [
+        f"  statistics / forward      {pair('statistics_vs_forward')}   "
+        "(target >= 0.97; one more batch into running statistics)",
+        "    their own time (every LayerStats.add, timed in place): "
+        + (
+            "not timed on a GPU"
+            if result["statistics_update_share"] is None
+            else f"{100 * result['statistics_update_share']:.1f}% of a forward pass   (target <= 4%)"
+        ),
+        f"  first batch / forward     {pair('statistics_first_batch_vs_forward')}   "
+        "(a new collection's first batch: allocating its statistics)",
+        f"  folded ablation / eval    {pair('folded_ablation_vs_eval')}   (target >= 0.97)",
+        f"  hooked ablation / eval    {pair('hooked_ablation_tl_vs_eval')}   "
+        "(the same ablation as TransformerLens does it: a hook rewriting hook_z every pass)",
+        f"  entering an ablation (once per method and fraction): {1000 * result['ablation_enter_seconds']:.1f} ms",
+        f"  round-to-round spread (max/min time): up to {max(result['spread'].values()):.2f}x",
+        "  statistics memory: " + ", ".join(f"{b / 2**20:.2f} MiB after {int(n):,} tokens" for n, b in mem.items()),
+    ]
+    a = result.get("authors_stats")
+    if a:
+        lines += [
+            f"  statistics vs the authors' method (keep every activation, then one 100-bin np.histogram per neuron"
+            f" in a Python loop), one layer of {a['width']} neurons, {a['tokens']:,} tokens (rows drawn from the"
+            f" {a['drawn_from_tokens']:,} of the batch):",
+            f"    time per layer: knockout {1000 * a['knockout_seconds_per_layer']:.1f} ms, authors "
+            f"{1000 * a['authors_seconds_per_layer']:.1f} ms: {a['speedup']:.1f}x faster   (target >= 5x)",
+            f"    memory: knockout {a['knockout_bytes'] / 2**20:.2f} MiB, "
+            f"authors {a['authors_bytes'] / 2**20:.1f} MiB: "
+            f"{a['memory_ratio']:.0f}x less   (target >= 100x)",
+        ]
+    return "\n".join(lines)

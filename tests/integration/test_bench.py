@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import tiny
-from knockout.bench import run_benchmark
-from knockout.cli import format_benchmark, main
+from knockout.bench import format_benchmark, run_benchmark
+from knockout.cli import main
 from knockout.loading import LoadedModel
 
 
