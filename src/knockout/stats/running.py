@@ -106,8 +106,8 @@ def merge_moments(
     n_a: int, mean_a: torch.Tensor, m2_a: torch.Tensor, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor
 ) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Count, mean and sum of squared deviations of two parts together (Chan et al.'s pairwise update, float64):
-    :meth:`LayerStats.add` and ``merge`` use it, and so does the all-reduce of :mod:`knockout.distributed`, so that
-    sharded statistics take the same operations in the same order. ``n_b`` must be positive."""
+    the one update of :meth:`LayerStats.add` and :meth:`LayerStats.merge` (and so of the all-reduce of
+    :mod:`knockout.distributed`, which merges). ``n_b`` must be positive."""
     n = n_a + n_b
     delta = mean_b - mean_a
     mean = mean_a + delta * (n_b / n)
@@ -183,6 +183,7 @@ class LayerStats:
         self._buf_k_lo = 0  # k_lo before the buffer was made (kept if the buffer ends up empty)
         self._nonfinite: torch.Tensor | None = None  # sync-free: number of batches with a NaN/inf, on the device
         self._eps: dict = {}  # eps as a 0-dim tensor per (dtype, device), see _bins
+        self._offsets: dict = {}  # flat-index offsets per (base, n_cols, dtype, device), see _flat_index
 
     def __repr__(self) -> str:
         return f"LayerStats(width={self.width}, eps={self.eps}, limit={self.limit}, count={self.count})"
@@ -319,12 +320,28 @@ class LayerStats:
 
     def _read_ends(self, ends: torch.Tensor) -> tuple[bool, int, int]:
         """``(all finite, lowest bin, highest bin)`` of a batch whose lowest and highest values are ``ends``: one
-        transfer to the host. A bin beyond the window is reported as ``k_min - 1`` / ``k_max + 1``."""
-        k = self._bins(ends).clamp_(self.k_min - 1, self.k_max + 1)  # NaN stays NaN
-        lo, hi, *values = torch.cat([k, ends]).tolist()
-        if not all(math.isfinite(v) for v in values):
+        transfer to the host (the values and their ``x / eps``, floored here: the same bins as :meth:`_bins`). A bin
+        beyond the window (or an ``x / eps`` beyond the dtype's range) is reported as ``k_min - 1`` / ``k_max + 1``."""
+        lo, hi, q_lo, q_hi = torch.cat([ends, ends / self._eps_as(ends)]).tolist()
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             return False, 0, 0
-        return True, int(lo), int(hi)
+        return True, self._clamped_bin(q_lo), self._clamped_bin(q_hi)
+
+    def _clamped_bin(self, q: float) -> int:
+        """``floor(q)`` clamped to ``k_min - 1 .. k_max + 1`` (``q`` may be infinite)."""
+        if q < self.k_min:
+            return self.k_min - 1
+        if q >= self.k_max + 1:
+            return self.k_max + 1
+        return math.floor(q)
+
+    def _eps_as(self, x: torch.Tensor) -> torch.Tensor:
+        """``eps`` as a 0-dim tensor of x's dtype on x's device (made once per dtype and device)."""
+        key = (x.dtype, x.device)
+        eps = self._eps.get(key)
+        if eps is None:
+            eps = self._eps[key] = torch.tensor(self.eps, dtype=x.dtype, device=x.device)
+        return eps
 
     def _bins(self, x: torch.Tensor) -> torch.Tensor:
         """Bin index ``floor(x / eps)`` of every value of ``x``, computed in x's float dtype: a new tensor of whole
@@ -333,11 +350,7 @@ class LayerStats:
         below / above the window."""
         # Divided by eps as a tensor on x's device: CUDA multiplies by the reciprocal of a Python-number divisor,
         # which can move a value on a bin edge into the next bin; this keeps the bins of every device the same.
-        key = (x.dtype, x.device)
-        eps = self._eps.get(key)
-        if eps is None:
-            eps = self._eps[key] = torch.tensor(self.eps, dtype=x.dtype, device=x.device)
-        return (x / eps).floor_()
+        return (x / self._eps_as(x)).floor_()
 
     def _add_to_histogram(self, x: torch.Tensor, lo: int, hi: int) -> None:
         """Count ``x: [n, width]`` (finite) into the histogram; ``lo``/``hi``: the lowest/highest bin of x."""
@@ -376,14 +389,20 @@ class LayerStats:
         bound = self.width * n_cols + abs(base) + n_cols  # above any number formed here
         exact = k.is_floating_point() and bound <= 2 / torch.finfo(k.dtype).eps
         index = torch.int32 if bound < 2**31 else torch.int64
-        offsets = torch.arange(self.width, device=k.device, dtype=k.dtype if exact else index) * n_cols - base
+        dtype = k.dtype if exact else index
+        key = (base, n_cols, dtype, k.device)
+        offsets = self._offsets.get(key)
+        if offsets is None:  # j * n_cols - base; the same few keys come back batch after batch
+            if len(self._offsets) >= 8:
+                self._offsets.clear()
+            offsets = self._offsets[key] = torch.arange(self.width, device=k.device, dtype=dtype) * n_cols - base
         return k.add_(offsets).to(index) if exact else k.to(index).add_(offsets)
 
     def _merge(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor, min_b: torch.Tensor, max_b: torch.Tensor):
         """Fold in the summary of ``n_b`` more values: their mean and sum of squared deviations (float64; Chan et
         al.'s pairwise update), minimum and maximum (any float dtype)."""
-        self.min = torch.minimum(self.min, min_b.double())
-        self.max = torch.maximum(self.max, max_b.double())
+        torch.minimum(self.min, min_b, out=self.min)
+        torch.maximum(self.max, max_b, out=self.max)
         self.count, self.mean, self.m2 = merge_moments(self.count, self.mean, self.m2, n_b, mean_b, m2_b)
 
     def merge(self, other: LayerStats) -> None:
