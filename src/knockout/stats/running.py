@@ -15,7 +15,7 @@ one pass over all of it.
 
 Defaults: ``eps = 0.01`` and ``limit = 20.0`` (at most 4000 bins per neuron). Pre-out activations of the models we
 ran sit well inside ±20; the clipped fraction is stored, and a warning names layers where more than 0.1% of values
-were clipped. Override with ``--eps`` / ``--hist-limit``.
+were clipped. Override with ``--eps`` / ``--hist-limit``. The pair is a :class:`HistGrid`, checked when it is made.
 
 The peak of a neuron is the centre ``(k + 0.5) * eps`` of its most populated bin (the lowest such bin on ties, as
 ``numpy.argmax``), computed by :func:`knockout.stats.centres.peak_at`. Mean and variance: each batch's in float64
@@ -27,14 +27,17 @@ The statistics live on the device of the activations they are given (the model's
 when a model is split over devices) and are kept in float64 (moments, min, max) and int64 (counts), also for
 float16/bfloat16 models, whose activations are widened to float32 first (exactly).
 
-On the CPU, :meth:`LayerStats.add` reads three numbers per call (all finite?, lowest and highest bin of the batch)
-that decide whether the stored bins must grow; a batch with values outside the window reads once more. On an
-accelerator (``sync_free``, the default off the CPU) it reads nothing back: it counts into a buffer over the whole
-window (``2 * limit / eps`` bins per neuron, 8 bytes each), and :meth:`LayerStats.finish`, called once at the end
-of a collection, raises if any batch held NaN/inf and trims the histogram to the bins in use, bit for bit what
-counting with reads stores. :func:`knockout.stats.collect_stats` selects the non-padding positions with an index
-found on the host before the batch moves to the device, so a collection on an accelerator waits for the device
-only at its end.
+:meth:`LayerStats.add` is a few vectorised passes over the batch: per-neuron minimum and maximum; the moments (a
+float64 copy, its sum, the squared deviations and their sum); the bins ``floor(x / eps)`` turned into flat (int32)
+indices of a ``[width, n_bins]`` table and counted. On the CPU one ``bincount`` counts them and the counts are added
+to the histogram; ``add`` reads the batch's lowest and highest value and their ``x / eps`` once per call (all
+finite? which bins?), which decide whether the stored bins must grow, and a batch with values outside the window
+reads once more. On an accelerator (``sync_free``, the default off the CPU) it reads nothing back: it counts into a
+buffer over the whole window (``2 * limit / eps`` bins per neuron, 8 bytes each), and :meth:`LayerStats.finish`,
+called once at the end of a collection, raises if any batch held NaN/inf and trims the histogram to the bins in
+use, bit for bit what counting with reads stores. :func:`knockout.stats.collect_stats` selects the non-padding
+positions with an index found on the host before the batch moves to the device, so a collection on an accelerator
+waits for the device only at its end.
 """
 
 from __future__ import annotations
