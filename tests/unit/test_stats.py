@@ -314,8 +314,8 @@ def _aligned(hist: torch.Tensor, k_lo: int, lo: int, hi: int) -> torch.Tensor:
 
 
 def test_collected_statistics_merge_and_extend():
-    """``collect_stats`` runs the model in inference mode; its result must still merge and grow afterwards (it used
-    to hold inference tensors, so ``merge``/``add`` outside inference mode raised)."""
+    """``collect_stats`` runs the model in inference mode; its result must still merge and grow afterwards (its
+    tensors are ordinary ones: inference tensors would refuse ``merge``/``add`` outside inference mode)."""
     model = tiny.causal_lm("llama")
     sites = find_sites(model)
     g = torch.Generator().manual_seed(3)
