@@ -5,8 +5,9 @@ share of them and the partial results are combined so that every rank ends with 
 all batches:
 
 - statistics: histograms, ``count``, ``under``/``over``, ``min``/``max`` bit-exact; ``mean``/``m2`` equal up to
-  float64 rounding (the per-rank moments are merged with the same pairwise update as
-  :meth:`~knockout.stats.running.LayerStats.merge`, so a split of the data changes only the rounding);
+  float64 rounding, and the same bits on every rank (every rank merges the ranks' statistics in rank order with
+  :meth:`~knockout.stats.running.LayerStats.merge`, as partial statistics are merged in one process, so a split of
+  the data changes only the rounding);
 - metrics: ``n`` and ``n_correct`` exact, ``ce_sum`` up to float rounding; per-document sums (``per_doc``, for
   paired comparisons) gathered from the ranks in the original batch order. A batch is one rank's whole unit of work
   and its per-document sums are computed within it, so they are the single-process sums bit for bit (given the same
@@ -32,9 +33,10 @@ or grouped documents then spread evenly over the ranks, and the union over ranks
 order in which batches are seen does not matter: statistics are order-independent by design (see
 :mod:`knockout.stats.running`) and metrics are sums.
 
-Communication happens on the device the backend needs: CPU tensors for ``gloo``, CUDA tensors for ``nccl``; results
-are moved back to the device the statistics were on. Inputs are never modified in place (they may be inference
-tensors made under ``torch.inference_mode``); the results are new, ordinary tensors.
+Statistics and metrics are exchanged with ``all_gather_object`` (pickled on the CPU; with ``nccl`` the bytes travel
+through the current CUDA device); results are moved back to the device the statistics were on. Inputs are never
+modified in place (they may be inference tensors made under ``torch.inference_mode``); the results are new,
+ordinary tensors.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from knockout.evaluation.evaluate import evaluate
 from knockout.evaluation.metrics import Metrics
 from knockout.sites import Site
 from knockout.stats.collect import collect_stats
-from knockout.stats.running import LayerStats, merge_moments
+from knockout.stats.running import LayerStats
 from knockout.stats.statistics import Statistics
 
 log = logging.getLogger(__name__)
@@ -193,59 +195,21 @@ def shard(items: Sequence[T], rank: int | None = None, world_size: int | None = 
 
 
 # -- reductions -----------------------------------------------------------------------------------------------------
-def _comm_device(preferred: torch.device) -> torch.device:
-    """Device whose tensors the default process group's backend can communicate."""
-    backend = str(dist.get_backend()).lower()
-    if preferred.type == "cuda" and "nccl" in backend:
-        return preferred
-    if "nccl" in backend and "gloo" not in backend:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _pad_hist(layer: LayerStats, k_lo: int, n_bins: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``layer.hist`` placed on the common grid ``[k_lo, k_lo + n_bins)``: ``[width, n_bins]`` int64 with zeros
-    outside the layer's own bins, written into ``out`` (zeros) when given. The layer's bins must lie inside."""
-    if out is None:
-        out = torch.zeros(layer.width, n_bins, dtype=torch.int64, device=layer.hist.device)
-    if layer.n_bins:
-        start = layer.k_lo - k_lo
-        if start < 0 or start + layer.n_bins > n_bins:
-            raise ValueError(f"bins [{layer.k_lo}, {layer.k_lo + layer.n_bins}) outside [{k_lo}, {k_lo + n_bins})")
-        out[:, start : start + layer.n_bins] = layer.hist
-    return out
-
-
-def _common_range(ranges: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """``(k_lo, n_bins)`` covering every non-empty ``(k_lo, n_bins)`` of ``ranges``; ``(0, 0)`` if all are empty."""
-    spans = [(lo, lo + n - 1) for lo, n in ranges if n > 0]
-    if not spans:
-        return 0, 0
-    lo, hi = min(s[0] for s in spans), max(s[1] for s in spans)
-    return lo, hi - lo + 1
-
-
 def all_reduce_statistics(stats: Statistics) -> Statistics:
     """Merge every rank's ``stats`` into one :class:`Statistics`, the same (bit for bit) on every rank.
 
-    Per layer: the histograms are padded to the union of the ranks' bin ranges and summed (int64), as are ``under``
-    and ``over``; ``min``/``max`` are reduced with MIN/MAX; ``count``, ``mean`` and ``m2`` of all ranks are gathered
-    and merged in rank order with the pairwise (Chan) update, skipping ranks without tokens. ``meta`` is rank 0's.
-    Returns ``stats`` itself when the run is not distributed; otherwise a new object with ordinary (non-inference)
-    tensors on the device ``stats`` were on. Every rank must call it (it is a collective).
+    Per layer, every rank's state (:meth:`~knockout.stats.running.LayerStats.state_dict`, on the CPU) is gathered to
+    every rank, and each rank merges them in rank order 0, 1, ... into new statistics with
+    :meth:`~knockout.stats.running.LayerStats.merge`: the same operations on the same values everywhere, and the
+    same merge as of two statistics in one process. ``meta`` is rank 0's. Returns ``stats`` itself when the run is
+    not distributed; otherwise a new object with ordinary (non-inference) tensors, each layer on the device its
+    statistics were on. Every rank must call it (it is a collective).
     """
     rank, size = world()
     if size == 1:
         return stats
     with torch.inference_mode(False), torch.no_grad():
-        header = {
-            "widths": stats.widths,
-            "eps": stats.eps,
-            "limit": stats.limit,
-            "counts": [s.count for s in stats.layers],
-            "ranges": [(s.k_lo, s.n_bins) for s in stats.layers],
-            "meta": stats.meta,
-        }
+        header = {"widths": stats.widths, "eps": stats.eps, "limit": stats.limit, "meta": stats.meta}
         headers: list[dict] = [None] * size  # type: ignore[list-item]
         dist.all_gather_object(headers, header)
         for r, h in enumerate(headers):
@@ -255,42 +219,16 @@ def all_reduce_statistics(stats: Statistics) -> Statistics:
                     f"rank {rank} with {(stats.widths, stats.eps, stats.limit)}: every rank must use the same settings"
                 )
         out = Statistics(stats.widths, eps=stats.eps, limit=stats.limit, meta=headers[0]["meta"])
-        for i, (mine, res) in enumerate(zip(stats.layers, out.layers)):
-            counts = [h["counts"][i] for h in headers]
-            k_lo, n_bins = _common_range([h["ranges"][i] for h in headers])
-            _reduce_layer(mine, res, counts, k_lo, n_bins, size)
+        for mine, res in zip(stats.layers, out.layers):
+            home = mine.mean.device
+            res.load_state_dict({k: t.to(home) for k, t in res.state_dict().items()})  # empty, on the layer's device
+            states: list[dict] = [None] * size  # type: ignore[list-item]
+            dist.all_gather_object(states, {k: t.cpu() for k, t in mine.state_dict().items()})
+            for state in states:  # in rank order
+                part = LayerStats(res.width, grid=res.grid)
+                part.load_state_dict({k: t.to(home) for k, t in state.items()})
+                res.merge(part)
     return out
-
-
-def _reduce_layer(mine: LayerStats, res: LayerStats, counts: list[int], k_lo: int, n_bins: int, size: int) -> None:
-    """Fill ``res`` with the merge of every rank's ``mine`` (collectives; ``counts`` and the common bin range
-    ``[k_lo, k_lo + n_bins)`` are already known on every rank). Each field of ``res`` gets its own storage
-    (safetensors refuses to save tensors that share memory)."""
-    home = mine.mean.device
-    dev = _comm_device(home)
-    width = mine.width
-    hist = _pad_hist(mine, k_lo, n_bins, torch.zeros(width, n_bins, dtype=torch.int64, device=dev))
-    dist.all_reduce(hist, op=dist.ReduceOp.SUM)
-    clipped = torch.cat([mine.under.to(dev, torch.int64), mine.over.to(dev, torch.int64)])  # [2 * width]
-    dist.all_reduce(clipped, op=dist.ReduceOp.SUM)
-    # min and max in one MAX: max(-x) = -min(x), and negation is exact
-    ext = torch.cat([-mine.min.to(dev, torch.float64), mine.max.to(dev, torch.float64)])  # [2 * width]
-    dist.all_reduce(ext, op=dist.ReduceOp.MAX)
-    # moments: gather every rank's (mean, m2) and merge in rank order, so every rank computes the same bits
-    mom = torch.stack([mine.mean.to(dev, torch.float64), mine.m2.to(dev, torch.float64)])  # [2, width]
-    gathered = [torch.empty_like(mom) for _ in range(size)]
-    dist.all_gather(gathered, mom)
-    n = 0
-    mean = torch.zeros(width, dtype=torch.float64, device=dev)
-    m2 = torch.zeros(width, dtype=torch.float64, device=dev)
-    for c, g in zip(counts, gathered):
-        if c:
-            n, mean, m2 = merge_moments(n, mean, m2, c, g[0], g[1])
-    res.count = n
-    res.mean, res.m2 = mean.to(home), m2.to(home)
-    res.min, res.max = (-ext[:width]).to(home), ext[width:].clone().to(home)
-    res.k_lo, res.hist = k_lo, hist.to(home)
-    res.under, res.over = clipped[:width].clone().to(home), clipped[width:].clone().to(home)
 
 
 def all_reduce_metrics(m: Metrics, batch_index: Sequence[int] | None = None) -> Metrics:

@@ -219,6 +219,25 @@ def test_peak_at_per_neuron_widths_stored_eps_and_order(data, stats):
         centres.peak_at(stats, -0.1)
 
 
+def test_the_peak_is_peak_at_the_stored_eps_and_numpy_argmax(data, stats, caplog):
+    """One owner: ``LayerStats.peak()`` is ``peak_at(stats, stats.eps)``, equal to numpy's histogram argmax on the
+    raw data; the stored bins (all widths eps) give what the re-binning path gives for its width-eps neurons."""
+    expected = [_numpy_peak(data[:, c], EPS) for c in range(8)]
+    assert stats.peak().tolist() == centres.peak_at(stats, stats.eps).tolist() == expected
+    widths = torch.full((8,), EPS, dtype=torch.float64)
+    widths[BROAD] = 2 * EPS  # one coarse neuron: every neuron goes through the re-binning
+    assert torch.equal(centres.peak_at(stats, widths)[:BROAD], stats.peak()[:BROAD])
+    # ties go to the lowest bin; a neuron with every value outside the window gets its mean, with a warning
+    x = np.array([[0.015, 5.0, -0.004], [0.025, 7.0, -0.004], [0.031, 6.0, 0.011], [0.045, 9.0, 0.012]])
+    s = _stats(x, limit=1.0)
+    with caplog.at_level(logging.WARNING):
+        peak = s.peak()
+    assert "1 neurons have every value outside" in caplog.text
+    assert torch.equal(peak, centres.peak_at(s, s.eps))
+    assert peak.tolist() == [_numpy_peak(x[:, 0], EPS), 6.75, _numpy_peak(x[:, 2], EPS)]
+    assert peak[0].item() == pytest.approx(0.015) and peak[2].item() == pytest.approx(-0.005)
+
+
 def test_peak_at_lowest_coarse_bin_on_a_negative_grid():
     """The first coarse bin is floor(k_lo / m), also for negative k_lo not a multiple of m."""
     g = np.random.default_rng(4)

@@ -9,7 +9,7 @@ import torch
 import tiny
 from knockout import KnockoutError, capture, collect_stats, find_sites
 from knockout.data.text import causal_batches
-from knockout.stats import LayerStats, Statistics
+from knockout.stats import HistGrid, LayerStats, Statistics
 
 EPS = 0.05
 
@@ -214,6 +214,29 @@ def test_bad_input_errors():
         LayerStats(2).peak()
 
 
+def test_the_grid_is_checked_once_where_it_is_made(monkeypatch):
+    """A grid with a bad eps or limit is refused where it is made (a LayerStats built directly makes its own);
+    Statistics makes one, checked once, and its layers share it."""
+    from knockout.stats import running
+
+    for eps in (0, -0.1, float("nan"), float("inf"), "0.01"):
+        with pytest.raises(KnockoutError, match="eps"):
+            HistGrid(eps)
+    with pytest.raises(KnockoutError, match="limit"):
+        LayerStats(2, eps=0.1, limit=float("inf"))
+    with pytest.raises(KnockoutError, match="histogram bins per neuron"):
+        Statistics([2], eps=1e-9, limit=20.0)
+    with pytest.raises(TypeError, match="not both"):
+        LayerStats(2, eps=0.1, grid=HistGrid())
+    checks = []
+    real = running.check_hist_params
+    monkeypatch.setattr(running, "check_hist_params", lambda *a: checks.append(a) or real(*a))
+    stats = Statistics([3, 4, 5], eps=0.05, limit=2)
+    assert checks == [(0.05, 2)] and all(layer.grid is stats.grid for layer in stats.layers)
+    assert (stats.eps, stats.limit, stats.layers[1].eps, stats.layers[1].limit) == (0.05, 2.0, 0.05, 2.0)
+    assert (stats.grid.k_min, stats.grid.k_max) == (-40, 39) == (stats.layers[0].k_min, stats.layers[0].k_max)
+
+
 def test_save_load_round_trip_and_model_check(tmp_path):
     stats = Statistics([4, 4], eps=EPS, meta={"model": json.dumps({"name": "a", "widths": [4, 4]})})
     for layer in range(2):
@@ -291,8 +314,8 @@ def _aligned(hist: torch.Tensor, k_lo: int, lo: int, hi: int) -> torch.Tensor:
 
 
 def test_collected_statistics_merge_and_extend():
-    """``collect_stats`` runs the model in inference mode; its result must still merge and grow afterwards (it used
-    to hold inference tensors, so ``merge``/``add`` outside inference mode raised)."""
+    """``collect_stats`` runs the model in inference mode; its result must still merge and grow afterwards (its
+    tensors are ordinary ones: inference tensors would refuse ``merge``/``add`` outside inference mode)."""
     model = tiny.causal_lm("llama")
     sites = find_sites(model)
     g = torch.Generator().manual_seed(3)
@@ -315,11 +338,9 @@ def test_collected_statistics_merge_and_extend():
     assert whole.layers[0].count == before + 5
 
 
-def test_collect_stats_into_extends_and_sync_free_collection_is_the_same(monkeypatch):
+def test_collect_stats_into_extends_and_sync_free_collection_is_the_same():
     """``into`` continues a collection: batch 1, then batches 2.. into it, equals one collection of all batches bit
-    for bit; so does a collection whose layers count sync-free (the accelerator path, forced on the CPU; compared
-    with the torch path, as the compiled CPU update sums the moments in another order)."""
-    monkeypatch.setenv("KNOCKOUT_NATIVE", "0")
+    for bit; so does a collection whose layers count sync-free (the accelerator path, forced on the CPU)."""
     model = tiny.causal_lm("llama")
     sites = find_sites(model)
     g = torch.Generator().manual_seed(4)

@@ -91,11 +91,10 @@ class _NoHostReads:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_sync_free_counting_reads_nothing_back_and_equals_counting_with_reads(dtype, monkeypatch):
+def test_sync_free_counting_reads_nothing_back_and_equals_counting_with_reads(dtype):
     """``sync_free`` (the default on accelerators, forced here on the CPU) reads no value back in ``add``; after
-    ``finish`` every field equals the torch path with reads bit for bit, also when the two are mixed and when data is
-    merged in between. (The CPU's compiled update, off here, sums the moments in another order: test_stats_native.)"""
-    monkeypatch.setenv("KNOCKOUT_NATIVE", "0")
+    ``finish`` every field equals counting with reads bit for bit, also when the two are mixed and when data is
+    merged in between."""
     width = 5
     batches = [b.to(dtype) for b in _batches(width)]
     ref = LayerStats(width, eps=0.01, limit=2.0)
@@ -135,7 +134,6 @@ def test_sync_free_raises_on_nan_at_finish_and_keeps_an_empty_histogram_empty():
 
 
 def test_sync_free_falls_back_to_reads_when_the_buffer_does_not_fit(monkeypatch, caplog):
-    monkeypatch.setenv("KNOCKOUT_NATIVE", "0")  # the reference is the torch path (see above)
     width = 4
     real_zeros = torch.zeros
 

@@ -153,12 +153,12 @@ class PeakAtAblation(CentreAblation):
 
     def constants(self) -> list[torch.Tensor]:
         choice = self.eps_choice
-        if choice.kind == "abs":
-            eps = self.ctx.stats.eps
-            used = max(1, math.floor(choice.value / eps + 0.5)) * eps  # as centres.snapped_eps
+        if choice.kind == "abs" and self.ctx.stats.layers:
+            layer = self.ctx.stats.layers[0]  # every layer has the same grid
+            used = float(centres.snapped_eps(layer, choice.value)[0])
             if not math.isclose(used, choice.value, rel_tol=1e-9):
                 log.warning("%s: %g is not a multiple of the stored eps %g; using bins of %g", self.name,
-                            choice.value, eps, used)  # fmt: skip
+                            choice.value, layer.eps, used)  # fmt: skip
         return super().constants()
 
     def centre(self, stats):

@@ -20,7 +20,8 @@ Summary of the estimators and their error bounds (``eps`` = stored bin width):
   about ``eps`` of the same KDE computed on the raw values; within ``|bias| + z * SE`` of the true density mode,
   where ``SE ~ 0.8 h`` for a Gaussian-shaped peak (see :func:`mode`).
 - :func:`peak_at`: exactly the peak of the histogram on the global grid ``K * eps_new`` (``eps_new`` rounded to a
-  multiple of ``eps``).
+  multiple of ``eps``). At the stored ``eps`` it is *the* peak: :meth:`LayerStats.peak` is ``peak_at(stats,
+  stats.eps)``.
 - :func:`point_mass` / :func:`peak_without_point_masses`: a modal bin that holds more than 5 times its larger
   neighbour (an isolated spike), or whose excess over the bulk predicted from the bins around it is large,
   significant and confined to that bin (a spike on a bulk), is a point mass; no Gaussian of any width is flagged.
@@ -30,11 +31,14 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from knockout.errors import KnockoutError
-from knockout.stats.running import LayerStats
+
+if TYPE_CHECKING:  # running imports this module (LayerStats.peak is peak_at)
+    from knockout.stats.running import LayerStats
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +63,14 @@ def _check_nonempty(stats: LayerStats) -> None:
         raise KnockoutError("statistics are empty: no tokens were collected")
 
 
+def _centre(k: torch.Tensor, width: torch.Tensor | float) -> torch.Tensor:
+    """Centre ``(k + 0.5) * width`` (float64) of bin ``k`` (int64) of the grid of bins ``width`` wide."""
+    return (k.to(torch.float64) + 0.5) * width
+
+
 def _bin_centres(stats: LayerStats, j: torch.Tensor) -> torch.Tensor:
-    """Centre of stored column ``j`` (any shape, int64) as float64; same arithmetic as ``LayerStats.peak``."""
-    return ((j + stats.k_lo).to(torch.float64) + 0.5) * stats.eps
+    """Centre of stored column ``j`` (any shape, int64) as float64."""
+    return _centre(j + stats.k_lo, stats.eps)
 
 
 # -- quantiles ------------------------------------------------------------------------------------------------
@@ -182,7 +191,7 @@ def _rebin_factor(stats: LayerStats, eps_new: torch.Tensor | float, warn: bool =
 
 
 def _empty_fallback(stats: LayerStats, peak: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
-    """Neurons with no value inside the window get their mean, with a warning (as ``LayerStats.peak``)."""
+    """Neurons with no value inside the window get their mean, with a warning (the peaks' fallback)."""
     if empty.any():
         log.warning(
             "%d neurons have every value outside ±%g; using their mean as the peak", int(empty.sum()), stats.limit
@@ -192,16 +201,17 @@ def _empty_fallback(stats: LayerStats, peak: torch.Tensor, empty: torch.Tensor) 
 
 
 def peak_at(stats: LayerStats, eps_new: torch.Tensor | float) -> torch.Tensor:
-    """``[width]`` peak (centre of the most populated bin, lowest on ties) for bin width ``eps_new`` (a float or a
-    ``[width]`` tensor, e.g. from :func:`fd_eps` or :func:`relative_eps`), re-binned from the stored histogram.
+    """``[width]`` peak (centre of the most populated bin, lowest on ties, as ``numpy.argmax``) for bin width
+    ``eps_new`` (a float or a ``[width]`` tensor, e.g. from :func:`fd_eps` or :func:`relative_eps`), re-binned from
+    the stored histogram. At the stored ``eps`` it is the stored histogram's peak, :meth:`LayerStats.peak`.
 
     A coarse bin ``K`` covers ``[K * w, (K + 1) * w)`` with ``w = m * eps`` (see :func:`snapped_eps`): the union of
     stored bins ``K * m .. K * m + m - 1``, because ``floor(floor(x / eps) / m) = floor(x / (m eps))``. So the result
     equals the argmax of a histogram of the raw values on the global grid ``K * w``: independent of the order of the
-    data, and ``peak_at(stats, stats.eps)`` equals ``stats.peak()``. A width that is not a multiple of ``eps`` is
-    rounded to the nearest multiple (at least ``eps``, with a warning for widths under ``eps / 2``). Clipped values
-    are not counted: a coarse bin straddling the window edge holds only its in-window part. Neurons with no value in
-    the window get their mean (as ``LayerStats.peak``); a NaN width gives a NaN peak.
+    data. A width that is not a multiple of ``eps`` is rounded to the nearest multiple (at least ``eps``, with a
+    warning for widths under ``eps / 2``). Clipped values are not counted: a coarse bin straddling the window edge
+    holds only its in-window part. Neurons with no value in the window get their mean, with a warning; a NaN width
+    gives a NaN peak.
     """
     _check_nonempty(stats)
     m = _rebin_factor(stats, eps_new)
@@ -211,16 +221,19 @@ def peak_at(stats: LayerStats, eps_new: torch.Tensor | float) -> torch.Tensor:
         return stats.mean.clone()
     m = m.clamp(min=1)
     n_bins, k_lo = stats.n_bins, stats.k_lo
-    big_lo = torch.div(torch.full_like(m, k_lo), m, rounding_mode="floor")  # [width] first coarse bin
-    big_hi = torch.div(torch.full_like(m, k_lo + n_bins - 1), m, rounding_mode="floor")
-    n_coarse = int((big_hi - big_lo).max()) + 1
-    big = big_lo[:, None] + torch.arange(n_coarse, device=m.device)  # [width, n_coarse] coarse bin index
-    start = (big * m[:, None] - k_lo).clamp(0, n_bins)
-    end = ((big + 1) * m[:, None] - k_lo).clamp(0, n_bins)
-    cum = torch.nn.functional.pad(stats.hist.cumsum(1), (1, 0))  # [width, n_bins + 1]
-    counts = cum.gather(1, end) - cum.gather(1, start)  # [width, n_coarse]; 0 past a neuron's last coarse bin
-    best = big_lo + counts.argmax(1)
-    peak = (best.to(torch.float64) + 0.5) * (m.to(torch.float64) * stats.eps)
+    if bool((m == 1).all()):  # the stored bins themselves
+        best = k_lo + stats.hist.argmax(1)
+    else:
+        big_lo = torch.div(torch.full_like(m, k_lo), m, rounding_mode="floor")  # [width] first coarse bin
+        big_hi = torch.div(torch.full_like(m, k_lo + n_bins - 1), m, rounding_mode="floor")
+        n_coarse = int((big_hi - big_lo).max()) + 1
+        big = big_lo[:, None] + torch.arange(n_coarse, device=m.device)  # [width, n_coarse] coarse bin index
+        start = (big * m[:, None] - k_lo).clamp(0, n_bins)
+        end = ((big + 1) * m[:, None] - k_lo).clamp(0, n_bins)
+        cum = torch.nn.functional.pad(stats.hist.cumsum(1), (1, 0))  # [width, n_bins + 1]
+        counts = cum.gather(1, end) - cum.gather(1, start)  # [width, n_coarse]; 0 past a neuron's last coarse bin
+        best = big_lo + counts.argmax(1)
+    peak = _centre(best, m.to(torch.float64) * stats.eps)
     peak = _empty_fallback(stats, peak, stats.hist.sum(1) == 0)
     peak[nan] = math.nan
     return peak

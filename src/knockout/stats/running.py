@@ -15,11 +15,11 @@ one pass over all of it.
 
 Defaults: ``eps = 0.01`` and ``limit = 20.0`` (at most 4000 bins per neuron). Pre-out activations of the models we
 ran sit well inside ±20; the clipped fraction is stored, and a warning names layers where more than 0.1% of values
-were clipped. Override with ``--eps`` / ``--hist-limit``.
+were clipped. Override with ``--eps`` / ``--hist-limit``. The pair is a :class:`HistGrid`, checked when it is made.
 
 The peak of a neuron is the centre ``(k + 0.5) * eps`` of its most populated bin (the lowest such bin on ties, as
-``numpy.argmax``). Mean and variance: each batch's in float64 (two passes), merged with Chan et al.'s pairwise
-update.
+``numpy.argmax``), computed by :func:`knockout.stats.centres.peak_at`. Mean and variance: each batch's in float64
+(two passes), merged with Chan et al.'s pairwise update.
 
 Device and precision
 --------------------
@@ -27,28 +27,30 @@ The statistics live on the device of the activations they are given (the model's
 when a model is split over devices) and are kept in float64 (moments, min, max) and int64 (counts), also for
 float16/bfloat16 models, whose activations are widened to float32 first (exactly).
 
-On the CPU, :meth:`LayerStats.add` reads three numbers per call (all finite?, lowest and highest bin of the batch)
-that decide whether the stored bins must grow; a batch with values outside the window reads once more. There a
-float32 batch inside the window is counted by a compiled kernel (:mod:`knockout.stats.native`; the same counts,
-moments to float64 rounding), the torch code below does the rest and runs where no C compiler is found. On an
-accelerator (``sync_free``, the default off the CPU) it reads nothing back: it counts into a buffer over the whole
-window (``2 * limit / eps`` bins per neuron, 8 bytes each), and :meth:`LayerStats.finish`, called once at the end
-of a collection, raises if any batch held NaN/inf and trims the histogram to the bins in use, bit for bit what
-counting with reads stores. :func:`knockout.stats.collect_stats` selects the non-padding positions with an index
-found on the host before the batch moves to the device, so a collection on an accelerator waits for the device
-only at its end.
+:meth:`LayerStats.add` is a few vectorised passes over the batch: per-neuron minimum and maximum; the moments (a
+float64 copy, its sum, the squared deviations and their sum); the bins ``floor(x / eps)`` turned into flat (int32)
+indices of a ``[width, n_bins]`` table and counted. On the CPU one ``bincount`` counts them and the counts are added
+to the histogram; ``add`` reads the batch's lowest and highest value and their ``x / eps`` once per call (all
+finite? which bins?), which decide whether the stored bins must grow, and a batch with values outside the window
+reads once more. On an accelerator (``sync_free``, the default off the CPU) it reads nothing back: it counts into a
+buffer over the whole window (``2 * limit / eps`` bins per neuron, 8 bytes each), and :meth:`LayerStats.finish`,
+called once at the end of a collection, raises if any batch held NaN/inf and trims the histogram to the bins in
+use, bit for bit what counting with reads stores. :func:`knockout.stats.collect_stats` selects the non-padding
+positions with an index found on the host before the batch moves to the device, so a collection on an accelerator
+waits for the device only at its end.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from knockout.errors import KnockoutError
-from knockout.stats import native
+from knockout.stats import centres
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +109,8 @@ def merge_moments(
     n_a: int, mean_a: torch.Tensor, m2_a: torch.Tensor, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor
 ) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Count, mean and sum of squared deviations of two parts together (Chan et al.'s pairwise update, float64):
-    :meth:`LayerStats.add` and ``merge`` use it, and so does the all-reduce of :mod:`knockout.distributed`, so that
-    sharded statistics take the same operations in the same order. ``n_b`` must be positive."""
+    the one update of :meth:`LayerStats.add` and :meth:`LayerStats.merge` (and so of the all-reduce of
+    :mod:`knockout.distributed`, which merges). ``n_b`` must be positive."""
     n = n_a + n_b
     delta = mean_b - mean_a
     mean = mean_a + delta * (n_b / n)
@@ -116,51 +118,97 @@ def merge_moments(
     return n, mean, m2
 
 
-@dataclass
-class LayerStats:
-    """Statistics of one layer's ``width`` neurons. Feed ``[n_tokens, width]`` batches to :meth:`add`."""
+@dataclass(frozen=True)
+class HistGrid:
+    """The histogram grid of a collection, the same for every neuron and layer: bin ``k`` covers
+    ``[k * eps, (k + 1) * eps)``, and bins ``k_min .. k_max`` cover the window ``[-limit, limit)``. Checked
+    (:func:`check_hist_params`) once, when it is made; :class:`~knockout.stats.Statistics` makes one and shares it
+    with its layers."""
 
-    width: int
     eps: float = DEFAULT_EPS
+    """Bin width."""
     limit: float = DEFAULT_LIMIT
-    count: int = 0
-    mean: torch.Tensor = field(default=None)  # [width] float64
-    m2: torch.Tensor = field(default=None)  # [width] float64, sum of squared deviations
-    min: torch.Tensor = field(default=None)  # [width] float64
-    max: torch.Tensor = field(default=None)  # [width] float64
-    hist: torch.Tensor = field(default=None)  # [width, n_bins] int64, bin k_lo + j in column j
-    k_lo: int = 0
-    under: torch.Tensor = field(default=None)  # [width] int64, values < -limit
-    over: torch.Tensor = field(default=None)  # [width] int64, values >= limit
-    sync_free: bool | None = None
-    """Count without reading back from the device (see "Device and precision" above). ``None``: on accelerators,
-    not on the CPU (where a read costs nothing). Not part of the state."""
+    """Half-width of the window; values outside it are counted in ``under`` / ``over``, not binned."""
 
     def __post_init__(self):
         check_hist_params(self.eps, self.limit)
-        z = lambda dtype: torch.zeros(self.width, dtype=dtype)  # noqa: E731
-        self.mean = z(torch.float64) if self.mean is None else self.mean
-        self.m2 = z(torch.float64) if self.m2 is None else self.m2
-        self.min = torch.full((self.width,), math.inf, dtype=torch.float64) if self.min is None else self.min
-        self.max = torch.full((self.width,), -math.inf, dtype=torch.float64) if self.max is None else self.max
-        self.hist = torch.zeros(self.width, 0, dtype=torch.int64) if self.hist is None else self.hist
-        self.under = z(torch.int64) if self.under is None else self.under
-        self.over = z(torch.int64) if self.over is None else self.over
+        object.__setattr__(self, "eps", float(self.eps))
+        object.__setattr__(self, "limit", float(self.limit))
+
+    @cached_property
+    def k_min(self) -> int:
+        """Lowest bin index of the window: bin ``k_min`` starts at ``-limit``."""
+        return math.floor(-self.limit / self.eps + 1e-9)
+
+    @cached_property
+    def k_max(self) -> int:
+        """Highest bin index of the window (its upper edge is ``limit``)."""
+        return math.ceil(self.limit / self.eps - 1e-9) - 1
+
+
+class LayerStats:
+    """Statistics of one layer's ``width`` neurons. Feed ``[n_tokens, width]`` batches to :meth:`add`.
+
+    The grid is ``grid`` (shared, already checked) or, without it, a new :class:`HistGrid` of ``eps`` and ``limit``.
+    """
+
+    #: The tensors that, with ``count`` and ``k_lo``, are the whole state (``width`` and the grid are settings).
+    TENSORS = ("mean", "m2", "min", "max", "hist", "under", "over")
+
+    def __init__(
+        self,
+        width: int,
+        eps: float | None = None,
+        limit: float | None = None,
+        *,
+        grid: HistGrid | None = None,
+        sync_free: bool | None = None,
+    ):
+        if grid is None:
+            grid = HistGrid(DEFAULT_EPS if eps is None else eps, DEFAULT_LIMIT if limit is None else limit)
+        elif eps is not None or limit is not None:
+            raise TypeError("give either eps and limit or a grid, not both")
+        self.width = width
+        self.grid = grid
+        self.sync_free = sync_free
+        """Count without reading back from the device (see "Device and precision" above). ``None``: on
+        accelerators, not on the CPU (where a read costs nothing). Not part of the state."""
+        self.count = 0
+        self.mean = torch.zeros(width, dtype=torch.float64)
+        self.m2 = torch.zeros(width, dtype=torch.float64)  # sum of squared deviations from the mean
+        self.min = torch.full((width,), math.inf, dtype=torch.float64)
+        self.max = torch.full((width,), -math.inf, dtype=torch.float64)
+        self.hist = torch.zeros(width, 0, dtype=torch.int64)  # [width, n_bins], bin k_lo + j in column j
+        self.k_lo = 0
+        self.under = torch.zeros(width, dtype=torch.int64)  # values < -limit
+        self.over = torch.zeros(width, dtype=torch.int64)  # values >= limit
         self._buf: torch.Tensor | None = None  # sync-free counting: [width, window + 2], under | hist | over
         self._buf_k_lo = 0  # k_lo before the buffer was made (kept if the buffer ends up empty)
         self._nonfinite: torch.Tensor | None = None  # sync-free: number of batches with a NaN/inf, on the device
         self._eps: dict = {}  # eps as a 0-dim tensor per (dtype, device), see _bins
+        self._offsets: dict = {}  # flat-index offsets per (base, n_cols, dtype, device), see _flat_index
+
+    def __repr__(self) -> str:
+        return f"LayerStats(width={self.width}, eps={self.eps}, limit={self.limit}, count={self.count})"
 
     # -- grid -------------------------------------------------------------------------------------------------
     @property
+    def eps(self) -> float:
+        return self.grid.eps
+
+    @property
+    def limit(self) -> float:
+        return self.grid.limit
+
+    @property
     def k_min(self) -> int:
         """Lowest bin index the grid may hold: bin ``k_min`` starts at ``-limit``."""
-        return math.floor(-self.limit / self.eps + 1e-9)
+        return self.grid.k_min
 
     @property
     def k_max(self) -> int:
         """Highest bin index the grid may hold (its upper edge is ``limit``)."""
-        return math.ceil(self.limit / self.eps - 1e-9) - 1
+        return self.grid.k_max
 
     @property
     def n_bins(self) -> int:
@@ -198,8 +246,6 @@ class LayerStats:
         self._to(x.device)
         if sync_free and self._buf is None:
             sync_free = self._start_buffer()
-        if not sync_free and native.usable(x) and self._add_native(x.contiguous()):
-            return
         x_min, x_max = x.amin(0), x.amax(0)  # [width] in x's dtype
         ends = torch.stack([x_min.min(), x_max.max()])
         if sync_free:
@@ -223,22 +269,6 @@ class LayerStats:
             self._count_into_buffer(x)
         else:
             self._add_to_histogram(x, lo, hi)
-
-    def _add_native(self, x: torch.Tensor) -> bool:
-        """The update of a float32 batch by the compiled kernel (:mod:`knockout.stats.native`): the counts, extremes
-        and checks of the torch path, its moments up to float64 rounding. False, with nothing changed, for a batch
-        with values outside the window (the torch path takes it)."""
-        mean, x_min, x_max, bad = native.pass1(x)
-        if bad:
-            raise KnockoutError(NONFINITE)
-        _, lo, hi = self._read_ends(torch.stack([x_min.min(), x_max.max()]))
-        if lo < self.k_min or hi > self.k_max:
-            return False
-        self._grow(lo, hi)
-        self.hist = self.hist.contiguous()
-        m2 = native.pass2(x, mean, self.eps, self.k_min, self.k_max, self.k_lo, self.hist, self.under, self.over)
-        self._merge(x.shape[0], mean, m2, x_min, x_max)
-        return True
 
     def finish(self) -> None:
         """Settle what sync-free counting left on the device: raise if a batch held NaN/inf, and store the
@@ -293,12 +323,28 @@ class LayerStats:
 
     def _read_ends(self, ends: torch.Tensor) -> tuple[bool, int, int]:
         """``(all finite, lowest bin, highest bin)`` of a batch whose lowest and highest values are ``ends``: one
-        transfer to the host. A bin beyond the window is reported as ``k_min - 1`` / ``k_max + 1``."""
-        k = self._bins(ends).clamp_(self.k_min - 1, self.k_max + 1)  # NaN stays NaN
-        lo, hi, *values = torch.cat([k, ends]).tolist()
-        if not all(math.isfinite(v) for v in values):
+        transfer to the host (the values and their ``x / eps``, floored here: the same bins as :meth:`_bins`). A bin
+        beyond the window (or an ``x / eps`` beyond the dtype's range) is reported as ``k_min - 1`` / ``k_max + 1``."""
+        lo, hi, q_lo, q_hi = torch.cat([ends, ends / self._eps_as(ends)]).tolist()
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             return False, 0, 0
-        return True, int(lo), int(hi)
+        return True, self._clamped_bin(q_lo), self._clamped_bin(q_hi)
+
+    def _clamped_bin(self, q: float) -> int:
+        """``floor(q)`` clamped to ``k_min - 1 .. k_max + 1`` (``q`` may be infinite)."""
+        if q < self.k_min:
+            return self.k_min - 1
+        if q >= self.k_max + 1:
+            return self.k_max + 1
+        return math.floor(q)
+
+    def _eps_as(self, x: torch.Tensor) -> torch.Tensor:
+        """``eps`` as a 0-dim tensor of x's dtype on x's device (made once per dtype and device)."""
+        key = (x.dtype, x.device)
+        eps = self._eps.get(key)
+        if eps is None:
+            eps = self._eps[key] = torch.tensor(self.eps, dtype=x.dtype, device=x.device)
+        return eps
 
     def _bins(self, x: torch.Tensor) -> torch.Tensor:
         """Bin index ``floor(x / eps)`` of every value of ``x``, computed in x's float dtype: a new tensor of whole
@@ -307,11 +353,7 @@ class LayerStats:
         below / above the window."""
         # Divided by eps as a tensor on x's device: CUDA multiplies by the reciprocal of a Python-number divisor,
         # which can move a value on a bin edge into the next bin; this keeps the bins of every device the same.
-        key = (x.dtype, x.device)
-        eps = self._eps.get(key)
-        if eps is None:
-            eps = self._eps[key] = torch.tensor(self.eps, dtype=x.dtype, device=x.device)
-        return (x / eps).floor_()
+        return (x / self._eps_as(x)).floor_()
 
     def _add_to_histogram(self, x: torch.Tensor, lo: int, hi: int) -> None:
         """Count ``x: [n, width]`` (finite) into the histogram; ``lo``/``hi``: the lowest/highest bin of x."""
@@ -350,19 +392,25 @@ class LayerStats:
         bound = self.width * n_cols + abs(base) + n_cols  # above any number formed here
         exact = k.is_floating_point() and bound <= 2 / torch.finfo(k.dtype).eps
         index = torch.int32 if bound < 2**31 else torch.int64
-        offsets = torch.arange(self.width, device=k.device, dtype=k.dtype if exact else index) * n_cols - base
+        dtype = k.dtype if exact else index
+        key = (base, n_cols, dtype, k.device)
+        offsets = self._offsets.get(key)
+        if offsets is None:  # j * n_cols - base; the same few keys come back batch after batch
+            if len(self._offsets) >= 8:
+                self._offsets.clear()
+            offsets = self._offsets[key] = torch.arange(self.width, device=k.device, dtype=dtype) * n_cols - base
         return k.add_(offsets).to(index) if exact else k.to(index).add_(offsets)
 
     def _merge(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor, min_b: torch.Tensor, max_b: torch.Tensor):
         """Fold in the summary of ``n_b`` more values: their mean and sum of squared deviations (float64; Chan et
         al.'s pairwise update), minimum and maximum (any float dtype)."""
-        self.min = torch.minimum(self.min, min_b.double())
-        self.max = torch.maximum(self.max, max_b.double())
+        torch.minimum(self.min, min_b, out=self.min)
+        torch.maximum(self.max, max_b, out=self.max)
         self.count, self.mean, self.m2 = merge_moments(self.count, self.mean, self.m2, n_b, mean_b, m2_b)
 
     def merge(self, other: LayerStats) -> None:
         """Add the data of ``other`` (same width, eps and limit) to this one."""
-        if (other.width, other.eps, other.limit) != (self.width, self.eps, self.limit):
+        if (other.width, other.grid) != (self.width, self.grid):
             raise KnockoutError(
                 f"cannot merge statistics with width/eps/limit {(other.width, other.eps, other.limit)} into "
                 f"{(self.width, self.eps, self.limit)}: collect both with the same --eps and --hist-limit"
@@ -387,9 +435,6 @@ class LayerStats:
                 setattr(self, name, getattr(self, name).to(device))
 
     # -- state ------------------------------------------------------------------------------------------------
-    #: The tensors that, with ``count`` and ``k_lo``, are the whole state (``width``, ``eps``, ``limit`` are settings).
-    TENSORS = ("mean", "m2", "min", "max", "hist", "under", "over")
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every field needed to rebuild these statistics (as baukit's runningstats), on the statistics' device."""
         self.finish()
@@ -423,22 +468,10 @@ class LayerStats:
         return float((self.under + self.over).sum()) / max(self.count * self.width, 1)
 
     def peak(self) -> torch.Tensor:
-        """``[width]`` centre of each neuron's most populated bin (float64).
+        """``[width]`` centre of each neuron's most populated bin (float64; the lowest such bin on ties, as
+        ``numpy.argmax``): :func:`knockout.stats.centres.peak_at` at the stored ``eps``.
 
         A neuron with no value inside the window (all clipped) has no peak; its mean is used and a warning given.
         """
-        if self.count == 0:
-            raise KnockoutError("statistics are empty: no tokens were collected")
         self.finish()
-        if self.n_bins == 0:
-            log.warning("no value fell inside ±%g; using the mean as the peak", self.limit)
-            return self.mean.clone()
-        k = self.hist.argmax(1) + self.k_lo
-        peak = (k.to(torch.float64) + 0.5) * self.eps
-        empty = self.hist.sum(1) == 0
-        if empty.any():
-            log.warning(
-                "%d neurons have every value outside ±%g; using their mean as the peak", int(empty.sum()), self.limit
-            )
-            peak[empty] = self.mean[empty]
-        return peak
+        return centres.peak_at(self, self.eps)

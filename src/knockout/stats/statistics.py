@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save
 
 from knockout.errors import KnockoutError
 from knockout.runfolder import CHECKSUM_KEY, tensors_sha256, verify_checksum, write_atomic
-from knockout.stats.running import DEFAULT_EPS, DEFAULT_LIMIT, LayerStats, check_hist_params
+from knockout.stats.running import DEFAULT_EPS, DEFAULT_LIMIT, HistGrid, LayerStats
 
 FORMAT = "knockout.stats/1"
 
@@ -25,10 +25,17 @@ class Statistics:
     """
 
     def __init__(self, widths: list[int], eps: float = DEFAULT_EPS, limit: float = DEFAULT_LIMIT, meta=None):
-        check_hist_params(eps, limit)
-        self.eps, self.limit = float(eps), float(limit)
-        self.layers = [LayerStats(w, eps=self.eps, limit=self.limit) for w in widths]
+        self.grid = HistGrid(eps, limit)  # checked here, once, and shared by the layers
+        self.layers = [LayerStats(w, grid=self.grid) for w in widths]
         self.meta: dict[str, str] = dict(meta or {})
+
+    @property
+    def eps(self) -> float:
+        return self.grid.eps
+
+    @property
+    def limit(self) -> float:
+        return self.grid.limit
 
     def __len__(self) -> int:
         return len(self.layers)
