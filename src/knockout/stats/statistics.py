@@ -117,7 +117,6 @@ class Statistics:
     def check_model(self, identity: dict, source: str = "statistics") -> None:
         """Raise if these statistics were collected on a model other than ``identity`` describes."""
         mine = json.loads(self.meta.get("model", "{}"))
-        mine.setdefault("site", "attention")  # files from before the MLP site existed are of the attention site
         diff = {k: (mine.get(k), v) for k, v in identity.items() if mine.get(k) != v}
         if diff:
             detail = "; ".join(f"{k}: file has {a!r}, model has {b!r}" for k, (a, b) in diff.items())
