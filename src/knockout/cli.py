@@ -53,6 +53,16 @@ def _seeds(text: str) -> list[int] | str:
         raise argparse.ArgumentTypeError(f"expected integers like 0,1,2 or 'auto', got {text!r}") from None
 
 
+def _float_or_auto(text: str) -> float | str:
+    """A number, or ``auto``."""
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -76,6 +86,7 @@ _KINDS = {
     "str": str,
     "int": int,
     "float": float,
+    "float_or_auto": _float_or_auto,
     "floats": _floats,
     "ints": _ints,
     "seeds": _seeds,

@@ -26,7 +26,9 @@ How a run uses it::
 
 or the two wrappers :func:`collect_stats_sharded` and :func:`evaluate_sharded`, which also pass the *global* batch
 index to ``on_batch`` (resampling ablations seed their random inputs by batch index, so a rank must not number its
-share from 0) and accept a rank whose share is empty.
+share from 0) and accept a rank whose share is empty. :func:`collect_stats_sharded` also keeps the collection's two
+halves apart until they are all-reduced, so its statistics carry the halves' centres
+(:meth:`~knockout.stats.Statistics.from_halves`), which a merge of whole statistics drops.
 
 Sharding is round-robin: rank ``r`` of ``w`` takes items ``r, r + w, r + 2w, ...``. Batches built from length-sorted
 or grouped documents then spread evenly over the ranks, and the union over ranks is every item exactly once. The
@@ -57,7 +59,7 @@ from knockout.errors import KnockoutError
 from knockout.evaluation.evaluate import evaluate
 from knockout.evaluation.metrics import Metrics
 from knockout.sites import Site
-from knockout.stats.collect import collect_stats
+from knockout.stats.collect import collect_halves
 from knockout.stats.running import LayerStats
 from knockout.stats.statistics import Statistics
 
@@ -218,7 +220,7 @@ def all_reduce_statistics(stats: Statistics) -> Statistics:
                     f"rank {r} collected statistics with widths/eps/limit {(h['widths'], h['eps'], h['limit'])}, "
                     f"rank {rank} with {(stats.widths, stats.eps, stats.limit)}: every rank must use the same settings"
                 )
-        out = Statistics(stats.widths, eps=stats.eps, limit=stats.limit, meta=headers[0]["meta"])
+        out = Statistics(stats.widths, meta=headers[0]["meta"], grid=stats.grid)
         for mine, res in zip(stats.layers, out.layers):
             home = mine.mean.device
             res.load_state_dict({k: t.to(home) for k, t in res.state_dict().items()})  # empty, on the layer's device
@@ -281,10 +283,13 @@ def collect_stats_sharded(
     model: torch.nn.Module, sites: Sequence[Site], batches: Sequence[Batch], **kwargs
 ) -> Statistics:
     """:func:`~knockout.stats.collect_stats` on this rank's share of ``batches``, all-reduced over ranks. The same
-    as ``collect_stats(model, sites, batches, **kwargs)`` in a single-process run. The progress bar (unless
-    ``progress`` is given) is shown on rank 0 only."""
+    as ``collect_stats(model, sites, batches, **kwargs)`` in a single-process run. Each half of the collection (its
+    even- and odd-numbered batches, by their index in ``batches``) is all-reduced on its own before the halves are
+    merged. The progress bar (unless ``progress`` is given) is shown on rank 0 only."""
     kwargs.setdefault("progress", is_main())
-    return all_reduce_statistics(collect_stats(model, sites, shard(batches), **kwargs))
+    idx = shard_indices(len(batches))
+    half_a, half_b = collect_halves(model, sites, [batches[i] for i in idx], batch_index=idx, **kwargs)
+    return Statistics.from_halves(all_reduce_statistics(half_a), all_reduce_statistics(half_b))
 
 
 def evaluate_sharded(

@@ -21,8 +21,8 @@ from knockout.errors import KnockoutError
 
 #: How a flag's text is parsed (see ``knockout.cli``): ``str``, ``int``, ``float``, ``floats`` (``0,0.5,1`` or
 #: ``start:stop:step``), ``ints``, ``seeds`` (``ints`` or ``auto``), ``names`` (comma-separated),
-#: ``method_fractions``, ``bool`` (``--flag`` / ``--no-flag``).
-KINDS = ("str", "int", "float", "floats", "ints", "seeds", "names", "method_fractions", "bool")
+#: ``method_fractions``, ``bool`` (``--flag`` / ``--no-flag``), ``float_or_auto`` (a number or ``auto``).
+KINDS = ("str", "int", "float", "floats", "ints", "seeds", "names", "method_fractions", "bool", "float_or_auto")
 
 
 def setting(

@@ -171,7 +171,7 @@ def test_layouts_and_metadata(run, tmp_path):
         meta = f.metadata()
         assert {k: f.get_tensor(k) for k in f.keys()}.keys() == tl.keys()
     settings = json.loads(meta["statistics"])
-    assert (settings["eps"], settings["limit"]) == (cfg.eps, cfg.hist_limit)
+    assert (settings["eps"], settings["limit"]) == (stats.eps, stats.limit)  # the window used (auto: a number)
     assert (settings["stats_tokens"], settings["data"], settings["max_length"]) == (320, cfg.data, 40)
     assert meta["model"] == cfg.model and json.loads(meta["model_identity"])["widths"] == [32, 32]
     assert (meta["tool"], meta["method"], meta["site"]) == ("transformerlens", "peak", "attention")

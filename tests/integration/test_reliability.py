@@ -93,7 +93,7 @@ CASES = [
     (["--fractions", "-0.1,0.5"], "between 0 and 1"),
     (["--eps", "-1"], "eps must be a positive"),
     (["--eps", "nan"], "eps must be a positive"),
-    (["--eps", "0.000004"], "histogram bins per neuron"),
+    (["--eps", "0.000004", "--hist-limit", "20"], "histogram bins per neuron"),
     (["--methods", "nosuch"], "unknown ablation method"),
     (["--eval-tokens", "0"], "eval_tokens must be a positive"),
     (["--stats-tokens", "0"], "stats_tokens must be a positive"),

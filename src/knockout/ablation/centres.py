@@ -2,6 +2,9 @@
 
 * ``median``: the median of all values, from the histogram (within ``eps`` of the sample median).
 * ``mode``: the maximum of a Gaussian kernel density estimate with Silverman's bandwidth (no bin width).
+* ``peak-smooth``: the maximum of the histogram smoothed with a Gaussian kernel of half Silverman's bandwidth (at
+  least 2 eps), refined between bins: the peak, made stable against rounding of the activations (``peak`` takes
+  the lowest of exactly tied bins, as ``numpy.argmax``, so one value crossing a bin edge can move it far).
 * ``peak-nopm``: the peak after removing point masses (a modal bin that is a thin spike, not the top of a bulk).
 * ``peak@EPS``: the peak with another bin width, one row per width, re-binned from the stored histogram:
   ``peak@0.05`` (absolute width, rounded to a multiple of the stored eps), ``peak@fd`` (Freedman–Diaconis per
@@ -12,7 +15,7 @@ None of these ever ablates to NaN: a neuron whose centre is undefined (e.g. its 
 window) makes the method raise a :class:`KnockoutError` naming the layer and the neuron.
 
 None is in ``methods="all"`` (:attr:`~knockout.ablation.methods.AblationMethod.in_all`): ask for them by name,
-e.g. ``--methods zero,mean,peak,median,mode,peak-nopm,peak@0.05,peak@fd``.
+e.g. ``--methods zero,mean,peak,peak-smooth,median,mode,peak-nopm,peak@0.05,peak@fd``.
 """
 
 from __future__ import annotations
@@ -83,6 +86,15 @@ class ModeAblation(CentreAblation):
 
     def centre(self, stats):
         return centres.mode(stats)
+
+
+@register("peak-smooth")
+class PeakSmoothAblation(CentreAblation):
+    """z_i := peak of z_i's histogram lightly smoothed (Gaussian kernel, half Silverman's width, at least 2 eps),
+    to sub-bin precision: a peak that rounding of the activations cannot move."""
+
+    def centre(self, stats):
+        return centres.peak_smooth(stats)
 
 
 @register("peak-nopm")

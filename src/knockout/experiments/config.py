@@ -136,10 +136,13 @@ class SweepConfig:
         kind="bool",
     )
     eps: float = setting(DEFAULT_EPS, "histogram bin width for the peak", "data", kind="float")
-    hist_limit: float = setting(
-        DEFAULT_LIMIT, "histogram window [-limit, limit); values outside are left out of the peak", "data",
-        kind="float",
-    )  # fmt: skip
+    hist_limit: float | str = setting(
+        DEFAULT_LIMIT,
+        "histogram window [-limit, limit); values outside are left out of the peak. auto: as wide as the memory caps "
+        "allow for this model and eps (docs/centres.md), so no neuron's values are clipped in practice",
+        "data",
+        kind="float_or_auto",
+    )
     selection: str = setting(
         "per-layer",
         "per-layer (the paper's) or global neurons, or whole attention heads: heads-per-layer or heads-global",

@@ -44,7 +44,15 @@ from knockout.loading import DTYPES, LoadedModel, load_model, resolve_device
 from knockout.reporting.results import RunResults, load_run
 from knockout.runfolder import ResultRow, ResultStore
 from knockout.stats import centres
-from knockout.stats.running import LayerStats, check_hist_memory
+from knockout.stats.running import (
+    HistGrid,
+    LayerStats,
+    check_hist_memory,
+    clip_remedy,
+    describe_window,
+    hist_bytes,
+    size_text,
+)
 from knockout.stats.statistics import Statistics
 
 log = logging.getLogger(__name__)
@@ -57,6 +65,7 @@ def collect_run_stats(run: Prepared, progress: bool = True) -> Statistics:
     (:func:`knockout.distributed.collect_stats_sharded`): every rank returns the statistics of all batches."""
     cfg = run.cfg
     check_hist_memory([s.width for s in run.sites], cfg.eps, cfg.hist_limit)
+    log.info("statistics: %s", describe_window([s.width for s in run.sites], cfg.eps, cfg.hist_limit))
     batches = stats_batches(run.spec, run.inputs)
     if run.inputs.task != "image":
         log.info("statistics: %.1f%% of the computed positions are counted", 100 * scored_fraction(batches, "valid"))
@@ -76,10 +85,11 @@ def obtain_stats(run: Prepared, progress: bool = True) -> tuple[Statistics, bool
     if source is not None:
         stats = Statistics.load(source)
         check_stats_source(stats, run, source, given=source != path)
-        if (stats.eps, stats.limit) != (cfg.eps, cfg.hist_limit):
+        if stats.grid != HistGrid.of(cfg.eps, cfg.hist_limit, stats.widths):
+            limit = "auto" if stats.grid.auto else stats.limit
             raise KnockoutError(
-                f"statistics in {str(source)!r} use eps={stats.eps}, hist limit={stats.limit}; "
-                f"pass --eps {stats.eps} --hist-limit {stats.limit} or recollect them"
+                f"statistics in {str(source)!r} use eps={stats.eps}, hist limit={limit}; "
+                f"pass --eps {stats.eps} --hist-limit {limit} or recollect them"
             )
         log.info("using statistics from %s (%d tokens)", source, stats.n_tokens)
     else:
@@ -94,10 +104,11 @@ def warn_clipped(stats: Statistics) -> None:
     for i, layer in enumerate(stats.layers):
         if layer.clipped_fraction > 1e-3:
             log.warning(
-                "layer %d: %.2f%% of activations lie outside ±%g and are left out of the peak; raise --hist-limit",
+                "layer %d: %.2f%% of activations lie outside ±%g and are left out of the peak; %s",
                 i,
                 100 * layer.clipped_fraction,
                 stats.limit,
+                clip_remedy(stats.grid),
             )
         warn_clipped_neurons(i, layer)
 
@@ -112,14 +123,15 @@ def warn_clipped_neurons(layer_index: int, layer: LayerStats, threshold: float =
     listed = ", ".join(f"{i} ({100 * float(frac[i]):.2f}%)" for i in bad[:shown])
     log.warning(
         "layer %d: %d neurons have more than %g%% of their values outside ±%g: %s%s. Their peak (and mode, "
-        "peak@EPS) is taken over the values inside the window only; their median counts the clipped values. "
-        "Raise --hist-limit",
+        "peak@EPS, peak-smooth) is taken over the values inside the window only; their median counts the clipped "
+        "values. %s",
         layer_index,
         len(bad),
         100 * threshold,
         layer.limit,
         listed,
         f" and {len(bad) - shown} more" if len(bad) > shown else "",
+        clip_remedy(layer.grid)[0].upper() + clip_remedy(layer.grid)[1:],
     )
 
 
@@ -162,14 +174,17 @@ def run_stats(cfg: SweepConfig, path: str | Path, progress: bool = True) -> Stat
 
 
 def describe_stats(stats: Statistics) -> str:
-    """One line about collected statistics: size, largest peak-mean gap, clipped share and point-mass peaks."""
+    """One line about collected statistics: size, largest peak-mean gap, clipped share and neurons, point-mass peaks
+    and the histograms' memory."""
     gap = max(float((s.peak() - s.mean).abs().max()) for s in stats.layers)
     clipped = max(s.clipped_fraction for s in stats.layers)
+    n_clipped = sum(int(((s.under + s.over) > 0).sum()) for s in stats.layers)
     n_pm = sum(int(centres.point_mass(s).sum()) for s in stats.layers)
     return (
         f"{len(stats)} layers x {stats.widths[0]} neurons, {stats.n_tokens} tokens, "
-        f"largest |peak - mean| {gap:.4f}, clipped {100 * clipped:.3f}%, "
-        f"point-mass peaks {n_pm} ({100 * n_pm / max(sum(stats.widths), 1):.2f}% of neurons)"
+        f"largest |peak - mean| {gap:.4f}, clipped {100 * clipped:.3f}% ({n_clipped} neurons with a value outside "
+        f"±{stats.limit:g}), point-mass peaks {n_pm} ({100 * n_pm / max(sum(stats.widths), 1):.2f}% of neurons), "
+        f"histograms {size_text(hist_bytes(stats))}"
     )
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 #: Silverman's rule of thumb (Silverman 1986, eq. 3.31): h = 0.9 * min(std, IQR / 1.34) * n^(-1/5).
 SILVERMAN_FACTOR = 0.9
 IQR_TO_STD = 1.34  # the IQR of a normal distribution is 1.34 standard deviations
+#: peak_smooth's kernel: SMOOTH_FACTOR times Silverman's bandwidth, at least SMOOTH_MIN_BINS bins
+SMOOTH_FACTOR = 0.5
+SMOOTH_MIN_BINS = 2.0
 #: point-mass test defaults, see :func:`point_mass`
 POINT_MASS_RATIO = 5.0
 POINT_MASS_MIN_COUNT = 50
@@ -290,6 +294,20 @@ def kde(stats: LayerStats, bandwidth: torch.Tensor | float | None = None, chunk:
     return out
 
 
+def _refined_argmax(stats: LayerStats, dens: torch.Tensor) -> torch.Tensor:
+    """``[width]`` location of the maximum of ``dens: [width, n_bins]`` (a smooth curve at the stored bin centres):
+    the best centre (the lowest on exact ties, as ``argmax``), moved by the vertex of the parabola through ``log dens``
+    at it and its two neighbours (exact for a Gaussian-shaped peak; at most half a bin). Continuous in the curve:
+    where the maximum passes from one bin to the next, both give the midpoint between them."""
+    j = dens.argmax(1)
+    logd = torch.nn.functional.pad(dens.clamp(min=1e-300).log(), (1, 1))  # [width, n_bins + 2]
+    l_left, l_mid, l_right = (logd.gather(1, (j + o)[:, None]).squeeze(1) for o in (0, 1, 2))
+    curv = l_left - 2 * l_mid + l_right
+    inner = (j > 0) & (j < stats.n_bins - 1) & (curv < 0)
+    shift = torch.where(inner, 0.5 * (l_left - l_right) / torch.where(inner, curv, -1.0), 0.0).clamp(-0.5, 0.5)
+    return _bin_centres(stats, j) + shift * stats.eps
+
+
 def mode(stats: LayerStats, bandwidth: torch.Tensor | float | None = None) -> torch.Tensor:
     """``[width]`` bin-width-free mode: the maximum of the Gaussian KDE (:func:`kde`, Silverman's bandwidth ``h``).
 
@@ -318,18 +336,43 @@ def mode(stats: LayerStats, bandwidth: torch.Tensor | float | None = None) -> to
     if stats.n_bins == 0:
         log.warning("no value fell inside ±%g; the mode is NaN", stats.limit)
         return torch.full((stats.width,), math.nan, dtype=torch.float64, device=stats.hist.device)
-    j = dens.argmax(1)
-    logd = torch.nn.functional.pad(dens.clamp(min=1e-300).log(), (1, 1))  # [width, n_bins + 2]
-    l_left, l_mid, l_right = (logd.gather(1, (j + o)[:, None]).squeeze(1) for o in (0, 1, 2))
-    curv = l_left - 2 * l_mid + l_right
-    inner = (j > 0) & (j < stats.n_bins - 1) & (curv < 0)
-    shift = torch.where(inner, 0.5 * (l_left - l_right) / torch.where(inner, curv, -1.0), 0.0).clamp(-0.5, 0.5)
-    result = _bin_centres(stats, j) + shift * stats.eps
+    result = _refined_argmax(stats, dens)
     empty = stats.hist.sum(1) == 0
     if empty.any():
         log.warning("%d neurons have every value outside ±%g; their mode is NaN", int(empty.sum()), stats.limit)
         result[empty] = math.nan
     return result
+
+
+def smooth_bandwidth(stats: LayerStats) -> torch.Tensor:
+    """``[width]`` the kernel width of :func:`peak_smooth`: half of Silverman's ``0.9 * min(std, IQR / 1.34) *
+    N^(-1/5)``, at least ``SMOOTH_MIN_BINS * eps`` (2 eps)."""
+    _check_nonempty(stats)
+    spread = torch.fmin(stats.std, _iqr_quiet(stats) / IQR_TO_STD)
+    return (SMOOTH_FACTOR * SILVERMAN_FACTOR * spread * float(stats.count) ** -0.2).clamp(
+        min=SMOOTH_MIN_BINS * stats.eps
+    )
+
+
+def peak_smooth(stats: LayerStats) -> torch.Tensor:
+    """``[width]`` a peak that rounding cannot move: the maximum of the histogram lightly smoothed with a Gaussian
+    kernel of width :func:`smooth_bandwidth`, refined to sub-bin precision by the parabola through the log of the
+    three smoothed values around it (:func:`mode` with that kernel).
+
+    Why: the peak (:meth:`LayerStats.peak`) is the argmax of raw counts, so two bins far apart that hold nearly the
+    same count (within counting noise) decide it by a single value, and moving one value across a bin edge (a
+    rounding difference of 1e-7 in the activations) can move the peak by a tenth of a std or more. Here moving one
+    value by a bin changes the smoothed curve by a term of order ``1 / (N h)`` and its maximum continuously, except
+    at exact ties between separated maxima of the smoothed curve.
+
+    The bandwidth: Silverman's ``h`` (the :func:`mode`'s) is tuned to estimate the whole density; half of it keeps
+    the smoothed curve close to the histogram, so the result stays a peak (near the modal bin where that bin clearly
+    leads) rather than the centre of a broad mode, while still averaging over the bins within counting noise of the
+    modal one. The floor of 2 bins keeps the kernel wide against the binning (each value sits at its bin's centre,
+    up to ``eps / 2`` away: a variance of ``eps^2 / 12`` against ``h^2 >= 4 eps^2``) and the curve smooth over the
+    three points of the parabola. Neurons with no value inside the window get NaN (with a warning), as :func:`mode`.
+    """
+    return mode(stats, smooth_bandwidth(stats))
 
 
 # -- point masses -----------------------------------------------------------------------------------------------
@@ -469,3 +512,54 @@ def clipped_neurons(stats: LayerStats, threshold: float = 1e-3) -> list[int]:
     """Indices of neurons with more than ``threshold`` of their values clipped (default 0.1%, the level at which
     collection warns for a layer)."""
     return torch.nonzero(clipped(stats) > threshold).flatten().tolist()
+
+
+# -- how well the centres are determined ------------------------------------------------------------------------
+#: The centres a collection computes on each of its two halves (:func:`knockout.stats.collect_stats`).
+HALF_CENTRES = ("mean", "median", "peak", "mode", "peak-smooth")
+
+
+@contextmanager
+def _quiet():
+    """Silence this module's warnings (the centres of a half warn about what the whole will warn about once)."""
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def centre_values(stats: LayerStats, names: tuple[str, ...] = HALF_CENTRES) -> dict[str, torch.Tensor]:
+    """``{name: [width] float64}`` the centres ``names`` (of :data:`HALF_CENTRES`) of every neuron, computed as the
+    methods of those names compute them, without warnings; all NaN for empty statistics."""
+    if stats.count == 0:
+        nan = torch.full((stats.width,), math.nan, dtype=torch.float64, device=stats.hist.device)
+        return {name: nan.clone() for name in names}
+    stats.finish()
+    funcs = {
+        "mean": lambda s: s.mean.clone(),
+        "median": lambda s: _quantile(s, 0.5)[0],
+        "peak": lambda s: peak_at(s, s.eps),
+        "mode": mode,
+        "peak-smooth": peak_smooth,
+    }
+    unknown = [n for n in names if n not in funcs]
+    if unknown:
+        raise KnockoutError(f"unknown centre(s) {unknown}; known: {', '.join(funcs)}")
+    with _quiet():
+        return {name: funcs[name](stats).double() for name in names}
+
+
+def half_se(half_a: torch.Tensor, half_b: torch.Tensor, n_a: int, n_b: int) -> torch.Tensor:
+    """``[width]`` the standard error of a centre over all ``n_a + n_b`` values, estimated from its values on two
+    disjoint halves: ``|A - B| * sqrt(n_a n_b) / (n_a + n_b)`` (``|A - B| / 2`` for equal halves).
+
+    An approximation: it assumes the centre's error falls as ``1 / sqrt(N)`` (as a mean's or a median's; a mode
+    converges more slowly, so this understates its error) and that the two halves are independent samples; and it is
+    one draw per neuron (``|A - B|`` is the absolute value of a difference of mean 0), right on average over neurons
+    (its mean square is the variance), not neuron by neuron. NaN where a half has no value."""
+    n = n_a + n_b
+    if n_a == 0 or n_b == 0:
+        return torch.full_like(half_a, math.nan)
+    return (half_a - half_b).abs() * (math.sqrt(n_a * n_b) / n)

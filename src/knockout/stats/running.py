@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -55,7 +55,11 @@ from knockout.stats import centres
 log = logging.getLogger(__name__)
 
 DEFAULT_EPS = 0.01
-DEFAULT_LIMIT = 20.0
+AUTO = "auto"
+DEFAULT_LIMIT = AUTO
+"""The default window: ``auto``, the widest whose histograms fit the memory caps (:func:`auto_limit`)."""
+FIXED_LIMIT = 20.0
+"""The half-width of a :class:`HistGrid` made without one."""
 
 
 NONFINITE = (
@@ -66,14 +70,40 @@ NONFINITE = (
 MAX_BINS_PER_NEURON = 1_000_000
 """Most histogram bins one neuron may need (8 MB of int64 counts): ``2 * limit / eps`` above this is refused."""
 MAX_HIST_BYTES = 16 * 2**30
-"""Most memory all neurons' histograms may need at their widest (every bin of the window in use)."""
+"""Most memory all neurons' histograms may need at their widest (every bin of the window in use), the two halves of
+a collection (:func:`knockout.stats.collect_stats`) counted."""
+HALVES = 2
+"""How many histograms per neuron a collection holds: its two halves (the total is their merge, made at the end)."""
+BUFFER_MAX_BINS = 10_000
+"""Widest window (bins per neuron) that sync-free counting covers with one buffer; wider ones count a batch late."""
 
 
-def check_hist_params(eps: float, limit: float) -> None:
+def auto_limit(widths: list[int], eps: float, copies: int = HALVES) -> float:
+    """The window half-width of ``--hist-limit auto``: the widest ``n * eps`` whose histograms fit both caps at their
+    widest: ``2 n <= MAX_BINS_PER_NEURON`` and ``copies * 8 * 2 n * sum(widths) <= MAX_HIST_BYTES``. It depends on
+    the model's widths and ``eps`` only, never on the data, so statistics collected in any order or split merge
+    exactly."""
+    check_hist_params(eps, AUTO)
+    bins = min(MAX_BINS_PER_NEURON, MAX_HIST_BYTES // (8 * copies * max(sum(widths), 1)))
+    return max(bins // 2, 1) * float(eps)
+
+
+def resolve_limit(limit: float | str, widths: list[int], eps: float) -> float:
+    """``limit`` as a number: itself, or :func:`auto_limit` of ``widths`` for ``"auto"``."""
+    if limit == AUTO:
+        return auto_limit(widths, eps)
+    return limit
+
+
+def check_hist_params(eps: float, limit: float | str) -> None:
     """Raise a clear error for an eps or limit that cannot define a histogram grid, or that needs more than
-    :data:`MAX_BINS_PER_NEURON` bins per neuron (checked before a model is loaded)."""
+    :data:`MAX_BINS_PER_NEURON` bins per neuron (checked before a model is loaded). ``limit`` may be ``"auto"``."""
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise KnockoutError(f"eps must be a positive number (a bin width such as 0.01), got {eps!r}")
+    if limit == AUTO:
+        return
+    if isinstance(limit, str):
+        raise KnockoutError(f"hist limit must be 'auto' or a number, got {limit!r}")
     if not (isinstance(limit, (int, float)) and math.isfinite(limit) and limit >= eps):
         raise KnockoutError(f"hist limit must be a finite number >= eps ({eps}), got {limit!r}")
     bins = 2 * limit / eps
@@ -85,16 +115,64 @@ def check_hist_params(eps: float, limit: float) -> None:
         )
 
 
-def check_hist_memory(widths: list[int], eps: float, limit: float, cap: int | None = None) -> None:
-    """Raise if the histograms of neurons of ``widths`` (one entry per layer) could need more than ``cap`` bytes
-    (default :data:`MAX_HIST_BYTES`; 8 bytes per bin, ``2 * limit / eps`` bins per neuron at most)."""
+def hist_memory_bound(widths: list[int], eps: float, limit: float | str, copies: int = HALVES) -> int:
+    """Bytes the histograms of neurons of ``widths`` (one entry per layer) may need at their widest: 8 bytes per
+    bin, ``2 * limit / eps`` bins per neuron, ``copies`` histograms per neuron (a collection's two halves)."""
+    limit = resolve_limit(limit, widths, eps)
+    return copies * 8 * sum(widths) * math.ceil(2 * limit / eps - 1e-9)
+
+
+def check_hist_memory(widths: list[int], eps: float, limit: float | str, cap: int | None = None) -> None:
+    """Raise if the histograms of a collection over neurons of ``widths`` could need more than ``cap`` bytes
+    (default :data:`MAX_HIST_BYTES`): :func:`hist_memory_bound`, which counts the collection's two halves. The
+    ``auto`` window fits by construction."""
     cap = MAX_HIST_BYTES if cap is None else cap
-    need = 8 * sum(widths) * math.ceil(2 * limit / eps)
+    need = hist_memory_bound(widths, eps, limit)
     if need > cap:
+        window = _limit_text(limit, widths, eps)
         raise KnockoutError(
-            f"the histograms of {sum(widths):,} neurons with --eps {eps:g} and --hist-limit {limit:g} may need "
-            f"{_size(need)} of memory (limit {_size(cap)}); raise --eps or lower --hist-limit"
+            f"the histograms of {sum(widths):,} neurons with --eps {eps:g} and --hist-limit {window} "
+            f"may need {_size(need)} of memory ({HALVES} halves of the collection; limit {_size(cap)}); raise --eps"
+            + ("" if limit == AUTO else ", lower --hist-limit or use --hist-limit auto")
         )
+
+
+def _limit_text(limit: float | str, widths: list[int], eps: float) -> str:
+    """``limit`` for a message: the number, or ``auto (±N)``."""
+    return f"auto (±{auto_limit(widths, eps):g})" if limit == AUTO else f"{limit:g}"
+
+
+def describe_window(widths: list[int], eps: float, limit: float | str) -> str:
+    """The histogram window of a collection and its memory, in words (for the log)."""
+    grid = HistGrid.of(eps, limit, widths)
+    bound = size_text(hist_memory_bound(widths, eps, grid.limit))
+    how = "auto, the widest that fits the memory caps" if grid.auto else "--hist-limit"
+    return (
+        f"histogram window ±{grid.limit:g} ({how}), bins of {eps:g}: 8 bytes per bin over the range the values reach, "
+        f"per layer and for each half of the collection, at most {bound} for {sum(widths):,} neurons"
+    )
+
+
+def clip_remedy(grid: HistGrid) -> str:
+    """What to do about values outside the window of ``grid``."""
+    if grid.auto:
+        return (
+            f"they lie beyond ±{grid.limit:g}, the widest window the memory caps allow at this eps "
+            "(--hist-limit auto); a larger --eps widens it"
+        )
+    return "raise --hist-limit, or use --hist-limit auto"
+
+
+def hist_bytes(stats) -> int:
+    """Bytes the histograms of ``stats`` (a :class:`~knockout.stats.Statistics` or a list of
+    :class:`LayerStats`) take."""
+    layers = getattr(stats, "layers", stats)
+    return sum(layer.hist.numel() * layer.hist.element_size() for layer in layers)
+
+
+def size_text(n_bytes: float) -> str:
+    """``n_bytes`` in B, KiB, MiB or GiB."""
+    return _size(n_bytes)
 
 
 def _size(n_bytes: float) -> str:
@@ -127,13 +205,32 @@ class HistGrid:
 
     eps: float = DEFAULT_EPS
     """Bin width."""
-    limit: float = DEFAULT_LIMIT
+    limit: float = FIXED_LIMIT
     """Half-width of the window; values outside it are counted in ``under`` / ``over``, not binned."""
+    auto: bool = field(default=False, compare=False)
+    """Whether ``limit`` was chosen by ``--hist-limit auto`` (:func:`auto_limit`); not part of the grid's identity."""
 
     def __post_init__(self):
+        if self.limit == AUTO:
+            raise KnockoutError(
+                "a HistGrid needs a numeric limit; make an auto one with HistGrid.of(eps, 'auto', widths)"
+            )
         check_hist_params(self.eps, self.limit)
         object.__setattr__(self, "eps", float(self.eps))
         object.__setattr__(self, "limit", float(self.limit))
+
+    @classmethod
+    def of(cls, eps: float, limit: float | str, widths: list[int]) -> HistGrid:
+        """The grid of ``eps`` and ``limit`` for neurons of ``widths`` (one entry per layer): ``limit="auto"`` is
+        :func:`auto_limit` of them."""
+        if limit != AUTO:
+            return cls(eps, limit)
+        return cls(eps, auto_limit(widths, eps), auto=True)
+
+    @property
+    def n_window(self) -> int:
+        """Bins per neuron in the window."""
+        return self.k_max - self.k_min + 1
 
     @cached_property
     def k_min(self) -> int:
@@ -165,7 +262,7 @@ class LayerStats:
         sync_free: bool | None = None,
     ):
         if grid is None:
-            grid = HistGrid(DEFAULT_EPS if eps is None else eps, DEFAULT_LIMIT if limit is None else limit)
+            grid = HistGrid.of(DEFAULT_EPS if eps is None else eps, DEFAULT_LIMIT if limit is None else limit, [width])
         elif eps is not None or limit is not None:
             raise TypeError("give either eps and limit or a grid, not both")
         self.width = width
@@ -185,6 +282,7 @@ class LayerStats:
         self._buf: torch.Tensor | None = None  # sync-free counting: [width, window + 2], under | hist | over
         self._buf_k_lo = 0  # k_lo before the buffer was made (kept if the buffer ends up empty)
         self._nonfinite: torch.Tensor | None = None  # sync-free: number of batches with a NaN/inf, on the device
+        self._pending: tuple | None = None  # counting a batch late: (its bins, its ends on the way to the host)
         self._eps: dict = {}  # eps as a 0-dim tensor per (dtype, device), see _bins
         self._offsets: dict = {}  # flat-index offsets per (base, n_cols, dtype, device), see _flat_index
 
@@ -244,11 +342,18 @@ class LayerStats:
         if not sync_free:
             self.finish()
         self._to(x.device)
+        late = False  # count this batch at the next call, when its ends have reached the host
         if sync_free and self._buf is None:
-            sync_free = self._start_buffer()
+            if self.grid.n_window > BUFFER_MAX_BINS:
+                sync_free, late = False, True
+                self._count_pending()
+            else:
+                sync_free = self._start_buffer()
         x_min, x_max = x.amin(0), x.amax(0)  # [width] in x's dtype
         ends = torch.stack([x_min.min(), x_max.max()])
-        if sync_free:
+        if late:
+            pending = (self._bins(x), self._send_ends(ends))
+        elif sync_free:
             # NaN/inf propagate into min/max; counted on the device, raised by finish()
             bad = (~torch.isfinite(ends)).any()
             self._nonfinite = bad.long() if self._nonfinite is None else self._nonfinite + bad
@@ -265,16 +370,20 @@ class LayerStats:
         d = x.to(torch.float64, copy=True)  # a copy also when x is float64: it is changed in place below
         mean = d.sum(0).div_(n)
         self._merge(n, mean, d.sub_(mean).square_().sum(0), x_min, x_max)
-        if sync_free:
+        if late:
+            self._pending = pending
+        elif sync_free:
             self._count_into_buffer(x)
         else:
-            self._add_to_histogram(x, lo, hi)
+            self._add_bins(self._bins(x), lo, hi)
 
     def finish(self) -> None:
         """Settle what sync-free counting left on the device: raise if a batch held NaN/inf, and store the
         histogram trimmed to the bins in use, as counting with host reads stores it (bit for bit). One host read;
         nothing to do after counting with host reads. :func:`~knockout.stats.collect_stats` calls it; reading
-        ``hist`` before it is safe (the same counts over the whole window), the check for NaN/inf is not done."""
+        ``hist`` before it is safe (the same counts over the whole window), the check for NaN/inf is not done.
+        After counting a batch late (a window wider than :data:`BUFFER_MAX_BINS` bins), it counts the last batch."""
+        self._count_pending()
         if self._nonfinite is not None:
             bad, self._nonfinite = self._nonfinite, None
             if int(bad):
@@ -321,11 +430,39 @@ class LayerStats:
         flat = self._flat_index(k, self.k_min - 1, self._buf.shape[1])
         self._buf.view(-1).index_add_(0, flat.view(-1), self._buf.new_ones(1).expand(flat.numel()))
 
+    def _send_ends(self, ends: torch.Tensor):
+        """Start the transfer to the host of what :meth:`_read_ends` reads, without waiting for it: ``(values,
+        event)``, the event marking when they are there (``None`` on the CPU)."""
+        values = torch.cat([ends, ends / self._eps_as(ends)])
+        if values.device.type == "cpu":
+            return values, None
+        host = values.to("cpu", non_blocking=True)  # into pinned memory, asynchronously
+        event = torch.Event(values.device)
+        event.record()
+        return host, event
+
+    def _count_pending(self) -> None:
+        """Count the batch left by counting a batch late: wait for its ends (sent one batch ago, so the device is
+        rarely still busy with them), raise if it held NaN/inf, and count its bins as counting with reads does."""
+        if self._pending is None:
+            return
+        (k, (values, event)), self._pending = self._pending, None
+        if event is not None:
+            event.synchronize()
+        finite, lo, hi = self._ends_of(values.tolist())
+        if not finite:
+            raise KnockoutError(NONFINITE)
+        self._add_bins(k, lo, hi)
+
     def _read_ends(self, ends: torch.Tensor) -> tuple[bool, int, int]:
         """``(all finite, lowest bin, highest bin)`` of a batch whose lowest and highest values are ``ends``: one
         transfer to the host (the values and their ``x / eps``, floored here: the same bins as :meth:`_bins`). A bin
         beyond the window (or an ``x / eps`` beyond the dtype's range) is reported as ``k_min - 1`` / ``k_max + 1``."""
-        lo, hi, q_lo, q_hi = torch.cat([ends, ends / self._eps_as(ends)]).tolist()
+        return self._ends_of(torch.cat([ends, ends / self._eps_as(ends)]).tolist())
+
+    def _ends_of(self, values: list[float]) -> tuple[bool, int, int]:
+        """:meth:`_read_ends` from the values read: ``[lowest, highest, lowest / eps, highest / eps]``."""
+        lo, hi, q_lo, q_hi = values
         if not (math.isfinite(lo) and math.isfinite(hi)):
             return False, 0, 0
         return True, self._clamped_bin(q_lo), self._clamped_bin(q_hi)
@@ -355,9 +492,9 @@ class LayerStats:
         # which can move a value on a bin edge into the next bin; this keeps the bins of every device the same.
         return (x / self._eps_as(x)).floor_()
 
-    def _add_to_histogram(self, x: torch.Tensor, lo: int, hi: int) -> None:
-        """Count ``x: [n, width]`` (finite) into the histogram; ``lo``/``hi``: the lowest/highest bin of x."""
-        k = self._bins(x)  # [n, width] bin index on the global grid, whole numbers in x's float dtype
+    def _add_bins(self, k: torch.Tensor, lo: int, hi: int) -> None:
+        """Count the bins ``k: [n, width]`` (:meth:`_bins` of finite values; modified in place) into the histogram;
+        ``lo``/``hi``: the lowest/highest of them."""
         if lo >= self.k_min and hi <= self.k_max:  # common case: nothing outside the window
             self._grow(lo, hi)
             self.hist += self._count(k, self.k_lo, self.n_bins)
@@ -383,9 +520,14 @@ class LayerStats:
 
         The flat index is formed in k's float dtype when every number involved is a whole number below the dtype's
         exact-integer limit (2**24 in float32), else in an integer type; it is handed to ``bincount`` as int32 where
-        it fits. The counts are the same either way; the float path saves two passes over int64 on a CPU."""
-        flat = self._flat_index(k, base, n_cols)
-        return torch.bincount(flat.view(-1), minlength=self.width * n_cols).view(self.width, n_cols)
+        it fits. The counts are the same either way; the float path saves two passes over int64 on a CPU. Off the
+        CPU the indices are added up with ``index_add_``, which (unlike ``bincount`` there) does not wait for the
+        device."""
+        flat = self._flat_index(k, base, n_cols).view(-1)
+        if flat.device.type != "cpu":
+            counts = torch.zeros(self.width * n_cols, dtype=torch.int64, device=flat.device)
+            return counts.index_add_(0, flat, counts.new_ones(1).expand(flat.numel())).view(self.width, n_cols)
+        return torch.bincount(flat, minlength=self.width * n_cols).view(self.width, n_cols)
 
     def _flat_index(self, k: torch.Tensor, base: int, n_cols: int) -> torch.Tensor:
         """``[n, width]`` flat indices ``j * n_cols + k - base`` of the bins ``k`` (see :meth:`_count`)."""
@@ -446,7 +588,7 @@ class LayerStats:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Replace the state by ``state`` (from :meth:`state_dict`). The tensors are cloned, so statistics built
         under ``torch.inference_mode`` can still be merged and extended afterwards."""
-        self._buf, self._nonfinite = None, None
+        self._buf, self._nonfinite, self._pending = None, None, None
         for name in self.TENSORS:
             setattr(self, name, state[name].clone())
         self.count = int(state["count"][0])

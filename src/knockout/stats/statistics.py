@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save
 
 from knockout.errors import KnockoutError
 from knockout.runfolder import CHECKSUM_KEY, tensors_sha256, verify_checksum, write_atomic
-from knockout.stats.running import DEFAULT_EPS, DEFAULT_LIMIT, HistGrid, LayerStats
+from knockout.stats import centres
+from knockout.stats.running import AUTO, DEFAULT_EPS, DEFAULT_LIMIT, HistGrid, LayerStats
 
 FORMAT = "knockout.stats/1"
 
@@ -22,12 +23,48 @@ class Statistics:
 
     ``meta["model"]`` is the model identity (see :func:`knockout.loading.model_identity`); :meth:`check_model`
     compares it with the model at hand so that statistics of one model are never applied to another.
+
+    ``limit`` is a number or ``"auto"`` (:func:`knockout.stats.running.auto_limit` of the widths); ``grid``, if
+    given, replaces ``eps`` and ``limit``.
+
+    How well the centres are determined: statistics made by :func:`knockout.stats.collect_stats` also hold, per
+    layer, the centres (:data:`knockout.stats.centres.HALF_CENTRES`) of each neuron computed on two disjoint halves
+    of the collection (its even- and odd-numbered batches): ``half_centres[layer][name]`` is ``[2, width]``
+    (float64, row 0 half A, row 1 half B) and ``half_tokens`` the halves' token counts. They are saved with the
+    statistics and read by :meth:`centre_spread` and :meth:`centre_se`. Statistics made otherwise (by hand, merged,
+    or extended with more data, which would make them stale) have none (``half_centres is None``).
     """
 
-    def __init__(self, widths: list[int], eps: float = DEFAULT_EPS, limit: float = DEFAULT_LIMIT, meta=None):
-        self.grid = HistGrid(eps, limit)  # checked here, once, and shared by the layers
+    def __init__(
+        self,
+        widths: list[int],
+        eps: float = DEFAULT_EPS,
+        limit: float | str = DEFAULT_LIMIT,
+        meta=None,
+        grid: HistGrid | None = None,
+    ):
+        self.grid = grid if grid is not None else HistGrid.of(eps, limit, widths)  # checked once, shared by layers
         self.layers = [LayerStats(w, grid=self.grid) for w in widths]
         self.meta: dict[str, str] = dict(meta or {})
+        self.half_centres: list[dict[str, torch.Tensor]] | None = None
+        self.half_tokens: tuple[int, int] | None = None
+
+    @classmethod
+    def from_halves(cls, a: Statistics, b: Statistics) -> Statistics:
+        """The statistics of two disjoint halves of a collection together, with each half's centres
+        (:attr:`half_centres`): the centres of ``a`` and ``b`` are computed, then ``b`` is merged into ``a``
+        (which is changed and returned: its histograms, counts, minima and maxima are those of one pass over both
+        halves exactly; its means and variances up to float64 rounding)."""
+        if a.widths != b.widths or a.grid != b.grid:
+            raise KnockoutError("the halves of a collection must have the same widths, eps and limit")
+        tokens = (a.n_tokens, b.n_tokens)
+        halves = []
+        for la, lb in zip(a.layers, b.layers):
+            ca, cb = centres.centre_values(la), centres.centre_values(lb)
+            halves.append({name: torch.stack([ca[name], cb[name].to(ca[name].device)]) for name in ca})
+        a.merge(b)
+        a.half_centres, a.half_tokens = halves, tokens
+        return a
 
     @property
     def eps(self) -> float:
@@ -53,12 +90,37 @@ class Statistics:
         self.layers[layer].add(x)
 
     def merge(self, other: Statistics) -> Statistics:
-        """Add ``other``'s data to this one (in place; returns self). Equal to one pass over both datasets."""
+        """Add ``other``'s data to this one (in place; returns self). Equal to one pass over both datasets. The
+        halves' centres no longer describe the data and are dropped."""
         if other.widths != self.widths:
             raise KnockoutError(f"cannot merge statistics of layer widths {other.widths} into {self.widths}")
         for mine, theirs in zip(self.layers, other.layers):
             mine.merge(theirs)
+        self.half_centres = self.half_tokens = None
         return self
+
+    # -- how well the centres are determined ------------------------------------------------------------------
+    def _halves(self, name: str) -> list[torch.Tensor]:
+        if self.half_centres is None:
+            raise KnockoutError(
+                "these statistics have no split-half centres (only a collection by `knockout stats` or a sweep "
+                "computes them); recollect them"
+            )
+        if name not in self.half_centres[0]:
+            raise KnockoutError(f"no split-half values of {name!r}; known: {', '.join(self.half_centres[0])}")
+        return [h[name] for h in self.half_centres]
+
+    def centre_spread(self, name: str) -> list[torch.Tensor]:
+        """Per layer, ``[width]`` ``|A - B|``: how far apart centre ``name`` (``mean``, ``median``, ``peak``,
+        ``mode``, ``peak-smooth``) is on the two halves of the collection (NaN where a half has no value)."""
+        return [(h[0] - h[1]).abs() for h in self._halves(name)]
+
+    def centre_se(self, name: str) -> list[torch.Tensor]:
+        """Per layer, ``[width]`` the standard error of centre ``name`` over the whole collection, estimated from
+        the halves (:func:`knockout.stats.centres.half_se`: ``|A - B| / 2`` for equal halves, a ``1 / sqrt(N)``
+        approximation)."""
+        n_a, n_b = self.half_tokens or (0, 0)
+        return [centres.half_se(h[0], h[1], n_a, n_b) for h in self._halves(name)]
 
     def means(self) -> list[torch.Tensor]:
         return [s.mean.float() for s in self.layers]
@@ -77,6 +139,13 @@ class Statistics:
         meta = dict(
             self.meta, format=FORMAT, eps=repr(self.eps), limit=repr(self.limit), widths=json.dumps(self.widths)
         )
+        meta["limit_mode"] = AUTO if self.grid.auto else "fixed"
+        if self.half_centres is not None:
+            for i, halves in enumerate(self.half_centres):
+                for name, t in halves.items():
+                    tensors[f"layer{i}.half_a.{name}"] = t[0].cpu().contiguous()
+                    tensors[f"layer{i}.half_b.{name}"] = t[1].cpu().contiguous()
+            meta["half_tokens"] = json.dumps(list(self.half_tokens))
         meta[CHECKSUM_KEY] = tensors_sha256(tensors)
         write_atomic(path, save(tensors, metadata=meta))
 
@@ -91,11 +160,16 @@ class Statistics:
         verify_checksum(path, tensors, meta, remedy)
         meta.pop(CHECKSUM_KEY, None)
         widths = json.loads(meta.pop("widths"))
-        stats = cls(widths, eps=float(meta.pop("eps")), limit=float(meta.pop("limit")))
-        meta.pop("format")
+        stats = cls(widths, grid=_grid(meta))
+        for key in ("format", "eps", "limit", "limit_mode"):
+            meta.pop(key, None)
+        half_tokens = meta.pop("half_tokens", None)
         stats.meta = meta
         for i, s in enumerate(stats.layers):
             s.load_state_dict({name: tensors[f"layer{i}.{name}"] for name in _STATE})
+        if half_tokens is not None:
+            stats.half_tokens = tuple(json.loads(half_tokens))
+            stats.half_centres = [_half_centres(tensors, i) for i in range(len(widths))]
         return stats
 
     def check_finite(self, source: str = "statistics") -> None:
@@ -151,10 +225,33 @@ def load_layer(path: str | os.PathLike, layer: int) -> LayerStats:
     widths = json.loads(meta["widths"])
     if not 0 <= layer < len(widths):
         raise KnockoutError(f"layer {layer} is out of range: the statistics have {len(widths)} layers")
-    stats = LayerStats(widths[layer], eps=float(meta["eps"]), limit=float(meta["limit"]))
+    stats = LayerStats(widths[layer], grid=_grid(meta))
     with safe_open(str(path), framework="pt") as f:
         stats.load_state_dict({name: f.get_tensor(f"layer{layer}.{name}") for name in _STATE})
     return stats
+
+
+def load_half_centres(path: str | os.PathLike, layer: int) -> tuple[dict[str, torch.Tensor], tuple[int, int]] | None:
+    """One layer's split-half centres (``{name: [2, width]}``, see :class:`Statistics`) and the halves' token
+    counts, read without loading anything else; ``None`` for a file without them."""
+    meta = read_metadata(path)
+    if "half_tokens" not in meta:
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        names = [k for k in f.keys() if k.startswith(f"layer{layer}.half_")]
+        tensors = {k: f.get_tensor(k) for k in names}
+    return _half_centres(tensors, layer), tuple(json.loads(meta["half_tokens"]))
+
+
+def _half_centres(tensors: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    prefix = f"layer{layer}.half_a."
+    names = [k[len(prefix) :] for k in tensors if k.startswith(prefix)]
+    return {n: torch.stack([tensors[prefix + n], tensors[f"layer{layer}.half_b.{n}"]]) for n in names}
+
+
+def _grid(meta: dict[str, str]) -> HistGrid:
+    """The histogram grid a file's metadata records."""
+    return HistGrid(float(meta["eps"]), float(meta["limit"]), auto=meta.get("limit_mode") == AUTO)
 
 
 _STATE = (*LayerStats.TENSORS, "count", "k_lo")
