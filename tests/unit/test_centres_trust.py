@@ -10,6 +10,7 @@ import torch
 import tiny
 from knockout import MethodContext, NeuronSelection, collect_stats, edit_preout, evaluate, find_sites, get_method
 from knockout.data.text import causal_batches
+from knockout.experiments.config import SweepConfig
 from knockout.hooks import capture
 from knockout.stats import LayerStats, Statistics, centres
 from knockout.stats.running import FIXED_LIMIT, auto_limit
@@ -191,3 +192,17 @@ def test_peak_smooth_row_does_not_move_when_the_activations_move_by_rounding():
     }
     assert abs(ce["a"] - base) > 0.05  # the ablation matters
     assert abs(ce["a"] - ce["b"]) < 1e-3
+
+
+def test_hist_limit_flag_takes_auto_or_a_number_and_auto_is_the_default(capsys):
+    from knockout.cli import build_parser, main
+
+    parser = build_parser()
+    assert SweepConfig(model="m").hist_limit == "auto"
+    assert parser.parse_args(["stats", "--model", "m", "--out", "x.safetensors"]).hist_limit is None  # the default
+    args = parser.parse_args(["stats", "--model", "m", "--out", "x.safetensors", "--hist-limit", "30"])
+    assert args.hist_limit == 30.0
+    with pytest.raises(SystemExit) as exit_:
+        main(["stats", "--model", "m", "--out", "x.safetensors", "--hist-limit", "wide"])
+    assert exit_.value.code == 2
+    assert "expected a number or 'auto'" in capsys.readouterr().err

@@ -34,6 +34,7 @@ from knockout.errors import KnockoutError
 from knockout.inference.paired import HIGHER_IS_BETTER, DocSums, PairedDifference, paired_difference
 from knockout.inference.sequential import ALPHA, DecideOptions, Need, PairVerdict, Plan, SequentialTest, needed
 from knockout.reporting import html as H
+from knockout.reporting.centres import noise_notes, peak_noise_notes
 from knockout.reporting.escape import markdown as md
 from knockout.reporting.escape import markdown_keep_bold
 from knockout.runfolder import doc_sums_disagree, fraction_key, read_doc_sums, read_rows, row_key
@@ -248,7 +249,15 @@ def fraction_answer(
                         f"(CE {b[s].metric('ce'):.4f} vs {data[m][s].metric('ce'):.4f}): its learned constants did not "
                         "generalise from the collection split, so the bound is not a bound there"
                     )
+    fa.notes += peak_noise_notes(data, fraction)
     return fa
+
+
+def centre_notes(stats_path: str | Path | None, methods: list[str]) -> list[str]:
+    """Notes on the centres behind the answer: the methods whose centres are noise-limited at the run's collection
+    size (the median over neurons of SE(centre) / |centre - mean| above 0.5, SE from the collection's two halves),
+    with the collection tokens that would fix it (:func:`knockout.reporting.centres.noise_notes`)."""
+    return noise_notes(stats_path, methods)
 
 
 def _pair_order(methods: list[str]):

@@ -30,6 +30,7 @@ from knockout.ablation.selection import validate_fractions
 from knockout.errors import KnockoutError
 from knockout.fingerprint import describe
 from knockout.reporting import answer as A
+from knockout.reporting import centres as CR
 from knockout.reporting import html as H
 from knockout.reporting import targets as T
 from knockout.reporting.eps import eps_columns, eps_markdown, eps_rows
@@ -212,7 +213,7 @@ def write_report(
     images["curves"] = png_bytes(fig)
 
     atypical = []
-    stats_note = pm_note = None
+    stats_note = pm_note = centre_section = None
     if run.stats_path is None:
         stats_note = "No stats.safetensors in the run folder (no method needed statistics): no histograms."
     else:
@@ -233,6 +234,8 @@ def write_report(
         pm_recs = [{"layer": i, "neurons": w, "point_masses": c} for i, (w, c) in enumerate(zip(stats.widths, counts))]
         write_atomic(out / "point_masses.csv", _csv(pm_recs, ["layer", "neurons", "point_masses"]))
         pm_note = point_mass_note(counts, stats.widths, sum(s.peak_off_mode for s in scores))
+        centre_section = CR.read_section(run.stats_path)
+        notes += A.centre_notes(run.stats_path, methods)
         stats_note = (
             f"Statistics: {len(stats)} layers, {stats.meta.get('data', '?')} data, eps {stats.eps:g}; "
             f"histogram layers {', '.join(map(str, chosen))}."
@@ -242,6 +245,7 @@ def write_report(
     title = f"knockout report: {label}"
     extra = {"eps_table": eps_table, "fractions": fractions, "pm_note": pm_note, "answer": answer, "targets": targeted}
     extra["bound"] = A.bound_records(run.dir, run.rows)
+    extra["centres"] = centre_section
     _write_html(
         out / "report.html", title, run, table, images, atypical, timings, partial, notes, stats_note, pm, extra
     )
@@ -308,6 +312,7 @@ def _write_html(path, title, run, table, images, atypical, timings, partial, not
         recs = [{"rank": i + 1, **s.as_dict()} for i, s in enumerate(atypical[:20])]
         fmt = {c: f3 for c in ("score", "offset", "second", "mean", "peak", "std", "peak_nopm", "mode")}
         b.append(H.records_table(recs, ATYPICAL_COLUMNS, fmt))
+    b += CR.html(extra["centres"])
     b.append("<h2>Timings</h2>")
     b.append(
         f"<p>Total {H.esc(_fmt_seconds(timings['total_seconds']))} over {timings['n_rows']} rows "
@@ -375,6 +380,7 @@ def _write_markdown(path, title, run, table, images, atypical, timings, partial,
                 f"| {i} | {s.layer} | {s.neuron} | {s.score:.2f} | {s.modes} | {s.mean:.4g} | {peak} | {s.std:.4g} |"
             )
         lines.append("")
+    lines += CR.markdown(extra["centres"])
     lines += ["## Timings", "", f"Total {_fmt_seconds(timings['total_seconds'])} over {timings['n_rows']} rows.", ""]
     lines += ["| method | rows | seconds | per row |", "|---|---:|---:|---:|"]
     for r in _timing_records(timings):

@@ -563,3 +563,58 @@ def half_se(half_a: torch.Tensor, half_b: torch.Tensor, n_a: int, n_b: int) -> t
     if n_a == 0 or n_b == 0:
         return torch.full_like(half_a, math.nan)
     return (half_a - half_b).abs() * (math.sqrt(n_a * n_b) / n)
+
+
+#: How well a centre must be determined: its standard error at most this many of the neuron's standard deviations.
+DETERMINED_STD = 0.1
+#: A method's centres are noise-limited when the median over neurons of SE(centre) / |centre - mean| exceeds this.
+NOISE_RATIO = 0.5
+
+
+def determination(
+    halves: list[torch.Tensor],
+    n_a: int,
+    n_b: int,
+    means: list[torch.Tensor],
+    stds: list[torch.Tensor],
+    tol: float = DETERMINED_STD,
+    name: str = "",
+) -> dict:
+    """How well one centre is determined over all neurons, from its values on the two halves of the collection
+    (``halves``: per layer ``[2, width]``) and each neuron's mean and std over the whole (per layer ``[width]``).
+
+    Returns ``neurons``; ``undefined`` (neurons without a value on a half); ``undetermined`` (neurons whose standard
+    error, :func:`half_se`, exceeds ``tol`` times their std) and ``share`` (of the defined neurons); ``ratio``, the
+    median over neurons of ``SE / |centre - mean|`` with the centre taken as the token-weighted mean of the two
+    halves' values (neurons whose centre equals their mean left out; ``None`` when none is left, and for ``name``
+    ``"mean"``, whose distance from itself is rounding); and ``tokens``, the collection's ``n_a + n_b`` tokens."""
+    se = torch.cat([half_se(h[0].double(), h[1].double(), n_a, n_b) for h in halves])
+    w_a = n_a / max(n_a + n_b, 1)
+    centre = torch.cat([w_a * h[0].double() + (1 - w_a) * h[1].double() for h in halves])
+    mean = torch.cat([m.double().to(se.device) for m in means])
+    std = torch.cat([s.double().to(se.device) for s in stds])
+    defined = torch.isfinite(se)
+    undetermined = defined & (se > tol * std)
+    gap = (centre - mean).abs()
+    away = defined & (gap > 0)
+    # the median as numpy takes it (the mean of the two middle values of an even count)
+    ratio = float(torch.quantile(se[away] / gap[away], 0.5)) if bool(away.any()) and name != "mean" else None
+    n_defined = int(defined.sum())
+    return {
+        "neurons": se.numel(),
+        "undefined": se.numel() - n_defined,
+        "undetermined": int(undetermined.sum()),
+        "share": int(undetermined.sum()) / n_defined if n_defined else math.nan,
+        "ratio": ratio,
+        "tokens": n_a + n_b,
+    }
+
+
+def tokens_needed(tokens: int, ratio: float | None, target: float = NOISE_RATIO) -> int | None:
+    """Collection tokens at which a centre's ``ratio`` (:func:`determination`) would fall to ``target``, by the
+    ``1 / sqrt(N)`` scaling of its standard error: ``N * (ratio / target)^2``; ``None`` when it is there already.
+    An estimate: modes converge more slowly than ``1 / sqrt(N)``, and the distances themselves shrink as noise
+    leaves them."""
+    if ratio is None or not ratio > target:
+        return None
+    return math.ceil(tokens * (ratio / target) ** 2)

@@ -122,6 +122,21 @@ class Statistics:
         n_a, n_b = self.half_tokens or (0, 0)
         return [centres.half_se(h[0], h[1], n_a, n_b) for h in self._halves(name)]
 
+    def centre_summary(self, names: tuple[str, ...] | None = None, tol: float = centres.DETERMINED_STD) -> dict:
+        """``{name: summary}`` how well each centre is determined over all neurons
+        (:func:`knockout.stats.centres.determination`): the share of neurons whose centre's standard error exceeds
+        ``tol`` of their std, and the median of ``SE / |centre - mean|``."""
+        names = names or tuple(self._halves_names())
+        n_a, n_b = self.half_tokens or (0, 0)
+        stds = [s.std for s in self.layers]
+        means = [s.mean for s in self.layers]
+        return {n: centres.determination(self._halves(n), n_a, n_b, means, stds, tol, n) for n in names}
+
+    def _halves_names(self) -> list[str]:
+        if self.half_centres is None:
+            self._halves("")  # the error saying there are none
+        return list(self.half_centres[0])
+
     def means(self) -> list[torch.Tensor]:
         return [s.mean.float() for s in self.layers]
 
