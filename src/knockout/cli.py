@@ -208,12 +208,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="move an existing --out folder aside (to OUT.old-TIMESTAMP) and start afresh, instead of resuming",
     )
     _add_tracking_flags(p)
+    p.add_argument(
+        "--models",
+        type=_names,
+        help="run the same sweep on each of these models (comma-separated; give --eval-docs), each into OUT/<model>, "
+        "and compare them in OUT/compare: the answer per model side by side",
+    )
 
     _add_scan_parser(command)
 
     p = command("demo", "the default sweep: SmolLM2-135M on built-in Wikipedia text, offline")
     _add_config_flags(p, FLAG_SECTIONS, groups, shown=resolve_preset("demo").to_dict())
     _add_tracking_flags(p)
+    p.add_argument(
+        "--models",
+        type=_names,
+        help="run the same sweep on each of these models (comma-separated; give --eval-docs), each into OUT/<model>, "
+        "and compare them in OUT/compare: the answer per model side by side",
+    )
 
     p = command("stats", "collect per-neuron statistics into a safetensors file")
     _add_config_file(p)
@@ -316,10 +328,14 @@ def _sweep(args) -> int:
     from knockout.runfolder import REPORT_DIR
     from knockout.tracking import trackers
 
-    cfg = _config(args)
+    if args.models and args.model:
+        raise KnockoutError("give --model or --models, not both")
+    cfg = _config(args, **({"model": args.models[0]} if args.models else {}))
     callbacks = trackers(args.mlflow, args.wandb, args.wandb_mode)
-    results = run_sweep(cfg, progress=not args.quiet, restart=getattr(args, "restart", False), callbacks=callbacks,
-                        report=True)  # fmt: skip
+    restart = getattr(args, "restart", False)
+    if args.models:
+        return _models(args, cfg, callbacks, restart)
+    results = run_sweep(cfg, progress=not args.quiet, restart=restart, callbacks=callbacks, report=True)
     if not _main_process():
         return 0
     out = results.dir
@@ -347,6 +363,22 @@ def _scan(args) -> int:
         report = write_scan_report(out)
         print(format_scan(out))
     print(f"\nresults: {out}/results.csv  report: {report}\n        {report.with_name('report.md')}")
+    return 0
+
+
+def _models(args, cfg, callbacks, restart) -> int:
+    """``--models A,B``: the sweep on each model, then their comparison."""
+    from knockout.experiments.runner import run_models
+    from knockout.reporting.answer import sentence
+
+    results, page = run_models(cfg, args.models, progress=not args.quiet, restart=restart, callbacks=callbacks)
+    if not _main_process():
+        return 0
+    for model, r in zip(args.models, results):
+        print(f"{model}:")
+        for fa in r.answer.fractions:
+            print("  " + sentence(fa).replace("**", ""))
+    print(f"\ncomparison: {page}")
     return 0
 
 

@@ -143,11 +143,15 @@ def test_demo_preset_runs_the_answer_methods_at_the_papers_two_fractions():
     assert cfg.fractions_of("zero") == cfg.fractions == (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
     assert cfg.fractions_of("optimal") == (0.5, 0.9)
     assert cfg.stats_skip_first == 1 and cfg.sort_by_length
+    assert cfg.seeds == "auto" and cfg.decide.fractions == (0.5, 0.9) and cfg.eval_docs == 12
     run = RunData(Path("unused"), cfg.to_dict(), [])
-    assert run.n_expected == 3 * (1 + 3 * 7 + 2)  # a baseline per seed
+    assert run.n_expected == 3 * (1 + 3 * 7 + 2)  # the first look's sets: a baseline per seed
     only = resolve_preset("demo", methods=("zero", "optimal"))
     assert only.method_fractions == {"optimal": [0.5, 0.9]}
     assert resolve_preset("demo", methods=("all",)).method_fractions == {}  # optimal is not in 'all'
     fewer = resolve_preset("demo", fractions=(0.0, 0.5, 1.0))
     assert fewer.fractions_of("optimal") == (0.5,) and fewer.fractions_of("peak") == (0.0, 0.5, 1.0)
-    assert resolve_preset("demo", fractions=(0.0, 1.0)).fractions_of("optimal") == (0.0, 1.0)
+    assert fewer.decide.fractions == (0.5,) and fewer.seeds == "auto"  # decided where the sweep runs
+    ends = resolve_preset("demo", fractions=(0.0, 1.0))
+    assert ends.fractions_of("optimal") == (0.0, 1.0) and ends.seeds == (0, 1, 2)  # nothing to decide: fixed sets
+    assert resolve_preset("demo", fractions=(0.0, 1.0), seeds=(4,)).seeds == (4,)

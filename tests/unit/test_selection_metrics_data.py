@@ -130,3 +130,30 @@ def test_data_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"nope": 1}\n')
     with pytest.raises(KnockoutError, match="bad.jsonl:2"):
         load_texts(str(tmp_path / "bad.jsonl"), "eval")
+
+
+def test_eval_docs_gives_the_same_documents_whatever_the_tokenizer(tmp_path):
+    """--eval-docs N: the first N documents whole (cut at max_length), for two different tokenizers the same texts;
+    refused for masked LMs, with an error naming --eval-tokens."""
+    import tiny
+    from knockout.data.tasks import DataSpec, ModelInputs, eval_batches
+    from knockout.data.text import load_texts, tokenize_docs
+    from knockout.errors import KnockoutError
+
+    corpus = tiny.write_corpus(tmp_path / "corpus.txt", n_docs=40)
+    texts = list(load_texts(corpus, "eval"))
+    chars, words = tiny.tokenizer("causal"), tiny.tokenizer("masked")
+    a, b = tokenize_docs(chars, texts, 5, 400), tokenize_docs(words, texts, 5, 400)
+    assert len(a) == len(b) == 5
+    joined = lambda tok, seq: "".join(t for t in tok.convert_ids_to_tokens(seq) if t not in ("<s>", "</s>"))  # noqa: E731
+    assert [joined(chars, s) for s in a] == [joined(words, s) for s in b] == texts[:5]  # whole documents, in order
+    spec = DataSpec(corpus, eval_tokens=1, stats_tokens=10, max_length=30, batch_size=2, eval_docs=5)
+    batches = eval_batches(spec, ModelInputs("causal", chars, None), seed=0)
+    assert sum(bt.size for bt in batches) == 5
+    assert all(int(bt.inputs["attention_mask"].sum(1).max()) <= 30 for bt in batches)
+    with pytest.raises(KnockoutError, match="--eval-docs counts whole documents .* give --eval-tokens"):
+        eval_batches(spec, ModelInputs("masked", words, tiny.masked_lm().config), seed=0)
+    with pytest.raises(KnockoutError, match=f"only {len(texts)} documents"):
+        tokenize_docs(chars, texts, 1000, 400)
+    with pytest.raises(KnockoutError, match="eval_docs must be a positive integer"):
+        DataSpec(corpus, eval_tokens=1, stats_tokens=10, max_length=30, batch_size=2, eval_docs=0)

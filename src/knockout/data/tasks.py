@@ -27,7 +27,7 @@ from typing import Any
 
 from knockout.data.batch import Batch
 from knockout.data.images import ImageOptions
-from knockout.data.text import causal_batches, load_texts, pad_id, tokenize_exact
+from knockout.data.text import causal_batches, load_texts, pad_id, tokenize_docs, tokenize_exact
 from knockout.errors import KnockoutError
 
 SEED_DEPENDENT_TASKS = ("masked",)  # tasks whose evaluation inputs depend on the seed (the masks)
@@ -57,6 +57,10 @@ class DataSpec:
     :mod:`knockout.data.packing`. Task prompts are batched in their order."""
     revision: str | None = None
     """A Hugging Face dataset's branch, tag or commit (``None``: its main branch); it applies to ``source``."""
+    eval_docs: int | None = None
+    """Causal text: evaluate the first ``eval_docs`` documents whole (up to ``max_length`` tokens) instead of exactly
+    ``eval_tokens`` targets: the same documents for every tokenizer, so that runs of two models are paired by
+    document."""
     stats_source: str | None = None
     """Where statistics are collected (its collection part); ``None``: ``source``'s collection part."""
 
@@ -71,8 +75,10 @@ class DataSpec:
         return self.revision if self.collection_source == self.source else None
 
     def __post_init__(self):
-        for name in ("eval_tokens", "stats_tokens", "max_length", "batch_size"):
+        for name in ("eval_tokens", "stats_tokens", "max_length", "batch_size", "eval_docs"):
             value = getattr(self, name)
+            if name == "eval_docs" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise KnockoutError(f"{name} must be a positive integer, got {value!r}")
         skip = self.stats_skip_first
@@ -115,12 +121,20 @@ def eval_batches(spec: DataSpec, model: ModelInputs, seed: int) -> list[Batch]:
     """The fixed evaluation batches of ``seed`` (the same for every method and fraction of that seed)."""
     from knockout.data import prompts
 
+    if spec.eval_docs is not None and (prompts.is_task_source(spec.source) or model.task != "causal"):
+        raise KnockoutError(
+            "--eval-docs counts whole documents of text for causal LMs; give --eval-tokens for task prompts, masked "
+            "LMs and images"
+        )
     if prompts.is_task_source(spec.source):
         return _prompt_batches(spec, model)
     if model.task == "causal":
         tok = model.processor
         texts = load_texts(spec.source, "eval", spec.revision)
-        seqs = tokenize_exact(tok, texts, spec.eval_tokens, spec.max_length, "targets")
+        if spec.eval_docs is not None:
+            seqs = tokenize_docs(tok, texts, spec.eval_docs, spec.max_length)
+        else:
+            seqs = tokenize_exact(tok, texts, spec.eval_tokens, spec.max_length, "targets")
         return _sorted(causal_batches(seqs, spec.batch_size, pad_id(tok)), spec, tok)
     if model.task == "masked":
         from knockout.data.masked import masked_batches, masked_sequences

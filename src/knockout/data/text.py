@@ -362,6 +362,25 @@ def tokenize_exact(
     )
 
 
+def tokenize_docs(tokenizer, texts: Iterable[str], n_docs: int, max_length: int) -> list[list[int]]:
+    """Token id sequences of the first ``n_docs`` documents that give at least one next-token target, each whole up
+    to ``max_length`` tokens: the same documents whatever the tokenizer (``--eval-docs``), unlike
+    :func:`tokenize_exact`, which cuts the last document to an exact number of targets."""
+    if n_docs <= 0:
+        raise KnockoutError(f"the number of evaluation documents must be positive, got {n_docs}")
+    seqs = []
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        if len(ids) >= 2:
+            seqs.append(ids)
+            if len(seqs) == n_docs:
+                return seqs
+    raise KnockoutError(
+        f"the data gave only {len(seqs)} documents with a next-token target but {n_docs} were asked for; "
+        "lower --eval-docs or use a larger data source"
+    )
+
+
 def padded_batches(
     seqs: list[list[int]], batch_size: int, pad: int, encode: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
 ) -> list[Batch]:

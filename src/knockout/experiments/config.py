@@ -104,6 +104,12 @@ class SweepConfig:
         "exact number of scored evaluation targets (tokens; images for image models; prompts for task data)",
         kind="int",
     )
+    eval_docs: int | None = setting(
+        None,
+        "causal text: evaluate the first N documents whole (up to --max-length tokens) instead of exactly "
+        "--eval-tokens targets: the same documents for every model and tokenizer (two models compared by document)",
+        kind="int",
+    )
     stats_tokens: int = setting(16384, "non-padding positions of the statistics collection set", "data", kind="int")
     data_revision: str | None = setting(
         None,
@@ -380,6 +386,7 @@ class SweepConfig:
         return DataSpec(
             source=self.data,
             eval_tokens=self.eval_tokens,
+            eval_docs=self.eval_docs,
             stats_tokens=self.stats_tokens,
             max_length=self.max_length,
             batch_size=self.batch_size,

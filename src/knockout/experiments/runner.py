@@ -262,15 +262,21 @@ def run_record(run: Prepared, used: float, stats: Statistics | None = None) -> d
 
 def _write_report(run_dir: Path) -> Path:
     """The run's report (:func:`knockout.reporting.write_report`), without numpy's floating-point warnings."""
+    from knockout.reporting import write_report
+
+    return _quietly(lambda: write_report(run_dir))
+
+
+def _quietly(make):
+    """``make()`` without numpy's floating-point warnings (reports compute from stored numbers; a warning line in the
+    middle of the output only confuses)."""
     import warnings
 
     import numpy as np
 
-    from knockout.reporting import write_report
-
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return write_report(run_dir)
+        return make()
 
 
 def _sweep(run: Prepared, progress: bool, notify: Callbacks | None = None) -> None:
@@ -475,3 +481,38 @@ class _Rows:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def run_models(
+    cfg: SweepConfig,
+    models: list[str],
+    progress: bool = True,
+    restart: bool = False,
+    callbacks: Sequence[Callback] = (),
+) -> tuple[list[RunResults | None], Path | None]:
+    """The sweep of ``cfg`` on each of ``models`` (the same data, documents and rules: give ``eval_docs`` so that the
+    evaluation documents are the same whatever the tokenizer), each into ``cfg.out/<model>``, then their comparison
+    into ``cfg.out/compare`` (:func:`knockout.reporting.compare_runs`, at the decision fractions). Returns every run's
+    results and the comparison's page (``None`` on torchrun ranks other than 0)."""
+    from knockout.reporting import compare_runs
+    from knockout.reporting.run import model_label
+
+    if len(models) < 2 or len(set(models)) < len(models):
+        raise KnockoutError(f"--models needs two or more different models, got {','.join(models)}")
+    if cfg.eval_docs is None:
+        raise KnockoutError(
+            "--models compares models on the same evaluation documents: give --eval-docs N (a token count would cut "
+            "the documents differently for each tokenizer)"
+        )
+    labels = [model_label(m) for m in models]
+    if len(set(labels)) < len(labels):
+        labels = [f"{label}-{i + 1}" for i, label in enumerate(labels)]
+    out = Path(cfg.out)
+    results = []
+    for model, label in zip(models, labels):
+        run_cfg = dataclasses.replace(cfg, model=model, out=str(out / label))
+        results.append(run_sweep(run_cfg, progress, restart=restart, callbacks=callbacks, report=True))
+    if any(r is None for r in results):
+        return results, None
+    page = _quietly(lambda: compare_runs([r.dir for r in results], out / "compare", cfg.decide.fractions, labels))
+    return results, page

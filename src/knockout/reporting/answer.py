@@ -193,7 +193,9 @@ def fraction_answer(
         plan = decide.plan()
     else:
         common = min(len(data[m]) for m in contenders)
-        if common < max(len(data[m]) for m in contenders) or common < len(order):
+        # a --seeds auto run gives the first look's sets to every fraction, more only at its decision fractions
+        expected = decide.first if config.get("seeds") == "auto" else len(order)
+        if common < max(len(data[m]) for m in contenders) or common < expected:
             short = [m for m in contenders if len(data[m]) == common]
             lacking = order[common] if common < len(order) else None
             fa.notes.append(

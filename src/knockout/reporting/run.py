@@ -11,6 +11,12 @@ from knockout.reporting.summary import summarize
 from knockout.runfolder import read_rows, row_key
 
 
+def model_label(model: str) -> str:
+    """A short name of a model for tables, legends and folders: the last part of its name or path, without
+    ``.gguf`` (``facebook/opt-1.3b`` -> ``opt-1.3b``)."""
+    return model.rstrip("/").replace("\\", "/").split("/")[-1].removesuffix(".gguf")
+
+
 @dataclass
 class RunData:
     """The stored results of one run folder.
@@ -51,9 +57,8 @@ class RunData:
 
     @property
     def label(self) -> str:
-        """A short name for tables and legends: the last part of the model name (``facebook/opt-1.3b`` -> opt-1.3b)."""
-        name = self.model.rstrip("/").replace("\\", "/").split("/")[-1]
-        return name.removesuffix(".gguf") or self.dir.name
+        """A short name for tables and legends: :func:`model_label` of the model (or the folder's name)."""
+        return model_label(self.model) or self.dir.name
 
     @property
     def resolved(self) -> dict:
