@@ -97,6 +97,8 @@ def _worker(out: Path) -> None:
         stats.save(out / f"stats{rank}.safetensors")
         local.save(out / f"local{rank}.safetensors")
         small.save(out / f"small{rank}.safetensors")
+        sharded = distributed.collect_stats_sharded(model, sites, batches, eps=EPS, limit=LIMIT)
+        sharded.save(out / f"sharded{rank}.safetensors")
         report = {
             "local_ranges": [[s.k_lo, s.n_bins] for s in local.layers],
             "metrics": [metrics.n, metrics.n_correct, metrics.ce_sum],
@@ -261,6 +263,14 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
         stats = Statistics.load(tmp_path / f"stats{r}.safetensors")
         _assert_same_statistics(stats, ref)
         _assert_same_statistics(Statistics.load(tmp_path / f"small{r}.safetensors"), ref_small, exact_moments=True)
+        # the halves are the even- and odd-numbered batches of the whole collection, as in one process
+        sharded = Statistics.load(tmp_path / f"sharded{r}.safetensors")
+        _assert_same_statistics(sharded, ref)
+        assert sharded.half_tokens == ref.half_tokens
+        for got, want in zip(sharded.half_centres, ref.half_centres):
+            assert got.keys() == want.keys()
+            for name in want:
+                torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-12, equal_nan=True)
         for key, want in (("metrics", ref_metrics), ("wrapped", ref_metrics), ("small_metrics", ref_small_metrics)):
             n, n_correct, ce_sum = reports[r][key]
             assert (n, n_correct) == (want.n, want.n_correct)
