@@ -261,6 +261,16 @@ def _iqr_quiet(stats: LayerStats) -> torch.Tensor:
     return _quantile(stats, 0.75)[0] - _quantile(stats, 0.25)[0]
 
 
+#: Where :func:`kde` cuts its Gaussian kernel, in standard deviations: exp(-12^2 / 2) ~ 5e-32.
+KERNEL_SIGMAS = 12.0
+
+
+def _fft_length(n: int) -> int:
+    """The smallest ``2^k`` or ``3 * 2^k`` at least ``n`` (both fast FFT sizes)."""
+    pow2 = 1 << max(1, (n - 1).bit_length())
+    return 3 * pow2 // 4 if 3 * pow2 // 4 >= n else pow2
+
+
 def kde(stats: LayerStats, bandwidth: torch.Tensor | float | None = None, chunk: int = 256) -> torch.Tensor:
     """``[width, n_bins]`` Gaussian kernel density estimate of each neuron's in-window values at the stored bin
     centres (per unit of activation, integrating to ~1 over the window).
@@ -269,8 +279,9 @@ def kde(stats: LayerStats, bandwidth: torch.Tensor | float | None = None, chunk:
     ``f(c_i) = sum_j count_j * phi((i - j) / s) / (n_in * h)`` with ``s = h / eps`` bins and ``n_in`` the in-window
     count. Moving a value by at most ``eps / 2`` changes the estimate by ``O((eps / h)^2)`` relative when the density
     is smooth on the scale ``eps`` (first-order errors cancel within a bin). The convolution is done by FFT with a
-    per-neuron kernel over ``L >= 2 n_bins`` points, so the circular convolution equals the linear one on the stored
-    bins (no truncation of the kernel). Neurons are processed in chunks of ``chunk`` rows to bound memory.
+    per-neuron kernel cut at ``KERNEL_SIGMAS`` standard deviations (where it is below ``1e-31`` of its centre: beyond
+    float64 precision) over ``L >= n_bins + reach`` points, ``reach`` the cut in bins, so the circular convolution
+    equals the linear one on the stored bins. Neurons are processed in chunks of ``chunk`` rows to bound memory.
     ``bandwidth`` defaults to :func:`kde_bandwidth`.
     """
     _check_nonempty(stats)
@@ -280,15 +291,18 @@ def kde(stats: LayerStats, bandwidth: torch.Tensor | float | None = None, chunk:
     n_bins = stats.n_bins
     if n_bins == 0:
         return torch.zeros(stats.width, 0, dtype=torch.float64, device=device)
-    length = 1 << max(1, (2 * n_bins - 1).bit_length())  # power of two >= 2 n_bins
-    d = torch.arange(length, device=device, dtype=torch.float64)
-    d = torch.minimum(d, length - d)  # circular distance in bins
     n_in = stats.hist.sum(1).double()
     out = torch.empty(stats.width, n_bins, dtype=torch.float64, device=device)
     for lo in range(0, stats.width, chunk):
         hi = min(lo + chunk, stats.width)
         s = (h[lo:hi] / stats.eps)[:, None]
+        widest = float(s.max())
+        reach = min(n_bins - 1, math.ceil(KERNEL_SIGMAS * widest)) if math.isfinite(widest) else n_bins - 1
+        length = _fft_length(n_bins + reach)
+        d = torch.arange(length, device=device, dtype=torch.float64)
+        d = torch.minimum(d, length - d)  # circular distance in bins
         kernel = torch.exp(-0.5 * (d / s) ** 2) / (math.sqrt(2 * math.pi) * h[lo:hi, None])  # [chunk, length]
+        kernel = kernel.masked_fill_(d > reach, 0.0)
         spec = torch.fft.rfft(stats.hist[lo:hi].double(), n=length) * torch.fft.rfft(kernel, n=length)
         out[lo:hi] = torch.fft.irfft(spec, n=length)[:, :n_bins] / n_in[lo:hi, None]
     return out
