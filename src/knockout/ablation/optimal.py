@@ -57,7 +57,8 @@ from knockout.hooks import edit_preout, fold_constants
 
 log = logging.getLogger(__name__)
 
-#: The constant methods whose constants are scored beside the learned ones (the best on the training data is kept).
+#: The constant methods whose constants are scored beside the learned ones (the best on the held-out part of the
+#: collection split is kept).
 CANDIDATES = ("zero", "mean", "peak")
 
 
@@ -245,8 +246,7 @@ class OptimalAblation(AblationMethod):
             bound = min(bound, scores[name])
         chosen = min(scores, key=lambda k: (scores[k], k != "learned"))  # ties keep the learned constants
         values_out = best if chosen == "learned" else [v.clone() for v in candidates[chosen]]
-        log.info("optimal seed %d: held-out CE %s; kept %s", ctx.seed, {k: round(v, 4) for k, v in scores.items()},
-                 chosen)  # fmt: skip
+        log.info("optimal seed %d: held-out CE %s; kept %s", ctx.seed, _scores_text(scores), chosen)
         meta = {
             "chosen": chosen,
             "seed": ctx.seed,
@@ -279,6 +279,12 @@ class OptimalAblation(AblationMethod):
                 if total > stop_above * n:
                     return math.inf
         return total / n
+
+
+def _scores_text(scores: dict[str, float]) -> str:
+    """``learned 4.3427, mean 4.5012, peak worse (stopped), ...``: the candidates' held-out CE, ``inf`` (scoring
+    stopped once a candidate could not win) in words."""
+    return ", ".join(f"{k} {v:.4f}" if math.isfinite(v) else f"{k} worse (stopped)" for k, v in scores.items())
 
 
 def _loss(model: torch.nn.Module, batch: Batch, reduction: str) -> torch.Tensor:

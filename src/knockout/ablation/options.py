@@ -14,7 +14,8 @@ from knockout.options import OptionGroup, setting
 @dataclass(frozen=True)
 class OptimalOptions(OptionGroup):
     """How ``optimal`` learns its constants (see :mod:`knockout.ablation.optimal`). The defaults train each neuron
-    set for a few seconds on a CPU and generalise to the evaluation split (docs/design.md)."""
+    set for a few seconds on a CPU (docs/design.md); the answer flags a set whose constants end above a contender on
+    the evaluation split."""
 
     prefix = "optimal"
     title = "optimal (learned constants; knockout.ablation.optimal)"

@@ -3,8 +3,9 @@
 Every field is a :func:`knockout.options.setting`: its ``metadata`` holds its help text and, for fields that are
 command-line flags, how the CLI parses them (the CLI builds its flags from these fields; names, defaults and help are
 not repeated there). The settings of one method or concern are a typed group (:class:`OptimalOptions`,
-:class:`ResampleOptions`, :class:`ImageOptions`): a nested object in a config file, ``--optimal-steps`` etc. on the
-command line. Everything is validated when the config is made, before a model is loaded.
+:class:`ResampleOptions`, :class:`ImageOptions`, :class:`DecideOptions`, :class:`ScanOptions`): a nested object in
+a config file, ``--optimal-steps`` etc. on the command line. Everything is validated when the config is made,
+before a model is loaded.
 
 A config is read from and written to a file (:meth:`SweepConfig.from_file`, :meth:`SweepConfig.from_dict`,
 :meth:`SweepConfig.to_dict`): ``knockout sweep --config sweep.json`` (or ``.toml``, ``.yaml``), and ``config.json`` in a
@@ -85,7 +86,7 @@ class SweepConfig:
     )
     seeds: tuple[int, ...] | str | None = setting(
         None,
-        "seeds of the neuron selection (and of masks, random inputs): 0,1,2 (the default), or 'auto' to add neuron "
+        "seeds of the neuron selection (and of masks, random inputs): integers such as 0,1,2, or 'auto' to add neuron "
         "sets at the --decide-fractions until every pair of methods is decided (--decide-* settings; "
         "docs/decisions.md); --ablate runs and scans default to 0 (their neuron sets do not depend on the seed)",
         kind="seeds",

@@ -14,8 +14,10 @@
     atypical_neurons.csv     the top neurons by atypicality (see knockout.reporting.neurons)
     point_masses.csv         per layer, the neurons whose peak is a point mass                (needs stats.safetensors)
     eps.md/.csv              CE and top-1 against the peak's bin width       (runs with peak@EPS methods, see .eps)
+    targets.csv              mean ± std over seeds per named component set                  (--ablate runs)
 
-``compare_runs(run_dirs, out_dir)`` writes the table and curves of several runs side by side.
+``compare_runs(run_dirs, out_dir)`` writes several runs side by side: the answer per model, their agreement, every
+pair's difference per run (compare.json), a forest plot, Table 2 and the curves.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def identity(run: RunData) -> dict:
         "heads": mid.get("n_heads", "?"),
         "task": res.get("task", cfg.get("task", "?")),
         "data": cfg.get("data", "?"),
-        "eval tokens": cfg.get("eval_tokens", "?"),
+        "eval tokens": _eval_text(run),
         "stats tokens": cfg.get("stats_tokens", "?"),
         "max length": cfg.get("max_length", "?"),
         "selection": cfg.get("selection", "?"),
@@ -127,6 +129,16 @@ def identity(run: RunData) -> dict:
     }
     out.update({f"{k} version": v for k, v in env.items()})
     return out
+
+
+def _eval_text(run: RunData) -> str:
+    """What the rows were evaluated on: the scored targets per row, and the documents with ``eval_docs``."""
+    n_eval = sorted({int(r["n_eval"]) for r in run.rows if r.get("n_eval") is not None})
+    targets = f"{n_eval[0]:,} scored targets" if len(n_eval) == 1 else None
+    docs = run.config.get("eval_docs")
+    if docs:
+        return f"{docs} documents" + (f" ({targets})" if targets else "")
+    return targets or str(run.config.get("eval_tokens", "?"))
 
 
 def _seeds_text(run: RunData) -> str:
@@ -412,7 +424,8 @@ def compare_runs(
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
     labels: list[str] | None = None,
 ) -> Path:
-    """Table 2 and the curves of several runs side by side in ``out_dir``; returns compare.html's path."""
+    """Several runs side by side in ``out_dir``: the answer per run at ``fractions`` and whether they agree, every
+    pair's difference per run (compare.json), a forest plot, Table 2 and the curves; returns compare.html's path."""
     if len(run_dirs) < 1:
         raise KnockoutError("give at least one run folder to compare")
     fractions = validate_fractions(fractions)
