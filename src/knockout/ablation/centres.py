@@ -36,6 +36,9 @@ from knockout.stats.running import LayerStats
 
 log = logging.getLogger(__name__)
 
+#: What to do about a centre the histogram window leaves undefined.
+WIDEN = "raise --hist-limit, or use auto (which a larger --eps widens)"
+
 #: How many undefined neurons an error message lists.
 MAX_LISTED = 5
 
@@ -59,7 +62,7 @@ class CentreAblation(ConstantAblation):
     #: runs and their timings do not change; ``--methods all,median`` is refused, so list them explicitly.
     in_all = False
     #: Why a centre can be undefined (NaN), for the error message.
-    undefined: ClassVar[str] = "every value of the neuron lies outside the histogram window; raise --hist-limit"
+    undefined: ClassVar[str] = f"every value of the neuron lies outside the histogram window; {WIDEN}"
 
     @abstractmethod
     def centre(self, stats: LayerStats) -> torch.Tensor:
@@ -74,7 +77,7 @@ class CentreAblation(ConstantAblation):
 class MedianAblation(CentreAblation):
     """z_i := median of z_i over the collection set (from the histogram, within eps)."""
 
-    undefined = "its median lies outside the histogram window (half its values clipped); raise --hist-limit"
+    undefined = f"its median lies outside the histogram window (half its values clipped); {WIDEN}"
 
     def centre(self, stats):
         return centres.median(stats)
@@ -160,7 +163,7 @@ class PeakAtAblation(CentreAblation):
     @property
     def undefined(self) -> str:
         if self.eps_choice.kind in ("fd", "iqr"):
-            return "a quartile lies outside the histogram window, so its bin width is unknown; raise --hist-limit"
+            return f"a quartile lies outside the histogram window, so its bin width is unknown; {WIDEN}"
         return CentreAblation.undefined
 
     def constants(self) -> list[torch.Tensor]:

@@ -13,9 +13,11 @@ falls outside them; it never extends past ``[-limit, limit)``. Values outside th
 batch) the result does not depend on the order of the data: statistics over any split of the data, merged, equal
 one pass over all of it.
 
-Defaults: ``eps = 0.01`` and ``limit = 20.0`` (at most 4000 bins per neuron). Pre-out activations of the models we
-ran sit well inside ±20; the clipped fraction is stored, and a warning names layers where more than 0.1% of values
-were clipped. Override with ``--eps`` / ``--hist-limit``. The pair is a :class:`HistGrid`, checked when it is made.
+Defaults: ``eps = 0.01`` and ``limit = "auto"``: the widest window whose histograms fit the memory caps
+(:func:`auto_limit`, from the layers' widths and eps only, never from the data; ±310.68 for SmolLM2-135M). A number
+gives a fixed window. The clipped counts are stored, and a warning names layers where more than 0.1% of values were
+clipped and the neurons concerned. Override with ``--eps`` / ``--hist-limit``. The pair is a :class:`HistGrid`,
+checked when it is made (:meth:`HistGrid.of` resolves ``auto``).
 
 The peak of a neuron is the centre ``(k + 0.5) * eps`` of its most populated bin (the lowest such bin on ties, as
 ``numpy.argmax``), computed by :func:`knockout.stats.centres.peak_at`. Mean and variance: each batch's in float64
@@ -32,12 +34,15 @@ float64 copy, its sum, the squared deviations and their sum); the bins ``floor(x
 indices of a ``[width, n_bins]`` table and counted. On the CPU one ``bincount`` counts them and the counts are added
 to the histogram; ``add`` reads the batch's lowest and highest value and their ``x / eps`` once per call (all
 finite? which bins?), which decide whether the stored bins must grow, and a batch with values outside the window
-reads once more. On an accelerator (``sync_free``, the default off the CPU) it reads nothing back: it counts into a
-buffer over the whole window (``2 * limit / eps`` bins per neuron, 8 bytes each), and :meth:`LayerStats.finish`,
-called once at the end of a collection, raises if any batch held NaN/inf and trims the histogram to the bins in
-use, bit for bit what counting with reads stores. :func:`knockout.stats.collect_stats` selects the non-padding
-positions with an index found on the host before the batch moves to the device, so a collection on an accelerator
-waits for the device only at its end.
+reads once more. On an accelerator (``sync_free``, the default off the CPU) it reads nothing back: for a window of
+at most :data:`BUFFER_MAX_BINS` bins per neuron it counts into a buffer over the whole window (8 bytes per bin), and
+:meth:`LayerStats.finish`, called once at the end of a collection, raises if any batch held NaN/inf and trims the
+histogram to the bins in use, bit for bit what counting with reads stores. A wider window (``auto``, usually) counts
+each batch one call late: its lowest and highest values travel to the host asynchronously while the next batch
+runs, and are read then (:meth:`LayerStats.finish` counts the last). :func:`knockout.stats.collect_stats` selects
+the non-padding positions with an index found on the host before the batch moves to the device, so a collection on
+an accelerator waits for the device only at its end (and, counting late, rarely: the values read were sent a batch
+ago).
 """
 
 from __future__ import annotations
