@@ -103,6 +103,10 @@ def test_half_centres_are_those_of_the_even_and_odd_batches_and_survive_a_file(t
             n_a, n_b = stats.half_tokens
             torch.testing.assert_close(se[layer], (a - b).abs() * math.sqrt(n_a * n_b) / (n_a + n_b))
     assert torch.equal(loaded.half_centres[0]["peak"][0], even.layers[0].peak().double())
+    summary = loaded.centre_summary()
+    assert set(summary) == set(centres.HALF_CENTRES) and summary["mean"]["ratio"] is None
+    se, std = torch.cat(loaded.centre_se("peak")), torch.cat([s.std for s in loaded.layers])
+    assert summary["peak"]["undetermined"] == int((se > 0.1 * std).sum())
     merged = Statistics.load(path).merge(even)
     assert merged.half_centres is None  # no longer describe the data
 
