@@ -56,7 +56,7 @@ from knockout.evaluation.evaluate import evaluate
 from knockout.hooks import capture, replace_with_constants
 from knockout.loading import LoadedModel
 from knockout.sites import find_sites, text_config
-from knockout.stats.collect import collect_stats
+from knockout.stats.collect import collect_halves, collect_stats
 from knockout.stats.running import LayerStats
 
 #: Token count at which knockout's statistics are compared with the authors' method (see authors_stats).
@@ -145,8 +145,8 @@ def run_benchmark(
         finally:
             vars(stats).pop("add", None)
 
-    def stats_first():
-        collect_stats(model, sites, [batch], progress=False)
+    def stats_first():  # the collection itself, without the halves' centres computed at its end
+        collect_halves(model, sites, [batch], progress=False)
 
     def plain_eval():
         evaluate(model, [batch])

@@ -283,7 +283,8 @@ def collect_stats_sharded(
     model: torch.nn.Module, sites: Sequence[Site], batches: Sequence[Batch], **kwargs
 ) -> Statistics:
     """:func:`~knockout.stats.collect_stats` on this rank's share of ``batches``, all-reduced over ranks. The same
-    as ``collect_stats(model, sites, batches, **kwargs)`` in a single-process run. Each half of the collection (its
+    as ``collect_stats(model, sites, batches, **kwargs)`` in a single-process run (``into`` is not taken: extend
+    statistics by merging). Each half of the collection (its
     even- and odd-numbered batches, by their index in ``batches``) is all-reduced on its own before the halves are
     merged. The progress bar (unless ``progress`` is given) is shown on rank 0 only."""
     kwargs.setdefault("progress", is_main())

@@ -119,3 +119,18 @@ def test_clipped_neurons_are_named_per_layer_with_the_worst(tmp_path):
     assert "2 neurons in 1 layers had values outside the window" in lines and "| 0 | 2 | 2 | 3.50% |" in lines
     assert "median counts the clipped values" in lines
     assert "no halves' centres" in lines  # made by hand, not collected
+
+
+def test_a_collection_of_one_batch_says_the_halves_cannot_tell(tmp_path):
+    from knockout import collect_stats, find_sites
+    from knockout.data.text import causal_batches
+
+    model = tiny.causal_lm("llama")
+    g = torch.Generator().manual_seed(0)
+    batches = causal_batches([torch.randint(5, tiny.VOCAB, (16,), generator=g).tolist() for _ in range(3)], 4, pad=0)
+    assert len(batches) == 1
+    collect_stats(model, find_sites(model), batches, progress=False).save(tmp_path / "one.safetensors")
+    section = CR.read_section(tmp_path / "one.safetensors")
+    assert min(section.half_tokens) == 0 and section.determination == {}
+    text = "\n".join(CR.markdown(section))
+    assert "cannot be told" in text and "nan" not in text

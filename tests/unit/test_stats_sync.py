@@ -150,3 +150,26 @@ def test_sync_free_falls_back_to_reads_when_the_buffer_does_not_fit(monkeypatch,
         s.add(b)
     assert s.sync_free is False and "host read per batch instead" in caplog.text
     _assert_same_state(s, ref)
+
+
+def test_counting_a_batch_late_equals_counting_with_reads(monkeypatch):
+    """Where a whole-window buffer would exceed ``BUFFER_MAX_BYTES``, sync-free counting counts each batch one call
+    late (its range read once it has reached the host); after ``finish`` every field equals counting with reads, a
+    NaN is raised at ``finish``, and no buffer over the window is made."""
+    from knockout.stats import running
+
+    monkeypatch.setattr(running, "BUFFER_MAX_BYTES", 0)
+    width = 5
+    batches = _batches(width)
+    ref = LayerStats(width, eps=0.01, limit=2.0)
+    late = LayerStats(width, eps=0.01, limit=2.0, sync_free=True)
+    for b in batches:
+        ref.add(b)
+        late.add(b)
+    assert late._buf is None and late._pending is not None  # the last batch waits for finish
+    late.finish()
+    _assert_same_state(late, ref)
+    bad = LayerStats(3, eps=0.01, limit=1.0, sync_free=True)
+    bad.add(torch.tensor([[0.0, float("nan"), 0.0]]))
+    with pytest.raises(Exception, match="non-finite"):
+        bad.finish()

@@ -284,7 +284,7 @@ class OptimalAblation(AblationMethod):
 def _scores_text(scores: dict[str, float]) -> str:
     """``learned 4.3427, mean 4.5012, peak worse (stopped), ...``: the candidates' held-out CE, ``inf`` (scoring
     stopped once a candidate could not win) in words."""
-    return ", ".join(f"{k} {v:.4f}" if math.isfinite(v) else f"{k} worse (stopped)" for k, v in scores.items())
+    return ", ".join(f"{k} worse (stopped)" if math.isinf(v) else f"{k} {v:.4f}" for k, v in scores.items())
 
 
 def _loss(model: torch.nn.Module, batch: Batch, reduction: str) -> torch.Tensor:

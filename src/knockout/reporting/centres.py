@@ -109,7 +109,7 @@ def read_section(path: str | Path) -> StatsSection:
         half_tokens=half_tokens,
         clipped=clipped,
     )
-    if half_tokens is not None:
+    if half_tokens is not None and min(half_tokens) > 0:
         n_a, n_b = half_tokens
         for name, h in halves.items():
             if len(h) == len(widths):
@@ -168,6 +168,12 @@ def _halves_text(section: StatsSection) -> str:
     if section.half_tokens is None:
         return "These statistics have no halves' centres (not collected by `knockout stats` or a sweep)."
     n_a, n_b = section.half_tokens
+    if min(n_a, n_b) == 0:
+        return (
+            f"Halves of {n_a:,} and {n_b:,} tokens: with one half empty (a collection of one batch) how well the "
+            "centres are determined cannot be told; collect more than one batch (more --stats-tokens or a smaller "
+            "--batch-size)."
+        )
     return f"Halves of {n_a:,} and {n_b:,} tokens. {EXPLANATION}"
 
 

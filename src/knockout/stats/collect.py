@@ -73,6 +73,11 @@ def collect_halves(
         raise ValueError(f"{len(batch_index)} batch indices for {len(batches)} batches")
     parity = [i % 2 for i in (batch_index if batch_index is not None else range(len(batches)))]
     _collect(model, sites, batches, [halves[p] for p in parity], progress)
+    for a, b in zip(halves[0].layers, halves[1].layers):  # an empty half (one batch; a shard of one parity) joins
+        if a.count == 0 and b.count > 0:  # the other's device, so that every later step runs where the data is
+            a._to(b.mean.device)
+        elif b.count == 0 and a.count > 0:
+            b._to(a.mean.device)
     return halves
 
 

@@ -34,10 +34,10 @@ float64 copy, its sum, the squared deviations and their sum); the bins ``floor(x
 indices of a ``[width, n_bins]`` table and counted. On the CPU one ``bincount`` counts them and the counts are added
 to the histogram; ``add`` reads the batch's lowest and highest value and their ``x / eps`` once per call (all
 finite? which bins?), which decide whether the stored bins must grow, and a batch with values outside the window
-reads once more. On an accelerator (``sync_free``, the default off the CPU) it reads nothing back: for a window of
-at most :data:`BUFFER_MAX_BINS` bins per neuron it counts into a buffer over the whole window (8 bytes per bin), and
+reads once more. On an accelerator (``sync_free``, the default off the CPU) it reads nothing back: where a buffer over
+the whole window (8 bytes per bin and neuron) takes at most :data:`BUFFER_MAX_BYTES`, it counts into it, and
 :meth:`LayerStats.finish`, called once at the end of a collection, raises if any batch held NaN/inf and trims the
-histogram to the bins in use, bit for bit what counting with reads stores. A wider window (``auto``, usually) counts
+histogram to the bins in use, bit for bit what counting with reads stores. A larger one (``auto``, usually) counts
 each batch one call late: its lowest and highest values travel to the host asynchronously while the next batch
 runs, and are read then (:meth:`LayerStats.finish` counts the last). :func:`knockout.stats.collect_stats` selects
 the non-padding positions with an index found on the host before the batch moves to the device, so a collection on
@@ -79,8 +79,9 @@ MAX_HIST_BYTES = 16 * 2**30
 a collection (:func:`knockout.stats.collect_stats`) counted."""
 HALVES = 2
 """How many histograms per neuron a collection holds: its two halves (the total is their merge, made at the end)."""
-BUFFER_MAX_BINS = 10_000
-"""Widest window (bins per neuron) that sync-free counting covers with one buffer; wider ones count a batch late."""
+BUFFER_MAX_BYTES = 32 * 2**20
+"""Largest whole-window buffer (per layer, and per half of a collection) that sync-free counting makes; a layer whose
+buffer would be larger counts each batch one batch late instead, with memory only for the bins in use."""
 
 
 def auto_limit(widths: list[int], eps: float, copies: int = HALVES) -> float:
@@ -251,7 +252,10 @@ class HistGrid:
 class LayerStats:
     """Statistics of one layer's ``width`` neurons. Feed ``[n_tokens, width]`` batches to :meth:`add`.
 
-    The grid is ``grid`` (shared, already checked) or, without it, a new :class:`HistGrid` of ``eps`` and ``limit``.
+    The grid is ``grid`` (shared, already checked) or, without it, a new :class:`HistGrid` of ``eps`` and ``limit``;
+    ``limit="auto"`` (the default) is then resolved for this layer's width alone, so a bare ``LayerStats`` can have
+    another window than a layer of :class:`~knockout.stats.Statistics`, whose ``auto`` counts all layers: to merge
+    into one, make it with that one's grid (``LayerStats(width, grid=stats.grid)``).
     """
 
     #: The tensors that, with ``count`` and ``k_lo``, are the whole state (``width`` and the grid are settings).
@@ -349,7 +353,7 @@ class LayerStats:
         self._to(x.device)
         late = False  # count this batch at the next call, when its ends have reached the host
         if sync_free and self._buf is None:
-            if self.grid.n_window > BUFFER_MAX_BINS:
+            if 8 * self.width * (self.grid.n_window + 2) > BUFFER_MAX_BYTES:
                 sync_free, late = False, True
                 self._count_pending()
             else:
@@ -385,9 +389,10 @@ class LayerStats:
     def finish(self) -> None:
         """Settle what sync-free counting left on the device: raise if a batch held NaN/inf, and store the
         histogram trimmed to the bins in use, as counting with host reads stores it (bit for bit). One host read;
-        nothing to do after counting with host reads. :func:`~knockout.stats.collect_stats` calls it; reading
-        ``hist`` before it is safe (the same counts over the whole window), the check for NaN/inf is not done.
-        After counting a batch late (a window wider than :data:`BUFFER_MAX_BINS` bins), it counts the last batch."""
+        nothing to do after counting with host reads. :func:`~knockout.stats.collect_stats` calls it. Before it,
+        after counting into a buffer, ``hist`` holds the same counts over the whole window but the check for NaN/inf
+        is not done; after counting a batch late (a buffer above :data:`BUFFER_MAX_BYTES`), ``hist`` lacks the last
+        batch, which ``finish`` counts: call it before reading ``hist`` directly."""
         self._count_pending()
         if self._nonfinite is not None:
             bad, self._nonfinite = self._nonfinite, None
@@ -561,6 +566,12 @@ class LayerStats:
             raise KnockoutError(
                 f"cannot merge statistics with width/eps/limit {(other.width, other.eps, other.limit)} into "
                 f"{(self.width, self.eps, self.limit)}: collect both with the same --eps and --hist-limit"
+                + (
+                    " (the auto window depends on the widths of all layers collected together: make both with one "
+                    "grid, e.g. LayerStats(width, grid=stats.grid))"
+                    if self.grid.auto or other.grid.auto
+                    else ""
+                )
             )
         if other.count == 0:
             return
