@@ -208,24 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="move an existing --out folder aside (to OUT.old-TIMESTAMP) and start afresh, instead of resuming",
     )
     _add_tracking_flags(p)
-    p.add_argument(
-        "--models",
-        type=_names,
-        help="run the same sweep on each of these models (comma-separated; give --eval-docs), each into OUT/<model>, "
-        "and compare them in OUT/compare: the answer per model side by side",
-    )
+    _add_models_flag(p)
 
     _add_scan_parser(command)
 
     p = command("demo", "the default sweep: SmolLM2-135M on built-in Wikipedia text, offline")
     _add_config_flags(p, FLAG_SECTIONS, groups, shown=resolve_preset("demo").to_dict())
     _add_tracking_flags(p)
-    p.add_argument(
-        "--models",
-        type=_names,
-        help="run the same sweep on each of these models (comma-separated; give --eval-docs), each into OUT/<model>, "
-        "and compare them in OUT/compare: the answer per model side by side",
-    )
+    _add_models_flag(p)
 
     p = command("stats", "collect per-neuron statistics into a safetensors file")
     _add_config_file(p)
@@ -252,6 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_parsers(command)
     _add_export_parser(command)
     return parser
+
+
+def _add_models_flag(p: argparse.ArgumentParser) -> None:
+    """``--models A,B``: the same sweep on several models, then their comparison (experiments.runner.run_models)."""
+    p.add_argument(
+        "--models",
+        type=_names,
+        help="run the same sweep on each of these models (comma-separated; give --eval-docs), each into OUT/<model>, "
+        "and compare them in OUT/compare: the answer per model side by side",
+    )
 
 
 def _add_tracking_flags(p: argparse.ArgumentParser) -> None:
