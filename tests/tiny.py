@@ -113,6 +113,16 @@ TEXT = (
 )
 
 
+def sweep_args(model, data, out, *extra: str) -> list[str]:
+    """The CLI arguments of a small two-seed sweep (zero and peak at 0, 0.5, 1) of ``model`` on ``data`` into ``out``:
+    the run the resume, kill and integrity tests start, interrupt and compare."""
+    return [
+        "-q", "sweep", "--model", str(model), "--data", str(data), "--methods", "zero,peak", "--fractions", "0,0.5,1",
+        "--seeds", "0,1", "--eval-tokens", "60", "--stats-tokens", "200", "--max-length", "40", "--batch-size", "4",
+        "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
 def write_corpus(path, n_docs: int = 40) -> str:
     """A local .txt corpus of ``n_docs`` blank-line separated documents."""
     import random

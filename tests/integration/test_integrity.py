@@ -32,14 +32,6 @@ def setup(tmp_path_factory):
     return root, model, corpus
 
 
-def _args(model, data, out, *extra):
-    return [
-        "-q", "sweep", "--model", str(model), "--data", str(data), "--methods", "zero,peak", "--fractions", "0,0.5,1",
-        "--seeds", "0,1", "--eval-tokens", "60", "--stats-tokens", "200", "--max-length", "40", "--batch-size", "4",
-        "--out", str(out), *extra,
-    ]  # fmt: skip
-
-
 def _values(out):
     """The rows of a run folder without their timings, keyed by (method, fraction, seed)."""
     return {
@@ -63,7 +55,7 @@ def reference(setup):
     out = root / "reference"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("knockout.reporting.write_report", lambda out, *a, **k: Path(out) / "report")
-        assert main(_args(model, corpus, out)) == 0
+        assert main(tiny.sweep_args(model, corpus, out)) == 0
     return out
 
 
@@ -118,7 +110,7 @@ def test_a_second_writer_is_refused_and_a_folder_moved_away_is_not_written_again
 
     _, model, corpus = setup
     out = tmp_path / "run"
-    args = _args(model, corpus, out)
+    args = tiny.sweep_args(model, corpus, out)
     first, go = _start_paused(args, tmp_path, at=8)  # a few rows in, holding the folder's lock
     try:
         lock = out / runfolder.LOCK_FILE
@@ -198,7 +190,7 @@ def test_a_resume_on_changed_weights_is_refused(setup, tmp_path, capsys):
     folder = tmp_path / "m"
     tiny.save(tiny.causal_lm("llama"), "causal", folder)
     out = tmp_path / "run"
-    args = _args(folder, corpus, out, "--seeds", "0")
+    args = tiny.sweep_args(folder, corpus, out, "--seeds", "0")
     assert main(args) == 0
     recorded = json.loads((out / "config.json").read_text())["resolved"]["model_identity"]["fingerprint"]
     assert recorded["of"] == "files" and sorted(recorded["files"]) == ["config.json", "model.safetensors"]
@@ -272,7 +264,7 @@ def test_large_files_have_their_sha256_cached_by_path_size_and_time(tmp_path, mo
 def test_damaged_artifacts_are_named_and_relearned_after_deleting(setup, tmp_path, capsys):
     _, model, corpus = setup
     out = tmp_path / "run"
-    args = _args(model, corpus, out, "--methods", "optimal", "--fractions", "0,0.5", "--seeds", "0",
+    args = tiny.sweep_args(model, corpus, out, "--methods", "optimal", "--fractions", "0,0.5", "--seeds", "0",
                  "--optimal-steps", "2", "--optimal-tokens", "40", "--optimal-held-out-tokens", "20")  # fmt: skip
     assert main(args) == 0
     (artifact,) = (out / "artifacts").rglob("*.safetensors")
@@ -307,7 +299,7 @@ def test_damaged_paired_file_is_named_then_recomputed_after_deleting(setup, refe
 
     _, model, corpus = setup
     out = tmp_path / "run"
-    args = _args(model, corpus, out)
+    args = tiny.sweep_args(model, corpus, out)
     assert main(args) == 0
     path = out / "paired" / "seed1.safetensors"
     tensors, meta = runfolder.read_safetensors(path, "")
@@ -335,7 +327,7 @@ def test_paired_sums_that_do_not_add_up_to_their_row_are_rerun_and_left_out_unti
 
     _, model, corpus = setup
     out = tmp_path / "run"
-    args = _args(model, corpus, out)
+    args = tiny.sweep_args(model, corpus, out)
     assert main(args) == 0
     sums = read_doc_sums(out)
     key = runfolder.row_key("zero", 0.5, 1)
@@ -379,7 +371,7 @@ def test_a_full_disk_ends_in_one_line_leaves_no_temporary_file_and_resumes(setup
                                                                            monkeypatch, after):  # fmt: skip
     _, model, corpus = setup
     out = tmp_path / "run"
-    args = _args(model, corpus, out)
+    args = tiny.sweep_args(model, corpus, out)
     with monkeypatch.context() as mp:
         _full_disk(mp, out.resolve(), after)
         assert main(args) == 2
@@ -414,7 +406,7 @@ def test_stats_file_of_other_data_or_settings_is_refused_unless_asked(setup, tmp
         assert main(cmd) == 0
         stats = cmd[cmd.index("--out") + 1]
         out = tmp_path / f"run-{len(what)}"
-        args = _args(model, corpus, out, "--seeds", "0", "--fractions", "0,1", "--stats", stats)
+        args = tiny.sweep_args(model, corpus, out, "--seeds", "0", "--fractions", "0,1", "--stats", stats)
         assert main(args) == 2
         err = capsys.readouterr().err
         assert what in err and "--stats-any-data" in err and len(err.strip().splitlines()) == 1
@@ -439,9 +431,11 @@ def test_stats_file_is_matched_by_fingerprint_not_by_path(setup, tmp_path, capsy
         (copy / p.name).write_bytes(p.read_bytes())
     for given in (str(Path(model).resolve()), str(copy)):  # an absolute path, a copied folder
         out = tmp_path / f"run-{len(given)}"
-        assert main(_args(given, corpus, out, "--seeds", "0", "--fractions", "0,1", "--stats", str(stats))) == 0
+        assert (
+            main(tiny.sweep_args(given, corpus, out, "--seeds", "0", "--fractions", "0,1", "--stats", str(stats))) == 0
+        )
     _other_weights(copy)  # same architecture, other weights: refused
-    assert main(_args(str(copy), corpus, tmp_path / "other", "--seeds", "0", "--stats", str(stats))) == 2
+    assert main(tiny.sweep_args(str(copy), corpus, tmp_path / "other", "--seeds", "0", "--stats", str(stats))) == 2
     assert "other weights" in capsys.readouterr().err
 
 
@@ -449,12 +443,12 @@ def test_stats_file_is_matched_by_fingerprint_not_by_path(setup, tmp_path, capsy
 def test_restart_with_a_bad_model_path_moves_nothing(setup, tmp_path, capsys):
     _, model, corpus = setup
     out = tmp_path / "run"
-    assert main(_args(model, corpus, out, "--seeds", "0", "--fractions", "0,1", "--methods", "zero")) == 0
+    assert main(tiny.sweep_args(model, corpus, out, "--seeds", "0", "--fractions", "0,1", "--methods", "zero")) == 0
     before = _files(out)
     empty = tmp_path / "empty"
     empty.mkdir()
     for bad in (str(tmp_path / "missing"), str(empty)):
-        assert main(_args(bad, corpus, out, "--seeds", "0", "--fractions", "0,1", "--restart")) == 2
+        assert main(tiny.sweep_args(bad, corpus, out, "--seeds", "0", "--fractions", "0,1", "--restart")) == 2
         assert "knockout: error:" in capsys.readouterr().err
         assert _files(out) == before and not list(tmp_path.glob("run.old-*"))
 
@@ -484,7 +478,7 @@ def test_partial_banner_counts_expected_rows_only(tmp_path):
 def test_a_method_named_twice_in_method_fractions_is_refused(setup, tmp_path, capsys):
     _, model, corpus = setup
     with pytest.raises(SystemExit) as e:
-        main(_args(model, corpus, tmp_path / "run", "--methods", "optimal", "--method-fractions",
+        main(tiny.sweep_args(model, corpus, tmp_path / "run", "--methods", "optimal", "--method-fractions",
                    "optimal=0.5;optimal=1"))  # fmt: skip
     assert e.value.code == 2
     assert "'optimal' is named twice" in capsys.readouterr().err

@@ -32,14 +32,6 @@ def setup(tmp_path_factory):
     return root, model, corpus
 
 
-def _args(model, data, out, *extra):
-    return [
-        "-q", "sweep", "--model", model, "--data", data, "--methods", "zero,peak", "--fractions", "0,0.5,1",
-        "--seeds", "0,1", "--eval-tokens", "60", "--stats-tokens", "200", "--max-length", "40", "--batch-size", "4",
-        "--out", str(out), *extra,
-    ]  # fmt: skip
-
-
 def _values(out):
     """The rows of a run folder without their timings, keyed by (method, fraction, seed)."""
     rows = read_rows(out)
@@ -117,7 +109,7 @@ def test_refused_before_the_model_loads_and_nothing_written(setup, tmp_path, cap
     if extra[0] == "DATA":
         corpus, extra = str(data.get(extra[1], tmp_path / extra[1])), []
     out = tmp_path / "out"
-    assert main(_args(model, corpus, out, *extra)) == 2
+    assert main(tiny.sweep_args(model, corpus, out, *extra)) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
@@ -127,17 +119,17 @@ def test_out_that_is_a_file_or_not_writable(setup, tmp_path, capsys, no_model):
     _, model, corpus = setup
     file = tmp_path / "file"
     file.write_text("keep")
-    assert main(_args(model, corpus, file)) == 2
+    assert main(tiny.sweep_args(model, corpus, file)) == 2
     assert "is a file" in capsys.readouterr().err
     assert file.read_text() == "keep"
-    assert main(_args(model, corpus, file / "sub")) == 2
+    assert main(tiny.sweep_args(model, corpus, file / "sub")) == 2
     assert "is a file" in capsys.readouterr().err
     if os.geteuid() != 0:  # root may write anywhere
         locked = tmp_path / "locked"
         locked.mkdir()
         locked.chmod(0o555)
         try:
-            assert main(_args(model, corpus, locked / "run")) == 2
+            assert main(tiny.sweep_args(model, corpus, locked / "run")) == 2
             assert "not writable" in capsys.readouterr().err
             assert list(locked.iterdir()) == []
         finally:
@@ -147,7 +139,7 @@ def test_out_that_is_a_file_or_not_writable(setup, tmp_path, capsys, no_model):
 def test_descending_fraction_range_is_explained(setup, tmp_path, capsys, no_model):
     _, model, corpus = setup
     with pytest.raises(SystemExit) as e:
-        main(_args(model, corpus, tmp_path / "out", "--fractions", "1:0:0.5"))
+        main(tiny.sweep_args(model, corpus, tmp_path / "out", "--fractions", "1:0:0.5"))
     assert e.value.code == 2
     assert "counts down" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -157,7 +149,7 @@ def test_histogram_memory_is_bounded_after_loading(setup, tmp_path, capsys, monk
     _, model, corpus = setup
     monkeypatch.setattr("knockout.stats.running.MAX_HIST_BYTES", 1000)
     out = tmp_path / "out"
-    assert main(_args(model, corpus, out)) == 2
+    assert main(tiny.sweep_args(model, corpus, out)) == 2
     err = capsys.readouterr().err
     assert "may need" in err and "64 neurons" in err and "raise --eps" in err
     assert not out.exists()
@@ -179,7 +171,7 @@ def test_changed_data_is_refused_and_restart_starts_over(setup, tmp_path, capsys
     _, model, _ = setup
     data = Path(tiny.write_corpus(tmp_path / "data.txt", n_docs=60))
     out = tmp_path / "run"
-    args = _args(model, str(data), out, "--seeds", "0", "--fractions", "0,1")
+    args = tiny.sweep_args(model, str(data), out, "--seeds", "0", "--fractions", "0,1")
     assert main(args) == 0
     config = json.loads((out / "config.json").read_text())
     ident = config["resolved"]["data_identity"]
@@ -209,7 +201,7 @@ def test_changed_data_is_refused_and_restart_starts_over(setup, tmp_path, capsys
 def test_changed_setting_refuses_and_restart_applies_it(setup, tmp_path, capsys):
     _, model, corpus = setup
     out = tmp_path / "run"
-    args = _args(model, corpus, out, "--seeds", "0", "--fractions", "0,1", "--methods", "zero")
+    args = tiny.sweep_args(model, corpus, out, "--seeds", "0", "--fractions", "0,1", "--methods", "zero")
     assert main(args) == 0
     assert main([*args, "--max-length", "30"]) == 2
     assert "--restart" in capsys.readouterr().err
@@ -227,7 +219,7 @@ def test_nan_statistics_name_layer_and_neuron(setup, tmp_path, capsys):
     stats.layers[1].mean[5] = float("nan")
     stats.save(stats_path)  # a valid file (checksum and all) holding a NaN
     out = tmp_path / "run"
-    assert main(_args(model, corpus, out, "--stats", str(stats_path))) == 2
+    assert main(tiny.sweep_args(model, corpus, out, "--stats", str(stats_path))) == 2
     err = capsys.readouterr().err
     assert "layer 1 neuron 5 has mean nan" in err
     assert not (out / "results.jsonl").exists()
@@ -255,7 +247,7 @@ def _damage(path: Path) -> None:
 def test_damaged_stats_and_selection_files_are_named(setup, tmp_path, capsys):
     _, model, corpus = setup
     out = tmp_path / "run"
-    args = _args(model, corpus, out, "--seeds", "0", "--fractions", "0,1")
+    args = tiny.sweep_args(model, corpus, out, "--seeds", "0", "--fractions", "0,1")
     assert main(args) == 0
     for name in ("selection.safetensors", "stats.safetensors"):
         path = out / name
@@ -342,14 +334,14 @@ def reference(setup):
     out = root / "reference"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("knockout.reporting.write_report", lambda out, *a, **k: Path(out) / "report")
-        assert main(_args(model, corpus, out)) == 0
+        assert main(tiny.sweep_args(model, corpus, out)) == 0
     return out
 
 
 def test_ctrl_c_prints_one_line_and_resume_is_exact(setup, reference, tmp_path):
     _, model, corpus = setup
     out = tmp_path / "run"
-    proc = _run_cli(_args(model, corpus, out), KILL_AT="after:7", KILL_SIGNAL="SIGINT")  # a few rows in
+    proc = _run_cli(tiny.sweep_args(model, corpus, out), KILL_AT="after:7", KILL_SIGNAL="SIGINT")  # a few rows in
     assert proc.returncode == 130, proc.stderr
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
@@ -357,7 +349,7 @@ def test_ctrl_c_prints_one_line_and_resume_is_exact(setup, reference, tmp_path):
     assert done, last
     n_rows = len((out / "results.jsonl").read_text().splitlines())
     assert int(done.group(1)) == n_rows and 0 < n_rows < 14  # the count is what the folder holds
-    assert main(_args(model, corpus, out)) == 0
+    assert main(tiny.sweep_args(model, corpus, out)) == 0
     assert _values(out) == _values(reference)
 
 
@@ -375,9 +367,9 @@ FAST = ("while writing a row",)
 def test_sigkill_then_same_command_gives_the_uninterrupted_results(setup, reference, tmp_path, point):
     _, model, corpus = setup
     out = tmp_path / "run"
-    proc = _run_cli(_args(model, corpus, out), **KILL_POINTS[point])
+    proc = _run_cli(tiny.sweep_args(model, corpus, out), **KILL_POINTS[point])
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert main(_args(model, corpus, out)) == 0
+    assert main(tiny.sweep_args(model, corpus, out)) == 0
     assert _values(out) == _values(reference)
     assert _csv_values(out) == _csv_values(reference)
     assert Statistics.load(out / "stats.safetensors").n_tokens == 200
@@ -388,7 +380,7 @@ def test_sigkill_then_same_command_gives_the_uninterrupted_results(setup, refere
 def test_same_config_and_seed_give_identical_numbers(setup, reference, tmp_path):
     _, model, corpus = setup
     out = tmp_path / "again"
-    assert main(_args(model, corpus, out)) == 0
+    assert main(tiny.sweep_args(model, corpus, out)) == 0
     assert _values(out) == _values(reference)  # exact equality, CE and top-1
     a, b = load_file(str(out / "stats.safetensors")), load_file(str(reference / "stats.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -464,7 +456,7 @@ def test_binary_without_nul_bytes_is_refused(tmp_path):
 def test_ctrl_c_during_statistics_prints_one_line(setup, tmp_path):
     _, model, corpus = setup
     out = tmp_path / "run"
-    proc = _run_cli(_args(model, corpus, out), KILL_IN_STATS="2", KILL_SIGNAL="SIGINT")
+    proc = _run_cli(tiny.sweep_args(model, corpus, out), KILL_IN_STATS="2", KILL_SIGNAL="SIGINT")
     assert proc.returncode == 130, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
