@@ -59,8 +59,8 @@ def run_sites(config: dict, need_modules: bool = False) -> list[Site]:
     if names is None:
         if need_modules:
             raise KnockoutError(
-                "the run folder does not record its site modules (written by an older knockout); re-run the same "
-                "sweep command (it resumes, recomputing no rows, and records them), then export again"
+                "the run folder's config.json does not record its site modules (resolved.site_modules); re-run the "
+                "same sweep command (it resumes, recomputing no rows, and records them), then export again"
             )
         names = [f"layer{i}" for i in range(len(widths))]
     return [

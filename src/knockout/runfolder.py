@@ -671,8 +671,8 @@ class ResultRow:
 
 
 ROW_FIELDS = tuple(f.name for f in dataclasses.fields(ResultRow))
-#: Metrics only some evaluations have (task prompts with a correct and an incorrect answer); rows without them, and
-#: results files written before they existed, read as ``None``.
+#: Metrics only some evaluations have (task prompts with a correct and an incorrect answer); rows without them read as
+#: ``None``.
 OPTIONAL_FIELDS = ("logit_diff", "delta_logit_diff")
 
 
