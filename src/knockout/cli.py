@@ -351,7 +351,7 @@ def _sweep(args) -> int:
 def _scan(args) -> int:
     from knockout.experiments.config import merge_settings, read_settings_file
     from knockout.experiments.scan import run_scan, scan_config
-    from knockout.reporting.scan import format_scan, write_scan_report
+    from knockout.reporting.scan import format_scan, load_scan, write_scan_report
 
     scan_sections = (FLAG_SECTIONS, (*OPTION_GROUPS, "scan"))
     base = read_settings_file(args.config) if args.config else {}
@@ -360,8 +360,9 @@ def _scan(args) -> int:
     if not _main_process():
         return 0
     with _quiet_numpy():
-        report = write_scan_report(out)
-        print(format_scan(out))
+        data = load_scan(out)  # read once for the report and the terminal
+        report = write_scan_report(out, data=data)
+        print(format_scan(out, data))
     print(f"\nresults: {out}/results.csv  report: {report}\n        {report.with_name('report.md')}")
     return 0
 

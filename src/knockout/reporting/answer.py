@@ -379,9 +379,7 @@ def html(answer: Answer, heading: str = "<h2>The answer</h2>") -> str:
         return heading + f"<p>No paired comparison is possible: {H.esc(' '.join(notes) or 'no per-document sums.')}</p>"
     items = []
     for fa in answer.fractions:
-        text = H.esc(" ".join(sentences(fa)))
-        parts = text.split("**")
-        items.append("".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts)))
+        items.append(H.esc_keep_bold(" ".join(sentences(fa))))
     designs = dict.fromkeys(fa.design for fa in answer.fractions if fa.design)
     note = f"Differences are paired (same neuron sets and documents); {'; '.join(designs)}."
     return heading + "<ul>" + "".join(f"<li>{i}</li>" for i in items) + f'</ul><p class="note">{H.esc(note)}</p>'

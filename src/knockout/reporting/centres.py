@@ -219,6 +219,11 @@ def noise_notes(stats_path: str | Path | None, methods: list[str]) -> list[str]:
         section = read_section(stats_path)
     except (KnockoutError, KeyError, OSError):
         return []
+    return section_notes(section, methods)
+
+
+def section_notes(section: StatsSection, methods: list[str]) -> list[str]:
+    """:func:`noise_notes` of statistics already read (:func:`read_section`)."""
     out = []
     for name in methods:
         d = section.determination.get(name)

@@ -26,6 +26,11 @@ def esc(x) -> str:
     return html.escape(str(x))
 
 
+def esc_keep_bold(text) -> str:
+    """:func:`esc` of ``text`` whose ``**`` pairs are meant as bold (the report's own sentences), as ``<b>``."""
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(esc(text).split("**")))
+
+
 def img(png: bytes, alt: str) -> str:
     return f'<img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
 

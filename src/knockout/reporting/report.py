@@ -22,8 +22,6 @@ pair's difference per run (compare.json), a forest plot, Table 2 and the curves.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from pathlib import Path
@@ -49,7 +47,7 @@ from knockout.reporting.figures import (
 from knockout.reporting.neurons import StatsFile, default_layers, point_mass_counts, rank_atypical
 from knockout.reporting.run import RunData
 from knockout.reporting.summary import METRICS, OPTIONAL_METRICS
-from knockout.reporting.table import MARK_NOTES, build_table, paper_model
+from knockout.reporting.table import MARK_NOTES, build_table, paper_model, records_csv
 from knockout.runfolder import REPORT_DIR, RESULTS_FILE, ROW_FIELDS, fraction_key, write_atomic
 
 log = logging.getLogger(__name__)
@@ -58,14 +56,6 @@ DEFAULT_FRACTIONS = (0.5, 0.9)
 N_ATYPICAL_CSV = 50
 ATYPICAL_COLUMNS = ["rank", "layer", "neuron", "score", "offset", "second", "modes", "mean", "peak", "std"]
 ATYPICAL_COLUMNS += ["point_mass", "peak_nopm", "mode", "peak_off_mode"]
-
-
-def _csv(records: list[dict], cols: list[str]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(records)
-    return buf.getvalue()
 
 
 def point_mass_note(counts: list[int], widths: list[int], off_mode: int | None = None) -> str:
@@ -89,11 +79,7 @@ def point_mass_note(counts: list[int], widths: list[int], off_mode: int | None =
 def _summary_csv(summary: list[dict]) -> str:
     cols = ["method", "fraction", "target", "n_seeds", "n_ablated"]
     cols += [f"{m}_{s}" for m in METRICS + OPTIONAL_METRICS for s in ("mean", "std")]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(summary)
-    return buf.getvalue()
+    return records_csv(summary, cols)
 
 
 def _widths(widths) -> str:
@@ -210,7 +196,7 @@ def write_report(
         write_atomic(out / "targets.csv", T.table_csv(run.summary))
     eps_table = eps_rows(summary, methods, fractions, run.config.get("eps"))
     if eps_table:
-        write_atomic(out / "eps.csv", _csv(eps_table, eps_columns(fractions)))
+        write_atomic(out / "eps.csv", records_csv(eps_table, eps_columns(fractions)))
         write_atomic(out / "eps.md", "\n".join(eps_markdown(eps_table, fractions)) + "\n")
 
     # -- figures -----------------------------------------------------------------------------------------------
@@ -241,13 +227,13 @@ def write_report(
         save_figure(fig, out / "atypical")
         images["atypical"] = png_bytes(fig)
         recs = [{"rank": i + 1, **s.as_dict()} for i, s in enumerate(atypical)]
-        write_atomic(out / "atypical_neurons.csv", _csv(recs, ATYPICAL_COLUMNS))
+        write_atomic(out / "atypical_neurons.csv", records_csv(recs, ATYPICAL_COLUMNS))
         counts = point_mass_counts(scores, len(stats))
         pm_recs = [{"layer": i, "neurons": w, "point_masses": c} for i, (w, c) in enumerate(zip(stats.widths, counts))]
-        write_atomic(out / "point_masses.csv", _csv(pm_recs, ["layer", "neurons", "point_masses"]))
+        write_atomic(out / "point_masses.csv", records_csv(pm_recs, ["layer", "neurons", "point_masses"]))
         pm_note = point_mass_note(counts, stats.widths, sum(s.peak_off_mode for s in scores))
         centre_section = CR.read_section(run.stats_path)
-        notes += A.centre_notes(run.stats_path, methods)
+        notes += CR.section_notes(centre_section, methods)  # A.centre_notes, on the section read above
         stats_note = (
             f"Statistics: {len(stats)} layers, {stats.meta.get('data', '?')} data, eps {stats.eps:g}; "
             f"histogram layers {', '.join(map(str, chosen))}."

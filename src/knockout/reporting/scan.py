@@ -34,8 +34,6 @@ between two units' effects, the evaluation set can resolve.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import re
@@ -49,7 +47,9 @@ from knockout.components import parse_component
 from knockout.errors import KnockoutError
 from knockout.reporting import html as H
 from knockout.reporting.figures import method_colors, png_bytes, save_figure
+from knockout.reporting.run import model_label
 from knockout.reporting.summary import summarize
+from knockout.reporting.table import records_csv
 from knockout.runfolder import (
     ALL_DOC_FIELDS,
     REPORT_DIR,
@@ -76,13 +76,15 @@ def is_scan(run_dir: str | Path) -> bool:
 def ranks(values: np.ndarray) -> np.ndarray:
     """Ranks 1..n of ``values`` (ties get their average rank), as Spearman's correlation uses them."""
     values = np.asarray(values, dtype=np.float64)
+    n = len(values)
     order = np.argsort(values, kind="mergesort")
-    r = np.empty(len(values), dtype=np.float64)
-    r[order] = np.arange(1, len(values) + 1)
-    for v in np.unique(values):
-        tied = values == v
-        if tied.sum() > 1:
-            r[tied] = r[tied].mean()
+    s = values[order]
+    start = np.ones(n, dtype=bool)
+    start[1:] = s[1:] != s[:-1]  # a run of equal values starts here (NaN never equals: each NaN its own rank)
+    first = np.flatnonzero(start)
+    size = np.diff(np.append(first, n))
+    r = np.empty(n, dtype=np.float64)
+    r[order] = (first + 1 + (size - 1) / 2)[np.cumsum(start) - 1]  # the average of positions first+1 .. first+size
     return r
 
 
@@ -104,7 +106,7 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 def top_k(units: list[str], effects: dict[str, float], k: int) -> list[str]:
     """The ``k`` units of largest ``|effect|`` (ties in unit order)."""
     present = [u for u in units if u in effects]
-    return sorted(present, key=lambda u: (-abs(effects[u]), present.index(u)))[:k]
+    return sorted(present, key=lambda u: -abs(effects[u]))[:k]  # a stable sort: ties keep unit order
 
 
 # -- the scan's data --------------------------------------------------------------------------------------------------
@@ -505,14 +507,6 @@ def scan_records(data: ScanData, n_ablated: dict[str, int]) -> list[dict]:
     return out
 
 
-def _csv(records: list[dict], columns: list[str]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(records)
-    return buf.getvalue()
-
-
 def _fmt(x, spec: str = ".4g") -> str:
     return format(x, spec) if isinstance(x, (int, float)) and math.isfinite(x) else "n/a"
 
@@ -537,10 +531,10 @@ def top_table(data: ScanData) -> list[dict]:
 
 
 # -- the report -------------------------------------------------------------------------------------------------------
-def write_scan_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+def write_scan_report(run_dir: str | Path, out_dir: str | Path | None = None, data: ScanData | None = None) -> Path:
     """Write the scan report of ``run_dir`` into ``out_dir`` (default ``run_dir/report``); returns report.html's
-    path. Reads files only."""
-    data = load_scan(run_dir)
+    path. Reads files only (``data``: :func:`load_scan` of ``run_dir`` when already loaded)."""
+    data = data if data is not None else load_scan(run_dir)
     out = Path(out_dir) if out_dir is not None else data.dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     targets = (data.config.get("resolved") or {}).get("targets") or {}
@@ -551,12 +545,12 @@ def write_scan_report(run_dir: str | Path, out_dir: str | Path | None = None) ->
     records = scan_records(data, n_ablated)
     extra_cols = sorted({k for r in records for k in r if k.startswith("delta_")})
     cols = SCAN_COLUMNS + extra_cols + (["attribution_estimate"] if data.attribution else [])
-    write_atomic(out / "scan.csv", _csv(records, cols))
+    write_atomic(out / "scan.csv", records_csv(records, cols))
     agree_cols = ["method_a", "method_b", "units", "spearman", "pearson", "k", "top_k_overlap", "top_a", "top_b"]
-    write_atomic(out / "agreement.csv", _csv(pairs, agree_cols + ["only_a", "only_b"]))
+    write_atomic(out / "agreement.csv", records_csv(pairs, agree_cols + ["only_a", "only_b"]))
     if attr:
         attr_cols = ["method", "units", "pearson", "spearman", "k", "top_k_overlap"]
-        write_atomic(out / "attribution.csv", _csv(attr, attr_cols))
+        write_atomic(out / "attribution.csv", records_csv(attr, attr_cols))
 
     images: dict[str, bytes] = {}
     vmax = max([abs(v) for m in data.methods for v in data.effects[m].values()] or [0.0])
@@ -570,17 +564,13 @@ def write_scan_report(run_dir: str | Path, out_dir: str | Path | None = None) ->
             save_figure(fig, out / name)
             images[name] = png_bytes(fig)
 
-    title = f"knockout scan: {_label(data)}, one {data.unit_kind} at a time"
+    label = model_label(str(data.config.get("model") or data.dir.name))
+    title = f"knockout scan: {label}, one {data.unit_kind} at a time"
     noise = noise_sentence(data)
     _write_html(out / "report.html", title, data, answer, pairs, attr, images, noise)
     _write_markdown(out / "report.md", title, data, answer, pairs, attr, images, noise)
     log.debug("scan report written to %s (answer: %s)", out, level)
     return out / "report.html"
-
-
-def _label(data: ScanData) -> str:
-    name = str(data.config.get("model") or data.dir.name)
-    return name.rstrip("/").split("/")[-1].removesuffix(".gguf")
 
 
 def _facts(data: ScanData) -> dict:
@@ -687,9 +677,10 @@ def _write_markdown(path, title, data, answer, pairs, attr, images, noise) -> No
     write_atomic(path, "\n".join(lines) + "\n")
 
 
-def format_scan(run_dir: str | Path) -> str:
-    """A few lines for the terminal: the answer and each method's top units."""
-    data = load_scan(run_dir)
+def format_scan(run_dir: str | Path, data: ScanData | None = None) -> str:
+    """A few lines for the terminal: the answer and each method's top units (``data``: :func:`load_scan` of
+    ``run_dir`` when already loaded)."""
+    data = data if data is not None else load_scan(run_dir)
     pairs = agreement(data)
     _, answer = verdict(data, pairs)
     lines = [answer, ""]

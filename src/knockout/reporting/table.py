@@ -39,6 +39,15 @@ METRIC_LABELS = {"top1": "Top-1 (%)", "ce": "CE (nats)"}
 HIGHER_IS_BETTER = {"top1": True, "ce": False}
 
 
+def records_csv(records, columns: list[str]) -> str:
+    """``records`` (dicts) as CSV with ``columns`` (keys not among them are left out), lines ending in ``\\n``."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(records)
+    return buf.getvalue()
+
+
 @dataclass
 class Cell:
     """One ``mean ± std`` value in display units (top-1 in %, CE in nats)."""

@@ -9,8 +9,6 @@ Read from the run folder's files only.
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from knockout.reporting import answer as A
 from knockout.reporting import html as H
 from knockout.reporting.escape import markdown as md
 from knockout.reporting.escape import markdown_keep_bold
+from knockout.reporting.table import records_csv
 from knockout.runfolder import ALL_DOC_FIELDS, DOC_FIELDS, read_doc_sums, read_rows, row_key
 
 N_BOOT = 2000
@@ -151,8 +150,7 @@ def html(answers: list[TargetAnswer], summary: list[dict]) -> str:
     """The per-set answer and the per-set table in HTML."""
     items = []
     for ta in answers:
-        parts = H.esc(" ".join(sentences(ta))).split("**")
-        items.append("".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts)))
+        items.append(H.esc_keep_bold(" ".join(sentences(ta))))
     cols = _shown_columns(summary)
     records = [{c: fmt(e) for c, fmt in cols} for e in _table_rows(summary)]
     return (
@@ -196,8 +194,4 @@ TABLE_COLUMNS += ["delta_ce_mean", "logit_diff_mean", "delta_logit_diff_mean"]
 
 def table_csv(summary: list[dict]) -> str:
     """Every (target, method) entry of the summary (mean over seeds), as CSV."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=TABLE_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(e for e in summary if e.get("target"))
-    return buf.getvalue()
+    return records_csv([e for e in summary if e.get("target")], TABLE_COLUMNS)
