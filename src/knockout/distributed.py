@@ -223,7 +223,7 @@ def all_reduce_statistics(stats: Statistics) -> Statistics:
         out = Statistics(stats.widths, meta=headers[0]["meta"], grid=stats.grid)
         for mine, res in zip(stats.layers, out.layers):
             home = mine.mean.device
-            res.load_state_dict({k: t.to(home) for k, t in res.state_dict().items()})  # empty, on the layer's device
+            res._to(home)  # empty, on the layer's device
             states: list[dict] = [None] * size  # type: ignore[list-item]
             dist.all_gather_object(states, {k: t.cpu() for k, t in mine.state_dict().items()})
             for state in states:  # in rank order

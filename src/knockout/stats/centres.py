@@ -252,9 +252,14 @@ def kde_bandwidth(stats: LayerStats) -> torch.Tensor:
     binned KDE is smooth on the bin grid. Silverman's ``h`` is near-optimal for estimating a Gaussian-like density;
     taking the smaller of std and IQR/1.34 avoids oversmoothing skewed, heavy-tailed or bimodal neurons.
     """
+    return _silverman(stats).clamp(min=stats.eps)
+
+
+def _silverman(stats: LayerStats, factor: float = 1.0) -> torch.Tensor:
+    """``[width]`` ``factor`` times Silverman's ``0.9 * min(std, IQR / 1.34) * N^(-1/5)`` (no floor)."""
     _check_nonempty(stats)
     spread = torch.fmin(stats.std, _iqr_quiet(stats) / IQR_TO_STD)
-    return (SILVERMAN_FACTOR * spread * float(stats.count) ** -0.2).clamp(min=stats.eps)
+    return factor * SILVERMAN_FACTOR * spread * float(stats.count) ** -0.2
 
 
 def _iqr_quiet(stats: LayerStats) -> torch.Tensor:
@@ -361,11 +366,7 @@ def mode(stats: LayerStats, bandwidth: torch.Tensor | float | None = None) -> to
 def smooth_bandwidth(stats: LayerStats) -> torch.Tensor:
     """``[width]`` the kernel width of :func:`peak_smooth`: half of Silverman's ``0.9 * min(std, IQR / 1.34) *
     N^(-1/5)``, at least ``SMOOTH_MIN_BINS * eps`` (2 eps)."""
-    _check_nonempty(stats)
-    spread = torch.fmin(stats.std, _iqr_quiet(stats) / IQR_TO_STD)
-    return (SMOOTH_FACTOR * SILVERMAN_FACTOR * spread * float(stats.count) ** -0.2).clamp(
-        min=SMOOTH_MIN_BINS * stats.eps
-    )
+    return _silverman(stats, SMOOTH_FACTOR).clamp(min=SMOOTH_MIN_BINS * stats.eps)
 
 
 def peak_smooth(stats: LayerStats) -> torch.Tensor:

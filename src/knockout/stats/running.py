@@ -116,7 +116,7 @@ def check_hist_params(eps: float, limit: float | str) -> None:
     if bins > MAX_BINS_PER_NEURON:
         raise KnockoutError(
             f"--eps {eps:g} with --hist-limit {limit:g} needs {bins:,.0f} histogram bins per neuron "
-            f"({_size(8 * bins)} per neuron); at most {MAX_BINS_PER_NEURON:,} are allowed: raise --eps to at least "
+            f"({size_text(8 * bins)} per neuron); at most {MAX_BINS_PER_NEURON:,} are allowed: raise --eps to at least "
             f"{2 * limit / MAX_BINS_PER_NEURON:g} or lower --hist-limit"
         )
 
@@ -138,8 +138,8 @@ def check_hist_memory(widths: list[int], eps: float, limit: float | str, cap: in
         window = _limit_text(limit, widths, eps)
         raise KnockoutError(
             f"the histograms of {sum(widths):,} neurons with --eps {eps:g} and --hist-limit {window} "
-            f"may need {_size(need)} of memory ({HALVES} halves of the collection; limit {_size(cap)}); raise --eps"
-            + ("" if limit == AUTO else ", lower --hist-limit or use --hist-limit auto")
+            f"may need {size_text(need)} of memory ({HALVES} halves of the collection; limit {size_text(cap)}); "
+            "raise --eps" + ("" if limit == AUTO else ", lower --hist-limit or use --hist-limit auto")
         )
 
 
@@ -178,10 +178,6 @@ def hist_bytes(stats) -> int:
 
 def size_text(n_bytes: float) -> str:
     """``n_bytes`` in B, KiB, MiB or GiB."""
-    return _size(n_bytes)
-
-
-def _size(n_bytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n_bytes < 1024 or unit == "GiB":
             return f"{n_bytes:.1f} {unit}" if unit != "B" else f"{n_bytes:.0f} B"
@@ -415,13 +411,13 @@ class LayerStats:
     def _start_buffer(self) -> bool:
         """Start sync-free counting: a buffer over the whole window plus a column below and above it, holding the
         counts so far. False (and counting with host reads from then on) if the device has no room for it."""
-        n_window = self.k_max - self.k_min + 1
+        n_window = self.grid.n_window
         try:
             buf = torch.zeros(self.width, n_window + 2, dtype=torch.int64, device=self.mean.device)
         except torch.OutOfMemoryError:
             log.warning(
                 "no room on %s for a %s histogram buffer; counting with a host read per batch instead",
-                self.mean.device, _size(8 * self.width * (n_window + 2)),
+                self.mean.device, size_text(8 * self.width * (n_window + 2)),
             )  # fmt: skip
             self.sync_free = False
             return False

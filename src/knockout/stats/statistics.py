@@ -246,18 +246,6 @@ def load_layer(path: str | os.PathLike, layer: int) -> LayerStats:
     return stats
 
 
-def load_half_centres(path: str | os.PathLike, layer: int) -> tuple[dict[str, torch.Tensor], tuple[int, int]] | None:
-    """One layer's split-half centres (``{name: [2, width]}``, see :class:`Statistics`) and the halves' token
-    counts, read without loading anything else; ``None`` for a file without them."""
-    meta = read_metadata(path)
-    if "half_tokens" not in meta:
-        return None
-    with safe_open(str(path), framework="pt") as f:
-        names = [k for k in f.keys() if k.startswith(f"layer{layer}.half_")]
-        tensors = {k: f.get_tensor(k) for k in names}
-    return _half_centres(tensors, layer), tuple(json.loads(meta["half_tokens"]))
-
-
 def _half_centres(tensors: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
     prefix = f"layer{layer}.half_a."
     names = [k[len(prefix) :] for k in tensors if k.startswith(prefix)]
