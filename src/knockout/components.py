@@ -56,6 +56,15 @@ FILE_SUFFIXES = (".json", ".csv")
 UNITS = ("head", "layer", "neurons:K")
 
 
+def neuron_set_hash(neurons: Sequence[torch.Tensor]) -> str:
+    """A short hash of a neuron set (per layer, the sorted indices): the same set gives the same hash."""
+    h = hashlib.sha256()
+    for layer, idx in enumerate(neurons):
+        h.update(f"|{layer}:".encode())
+        h.update(torch.sort(idx.detach().cpu().long()).values.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class Component:
     """One token of a spec: ``kind`` is ``head``, ``neuron``, ``range`` or ``layer``."""
@@ -146,12 +155,8 @@ class ComponentSet:
         return ",".join(map(str, self.components))
 
     def digest(self) -> str:
-        """A short hash of the neurons (per layer, the sorted indices): the same set gives the same digest."""
-        h = hashlib.sha256()
-        for layer, idx in enumerate(self.neurons):
-            h.update(f"|{layer}:".encode())
-            h.update(idx.numpy().astype("<i8").tobytes())
-        return h.hexdigest()[:16]
+        """A short hash of the neurons (:func:`neuron_set_hash`): the same set gives the same digest."""
+        return neuron_set_hash(self.neurons)
 
     def record(self) -> dict:
         """What a run folder's config.json records about the set."""

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from knockout.ablation.methods import AblationMethod, get_method, register
+from knockout.components import neuron_set_hash
 from knockout.data.batch import IGNORE, Batch
 from knockout.errors import KnockoutError
 from knockout.hooks import edit_preout, fold_constants
@@ -60,15 +61,6 @@ log = logging.getLogger(__name__)
 #: The constant methods whose constants are scored beside the learned ones (the best on the held-out part of the
 #: collection split is kept).
 CANDIDATES = ("zero", "mean", "peak")
-
-
-def neuron_set_hash(neurons: Sequence[torch.Tensor]) -> str:
-    """A short hash of the neuron set (per layer, the sorted indices)."""
-    h = hashlib.sha256()
-    for layer, idx in enumerate(neurons):
-        h.update(f"|{layer}:".encode())
-        h.update(torch.sort(idx.detach().cpu().long()).values.numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @register("optimal")
@@ -136,7 +128,13 @@ class OptimalAblation(AblationMethod):
         """``(training rows, held-out rows)`` of the collection split (BERT-masked for masked LMs), one row per batch,
         each cut to its first ``train_length`` tokens (text). Every fourth row is held out until the held-out part has
         ``held_out_tokens`` scored targets (spread over the split, so it is like it); the training rows are the others
-        in order (``tokens`` scored targets, default ``steps * batch_size`` rows). The two never overlap."""
+        in order (``tokens`` scored targets, default ``steps * batch_size`` rows). The two never overlap. Made once per
+        instance (it does not depend on the neuron set; masking is seeded by the seed)."""
+        if not hasattr(self, "_split"):
+            self._split = self._make_split()
+        return self._split
+
+    def _make_split(self) -> tuple[list[Batch], list[Batch]]:
         batches = list(self.ctx.train_batches)
         if not batches:
             raise KnockoutError("method 'optimal' needs the collection batches (MethodContext.train_batches)")
@@ -229,10 +227,11 @@ class OptimalAblation(AblationMethod):
                         train_ces.append(total)
                         bar.set_postfix_str(f"CE {total:.4f}")
                         if step == opts.steps or (opts.eval_every and step % opts.eval_every == 0):
-                            ce = self.held_out_ce(neurons, current(), held)
+                            now = current()
+                            ce = self.held_out_ce(neurons, now, held)
                             if ce >= best_ce:  # worse than at the last check: stop, keeping the best
                                 break
-                            best_ce, best, best_step = ce, current(), step
+                            best_ce, best, best_step = ce, now, step
             finally:
                 for p, f in zip(model.parameters(), flags):
                     p.requires_grad_(f)
