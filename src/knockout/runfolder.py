@@ -369,7 +369,7 @@ def check_integrity(run_dir: str | os.PathLike) -> None:
         load_selection(path)
     read_doc_sums(path)
     for artifact in sorted((path / ARTIFACTS_DIR).rglob("*.safetensors")):
-        _check_artifact(artifact)
+        load_artifact(artifact)
 
 
 def load_artifact(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -379,10 +379,6 @@ def load_artifact(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     tensors, meta = read_safetensors(path, remedy)
     verify_checksum(path, tensors, meta, remedy)
     return tensors
-
-
-def _check_artifact(path: Path) -> None:
-    load_artifact(path)
 
 
 # -- checksums ----------------------------------------------------------------------------------------------------
@@ -520,7 +516,7 @@ def read_doc_sums(
 ) -> dict[tuple[str, float, int, str], dict]:
     """Every stored row's per-document sums: ``row_key -> {"n", "ce_sum", "correct"}`` (numpy arrays), each file
     checked against its checksum. ``fields`` may add ``"ld_sum"`` (the summed logit differences of task prompts),
-    present only in rows that have it. See :func:`check_doc_sums` for their agreement with the rows."""
+    present only in rows that have it. See :func:`doc_sums_disagree` for their agreement with the rows."""
     out: dict[tuple[str, float, int, str], dict] = {}
     folder = Path(run_dir) / PAIRED_DIR
     if not folder.is_dir():

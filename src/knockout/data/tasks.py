@@ -121,12 +121,13 @@ def eval_batches(spec: DataSpec, model: ModelInputs, seed: int) -> list[Batch]:
     """The fixed evaluation batches of ``seed`` (the same for every method and fraction of that seed)."""
     from knockout.data import prompts
 
-    if spec.eval_docs is not None and (prompts.is_task_source(spec.source) or model.task != "causal"):
+    task_prompts = prompts.is_task_source(spec.source)  # reads the file's first line
+    if spec.eval_docs is not None and (task_prompts or model.task != "causal"):
         raise KnockoutError(
             "--eval-docs counts whole documents of text for causal LMs; give --eval-tokens for task prompts, masked "
             "LMs and images"
         )
-    if prompts.is_task_source(spec.source):
+    if task_prompts:
         return _prompt_batches(spec, model)
     if model.task == "causal":
         tok = model.processor

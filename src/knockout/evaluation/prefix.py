@@ -85,7 +85,6 @@ class LayerCache:
         self.needed = sorted(set(needed))
         self.outputs: dict[int, dict[int, object]] = {j: {} for j in self.needed}
         self.batch = -1
-        self.recorded: set[int] = set()
 
     def on_batch(self, then: Callable[[int, Batch], None] | None = None) -> Callable[[int, Batch], None]:
         """An ``on_batch`` for :func:`knockout.evaluation.evaluate` that tells the cache the batch index (and calls
@@ -107,7 +106,6 @@ class LayerCache:
         def make(j: int):
             def hook(module, args, output):
                 self.outputs[j][self.batch] = _detached(output)
-                self.recorded.add(self.batch)
 
             return hook
 
@@ -118,10 +116,6 @@ class LayerCache:
         finally:
             for h in handles:
                 h.remove()
-
-    def has(self, layer: int, n_batches: int) -> bool:
-        """Whether the output below ``layer`` is recorded for all ``n_batches`` batches."""
-        return layer == 0 or (layer - 1 in self.outputs and len(self.outputs[layer - 1]) == n_batches)
 
     @contextmanager
     def skip_below(self, layer: int) -> Iterator[None]:
