@@ -130,3 +130,21 @@ def test_only_rank_0_calls_callbacks(saved, tmp_path, monkeypatch):
     rec = Recorder()
     run_sweep(_cfg(saved, tmp_path / "run", fractions=(1.0,)), progress=False, callbacks=[rec], report=True)
     assert rec.events == []
+
+
+def test_callbacks_see_a_run_of_named_components(saved, tmp_path):
+    """``--ablate`` runs tell the callbacks as sweeps do: the start, every row (with its per-document summary) and the
+    end, a resumed run's stored rows first."""
+    rec = Recorder()
+    cfg = _cfg(saved, tmp_path / "run", ablate="a=L0.H0;b=L1.H1")
+    out = Path(run_sweep(cfg, progress=False, callbacks=[rec]))
+    kinds = [e[0] for e in rec.events]
+    assert kinds[0] == "start" and kinds[-1] == "end" and set(kinds[1:-1]) == {"row"}
+    assert rec.events[0][1] == json.loads((out / "config.json").read_text())
+    assert rec.rows() == read_rows(out) and {r["target"] for r in rec.rows()} == {"", "a", "b"}
+    docs = read_doc_sums(out)
+    for _, row, summary in (e for e in rec.events if e[0] == "row"):
+        assert summary == pytest.approx(_summary(docs[row.key]), rel=1e-12)
+    again = Recorder()
+    run_sweep(cfg, progress=False, callbacks=[again])  # resumed: nothing to run, the stored rows replayed
+    assert again.rows() == read_rows(out) and [e[0] for e in again.events][-1] == "end"

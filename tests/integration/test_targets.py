@@ -119,7 +119,9 @@ def test_scan_of_a_task_resumes_after_a_kill_to_the_same_values(root, monkeypatc
     assert len(rows) == 1 + 3 * 12 and all(r.get("logit_diff") is not None for r in rows)
     base = next(r for r in rows if r["method"] == "baseline")
     assert base["n_eval"] == 4  # the evaluation part: a fifth of the 20 prompts
+    assert not (full / ".knockout.lock").exists()  # the scan released the run folder's lock
     config = read_config(full)
+    assert config["resolved"]["statistics"] is not None  # mean and peak used statistics: their provenance is recorded
     assert config["stats_data"] == str(root / "corpus.txt")
     assert config["resolved"]["data_identity"]["stats"]["source"] == str(root / "corpus.txt")
 

@@ -225,7 +225,7 @@ def run_sweep(
                 if cfg.ablate is not None:  # named component sets instead of random fractions
                     from knockout.experiments.targets import ablate_sets, run_targets
 
-                    run_targets(run, ablate_sets(run), progress and run.world.is_main)
+                    run_targets(run, ablate_sets(run), progress and run.world.is_main, notify)
                 else:
                     _sweep(run, progress and run.world.is_main, notify)
                 if run.world.is_main:

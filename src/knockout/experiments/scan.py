@@ -69,12 +69,15 @@ def run_scan(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | None
     if cfg.scan.unit is None:
         raise KnockoutError("a scan needs a unit: --unit head, layer or neurons:K")
     with distributed.process_group(resolve_device(cfg.device)):
-        run = prepare(cfg, distributed.world(), restart=restart, loaded=loaded)
-        units = scan_units(run.sites, cfg.scan.unit)
-        done = run_targets(run, units, progress and run.world.is_main)
-        if cfg.scan.attribution:
-            write_attribution(run, units, done)
-        distributed.barrier()
+        try:
+            run = prepare(cfg, distributed.world(), restart=restart, loaded=loaded)
+            units = scan_units(run.sites, cfg.scan.unit)
+            done = run_targets(run, units, progress and run.world.is_main)
+            if cfg.scan.attribution:
+                write_attribution(run, units, done)
+            distributed.barrier()
+        finally:
+            runfolder.unlock_run(cfg.out)  # the run folder's lock, taken by rank 0 in prepare
     return Path(cfg.out)
 
 

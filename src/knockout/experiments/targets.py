@@ -16,6 +16,7 @@ layers below (:mod:`knockout.evaluation.prefix`; the same logits bit for bit, ab
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from knockout.data.packing import scored_fraction
 from knockout.data.tasks import SEED_DEPENDENT_TASKS, eval_batches, stats_batches
 from knockout.errors import KnockoutError
 from knockout.evaluation.prefix import LayerCache, decoder_layers
+from knockout.experiments.callbacks import Callbacks, replay
 from knockout.experiments.prepare import Prepared
 from knockout.experiments.runner import _evaluate, load_generator, obtain_stats, run_record
 from knockout.runfolder import ResultRow, ResultStore
@@ -72,8 +74,11 @@ class TargetRun:
     """The method context of a seed and its batches."""
 
 
-def run_targets(run: Prepared, targets: list[ComponentSet], progress: bool = True) -> TargetRun:
-    """Evaluate every method of ``run.cfg`` on every target, per seed (see the module docstring)."""
+def run_targets(
+    run: Prepared, targets: list[ComponentSet], progress: bool = True, notify: Callbacks | None = None
+) -> TargetRun:
+    """Evaluate every method of ``run.cfg`` on every target, per seed (see the module docstring). ``notify``: the
+    callbacks told about the start, every row (stored ones first) and, by the caller, the end, as a sweep's."""
     cfg, loaded, world, sites = run.cfg, run.loaded, run.world, run.sites
     main, out, model = world.is_main, Path(cfg.out), loaded.model
     if not targets:
@@ -99,13 +104,17 @@ def run_targets(run: Prepared, targets: list[ComponentSet], progress: bool = Tru
             artifacts=out / runfolder.ARTIFACTS_DIR, world=world,
         )  # fmt: skip
 
-    resolved = {**run_record(run, used), "targets": {t.name: t.record() for t in targets}}
+    resolved = {**run_record(run, used, stats), "targets": {t.name: t.record() for t in targets}}
     store = ResultStore(out, read_only=not main)
     distributed.barrier()  # every rank has read the folder's state; rank 0 may now write
+    config = json.loads(json.dumps({**cfg.to_dict(), "resolved": resolved}))  # JSON types, as config.json holds
     if main:
-        runfolder.write_config(out, {**cfg.to_dict(), "resolved": resolved})
+        runfolder.write_config(out, config)
         if save_stats:
             stats.save(out / runfolder.STATS_FILE)
+    notify = notify or Callbacks()
+    notify.start(config)
+    replay(list(store.rows.values()), runfolder.read_doc_sums(out) if notify else {}, notify)
     n_neurons = sum(s.width for s in sites)
     layers = decoder_layers(model, sites) if any(issubclass(c, ConstantAblation) for c in classes) else None
     per_seed = 1 + len(classes) * len(targets)
@@ -134,9 +143,11 @@ def run_targets(run: Prepared, targets: list[ComponentSet], progress: bool = Tru
                 base = ResultRow.measured(
                     "baseline", 0.0, seed, m.top1, m.ce, m.n, 0, n_neurons, seconds, logit_diff=m.logit_diff
                 )
+                sums = m.doc_sums()
                 if main:
-                    runfolder.save_doc_sums(out, "baseline", 0.0, seed, m.doc_sums())
+                    runfolder.save_doc_sums(out, "baseline", 0.0, seed, sums)
                 store.add(base)
+                notify.row(base, sums)
         bar.update(per_seed - len(todo))
         instances = {}
         for target, cls in todo:
@@ -149,13 +160,15 @@ def run_targets(run: Prepared, targets: list[ComponentSet], progress: bool = Tru
             with method.ablate(list(target.neurons)), below:
                 m = _evaluate(model, batches, world, on_batch)
             seconds = time.perf_counter() - t0
+            sums = m.doc_sums()
             if main:  # before the row, so a stored row always has its sums
-                runfolder.save_doc_sums(out, cls.name, target.fraction, seed, m.doc_sums(), target.name)
+                runfolder.save_doc_sums(out, cls.name, target.fraction, seed, sums, target.name)
             row = ResultRow.measured(
                 cls.name, target.fraction, seed, m.top1, m.ce, m.n, target.n_ablated, n_neurons, seconds, base,
                 target=target.name, logit_diff=m.logit_diff,
             )  # fmt: skip
             store.add(row)
+            notify.row(row, sums)
             bar.update(1)
     bar.close()
     distributed.barrier()  # rank 0's files are complete when the run returns on any rank
