@@ -102,14 +102,15 @@ def folder_files(folder: Path, gguf_file: str | None = None) -> dict[str, Path]:
     return files
 
 
-def _hub_snapshot(name: str, filename: str = "config.json") -> tuple[Path, str] | None:
-    """The local cache's snapshot folder of hub model ``name`` and its commit, if its ``filename`` is cached."""
+def _hub_snapshot(name: str, filename: str = "config.json", revision: str | None = None) -> tuple[Path, str] | None:
+    """The local cache's snapshot folder of hub model ``name`` at ``revision`` (a branch, tag or commit; default the
+    main branch) and its commit, if its ``filename`` is cached."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - a dependency of transformers
         return None
     try:
-        found = try_to_load_from_cache(name, filename)
+        found = try_to_load_from_cache(name, filename, revision=revision)
     except Exception:  # not a valid repo id
         return None
     if not isinstance(found, str):
@@ -118,26 +119,26 @@ def _hub_snapshot(name: str, filename: str = "config.json") -> tuple[Path, str] 
     return snapshot, snapshot.name
 
 
-def source_fingerprint(model: str, gguf_file: str | None = None) -> dict | None:
-    """The fingerprint of the files ``model`` (a ``--model`` value) loads from, without loading it; ``None`` when they
-    cannot be found (a hub model not in the local cache yet)."""
+def source_fingerprint(model: str, gguf_file: str | None = None, revision: str | None = None) -> dict | None:
+    """The fingerprint of the files ``model`` (a ``--model`` value, at hub ``revision``) loads from, without loading
+    it; ``None`` when they cannot be found (a hub model not in the local cache yet)."""
     from knockout.loading import resolve_source
 
     source, gguf = resolve_source(model, gguf_file)
-    folder, revision = Path(source), None
+    folder, commit = Path(source), None
     local = folder.is_dir()
     if not local:
-        snapshot = _hub_snapshot(source, gguf or "config.json")
+        snapshot = _hub_snapshot(source, gguf or "config.json", revision)
         if snapshot is None:
             return None
-        folder, revision = snapshot
+        folder, commit = snapshot
     files = folder_files(folder, gguf)
     if not files and local:
         what = f"no file {gguf!r}" if gguf else "no weight files (" + ", ".join(f"*{s}" for s in WEIGHT_SUFFIXES) + ")"
         raise KnockoutError(f"the model folder {model!r} holds {what}; give a model folder, a .gguf file or a hub name")
     if not files:
         return None
-    return files_fingerprint(files, revision)
+    return files_fingerprint(files, commit)
 
 
 def tensors_fingerprint(model: torch.nn.Module) -> dict:
@@ -152,9 +153,12 @@ def tensors_fingerprint(model: torch.nn.Module) -> dict:
     return {"sha256": digest.hexdigest(), "of": "tensors"}
 
 
-def model_fingerprint(model: str | None, gguf_file: str | None = None, loaded: torch.nn.Module | None = None) -> dict:
-    """The fingerprint of a run's model: its files when they can be found, else the tensors of ``loaded``."""
-    found = source_fingerprint(model, gguf_file) if model else None
+def model_fingerprint(
+    model: str | None, gguf_file: str | None = None, loaded: torch.nn.Module | None = None, revision: str | None = None
+) -> dict:
+    """The fingerprint of a run's model (at hub ``revision``): its files when they can be found, else the tensors of
+    ``loaded``."""
+    found = source_fingerprint(model, gguf_file, revision) if model else None
     if found is not None:
         return found
     if loaded is None:

@@ -233,7 +233,9 @@ def test_fingerprints_of_files_tensors_and_the_hub_cache(tmp_path, monkeypatch):
     (snap / "config.json").write_bytes((Path(a) / "config.json").read_bytes())
     # a hub name whose snapshot is in the local cache: the same fingerprint as the copied folder, with the commit
     cached = {("org/tiny", "config.json"): str(snap / "config.json")}
-    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda repo, name: cached.get((repo, name)))
+    monkeypatch.setattr(
+        "huggingface_hub.try_to_load_from_cache", lambda repo, name, revision=None: cached.get((repo, name))
+    )
     hub = fp.source_fingerprint("org/tiny")
     assert hub.pop("revision") == "abc123" and hub == fp.source_fingerprint(a)
     assert fp.source_fingerprint("org/not-cached") is None  # known only after loading

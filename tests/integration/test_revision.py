@@ -18,6 +18,7 @@ from knockout.cli import main
 from knockout.data.text import data_identity, load_texts
 from knockout.errors import KnockoutError
 from knockout.experiments.config import SweepConfig
+from knockout.fingerprint import files_fingerprint, folder_files
 from knockout.loading import load_model
 
 MAIN, V2 = "a" * 40, "b" * 40
@@ -66,11 +67,16 @@ def test_config_json_records_the_model_commit(hub, tmp_path, capsys):
     assert config["revision"] == "v2"
     assert config["resolved"]["model_revision"] == {"requested": "v2", "commit": V2}
     assert SweepConfig.from_file(tmp_path / "v2" / "config.json").revision == "v2"  # round-trips
+    v2_print = config["resolved"]["model_identity"]["fingerprint"]
+    assert v2_print == files_fingerprint(folder_files(hub / "snapshots" / V2), V2)  # the files of v2, not of main
 
     assert main([*args, "--out", str(tmp_path / "main")]) == 0  # no --revision: the cache's main, recorded
     config = json.loads((tmp_path / "main" / "config.json").read_text())
     assert config["revision"] is None
     assert config["resolved"]["model_revision"] == {"requested": None, "commit": MAIN}
+    assert config["resolved"]["model_identity"]["fingerprint"] == files_fingerprint(
+        folder_files(hub / "snapshots" / MAIN), MAIN
+    )
 
     # a resume at another revision is another run
     assert main([*args, "--revision", "v2", "--out", str(tmp_path / "main")]) == 2

@@ -263,9 +263,10 @@ def prepare(
     when this raises."""
     # the model's fingerprint, before loading it when its files are found (a bad --model path stops here, before
     # --restart moves anything); a model object handed in is fingerprinted by its tensors
-    fingerprint = (
-        tensors_fingerprint(loaded.model) if loaded is not None else source_fingerprint(cfg.model, cfg.gguf_file)
-    )
+    if loaded is not None:
+        fingerprint = tensors_fingerprint(loaded.model)
+    else:
+        fingerprint = source_fingerprint(cfg.model, cfg.gguf_file, cfg.revision)
     sweep = stats_file is None
     if world.is_main:  # rank 0 alone locks and may move an old run folder aside (--restart); the others check after
         data_id = check(cfg, restart, stats_file, lock=sweep, fingerprint=fingerprint)
@@ -274,7 +275,7 @@ def prepare(
         data_id = check(cfg, stats_file=stats_file, fingerprint=fingerprint)
     loaded = loaded or load(cfg)
     if fingerprint is None:  # a hub model that was not in the local cache before loading
-        fingerprint = model_fingerprint(cfg.model, cfg.gguf_file, loaded.model)
+        fingerprint = model_fingerprint(cfg.model, cfg.gguf_file, loaded.model, cfg.revision)
         if sweep:
             runfolder.check_model(Path(cfg.out), fingerprint)
     cfg = cfg.for_task(loaded.task)
