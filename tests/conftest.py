@@ -18,3 +18,12 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A tiny Llama saved as a model folder and a corpus of 60 documents: what the sweep tests run on, built once."""
+    import tiny
+
+    root = tmp_path_factory.mktemp("tiny-llama")
+    return tiny.save(tiny.causal_lm("llama"), "causal", root / "model"), tiny.write_corpus(root / "corpus.txt", 60)

@@ -19,10 +19,10 @@ name: docs/api.md.
 
 from knockout.ablation import METHODS, AblationMethod, MethodContext, NeuronSelection, get_method, register  # noqa: E402
 from knockout.components import component_sets, components  # noqa: E402
+from knockout.config import SweepConfig  # noqa: E402
 from knockout.errors import KnockoutError  # noqa: E402
 from knockout.evaluation import Metrics, evaluate  # noqa: E402
 from knockout.experiments.callbacks import Callback  # noqa: E402
-from knockout.experiments.config import SweepConfig  # noqa: E402
 from knockout.experiments.runner import run_sweep  # noqa: E402
 from knockout.export import export_constants  # noqa: E402
 from knockout.hooks import capture, edit_preout, fold_constants, replace_with_constants  # noqa: E402

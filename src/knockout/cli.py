@@ -102,7 +102,7 @@ def _flag_fields(sections: tuple[str, ...], groups: tuple[str, ...] = ()) -> lis
     setting of the option groups ``groups`` (``optimal``, ``resample``, ``image``)."""
     from dataclasses import fields
 
-    from knockout.experiments.config import SweepConfig
+    from knockout.config import SweepConfig
 
     out: list[tuple[str | None, object]] = [
         (None, f) for f in fields(SweepConfig) if f.metadata.get("kind") and f.metadata["group"] in sections
@@ -126,7 +126,7 @@ def _add_config_flags(
     """One flag per setting (see :func:`_flag_fields`), except those in ``exclude``; its help and the default it
     shows come from the setting (or from ``shown``, a preset's values). Flags left out of the command line stay
     ``None``, so only the given ones override the config's (or the preset's, or the config file's) values."""
-    from knockout.experiments.config import SweepConfig
+    from knockout.config import SweepConfig
     from knockout.options import default_of
 
     headings: dict[str, argparse._ArgumentGroup] = {}
@@ -310,7 +310,7 @@ def _add_report_parsers(command) -> None:
 def _config(args, sections: tuple[str, ...] = FLAG_SECTIONS, **extra):
     """The config of a command: a preset's (``--preset``, or the demo's) or a config file's (``--config``) with the
     given flags as overrides, or one made of the given flags alone."""
-    from knockout.experiments.config import SweepConfig, merge_settings, read_settings_file
+    from knockout.config import SweepConfig, merge_settings, read_settings_file
     from knockout.experiments.presets import get_preset
 
     base = read_settings_file(args.config) if getattr(args, "config", None) else {}
@@ -349,7 +349,7 @@ def _sweep(args) -> int:
 
 
 def _scan(args) -> int:
-    from knockout.experiments.config import merge_settings, read_settings_file
+    from knockout.config import merge_settings, read_settings_file
     from knockout.experiments.scan import run_scan, scan_config
     from knockout.reporting.scan import format_scan, load_scan, write_scan_report
 
@@ -541,10 +541,9 @@ def _progress_note(args) -> str:
     """``N of M rows done`` for an interrupted sweep, from what its run folder holds; empty if unknown."""
     try:
         from knockout.reporting.run import RunData
-        from knockout.runfolder import RESULTS_FILE, read_config, read_rows
+        from knockout.runfolder import RunFolder
 
-        out = Path(_config(args).out)
-        run = RunData(out, read_config(out) or {}, read_rows(out) if (out / RESULTS_FILE).is_file() else [])
+        run = RunData(RunFolder(_config(args).out))
         done, total = run.n_present, run.n_expected
         return f" ({done} rows done)" if total is None else f" ({done} of {total} rows done)"
     except Exception:  # only a courtesy: never let it hide the interruption

@@ -37,7 +37,6 @@ indices of the ablated neurons) for a spec of one set; :func:`component_sets` gi
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import re
@@ -48,21 +47,13 @@ from pathlib import Path
 import torch
 
 from knockout.errors import KnockoutError
+from knockout.files import neuron_set_hash
 
 FORMS = "L<layer>.H<head> (a head), L<layer>:<neuron>, L<layer>:<first>-<last> (inclusive) or L<layer> (a layer)"
 _TOKEN = re.compile(r"^L(\d+)(?:\.H(\d+)|:(\d+)(?:-(\d+))?)?$", re.IGNORECASE)
 _BAD_NAME = re.compile(r"[;=,#\r\n]")
 FILE_SUFFIXES = (".json", ".csv")
 UNITS = ("head", "layer", "neurons:K")
-
-
-def neuron_set_hash(neurons: Sequence[torch.Tensor]) -> str:
-    """A short hash of a neuron set (per layer, the sorted indices): the same set gives the same hash."""
-    h = hashlib.sha256()
-    for layer, idx in enumerate(neurons):
-        h.update(f"|{layer}:".encode())
-        h.update(torch.sort(idx.detach().cpu().long()).values.numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

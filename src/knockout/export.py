@@ -35,9 +35,10 @@ import torch
 from knockout import runfolder
 from knockout.ablation.methods import ConstantAblation, MethodContext, get_method
 from knockout.ablation.optimal import OptimalAblation
-from knockout.ablation.options import OptimalOptions
 from knockout.ablation.selection import NeuronSelection
+from knockout.config import Resolved
 from knockout.errors import KnockoutError
+from knockout.runfolder import RunFolder
 from knockout.sites import Site
 from knockout.stats.statistics import Statistics
 from knockout.version import __version__
@@ -48,14 +49,13 @@ FORMATS = ("transformerlens", "nnsight", "safetensors")
 FORMAT_TAG = "knockout.export/1"
 
 
-def run_sites(config: dict, need_modules: bool = False) -> list[Site]:
-    """The sites a run folder's ``config.json`` describes (layer, module path, heads; no module objects)."""
-    resolved = config.get("resolved") or {}
-    identity = resolved.get("model_identity") or {}
-    widths, n_heads, kind = identity.get("widths"), identity.get("n_heads"), identity.get("site") or "attention"
+def run_sites(resolved: Resolved, need_modules: bool = False) -> list[Site]:
+    """The sites a run folder's record describes (layer, module path, heads; no module objects)."""
+    identity = resolved.identity
+    widths, n_heads, kind = identity.get("widths"), identity.get("n_heads"), resolved.site_kind
     if not widths or not n_heads:
         raise KnockoutError("the run folder's config.json lacks the model identity; is it a knockout sweep folder?")
-    names = resolved.get("site_modules")
+    names = resolved.site_modules
     if names is None:
         if need_modules:
             raise KnockoutError(
@@ -88,16 +88,16 @@ def site_shape(values: torch.Tensor, site: Site, format: str) -> torch.Tensor:
     return values
 
 
-def _read(run_dir: str | os.PathLike) -> dict:
-    config = runfolder.read_config(run_dir)
-    if config is None:
+def _read(run_dir: str | os.PathLike) -> RunFolder:
+    folder = RunFolder.open(run_dir)
+    if folder.config is None:
         raise KnockoutError(f"{str(run_dir)!r} has no config.json; give a knockout run folder")
-    return config
+    return folder
 
 
-def _stats(run_dir: Path, method: str) -> Statistics:
-    path = run_dir / runfolder.STATS_FILE
-    if not path.is_file():
+def _stats(folder: RunFolder, method: str) -> Statistics:
+    path = folder.dir / runfolder.STATS_FILE
+    if folder.stats_path is None:
         raise KnockoutError(
             f"method {method!r} needs the run's statistics, but {str(path)!r} does not exist (a run keeps them when "
             "one of its methods needs them): run a sweep with a statistics method (mean, peak ...) into this folder"
@@ -111,42 +111,38 @@ def export_constants(run_dir: str | os.PathLike, method: str = "peak", format: s
     constants in ``artifacts/optimal/``."""
     if format not in FORMATS:
         raise KnockoutError(f"unknown export format {format!r}; use {', '.join(FORMATS)}")
-    run_dir = Path(run_dir)
-    config = _read(run_dir)
-    sites = run_sites(config, need_modules=format == "nnsight")
-    task = (config.get("resolved") or {}).get("task") or config.get("task")
+    folder = _read(run_dir)
+    sites = run_sites(folder.resolved, need_modules=format == "nnsight")
+    task = folder.resolved.task or folder.config.task
     cls = get_method(method)
     if cls is OptimalAblation:
-        return _optimal(run_dir, config, sites, task, format)
+        return _optimal(folder, sites, task, format)
     if not issubclass(cls, ConstantAblation):
         raise KnockoutError(
             f"method {method!r} does not ablate to constants (its values depend on the input), so there is nothing "
             "to export; export a constant method (zero, mean, peak, median, mode, peak-nopm, peak@EPS) or optimal"
         )
-    stats = _stats(run_dir, method) if cls.needs_stats else None
+    stats = _stats(folder, method) if cls.needs_stats else None
     values = cls(MethodContext(None, sites, stats, task=task)).constants()  # type: ignore[arg-type]
     return {site_key(s, format): site_shape(v, s, format) for s, v in zip(sites, values)}
 
 
-def _optimal(run_dir: Path, config: dict, sites: list[Site], task: str, format: str) -> dict:
-    """``optimal``'s learned constants per seed and fraction, with masks of the ablated neurons."""
-    methods = config.get("methods") or ()
-    if "optimal" not in methods:
-        raise KnockoutError(f"the run in {str(run_dir)!r} did not run optimal (its methods: {', '.join(methods)})")
-    from safetensors.torch import load_file
-
-    stats = _stats(run_dir, "optimal")
-    options = OptimalOptions.from_dict(config.get("optimal"))
+def _optimal(folder: RunFolder, sites: list[Site], task: str, format: str) -> dict:
+    """``optimal``'s learned constants per seed and fraction (each file checked), with masks of the ablated
+    neurons."""
+    cfg, run_dir = folder.config, folder.dir
+    if "optimal" not in cfg.methods:
+        raise KnockoutError(f"the run in {str(run_dir)!r} did not run optimal (its methods: {', '.join(cfg.methods)})")
+    stats = _stats(folder, "optimal")
     done: dict[int, list[float]] = {}  # the neuron sets optimal was evaluated on: its stored rows
-    if (run_dir / runfolder.RESULTS_FILE).is_file():
-        for row in runfolder.read_rows(run_dir):
-            if row["method"] == "optimal" and row["n_ablated"] > 0 and not row["target"]:
-                done.setdefault(row["seed"], []).append(row["fraction"])
-    stored = runfolder.load_selection(run_dir) if (run_dir / runfolder.SELECTION_FILE).is_file() else {}
+    for row in folder.rows:
+        if row.method == "optimal" and row.n_ablated > 0 and not row.target:
+            done.setdefault(row.seed, []).append(row.fraction)
+    stored = folder.selection()
     out: dict[str, torch.Tensor] = {}
     missing = []
     for seed, fractions in sorted(done.items()):
-        selection = NeuronSelection.for_sites(sites, seed, config.get("selection") or "per-layer")
+        selection = NeuronSelection.for_sites(sites, seed, cfg.selection)
         for name, order in selection.state_dict().items():
             if name in stored and not torch.equal(stored[name], order):
                 raise KnockoutError(
@@ -154,14 +150,15 @@ def _optimal(run_dir: Path, config: dict, sites: list[Site], task: str, format: 
                     "written by another version of knockout, so its learned constants cannot be matched to fractions"
                 )
         artifacts = run_dir / runfolder.ARTIFACTS_DIR
-        method = OptimalAblation(MethodContext(None, sites, stats, seed, task, optimal=options, artifacts=artifacts))
+        ctx = MethodContext(None, sites, stats, seed, task, optimal=cfg.optimal, artifacts=artifacts)
+        method = OptimalAblation(ctx)
         for fraction in sorted(fractions):
             neurons = selection.at(fraction)
             path = method.artifact_path(neurons)
             if path is None or not path.is_file():
                 missing.append(f"seed {seed} fraction {fraction:g}")
                 continue
-            learned = load_file(str(path))
+            learned = folder.artifact(path)
             prefix = f"seed{seed}/fraction{runfolder.fraction_key(fraction):g}/"
             for site in sites:
                 key = prefix + site_key(site, format)
@@ -179,21 +176,19 @@ def _optimal(run_dir: Path, config: dict, sites: list[Site], task: str, format: 
 def export_metadata(run_dir: str | os.PathLike, method: str, format: str) -> dict[str, str]:
     """What an exported file records (safetensors metadata, strings): the tool and layout, the method, the model
     identity and revision, the task and site, and the statistics' settings (eps, limit, tokens, data)."""
-    run_dir = Path(run_dir)
-    config = _read(run_dir)
-    resolved = config.get("resolved") or {}
-    identity = resolved.get("model_identity") or {}
-    site = identity.get("site") or "attention"
+    folder = _read(run_dir)
+    cfg, resolved = folder.config, folder.resolved
+    identity, site = resolved.identity, resolved.site_kind
     settings = {
-        "eps": config.get("eps"),
-        "limit": config.get("hist_limit"),
-        "stats_tokens": config.get("stats_tokens"),
-        "data": config.get("data"),
-        "max_length": config.get("max_length"),
-        "stats_skip_first": config.get("stats_skip_first"),
+        "eps": cfg.eps,
+        "limit": cfg.hist_limit,
+        "stats_tokens": cfg.stats_tokens,
+        "data": cfg.data,
+        "max_length": cfg.max_length,
+        "stats_skip_first": cfg.stats_skip_first,
     }
-    stats_path = run_dir / runfolder.STATS_FILE
-    if stats_path.is_file():  # the statistics actually used (they may come from another run's --stats file)
+    stats_path = folder.stats_path
+    if stats_path is not None:  # the statistics actually used (they may come from another run's --stats file)
         from knockout.stats.statistics import read_metadata
 
         meta = read_metadata(stats_path)
@@ -217,11 +212,11 @@ def export_metadata(run_dir: str | os.PathLike, method: str, format: str) -> dic
         "method": method,
         "model": identity.get("name") or "",
         "model_identity": json.dumps(identity),
-        "model_revision": json.dumps(resolved.get("model_revision")),
-        "task": str(resolved.get("task") or config.get("task")),
+        "model_revision": json.dumps(resolved.model_revision),
+        "task": str(resolved.task or cfg.task),
         "site": site,
         "statistics": json.dumps(settings),
-        "data_identity": json.dumps(resolved.get("data_identity")),
+        "data_identity": json.dumps(resolved.data_identity),
         "knockout": __version__,
     }
 
@@ -236,9 +231,16 @@ def write_export(
     ``RUN/export/{method}.{format}.safetensors``); returns its path."""
     from safetensors.torch import save
 
-    tensors = export_constants(run_dir, method, format)
     path = Path(out) if out is not None else Path(run_dir) / "export" / f"{method}.{format}.safetensors"
     if path.suffix != ".safetensors":
         raise KnockoutError(f"--out {str(path)!r} should end in .safetensors")
+    if out is not None and path.exists():
+        raise KnockoutError(f"--out {str(path)!r} exists; remove it or give another file name")
+    if out is None:
+        runfolder.inside(run_dir, path.parent)
+    if not path.parent.is_dir() and any(p.exists() and not p.is_dir() for p in path.parents):
+        raise KnockoutError(f"--out {str(path)!r} cannot be written: a part of its folder is a file, not a folder")
+    runfolder.check_out(path.parent)
+    tensors = export_constants(run_dir, method, format)
     runfolder.write_atomic(path, save(tensors, metadata=export_metadata(run_dir, method, format)))
     return path

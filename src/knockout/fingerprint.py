@@ -18,71 +18,23 @@ known); :func:`same_model` compares two.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import re
 from pathlib import Path
 
 import torch
 
 from knockout.errors import KnockoutError
+from knockout.files import file_sha256, tensors_sha256, text_sha256
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-#: Files at least this large have their sha256 cached (smaller ones are hashed each time: it costs less than a read
-#: of the model).
-CACHE_MIN_BYTES = 64 << 20
-SHA256_CACHE = Path.home() / ".cache" / "knockout" / "sha256"
-_CHUNK = 8 << 20
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes, read in chunks. A link into a hub cache's ``blobs/`` folder named by a sha256
-    is that sha256 (not read); large files are cached by (path, size, modification time)."""
-    path = Path(path)
-    if path.is_symlink():
-        target = path.resolve()
-        if target.parent.name == "blobs" and _HEX64.fullmatch(target.name):
-            return target.name
-    real = path.resolve()
-    st = real.stat()
-    key = None
-    if st.st_size >= CACHE_MIN_BYTES:
-        key = hashlib.sha256(json.dumps([str(real), st.st_size, st.st_mtime_ns, st.st_ino]).encode()).hexdigest()
-        cached = SHA256_CACHE / key
-        try:
-            value = cached.read_text().strip()
-            if _HEX64.fullmatch(value):
-                return value
-        except OSError:
-            pass
-        log.info("hashing %s (%.1f GB) for the model's fingerprint; cached for next time", real, st.st_size / 1e9)
-    digest = hashlib.sha256()
-    with open(real, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    value = digest.hexdigest()
-    if key is not None:
-        try:
-            SHA256_CACHE.mkdir(parents=True, exist_ok=True)
-            tmp = SHA256_CACHE / f".{key}.{os.getpid()}.tmp"
-            tmp.write_text(value)
-            os.replace(tmp, SHA256_CACHE / key)
-        except OSError as e:  # a read-only home costs only the speed-up
-            log.debug("could not cache the sha256 of %s: %s", real, e)
-    return value
 
 
 def files_fingerprint(files: dict[str, Path], revision: str | None = None) -> dict:
     """The fingerprint of ``files`` (name in the model -> path): sha256 over each name and its content's sha256."""
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        digest.update(f"{name}\0{file_sha256(files[name])}\n".encode())
-    out = {"sha256": digest.hexdigest(), "of": "files", "files": sorted(files)}
+    listing = "".join(f"{name}\0{file_sha256(files[name], 'model file')}\n" for name in sorted(files))
+    out = {"sha256": text_sha256(listing), "of": "files", "files": sorted(files)}
     if revision:
         out["revision"] = revision
     return out
@@ -142,15 +94,9 @@ def source_fingerprint(model: str, gguf_file: str | None = None, revision: str |
 
 
 def tensors_fingerprint(model: torch.nn.Module) -> dict:
-    """The fingerprint of a model object's ``state_dict`` (name, dtype, shape and bytes of each tensor; a tensor
-    without data, e.g. offloaded to disk, by name, dtype and shape)."""
-    digest = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.device.type != "meta" and t.numel():
-            t = t.detach().to("cpu").contiguous()
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return {"sha256": digest.hexdigest(), "of": "tensors"}
+    """The fingerprint of a model object's ``state_dict`` (:func:`knockout.files.tensors_sha256`: name, dtype, shape
+    and bytes of each tensor; a tensor without data, e.g. offloaded to disk, by name, dtype and shape)."""
+    return {"sha256": tensors_sha256(model.state_dict()), "of": "tensors"}
 
 
 def model_fingerprint(

@@ -30,13 +30,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import errno
-import hashlib
+import functools
 import io
 import json
 import logging
 import math
 import os
-import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -45,7 +44,17 @@ from typing import Any
 
 import torch
 
+from knockout.config import Resolved, SweepConfig, result_settings
 from knockout.errors import KnockoutError
+from knockout.files import (  # noqa: F401 - the run folder's writers use them through this module too
+    CHECKSUM_KEY,
+    HELD,
+    load_artifact,
+    load_checked,
+    save_checked,
+    write_atomic,
+    write_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,47 +74,8 @@ LOCK_FILE = ".knockout.lock"
 ATTRIBUTION_FILE = "attribution.json"
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write ``data`` (text as UTF-8) to ``path`` through a temporary file and a rename, so readers never see half a
-    file. Creates the parent folder. The temporary file's name is unique (``.NAME.PID.RANDOM.tmp``), so two writers
-    never share one. In a run folder this process holds locked, the lock is checked first (a folder moved away or
-    replaced meanwhile is not written). A failed write (a full disk) removes the temporary file and raises
-    :class:`KnockoutError`."""
-    path = Path(path)
-    _check_lock_still_held(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # less the umask, as open()
-        try:
-            view = memoryview(raw)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise write_error(path, e) from e
-
-
-def write_error(path: str | os.PathLike, e: OSError) -> KnockoutError:
-    """The one-line error of a failed write of ``path``: a full disk or quota says to free space and re-run."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return KnockoutError(
-            f"no space left on the device while writing {str(path)!r}: free some space, then re-run the same command "
-            "(a sweep resumes where it stopped)"
-        )
-    return KnockoutError(f"could not write {str(path)!r}: {e.strerror or e}")
-
-
 # -- one writer per run folder ------------------------------------------------------------------------------------
-_HELD: dict[Path, RunLock] = {}
+_HELD = HELD  # run folder -> this process's RunLock of it (files.write_atomic checks them)
 
 
 class RunLock:
@@ -145,8 +115,13 @@ class RunLock:
         path = run_dir / LOCK_FILE
         for _ in range(100):  # retried only when the holder removed the file between our open and our lock
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
             except OSError as e:
+                if e.errno == errno.ELOOP:  # a link: knockout's own lock file never is one
+                    raise KnockoutError(
+                        f"{str(path)!r} is a link, not knockout's lock file: knockout never writes through a link "
+                        "in a run folder. Remove it, or use another --out folder"
+                    ) from None
                 raise write_error(path, e) from e
             try:
                 if fcntl is not None:
@@ -175,6 +150,11 @@ class RunLock:
                 os.close(fd)
                 raise write_error(path, e) from e
             lock = _HELD[run_dir] = cls(run_dir, fd, created)
+            try:
+                check_closed(run_dir)
+            except KnockoutError:
+                lock.release()
+                raise
             _remove_stale_temporaries(run_dir)
             return lock
         raise KnockoutError(f"could not lock {str(run_dir)!r}: its lock file keeps changing")
@@ -244,32 +224,55 @@ def _holder(path: Path) -> str:
     return "unknown"
 
 
-def _check_lock_still_held(path: Path) -> None:
-    """Raise if ``path`` lies in a run folder this process locked and the folder was moved away or replaced since."""
-    if not _HELD:
-        return
-    target = path.absolute()
-    for run_dir, lock in list(_HELD.items()):
-        if target.is_relative_to(run_dir) and not lock.still_held():
-            raise KnockoutError(
-                f"the run folder {str(run_dir)!r} was moved away or replaced while this process was writing it; "
-                "stopped, so that its files do not mix with another run's. Re-run the command to resume whatever "
-                "folder is there now"
-            )
-
-
 def _remove_stale_temporaries(run_dir: Path) -> None:
     """Remove temporary files a killed writer left (``.NAME....tmp``): with the lock held, no one else writes them.
     The report folder is left alone (a report may be being written without the lock)."""
     for sub in (run_dir, run_dir / PAIRED_DIR, run_dir / ARTIFACTS_DIR):
-        if not sub.is_dir():
+        if not sub.is_dir() or sub.is_symlink():
             continue
         found = sub.rglob(".*.tmp") if sub.name == ARTIFACTS_DIR else sub.glob(".*.tmp")
         for tmp in found:
             try:
-                tmp.unlink()
+                if not tmp.is_symlink() and tmp.resolve().is_relative_to(run_dir.resolve()):
+                    tmp.unlink()
             except OSError:
                 pass
+
+
+def outside_links(run_dir: str | os.PathLike) -> list[str]:
+    """The entries of ``run_dir`` (at any depth; links are not followed) that are symbolic links to something
+    outside it, relative to it, sorted."""
+    root, found = Path(run_dir).resolve(), []
+    for dirpath, dirnames, filenames in os.walk(run_dir):
+        for name in dirnames + filenames:
+            entry = Path(dirpath) / name
+            if entry.is_symlink() and not entry.resolve().is_relative_to(root):
+                found.append(str(entry.relative_to(run_dir)))
+    return sorted(found)
+
+
+def check_closed(run_dir: str | os.PathLike, what: str = "writes") -> None:
+    """Raise unless ``run_dir`` is a closed world: no link in it points outside it (a shared folder could otherwise
+    make a run write, delete or lock files elsewhere)."""
+    links = outside_links(run_dir) if Path(run_dir).is_dir() else []
+    if links:
+        shown = ", ".join(links[:5]) + (f" and {len(links) - 5} more" if len(links) > 5 else "")
+        raise KnockoutError(
+            f"{str(run_dir)!r} holds links that point outside it ({shown}): knockout never {what} through them. "
+            "Remove the links (or copy what they point to into the folder), or use another folder"
+        )
+
+
+def inside(run_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """``path``, checked to lie in ``run_dir`` once links are resolved (a folder of the run that is a link to
+    elsewhere is refused): where knockout writes a run's report or export."""
+    path = Path(path)
+    if path.is_symlink() or not path.resolve().is_relative_to(Path(run_dir).resolve()):
+        raise KnockoutError(
+            f"{str(path)!r} is a link to {str(path.resolve())!r}, outside the run folder: knockout never writes "
+            "through a link in a run folder. Remove the link, or give --out a folder of your own"
+        )
+    return path
 
 
 def check_out(run_dir: str | os.PathLike) -> None:
@@ -314,37 +317,35 @@ def move_aside(run_dir: str | os.PathLike) -> Path | None:
     return target
 
 
-def check_data(run_dir: str | os.PathLike, identity: dict) -> None:
-    """Raise if ``run_dir``'s config records data other than ``identity`` (:func:`knockout.data.text.data_identity`
+def check_data(folder: RunFolder, identity: dict) -> None:
+    """Raise if ``folder``'s config records data other than ``identity`` (:func:`knockout.data.text.data_identity`
     or its image counterpart)."""
-    old = read_config(run_dir)
-    if old is None:
+    if not folder.has_config:
         return
-    recorded = (old.get("resolved") or {}).get("data_identity")
+    recorded = folder.resolved.data_identity
     if recorded != identity:
-        recorded = recorded if isinstance(recorded, dict) else {}
+        recorded = recorded or {}
         keys = [k for k in identity if recorded.get(k) != identity.get(k)]
         detail = "; ".join(f"{k}: {recorded.get(k)!r} -> {identity.get(k)!r}" for k in keys)
         raise KnockoutError(
-            f"the data differs from the data of the run in {str(run_dir)!r} ({detail}): its rows would mix two data "
-            "sets. Restore the data, use another --out folder, or --restart to start over."
+            f"the data differs from the data of the run in {str(folder.dir)!r} ({detail}): its rows would mix two "
+            "data sets. Restore the data, use another --out folder, or --restart to start over."
         )
 
 
-def check_model(run_dir: str | os.PathLike, fingerprint: dict) -> None:
-    """Raise if ``run_dir``'s config records a model whose weights differ from ``fingerprint``
+def check_model(folder: RunFolder, fingerprint: dict) -> None:
+    """Raise if ``folder``'s config records a model whose weights differ from ``fingerprint``
     (:mod:`knockout.fingerprint`). A fingerprint made differently (the files of a folder against the tensors of a
     model passed from Python) cannot be compared: accepted with a warning, and this run's is recorded."""
     from knockout.fingerprint import describe, same_model
 
-    old = read_config(run_dir)
-    if old is None:
+    if not folder.has_config:
         return
-    recorded = ((old.get("resolved") or {}).get("model_identity") or {}).get("fingerprint")
+    recorded = folder.resolved.identity.get("fingerprint")
     same = same_model(recorded, fingerprint)
     if same is False:
         raise KnockoutError(
-            f"the model's weights differ from those of the run in {str(run_dir)!r} (fingerprint "
+            f"the model's weights differ from those of the run in {str(folder.dir)!r} (fingerprint "
             f"{describe(recorded)} -> {describe(fingerprint)}): its rows would mix two models. Restore the model, "
             "use another --out folder, or --restart to start over."
         )
@@ -352,75 +353,16 @@ def check_model(run_dir: str | os.PathLike, fingerprint: dict) -> None:
         log.warning(
             "%s records no comparable model fingerprint (%s; now %s): the weights cannot be checked against its "
             "rows; this run records them",
-            run_dir,
+            folder.dir,
             describe(recorded),
             describe(fingerprint),
         )
 
 
-def check_integrity(run_dir: str | os.PathLike) -> None:
-    """Read an existing run folder's results, neuron orders and per-document sums, so that a damaged file is named
-    (with what to do) before anything runs. The statistics file is checked when it is loaded, learned constants
-    (``artifacts/``) when they are reused."""
-    path = Path(run_dir)
-    if (path / RESULTS_FILE).is_file():
-        read_rows(path)
-    if (path / SELECTION_FILE).is_file():
-        load_selection(path)
-    read_doc_sums(path)
-    for artifact in sorted((path / ARTIFACTS_DIR).rglob("*.safetensors")):
-        load_artifact(artifact)
-
-
-def load_artifact(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of an ``artifacts/`` file (what a method learned), checked against their checksum; a damaged file
-    is a :class:`KnockoutError` that names it and says to delete it (it is learned again)."""
-    remedy = f"delete {str(path)!r} (what it holds is learned again on the next run) and re-run"
-    tensors, meta = read_safetensors(path, remedy)
-    verify_checksum(path, tensors, meta, remedy)
-    return tensors
-
-
-# -- checksums ----------------------------------------------------------------------------------------------------
-CHECKSUM_KEY = "sha256"
-
-
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over ``tensors`` in name order: each name, dtype, shape and raw bytes (stored in a safetensors file's
-    metadata and checked on load, so damaged tensor data is found)."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def read_safetensors(path: str | os.PathLike, remedy: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and metadata of a safetensors file; an unreadable file is a :class:`KnockoutError` naming it, with
-    ``remedy`` (what to do)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for a corrupt file
-        raise KnockoutError(f"{str(path)!r} is damaged ({type(e).__name__}: {e}); {remedy}") from e
-    return tensors, meta
-
-
-def verify_checksum(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict, remedy: str) -> None:
-    """Raise if ``meta``'s checksum is missing or does not match ``tensors`` (read from ``path``)."""
-    expected = meta.get(CHECKSUM_KEY)
-    if expected is None or tensors_sha256(tensors) != expected:
-        raise KnockoutError(f"{str(path)!r} is damaged (its checksum does not match its data); {remedy}")
-
-
 # -- config -------------------------------------------------------------------------------------------------------
-def read_config(run_dir: str | os.PathLike) -> dict | None:
-    """``config.json`` of a run folder as a dict, ``None`` if there is none; a damaged file is an error."""
+def _read_config(run_dir: str | os.PathLike) -> dict | None:
+    """``config.json`` of a run folder as a dict, ``None`` if there is none; a damaged file is an error (read through
+    :class:`RunFolder`)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         return None
@@ -437,9 +379,13 @@ def write_config(run_dir: str | os.PathLike, config: dict) -> None:
     write_atomic(Path(run_dir) / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
 
-def check_same_settings(run_dir: str | os.PathLike, stored: dict, fields: dict) -> None:
-    """Raise if the results-defining settings ``stored`` in ``run_dir``'s config.json differ from ``fields`` (both
-    from :func:`knockout.experiments.config.result_settings`), naming each difference."""
+def check_same_settings(folder: RunFolder, fields: dict) -> None:
+    """Raise if the results-defining settings stored in ``folder``'s config.json differ from ``fields`` (both
+    from :func:`knockout.config.result_settings`), naming each difference."""
+    stored = folder.result_settings()
+    if stored is None:
+        return
+    run_dir = folder.dir
     old = json.loads(json.dumps(stored))
     new = json.loads(json.dumps(fields))
     diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
@@ -455,23 +401,17 @@ def check_same_settings(run_dir: str | os.PathLike, stored: dict, fields: dict) 
 def save_selection(run_dir: str | os.PathLike, orders: dict[str, torch.Tensor], mode: str) -> None:
     """Add ``orders`` (:meth:`knockout.ablation.NeuronSelection.state_dict`) to the run's ``selection.safetensors``
     (the record of the chosen neurons)."""
-    from safetensors.torch import save
-
     path = Path(run_dir) / SELECTION_FILE
     tensors = load_selection(run_dir) if path.is_file() else {}
     tensors.update(orders)
     note = "random neuron order per seed; fraction f ablates the first round(f * n) of each order"
-    meta = {"mode": mode, "note": note, CHECKSUM_KEY: tensors_sha256(tensors)}
-    write_atomic(path, save(tensors, metadata=meta))
+    save_checked(path, tensors, {"mode": mode, "note": note})
 
 
 def load_selection(run_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The neuron orders stored in a run folder's ``selection.safetensors``, checked against their checksum."""
     path = Path(run_dir) / SELECTION_FILE
-    remedy = f"delete {str(path)!r} (the orders are recomputed from the seeds) and re-run"
-    tensors, meta = read_safetensors(path, remedy)
-    verify_checksum(path, tensors, meta, remedy)
-    return tensors
+    return load_checked(path, f"delete {str(path)!r} (the orders are recomputed from the seeds) and re-run")[0]
 
 
 # -- per-document sums (paired comparisons) -------------------------------------------------------------------------
@@ -488,16 +428,13 @@ def save_doc_sums(
 ) -> None:
     """Add one row's per-document sums (``{"n", "ce_sum", "correct"}``: ``[n_docs]`` arrays, as
     :meth:`knockout.evaluation.Metrics.doc_sums` gives them) to ``paired/seed{seed}.safetensors`` (with a checksum)."""
-    from safetensors.torch import save
-
     path = _paired_path(run_dir, seed)
     tensors = _load_paired(path) if path.is_file() else {}
     key = _doc_key(method, fraction, target)
     for name in (*DOC_FIELDS, *(f for f in EXTRA_DOC_FIELDS if f in sums)):
         tensors[f"{key}.{name}"] = torch.as_tensor(sums[name]).contiguous()
     note = "per-document sums of each (method, fraction) row of this seed, for paired comparisons"
-    meta = {"seed": str(int(seed)), "note": note, CHECKSUM_KEY: tensors_sha256(tensors)}
-    write_atomic(path, save(tensors, metadata=meta))
+    save_checked(path, tensors, {"seed": str(int(seed)), "note": note})
 
 
 def _load_paired(path: Path) -> dict[str, torch.Tensor]:
@@ -506,9 +443,7 @@ def _load_paired(path: Path) -> dict[str, torch.Tensor]:
         f"delete {str(path)!r}: the next run of the same sweep command recomputes the sums of its rows (a report "
         "made without it leaves that seed out of the paired comparison)"
     )
-    tensors, meta = read_safetensors(path, remedy)
-    verify_checksum(path, tensors, meta, remedy)
-    return tensors
+    return load_checked(path, remedy)[0]
 
 
 def read_doc_sums(
@@ -723,14 +658,12 @@ class ResultStore:
     ``read_only``: keep rows in memory and write nothing (distributed ranks other than 0). A writable store repairs
     results.csv when a crash between the two files left it behind results.jsonl."""
 
-    def __init__(self, run_dir: str | os.PathLike, read_only: bool = False):
-        self.dir = Path(run_dir)
+    def __init__(self, folder: RunFolder | str | os.PathLike, read_only: bool = False):
+        folder = folder if isinstance(folder, RunFolder) else RunFolder(folder)
+        self.dir = folder.dir
         self.read_only = read_only
-        self.rows: dict[tuple, ResultRow] = {}
-        if (self.dir / RESULTS_FILE).is_file():
-            for row in read_rows(self.dir):
-                parsed = ResultRow.from_dict(row)
-                self.rows[parsed.key] = parsed
+        self.rows: dict[tuple, ResultRow] = {r.key: r for r in folder.rows}
+        if folder.has_results:
             csv_path = self.dir / RESULTS_CSV
             stale = not csv_path.is_file() or csv_path.read_text(encoding="utf-8") != _csv_text(self.rows.values())
             if stale and not read_only:
@@ -755,3 +688,145 @@ class ResultStore:
         self.rows[row.key] = row
         if not self.read_only:
             write_rows(self.dir, self.rows.values())
+
+
+# -- the reader -------------------------------------------------------------------------------------------------------
+class RunFolder:
+    """A run folder as it is stored: the one reader of its files (sweeps resuming it, reports, comparisons, export).
+
+    - :attr:`config`: the recorded settings as a :class:`~knockout.config.SweepConfig` (``None`` without config.json)
+      and :attr:`resolved`, the typed record of what the run resolved (:class:`~knockout.config.Resolved`): a report
+      reads the run's own values, never today's defaults;
+    - :attr:`rows`: results.jsonl's rows (:class:`ResultRow`);
+    - :attr:`doc_sums`: per row, its per-document sums, *checked*: sums that do not add up to their row are not the
+      row's (:func:`doc_sums_disagree`), so they are left out and the row is in :attr:`unusable` with the reason (a
+      sweep evaluates such a row again; a report names it);
+    - :meth:`selection`, :meth:`attribution`, :meth:`artifact`: the other files, each checked (checksums).
+
+    Reading never writes and never takes the folder's lock. Each file is read once, on first use.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.dir = Path(run_dir)
+        self._raw = _read_config(self.dir)
+
+    @classmethod
+    def open(cls, run_dir: str | os.PathLike | RunFolder) -> RunFolder:
+        """The run folder ``run_dir``, which must exist (a report or comparison reads one); a ``RunFolder`` as is."""
+        if isinstance(run_dir, RunFolder):
+            return run_dir
+        if not Path(run_dir).is_dir():
+            raise KnockoutError(f"{str(run_dir)!r} is not a folder; give a knockout run folder (with results.jsonl)")
+        return cls(run_dir)
+
+    # -- settings -----------------------------------------------------------------------------------------------
+    @property
+    def has_config(self) -> bool:
+        return self._raw is not None
+
+    @functools.cached_property
+    def config(self) -> SweepConfig | None:
+        """The settings config.json recorded (:meth:`~knockout.config.SweepConfig.from_record`)."""
+        if self._raw is None:
+            return None
+        try:
+            return SweepConfig.from_record(self._raw)
+        except KnockoutError as e:
+            raise KnockoutError(
+                f"{str(self.dir / CONFIG_FILE)!r} does not hold a run's settings ({e}); use another folder, or delete "
+                "the file"
+            ) from e
+
+    @functools.cached_property
+    def resolved(self) -> Resolved:
+        try:
+            return Resolved.from_dict(None if self._raw is None else self._raw.get("resolved"))
+        except KnockoutError as e:
+            where = str(self.dir / CONFIG_FILE)
+            raise KnockoutError(f"{where!r} is damaged ({e}); delete it or use another folder") from e
+
+    def result_settings(self) -> dict | None:
+        """The stored settings that define results (:func:`~knockout.config.result_settings`), as stored."""
+        return None if self._raw is None else result_settings(self._raw)
+
+    @property
+    def is_scan(self) -> bool:
+        return self.config is not None and self.config.scan.unit is not None
+
+    # -- rows and sums ------------------------------------------------------------------------------------------
+    @property
+    def has_results(self) -> bool:
+        return (self.dir / RESULTS_FILE).is_file()
+
+    @functools.cached_property
+    def rows(self) -> list[ResultRow]:
+        """results.jsonl's rows (none when the file does not exist yet)."""
+        return [ResultRow.from_dict(r) for r in read_rows(self.dir)] if self.has_results else []
+
+    def row_dicts(self) -> list[dict]:
+        return [r.as_dict() for r in self.rows]
+
+    @functools.cached_property
+    def stored_sums(self) -> dict[tuple[str, float, int, str], dict]:
+        """Every entry of ``paired/`` (each file checked against its checksum), whether or not a row owns it."""
+        return read_doc_sums(self.dir, ALL_DOC_FIELDS)
+
+    @functools.cached_property
+    def unusable(self) -> dict[tuple[str, float, int, str], str]:
+        """Row key -> why the row's per-document sums cannot be used (missing, or not adding up to the row)."""
+        out = {}
+        for row in self.rows:
+            why = doc_sums_disagree(row, self.stored_sums.get(row.key))
+            if why is not None:
+                out[row.key] = why
+        return out
+
+    @functools.cached_property
+    def doc_sums(self) -> dict[tuple[str, float, int, str], dict]:
+        """Row key -> the row's per-document sums (``n``, ``ce_sum``, ``correct`` and, where stored, ``ld_sum``),
+        for the rows whose sums add up to them."""
+        return {r.key: self.stored_sums[r.key] for r in self.rows if r.key not in self.unusable}
+
+    def unusable_note(self) -> str | None:
+        """A sentence naming the rows whose per-document sums are unusable (left out of paired comparisons)."""
+        bad = [(k, why) for k, why in self.unusable.items() if k in self.stored_sums]
+        if not bad:
+            return None
+        shown = "; ".join(f"{m} at {t or f'{f:g}'} (seed {s}): {why}" for (m, f, s, t), why in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        return (
+            f"{len(bad)} row(s) have per-document sums in {PAIRED_DIR}/ that do not belong to them ({shown}{more}); "
+            "they are left out of the paired comparisons. Re-run the same command to evaluate them again."
+        )
+
+    # -- other files --------------------------------------------------------------------------------------------
+    @property
+    def stats_path(self) -> Path | None:
+        path = self.dir / STATS_FILE
+        return path if path.is_file() else None
+
+    def selection(self) -> dict[str, torch.Tensor]:
+        """The stored neuron orders (``{}`` when there are none), checked."""
+        return load_selection(self.dir) if (self.dir / SELECTION_FILE).is_file() else {}
+
+    def attribution(self) -> dict | None:
+        return read_attribution(self.dir)
+
+    def artifact(self, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """The tensors of an ``artifacts/`` file of this folder, checked (:func:`knockout.files.load_artifact`)."""
+        return load_artifact(path)
+
+    def artifact_metadata(self, method: str) -> list[dict[str, str]]:
+        """The metadata of each of ``method``'s files in ``artifacts/METHOD/`` (in name order), each file checked."""
+        folder = self.dir / ARTIFACTS_DIR / method
+        paths = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        return [load_checked(p, f"delete {str(p)!r} (it is learned again) and re-run")[1] for p in paths]
+
+    def check_integrity(self) -> None:
+        """Read every stored file, so that a damaged one is named (with what to do) before anything runs: the
+        config, results, neuron orders, per-document sums and learned constants (the statistics file is checked
+        when it is loaded)."""
+        self.config, self.resolved, self.rows, self.stored_sums  # noqa: B018 - read to check
+        self.selection()
+        for artifact in sorted((self.dir / ARTIFACTS_DIR).rglob("*.safetensors")):
+            self.artifact(artifact)

@@ -2,6 +2,7 @@
 retraining, and the report / compare open with the answer computed from those sums."""
 
 import json
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 import tiny
 from knockout.ablation.optimal import OptimalAblation
-from knockout.experiments.config import SweepConfig
+from knockout.config import SweepConfig
 from knockout.experiments.runner import run_sweep
 from knockout.inference.paired import DocSums, paired_difference
 from knockout.loading import LoadedModel
@@ -151,7 +152,7 @@ def test_rows_without_doc_sums_are_reported_as_such(run, tmp_path):
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("report", "artifacts"))
     shutil.rmtree(copy / "paired")
     md = "\n".join(markdown(run_answer(copy, (0.5,))))
-    assert "No paired comparison is possible" in md and "no per-document sums" in md
+    assert "No paired comparison is possible" in md and "no usable per-document sums" in md
 
 
 def test_load_run_gives_the_rows_summary_and_answer_as_dataframes(run):
@@ -209,7 +210,7 @@ def test_models_side_by_side_agree_disagree_or_stay_undecided():
 
 def test_compare_opens_with_the_answer_per_model(run, tmp_path):
     _, _, _, out, _ = run
-    path = compare_runs([out, out], tmp_path / "cmp", labels=["a", "b"])
+    path = compare_runs([out, shutil.copytree(out, tmp_path / "copy")], tmp_path / "cmp", labels=["a", "b"])
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     answer = run_answer(out, (0.5, 0.9))
     for rec, fa in zip(saved["verdicts"], answer.fractions):

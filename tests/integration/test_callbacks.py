@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 import tiny
+from knockout.config import SweepConfig
 from knockout.errors import KnockoutError
 from knockout.experiments.callbacks import Callback
-from knockout.experiments.config import SweepConfig
 from knockout.experiments.runner import run_sweep
 from knockout.runfolder import read_doc_sums, read_rows
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny
-from knockout.experiments.config import SweepConfig
+from knockout.config import SweepConfig
 from knockout.experiments.runner import run_sweep
 from knockout.inference.paired import DocSums, paired_difference
 from knockout.loading import LoadedModel

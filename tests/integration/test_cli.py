@@ -6,18 +6,16 @@ import pytest
 
 import tiny
 from knockout.cli import main
-from knockout.experiments import runner
+from knockout.experiments import engine
 from knockout.runfolder import read_rows
 from knockout.stats import Statistics
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("cli")
-    model = tiny.save(tiny.causal_lm("llama"), "causal", root / "model")
-    other = tiny.save(tiny.causal_lm("opt"), "causal", root / "other")
-    corpus = tiny.write_corpus(root / "corpus.txt", n_docs=60)
-    return root, model, other, corpus
+    model, corpus = tiny_llama
+    return root, model, tiny.save(tiny.causal_lm("opt"), "causal", root / "other"), corpus
 
 
 def _sweep_args(model, corpus, out, *extra):
@@ -81,8 +79,8 @@ def test_rerun_resumes_without_recomputing(setup, monkeypatch):
     first = {(r["method"], r["fraction"], r["seed"]): r for r in read_rows(out)}
 
     calls = []
-    real = runner.evaluate
-    monkeypatch.setattr(runner, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = engine.evaluate
+    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert main(_sweep_args(model, corpus, out)) == 0
     assert calls == []  # everything was done
 
@@ -262,8 +260,8 @@ def test_masked_lm_all_methods_leave_out_resample_text_without_a_generator(tmp_p
 def test_seed_independent_evaluation_inputs_are_built_once(setup, monkeypatch):
     root, model, _, corpus = setup
     calls = []
-    real = runner.eval_batches
-    monkeypatch.setattr(runner, "eval_batches", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = engine.eval_batches
+    monkeypatch.setattr(engine, "eval_batches", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     out = root / "once"
     assert main(_sweep_args(model, corpus, out, "--seeds", "0,1,2", "--fractions", "0,1", "--methods", "zero")) == 0
     assert calls == [0]  # causal: the same batches for every seed

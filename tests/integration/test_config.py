@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 
 import knockout.loading
-import tiny
 from knockout.cli import _config, build_parser, main
+from knockout.config import SweepConfig
 from knockout.errors import KnockoutError
-from knockout.experiments import prepare, runner
-from knockout.experiments.config import SweepConfig
+from knockout.experiments import engine, prepare
 from knockout.runfolder import RESULTS_CSV, ResultStore, read_rows
 from knockout.version import __version__
 
@@ -21,11 +20,8 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("config")
-    model = tiny.save(tiny.causal_lm("llama"), "causal", root / "model")
-    corpus = tiny.write_corpus(root / "corpus.txt", n_docs=60)
-    return root, model, corpus
+def setup(tmp_path_factory, tiny_llama):
+    return tmp_path_factory.mktemp("config"), *tiny_llama
 
 
 def _args(model, corpus, out, *extra):
@@ -41,7 +37,7 @@ def no_model(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model was loaded although the settings could be checked without it")
 
-    for module in (knockout.loading, prepare, runner):
+    for module in (knockout.loading, prepare, engine):
         monkeypatch.setattr(module, "load_model", refuse)
 
 

@@ -11,8 +11,8 @@ import torch
 
 import tiny
 from knockout import KnockoutError, collect_stats, find_sites
+from knockout.config import SweepConfig
 from knockout.devices import input_device, is_offloaded
-from knockout.experiments.config import SweepConfig
 from knockout.experiments.runner import run_sweep
 from knockout.loading import load_model, parse_device_map
 from knockout.runfolder import read_rows

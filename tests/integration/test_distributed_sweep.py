@@ -100,7 +100,7 @@ def test_a_rank_other_than_0_writes_nothing(tmp_path, monkeypatch):
     """Without processes: a sweep that believes it is rank 1 of 2 (collectives replaced by identities) computes
     its rows but leaves the run folder untouched."""
     from knockout import distributed
-    from knockout.experiments.config import SweepConfig
+    from knockout.config import SweepConfig
     from knockout.experiments.runner import run_sweep
 
     model = tiny.save(tiny.causal_lm("llama"), "causal", tmp_path / "model")

@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 
 import tiny
 from knockout.cli import main
+from knockout.config import SweepConfig
 from knockout.data.batch import IGNORE
 from knockout.data.tasks import ModelInputs, eval_batches
 from knockout.errors import KnockoutError
-from knockout.experiments.config import SweepConfig
 from knockout.experiments.runner import run_sweep
 from knockout.export import export_constants, write_export
 from knockout.runfolder import read_rows

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import knockout
 import tiny
-from knockout import Statistics, runfolder
+from knockout import Statistics, files, runfolder
 from knockout.cli import main
 from knockout.errors import KnockoutError
 from knockout.runfolder import read_doc_sums, read_rows
@@ -25,11 +25,8 @@ SRC = Path(knockout.__file__).resolve().parents[1]  # subprocesses import the kn
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("integrity")
-    model = tiny.save(tiny.causal_lm("llama"), "causal", root / "model")
-    corpus = tiny.write_corpus(root / "corpus.txt", n_docs=60)
-    return root, model, corpus
+def setup(tmp_path_factory, tiny_llama):
+    return tmp_path_factory.mktemp("integrity"), *tiny_llama
 
 
 def _values(out):
@@ -245,10 +242,11 @@ def test_fingerprints_of_files_tensors_and_the_hub_cache(tmp_path, monkeypatch):
 
 
 def test_large_files_have_their_sha256_cached_by_path_size_and_time(tmp_path, monkeypatch):
-    from knockout import fingerprint as fp
+    from knockout import files as fp
 
     monkeypatch.setattr(fp, "CACHE_MIN_BYTES", 0)
     monkeypatch.setattr(fp, "SHA256_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(fp, "_MEMO", {})  # this process's memory of hashes: each step below is a new process
     f = tmp_path / "w.safetensors"
     f.write_bytes(b"weights")
     import hashlib
@@ -256,9 +254,11 @@ def test_large_files_have_their_sha256_cached_by_path_size_and_time(tmp_path, mo
     assert fp.file_sha256(f) == hashlib.sha256(b"weights").hexdigest()
     (cached,) = (tmp_path / "cache").iterdir()
     cached.write_text("0" * 64)  # the cache is what is used while the file is unchanged
+    fp._MEMO.clear()
     assert fp.file_sha256(f) == "0" * 64
     f.write_bytes(b"other!!")  # same size, new modification time: hashed again
     os.utime(f, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    fp._MEMO.clear()
     assert fp.file_sha256(f) == hashlib.sha256(b"other!!").hexdigest()
 
 
@@ -271,7 +271,7 @@ def test_damaged_artifacts_are_named_and_relearned_after_deleting(setup, tmp_pat
     assert main(args) == 0
     (artifact,) = (out / "artifacts").rglob("*.safetensors")
     good, rows = artifact.read_bytes(), _values(out)
-    tensors, meta = runfolder.read_safetensors(artifact, "")
+    tensors, meta = files.read_safetensors(artifact, "")
     edited = {k: v + 0.1 for k, v in tensors.items()}
     for damage in (lambda: save_file(edited, str(artifact), metadata=meta), lambda: artifact.write_bytes(good[:40])):
         damage()
@@ -289,7 +289,7 @@ def test_damaged_artifacts_are_named_and_relearned_after_deleting(setup, tmp_pat
     del store.rows[runfolder.row_key("optimal", 0.5, 0)]
     runfolder.write_rows(out, store.rows.values())
     assert main([*args, "--seeds", "0,1"]) == 0
-    relearned, new_meta = runfolder.read_safetensors(artifact, "")
+    relearned, new_meta = files.read_safetensors(artifact, "")
     assert new_meta == meta and relearned.keys() == tensors.keys()
     assert all(torch.equal(relearned[k], tensors[k]) for k in tensors)
     assert _values(out) == {**_values(out), **rows}
@@ -304,7 +304,7 @@ def test_damaged_paired_file_is_named_then_recomputed_after_deleting(setup, refe
     args = tiny.sweep_args(model, corpus, out)
     assert main(args) == 0
     path = out / "paired" / "seed1.safetensors"
-    tensors, meta = runfolder.read_safetensors(path, "")
+    tensors, meta = files.read_safetensors(path, "")
     key = next(k for k in tensors if k.startswith("peak@0.5") and k.endswith("ce_sum"))
     tensors[key] = tensors[key] * 0.5  # edited values (same shapes), the checksum left as it was
     save_file(tensors, str(path), metadata=meta)
@@ -470,10 +470,11 @@ def test_partial_banner_counts_expected_rows_only(tmp_path):
     from knockout.reporting.run import RunData
     from knockout.runfolder import ResultRow
 
-    config = {"methods": ["zero"], "fractions": [0.5], "seeds": [0, 1]}  # expects 4 rows
+    config = {"model": "m", "methods": ["zero"], "fractions": [0.5], "seeds": [0, 1]}  # expects 4 rows
     made = [("baseline", 0.0, 0), ("zero", 0.5, 0), ("peak", 0.5, 0), ("peak", 0.5, 1)]  # peak: no longer asked for
-    rows = [ResultRow.measured(m, f, s, 0.5, 2.0, 10, 0, 8, 0.1).as_dict() for m, f, s in made]
-    note = RunData(tmp_path, config, rows).partial_note()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    runfolder.write_rows(tmp_path, [ResultRow.measured(m, f, s, 0.5, 2.0, 10, 0, 8, 0.1) for m, f, s in made])
+    note = RunData.load(tmp_path).partial_note()
     assert note.startswith("PARTIAL RUN: 2 of 4 expected rows are present (2 missing:")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from knockout.experiments.config import SweepConfig
+from knockout.config import SweepConfig
 from knockout.experiments.runner import run_sweep
 from knockout.loading import load_model
 from knockout.reporting.answer import run_answer

@@ -10,8 +10,8 @@ import pytest
 import tiny
 from knockout.ablation.methods import methods_for
 from knockout.cli import _config, build_parser, main
+from knockout.config import DEFAULT_FRACTIONS
 from knockout.errors import KnockoutError
-from knockout.experiments.config import DEFAULT_FRACTIONS
 from knockout.experiments.presets import PRESETS, resolve_preset
 from knockout.runfolder import read_rows
 

@@ -17,7 +17,7 @@ import knockout.loading
 import tiny
 from knockout.cli import main
 from knockout.errors import KnockoutError
-from knockout.experiments import prepare, runner
+from knockout.experiments import engine, prepare
 from knockout.runfolder import ResultRow, ResultStore, load_selection, read_rows
 from knockout.stats import Statistics
 
@@ -25,11 +25,8 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rel")
-    model = tiny.save(tiny.causal_lm("llama"), "causal", root / "model")
-    corpus = tiny.write_corpus(root / "corpus.txt", n_docs=60)
-    return root, model, corpus
+def setup(tmp_path_factory, tiny_llama):
+    return tmp_path_factory.mktemp("rel"), *tiny_llama
 
 
 def _values(out):
@@ -62,7 +59,7 @@ def no_model(monkeypatch):
 
     monkeypatch.setattr(knockout.loading, "load_model", refuse)
     monkeypatch.setattr(prepare, "load_model", refuse)
-    monkeypatch.setattr(runner, "load_model", refuse)
+    monkeypatch.setattr(engine, "load_model", refuse)
 
 
 # -- 2, 3: refused before loading the model, nothing written ---------------------------------------------------------

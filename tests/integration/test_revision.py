@@ -15,9 +15,9 @@ import torch
 import tiny
 from knockout import caches, loading
 from knockout.cli import main
+from knockout.config import SweepConfig
 from knockout.data.text import data_identity, load_texts
 from knockout.errors import KnockoutError
-from knockout.experiments.config import SweepConfig
 from knockout.fingerprint import files_fingerprint, folder_files
 from knockout.loading import load_model
 

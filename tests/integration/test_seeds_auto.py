@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-import tiny
 from knockout.cli import main
 from knockout.inference.paired import DocSums
 from knockout.inference.sequential import SequentialTest, plan_for
@@ -22,11 +21,8 @@ METHODS = ("zero", "mean", "peak")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("auto")
-    model = tiny.save(tiny.causal_lm("llama"), "causal", root / "model")
-    corpus = tiny.write_corpus(root / "corpus.txt", n_docs=60)
-    return root, model, corpus
+def setup(tmp_path_factory, tiny_llama):
+    return tmp_path_factory.mktemp("auto"), *tiny_llama
 
 
 def _args(model, corpus, out):

@@ -15,11 +15,9 @@ from knockout.stats import Statistics
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("sites")
-    model = tiny.save(tiny.causal_lm("llama"), "causal", root / "model")
-    corpus = tiny.write_corpus(root / "corpus.txt", n_docs=40)
-    return root, model, corpus
+    return root, tiny_llama[0], tiny.write_corpus(root / "corpus.txt", n_docs=40)
 
 
 @pytest.fixture(autouse=True)

@@ -12,10 +12,10 @@ import transformers as tf
 import tiny
 from knockout import KnockoutError, MethodContext, component_sets, find_sites, get_method
 from knockout.cli import main
+from knockout.config import SweepConfig
 from knockout.data.tasks import eval_batches
 from knockout.evaluation import evaluate
-from knockout.experiments import targets as targets_module
-from knockout.experiments.config import SweepConfig
+from knockout.experiments import engine as targets_module
 from knockout.experiments.prepare import model_inputs
 from knockout.experiments.runner import run_sweep
 from knockout.experiments.scan import run_scan, scan_config
@@ -23,7 +23,7 @@ from knockout.loading import LoadedModel
 from knockout.reporting.report import write_report
 from knockout.reporting.scan import agreement, load_scan, spearman
 from knockout.reporting.targets import target_answers
-from knockout.runfolder import read_attribution, read_config, read_doc_sums, read_rows, row_key
+from knockout.runfolder import RunFolder, read_attribution, read_doc_sums, read_rows, row_key
 from knockout.stats import Statistics
 
 
@@ -70,7 +70,7 @@ def test_ablate_rows_equal_a_direct_evaluation_of_each_set(root):
     stats = Statistics.load(out / "stats.safetensors")
     batches = eval_batches(cfg.data_spec(), model_inputs(loaded, sites, cfg.data_spec()), 0)
     sums = read_doc_sums(out)
-    resolved = read_config(out)["resolved"]["targets"]
+    resolved = RunFolder(out).resolved.targets
     for s in sets:
         assert resolved[s.name] == s.record()
         for method in cfg.methods:
@@ -120,10 +120,10 @@ def test_scan_of_a_task_resumes_after_a_kill_to_the_same_values(root, monkeypatc
     base = next(r for r in rows if r["method"] == "baseline")
     assert base["n_eval"] == 4  # the evaluation part: a fifth of the 20 prompts
     assert not (full / ".knockout.lock").exists()  # the scan released the run folder's lock
-    config = read_config(full)
-    assert config["resolved"]["statistics"] is not None  # mean and peak used statistics: their provenance is recorded
-    assert config["stats_data"] == str(root / "corpus.txt")
-    assert config["resolved"]["data_identity"]["stats"]["source"] == str(root / "corpus.txt")
+    folder = RunFolder(full)
+    assert folder.resolved.statistics is not None  # mean and peak used statistics: their provenance is recorded
+    assert folder.config.stats_data == str(root / "corpus.txt")
+    assert folder.resolved.data_identity["stats"]["source"] == str(root / "corpus.txt")
 
     # the same scan, killed after 10 rows, then resumed
     killed = _scan_cfg(root, "scan-killed", scan={"unit": "head"})
@@ -209,3 +209,48 @@ def test_cli_sweep_ablate_and_scan(root, tmp_path, capsys):
     assert main(["-q", "scan", "--model", model, "--data", corpus, "--unit", "heads",
                  "--out", str(tmp_path / "scan2")]) == 2  # fmt: skip
     assert "unknown scan unit 'heads'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["ablate", "scan"])
+def test_target_rows_whose_sums_do_not_add_up_are_named_then_rerun(root, kind):
+    """One policy for every row: stored sums that do not add up to their row (a valid checksum, other values) make
+    the row unusable: a report names it and leaves it out, and resuming evaluates it again, to the same sums."""
+    from knockout.reporting.targets import target_answers
+    from knockout.runfolder import ALL_DOC_FIELDS, save_doc_sums
+
+    if kind == "ablate":
+        cfg = SweepConfig(
+            model="tiny-llama", data=str(root / "corpus.txt"), out=str(root / "tamper-ablate"),
+            methods=("zero", "mean"), ablate="a=L2.H3;b=L1:0-3", **COMMON,
+        )  # fmt: skip
+
+        def run():
+            return Path(run_sweep(cfg, progress=False, loaded=_loaded()))
+    else:
+        cfg = _scan_cfg(root, "tamper-scan", methods=("zero", "mean"), scan={"unit": "layer"})
+
+        def run():
+            return Path(run_scan(cfg, progress=False, loaded=_loaded()))
+
+    out = run()
+    row = next(r for r in read_rows(out) if r["target"] and r["method"] == "mean")
+    key = row_key("mean", row["fraction"], 0, row["target"])
+    good = read_doc_sums(out, ALL_DOC_FIELDS)[key]
+    save_doc_sums(out, "mean", row["fraction"], 0, {**good, "ce_sum": good["ce_sum"] * 1.5}, row["target"])
+    folder = RunFolder(out)
+    assert key in folder.unusable and key not in folder.doc_sums
+    if kind == "ablate":
+        (ta,) = [t for t in target_answers(folder, n_boot=50) if t.target == row["target"]]
+        assert not ta.verdicts.ce and any("mean (seed 0): their CE is" in n for n in ta.notes)
+    else:
+        data = load_scan(out)
+        assert row["target"] not in data.docs.get("mean", {})
+        assert any("do not belong to them" in n and row["target"] in n for n in data.notes)
+    rows_before = {(r["method"], r["target"]): r for r in read_rows(out)}
+    run()  # resumed: the row is evaluated again and its sums rewritten
+    assert RunFolder(out).unusable == {}
+    assert np.array_equal(read_doc_sums(out, ALL_DOC_FIELDS)[key]["ce_sum"], good["ce_sum"])
+    after = {(r["method"], r["target"]): r for r in read_rows(out)}
+    assert {k: {f: v for f, v in r.items() if f != "seconds"} for k, r in after.items()} == {
+        k: {f: v for f, v in r.items() if f != "seconds"} for k, r in rows_before.items()
+    }

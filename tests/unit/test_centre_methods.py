@@ -10,7 +10,7 @@ import tiny
 from knockout import KnockoutError, MethodContext, NeuronSelection, find_sites, get_method
 from knockout.ablation.centres import EpsChoice, parse_eps
 from knockout.ablation.methods import METHODS, methods_for, register_parametrised
-from knockout.experiments.config import SweepConfig
+from knockout.config import SweepConfig
 from knockout.hooks import replace_with_constants
 from knockout.stats import Statistics, centres
 
@@ -157,7 +157,7 @@ def test_absolute_width_not_a_multiple_is_snapped_with_a_warning(setup, caplog):
 
 
 def test_clipped_neurons_are_named_with_their_layer(caplog):
-    from knockout.experiments.runner import warn_clipped_neurons
+    from knockout.experiments.engine import warn_clipped_neurons
     from knockout.stats.running import LayerStats
 
     layer = LayerStats(6, eps=0.1, limit=2.0)

@@ -9,8 +9,8 @@ import torch
 
 import tiny
 from knockout import MethodContext, NeuronSelection, collect_stats, edit_preout, evaluate, find_sites, get_method
+from knockout.config import SweepConfig
 from knockout.data.text import causal_batches
-from knockout.experiments.config import SweepConfig
 from knockout.hooks import capture
 from knockout.stats import LayerStats, Statistics, centres
 from knockout.stats.running import FIXED_LIMIT, auto_limit

@@ -7,7 +7,7 @@ import torch
 import tiny
 from knockout import KnockoutError, MethodContext, NeuronSelection, find_sites, get_method
 from knockout.ablation.selection import MODES, count_for
-from knockout.experiments.config import SweepConfig
+from knockout.config import SweepConfig
 from knockout.hooks import edit_preout
 
 FRACTIONS = [round(0.05 * i, 10) for i in range(21)]

@@ -81,3 +81,38 @@ def test_data_does_not_run_the_model():
 
 def test_reporting_reads_files_only():
     assert not {"hooks", "sites", "loading", "evaluation", "experiments"} & import_graph()["reporting"]
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Module (file) -> the knockout modules it imports, module-level and function-level imports alike; a package's
+    ``__init__`` is left out (it re-exports)."""
+    modules = {".".join(p.relative_to(ROOT.parent).with_suffix("").parts) for p in ROOT.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in ROOT.rglob("*.py"):
+        module = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts)
+        if module.endswith("__init__"):
+            continue
+        graph[module] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                if name in modules and name != module:
+                    graph[module].add(name)
+    return graph
+
+
+def test_no_import_cycle_between_files():
+    graph = module_graph()
+    assert {"knockout.runfolder", "knockout.experiments.engine", "knockout.stats.running"} <= set(graph)
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def test_statistics_and_methods_write_files_without_the_run_folder():
+    graph = module_graph()
+    for module, imports in graph.items():
+        if module.startswith(("knockout.stats.", "knockout.ablation.")):
+            assert "knockout.runfolder" not in imports, module

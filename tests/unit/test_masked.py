@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tiny
+from knockout.config import SweepConfig
 from knockout.data import tasks
 from knockout.data.batch import IGNORE, Batch
 from knockout.data.masked import (
@@ -19,7 +20,6 @@ from knockout.data.masked import (
 )
 from knockout.errors import KnockoutError
 from knockout.evaluation.metrics import Metrics
-from knockout.experiments.config import SweepConfig
 from knockout.loading import LoadedModel
 from knockout.runfolder import read_rows
 

@@ -10,10 +10,10 @@ import torch
 
 import tiny
 from knockout import collect_stats, evaluate, find_sites
+from knockout.config import SweepConfig
 from knockout.data.batch import IGNORE
 from knockout.data.packing import scored_fraction, sort_by_length
 from knockout.data.tasks import ModelInputs, eval_batches, stats_batches
-from knockout.experiments.config import SweepConfig
 
 
 def _targets(batches) -> Counter:

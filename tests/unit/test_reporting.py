@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -283,8 +284,12 @@ def test_cli_report_and_compare(run, tmp_path, capsys):
     rows = list(csv.DictReader(io.StringIO((tmp_path / "r" / "table2.csv").read_text())))
     assert {r["fraction"] for r in rows} == {"0.0", "0.5"}
     assert "report.html" in capsys.readouterr().out
-    assert main(["compare", str(run), str(run), "--out", str(tmp_path / "c"), "--labels", "x,y"]) == 0
+    copy = shutil.copytree(run, tmp_path / "copy")
+    assert main(["compare", str(run), str(copy), "--out", str(tmp_path / "c"), "--labels", "x,y"]) == 0
     assert (tmp_path / "c" / "compare.html").is_file()
+    (tmp_path / "link").symlink_to(run)
+    assert main(["compare", str(run), str(tmp_path / "link"), "--out", str(tmp_path / "c2")]) == 2
+    assert "given twice" in capsys.readouterr().err and not (tmp_path / "c2").exists()
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert main(["report", str(run), "--out", str(tmp_path / "r2"), "--layers", "7"]) == 2
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from knockout.config import SweepConfig
 from knockout.reporting.scan import ScanData, agreement, heatmap_figure, ranks, spearman, top_k, verdict
 
 UNITS = ["L0.H0", "L0.H1", "L1.H0", "L1.H1", "L2.H0", "L2.H1"]
@@ -15,7 +16,7 @@ def _data(effects: dict[str, list[float]], docs: dict | None = None, k: int = 2)
     eff = {m: dict(zip(UNITS, v)) for m, v in effects.items()}
     se = {m: {u: 0.01 for u in UNITS} for m in effects}
     return ScanData(
-        Path("."), {"scan": {"unit": "head", "top_k": k}}, UNITS, list(effects), "ce", eff,
+        Path("."), SweepConfig(model="tiny", scan={"unit": "head", "top_k": k}), UNITS, list(effects), "ce", eff,
         {m: {} for m in effects}, se, {}, 5, [0], docs=docs or {},
     )  # fmt: skip
 

@@ -281,8 +281,8 @@ def test_collect_stats_excludes_padding_and_equals_manual_capture():
 
 
 def test_stats_skip_first_leaves_out_the_first_positions(tmp_path):
+    from knockout.config import SweepConfig
     from knockout.data.tasks import ModelInputs, stats_batches
-    from knockout.experiments.config import SweepConfig
     from knockout.loading import LoadedModel
 
     model = tiny.causal_lm("llama")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from knockout import KnockoutError
-from knockout.experiments.config import SweepConfig
+from knockout.config import SweepConfig
 from knockout.experiments.prepare import check
 from knockout.reporting.run import RunData
 from knockout.reporting.summary import format_table, summarize
@@ -17,10 +17,12 @@ from knockout.runfolder import (
     RESULTS_FILE,
     ResultRow,
     ResultStore,
+    RunFolder,
     read_doc_sums,
     read_rows,
     row_key,
     save_doc_sums,
+    write_rows,
 )
 
 
@@ -70,14 +72,16 @@ def test_summary_keeps_sets_of_the_same_size_apart():
     assert "target" in table.splitlines()[0] and " a " in table and " b " in table
 
 
-def test_expected_rows_of_a_run_of_targets():
+def test_expected_rows_of_a_run_of_targets(tmp_path):
     config = {
+        "model": "m",
         "methods": ["zero", "mean"],
-        "fractions": [0.5],
+        "ablate": "a=L0.H0;L1.H2",
         "seeds": [0],
         "resolved": {"targets": {"a": {"fraction": 0.25}, "L1.H2": {"fraction": 0.125}}},
     }
-    run = RunData(None, config, [])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    run = RunData(RunFolder(tmp_path))
     assert run.expected_keys() == {
         row_key("baseline", 0.0, 0),
         *(row_key(m, f, 0, t) for m in ("zero", "mean") for t, f in (("a", 0.25), ("L1.H2", 0.125))),
@@ -108,8 +112,8 @@ def test_settings_of_targeted_runs():
 def test_stats_data_is_part_of_the_data_identity(tmp_path):
     (tmp_path / "a.txt").write_text("one doc\n\nanother doc\n")
     (tmp_path / "b.txt").write_text("third\n\nfourth\n")
-    plain = check(SweepConfig(model="m", data=str(tmp_path / "a.txt"), out=str(tmp_path / "r1")))
-    other = check(
+    plain, _ = check(SweepConfig(model="m", data=str(tmp_path / "a.txt"), out=str(tmp_path / "r1")))
+    other, _ = check(
         SweepConfig(
             model="m", data=str(tmp_path / "a.txt"), stats_data=str(tmp_path / "b.txt"), out=str(tmp_path / "r2")
         )
@@ -139,10 +143,17 @@ def test_scan_defaults_depend_on_the_data():
 def test_report_names_what_rows_were_evaluated_on(tmp_path):
     from knockout.reporting.report import identity
 
-    row = {"method": "zero", "fraction": 0.5, "seed": 0, "n_eval": 1116, "target": ""}
+    row = {"method": "zero", "fraction": 0.5, "seed": 0, "n_eval": 1116, "target": "", "seconds": 0.0}
     rows = [{**row, "top1": 0.3, "ce": 4.0, "delta_top1": -0.1, "delta_ce": 1.0, "n_ablated": 8, "n_neurons": 16}]
-    assert identity(RunData(tmp_path, {"eval_docs": 12, "eval_tokens": 4096}, rows))["eval tokens"] == (
+
+    def run(name: str, settings: dict, rows: list[dict]) -> RunData:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"model": "m", **settings}))
+        write_rows(tmp_path / name, [ResultRow.from_dict(r) for r in rows])
+        return RunData(RunFolder(tmp_path / name))
+
+    assert identity(run("a", {"eval_docs": 12, "eval_tokens": 4096}, rows))["eval tokens"] == (
         "12 documents (1,116 scored targets)"
     )
-    assert identity(RunData(tmp_path, {"eval_tokens": 512}, rows))["eval tokens"] == "1,116 scored targets"
-    assert identity(RunData(tmp_path, {"eval_tokens": 512}, []))["eval tokens"] == "512"
+    assert identity(run("b", {"eval_tokens": 512}, rows))["eval tokens"] == "1,116 scored targets"
+    assert identity(run("c", {"eval_tokens": 512}, []))["eval tokens"] == "512"

@@ -8,10 +8,10 @@ import transformers as tf
 from PIL import Image
 
 import tiny
+from knockout.config import SweepConfig
 from knockout.data import tasks
 from knockout.data.images import ImageOptions, folder_classes, load_images, preprocess
 from knockout.errors import KnockoutError
-from knockout.experiments.config import SweepConfig
 from knockout.experiments.prepare import model_inputs
 from knockout.hooks import capture, preout_length
 from knockout.loading import load_model

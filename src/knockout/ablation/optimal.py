@@ -39,7 +39,6 @@ train again. A damaged (edited, truncated) file is an error that names it: delet
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -51,9 +50,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from knockout.ablation.methods import AblationMethod, get_method, register
-from knockout.components import neuron_set_hash
 from knockout.data.batch import IGNORE, Batch
 from knockout.errors import KnockoutError
+from knockout.files import load_artifact, neuron_set_hash, save_checked, text_sha256
 from knockout.hooks import edit_preout, fold_constants
 
 log = logging.getLogger(__name__)
@@ -88,16 +87,12 @@ class OptimalAblation(AblationMethod):
         if self.ctx.artifacts is None:
             return None
         opts = json.dumps(self.ctx.optimal.to_dict(), sort_keys=True)
-        key = hashlib.sha256((neuron_set_hash(neurons) + opts).encode()).hexdigest()[:16]
+        key = text_sha256(neuron_set_hash(neurons) + opts)[:16]
         return self.ctx.artifacts / "optimal" / f"seed{self.ctx.seed}-{key}.safetensors"
 
     def learned(self, neurons: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per layer, ``[width]`` constants for ``neurons`` (entries outside the set are the means): loaded from the
         artifacts folder when this set was learned before, else learned and saved there."""
-        from safetensors.torch import save
-
-        from knockout.runfolder import CHECKSUM_KEY, tensors_sha256, write_atomic
-
         path = self.artifact_path(neurons)
         if path is not None and path.is_file():
             log.info("optimal: reusing learned constants from %s", path)
@@ -105,16 +100,12 @@ class OptimalAblation(AblationMethod):
         values, meta = self.learn(neurons)
         if path is not None and self.ctx.world.is_main:  # under torchrun every rank learns the same; rank 0 writes
             tensors = {f"layer{s.layer}": v.contiguous() for s, v in zip(self.ctx.sites, values)}
-            meta = {k: str(v) for k, v in meta.items()}
-            meta[CHECKSUM_KEY] = tensors_sha256(tensors)
-            write_atomic(path, save(tensors, metadata=meta))
+            save_checked(path, tensors, {k: str(v) for k, v in meta.items()})
         return values
 
     def load_learned(self, path) -> list[torch.Tensor]:
-        """The constants stored in ``path``, checked (:func:`knockout.runfolder.load_artifact`: readable, matching
+        """The constants stored in ``path``, checked (:func:`knockout.files.load_artifact`: readable, matching
         their checksum) to hold one ``[width]`` tensor per site."""
-        from knockout.runfolder import load_artifact
-
         tensors = load_artifact(path)
         values = [tensors.get(f"layer{s.layer}") for s in self.ctx.sites]
         if any(v is None or tuple(v.shape) != (s.width,) for v, s in zip(values, self.ctx.sites)):

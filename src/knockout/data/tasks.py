@@ -35,7 +35,7 @@ SEED_DEPENDENT_TASKS = ("masked",)  # tasks whose evaluation inputs depend on th
 
 @dataclass(frozen=True)
 class DataSpec:
-    """What a run's batches are built from (the data fields of :class:`knockout.experiments.config.SweepConfig`)."""
+    """What a run's batches are built from (the data fields of :class:`knockout.config.SweepConfig`)."""
 
     source: str
     """``wiki``, a local text file or image folder, a Hugging Face datasets name, or task data (``ioi``, a task

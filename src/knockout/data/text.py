@@ -18,7 +18,6 @@ the rest the collection part. A Hugging Face dataset uses its ``train`` split fo
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -31,6 +30,7 @@ import torch
 from knockout.caches import hub_commit
 from knockout.data.batch import IGNORE, Batch
 from knockout.errors import KnockoutError
+from knockout.files import file_sha256, text_sha256
 
 log = logging.getLogger(__name__)
 
@@ -155,19 +155,18 @@ def data_identity(source: str, revision: str | None = None) -> dict:
             "leave --data-revision out"
         )
     if source == "wiki":
-        return {"source": "wiki", "sha256": _file_sha256(builtin_wiki_path())}
+        return {"source": "wiki", "sha256": file_sha256(builtin_wiki_path(), 'data file')}
     from knockout.data import prompts
 
     if source in prompts.BUILTIN_TASKS:
         return prompts.identity(source)
     path = Path(source).expanduser()
     if path.is_dir():
-        digest = hashlib.sha256()
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(str(f.relative_to(path)).encode() + b"\0" + _file_sha256(f).encode())
-        return {"source": source, "sha256": digest.hexdigest()}
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        listing = "".join(f"{f.relative_to(path)}\0{file_sha256(f, 'data file')}" for f in files)
+        return {"source": source, "sha256": text_sha256(listing)}
     if path.is_file():
-        return {"source": source, "sha256": _file_sha256(path)}
+        return {"source": source, "sha256": file_sha256(path, "data file")}
     if path.suffix.lower() in (".txt", ".jsonl", ".json") or source.startswith((".", "/", "~")):
         raise KnockoutError(f"data file {source!r} does not exist")
     if revision is not None:
@@ -180,9 +179,6 @@ def _is_local(source: str) -> bool:
     """Whether ``source`` names local data (an existing path, a data file name, or a path-like name)."""
     path = Path(source).expanduser()
     return path.exists() or path.suffix.lower() in (".txt", ".jsonl", ".json") or source.startswith((".", "/", "~"))
-
-
-_SHA_CACHE: dict[tuple, str] = {}
 
 
 def check_source(source: str) -> None:
@@ -203,29 +199,6 @@ def check_source(source: str) -> None:
             raise KnockoutError(f"data file {source!r} contains no text")
     elif path.is_file() and path.stat().st_size == 0:
         raise KnockoutError(f"data file {source!r} is empty")
-
-
-def _file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes (remembered per path, size and modification time: a sweep asks twice)."""
-    try:
-        st = path.stat()
-    except OSError as e:
-        raise KnockoutError(f"cannot read data file {str(path)!r}: {e.strerror or e}") from e
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = _hash_file(path)
-    return _SHA_CACHE[key]
-
-
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    except OSError as e:
-        raise KnockoutError(f"cannot read data file {str(path)!r}: {e.strerror or e}") from e
-    return digest.hexdigest()
 
 
 def _hf_revision(name: str) -> str | None:

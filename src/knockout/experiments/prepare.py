@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from knockout import distributed, runfolder
+from knockout.config import SweepConfig
 from knockout.data.tasks import DataSpec, ModelInputs, probe_inputs
 from knockout.distributed import World
 from knockout.errors import KnockoutError
-from knockout.experiments.config import SweepConfig, result_settings
 from knockout.fingerprint import describe, model_fingerprint, same_model, source_fingerprint, tensors_fingerprint
 from knockout.hooks import preout_length
 from knockout.loading import LoadedModel, load_model, model_identity
@@ -49,6 +49,8 @@ class Prepared:
     data_id: dict
     """What the data was (:func:`knockout.data.text.data_identity`)."""
     world: World
+    folder: runfolder.RunFolder | None = None
+    """The run folder as it was found (checked); ``None`` for a statistics-only run."""
 
 
 def environment() -> dict:
@@ -69,8 +71,9 @@ def check(
     stats_file: str | Path | None = None,
     lock: bool = False,
     fingerprint: dict | None = None,
-) -> dict:
-    """Everything checkable without the model; returns the data's identity.
+) -> tuple[dict, runfolder.RunFolder | None]:
+    """Everything checkable without the model; returns the data's identity and the run folder as found (``None``
+    for a statistics-only run).
 
     A sweep: ``--out`` is a writable folder, the data exists, and an existing run folder is intact and holds a run
     of the same settings, data and model (``fingerprint``, when known before loading; ``restart``: move it aside
@@ -93,31 +96,38 @@ def check(
         data_id = {**data_id, "stats": data_identity(cfg.stats_data)}
         check_source(cfg.stats_data)
     if stats_file is not None:
-        return data_id
+        return data_id, None
     out = Path(cfg.out)
     if lock:
         runfolder.lock_run(out)
     if restart and (moved := runfolder.move_aside(out)) is not None:
         log.warning("--restart: moved the old run folder to %s", moved)
-    runfolder.check_integrity(out)
-    check_settings(out, cfg, task_known=cfg.task != "auto")
-    runfolder.check_data(out, data_id)
+    folder = runfolder.RunFolder(out)
+    folder.check_integrity()
+    check_settings(folder, cfg, task_known=cfg.task != "auto")
+    runfolder.check_data(folder, data_id)
     if fingerprint is not None:
-        runfolder.check_model(out, fingerprint)
-    return data_id
+        runfolder.check_model(folder, fingerprint)
+    return data_id, folder
 
 
-def check_settings(out: Path, cfg: SweepConfig, task_known: bool = True) -> None:
-    """Raise if the run folder ``out`` holds a run whose results-defining settings differ from ``cfg``'s
-    (``task_known=False``: the task is not compared, as it is not known before the model is loaded)."""
-    old = runfolder.read_config(out)
-    if old is None:
+def check_settings(folder: runfolder.RunFolder, cfg: SweepConfig, task_known: bool = True) -> None:
+    """Raise if ``folder`` holds a run whose results-defining settings differ from ``cfg``'s, or a run of the other
+    kind (a scan's folder for a sweep, or the reverse) (``task_known=False``: the task is not compared, as it is
+    not known before the model is loaded)."""
+    if not folder.has_config:
         return
+    was_scan, is_scan = folder.is_scan, cfg.scan.unit is not None
+    if was_scan != is_scan:
+        kinds = ("a scan", "a sweep") if was_scan else ("a sweep", "a scan")
+        raise KnockoutError(
+            f"{str(folder.dir)!r} holds {kinds[0]}'s run; {kinds[1]} cannot resume or extend it. Use another --out "
+            "folder, or --restart to move it aside"
+        )
     new = cfg.result_fields()
-    stored = result_settings(old)
     if not task_known:
         new.pop("task")
-    runfolder.check_same_settings(out, stored, new)
+    runfolder.check_same_settings(folder, new)
 
 
 def load(cfg: SweepConfig) -> LoadedModel:
@@ -269,24 +279,24 @@ def prepare(
         fingerprint = source_fingerprint(cfg.model, cfg.gguf_file, cfg.revision)
     sweep = stats_file is None
     if world.is_main:  # rank 0 alone locks and may move an old run folder aside (--restart); the others check after
-        data_id = check(cfg, restart, stats_file, lock=sweep, fingerprint=fingerprint)
+        data_id, folder = check(cfg, restart, stats_file, lock=sweep, fingerprint=fingerprint)
     distributed.barrier()
     if not world.is_main:
-        data_id = check(cfg, stats_file=stats_file, fingerprint=fingerprint)
+        data_id, folder = check(cfg, stats_file=stats_file, fingerprint=fingerprint)
     loaded = loaded or load(cfg)
     if fingerprint is None:  # a hub model that was not in the local cache before loading
         fingerprint = model_fingerprint(cfg.model, cfg.gguf_file, loaded.model, cfg.revision)
         if sweep:
-            runfolder.check_model(Path(cfg.out), fingerprint)
+            runfolder.check_model(folder, fingerprint)
     cfg = cfg.for_task(loaded.task)
     if sweep:
-        check_settings(Path(cfg.out), cfg)
+        check_settings(folder, cfg)
     check_max_length(cfg.max_length, loaded.model, loaded.task)
     sites = find_sites(loaded.model, cfg.site_module, cfg.n_heads, cfg.site)
     identity = model_identity(cfg.model, loaded.model, sites, fingerprint)
     spec = cfg.data_spec()
     inputs = model_inputs(loaded, sites, spec)
-    return Prepared(cfg, loaded, sites, spec, inputs, identity, data_id, world)
+    return Prepared(cfg, loaded, sites, spec, inputs, identity, data_id, world, folder)
 
 
 def find_all_sites(cfg: SweepConfig, kinds: tuple[str, ...] | None = None) -> tuple[LoadedModel, dict]:

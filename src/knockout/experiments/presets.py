@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from knockout.config import ALL_METHODS, SweepConfig, merge_settings, resolve_methods
 from knockout.errors import KnockoutError
-from knockout.experiments.config import ALL_METHODS, SweepConfig, merge_settings, resolve_methods
 from knockout.inference.sequential import DecideOptions
 
 

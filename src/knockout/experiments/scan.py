@@ -2,7 +2,7 @@
 
 ``knockout scan --unit head`` evaluates, per seed, the unablated baseline and then every unit of
 :func:`knockout.components.scan_units` with every method, one row each (``target`` = the unit's name, e.g.
-``L9.H6``), through the same resumable loop as ``--ablate`` sweeps (:func:`knockout.experiments.targets.run_targets`):
+``L9.H6``), through the row engine, as ``--ablate`` sweeps (:func:`knockout.experiments.engine.run_targets`):
 a killed scan resumes where it stopped, to the same values. With ``--attribution`` it also writes the attribution-
 patching estimate of every unit's effect for every constant method (:mod:`knockout.evaluation.attribution`) to
 ``attribution.json``. The report (:mod:`knockout.reporting.scan`) compares the methods' rankings of the units.
@@ -24,11 +24,11 @@ from pathlib import Path
 from knockout import distributed, runfolder
 from knockout.ablation.methods import ConstantAblation, get_method
 from knockout.components import ComponentSet, scan_units
+from knockout.config import SweepConfig, default, merge_settings
 from knockout.errors import KnockoutError
 from knockout.evaluation.attribution import attribution_sums, estimate, metric_name
-from knockout.experiments.config import SweepConfig, default, merge_settings
+from knockout.experiments.engine import RowEngine, run_targets
 from knockout.experiments.prepare import Prepared, prepare
-from knockout.experiments.targets import TargetRun, run_targets
 from knockout.loading import LoadedModel, resolve_device
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def run_scan(cfg: SweepConfig, progress: bool = True, loaded: LoadedModel | None
     return Path(cfg.out)
 
 
-def write_attribution(run: Prepared, units: list[ComponentSet], done: TargetRun) -> dict | None:
+def write_attribution(run: Prepared, units: list[ComponentSet], done: RowEngine) -> dict | None:
     """The attribution estimate of every unit for every constant method of the scan, on the first seed's batches,
     written to ``attribution.json`` (kept when it already covers them); returns its contents."""
     cfg, out = run.cfg, Path(run.cfg.out)
@@ -91,20 +91,20 @@ def write_attribution(run: Prepared, units: list[ComponentSet], done: TargetRun)
         log.warning("attribution estimates only constant methods; not %s", ", ".join(skipped))
     if not methods:
         return None
-    old = runfolder.read_attribution(out)
+    old = runfolder.RunFolder(out).attribution()
     if old is not None and all(u.name in old["estimates"].get(m, {}) for m in methods for u in units):
         return old
     t0 = time.perf_counter()
-    sums = attribution_sums(run.loaded.model, run.sites, done.batches)
+    sums = attribution_sums(run.loaded.model, run.sites, done.first_batches)
     seed = cfg.seeds[0]
     estimates = {}
     for m in methods:
-        constants = get_method(m)(done.context(seed, done.batches)).constants()
+        constants = get_method(m)(done.context(seed, done.first_batches)).constants()
         estimates[m] = {u.name: estimate(sums, constants, u.neurons) for u in units}
     record = {
         "note": "attribution-patching ESTIMATE of each unit's effect (first order in constant - activation); "
         "not an exact ablation",
-        "metric": metric_name(done.batches),
+        "metric": metric_name(done.first_batches),
         "seed": seed,
         "seconds": round(time.perf_counter() - t0, 3),
         "estimates": estimates,

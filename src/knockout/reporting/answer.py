@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from knockout.config import SweepConfig
 from knockout.errors import KnockoutError
 from knockout.inference.paired import HIGHER_IS_BETTER, DocSums, PairedDifference, paired_difference
 from knockout.inference.sequential import ALPHA, DecideOptions, Need, PairVerdict, Plan, SequentialTest, needed
@@ -37,7 +38,7 @@ from knockout.reporting import html as H
 from knockout.reporting.centres import noise_notes, peak_noise_notes
 from knockout.reporting.escape import markdown as md
 from knockout.reporting.escape import markdown_keep_bold
-from knockout.runfolder import doc_sums_disagree, fraction_key, read_doc_sums, read_rows, row_key
+from knockout.runfolder import RunFolder, fraction_key, row_key
 
 LEVEL = 0.95
 N_BOOT = 2000
@@ -129,35 +130,34 @@ class Answer:
 
 
 # -- computing ------------------------------------------------------------------------------------------------------
-def run_answer(run_dir: str | Path, fractions: tuple[float, ...], n_boot: int = N_BOOT) -> Answer:
-    """The answer for ``run_dir`` at each of ``fractions`` (see the module docstring)."""
-    from knockout.runfolder import read_config
+def run_answer(folder: RunFolder | str | Path, fractions: tuple[float, ...], n_boot: int = N_BOOT) -> Answer:
+    """The answer for the run folder at each of ``fractions`` (see the module docstring), from its rows and their
+    checked per-document sums (:attr:`knockout.runfolder.RunFolder.doc_sums`: sums that do not add up to their row
+    are left out, and named)."""
+    folder = RunFolder.open(folder)
+    rows, cfg = folder.row_dicts(), folder.config
+    decide = cfg.decide if cfg is not None else DecideOptions()
+    answer = Answer([fraction_answer(rows, folder.doc_sums, cfg, f, n_boot) for f in fractions], decide.alpha)
+    note = folder.unusable_note()
+    if note:
+        for fa in answer.fractions:
+            fa.notes.append(note)
+    return answer
 
-    rows = read_rows(run_dir)
-    sums = read_doc_sums(run_dir)
-    for r in rows:  # sums that do not add up to their row's CE and top-1 are not the row's: left out (and named)
-        key = row_key(r["method"], r["fraction"], r["seed"], r["target"])
-        if key in sums and doc_sums_disagree(r, sums[key]) is not None:
-            del sums[key]
-    config = read_config(run_dir) or {}
-    decide = DecideOptions.from_dict(config.get("decide"))
-    return Answer([fraction_answer(rows, sums, config, f, n_boot) for f in fractions], decide.alpha)
 
-
-def _seed_order(config: dict, rows: list[dict]) -> list[int]:
+def _seed_order(cfg: SweepConfig | None, rows: list[dict]) -> list[int]:
     """Seeds in the order their sets were added: the configured ones (``auto``: 0, 1, 2, ...), then any others."""
-    seeds = config.get("seeds", [])
     found = sorted({int(r["seed"]) for r in rows})
-    if seeds == "auto" or not isinstance(seeds, list):
+    if cfg is None or cfg.sequential:
         return found
-    return list(dict.fromkeys([*map(int, seeds), *found]))
+    return list(dict.fromkeys([*cfg.seeds, *found]))
 
 
 def fraction_answer(
-    rows: list[dict], sums: dict, config: dict, fraction: float, n_boot: int = N_BOOT
+    rows: list[dict], sums: dict, cfg: SweepConfig | None, fraction: float, n_boot: int = N_BOOT
 ) -> FractionAnswer:
-    """The verdicts at ``fraction`` from ``rows`` (``read_rows``), their per-document ``sums`` (``read_doc_sums``)
-    and the run's ``config`` (config.json)."""
+    """The verdicts at ``fraction`` from ``rows``, their checked per-document ``sums``
+    (:attr:`knockout.runfolder.RunFolder.doc_sums`) and the run's settings ``cfg``."""
     key_f = fraction_key(fraction)
     at = [r for r in rows if r["method"] != "baseline" and not r["target"] and fraction_key(r["fraction"]) == key_f]
     methods = list(dict.fromkeys(r["method"] for r in at))
@@ -165,7 +165,7 @@ def fraction_answer(
     if not methods:
         fa.notes.append(f"No rows at fraction {fraction:g}.")
         return fa
-    order = _seed_order(config, rows)
+    order = _seed_order(cfg, rows)
 
     def sets_of(m: str) -> list[DocSums]:
         """Consecutive sets (in seed order) with per-document sums."""
@@ -180,21 +180,24 @@ def fraction_answer(
     data = {m: sets_of(m) for m in methods}
     without = [m for m in methods if not data[m]]
     if without:
-        fa.notes.append(f"Rows of {', '.join(without)} at {fraction:g} have no per-document sums; left out.")
+        fa.notes.append(
+            f"Rows of {', '.join(without)} at {fraction:g} have no usable per-document sums (missing, or not adding up "
+            "to their rows); left out."
+        )
     bounds = [m for m in methods if is_bound(m) and data[m]]
     contenders = [m for m in methods if not is_bound(m) and data[m]]
     fa.methods = contenders
     if len(contenders) < 2:
         fa.notes.append(f"Fewer than two methods to compare at {fraction:g}.")
         return fa
-    decide = DecideOptions.from_dict(config.get("decide"))
-    sequential = config.get("seeds") == "auto" and any(fraction_key(f) == key_f for f in decide.fractions)
+    decide = cfg.decide if cfg is not None else DecideOptions()
+    sequential = cfg is not None and cfg.sequential and any(fraction_key(f) == key_f for f in decide.fractions)
     if sequential:
         plan = decide.plan()
     else:
         common = min(len(data[m]) for m in contenders)
         # a --seeds auto run gives the first look's sets to every fraction, more only at its decision fractions
-        expected = decide.first if config.get("seeds") == "auto" else len(order)
+        expected = decide.first if cfg is not None and cfg.sequential else len(order)
         if common < max(len(data[m]) for m in contenders) or common < expected:
             short = [m for m in contenders if len(data[m]) == common]
             lacking = order[common] if common < len(order) else None
@@ -529,22 +532,17 @@ BOUND_COLUMNS = ["fraction", "seed", "kept", "train CE", "held-out learned", "he
                  "held-out zero", "evaluation CE"]  # fmt: skip
 
 
-def bound_records(run_dir: str | Path, rows: list[dict]) -> list[dict]:
-    """Per neuron set ``optimal`` learned (``artifacts/optimal/``): the fraction and seed (matched to its row by the
-    number of neurons ablated), which candidate was kept, the training CE (mean over the steps' batches) and each
-    candidate's CE on the held-out part of the collection split ("worse (stopped)" where scoring stopped because it
-    could not win), beside the row's evaluation CE."""
-    from safetensors import safe_open
-
-    folder = Path(run_dir) / "artifacts" / "optimal"
+def bound_records(folder: RunFolder | str | Path, rows: list[dict]) -> list[dict]:
+    """Per neuron set ``optimal`` learned (``artifacts/optimal/``, each file checked): the fraction and seed (matched
+    to its row by the number of neurons ablated), which candidate was kept, the training CE (mean over the steps'
+    batches) and each candidate's CE on the held-out part of the collection split ("worse (stopped)" where scoring
+    stopped because it could not win), beside the row's evaluation CE."""
     by_set = {(int(r["seed"]), int(r["n_ablated"])): r for r in rows if r["method"] == "optimal" and not r["target"]}
     out = []
-    for path in sorted(folder.glob("seed*.safetensors")) if folder.is_dir() else []:
+    for meta in RunFolder.open(folder).artifact_metadata("optimal"):
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
             row = by_set.get((int(meta["seed"]), int(meta["n_ablated"])))
-        except Exception:  # a damaged or foreign file: the sweep names it when it is used
+        except (KeyError, ValueError):  # not a record of a learned set
             continue
         if row is None:
             continue
@@ -581,6 +579,8 @@ def _verdict_text(fa: FractionAnswer, metric: str = "ce") -> str:
 def agreement(answers: list[FractionAnswer], metric: str = "ce") -> str:
     """Whether several runs' answers at one fraction agree: on the best method when every run decided one, else on
     the leader."""
+    if not any(fa.verdicts(metric) for fa in answers):
+        return "no comparison on any model"
     best = [fa.best(metric) for fa in answers]
     if all(b is not None for b in best):
         return f"agree: {best[0]}" if len(set(best)) == 1 else "disagree: " + " vs ".join(dict.fromkeys(best))

@@ -45,10 +45,10 @@ from knockout.reporting.figures import (
     save_figure,
 )
 from knockout.reporting.neurons import StatsFile, default_layers, point_mass_counts, rank_atypical
-from knockout.reporting.run import RunData
+from knockout.reporting.run import RunData, run_fractions
 from knockout.reporting.summary import METRICS, OPTIONAL_METRICS
 from knockout.reporting.table import MARK_NOTES, build_table, paper_model, records_csv
-from knockout.runfolder import REPORT_DIR, RESULTS_FILE, ROW_FIELDS, fraction_key, write_atomic
+from knockout.runfolder import REPORT_DIR, RESULTS_FILE, ROW_FIELDS, fraction_key, inside, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -91,29 +91,28 @@ def _widths(widths) -> str:
 def identity(run: RunData) -> dict:
     """Model, data and environment of a run, flattened for display."""
     cfg, res = run.config, run.resolved
-    mid = res.get("model_identity") or {}
-    env = res.get("environment") or {}
+    mid = res.identity
     out = {
         "run folder": str(run.dir),
         "model": run.model,
         "model type": mid.get("model_type", "?"),
-        "site": mid.get("site", "attention"),
+        "site": res.site_kind,
         "model fingerprint": describe(mid.get("fingerprint")),
         "layers x neurons": _widths(mid.get("widths")),
         "heads": mid.get("n_heads", "?"),
-        "task": res.get("task", cfg.get("task", "?")),
-        "data": cfg.get("data", "?"),
+        "task": res.task or (cfg.task if cfg else "?"),
+        "data": cfg.data if cfg else "?",
         "eval tokens": _eval_text(run),
-        "stats tokens": cfg.get("stats_tokens", "?"),
-        "max length": cfg.get("max_length", "?"),
-        "selection": cfg.get("selection", "?"),
-        "methods": ", ".join(cfg.get("methods", [])) or "?",
-        "fractions": ", ".join(f"{f:g}" for f in cfg.get("fractions", [])) or "?",
+        "stats tokens": cfg.stats_tokens if cfg else "?",
+        "max length": cfg.max_length if cfg else "?",
+        "selection": cfg.selection if cfg else "?",
+        "methods": ", ".join(cfg.methods) if cfg else "?",
+        "fractions": ", ".join(f"{f:g}" for f in cfg.fractions) if cfg else "?",
         "seeds": _seeds_text(run),
-        "device": res.get("device", cfg.get("device", "?")),
-        "dtype": res.get("dtype", cfg.get("dtype", "?")),
+        "device": res.device or (cfg.device if cfg else "?"),
+        "dtype": res.dtype or (cfg.dtype if cfg else "?"),
     }
-    out.update({f"{k} version": v for k, v in env.items()})
+    out.update({f"{k} version": v for k, v in (res.environment or {}).items()})
     return out
 
 
@@ -121,19 +120,18 @@ def _eval_text(run: RunData) -> str:
     """What the rows were evaluated on: the scored targets per row, and the documents with ``eval_docs``."""
     n_eval = sorted({int(r["n_eval"]) for r in run.rows if r.get("n_eval") is not None})
     targets = f"{n_eval[0]:,} scored targets" if len(n_eval) == 1 else None
-    docs = run.config.get("eval_docs")
-    if docs:
-        return f"{docs} documents" + (f" ({targets})" if targets else "")
-    return targets or str(run.config.get("eval_tokens", "?"))
+    if run.config is not None and run.config.eval_docs:
+        return f"{run.config.eval_docs} documents" + (f" ({targets})" if targets else "")
+    return targets or (str(run.config.eval_tokens) if run.config is not None else "?")
 
 
 def _seeds_text(run: RunData) -> str:
-    if run.config.get("seeds") == "auto":
+    if run.sequential:
         extra = sorted(set(run.seeds) - set(run.fixed_seeds))
         return f"auto: {len(run.fixed_seeds)} for every fraction" + (
             f", up to {len(run.seeds)} at the decision fractions" if extra else ""
         )
-    return ", ".join(map(str, run.config.get("seeds", []))) or "?"
+    return ", ".join(map(str, run.fixed_seeds)) or "?"
 
 
 def _fmt_seconds(s: float) -> str:
@@ -141,32 +139,34 @@ def _fmt_seconds(s: float) -> str:
 
 
 def _n_heads(run: RunData) -> int | None:
-    mid = run.resolved.get("model_identity") or {}
-    n = mid.get("n_heads")
-    return int(n) if isinstance(n, int) and mid.get("site", "attention") == "attention" else None
+    n = run.resolved.identity.get("n_heads")
+    return int(n) if isinstance(n, int) and run.resolved.site_kind == "attention" else None
 
 
 def write_report(
     run_dir: str | Path,
     out_dir: str | Path | None = None,
-    fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
+    fractions: tuple[float, ...] | None = None,
     layers: list[int] | None = None,
     top_k: int = 8,
+    answer: A.Answer | None = None,
 ) -> Path:
     """Write the report of ``run_dir`` into ``out_dir`` (default ``run_dir/report``); returns report.html's path.
 
-    ``fractions`` are the table's columns blocks; ``layers`` the layers of the histogram figure (default four spread
-    over depth); ``top_k`` the number of atypical neurons drawn. Reads files only; never loads a model.
+    ``fractions`` are the table's columns blocks and where the answer is given (default: the run's decision
+    fractions); ``layers`` the layers of the histogram figure (default four spread over depth); ``top_k`` the number
+    of atypical neurons drawn; ``answer``: the run's answer at ``fractions`` when the caller has computed it
+    (:func:`knockout.reporting.load_run`). Reads files only; never loads a model.
     """
-    from knockout.reporting.scan import is_scan, write_scan_report
+    from knockout.reporting.scan import write_scan_report
 
-    if is_scan(run_dir):  # a scan's report compares the methods' rankings of its units
+    run = RunData.load(run_dir)
+    if run.folder.is_scan:  # a scan's report compares the methods' rankings of its units
         return write_scan_report(run_dir, out_dir)
-    fractions = validate_fractions(fractions)
+    fractions = validate_fractions(fractions if fractions is not None else run_fractions(run))
     if not isinstance(top_k, int) or top_k < 1:
         raise KnockoutError(f"top_k (--top-k) must be a positive integer, got {top_k!r}")
-    run = RunData.load(run_dir)
-    out = Path(out_dir) if out_dir is not None else run.dir / REPORT_DIR
+    out = Path(out_dir) if out_dir is not None else inside(run.dir, run.dir / REPORT_DIR)
     out.mkdir(parents=True, exist_ok=True)
     label = run.label
     methods = run.methods
@@ -177,9 +177,9 @@ def write_report(
 
     # -- table -------------------------------------------------------------------------------------------------
     summary = [e for e in run.summary if not e.get("target")]  # named sets are answered per set (T)
-    targeted = T.target_answers(run.dir) if T.has_targets(run.rows) else None
+    targeted = T.target_answers(run.folder) if T.has_targets(run.rows) else None
     pm = paper_model(run.model)
-    n_seeds = {label: len(run.fixed_seeds)} if run.config.get("seeds") else None
+    n_seeds = {label: len(run.fixed_seeds)} if run.fixed_seeds else None
     in_table = [] if targeted else methods  # a run of named sets has no fraction rows: its table is per set
     table = build_table([(label, summary)], fractions, in_table, n_seeds, {label: pm} if pm else None)
     have = {fraction_key(e["fraction"]) for e in summary if e["method"] != "baseline"}
@@ -190,11 +190,12 @@ def write_report(
     write_atomic(out / "table2.csv", table.to_csv())
     write_atomic(out / "table2.tex", table.to_latex())
     write_atomic(out / "summary.csv", _summary_csv(run.summary))
-    answer = A.run_answer(run.dir, fractions)
+    if answer is None or [f.fraction for f in answer.fractions] != list(fractions):
+        answer = A.run_answer(run.folder, fractions)
     A.write_files(answer, out, write_atomic)
     if targeted:
         write_atomic(out / "targets.csv", T.table_csv(run.summary))
-    eps_table = eps_rows(summary, methods, fractions, run.config.get("eps"))
+    eps_table = eps_rows(summary, methods, fractions, run.config.eps if run.config else None)
     if eps_table:
         write_atomic(out / "eps.csv", records_csv(eps_table, eps_columns(fractions)))
         write_atomic(out / "eps.md", "\n".join(eps_markdown(eps_table, fractions)) + "\n")
@@ -217,7 +218,7 @@ def write_report(
     else:
         stats = StatsFile(run.stats_path)
         chosen = layers if layers is not None else default_layers(len(stats))
-        site = (run.resolved.get("model_identity") or {}).get("site", "attention")
+        site = run.resolved.site_kind
         fig = layers_figure([stats.layer(i) for i in chosen], site)
         save_figure(fig, out / "hist_layers")
         images["hist_layers"] = png_bytes(fig)
@@ -242,7 +243,7 @@ def write_report(
     timings = run.timings()
     title = f"knockout report: {label}"
     extra = {"eps_table": eps_table, "fractions": fractions, "pm_note": pm_note, "answer": answer, "targets": targeted}
-    extra["bound"] = A.bound_records(run.dir, run.rows)
+    extra["bound"] = A.bound_records(run.folder, run.rows)
     extra["centres"] = centre_section
     _write_html(
         out / "report.html", title, run, table, images, atypical, timings, partial, notes, stats_note, pm, extra
@@ -329,7 +330,8 @@ def _write_html(path, title, run, table, images, atypical, timings, partial, not
         + H.records_table(run.rows, list(ROW_FIELDS), fr)
         + "</details>"
     )
-    b.append("<h2>Configuration</h2><pre>" + H.esc(json.dumps(run.config, indent=2)) + "</pre>")
+    stored = {**run.config.to_dict(), "resolved": run.resolved.to_dict()} if run.config is not None else {}
+    b.append("<h2>Configuration</h2><pre>" + H.esc(json.dumps(stored, indent=2)) + "</pre>")
     write_atomic(path, H.page(title, b))
 
 
@@ -409,9 +411,11 @@ def compare_runs(
     out_dir: str | Path,
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
     labels: list[str] | None = None,
+    answers: list[A.Answer] | None = None,
 ) -> Path:
     """Several runs side by side in ``out_dir``: the answer per run at ``fractions`` and whether they agree, every
-    pair's difference per run (compare.json), a forest plot, Table 2 and the curves; returns compare.html's path."""
+    pair's difference per run (compare.json), a forest plot, Table 2 and the curves; returns compare.html's path.
+    ``answers``: the runs' answers at ``fractions`` when the caller has them."""
     if len(run_dirs) < 1:
         raise KnockoutError("give at least one run folder to compare")
     fractions = validate_fractions(fractions)
@@ -421,6 +425,10 @@ def compare_runs(
     if labels is not None and len(set(labels)) < len(labels):
         raise KnockoutError(f"--labels must be distinct, got {labels}")
     check_compare_out(Path(out_dir), [r.dir for r in runs])
+    real = [r.dir.resolve() for r in runs]
+    twice = next((d for i, d in enumerate(real) if d in real[:i]), None)
+    if twice is not None:
+        raise KnockoutError(f"the run folder {str(twice)!r} is given twice (a run against itself); give each once")
     names = list(labels) if labels else [r.label for r in runs]
     if len(set(names)) < len(names):  # same model twice: tell them apart by folder
         names = [f"{n} ({r.dir.name})" for n, r in zip(names, runs)]
@@ -430,7 +438,7 @@ def compare_runs(
     out.mkdir(parents=True, exist_ok=True)
     methods = list(dict.fromkeys(m for r in runs for m in r.methods))
     pairs = [(n, r.summary) for n, r in zip(names, runs)]
-    n_seeds = {n: len(r.fixed_seeds) for n, r in zip(names, runs) if r.config.get("seeds")}
+    n_seeds = {n: len(r.fixed_seeds) for n, r in zip(names, runs) if r.fixed_seeds}
     table = build_table(pairs, fractions, methods, n_seeds)
     write_atomic(out / "table2.md", table.to_markdown())
     write_atomic(out / "table2.csv", table.to_csv())
@@ -442,7 +450,8 @@ def compare_runs(
     partials = [(n, r.partial_note()) for n, r in zip(names, runs)]
     title = "knockout comparison: " + ", ".join(names)
     b = [H.warning(f"{n}: {p}") for n, p in partials if p]
-    answers = [A.run_answer(r.dir, fractions) for r in runs]
+    if answers is None or any([f.fraction for f in a.fractions] != list(fractions) for a in answers):
+        answers = [A.run_answer(r.folder, fractions) for r in runs]
     verdicts = A.side_by_side(names, answers)
     pair_rows = A.pair_records(names, answers)
     b.append(

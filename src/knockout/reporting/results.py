@@ -12,9 +12,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from knockout.inference.sequential import DecideOptions
+from knockout.config import Resolved, SweepConfig
 from knockout.reporting import answer as A
-from knockout.reporting.run import RunData
+from knockout.reporting.run import RunData, run_fractions
 
 
 @dataclass
@@ -22,7 +22,10 @@ class RunResults:
     """The results of one run folder. Path-like: ``Path(results)`` is the run folder."""
 
     dir: Path
-    config: dict
+    config: SweepConfig | None
+    """The run's recorded settings (``None`` when the folder has no config.json)."""
+    resolved: Resolved
+    """What the run resolved: model identity, task, versions, data identity (config.json's ``resolved``)."""
     rows: object
     """``pandas.DataFrame``: one line per row of results.jsonl (method, fraction, seed, target, top1, ce ...)."""
     summary: object
@@ -51,12 +54,11 @@ def load_run(run_dir: str | os.PathLike, fractions: tuple[float, ...] | None = N
     import pandas as pd
 
     run = RunData.load(run_dir)
-    if fractions is None:
-        fractions = DecideOptions.from_dict(run.config.get("decide")).fractions
-    answer = A.run_answer(run.dir, tuple(fractions))
+    answer = A.run_answer(run.folder, tuple(fractions) if fractions is not None else run_fractions(run))
     return RunResults(
         dir=run.dir,
         config=run.config,
+        resolved=run.resolved,
         rows=pd.DataFrame(run.rows),
         summary=pd.DataFrame(run.summary),
         paired=pd.DataFrame(A.paired_records(answer), columns=A.PAIRED_COLUMNS),

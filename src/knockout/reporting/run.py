@@ -1,14 +1,15 @@
-"""A run folder as the reports see it: config.json and results.jsonl, read from disk only (no model is loaded)."""
+"""A run folder as the reports see it: its settings, record and rows, read from disk only (no model is loaded)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from knockout import runfolder
+from knockout.config import Resolved, SweepConfig
 from knockout.errors import KnockoutError
+from knockout.inference.sequential import DecideOptions
 from knockout.reporting.summary import summarize
-from knockout.runfolder import read_rows, row_key
+from knockout.runfolder import RESULTS_FILE, RunFolder, row_key
 
 
 def model_label(model: str) -> str:
@@ -17,67 +18,82 @@ def model_label(model: str) -> str:
     return model.rstrip("/").replace("\\", "/").split("/")[-1].removesuffix(".gguf")
 
 
+def run_fractions(run: RunData) -> tuple[float, ...]:
+    """Where a run's answer is given by default: its decision fractions (``--decide-fractions``; 0.5 and 0.9)."""
+    return tuple(run.config.decide.fractions) if run.config is not None else DecideOptions().fractions
+
+
 @dataclass
 class RunData:
-    """The stored results of one run folder.
+    """The stored results of one run folder, read through :class:`~knockout.runfolder.RunFolder`: the recorded
+    settings (``config``, a :class:`~knockout.config.SweepConfig`, ``None`` when the folder has no config.json), what
+    the run resolved (``resolved``), results.jsonl's rows as dicts and their Table-2 summary."""
 
-    ``config`` is config.json (SweepConfig fields plus ``resolved``), or ``{}`` when the folder has none; ``rows``
-    are results.jsonl's rows.
-    """
-
-    dir: Path
-    config: dict
-    rows: list[dict]
+    folder: RunFolder
+    rows: list[dict] = field(init=False)
     summary: list[dict] = field(init=False)
 
     def __post_init__(self):
+        self.rows = self.folder.row_dicts()
         self.summary = summarize(self.table_rows) if self.rows else []
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> RunData:
+        """The run in ``run_dir``, which must hold a results.jsonl."""
+        folder = RunFolder.open(run_dir)
+        if not folder.has_results:
+            raise KnockoutError(
+                f"{str(folder.dir / RESULTS_FILE)!r} does not exist; is {str(run_dir)!r} a knockout run folder?"
+            )
+        return cls(folder)
+
+    @property
+    def dir(self) -> Path:
+        return self.folder.dir
+
+    @property
+    def config(self) -> SweepConfig | None:
+        return self.folder.config
+
+    @property
+    def resolved(self) -> Resolved:
+        return self.folder.resolved
+
+    @property
+    def sequential(self) -> bool:
+        return self.config is not None and self.config.sequential
 
     @property
     def table_rows(self) -> list[dict]:
         """The rows Table 2 and the curves summarise: with ``seeds: "auto"``, those of the first look's sets (every
         method has them at every fraction; the sets added at the decision fractions serve the answer)."""
-        if self.config.get("seeds") != "auto":
+        if not self.sequential:
             return self.rows
         fixed = set(self.fixed_seeds)
         return [r for r in self.rows if int(r["seed"]) in fixed]
 
-    @classmethod
-    def load(cls, run_dir: str | Path) -> RunData:
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise KnockoutError(f"{str(run_dir)!r} is not a folder; give a knockout run folder (with results.jsonl)")
-        rows = read_rows(run_dir)
-        return cls(run_dir, runfolder.read_config(run_dir) or {}, rows)
-
     # -- identity ---------------------------------------------------------------------------------------------
     @property
     def model(self) -> str:
-        return str(self.config.get("model") or self.resolved.get("model_identity", {}).get("name") or self.dir.name)
+        model = self.config.model if self.config is not None else None
+        return str(model or self.resolved.identity.get("name") or self.dir.name)
 
     @property
     def label(self) -> str:
         """A short name for tables and legends: :func:`model_label` of the model (or the folder's name)."""
         return model_label(self.model) or self.dir.name
 
-    @property
-    def resolved(self) -> dict:
-        return self.config.get("resolved") or {}
-
     # -- expected rows ----------------------------------------------------------------------------------------
     @property
     def methods(self) -> list[str]:
         """Methods in config order, then any others found in the rows (baseline excluded)."""
         found = [r["method"] for r in self.rows if r["method"] != "baseline"]
-        return list(dict.fromkeys([*self.config.get("methods", []), *found]))
+        return list(dict.fromkeys([*(self.config.methods if self.config else ()), *found]))
 
     @property
     def fixed_seeds(self) -> list[int]:
         """The seeds config.json asks every method and fraction to run (with ``seeds: "auto"``, the first look's)."""
-        seeds = self.config.get("seeds", [])
-        if seeds == "auto":
-            return list(range(int((self.config.get("decide") or {}).get("first", 3))))
-        return [int(s) for s in seeds]
+        return list(self.config.fixed_seeds) if self.config is not None else []
 
     @property
     def seeds(self) -> list[int]:
@@ -89,19 +105,16 @@ class RunData:
         depend on the data, and the answer accounts for them; a run of named targets: every method on every target
         of ``resolved.targets``); None without a config."""
         cfg = self.config
-        if not all(k in cfg for k in ("methods", "fractions", "seeds")):
+        if cfg is None:
             return None
         seeds = self.fixed_seeds
         keys = {row_key("baseline", 0.0, s) for s in seeds}
-        targets = self.resolved.get("targets")
+        targets = self.resolved.targets
         if targets:  # named sets (--ablate) or scan units: each method on each target
             return keys | {
-                row_key(m, t["fraction"], s, name) for m in cfg["methods"] for name, t in targets.items()
-                for s in seeds
-            }  # fmt: skip
-        per_method = cfg.get("method_fractions") or {}
-        keys |= {row_key(m, f, s) for m in cfg["methods"] for f in per_method.get(m, cfg["fractions"]) for s in seeds}
-        return keys
+                row_key(m, t["fraction"], s, name) for m in cfg.methods for name, t in targets.items() for s in seeds
+            }
+        return keys | {row_key(m, f, s) for m in cfg.methods for f in cfg.fractions_of(m) for s in seeds}
 
     def _have(self) -> set[tuple]:
         return {row_key(r["method"], r["fraction"], r["seed"], r["target"]) for r in self.rows}
@@ -143,8 +156,7 @@ class RunData:
     # -- files ------------------------------------------------------------------------------------------------
     @property
     def stats_path(self) -> Path | None:
-        path = self.dir / runfolder.STATS_FILE
-        return path if path.is_file() else None
+        return self.folder.stats_path
 
     # -- timings ----------------------------------------------------------------------------------------------
     def timings(self) -> dict:

@@ -44,6 +44,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from knockout.components import parse_component
+from knockout.config import SweepConfig
 from knockout.errors import KnockoutError
 from knockout.reporting import html as H
 from knockout.reporting.figures import method_colors, png_bytes, save_figure
@@ -51,12 +52,9 @@ from knockout.reporting.run import model_label
 from knockout.reporting.summary import summarize
 from knockout.reporting.table import records_csv
 from knockout.runfolder import (
-    ALL_DOC_FIELDS,
     REPORT_DIR,
-    read_attribution,
-    read_config,
-    read_doc_sums,
-    read_rows,
+    RunFolder,
+    inside,
     row_key,
     write_atomic,
 )
@@ -64,12 +62,6 @@ from knockout.runfolder import (
 log = logging.getLogger(__name__)
 
 METRIC_LABEL = {"ce": "ΔCE (nats)", "logit_diff": "Δ logit difference"}
-
-
-def is_scan(run_dir: str | Path) -> bool:
-    """Whether ``run_dir`` holds a scan (its config.json has a scan unit)."""
-    config = read_config(run_dir) or {}
-    return bool((config.get("scan") or {}).get("unit"))
 
 
 # -- statistics -------------------------------------------------------------------------------------------------------
@@ -115,7 +107,8 @@ class ScanData:
     """A scan's stored results, per method and unit."""
 
     dir: Path
-    config: dict
+    config: SweepConfig
+    """The scan's recorded settings."""
     units: list[str]
     """Every unit of the scan, in layer order."""
     methods: list[str]
@@ -133,6 +126,8 @@ class ScanData:
     seeds: list[int]
     attribution: dict | None = None
     notes: list[str] = field(default_factory=list)
+    n_ablated: dict[str, int] = field(default_factory=dict)
+    """Unit -> neurons it ablates (``resolved.targets``)."""
     docs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     """Method (and ``"baseline"``) -> unit -> per-document sums of the metric (first seed); ``"n"`` -> scored
     targets per document."""
@@ -151,11 +146,11 @@ class ScanData:
 
     @property
     def k(self) -> int:
-        return max(1, min(int((self.config.get("scan") or {}).get("top_k", 10)), len(self.units)))
+        return max(1, min(self.config.scan.top_k, len(self.units)))
 
     @property
     def unit_kind(self) -> str:
-        return str((self.config.get("scan") or {}).get("unit", "unit"))
+        return str(self.config.scan.unit)
 
     def grid(self) -> tuple[list[int], list[int]]:
         """Each unit's layer and index within its layer (for heatmaps)."""
@@ -170,16 +165,16 @@ class ScanData:
 
 def load_scan(run_dir: str | Path) -> ScanData:
     """The scan in ``run_dir`` (read from its files only)."""
-    run_dir = Path(run_dir)
-    config = read_config(run_dir) or {}
-    if not (config.get("scan") or {}).get("unit"):
+    folder = RunFolder.open(run_dir)
+    run_dir, config = folder.dir, folder.config
+    if not folder.is_scan:
         raise KnockoutError(f"{str(run_dir)!r} does not hold a scan (its config.json has no scan unit)")
-    rows = read_rows(run_dir)
-    targets = (config.get("resolved") or {}).get("targets") or {}
+    rows = folder.row_dicts()
+    targets = folder.resolved.targets or {}
     units = list(targets) or list(dict.fromkeys(r["target"] for r in rows if r["target"]))
     base_rows = [r for r in rows if r["method"] == "baseline"]
     metric = "logit_diff" if base_rows and all(r.get("logit_diff") is not None for r in base_rows) else "ce"
-    methods = list(dict.fromkeys([*config.get("methods", []), *(r["method"] for r in rows if r["target"])]))
+    methods = list(dict.fromkeys([*config.methods, *(r["method"] for r in rows if r["target"])]))
     methods = [m for m in methods if any(r["method"] == m and r["target"] for r in rows)]
     effects: dict[str, dict[str, float]] = {m: {} for m in methods}
     deltas: dict[str, dict[str, dict[str, float]]] = {m: {} for m in methods}
@@ -196,11 +191,15 @@ def load_scan(run_dir: str | Path) -> ScanData:
             if all(v is not None for v in values):
                 baseline[name] = float(np.mean(values))
     seeds = sorted({int(r["seed"]) for r in rows})
-    docs = _doc_sums(run_dir, rows, methods, metric, seeds[0] if seeds else 0)
+    docs = _doc_sums(folder, rows, methods, metric, seeds[0] if seeds else 0)
     n_docs = len(docs["n"][""]) if docs else 0
     se = _standard_errors(docs, methods)
     data = ScanData(run_dir, config, units, methods, metric, effects, deltas, se, baseline, n_docs, seeds)
-    data.attribution, data.docs = read_attribution(run_dir), docs
+    data.attribution, data.docs = folder.attribution(), docs
+    data.n_ablated = {u: int((t or {}).get("n_ablated", 0)) for u, t in targets.items()}
+    note = folder.unusable_note()
+    if note:
+        data.notes.append(note)
     missing = sum(1 for m in methods for u in units if u not in effects[m])
     if missing:
         data.notes.append(
@@ -220,9 +219,10 @@ def _ratio_se(v: np.ndarray, n: np.ndarray) -> tuple[float, float]:
     return value, math.sqrt(d / (d - 1) * float((resid * resid).sum())) / total
 
 
-def _doc_sums(run_dir: Path, rows, methods, metric, seed) -> dict:
-    """The first seed's per-document sums of the metric, per method and unit (see :attr:`ScanData.docs`)."""
-    sums = read_doc_sums(run_dir, ALL_DOC_FIELDS)
+def _doc_sums(folder: RunFolder, rows, methods, metric, seed) -> dict:
+    """The first seed's per-document sums of the metric, per method and unit (see :attr:`ScanData.docs`), of the
+    rows whose sums add up to them."""
+    sums = folder.doc_sums
     field_ = "ld_sum" if metric == "logit_diff" else "ce_sum"
     base = sums.get(row_key("baseline", 0.0, seed))
     if base is None or field_ not in base:
@@ -535,14 +535,12 @@ def write_scan_report(run_dir: str | Path, out_dir: str | Path | None = None, da
     """Write the scan report of ``run_dir`` into ``out_dir`` (default ``run_dir/report``); returns report.html's
     path. Reads files only (``data``: :func:`load_scan` of ``run_dir`` when already loaded)."""
     data = data if data is not None else load_scan(run_dir)
-    out = Path(out_dir) if out_dir is not None else data.dir / REPORT_DIR
+    out = Path(out_dir) if out_dir is not None else inside(data.dir, data.dir / REPORT_DIR)
     out.mkdir(parents=True, exist_ok=True)
-    targets = (data.config.get("resolved") or {}).get("targets") or {}
-    n_ablated = {u: int(t.get("n_ablated", 0)) for u, t in targets.items()}
     pairs = agreement(data)
     level, answer = verdict(data, pairs)
     attr = attribution_rows(data)
-    records = scan_records(data, n_ablated)
+    records = scan_records(data, data.n_ablated)
     extra_cols = sorted({k for r in records for k in r if k.startswith("delta_")})
     cols = SCAN_COLUMNS + extra_cols + (["attribution_estimate"] if data.attribution else [])
     write_atomic(out / "scan.csv", records_csv(records, cols))
@@ -564,7 +562,7 @@ def write_scan_report(run_dir: str | Path, out_dir: str | Path | None = None, da
             save_figure(fig, out / name)
             images[name] = png_bytes(fig)
 
-    label = model_label(str(data.config.get("model") or data.dir.name))
+    label = model_label(str(data.config.model or data.dir.name))
     title = f"knockout scan: {label}, one {data.unit_kind} at a time"
     noise = noise_sentence(data)
     _write_html(out / "report.html", title, data, answer, pairs, attr, images, noise)
@@ -577,10 +575,10 @@ def _facts(data: ScanData) -> dict:
     cfg = data.config
     base = ", ".join(f"{k} {_fmt(100 * v, '.2f') + '%' if k == 'top1' else _fmt(v)}" for k, v in data.baseline.items())
     return {
-        "model": cfg.get("model", "?"),
-        "data": cfg.get("data", "?"),
-        "statistics data": cfg.get("stats_data") or cfg.get("data", "?"),
-        "evaluation": f"{cfg.get('eval_tokens', '?')} {_unit_of_eval(cfg)}, {data.n_docs} documents",
+        "model": cfg.model,
+        "data": cfg.data,
+        "statistics data": cfg.stats_data or cfg.data,
+        "evaluation": f"{cfg.eval_tokens} {_unit_of_eval(cfg)}, {data.n_docs} documents",
         "unit": data.unit_kind,
         "units": len(data.units),
         "methods": ", ".join(data.methods),
@@ -590,11 +588,10 @@ def _facts(data: ScanData) -> dict:
     }
 
 
-def _unit_of_eval(cfg: dict) -> str:
+def _unit_of_eval(cfg: SweepConfig) -> str:
     from knockout.data.prompts import is_task_source
 
-    source = cfg.get("data")
-    return "prompts (at most)" if isinstance(source, str) and is_task_source(source) else "scored tokens"
+    return "prompts (at most)" if is_task_source(cfg.data) else "scored tokens"
 
 
 def _attr_sentence(data: ScanData, attr: list[dict]) -> str:

@@ -22,7 +22,7 @@ from knockout.reporting import html as H
 from knockout.reporting.escape import markdown as md
 from knockout.reporting.escape import markdown_keep_bold
 from knockout.reporting.table import records_csv
-from knockout.runfolder import ALL_DOC_FIELDS, DOC_FIELDS, read_doc_sums, read_rows, row_key
+from knockout.runfolder import DOC_FIELDS, RunFolder, row_key
 
 N_BOOT = 2000
 
@@ -50,10 +50,11 @@ def has_targets(rows: list[dict]) -> bool:
     return any(r.get("target") for r in rows)
 
 
-def target_answers(run_dir: str | Path, n_boot: int = N_BOOT, alpha: float = ALPHA) -> list[TargetAnswer]:
-    """One :class:`TargetAnswer` per target of ``run_dir``'s rows, in the rows' order."""
-    rows = read_rows(run_dir)
-    sums = read_doc_sums(run_dir, ALL_DOC_FIELDS)
+def target_answers(folder: RunFolder | str | Path, n_boot: int = N_BOOT, alpha: float = ALPHA) -> list[TargetAnswer]:
+    """One :class:`TargetAnswer` per target of the run's rows, in the rows' order; rows whose per-document sums do
+    not add up to them are left out of the comparisons (and named)."""
+    folder = RunFolder.open(folder)
+    rows, sums = folder.row_dicts(), folder.doc_sums
     base_ld = [r["logit_diff"] for r in rows if r["method"] == "baseline" and r.get("logit_diff") is not None]
     out = []
     for target in dict.fromkeys(r["target"] for r in rows if r["target"]):
@@ -69,8 +70,11 @@ def target_answers(run_dir: str | Path, n_boot: int = N_BOOT, alpha: float = ALP
             ta.logit_diff = {"baseline": sum(base_ld) / len(base_ld), **{m: sum(v) / len(v) for m, v in lds.items()}}
         common = [s for s in seeds if all(row_key(m, ta.fraction, s, target) in sums for m in methods)]
         if len(common) < len(seeds):
+            unusable = [f"{m} (seed {s}): {folder.unusable[k]}" for m in methods for s in seeds
+                        if (k := row_key(m, ta.fraction, s, target)) in folder.unusable]  # fmt: skip
             ta.notes.append(
-                f"Only seeds {', '.join(map(str, common)) or 'none'} have per-document sums for every method."
+                f"Only seeds {', '.join(map(str, common)) or 'none'} have usable per-document sums for every method"
+                + (f" ({'; '.join(unusable)}; re-run the same command to evaluate them again)." if unusable else ".")
             )
         out.append(ta)
         if len(methods) < 2 or not common:

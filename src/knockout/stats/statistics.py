@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from knockout.errors import KnockoutError
-from knockout.runfolder import CHECKSUM_KEY, tensors_sha256, verify_checksum, write_atomic
+from knockout.files import CHECKSUM_KEY, tensors_sha256, verify_checksum, write_atomic
 from knockout.stats import centres
 from knockout.stats.running import AUTO, DEFAULT_EPS, DEFAULT_LIMIT, HistGrid, LayerStats
 

@@ -18,16 +18,16 @@ import dataclasses
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from knockout.ablation.options import OptimalOptions, ResampleOptions
 from knockout.ablation.selection import HEAD_MODES, MODES, validate_fractions
+from knockout.components import parse_unit
 from knockout.data.images import ImageOptions
 from knockout.data.tasks import DataSpec
 from knockout.errors import KnockoutError
-from knockout.experiments.scan_options import ScanOptions
 from knockout.inference.sequential import DecideOptions
 from knockout.loading import TASKS, parse_device_map
 from knockout.options import OptionGroup, default_of, setting
@@ -45,6 +45,45 @@ ALL_METHODS = "all"
 AUTO = "auto"
 #: Keys of a run folder's config.json that are not settings (what the run resolved and recorded).
 RECORD_KEYS = ("resolved",)
+
+
+@dataclass(frozen=True)
+class ScanOptions(OptionGroup):
+    """Settings of ``knockout scan`` (``SweepConfig.scan``); ``unit`` is ``None`` for every other run."""
+
+    prefix: ClassVar[str] = "scan"
+    title: ClassVar[str] = "scan"
+
+    unit: str | None = setting(
+        None,
+        "what to ablate one at a time: head (every attention head), layer (every layer's whole site) or neurons:K "
+        "(groups of K consecutive neurons of each layer, for models too wide for single neurons)",
+        "scan",
+        kind="str",
+        flag="--unit",
+        affects_results=False,
+    )
+    attribution: bool = setting(
+        False,
+        "also compute the attribution-patching estimate of every unit's effect (gradient x (constant - activation), "
+        "one forward and backward pass per batch; an estimate, reported beside the exact effects with its "
+        "correlation to them)",
+        "scan",
+        kind="bool",
+        flag="--attribution",
+        affects_results=False,
+    )
+    top_k: int = setting(
+        10, "units compared between methods in the report (overlap of the top-k)", "scan", kind="int",
+        flag="--top-k", affects_results=False,
+    )  # fmt: skip
+
+    def __post_init__(self):
+        if self.unit is not None:
+            self._str("unit")
+            parse_unit(self.unit)
+        self._bool("attribution")
+        self._int("top_k", 1)
 
 
 @dataclass(frozen=True)
@@ -227,6 +266,10 @@ class SweepConfig:
     )
 
     #: The option groups, by field name.
+    recorded: InitVar[bool] = False
+    """Made from a run folder's record (:meth:`from_record`): what needs this machine (a component set file, a
+    registered method) is not checked again."""
+
     GROUPS: ClassVar[dict[str, type[OptionGroup]]] = {
         "optimal": OptimalOptions,
         "resample": ResampleOptions,
@@ -235,7 +278,7 @@ class SweepConfig:
         "scan": ScanOptions,
     }
 
-    def __post_init__(self):
+    def __post_init__(self, recorded: bool = False):
         for name, group in self.GROUPS.items():
             object.__setattr__(self, name, group.from_dict(getattr(self, name)))
         if not self.model:
@@ -283,7 +326,7 @@ class SweepConfig:
                 f"{self.stats_tokens}-token collection split, which holds about a quarter of it: raise --stats-tokens "
                 f"to at least {4 * self.optimal.held_out_tokens} or lower --optimal-held-out-tokens"
             )
-        self._check_targets()
+        self._check_targets(recorded)
         check_hist_params(self.eps, self.hist_limit)
         parse_device_map(self.device_map)
         if self.selection not in MODES:
@@ -299,7 +342,7 @@ class SweepConfig:
         from knockout.ablation.methods import get_method
 
         for m in self.methods:
-            if m != ALL_METHODS:
+            if m != ALL_METHODS and not recorded:
                 get_method(m)
 
     @property
@@ -307,16 +350,18 @@ class SweepConfig:
         """Whether the run ablates named components (``--ablate``) or scan units rather than random fractions."""
         return self.ablate is not None or self.scan.unit is not None
 
-    def _check_targets(self) -> None:
-        """``--ablate``'s syntax (its ranges are checked against the model's sites when it is loaded)."""
+    def _check_targets(self, recorded: bool = False) -> None:
+        """``--ablate``'s syntax (its ranges are checked against the model's sites when it is loaded; a recorded
+        run's set file is not read again: its sets are in the record)."""
         if self.ablate is not None and self.scan.unit is not None:
             raise KnockoutError("a scan ablates its units one at a time; --ablate is for sweeps")
         if self.stats_data is not None and (not isinstance(self.stats_data, str) or not self.stats_data.strip()):
             raise KnockoutError(f"stats_data (--stats-data) must be a data source, got {self.stats_data!r}")
         if self.ablate is not None:
-            from knockout.components import parse_spec
+            from knockout.components import is_file_spec, parse_spec
 
-            parse_spec(self.ablate)
+            if not (recorded and is_file_spec(self.ablate)):
+                parse_spec(self.ablate)
             if self.method_fractions:
                 raise KnockoutError("--method-fractions chooses fractions, which --ablate runs do not use")
 
@@ -372,6 +417,20 @@ class SweepConfig:
         if unknown:
             raise KnockoutError(f"unknown setting(s) {', '.join(unknown)}; see `knockout sweep --help`")
         return cls(**merged)
+
+    @classmethod
+    def from_record(cls, values: dict) -> SweepConfig:
+        """The settings a run folder's config.json recorded (its ``resolved`` record is :class:`Resolved`), checked
+        as any config except for what needs this machine (see :attr:`recorded`). A setting the record lacks (an
+        older version wrote it) takes today's default."""
+        if not isinstance(values, dict):
+            raise KnockoutError(f"a config must be an object of settings, got {type(values).__name__}")
+        settings = {k: v for k, v in values.items() if k not in RECORD_KEYS}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise KnockoutError(f"unknown setting(s) {', '.join(unknown)}")
+        return cls(**settings, recorded=True)
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> SweepConfig:
@@ -493,3 +552,56 @@ def resolve_methods(methods: tuple[str, ...], task: str, resample: ResampleOptio
             "leaving out %s for a %s model (see `knockout methods`, e.g. --resample-model)", ", ".join(skipped), task
         )
     return tuple(chosen)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a run resolved and recorded beside its settings (config.json's ``resolved``): the loaded model's task,
+    identity and revision, its site modules, device and dtype, the versions, the data's identity, the statistics'
+    provenance and, for runs of named sets, the sets. A record of an older version lacks some: they read as
+    ``None``."""
+
+    task: str | None = None
+    positions_used: dict | None = None
+    """``eval_scored_fraction`` (the share of computed evaluation positions that are scored) and ``sort_by_length``."""
+    model_identity: dict | None = None
+    """:func:`knockout.loading.model_identity`: name, model type, site, widths, heads, fingerprint."""
+    model_revision: dict | None = None
+    site_modules: list[str] | None = None
+    device: str | None = None
+    dtype: str | None = None
+    device_map: dict | None = None
+    environment: dict | None = None
+    data_identity: dict | None = None
+    statistics: dict | None = None
+    """Where the statistics came from (:func:`knockout.experiments.prepare.stats_provenance`)."""
+    targets: dict | None = None
+    """Named sets (``--ablate``, scan units): name -> components, neurons ablated, fraction, digest."""
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> Resolved:
+        """The record of config.json (keys it does not know are left out; a damaged record is an error)."""
+        if values is None:
+            return cls()
+        if not isinstance(values, dict):
+            raise KnockoutError(f"the run's resolved record must be an object, got {type(values).__name__}")
+        out = {}
+        for f in dataclasses.fields(cls):
+            value = values.get(f.name)
+            expected = dict if "dict" in str(f.type) else list if "list" in str(f.type) else str
+            if value is not None and not isinstance(value, expected):
+                raise KnockoutError(f"the run's resolved.{f.name} must be a {expected.__name__}, got {value!r}")
+            out[f.name] = value
+        return cls(**out)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "targets" or v is not None}
+
+    @property
+    def identity(self) -> dict:
+        """The model identity (``{}`` when not recorded)."""
+        return self.model_identity or {}
+
+    @property
+    def site_kind(self) -> str:
+        return str(self.identity.get("site") or "attention")
