@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import reprlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ MAX_DEPTH = 64
 #: The most values (lists' items, objects' entries, counted with repeats: a YAML alias counts each time it is used)
 #: a settings file may hold.
 MAX_VALUES = 100_000
+#: The longest line of a JSONL file (task prompts, documents) parsed, in characters.
+MAX_LINE_CHARS = 16 << 20
 #: The most digits of a number in a component or a scan unit (no model has a billion layers or neurons).
 MAX_DIGITS = 9
 
@@ -31,6 +34,7 @@ _ESCAPE = re.compile(r"\\.", re.DOTALL)
 _STRING = re.compile(r'"[^"]*"')
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _ASCII_DIGITS = re.compile(r"[0-9]+", re.ASCII)
+_NEWLINE = re.compile(r"\r\n|\r|\n")
 
 _repr = reprlib.Repr()
 _repr.maxlevel, _repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict = 3, 60, 60, 6, 6
@@ -133,3 +137,27 @@ def ascii_int(text: str, what: str, max_digits: int = MAX_DIGITS) -> int:
     if len(text) > max_digits:
         raise KnockoutError(f"{what}: the number {text[:12]}... has {len(text)} digits; at most {max_digits} are read")
     return int(text)
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of JSONL ``text``: split at ``\\n``, ``\\r\\n`` and ``\\r`` only (Python's universal newlines), not at
+    the Unicode line separators ``str.splitlines`` also splits at (U+2028, U+0085...), which JSON strings may hold."""
+    return _NEWLINE.split(text)
+
+
+def jsonl_values(text: str, where: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of every non-blank line of the JSONL ``text`` (``where``: the file, for messages
+    ``FILE:N``). Each line is refused, in one line naming it, when it is longer than :data:`MAX_LINE_CHARS`,
+    nests deeper than :data:`MAX_DEPTH` (both checked before parsing) or is not valid JSON."""
+    for n, line in enumerate(jsonl_lines(text), 1):
+        if not line.strip():
+            continue
+        if len(line) > MAX_LINE_CHARS:
+            raise KnockoutError(
+                f"{where}:{n} is {len(line):,} characters long; a line is read up to {MAX_LINE_CHARS:,} characters"
+            )
+        try:
+            value = loads_json(line, f"{where}:{n}")
+        except KnockoutError as e:
+            raise KnockoutError(f"{e}; fix or delete that line") from None
+        yield n, value
