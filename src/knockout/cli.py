@@ -310,15 +310,30 @@ def _add_report_parsers(command) -> None:
 def _config(args, sections: tuple[str, ...] = FLAG_SECTIONS, **extra):
     """The config of a command: a preset's (``--preset``, or the demo's) or a config file's (``--config``) with the
     given flags as overrides, or one made of the given flags alone."""
-    from knockout.experiments.config import SweepConfig, merge_settings, read_settings_file
+    from knockout.experiments.config import SweepConfig, merge_settings
     from knockout.experiments.presets import get_preset
 
-    base = read_settings_file(args.config) if getattr(args, "config", None) else {}
-    values = merge_settings({k: v for k, v in base.items() if k != "resolved"}, {**_given(args, sections), **extra})
+    base = _settings_file(args)
+    given = _given(args, sections)
+    values = merge_settings({k: v for k, v in base.items() if k != "resolved"}, {**given, **extra})
     preset = "demo" if args.command == "demo" else getattr(args, "preset", None)
-    if preset is not None:
-        return get_preset(preset).config(**values)
-    return SweepConfig.from_dict(values)
+    cfg = get_preset(preset).config(**values) if preset is not None else SweepConfig.from_dict(values)
+    if "fractions" in given and cfg.ablate is not None:
+        raise KnockoutError(
+            "--fractions chooses random fractions of neurons, which --ablate runs do not use (each named set is "
+            "ablated whole); leave --fractions out"
+        )
+    return cfg
+
+
+def _settings_file(args) -> dict:
+    """The settings of ``--config FILE`` (none without it). Remote code is never turned on by the file: its
+    ``trust_remote_code`` is refused unless ``--trust-remote-code`` is given too."""
+    from knockout.experiments.config import read_settings_file
+
+    if not getattr(args, "config", None):
+        return {}
+    return read_settings_file(args.config, trust_remote_code=getattr(args, "trust_remote_code", None) is True)
 
 
 def _sweep(args) -> int:
@@ -349,12 +364,12 @@ def _sweep(args) -> int:
 
 
 def _scan(args) -> int:
-    from knockout.experiments.config import merge_settings, read_settings_file
+    from knockout.experiments.config import merge_settings
     from knockout.experiments.scan import run_scan, scan_config
     from knockout.reporting.scan import format_scan, load_scan, write_scan_report
 
     scan_sections = (FLAG_SECTIONS, (*OPTION_GROUPS, "scan"))
-    base = read_settings_file(args.config) if args.config else {}
+    base = _settings_file(args)
     values = merge_settings({k: v for k, v in base.items() if k != "resolved"}, _given(args, *scan_sections))
     out = run_scan(scan_config(**values), progress=not args.quiet, restart=args.restart)
     if not _main_process():
