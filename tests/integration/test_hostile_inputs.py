@@ -124,6 +124,16 @@ def test_a_layer_number_of_5000_digits_and_superscript_digits(setup, tmp_path, c
     _refused([*scan, "--unit", "neurons:" + "1" * 5000], capsys, "unknown scan unit", out=out)
 
 
+def test_numbers_on_the_command_line_are_ascii_digits(setup, tmp_path, capsys, no_model):
+    _, model, corpus = setup
+    out = tmp_path / "run"
+    for flag, value in [("--eval-tokens", "٣٢"), ("--seeds", "0,١"), ("--fractions", "0,٠.5"), ("--eps", "٠.1")]:
+        with pytest.raises(SystemExit) as stop:  # argparse's own message: usage, then the error
+            main(_sweep(model, corpus, out, flag, value))
+        assert stop.value.code == 2 and "digits 0-9" in capsys.readouterr().err
+    _refused(_sweep(model, corpus, out, "--methods", "peak@١"), capsys, "method names are ASCII", out=out)
+
+
 def _task_lines(n: int = 20) -> list[dict]:
     return [{"prompt": f"Question {i}: the answer is", "answer": f" {i % 7}"} for i in range(n)]
 

@@ -305,6 +305,8 @@ class SweepConfig:
         from knockout.ablation.methods import get_method
 
         for m in self.methods:
+            if not m.isascii():  # float() would read peak@١ (another script's 1) as peak@1
+                raise KnockoutError(f"unknown ablation method {brief(m)}; method names are ASCII (knockout methods)")
             if m != ALL_METHODS:
                 get_method(m)
 
