@@ -243,7 +243,7 @@ class SweepConfig:
         if self.preset is not None and not isinstance(self.preset, str):
             raise KnockoutError(f"preset must be a preset's name, got {brief(self.preset)}")
         if self.n_heads is not None and (type(self.n_heads) is not int or self.n_heads < 1):
-            raise KnockoutError(f"n_heads (--n-heads) must be a positive integer, got {brief(self.n_heads)}")
+            raise KnockoutError(f"--n-heads must be a positive integer, got {brief(self.n_heads)}")
         for name, group in self.GROUPS.items():
             object.__setattr__(self, name, group.from_dict(getattr(self, name)))
         if not self.model:
