@@ -165,6 +165,17 @@ def test_a_huge_prompt_in_the_evaluation_part_is_refused_before_it_is_tokenized(
     _refused(args, capsys, f"prompt {0}", "characters, more than --max-length 40 tokens can hold", out=out)
 
 
+def test_a_jsonl_line_over_the_line_limit_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    import knockout.inputs
+    from knockout.data.prompts import read_task_file
+
+    monkeypatch.setattr(knockout.inputs, "MAX_LINE_CHARS", 1000)  # 16 Mi characters: a 100 MB prompt line
+    lines = _task_lines()
+    lines[5] = {"prompt": "x" * 2000, "answer": " a"}
+    with pytest.raises(KnockoutError, match=r"task.jsonl:6 is 2,0\d\d characters long; a line is read up to 1,000"):
+        read_task_file(_write_lines(tmp_path / "task.jsonl", lines))
+
+
 def test_prompt_length_is_bounded_before_the_tokenizer_sees_it():
     from knockout.data import prompts as P
 
