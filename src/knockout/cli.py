@@ -18,8 +18,30 @@ from knockout.errors import KnockoutError
 log = logging.getLogger("knockout")
 
 
+def _ascii(text: str, expected: str) -> str:
+    """``text`` if it is ASCII: ``int`` and ``float`` also read other scripts' digits (``int("٣")`` is 3)."""
+    if not text.isascii():
+        raise argparse.ArgumentTypeError(f"expected {expected} written with the digits 0-9, got {text!r}")
+    return text
+
+
+def _int(text: str) -> int:
+    try:
+        return int(_ascii(text, "an integer"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text[:40]!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(_ascii(text, "a number"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text[:40]!r}") from None
+
+
 def _floats(text: str) -> list[float]:
     """``0,0.5,1`` or ``start:stop:step`` (stop included)."""
+    _ascii(text, "numbers like 0,0.5,1")
     try:
         if ":" in text:
             start, stop, step = (float(x) for x in text.split(":"))
@@ -37,6 +59,7 @@ def _floats(text: str) -> list[float]:
 
 
 def _ints(text: str) -> list[int]:
+    _ascii(text, "integers like 0,1,2")
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -47,6 +70,7 @@ def _seeds(text: str) -> list[int] | str:
     """``0,1,2`` or ``auto``."""
     if text.strip() == "auto":
         return "auto"
+    _ascii(text, "integers like 0,1,2 or 'auto'")
     try:
         return _ints(text)
     except argparse.ArgumentTypeError:
@@ -58,7 +82,7 @@ def _float_or_auto(text: str) -> float | str:
     if text.strip() == "auto":
         return "auto"
     try:
-        return float(text)
+        return float(_ascii(text, "a number or 'auto'"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
@@ -84,8 +108,8 @@ def _method_fractions(text: str) -> dict[str, list[float]]:
 
 _KINDS = {
     "str": str,
-    "int": int,
-    "float": float,
+    "int": _int,
+    "float": _float,
     "float_or_auto": _float_or_auto,
     "floats": _floats,
     "ints": _ints,
@@ -232,11 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("bench", "throughput of plain forward, statistics collection and ablated evaluation")
     _add_config_flags(p, ("model",), exclude=("site",))
-    p.add_argument("--batch-size", type=int, help="sequences per batch (default 8)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default 128)")
-    p.add_argument("--repeats", type=int, help="interleaved rounds; the median is reported (default 3)")
+    p.add_argument("--batch-size", type=_int, help="sequences per batch (default 8)")
+    p.add_argument("--seq-len", type=_int, help="tokens per sequence (default 128)")
+    p.add_argument("--repeats", type=_int, help="interleaved rounds; the median is reported (default 3)")
     p.add_argument(
-        "--compare-tokens", type=int, help="tokens of the comparison with the authors' statistics (default 100000)"
+        "--compare-tokens", type=_int, help="tokens of the comparison with the authors' statistics (default 100000)"
     )
     p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     _add_report_parsers(command)
@@ -298,7 +322,7 @@ def _add_report_parsers(command) -> None:
     p.add_argument("--out", help="output folder (default RUN_DIR/report)")
     p.add_argument("--fractions", type=_floats, default=[0.5, 0.9], help="fractions in the table (default 0.5,0.9)")
     p.add_argument("--layers", type=_ints, help="layers of the histogram figure (default four spread over depth)")
-    p.add_argument("--top-k", type=int, default=8, help="atypical neurons drawn (default 8)")
+    p.add_argument("--top-k", type=_int, default=8, help="atypical neurons drawn (default 8)")
 
     p = command("compare", "the table and curves of several runs side by side")
     p.add_argument("run_dirs", nargs="+", help="run folders")
@@ -310,15 +334,30 @@ def _add_report_parsers(command) -> None:
 def _config(args, sections: tuple[str, ...] = FLAG_SECTIONS, **extra):
     """The config of a command: a preset's (``--preset``, or the demo's) or a config file's (``--config``) with the
     given flags as overrides, or one made of the given flags alone."""
-    from knockout.config import SweepConfig, merge_settings, read_settings_file
+    from knockout.config import SweepConfig, merge_settings
     from knockout.experiments.presets import get_preset
 
-    base = read_settings_file(args.config) if getattr(args, "config", None) else {}
-    values = merge_settings({k: v for k, v in base.items() if k != "resolved"}, {**_given(args, sections), **extra})
+    base = _settings_file(args)
+    given = _given(args, sections)
+    values = merge_settings({k: v for k, v in base.items() if k != "resolved"}, {**given, **extra})
     preset = "demo" if args.command == "demo" else getattr(args, "preset", None)
-    if preset is not None:
-        return get_preset(preset).config(**values)
-    return SweepConfig.from_dict(values)
+    cfg = get_preset(preset).config(**values) if preset is not None else SweepConfig.from_dict(values)
+    if "fractions" in given and cfg.ablate is not None:
+        raise KnockoutError(
+            "--fractions chooses random fractions of neurons, which --ablate runs do not use (each named set is "
+            "ablated whole); leave --fractions out"
+        )
+    return cfg
+
+
+def _settings_file(args) -> dict:
+    """The settings of ``--config FILE`` (none without it). Remote code is never turned on by the file: its
+    ``trust_remote_code`` is refused unless ``--trust-remote-code`` is given too."""
+    from knockout.config import read_settings_file
+
+    if not getattr(args, "config", None):
+        return {}
+    return read_settings_file(args.config, trust_remote_code=getattr(args, "trust_remote_code", None) is True)
 
 
 def _sweep(args) -> int:
@@ -349,12 +388,12 @@ def _sweep(args) -> int:
 
 
 def _scan(args) -> int:
-    from knockout.config import merge_settings, read_settings_file
+    from knockout.config import merge_settings
     from knockout.experiments.scan import run_scan, scan_config
     from knockout.reporting.scan import format_scan, load_scan, write_scan_report
 
     scan_sections = (FLAG_SECTIONS, (*OPTION_GROUPS, "scan"))
-    base = read_settings_file(args.config) if args.config else {}
+    base = _settings_file(args)
     values = merge_settings({k: v for k, v in base.items() if k != "resolved"}, _given(args, *scan_sections))
     out = run_scan(scan_config(**values), progress=not args.quiet, restart=args.restart)
     if not _main_process():

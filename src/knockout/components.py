@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,9 +47,10 @@ import torch
 
 from knockout.errors import KnockoutError
 from knockout.files import neuron_set_hash
+from knockout.inputs import MAX_DIGITS, ascii_int, brief, brief_text, loads_json, read_limited
 
 FORMS = "L<layer>.H<head> (a head), L<layer>:<neuron>, L<layer>:<first>-<last> (inclusive) or L<layer> (a layer)"
-_TOKEN = re.compile(r"^L(\d+)(?:\.H(\d+)|:(\d+)(?:-(\d+))?)?$", re.IGNORECASE)
+_TOKEN = re.compile(r"^L([0-9]+)(?:\.H([0-9]+)|:([0-9]+)(?:-([0-9]+))?)?$", re.IGNORECASE | re.ASCII)
 _BAD_NAME = re.compile(r"[;=,#\r\n]")
 FILE_SUFFIXES = (".json", ".csv")
 UNITS = ("head", "layer", "neurons:K")
@@ -165,28 +165,29 @@ def parse_component(token: str, where: str = "") -> Component:
     text = token.strip()
     m = _TOKEN.match(text)
     if not m:
-        raise KnockoutError(f"cannot read component {text!r}{where}; use {FORMS}")
-    layer, head, first, last = m.groups()
+        raise KnockoutError(f"cannot read component {brief(text)}{where}; use {FORMS}")
+    numbers = [ascii_int(g, f"component {brief(text)}{where}") if g is not None else None for g in m.groups()]
+    layer, head, first, last = numbers
     if head is not None:
-        return Component("head", int(layer), int(head))
+        return Component("head", layer, head)
     if last is not None:
-        if int(last) < int(first):
+        if last < first:
             raise KnockoutError(f"component {text!r}{where}: the range {first}-{last} counts down; give first-last")
-        return Component("range", int(layer), int(first), int(last))
+        return Component("range", layer, first, last)
     if first is not None:
-        return Component("neuron", int(layer), int(first))
-    return Component("layer", int(layer))
+        return Component("neuron", layer, first)
+    return Component("layer", layer)
 
 
 def _in(name: str) -> str:
-    return f" (in set {name!r})" if name else ""
+    return f" (in set {brief(name)})" if name else ""
 
 
 def parse_set(text: str, name: str | None = None) -> SetSpec:
     """One set: comma-separated components, named ``name`` (default: the components in canonical form)."""
     tokens = [t for t in text.split(",") if t.strip()]
     if not tokens:
-        raise KnockoutError(f"set {name!r} has no components; give e.g. L9.H6,L9.H9" if name else "empty set")
+        raise KnockoutError(f"set {brief(name)} has no components; give e.g. L9.H6,L9.H9" if name else "empty set")
     comps = tuple(parse_component(t, _in(name or "")) for t in tokens)
     if name is None:
         return SetSpec(",".join(map(str, comps)), comps, named=False)
@@ -196,10 +197,10 @@ def parse_set(text: str, name: str | None = None) -> SetSpec:
 def check_name(name) -> str:
     """A set name, stripped; refused when empty or holding a separator (``; = , #``) or a line break."""
     if not isinstance(name, str) or not name.strip():
-        raise KnockoutError(f"a component set needs a non-empty name, got {name!r}")
+        raise KnockoutError(f"a component set needs a non-empty name, got {brief(name)}")
     name = name.strip()
     if _BAD_NAME.search(name):
-        raise KnockoutError(f"set name {name!r} may not contain ';', '=', ',', '#' or a line break")
+        raise KnockoutError(f"set name {brief(name)} may not contain ';', '=', ',', '#' or a line break")
     if name == "baseline":
         raise KnockoutError("'baseline' names the unablated rows; choose another set name")
     return name
@@ -214,7 +215,7 @@ def parse_spec(spec: str) -> list[SetSpec]:
     """The sets of a spec string or a ``.json``/``.csv`` file (syntax only; ranges are checked by :func:`resolve`).
     Set names must be unique."""
     if not isinstance(spec, str) or not spec.strip():
-        raise KnockoutError(f"give components to ablate, e.g. --ablate L9.H6,L9.H9 (got {spec!r})")
+        raise KnockoutError(f"give components to ablate, e.g. --ablate L9.H6,L9.H9 (got {brief(spec)})")
     if is_file_spec(spec):
         sets = _read_file(Path(spec.strip()).expanduser())
     else:
@@ -225,33 +226,38 @@ def parse_spec(spec: str) -> list[SetSpec]:
             name, sep, body = part.partition("=")
             sets.append(parse_set(body, name) if sep else parse_set(part))
     if not sets:
-        raise KnockoutError(f"no component sets in {spec!r}")
+        raise KnockoutError(f"no component sets in {brief(spec)}")
     seen: set[str] = set()
     for s in sets:
         if s.name in seen:
-            raise KnockoutError(f"set name {s.name!r} is given twice; names must be unique")
+            raise KnockoutError(f"set name {brief(s.name)} is given twice; names must be unique")
         seen.add(s.name)
     return sets
 
 
 def _read_file(path: Path) -> list[SetSpec]:
+    """The sets of a ``.json`` or ``.csv`` file: at most :data:`~knockout.inputs.MAX_FILE_BYTES`, JSON nested at
+    most :data:`~knockout.inputs.MAX_DEPTH` levels, CSV fields within the csv module's field limit."""
     if not path.is_file():
         raise KnockoutError(f"component file {str(path)!r} does not exist")
+    data = read_limited(path, "component file")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise KnockoutError(f"cannot read component file {str(path)!r}: {e}") from e
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise KnockoutError(f"cannot read component file {str(path)!r}: it is not UTF-8 text ({e.reason})") from e
     where = f"component file {str(path)!r}"
     if path.suffix.lower() == ".json":
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise KnockoutError(f"{where} is not valid JSON ({e})") from e
+        items = loads_json(text, where)
         items = [items] if isinstance(items, dict) else items
         if not isinstance(items, list) or not items:
             raise KnockoutError(f'{where}: expected {{"name": ..., "components": [...]}} or a non-empty list of them')
         return [_json_set(item, f"{where} item {i}") for i, item in enumerate(items)]
-    rows = list(csv.reader(io.StringIO(text)))
+    try:
+        rows = list(csv.reader(io.StringIO(text)))
+    except csv.Error as e:  # a field over the csv module's limit (128 kB), a NUL byte, a broken quote
+        raise KnockoutError(
+            f"{where} is not readable CSV ({e}); give a header name,components and a row per set"
+        ) from None
     rows = [r for r in rows if any(c.strip() for c in r)]
     if not rows or [c.strip().lower() for c in rows[0][:2]] != ["name", "components"]:
         raise KnockoutError(f"{where}: the first line must be the header name,components")
@@ -269,15 +275,15 @@ def _read_file(path: Path) -> list[SetSpec]:
 
 def _json_set(item, where: str) -> SetSpec:
     if not isinstance(item, dict) or "name" not in item or "components" not in item:
-        raise KnockoutError(f'{where}: expected an object {{"name": ..., "components": [...]}}, got {item!r}')
+        raise KnockoutError(f'{where}: expected an object {{"name": ..., "components": [...]}}, got {brief(item)}')
     unknown = sorted(set(item) - {"name", "components"})
     if unknown:
-        raise KnockoutError(f"{where}: unknown field(s) {', '.join(unknown)}")
+        raise KnockoutError(f"{where}: unknown field(s) {brief_text(', '.join(unknown))}; known: name, components")
     comps = item["components"]
     if isinstance(comps, list) and all(isinstance(c, str) for c in comps):
         comps = ",".join(comps)
     if not isinstance(comps, str):
-        raise KnockoutError(f"{where}: components must be a list of strings or one string, got {comps!r}")
+        raise KnockoutError(f"{where}: components must be a list of strings or one string, got {brief(comps)}")
     return parse_set(comps, check_name(item["name"]))
 
 
@@ -344,7 +350,7 @@ def components(spec: str, sites: Sequence) -> list[torch.Tensor]:
     sets = component_sets(spec, sites)
     if len(sets) != 1:
         raise KnockoutError(
-            f"{spec!r} holds {len(sets)} sets ({', '.join(s.name for s in sets)}); use knockout.component_sets"
+            f"{brief(spec)} holds {len(sets)} sets ({', '.join(s.name for s in sets)}); use knockout.component_sets"
         )
     return list(sets[0].neurons)
 
@@ -356,9 +362,9 @@ def parse_unit(unit: str) -> tuple[str, int]:
     if text in ("head", "layer"):
         return text, 0
     kind, sep, size = text.partition(":")
-    if kind == "neurons" and sep and size.isdigit() and int(size) >= 1:
+    if kind == "neurons" and sep and size.isascii() and size.isdigit() and len(size) <= MAX_DIGITS and int(size) >= 1:
         return "neurons", int(size)
-    raise KnockoutError(f"unknown scan unit {unit!r}; use head, layer or neurons:K (groups of K neurons, e.g. 64)")
+    raise KnockoutError(f"unknown scan unit {brief(unit)}; use head, layer or neurons:K (groups of K neurons, e.g. 64)")
 
 
 def scan_units(sites: Sequence, unit: str) -> list[ComponentSet]:

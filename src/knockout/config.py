@@ -29,8 +29,9 @@ from knockout.data.images import ImageOptions
 from knockout.data.tasks import DataSpec
 from knockout.errors import KnockoutError
 from knockout.inference.sequential import DecideOptions
+from knockout.inputs import MAX_DEPTH, brief, brief_text, check_size, loads_json, one_line, read_limited
 from knockout.loading import TASKS, parse_device_map
-from knockout.options import OptionGroup, default_of, setting
+from knockout.options import OptionGroup, check_shapes, default_of, setting
 from knockout.sites import SITE_KINDS
 from knockout.stats.running import DEFAULT_EPS, DEFAULT_LIMIT, check_hist_params
 
@@ -45,6 +46,8 @@ ALL_METHODS = "all"
 AUTO = "auto"
 #: Keys of a run folder's config.json that are not settings (what the run resolved and recorded).
 RECORD_KEYS = ("resolved",)
+#: The flag that alone turns on running a model's own Python code (never a settings file: see read_settings_file).
+REMOTE_CODE_FLAG = "--trust-remote-code"
 
 
 @dataclass(frozen=True)
@@ -279,6 +282,11 @@ class SweepConfig:
     }
 
     def __post_init__(self, recorded: bool = False):
+        check_shapes(SweepConfig, self)  # a string where a list is expected, a list where a number is...
+        if self.preset is not None and not isinstance(self.preset, str):
+            raise KnockoutError(f"preset must be a preset's name, got {brief(self.preset)}")
+        if self.n_heads is not None and (type(self.n_heads) is not int or self.n_heads < 1):
+            raise KnockoutError(f"--n-heads must be a positive integer, got {brief(self.n_heads)}")
         for name, group in self.GROUPS.items():
             object.__setattr__(self, name, group.from_dict(getattr(self, name)))
         if not self.model:
@@ -342,6 +350,8 @@ class SweepConfig:
         from knockout.ablation.methods import get_method
 
         for m in self.methods:
+            if not m.isascii():  # float() would read peak@١ (another script's 1) as peak@1
+                raise KnockoutError(f"unknown ablation method {brief(m)}; method names are ASCII (knockout methods)")
             if m != ALL_METHODS and not recorded:
                 get_method(m)
 
@@ -364,6 +374,11 @@ class SweepConfig:
                 parse_spec(self.ablate)
             if self.method_fractions:
                 raise KnockoutError("--method-fractions chooses fractions, which --ablate runs do not use")
+            if self.fractions != DEFAULT_FRACTIONS:
+                log.warning(
+                    "fractions %s are not used: an --ablate run ablates each named set whole",
+                    ",".join(f"{f:g}" for f in self.fractions),
+                )
 
     def _checked_method_fractions(self) -> dict[str, list[float]]:
         """``method_fractions`` with each list validated, sorted, and checked to be a subset of ``fractions``."""
@@ -413,9 +428,12 @@ class SweepConfig:
             raise KnockoutError(f"a config must be an object of settings, got {type(values).__name__}")
         merged = merge_settings({k: v for k, v in values.items() if k not in RECORD_KEYS}, overrides)
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(merged) - known)
+        unknown = sorted(k if isinstance(k, str) else brief(k) for k in set(merged) - known)
         if unknown:
-            raise KnockoutError(f"unknown setting(s) {', '.join(unknown)}; see `knockout sweep --help`")
+            raise KnockoutError(
+                f"unknown setting(s) {brief_text(', '.join(unknown))}; known: {', '.join(sorted(known))} "
+                "(docs/configuration.md)"
+            )
         return cls(**merged)
 
     @classmethod
@@ -434,8 +452,10 @@ class SweepConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> SweepConfig:
-        """The config in ``path``: JSON (e.g. a run folder's config.json), TOML or YAML, by its suffix."""
-        return cls.from_dict(read_settings_file(path), **overrides)
+        """The config in ``path``: JSON (e.g. a run folder's config.json), TOML or YAML, by its suffix. A file never
+        turns on remote code: pass ``trust_remote_code=True`` here (see :func:`read_settings_file`)."""
+        trust = overrides.get("trust_remote_code") is True
+        return cls.from_dict(read_settings_file(path, trust_remote_code=trust), **overrides)
 
     def result_fields(self) -> dict:
         """The settings whose change makes stored results incomparable (JSON types: what config.json holds)."""
@@ -506,35 +526,85 @@ def result_settings(values: dict) -> dict:
     return out
 
 
-def read_settings_file(path: str | Path) -> dict:
-    """The settings in a ``.json``, ``.toml`` or ``.yaml``/``.yml`` file, as a dict (not yet validated)."""
-    path = Path(path)
-    if not path.is_file():
-        raise KnockoutError(f"config file {str(path)!r} does not exist")
-    suffix = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8")
-        if suffix == ".json":
-            values = json.loads(text)
-        elif suffix == ".toml":
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10
-                raise KnockoutError("TOML config files need Python 3.11 or later; use JSON") from None
-            values = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            import yaml
+def read_settings_file(path: str | Path, trust_remote_code: bool = False) -> dict:
+    """The settings in a ``.json``, ``.toml`` or ``.yaml``/``.yml`` file, as a dict (not yet validated).
 
-            values = yaml.safe_load(text)
-        else:
-            raise KnockoutError(f"config file {str(path)!r} should end in .json, .toml, .yaml or .yml")
-    except KnockoutError:
-        raise
-    except Exception as e:  # the parsers raise their own error types
-        raise KnockoutError(f"config file {str(path)!r} cannot be read: {e}") from e
+    Settings files come from others (a colleague's, a run folder's ``config.json``), so they are read within bounds
+    (:mod:`knockout.inputs`: at most 16 MiB, nested at most 64 levels, 100,000 values) and every problem is one line.
+    A file never turns on remote code: ``trust_remote_code`` other than false is refused, naming the flag
+    ``--trust-remote-code``, unless the caller passes ``trust_remote_code=True`` (the command-line flag or the Python
+    argument was given); the key is dropped either way, so the flag or the argument alone decides."""
+    path = Path(path)
+    where = f"config file {str(path)!r}"
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".toml", ".yaml", ".yml"):
+        if not path.is_file():
+            raise KnockoutError(f"{where} does not exist")
+        raise KnockoutError(f"{where} should end in .json, .toml, .yaml or .yml")
+    if not path.is_file():
+        raise KnockoutError(f"{where} does not exist")
+    data = read_limited(path, "config file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise KnockoutError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if suffix == ".json":
+        values = loads_json(text, where)
+    elif suffix == ".toml":
+        values = _read_toml(text, where)
+    else:
+        values = _read_yaml(text, where)
     if not isinstance(values, dict):
-        raise KnockoutError(f"config file {str(path)!r} must hold an object of settings")
+        raise KnockoutError(f"{where} must hold an object of settings, got {type(values).__name__}")
+    check_size(values, where)
+    remote = values.pop("trust_remote_code", False)
+    if remote is not False and not trust_remote_code:
+        shown = "true" if remote is True else brief(remote)
+        raise KnockoutError(
+            f"{where} sets trust_remote_code to {shown}: a settings file never turns on running a model's "
+            f"own Python code; pass {REMOTE_CODE_FLAG} on the command line (Python: trust_remote_code=True) if you "
+            "trust that code, or remove the setting"
+        )
     return values
+
+
+def _read_toml(text: str, where: str) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise KnockoutError("TOML config files need Python 3.11 or later; use JSON") from None
+    try:
+        return tomllib.loads(text)
+    except RecursionError:
+        raise KnockoutError(f"{where} nests lists or tables too deeply; at most {MAX_DEPTH} levels are read") from None
+    except (tomllib.TOMLDecodeError, ValueError) as e:  # ValueError: an integer beyond Python's digit limit
+        raise KnockoutError(f"{where} cannot be read: it is not valid TOML ({brief_text(str(e))})") from None
+
+
+def _read_yaml(text: str, where: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise KnockoutError(
+            f"{where} nests lists or mappings too deeply; at most {MAX_DEPTH} levels are read"
+        ) from None
+    except yaml.constructor.ConstructorError as e:  # a tag safe_load does not build (!!python/object...)
+        raise KnockoutError(
+            f"{where} uses a YAML tag knockout does not read ({brief_text(one_line(e.problem or str(e)))}"
+            f"{_yaml_line(e)}); settings files hold plain values: strings, numbers, lists and mappings"
+        ) from None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer beyond Python's digit limit
+        problem = getattr(e, "problem", None) or str(e)
+        raise KnockoutError(
+            f"{where} cannot be read: it is not valid YAML ({brief_text(problem)}{_yaml_line(e)})"
+        ) from None
+
+
+def _yaml_line(e) -> str:
+    mark = getattr(e, "problem_mark", None)
+    return f", line {mark.line + 1}" if mark is not None else ""
 
 
 def resolve_methods(methods: tuple[str, ...], task: str, resample: ResampleOptions | None = None) -> tuple[str, ...]:

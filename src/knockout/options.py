@@ -19,6 +19,7 @@ from dataclasses import field
 from typing import Any, ClassVar
 
 from knockout.errors import KnockoutError
+from knockout.inputs import brief, brief_text
 
 #: How a flag's text is parsed (see ``knockout.cli``): ``str``, ``int``, ``float``, ``floats`` (``0,0.5,1`` or
 #: ``start:stop:step``), ``ints``, ``seeds`` (``ints`` or ``auto``), ``names`` (comma-separated),
@@ -54,6 +55,61 @@ def setting(
     return field(default=default, metadata=meta)
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _list_of(value: Any, item) -> bool:
+    return isinstance(value, (list, tuple)) and all(item(v) for v in value)
+
+
+#: What a value of each kind must be before it is validated (a settings file's values reach a config unparsed).
+_SHAPES = {
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "int": ("an integer", _number),
+    "float": ("a number", _number),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "float_or_auto": ("a number or 'auto'", lambda v: _number(v) or v == "auto"),
+    "floats": ("a list of numbers, e.g. [0, 0.5, 1]", lambda v: _list_of(v, _number)),
+    "ints": ("a list of integers, e.g. [0, 1, 2]", lambda v: _list_of(v, _number)),
+    "names": ('a list of names, e.g. ["zero", "peak"]', lambda v: _list_of(v, lambda x: isinstance(x, str))),
+    "seeds": ("a list of integers or 'auto'", lambda v: v == "auto" or _list_of(v, _number)),
+    "method_fractions": (
+        'an object of method -> list of fractions, e.g. {"optimal": [0.5, 0.9]}',
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and _list_of(f, _number) for k, f in v.items()),
+    ),
+}
+
+
+def check_shape(name: str, value: Any, kind: str | None, optional: bool = False, also: tuple = ()) -> None:
+    """Refuse a value that cannot be a setting of ``kind`` (:data:`KINDS`) in one line naming ``name``: a string
+    where a list is expected (``fractions = "lots"``), a list where a number is. ``optional``: ``None`` is allowed;
+    ``also``: other types allowed (``device_map`` may be an object). Values are validated further by their
+    config."""
+    if kind is None or (optional and value is None) or isinstance(value, also):
+        return
+    what, fits = _SHAPES[kind]
+    if not fits(value):
+        got = f"the string {brief(value)}" if isinstance(value, str) else brief(value)
+        raise KnockoutError(f"{name} must be {what}, got {got}")
+
+
+def check_shapes(cls: type, values: Any, prefix: str = "") -> None:
+    """:func:`check_shape` for every field of dataclass ``cls`` with a ``kind``, in ``values`` (a dict or an
+    instance); a field whose default is ``None`` may be ``None``."""
+    for f in dataclasses.fields(cls):
+        if isinstance(values, dict):
+            if f.name not in values:
+                continue
+            value = values[f.name]
+        else:
+            value = getattr(values, f.name)
+        optional = f.default is None
+        also = (dict,) if f.name == "device_map" else ()
+        flag = f.metadata.get("flag", "--" + (prefix.replace(".", "-") + f.name).replace("_", "-"))
+        check_shape(f"{prefix}{f.name} ({flag})", value, f.metadata.get("kind"), optional, also)
+
+
 def default_of(cls: type, name: str) -> Any:
     """The default value of dataclass ``cls``'s field ``name``."""
     f = cls.__dataclass_fields__[name]
@@ -77,13 +133,14 @@ class OptionGroup:
         if isinstance(values, cls):
             return values
         if not isinstance(values, dict):
-            raise KnockoutError(f"{cls.prefix} options must be an object of settings, got {values!r}")
+            raise KnockoutError(f"{cls.prefix} options must be an object of settings, got {brief(values)}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(brief(k) if not isinstance(k, str) else k for k in set(values) - known)
         if unknown:
             raise KnockoutError(
-                f"unknown {cls.prefix} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+                f"unknown {cls.prefix} option(s) {brief_text(', '.join(unknown))}; known: {', '.join(sorted(known))}"
             )
+        check_shapes(cls, values, f"{cls.prefix}.")
         return cls(**values)
 
     def to_dict(self) -> dict:

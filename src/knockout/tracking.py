@@ -21,6 +21,8 @@ import json
 import logging
 import os
 import re
+import socket
+import urllib.parse
 from pathlib import Path
 
 from knockout.errors import KnockoutError
@@ -35,6 +37,10 @@ ROW_METRICS = ("top1", "ce", "delta_top1", "delta_ce")
 MAX_PARAM_LENGTH = 6000
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-. :/]")
 WANDB_MODES = ("offline", "online", "disabled")
+#: Seconds the check of a tracking server waits for it to accept a connection (once, before the model loads).
+CONNECT_TIMEOUT_S = 3.0
+#: Folders that hold no tracking store (kernel and device file systems).
+SYSTEM_DIRS = ("/proc", "/sys", "/dev")
 
 
 def flatten_config(config: dict, prefix: str = "") -> dict:
@@ -87,6 +93,73 @@ def _is_file_store(uri: str) -> bool:
     return uri.startswith("file:") or "://" not in uri and not uri.startswith(("sqlite:", "databricks", "postgresql"))
 
 
+def _store_path(uri: str) -> Path:
+    """The folder of a file store: ``file:./mlruns``, ``file:///abs/mlruns`` or a plain path."""
+    if uri.startswith("file:"):
+        parts = urllib.parse.urlsplit(uri)
+        return Path(urllib.parse.unquote(parts.path or ".")).expanduser()
+    return Path(uri).expanduser()
+
+
+def _check_local(path: Path, what: str) -> None:
+    """Refuse a local tracking location that is a file, lies under /proc, /sys or /dev (also through a link), or whose
+    folder does not exist and cannot be made; checked on disk only (no network)."""
+    real = Path(os.path.realpath(path))
+    for system in SYSTEM_DIRS:
+        if real == Path(system) or Path(system) in real.parents:
+            raise KnockoutError(f"{what} lies under {system}, which holds no tracking store; give a folder of yours")
+    if path.exists() and not path.is_dir():
+        raise KnockoutError(f"{what} is a file, not a folder; give a folder (it is created if missing)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise KnockoutError(f"{what} lies inside the file {str(existing)!r}; give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise KnockoutError(f"{what} cannot be written ({str(existing)!r} is not writable); give another folder")
+
+
+def _check_server(uri: str) -> None:
+    """Refuse an http(s) tracking URI whose server does not accept a TCP connection within
+    :data:`CONNECT_TIMEOUT_S` seconds (one try, no retries)."""
+    parts = urllib.parse.urlsplit(uri)
+    try:
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # a port that is not a number
+        host, port = None, None
+    if not host:
+        raise KnockoutError(f"--mlflow {uri!r} names no server; give http://HOST:PORT, or file:./mlruns to log offline")
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise KnockoutError(
+            f"cannot reach the MLflow server at {uri} ({e.strerror or e}); start it (mlflow server), or log offline "
+            "with --mlflow file:./mlruns"
+        ) from None
+
+
+def check_mlflow_uri(uri: str) -> None:
+    """Refuse, before a sweep starts (so before the model loads and statistics are collected), a tracking URI the
+    sweep could not log to: a file store (``file:`` URI or a plain path) that is a file, lies under /proc, /sys or
+    /dev, or cannot be created (checked on disk, offline); an ``sqlite:`` database in such a place; an http(s)
+    server that does not accept a connection within :data:`CONNECT_TIMEOUT_S` seconds. Other schemes (databricks,
+    postgresql...) are left to MLflow."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise KnockoutError("--mlflow needs a tracking URI, e.g. file:./mlruns or http://host:5000")
+    scheme = urllib.parse.urlsplit(uri).scheme.lower()
+    if _is_file_store(uri):
+        _check_local(_store_path(uri), f"--mlflow {uri!r}")
+    elif scheme == "sqlite":
+        rest = uri[len("sqlite:") :]
+        if rest.startswith("///") and rest[3:]:  # sqlite:///relative.db, sqlite:////absolute.db
+            db = Path(urllib.parse.unquote(rest[3:])).expanduser()
+            if db.is_dir():
+                raise KnockoutError(f"--mlflow {uri!r} names a folder; an sqlite: URI names a database file")
+            _check_local(db.parent, f"the folder of --mlflow {uri!r}")
+    elif scheme in ("http", "https"):
+        _check_server(uri)
+
+
 class MLflowCallback(Callback):
     """Log a sweep to MLflow: a new run in ``experiment`` of the tracking server or store ``uri`` (see the module
     docs for what is logged). ``uri`` may be a local folder (``file:./mlruns``, or a plain path), which works
@@ -101,6 +174,7 @@ class MLflowCallback(Callback):
         self.run_id: str | None = None
         self._step = 0
         _need("mlflow", "mlflow-skinny")  # refuse before the sweep starts
+        check_mlflow_uri(uri)
 
     def on_start(self, config: dict) -> None:
         from mlflow.entities import Param

@@ -43,11 +43,16 @@ import torch
 
 from knockout.data.batch import IGNORE, Batch
 from knockout.errors import KnockoutError
+from knockout.inputs import MAX_LINE_CHARS, brief, brief_text, jsonl_values, loads_json
 
 BUILTIN_TASKS = ("ioi",)
 KINDS = ("answer", "contrast")
 _IOI_VERSION = "ioi-v1"  # changes when the generator's output would change
 _IOI_SEEDS = {"eval": 0, "collect": 1}
+#: Characters one token may stand for, at most, when a prompt's length is bounded before it is tokenized: a prompt
+#: longer than ``max_length`` times this cannot fit into ``max_length`` tokens (no common tokenizer has tokens this
+#: long), so it is refused without tokenizing it.
+MAX_CHARS_PER_TOKEN = 128
 
 
 @dataclass(frozen=True)
@@ -71,14 +76,17 @@ class Prompt:
 
 # -- sources --------------------------------------------------------------------------------------------------------
 def _first_object(path: Path) -> dict | None:
-    """The first non-empty line of a ``.jsonl`` file as an object, or ``None``."""
+    """The first non-empty line of a ``.jsonl`` file as an object, or ``None`` (also for a line that is not a JSON
+    object, or longer than :data:`~knockout.inputs.MAX_LINE_CHARS`: read no further than that)."""
     try:
         with open(path, encoding="utf-8-sig") as f:
-            for line in f:
+            while line := f.readline(MAX_LINE_CHARS + 1):
+                if len(line) > MAX_LINE_CHARS:
+                    return None
                 if line.strip():
-                    item = json.loads(line)
+                    item = loads_json(line, str(path))
                     return item if isinstance(item, dict) else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, KnockoutError):
         return None
     return None
 
@@ -108,14 +116,8 @@ def read_task_file(path: str | Path) -> list[Prompt]:
     text = decode_text(data, f"task file {str(path)!r}")
     items: list[Prompt] = []
     kind = None
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, obj in jsonl_values(text, str(path)):  # lines bounded in length and nesting before parsing
         where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KnockoutError(f"{where} is not valid JSON ({e}); fix or delete that line") from e
         item = _prompt(obj, where)
         if kind is None:
             kind = item.kind
@@ -143,19 +145,28 @@ def _prompt(obj, where: str) -> Prompt:
     elif keys == {"prompt", "correct", "incorrect"}:
         fields = ("prompt", "correct", "incorrect")
     else:
-        raise KnockoutError(f"{where}: expected {forms}, got the fields {', '.join(sorted(keys)) or 'none'}")
+        raise KnockoutError(
+            f"{where}: expected {forms}, got the fields {brief_text(', '.join(sorted(keys))) or 'none'}"
+        )
     for f in fields:
         if not isinstance(obj[f], str) or not obj[f]:
-            raise KnockoutError(f"{where}: {f!r} must be a non-empty string, got {obj[f]!r}")
+            raise KnockoutError(f"{where}: {f!r} must be a non-empty string, got {brief(obj[f])}")
     if "correct" in obj and obj["correct"] == obj["incorrect"]:
-        raise KnockoutError(f"{where}: the correct and the incorrect answer are the same ({obj['correct']!r})")
+        raise KnockoutError(f"{where}: the correct and the incorrect answer are the same ({brief(obj['correct'])})")
     return Prompt(**{f: obj[f] for f in fields})
 
 
-def check(source: str) -> None:
-    """Read a task source before the model is loaded, so a malformed file is reported at once."""
-    if source not in BUILTIN_TASKS:
-        read_task_file(source)
+def check(source: str, max_length: int | None = None) -> None:
+    """Read a task source before the model is loaded, so a malformed file is reported at once (with ``max_length``,
+    also an evaluation prompt longer than it can hold: :func:`check_length`)."""
+    if source in BUILTIN_TASKS:
+        return
+    items = read_task_file(source)
+    if max_length is not None:
+        from knockout.data.text import split_items
+
+        for i, item in enumerate(split_items(items, "eval")):
+            check_length(item, max_length, f"prompt {i} ({item.prompt[:40]!r}...) of {source!r}")
 
 
 def identity(source: str) -> dict:
@@ -250,15 +261,31 @@ def encode(tokenizer, item: Prompt, where: str = "") -> tuple[list[int], list[in
     return ids, targets, contrast
 
 
+def check_length(item: Prompt, max_length: int, where: str = "") -> None:
+    """Refuse, before tokenizing it, a prompt whose text (with its longer answer) has more characters than
+    ``max_length`` tokens can hold (:data:`MAX_CHARS_PER_TOKEN` each): it could not be scored whole, and tokenizing
+    a text of millions of characters takes gigabytes."""
+    answers = [a for a in (item.answer, item.correct, item.incorrect) if a is not None]
+    n = len(item.prompt) + max(map(len, answers), default=0)
+    limit = max_length * MAX_CHARS_PER_TOKEN
+    if n > limit:
+        raise KnockoutError(
+            f"{where} has {n:,} characters, more than --max-length {max_length} tokens can hold ({limit:,} "
+            f"characters at {MAX_CHARS_PER_TOKEN} a token); shorten it or raise --max-length"
+        )
+
+
 def task_batches(tokenizer, items: Iterable[Prompt], batch_size: int, max_length: int, pad: int) -> list[Batch]:
     """Right-padded batches of ``items``, one document per prompt, with their scored targets (and the contrast
     tokens); ``keep`` names the positions holding scored targets. A prompt longer than ``max_length`` tokens is an
-    error naming it."""
+    error naming it (one with more characters than ``max_length`` tokens can hold is refused before it is tokenized:
+    :func:`check_length`)."""
     if batch_size <= 0:
         raise KnockoutError(f"batch size must be positive, got {batch_size}")
     rows = []
     for i, item in enumerate(items):
         where = f"prompt {i} ({item.prompt[:40]!r}...)"
+        check_length(item, max_length, where)
         ids, targets, contrast = encode(tokenizer, item, where)
         if len(ids) > max_length:
             raise KnockoutError(f"{where} has {len(ids)} input tokens, more than --max-length {max_length}")

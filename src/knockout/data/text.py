@@ -31,6 +31,7 @@ from knockout.caches import hub_commit
 from knockout.data.batch import IGNORE, Batch
 from knockout.errors import KnockoutError
 from knockout.files import file_sha256, text_sha256
+from knockout.inputs import brief, jsonl_values, loads_json
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def _json_docs(items, where: str) -> list[str]:
             d = d.get("text", d.get("extract", ""))
         if not isinstance(d, str):
             raise KnockoutError(
-                f"{where}: item {i} is {type(d).__name__} {str(d)[:40]!r}; expected a string or an object with a "
+                f"{where}: item {i} is {type(d).__name__} {brief(d)}; expected a string or an object with a "
                 "'text' field"
             )
         docs.append(d)
@@ -118,20 +119,18 @@ def _read_local(path: Path) -> list[str]:
             docs = [line.strip() for line in text.splitlines()]
     elif suffix == ".jsonl":
         docs = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    item = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise KnockoutError(f"{path}:{n}: expected a JSON object with a 'text' field ({e})") from e
-                if not isinstance(item, str):
-                    raise KnockoutError(f"{path}:{n}: the 'text' field is not a string")
-                docs.append(item)
+        for n, obj in jsonl_values(text, str(path)):  # split at line ends only; bounded before parsing
+            if not isinstance(obj, dict) or "text" not in obj:
+                got = f"an object with the fields {brief(sorted(obj))}" if isinstance(obj, dict) else brief(obj)
+                raise KnockoutError(f"{path}:{n}: expected a JSON object with a 'text' field, got {got}")
+            if not isinstance(obj["text"], str):
+                raise KnockoutError(f"{path}:{n}: the 'text' field is not a string")
+            docs.append(obj["text"])
     else:
         try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise KnockoutError(f"data file {str(path)!r} is not valid JSON ({e}); fix it or use .txt/.jsonl") from e
+            items = loads_json(text, f"data file {str(path)!r}")
+        except KnockoutError as e:
+            raise KnockoutError(f"{e}; fix it or use .txt/.jsonl") from None
         docs = _json_docs(items, f"data file {str(path)!r}")
     docs = [d for d in docs if d and d.strip()]
     if len(docs) == 1:
@@ -181,15 +180,16 @@ def _is_local(source: str) -> bool:
     return path.exists() or path.suffix.lower() in (".txt", ".jsonl", ".json") or source.startswith((".", "/", "~"))
 
 
-def check_source(source: str) -> None:
+def check_source(source: str, max_length: int | None = None) -> None:
     """Read a local data source before any model is loaded, so that a missing, empty, binary or malformed file (or
-    an empty folder) is reported at once. Hugging Face names and ``wiki`` are not opened here."""
+    an empty folder, or an evaluation prompt longer than ``max_length`` can hold) is reported at once. Hugging Face
+    names and ``wiki`` are not opened here."""
     from knockout.data import prompts
 
     if source == "wiki":
         return
     if prompts.is_task_source(source):
-        return prompts.check(source)
+        return prompts.check(source, max_length)
     path = Path(source).expanduser()
     if path.is_dir():
         if not any(p.is_file() for p in path.rglob("*")):

@@ -91,7 +91,7 @@ def check(
     else:
         runfolder.check_out(cfg.out)
     data_id = data_identity(cfg.data, cfg.data_revision)
-    check_source(cfg.data)
+    check_source(cfg.data, cfg.max_length)
     if cfg.stats_data is not None:  # the statistics' source is part of what the data was
         data_id = {**data_id, "stats": data_identity(cfg.stats_data)}
         check_source(cfg.stats_data)
