@@ -39,7 +39,7 @@ from knockout.hooks import capture, edit_preout
 
 @register("patch")
 class PatchAblation(AblationMethod):
-    """``z_i := z_i(counterfactual prompt)``, position by position (see the module docstring)."""
+    """z_i := its value on the evaluated prompt's counterfactual, position by position (task data with those)."""
 
     tasks = ("causal",)
     in_all = False
@@ -50,9 +50,9 @@ class PatchAblation(AblationMethod):
         if not ctx.counterfactual_batches:
             raise KnockoutError(
                 f"method {self.name!r} patches values from each prompt's counterfactual: it needs task prompts with "
-                'counterfactuals (--data ioi, or a task .jsonl file with a "counterfactual" field per line); from '
-                "Python, MethodContext(counterfactual_batches=knockout.data.tasks.counterfactual_eval_batches(spec, "
-                "inputs))"
+                'counterfactuals (--data ioi, or a task .jsonl file with a "counterfactual" field per line) and '
+                "their batches in MethodContext.counterfactual_batches "
+                "(knockout.data.tasks.counterfactual_eval_batches(spec, inputs)); none were given"
             )
         self.use_cache = ctx.resample.cache
         self._cache: dict[int, list[torch.Tensor]] = {}  # batch index -> per layer [batch, pos, width]
