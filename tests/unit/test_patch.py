@@ -127,7 +127,10 @@ def test_task_files_may_give_a_counterfactual_per_line(tmp_path, tok):
     path = tmp_path / "cf.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     read = P.read_task_file(path)
-    assert read[:3] == ITEMS
+    assert read[:3] == ITEMS and P.has_counterfactuals(str(path)) and P.has_counterfactuals("ioi")
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("\n".join(json.dumps(x) for x in [lines[0], {"prompt": "a", "correct": "b", "incorrect": "c"}]))
+    assert not P.has_counterfactuals(str(partial))
     spec = DataSpec(str(path), eval_tokens=8, stats_tokens=64, max_length=64, batch_size=2)
     inputs = ModelInputs("causal", tok, None)
     batches, cfs = eval_batches(spec, inputs, 0), counterfactual_eval_batches(spec, inputs)

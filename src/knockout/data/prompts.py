@@ -178,6 +178,15 @@ def check(source: str) -> None:
         read_task_file(source)
 
 
+def has_counterfactuals(source: str) -> bool:
+    """Whether every prompt of a task source gives a counterfactual (``ioi`` does; a file when each line has a
+    ``counterfactual`` field). Reads no model: ``patch`` can be refused before one is loaded (their token lengths are
+    checked by :func:`counterfactual_batches`, with the tokenizer)."""
+    if source in BUILTIN_TASKS:
+        return True
+    return all(p.counterfactual is not None for p in read_task_file(source))
+
+
 def identity(source: str) -> dict:
     """The built-in task's identity: its data file's sha256 with the generator's version."""
     digest = hashlib.sha256(_IOI_VERSION.encode() + b"\0" + _ioi_bytes()).hexdigest()
