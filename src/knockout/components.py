@@ -355,6 +355,20 @@ def components(spec: str, sites: Sequence) -> list[torch.Tensor]:
     return list(sets[0].neurons)
 
 
+def complement(neurons: Sequence[torch.Tensor], sites: Sequence) -> list[torch.Tensor]:
+    """Per layer, the sorted indices of every neuron of the site *not* in ``neurons[l]``: what ``ablate`` takes to
+    keep a circuit (``--keep``: everything outside the set is ablated). The complement of nothing is every neuron,
+    of every neuron nothing; ``complement(complement(n)) == n``."""
+    if len(neurons) != len(sites):
+        raise KnockoutError(f"{len(neurons)} layers of neurons for {len(sites)} sites")
+    out = []
+    for site, idx in zip(sites, neurons):
+        inside = torch.zeros(site.width, dtype=torch.bool)
+        inside[idx.to(torch.long).cpu()] = True
+        out.append(torch.nonzero(~inside).flatten())
+    return out
+
+
 # -- scan units ------------------------------------------------------------------------------------------------------
 def parse_unit(unit: str) -> tuple[str, int]:
     """``head``, ``layer`` or ``neurons:K`` -> ``(kind, K)`` (``K`` is 0 for heads and layers)."""

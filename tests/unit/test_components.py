@@ -187,3 +187,17 @@ def test_scan_units(sites, mlp_sites):
 def test_bad_units(unit):
     with pytest.raises(KnockoutError, match="unknown scan unit"):
         parse_unit(unit)
+
+
+def test_complement_is_what_keeping_a_set_ablates(sites):
+    from knockout.components import complement
+
+    kept = components("L1.H2,L0:3-5", sites)
+    outside = complement(kept, sites)
+    assert same(outside, expect({0: [i for i in range(32) if i not in (3, 4, 5)], 1: [*range(16), *range(24, 32)]}))
+    assert same(complement(outside, sites), kept)
+    nothing = [torch.zeros(0, dtype=torch.long) for _ in sites]
+    assert same(complement(nothing, sites), expect({0: range(32), 1: range(32)}))
+    assert same(complement(complement(nothing, sites), sites), nothing)
+    with pytest.raises(KnockoutError, match="1 layers of neurons for 2 sites"):
+        complement(kept[:1], sites)

@@ -2,6 +2,7 @@
 
 import knockout.ablation.centres  # noqa: F401  (registers median, mode, peak-nopm and peak@EPS)
 import knockout.ablation.optimal  # noqa: F401  (registers optimal)
+import knockout.ablation.patch  # noqa: F401  (registers patch)
 import knockout.ablation.resample  # noqa: F401  (registers the resample-* methods)
 from knockout.ablation.methods import (
     METHODS,

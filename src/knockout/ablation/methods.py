@@ -62,6 +62,9 @@ class MethodContext:
     """This process's place in a distributed run (rank 0 writes files); a single process by default."""
     progress: bool = True
     """Whether a method's long work (``optimal``'s training) may show a progress bar."""
+    counterfactual_batches: Sequence[Batch] = ()
+    """Per evaluation batch (same index), the inputs of its prompts' counterfactuals, aligned row by row and position
+    by position (``patch``; :func:`knockout.data.tasks.counterfactual_eval_batches`). Empty: the data has none."""
 
 
 class AblationMethod(ABC):
@@ -71,6 +74,9 @@ class AblationMethod(ABC):
     needs_stats: ClassVar[bool] = False
     #: Whether the method learns from the collection split (the sweep then builds :attr:`MethodContext.train_batches`).
     needs_train_batches: ClassVar[bool] = False
+    #: Whether the method reads the evaluation prompts' counterfactuals (the sweep then builds
+    #: :attr:`MethodContext.counterfactual_batches`).
+    needs_counterfactuals: ClassVar[bool] = False
     tasks: ClassVar[tuple[str, ...]] = TASKS
     #: Whether ``methods="all"`` includes this method (expensive or experimental methods are asked for by name).
     in_all: ClassVar[bool] = True

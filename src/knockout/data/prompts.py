@@ -27,12 +27,27 @@ The built-in ``ioi`` task (``--data ioi``) is generated offline from the templat
 of first mention (``A and B ... B gave ... to`` or ``B and A ... B gave ... to``; the answer is always the other
 name, the indirect object). Generation is deterministic (seed 0 for the evaluation part, 1 for the collection part)
 and the two parts use disjoint names (even and odd positions of the list), so they never share a prompt.
+
+Counterfactuals (for ``patch``, the interchange intervention). A task line may give a ``counterfactual``: a string,
+the prompt as it should read on the counterfactual run (the ``ioi`` task gives every prompt one). It is encoded as its
+prompt is, with the same answer(s) (:func:`encode_counterfactual`), and :func:`counterfactual_batches` builds, batch
+by batch, inputs aligned position by position with :func:`task_batches`' batches: patching copies position ``t`` of
+the counterfactual run into position ``t`` of the evaluated one, so a counterfactual that tokenizes to another number
+of tokens than its prompt is refused (a :class:`KnockoutError` naming the prompt and both counts). The ``ioi``
+counterfactual is Wang et al.'s ABC prompt: the same template, place and object with the two names of first mention
+and the repeated subject replaced by three other names of the same part, all different (``Then, A and B went to the
+store. C gave a drink to``), so no name is repeated and nothing points at an indirect object. Each replacement name
+has as many characters as the name it replaces where the part has one left (else any unused name); for
+SmolLM2's tokenizer every name is one token, so every counterfactual has its prompt's length. Counterfactuals are
+drawn from their own generator, seeded per prompt, so the prompts are those of the task without counterfactuals.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.resources
+import itertools
 import json
 import random
 from collections.abc import Iterable, Iterator, Sequence
@@ -53,6 +68,7 @@ _IOI_SEEDS = {"eval": 0, "collect": 1}
 #: longer than ``max_length`` times this cannot fit into ``max_length`` tokens (no common tokenizer has tokens this
 #: long), so it is refused without tokenizing it.
 MAX_CHARS_PER_TOKEN = 128
+_IOI_ABC = "ioi-abc-v1"  # seeds the counterfactuals' names; changes when the counterfactuals would change
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,8 @@ class Prompt:
     answer: str | None = None
     correct: str | None = None
     incorrect: str | None = None
+    counterfactual: str | None = None
+    """The prompt as read on the counterfactual run (``patch``); ``None``: the prompt has none."""
 
     @property
     def kind(self) -> str:
@@ -139,7 +157,7 @@ def _prompt(obj, where: str) -> Prompt:
     forms = '{"prompt": ..., "answer": ...} or {"prompt": ..., "correct": ..., "incorrect": ...}'
     if not isinstance(obj, dict):
         raise KnockoutError(f"{where}: expected an object {forms}")
-    keys = set(obj)
+    keys = set(obj) - {"counterfactual"}  # optional with either kind
     if keys == {"prompt", "answer"}:
         fields = ("prompt", "answer")
     elif keys == {"prompt", "correct", "incorrect"}:
@@ -148,6 +166,8 @@ def _prompt(obj, where: str) -> Prompt:
         raise KnockoutError(
             f"{where}: expected {forms}, got the fields {brief_text(', '.join(sorted(keys))) or 'none'}"
         )
+    if "counterfactual" in obj:
+        fields += ("counterfactual",)
     for f in fields:
         if not isinstance(obj[f], str) or not obj[f]:
             raise KnockoutError(f"{where}: {f!r} must be a non-empty string, got {brief(obj[f])}")
@@ -167,6 +187,15 @@ def check(source: str, max_length: int | None = None) -> None:
 
         for i, item in enumerate(split_items(items, "eval")):
             check_length(item, max_length, f"prompt {i} ({item.prompt[:40]!r}...) of {source!r}")
+
+
+def has_counterfactuals(source: str) -> bool:
+    """Whether every prompt of a task source gives a counterfactual (``ioi`` does; a file when each line has a
+    ``counterfactual`` field). Reads no model: ``patch`` can be refused before one is loaded (their token lengths are
+    checked by :func:`counterfactual_batches`, with the tokenizer)."""
+    if source in BUILTIN_TASKS:
+        return True
+    return all(p.counterfactual is not None for p in read_task_file(source))
 
 
 def identity(source: str) -> dict:
@@ -207,14 +236,33 @@ def ioi_prompts(split: str) -> Iterator[Prompt]:
     data = ioi_data()
     names = data["names"][0::2] if split == "eval" else data["names"][1::2]
     rng = random.Random(f"{_IOI_VERSION}:{_IOI_SEEDS[split]}")
-    while True:
+    for index in itertools.count():
         template = rng.choice(data["templates"])
         io, s = rng.sample(names, 2)
         first, second = (io, s) if rng.random() < 0.5 else (s, io)
-        prompt = template.format(
-            N1=first, N2=second, S=s, PLACE=rng.choice(data["places"]), OBJECT=rng.choice(data["objects"])
-        )
-        yield Prompt(prompt, correct=" " + io, incorrect=" " + s)
+        place, obj = rng.choice(data["places"]), rng.choice(data["objects"])
+        prompt = template.format(N1=first, N2=second, S=s, PLACE=place, OBJECT=obj)
+        a, b, c = abc_names(names, (first, second, s), random.Random(f"{_IOI_ABC}:{_IOI_SEEDS[split]}:{index}"))
+        counterfactual = template.format(N1=a, N2=b, S=c, PLACE=place, OBJECT=obj)
+        yield Prompt(prompt, correct=" " + io, incorrect=" " + s, counterfactual=counterfactual)
+
+
+def abc_names(names: Sequence[str], replaced: Sequence[str], rng: random.Random) -> list[str]:
+    """Names for Wang et al.'s ABC counterfactual of a prompt whose names are ``replaced`` (first mention, second
+    mention, repeated subject): one per replaced name, all different from each other and from ``replaced``, each of
+    the replaced name's length in characters where ``names`` has one left (a proxy for the same number of tokens),
+    else any unused name. Deterministic given ``rng``'s state."""
+    used = set(replaced)
+    out = []
+    for old in replaced:
+        free = [n for n in names if n not in used]
+        if not free:
+            raise KnockoutError(f"the ioi task needs at least {len(replaced) + 3} names per part, got {len(names)}")
+        same = [n for n in free if len(n) == len(old)]
+        name = rng.choice(same or free)
+        used.add(name)
+        out.append(name)
+    return out
 
 
 # -- batches ----------------------------------------------------------------------------------------------------------
@@ -307,6 +355,58 @@ def task_batches(tokenizer, items: Iterable[Prompt], batch_size: int, max_length
                 contrast[r, :n] = torch.tensor(ct)
         keep = torch.nonzero((targets != IGNORE).any(0)).flatten()
         batches.append(Batch({"input_ids": ids, "attention_mask": mask}, mask.bool(), targets, contrast, keep))
+    return batches
+
+
+def encode_counterfactual(tokenizer, item: Prompt, where: str = "") -> list[int]:
+    """The input ids of ``item``'s counterfactual run: its ``counterfactual`` encoded as :func:`encode` encodes the
+    prompt, with the same answer(s), so that position ``t`` of the two runs holds the same role. Raises
+    :class:`KnockoutError` when the prompt has no counterfactual or the two input lengths differ (patching pairs
+    positions one to one)."""
+    if item.counterfactual is None:
+        raise KnockoutError(
+            f"{where} has no counterfactual; counterfactual patching needs one per prompt (the ioi task, or a "
+            'task .jsonl file with a "counterfactual" field on every line)'
+        )
+    ids = encode(tokenizer, item, where)[0]
+    cf = encode(tokenizer, dataclasses.replace(item, prompt=item.counterfactual), f"the counterfactual of {where}")[0]
+    if len(cf) != len(ids):
+        raise KnockoutError(
+            f"{where}: its counterfactual {item.counterfactual!r} has {len(cf)} input tokens but the prompt has "
+            f"{len(ids)}; patching copies values position by position, so both must tokenize to the same length "
+            "(use names or words of the same number of tokens)"
+        )
+    return cf
+
+
+def counterfactual_batches(
+    tokenizer, items: Iterable[Prompt], batch_size: int, max_length: int, pad: int
+) -> list[Batch]:
+    """The counterfactual runs of :func:`task_batches`' batches (the same arguments): batch ``i`` holds, row by row
+    and position by position, the inputs of the counterfactuals of batch ``i``'s prompts (same shape, same attention
+    mask), with nothing scored (``targets`` all ``IGNORE``). Raises :class:`KnockoutError` as
+    :func:`encode_counterfactual` does, naming the first prompt that has no counterfactual or another length."""
+    if batch_size <= 0:
+        raise KnockoutError(f"batch size must be positive, got {batch_size}")
+    rows = []
+    for i, item in enumerate(items):
+        where = f"prompt {i} ({item.prompt[:40]!r}...)"
+        cf = encode_counterfactual(tokenizer, item, where)
+        if len(cf) > max_length:
+            raise KnockoutError(f"{where} has {len(cf)} input tokens, more than --max-length {max_length}")
+        rows.append(cf)
+    if not rows:
+        raise KnockoutError("the task has no evaluation prompts")
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, seq in enumerate(chunk):
+            ids[r, : len(seq)], mask[r, : len(seq)] = torch.tensor(seq), 1
+        targets = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
+        batches.append(Batch({"input_ids": ids, "attention_mask": mask}, mask.bool(), targets))
     return batches
 
 

@@ -172,6 +172,26 @@ def _prompt_batches(spec: DataSpec, model: ModelInputs) -> list[Batch]:
     return prompts.task_batches(tok, items, spec.batch_size, spec.max_length, pad_id(tok))
 
 
+def counterfactual_eval_batches(spec: DataSpec, model: ModelInputs) -> list[Batch]:
+    """The counterfactual runs of :func:`eval_batches`' batches for task prompts (``ioi``, a task ``.jsonl`` file whose
+    lines give a ``counterfactual``): batch ``i`` is aligned row by row and position by position with evaluation
+    batch ``i`` (:func:`knockout.data.prompts.counterfactual_batches`). What ``patch`` reads
+    (:attr:`knockout.ablation.MethodContext.counterfactual_batches`). Raises :class:`KnockoutError` for data without
+    counterfactuals, or with one of another token length than its prompt."""
+    from knockout.data import prompts
+
+    if not prompts.is_task_source(spec.source):
+        raise KnockoutError(
+            f"counterfactual patching needs task prompts with counterfactuals (--data ioi, or a task .jsonl file with "
+            f'a "counterfactual" field per line); {spec.source!r} is not task data'
+        )
+    if model.task != "causal":
+        raise KnockoutError(f"task prompts ({spec.source!r}) need a causal LM; this is a {model.task} model")
+    items = prompts.eval_prompts(spec.source, spec.eval_tokens)
+    tok = model.processor
+    return prompts.counterfactual_batches(tok, items, spec.batch_size, spec.max_length, pad_id(tok))
+
+
 def probe_inputs(spec: DataSpec, task: str, processor, config) -> dict | None:
     """For image models, the inputs of one collection image (to measure the pre-out length with); else ``None``."""
     if task != "image":
