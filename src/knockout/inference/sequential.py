@@ -174,6 +174,12 @@ class PairVerdict:
     high95: float
     """The plain 95% interval (not adjusted for looks and pairs), for reference."""
     components: PairedComponents | None = field(default=None, compare=False, repr=False)
+    too_few_docs: bool = False
+    """The interval excluded 0 but rests on too few documents to say so of documents in general
+    (:meth:`PairedComponents.too_few_docs`): not decided; the answer says "too few documents to decide; needs about
+    ``docs_needed``"."""
+    docs_needed: int = 0
+    """Documents the document part needs (:attr:`PairedComponents.docs_needed`)."""
 
     @property
     def better(self) -> str | None:
@@ -275,10 +281,12 @@ class SequentialTest:
     def _verdict(self, pair, c: PairedComponents, half: float, level: float, k: int) -> PairVerdict:
         est = c.estimate
         half95 = c.half_width(0.95)
+        excludes = bool(est - half > 0 or est + half < 0)
+        blocked = excludes and c.too_few_docs(level)
         return PairVerdict(
             a=pair[0], b=pair[1], metric=self.metric, estimate=est, low=est - half, high=est + half, level=level,
-            decided=bool(est - half > 0 or est + half < 0), n_sets=c.n_seeds, n_docs=c.n_docs, look=k,
-            low95=est - half95, high95=est + half95, components=c,
+            decided=excludes and not blocked, n_sets=c.n_seeds, n_docs=c.n_docs, look=k,
+            low95=est - half95, high95=est + half95, components=c, too_few_docs=blocked, docs_needed=c.docs_needed,
         )  # fmt: skip
 
     def futile(self) -> bool:
@@ -309,7 +317,8 @@ def projected_half_width(c: PairedComponents, n_sets: int, docs_factor: float, l
     w = max(c.v - c.c, 0.0)
     tau2 = max(c.between - w, 0.0)
     n_docs = max(round(c.n_docs * docs_factor), 2)
-    t_docs = _t_quantile(q, n_docs - 1)
+    ratio = c.docs_df / max(c.n_docs - 1, 1)  # the documents' degrees of freedom per document (lengths' spread)
+    t_docs = _t_quantile(q, max((n_docs - 1) * ratio, 1.0))
     t_sets = _t_quantile(q, max(n_sets - 1, 1))
     w_new, c_new = w / docs_factor, max(c.c, 0.0) / docs_factor
     half_sq = max(t_sets**2 * (tau2 + w_new), t_docs**2 * w_new) / n_sets + t_docs**2 * c_new
