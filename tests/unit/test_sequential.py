@@ -252,7 +252,7 @@ def test_too_few_documents_blocks_a_decision_and_says_how_many():
 def test_documents_on_demand_follow_the_plan_and_replay():
     """The document part dominates: after the first look the design asks for a planned count of documents, the next
     look uses exactly that many (the first ones of each row), and a replay takes the same path."""
-    from knockout.inference.sequential import docs_demand, doc_steps
+    from knockout.inference.sequential import doc_steps, docs_demand
 
     rng = np.random.default_rng(1)
     data = simulate(rng, {"a": 0.0, "b": 0.0}, 12, 48, tau=0.01, shared=0.4, own=0.02)

@@ -45,26 +45,27 @@ Interval (how it is computed)
 4. Too few documents. No interval for a mean can hold its level for every distribution of the documents (Bahadur &
    Savage 1956): with 12 documents drawn from a skewed distribution, the rare large per-document differences are
    usually not among them, and a t interval then excludes the true mean too often (about 20% instead of 5% for
-   lognormal effects with log-sd 1 and lognormal lengths, documents only). Where the interval rests on the documents (their share of ``h**2`` at least
-   :data:`DOC_SHARE`), Cochran's rule (Sampling Techniques, 1977, sec. 2.15) asks for ``25 G1**2`` documents, ``G1``
-   the sample skewness of the documents' contributions (``mean_s psi[s, d]``); with fewer,
-   :meth:`PairedComponents.too_few_docs` is True and the comparison is not called significant: the answer says
-   "too few documents to decide; needs about ``docs_needed``". ``significant`` means the interval excludes 0 and the
-   documents suffice.
+   lognormal effects with log-sd 1 and lognormal lengths, documents only). Where the interval rests on the documents
+   (their share of ``h**2`` at least :data:`DOC_SHARE`), Cochran's rule (Sampling Techniques, 1977, sec. 2.15) asks
+   for ``25 G1**2`` documents, ``G1`` the sample skewness of the documents' contributions (``mean_s psi[s, d]``);
+   with fewer, :meth:`PairedComponents.too_few_docs` is True and the comparison is not called significant: the answer
+   says "too few documents to decide; needs about ``docs_needed``". ``significant`` means the interval excludes 0 and
+   the documents suffice.
 
 The figures of docs/decisions.md (tests/unit/test_calibration.py): 12 documents with the shared document part
 dominant, 20 sets, no true difference in the population of documents, false decisions at one look at 5% (with the
 rule of step 4): 3.0% (normal, equal lengths), 2.2% (lognormal log-sd 0.5, unequal lengths), 4.4% (log-sd 1, unequal
 lengths), 2.9% (log-sd 1, 60 documents). The plain 95% interval covered 95.8%, 95.4%, 91.2% and 95.0%.
 
-Why not a bootstrap of the documents? The plug-in bootstrap variance is the delta method's with divisor ``N**2``
-(too small by ``(N - 1) / N``) plus resampling noise, and its percentile or studentized intervals do not fix what
-goes wrong at 12 skewed documents (the tail not drawn); in the simulation above a studentized bootstrap still
-excluded the mean in 12% of samples at 5%, and a sign-flip test over documents in 15%. Why not a two-stage bootstrap (resample
-seeds, then documents within seeds)? Resampling both levels counts the document noise twice (the observed spread of
-``D_s`` already contains it; Davison & Hinkley 1997, sec. 3.8), and with three seeds a resample of seeds takes only 10
-distinct values and shrinks their variance by ``(S - 1) / S``. The seed level, with its few values, gets the classical
-random-effects variance and a t reference distribution that reflects how few seeds there are.
+Why not a bootstrap of the documents? The plug-in bootstrap variance is the delta method's with divisor ``N**2`` (too
+small by ``(N - 1) / N``) plus resampling noise, and its percentile or studentized intervals do not fix what goes
+wrong at 12 skewed documents (the tail not drawn); in a documents-only simulation (docs/decisions.md) a studentized
+bootstrap still excluded the mean in 12% of samples at 5%, and a sign-flip test over documents in 15%. Why not a
+two-stage bootstrap (resample seeds, then documents within seeds)? Resampling both levels counts the document noise
+twice (the observed spread of ``D_s`` already contains it; Davison & Hinkley 1997, sec. 3.8), and with three seeds a
+resample of seeds takes only 10 distinct values and shrinks their variance by ``(S - 1) / S``. The seed level, with
+its few values, gets the classical random-effects variance and a t reference distribution that reflects how few seeds
+there are.
 
 Everything is numpy and closed-form (no resampling): the same inputs give the same result, and one comparison of
 20 seeds x 2000 documents takes a millisecond.
