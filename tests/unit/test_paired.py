@@ -49,13 +49,23 @@ def _simulate(rng, n_seeds, n_docs, delta, tau, shared_sd, own_sd, equal_n=False
 
 
 def _delta_method(a, b):
-    """By hand: each seed's ratio ``D_s``, and the ``[S, S]`` covariance of the ratios under document resampling,
-    linearised: ``C[s, t] = sum_d z[s, d] z[t, d]`` with ``z[s, d] = (x[s, d] - D_s n[s, d]) / N_s``."""
+    """By hand: each seed's ratio ``D_s``, and the ``[S, S]`` covariance of the ratios under document sampling,
+    linearised and unbiased: ``C[s, t] = N / (N - 1) sum_d z[s, d] z[t, d]`` with
+    ``z[s, d] = (x[s, d] - D_s n[s, d]) / N_s`` (``N_s`` the seed's targets, ``N`` the documents)."""
     x = np.stack([ra.ce_sum - rb.ce_sum for ra, rb in zip(a, b)])
     n = np.stack([ra.n for ra in a]).astype(float)
     ratio = x.sum(1) / n.sum(1)
     z = (x - ratio[:, None] * n) / n.sum(1)[:, None]
-    return ratio, z @ z.T
+    n_docs = x.shape[1]
+    return ratio, z @ z.T * n_docs / (n_docs - 1)
+
+
+def _docs_df(a):
+    """Satterthwaite's degrees of freedom of a weighted mean's variance: ``(N - 1) (sum w^2)^2 / (N sum w^4)``, with
+    ``w_d`` document ``d``'s length over the mean length, averaged over seeds."""
+    n = np.stack([ra.n for ra in a]).astype(float)
+    w = (n / n.mean(1, keepdims=True)).mean(0)
+    return (len(w) - 1) * (w**2).sum() ** 2 / (len(w) * (w**4).sum())
 
 
 @pytest.mark.parametrize("metric", ["ce", "top1"])
@@ -109,9 +119,8 @@ def test_one_seed_matches_the_known_standard_error():
     d = paired_difference(a, b, "ce")
     true_se = 0.4 / math.sqrt(2000)
     per_doc = (a[0].ce_sum - b[0].ce_sum) / 8
-    sample_se = per_doc.std() / math.sqrt(2000)  # the bootstrap's target: ddof 0, this sample
-    # Bootstrap error of an SE from 2000 resamples: relative sd 1 / sqrt(2 * 2000) = 1.6%; tolerance 6% (~4 sd).
-    assert d.se == pytest.approx(sample_se, rel=0.06)
+    sample_se = per_doc.std(ddof=1) / math.sqrt(2000)  # equal lengths: the textbook standard error of a mean
+    assert d.se == pytest.approx(sample_se, rel=1e-9)
     # Against the truth, the sample's own error adds another 1.6% (sd): 10% is > 4 combined sd.
     assert d.se == pytest.approx(true_se, rel=0.10)
     assert abs(d.estimate - 0.05) < 4 * true_se
@@ -127,7 +136,8 @@ def test_one_seed_unequal_lengths_match_the_delta_method():
     a, b = _simulate(rng, 1, 2000, delta=0.05, tau=0.0, shared_sd=0.4, own_sd=0.0)
     _, cov = _delta_method(a, b)
     d = paired_difference(a, b, "ce")
-    assert d.se == pytest.approx(math.sqrt(cov[0, 0]), rel=0.06)
+    assert d.se == pytest.approx(math.sqrt(cov[0, 0]), rel=1e-9)
+    assert (d.high - d.low) / 2 == pytest.approx(t_quantile(0.975, _docs_df(a)) * d.se, rel=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -142,15 +152,14 @@ def test_three_seeds_match_the_random_effects_formula_by_hand(tau, shared_sd, ow
     v = np.mean(np.diag(cov))
     c = (cov.sum() - np.trace(cov)) / 6
     between = np.var(ratio, ddof=1)
-    t_docs = NormalDist().inv_cdf(0.975) * 1.0007  # t(1499) to 4 digits
+    t_docs = t_quantile(0.975, _docs_df(a))
     expected_se = math.sqrt(c + max(between, v - c) / 3)
-    expected_half = math.sqrt(max(T_TABLE[(0.975, 2)] ** 2 * between, t_docs**2 * (v - c)) / 3 + t_docs**2 * c)
+    expected_half = math.sqrt(max(t_quantile(0.975, 2) ** 2 * between, t_docs**2 * (v - c)) / 3 + t_docs**2 * c)
     d = paired_difference(a, b, "ce")
     assert d.estimate == pytest.approx(ratio.mean())
-    # The bootstrap estimates v and c with ~3% relative error (2000 resamples); 6% on an SE is ~4 sd.
-    assert d.se == pytest.approx(expected_se, rel=0.06)
-    assert (d.high - d.low) / 2 == pytest.approx(expected_half, rel=0.06)
-    assert d.se_docs == pytest.approx(math.sqrt(cov.mean()), rel=0.06)
+    assert d.se == pytest.approx(expected_se, rel=1e-9)
+    assert (d.high - d.low) / 2 == pytest.approx(expected_half, rel=1e-9)
+    assert d.se_docs == pytest.approx(math.sqrt(cov.mean()), rel=1e-9)
 
 
 def test_shared_documents_are_not_counted_as_independent():
@@ -186,12 +195,11 @@ def test_deterministic_and_fast():
     a, b = _simulate(rng, 3, 2000, delta=0.01, tau=0.01, shared_sd=0.3, own_sd=0.3)
     paired_difference(a, b, "ce")  # warm up
     start = time.perf_counter()
-    first = paired_difference(a, b, "ce", n_boot=2000, seed=0)
+    first = paired_difference(a, b, "ce")
     elapsed = time.perf_counter() - start
-    assert first == paired_difference(a, b, "ce", n_boot=2000, seed=0)
-    other = paired_difference(a, b, "ce", n_boot=2000, seed=1)
-    assert other.se != first.se and other.se == pytest.approx(first.se, rel=0.1)
-    assert elapsed < 1.0  # about 0.1 s on one core
+    assert first == paired_difference(a, b, "ce")
+    assert paired_difference(a, b, "ce", n_boot=200, seed=1) == first  # closed form: no resampling to seed
+    assert elapsed < 0.1  # about a millisecond
 
 
 def test_t_quantile_matches_tables_and_closed_forms():

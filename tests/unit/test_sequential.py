@@ -176,3 +176,106 @@ def test_projection_and_needs_agree_with_the_interval():
     # a difference smaller than what the shared document noise allows needs more documents, not only sets
     docs_bound = needed(c, 1e-3 + 0.0 * c.c, 0.99)
     assert docs_bound.sets is None or docs_bound.sets > 1000
+
+
+def test_design_record_is_plain_json_and_changes_are_named():
+    import json
+
+    from knockout.inference.sequential import DecideOptions, design_changes, doc_steps
+
+    assert doc_steps(12, 60) == (12, 24, 48, 60) and doc_steps(12, 0) == (12,) and doc_steps(12, 24) == (12, 24)
+    options = DecideOptions(max_docs=48)
+    record = options.design_record(n_docs=12, n_families=4)
+    assert json.loads(json.dumps(record)) == record  # plain JSON, stored as written
+    assert record["looks"] == [3, 5, 8, 12, 20] and record["docs"] == [12, 24, 48] and record["max_sets"] == 20
+    assert sum(record["alpha_per_look"]) == pytest.approx(0.05) and record["families"] == 4
+    assert Plan.from_dict(record) == options.plan(12)
+    assert design_changes(record, options.design_record(12, 4)) == []
+    changed = DecideOptions(max_docs=48, max_sets=30).design_record(12, 4)
+    lines = design_changes(record, changed)
+    assert any(line.startswith("max_sets: 20 -> 30") for line in lines) and any("looks" in line for line in lines)
+    assert design_changes(record, DecideOptions(max_docs=48, alpha=0.1).design_record(12, 4))
+    # without documents to add the plan's documents are fixed
+    assert DecideOptions().plan(12).docs == () and DecideOptions(max_docs=12).plan(12).docs == ()
+    with pytest.raises(KnockoutError, match="version"):
+        Plan.from_dict({**record, "version": 0})
+
+
+def test_families_are_stated_and_joint_control_splits_alpha():
+    from knockout.inference.sequential import DecideOptions, families, family_statement
+
+    assert families((0.5, 0.9)) == 4 and families((0.5,), ("ce",)) == 1
+    text = family_statement((0.5, 0.9))
+    assert "per fraction and metric" in text and "4 families" in text and "20%" in text
+    assert "at most 5%" in family_statement((0.5, 0.9), joint=True)
+    assert DecideOptions(joint=True).family_alpha(4) == pytest.approx(0.0125)
+    assert DecideOptions().family_alpha(4) == 0.05
+    assert DecideOptions(joint=True).plan(n_families=4).alpha == pytest.approx(0.0125)
+
+
+def _skewed_pair(rng, n_docs, n_sets, doc_sd=0.3, set_sd=0.1):
+    """Two methods, the documents' part dominant and strongly right-skewed (one document far off)."""
+    n = np.full(n_docs, 50)
+    effect = rng.normal(0, 0.05, n_docs)
+    effect[0] += doc_sd * 10
+    effect -= effect.mean()
+    a, b = [], []
+    for _ in range(n_sets):
+        u = rng.normal(0, set_sd)
+        a.append(DocSums(n, n * (3 + effect + u), np.zeros(n_docs, dtype=int)))
+        b.append(DocSums(n, n * 3.0 + rng.normal(0, 0.01, n_docs), np.zeros(n_docs, dtype=int)))
+    return a, b
+
+
+def test_too_few_documents_blocks_a_decision_and_says_how_many():
+    """One document carries the difference: the documents' skewness is near its maximum for 12 documents, so
+    Cochran's rule asks for far more than 12; an interval that excludes 0 there is not a decision."""
+    rng = np.random.default_rng(0)
+    a, b = _skewed_pair(rng, 12, 8)
+    c = paired_components(a, b, "ce")
+    assert c.skewness > 2.5 and c.docs_needed > 150 and c.doc_share(0.95) > 0.5 and c.too_few_docs(0.95)
+    d = c.difference(0.95)
+    assert d.too_few_docs and d.docs_needed == c.docs_needed and not d.significant
+    # shift both rows so that the interval excludes 0: still not decided, the verdict says why
+    a = [DocSums(r.n, r.ce_sum + 2.0 * r.n, r.correct) for r in a]
+    test = SequentialTest(Plan((8,)), ["a", "b"], "ce")
+    test.look({"a": a, "b": b})
+    v = test.verdicts[("a", "b")]
+    assert (v.low > 0 or v.high < 0) and not v.decided and v.too_few_docs and v.docs_needed > 150
+    # symmetric, well-spread documents: no flag
+    ok = simulate(rng, {"a": 0.5, "b": 0.0}, 8, 40, tau=0.05, shared=0.2, own=0.05)
+    c = paired_components(ok["a"], ok["b"], "ce")
+    if abs(c.skewness) < 1:
+        assert not c.too_few_docs(0.95) and c.difference(0.95).significant
+
+
+def test_documents_on_demand_follow_the_plan_and_replay():
+    """The document part dominates: after the first look the design asks for a planned count of documents, the next
+    look uses exactly that many (the first ones of each row), and a replay takes the same path."""
+    from knockout.inference.sequential import doc_steps, docs_demand
+
+    rng = np.random.default_rng(1)
+    data = simulate(rng, {"a": 0.0, "b": 0.0}, 12, 48, tau=0.01, shared=0.4, own=0.02)
+    plan = plan_for(12, docs=doc_steps(12, 48))
+    test = SequentialTest(plan, ["a", "b"], "ce")
+    assert test.next_docs == 12
+    test.look(data)
+    assert test.docs_used == [12]
+    c = test.verdicts[("a", "b")].components
+    demand = docs_demand(c, plan, 1)
+    assert demand.limited and demand.share > 0.5 and demand.docs in (24, 48) and demand.factor > 1
+    assert test.next_docs == demand.docs
+    # a run that has evaluated only the first 12 documents cannot make the next look: replay stops there
+    short = {m: [DocSums(r.n[:12], r.ce_sum[:12], r.correct[:12]) for r in rows] for m, rows in data.items()}
+    again = SequentialTest(plan, ["a", "b"], "ce")
+    again.replay(short)
+    assert again.looks_done == 1 and again.next_docs == test.next_docs
+    test.look(data)
+    assert test.docs_used[1] == test.next_docs or test.docs_used[1] == demand.docs
+    full = SequentialTest(plan, ["a", "b"], "ce")
+    full.replay(data)
+    assert full.docs_used[: len(test.docs_used)] == test.docs_used
+    # with the seed part dominant, documents do not limit the interval
+    seeds = simulate(rng, {"a": 0.0, "b": 0.0}, 12, 12, tau=0.5, shared=0.01, own=0.01)
+    c = paired_components(seeds["a"][:3], seeds["b"][:3], "ce")
+    assert not docs_demand(c, plan, 1).limited and docs_demand(c, plan, 1).docs is None

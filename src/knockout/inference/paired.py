@@ -21,45 +21,61 @@ A beats B tends to be one under every seed. Then ``Var(D) = c + (tau2 + v - c) /
 
 Interval (how it is computed)
 -----------------------------
-1. Document bootstrap, paired and shared across seeds: draw ``n_boot`` resamples of the document indices with
-   replacement, ``idx[b]`` of shape ``[n_docs]``, and apply the same ``idx[b]`` to A and B (pairing within documents)
-   and to every seed (shared documents). Recompute each seed's ratio ``D*[b, s]``. The ``[S, S]`` covariance of
-   ``D*`` over resamples gives ``v`` (mean of its diagonal) and ``c`` (mean of its off-diagonal entries).
+1. Documents, paired and shared across seeds (delta method): each document's contribution to seed ``s``'s ratio is
+   ``psi[s, d] = (x[s, d] - D_s n[s, d]) / mean_d n[s, d]`` (they sum to 0 over documents). The ``[S, S]`` document
+   covariance of the seeds' ratios is ``psi psi^T / (N (N - 1))``: the same documents under every seed give the
+   off-diagonal terms. It gives ``v`` (mean of its diagonal) and ``c`` (mean of its off-diagonal entries). The
+   divisor ``N (N - 1)`` is the unbiased one; a plug-in bootstrap's is ``N**2``, too small by ``(N - 1) / N``
+   (8% of the variance at 12 documents).
 2. Seeds, as a random effect (method of moments): write ``sigma2 = tau2 + v - c`` for the variance of the part of
    ``D_s`` that differs between seeds, so ``Var(D) = c + sigma2 / S``. The between-seed sample variance ``B`` of the
-   observed ``D_s`` (ddof 1) is an unbiased estimate of ``sigma2`` with ``S - 1`` degrees of freedom; the bootstrap's
-   ``W = v - c`` is a precise lower bound for it (``tau2 >= 0``). Document noise is counted once: the part of it that
-   differs between seeds is inside ``B``, the part shared by all seeds is ``c``. The reported standard error is
+   observed ``D_s`` (ddof 1) is an unbiased estimate of ``sigma2`` with ``S - 1`` degrees of freedom; ``W = v - c``
+   is a lower bound for it (``tau2 >= 0``). Document noise is counted once: the part of it that differs between
+   seeds is inside ``B``, the part shared by all seeds is ``c``. The reported standard error is
    ``se = sqrt(c + max(B, W) / S)``.
-3. Interval ``D ± h`` with ``h**2 = max(t(S - 1)**2 * B, t(n_docs - 1)**2 * W) / S + t(n_docs - 1)**2 * c``, where
-   ``t(k)`` is Student's t quantile at ``(1 + level) / 2`` with ``k`` degrees of freedom: each variance estimate gets
-   the quantile of its own precision, the seed part takes the wider of the seed-based and the document-based margins
-   (continuous in the data), and the shared document part is added in quadrature. With one seed, ``h = t(n_docs - 1)
-   * sqrt(v)``: documents only, conditional on that seed's neuron set. ``significant`` means the interval excludes 0.
+3. Interval ``D ± h`` with ``h**2 = max(t(S - 1)**2 * B, t(f)**2 * W) / S + t(f)**2 * c``, where ``t(k)`` is
+   Student's t quantile at ``(1 + level) / 2`` with ``k`` degrees of freedom: each variance estimate gets the quantile
+   of its own precision, the seed part takes the wider of the seed-based and the document-based margins (continuous
+   in the data), and the shared document part is added in quadrature. ``f`` is the documents' degrees of freedom:
+   ``N - 1`` when the documents weigh the same, fewer when a few long documents carry the ratio (Satterthwaite for a
+   weighted mean, ``f = (N - 1) (sum w**2)**2 / (N sum w**4)`` with ``w_d`` document ``d``'s length over the mean
+   length: with 12 documents of lognormal lengths the document variance has far fewer than 11 degrees of freedom,
+   and ``t(11)`` covered 92% instead of 95%). With one seed, ``h = t(f) * sqrt(v)``: documents only, conditional on
+   that seed's neuron set.
+4. Too few documents. No interval for a mean can hold its level for every distribution of the documents (Bahadur &
+   Savage 1956): with 12 documents drawn from a skewed distribution, the rare large per-document differences are
+   usually not among them, and a t interval then excludes the true mean too often (about 20% instead of 5% for
+   lognormal effects with log-sd 1 and lognormal lengths, documents only). Where the interval rests on the documents
+   (their share of ``h**2`` at least :data:`DOC_SHARE`), Cochran's rule (Sampling Techniques, 1977, sec. 2.15) asks
+   for ``25 G1**2`` documents, ``G1`` the sample skewness of the documents' contributions (``mean_s psi[s, d]``);
+   with fewer, :meth:`PairedComponents.too_few_docs` is True and the comparison is not called significant: the answer
+   says "too few documents to decide; needs about ``docs_needed``". ``significant`` means the interval excludes 0 and
+   the documents suffice.
 
-In simulations (normal seed effects, shared and per-seed document noise, 2-5 seeds, 100 documents) 95% intervals
-covered the true difference in 95-99.8% of datasets: close to nominal when the seed effect or the shared document
-noise dominates, conservative when the seed effect is comparable to the document noise and seeds are few (a
-Satterthwaite t interval on ``se`` instead covered only 89% with 2 seeds and a dominant seed effect).
+The figures of docs/decisions.md (tests/unit/test_calibration.py): 12 documents with the shared document part
+dominant, 20 sets, no true difference in the population of documents, false decisions at one look at 5% (with the
+rule of step 4): 3.0% (normal, equal lengths), 2.2% (lognormal log-sd 0.5, unequal lengths), 4.4% (log-sd 1, unequal
+lengths), 2.9% (log-sd 1, 60 documents). The plain 95% interval covered 95.8%, 95.4%, 91.2% and 95.0%.
 
-Why not a two-stage bootstrap (resample seeds, then documents within seeds)? Resampling both levels counts the
-document noise twice (the observed spread of ``D_s`` already contains it; Davison & Hinkley 1997, sec. 3.8), and with
-three seeds a resample of seeds takes only 10 distinct values and shrinks their variance by ``(S - 1) / S``, so its
-percentile interval is far too narrow. Resampling documents independently per seed would also ignore that the
-documents are shared, understating the document noise by up to a factor ``S``. The bootstrap handles the ratio
-estimator and the cross-seed correlation without formulas; the seed level, with its few values, gets the classical
-random-effects variance and a t reference distribution that reflects how few seeds there are.
+Why not a bootstrap of the documents? The plug-in bootstrap variance is the delta method's with divisor ``N**2`` (too
+small by ``(N - 1) / N``) plus resampling noise, and its percentile or studentized intervals do not fix what goes
+wrong at 12 skewed documents (the tail not drawn); in a documents-only simulation (docs/decisions.md) a studentized
+bootstrap still excluded the mean in 12% of samples at 5%, and a sign-flip test over documents in 15%. Why not a
+two-stage bootstrap (resample seeds, then documents within seeds)? Resampling both levels counts the document noise
+twice (the observed spread of ``D_s`` already contains it; Davison & Hinkley 1997, sec. 3.8), and with three seeds a
+resample of seeds takes only 10 distinct values and shrinks their variance by ``(S - 1) / S``. The seed level, with
+its few values, gets the classical random-effects variance and a t reference distribution that reflects how few seeds
+there are.
 
-Everything is numpy, deterministic for a given ``seed`` (a ``numpy.random.Generator``), and vectorised: resamples are
-drawn as ``[chunk, n_docs]`` index arrays and turned into counts so that each seed's resampled sums are one matrix
-product (3 seeds x 2000 documents x 2000 resamples take about 0.1 s).
+Everything is numpy and closed-form (no resampling): the same inputs give the same result, and one comparison of
+20 seeds x 2000 documents takes a millisecond.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from statistics import NormalDist
 
@@ -69,7 +85,8 @@ from knockout.errors import KnockoutError
 
 METRICS = ("ce", "top1")
 HIGHER_IS_BETTER = {"ce": False, "top1": True, "ld": True}  # ld: the logit difference of task prompts
-_CHUNK_ELEMENTS = 1 << 22  # resampled indices held at once (n_resamples_in_chunk * n_docs)
+COCHRAN = 25.0  # Cochran's rule: the mean is near normal from 25 G1**2 observations
+DOC_SHARE = 0.25  # the documents' share of the interval from which their number must suffice
 
 
 def _integer_array(values, name: str) -> np.ndarray:
@@ -151,9 +168,15 @@ class PairedDifference:
     n_seeds: int
     n_docs: int
     significant: bool
-    """The interval excludes 0."""
+    """The interval excludes 0 and the documents suffice (not :attr:`too_few_docs`)."""
     method: str
     """How the interval was computed, in words."""
+    too_few_docs: bool = False
+    """The interval rests on the documents and there are too few of them to trust it (see
+    :meth:`PairedComponents.too_few_docs`): ``significant`` is then False whatever the interval, and the answer should
+    say "too few documents to decide; needs about ``docs_needed``"."""
+    docs_needed: int = 0
+    """Documents the document part needs (:attr:`PairedComponents.docs_needed`)."""
 
 
 def _check_metric(metric: str) -> None:
@@ -192,49 +215,55 @@ def _paired_arrays(a: Sequence[DocSums], b: Sequence[DocSums], metric: str) -> t
     return np.stack(xs), np.stack(ns).astype(np.float64)
 
 
-def _bootstrap_ratios(x: np.ndarray, n: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """``[n_boot, n_seeds]``: each seed's ratio ``sum(x) / sum(n)`` over the same resampled documents.
+def _linearized(x: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each seed's ratio and each document's linearized contribution to it.
 
-    ``x``, ``n``: ``[n_seeds, n_docs]``. Resample ``b`` draws ``n_docs`` document indices with replacement, shared by
-    all seeds; its counts ``[n_docs]`` times ``[x; n].T`` give the resampled sums. Resamples with no scored target in
-    some seed are dropped.
+    ``x``, ``n``: ``[n_seeds, n_docs]``. Returns ``D`` ``[n_seeds]`` (``sum_d x / sum_d n``) and ``psi``
+    ``[n_seeds, n_docs]``, ``psi[s, d] = (x[s, d] - D[s] n[s, d]) / mean_d n[s, d]``: the ratio's influence values
+    (delta method), which sum to 0 over documents. ``D[s] - theta ~ mean_d psi[s, d]`` for documents drawn at random.
     """
-    n_seeds, n_docs = x.shape
-    weights = np.concatenate([x, n]).T  # [n_docs, 2 * n_seeds]
-    chunk = max(1, _CHUNK_ELEMENTS // n_docs)
-    out = []
-    for start in range(0, n_boot, chunk):
-        rows = min(chunk, n_boot - start)
-        idx = rng.integers(0, n_docs, size=(rows, n_docs))  # [rows, n_docs]
-        flat = (idx + (np.arange(rows) * n_docs)[:, None]).ravel()
-        counts = np.bincount(flat, minlength=rows * n_docs).reshape(rows, n_docs).astype(np.float64)
-        sums = counts @ weights  # [rows, 2 * n_seeds]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out.append(sums[:, :n_seeds] / sums[:, n_seeds:])
-    ratios = np.concatenate(out)
-    ratios = ratios[np.all(np.isfinite(ratios), axis=1)]
-    if len(ratios) < 2:
-        raise KnockoutError("too few documents with scored targets to bootstrap")
-    return ratios
+    totals = n.sum(axis=1)  # [n_seeds]
+    ratios = x.sum(axis=1) / totals
+    psi = (x - ratios[:, None] * n) / (totals / x.shape[1])[:, None]
+    return ratios, psi
+
+
+def _skewness(psi: np.ndarray) -> float:
+    """Adjusted Fisher-Pearson sample skewness ``G1`` of ``psi`` ``[n_docs]`` (0 with fewer than 3 values)."""
+    n_docs = len(psi)
+    centred = psi - psi.mean()
+    m2 = float(np.mean(centred**2))
+    if n_docs < 3 or m2 <= 0:
+        return 0.0
+    g1 = float(np.mean(centred**3)) / m2**1.5
+    return g1 * math.sqrt(n_docs * (n_docs - 1)) / (n_docs - 2)
 
 
 @dataclass(frozen=True)
 class PairedComponents:
     """The variance components of one paired comparison (see the module docstring), from which its interval at any
-    level follows without another bootstrap (:meth:`difference`)."""
+    level follows without recomputation (:meth:`difference`)."""
 
     metric: str
     per_seed: np.ndarray
     """``[n_seeds]`` each seed's ``D_s`` (ratio of sums)."""
     n_docs: int
     v: float
-    """Per-seed document variance (bootstrap)."""
+    """Per-seed document variance (delta method, ``N / (N - 1)``-corrected)."""
     c: float
-    """Document variance shared by all seeds (bootstrap; 0 with one seed)."""
+    """Document variance shared by all seeds (0 with one seed)."""
     n_resamples: int
+    """0: the components are computed in closed form (kept for callers that printed a bootstrap's resamples)."""
     docs_variance: float = 0.0
-    """Variance of the seed mean from document sampling alone (seeds held fixed): the mean of the bootstrap
-    covariance matrix."""
+    """Variance of the seed mean from document sampling alone (seeds held fixed): the mean of the document
+    covariance matrix, ``c + (v - c) / S``."""
+    influence: np.ndarray | None = field(default=None, compare=False, repr=False)
+    """``[n_docs]`` each document's linearized contribution to the seed mean (averaged over seeds; sums to 0)."""
+    skewness: float = 0.0
+    """Sample skewness ``G1`` of :attr:`influence`."""
+    docs_df: float = 1.0
+    """Degrees of freedom of the document variance: ``N - 1`` for equal lengths, fewer when a few long documents
+    carry the mean (Satterthwaite on the documents' weights, see the module docstring)."""
 
     @property
     def n_seeds(self) -> int:
@@ -256,16 +285,44 @@ class PairedComponents:
             return self.v
         return self.c + max(self.between, self.v - self.c) / self.n_seeds
 
+    @property
+    def docs_needed(self) -> int:
+        """Documents the document part needs before its interval is trusted: Cochran's rule, ``25 G1**2`` for the
+        skewness ``G1`` of the documents' contributions (at least 3)."""
+        return max(3, math.ceil(COCHRAN * self.skewness**2))
+
+    def docs_quantile(self, level: float) -> float:
+        """The quantile the document terms get at ``level``: Student's t with :attr:`docs_df` degrees of freedom."""
+        return _t_quantile((1 + level) / 2, self.docs_df)
+
+    def _parts(self, level: float) -> tuple[float, float]:
+        """``(seed part, document part)`` of the squared half-width at ``level``."""
+        q = (1 + level) / 2
+        q_docs = self.docs_quantile(level)
+        if self.n_seeds == 1:
+            return 0.0, q_docs**2 * self.v
+        t_seeds = _t_quantile(q, self.n_seeds - 1)
+        w = self.v - self.c
+        seed_part = max(t_seeds**2 * self.between, q_docs**2 * w) / self.n_seeds
+        docs_in_seed = q_docs**2 * w / self.n_seeds if q_docs**2 * w >= t_seeds**2 * self.between else 0.0
+        return seed_part - docs_in_seed, docs_in_seed + q_docs**2 * self.c
+
     def half_width(self, level: float) -> float:
         """Half-width of the interval at ``level`` (step 3 of the module docstring)."""
-        q = (1 + level) / 2
-        t_docs = _t_quantile(q, max(self.n_docs - 1, 1))
-        if self.n_seeds == 1:
-            half_sq = t_docs**2 * self.v
-        else:
-            t_seeds = _t_quantile(q, self.n_seeds - 1)
-            half_sq = max(t_seeds**2 * self.between, t_docs**2 * (self.v - self.c)) / self.n_seeds + t_docs**2 * self.c
-        return math.sqrt(max(half_sq, 0.0))
+        seeds, docs = self._parts(level)
+        return math.sqrt(max(seeds + docs, 0.0))
+
+    def doc_share(self, level: float) -> float:
+        """The documents' share of the squared half-width at ``level`` (0 to 1): near 1, only more documents narrow
+        the interval."""
+        seeds, docs = self._parts(level)
+        total = seeds + docs
+        return float(docs / total) if total > 0 else 0.0
+
+    def too_few_docs(self, level: float) -> bool:
+        """Whether the interval at ``level`` rests on the documents (their share at least :data:`DOC_SHARE`) while
+        there are fewer of them than :attr:`docs_needed`: then no verdict about documents in general is made."""
+        return self.n_docs < self.docs_needed and self.doc_share(level) >= DOC_SHARE
 
     def difference(self, level: float = 0.95) -> PairedDifference:
         """The estimate with its interval at ``level``."""
@@ -274,15 +331,16 @@ class PairedComponents:
         estimate, half = self.estimate, self.half_width(level)
         if self.n_seeds == 1:
             how = (
-                f"paired document bootstrap ({self.n_resamples} resamples), one seed: document sampling only, "
-                "t interval"
+                f"paired documents (delta method, N/(N-1)), one seed: document sampling only; t({self.docs_df:.1f}) "
+                "quantile"
             )
         else:
             how = (
-                f"paired document bootstrap ({self.n_resamples} resamples, shared across {self.n_seeds} seeds) "
-                "+ random-effects seed variance; t quantiles per component"
+                f"paired documents shared across {self.n_seeds} seeds (delta method, N/(N-1)) + random-effects seed "
+                f"variance; t(S-1) for the seeds, t({self.docs_df:.1f}) for the documents"
             )
         low, high = estimate - half, estimate + half
+        blocked = self.too_few_docs(level)
         return PairedDifference(
             metric=self.metric,
             estimate=estimate,
@@ -293,8 +351,10 @@ class PairedComponents:
             level=level,
             n_seeds=self.n_seeds,
             n_docs=self.n_docs,
-            significant=bool(low > 0 or high < 0),
+            significant=bool((low > 0 or high < 0) and not blocked),
             method=how,
+            too_few_docs=blocked,
+            docs_needed=self.docs_needed,
         )
 
 
@@ -306,15 +366,22 @@ def paired_components(
         raise KnockoutError(f"n_boot must be at least 10, got {n_boot}")
     x, n = _paired_arrays(a, b, metric)  # [n_seeds, n_docs]
     n_seeds, n_docs = x.shape
-    per_seed = x.sum(axis=1) / n.sum(axis=1)  # [n_seeds]
-    ratios = _bootstrap_ratios(x, n, n_boot, np.random.default_rng(seed))  # [n_boot, n_seeds]
-    cov = np.atleast_2d(np.cov(ratios, rowvar=False))  # [n_seeds, n_seeds]
+    per_seed, psi = _linearized(x, n)  # [n_seeds], [n_seeds, n_docs]
+    if n_docs < 2:
+        raise KnockoutError("too few documents with scored targets to compare (at least 2 are needed)")
+    cov = psi @ psi.T / (n_docs * (n_docs - 1))  # [n_seeds, n_seeds]: document covariance of the seeds' ratios
     if n_seeds == 1:
         v, c = float(cov[0, 0]), 0.0
     else:
         v = float(np.mean(np.diag(cov)))  # per-seed document variance
         c = float((cov.sum() - np.trace(cov)) / (n_seeds * (n_seeds - 1)))  # shared by all seeds
-    return PairedComponents(metric, per_seed, n_docs, v, c, len(ratios), docs_variance=float(cov.mean()))
+    influence = psi.mean(axis=0)  # [n_docs]
+    weights = (n / n.mean(axis=1, keepdims=True)).mean(axis=0)  # [n_docs] each document's weight in the seed mean
+    df = (n_docs - 1) * float(np.sum(weights**2)) ** 2 / (n_docs * float(np.sum(weights**4)))
+    return PairedComponents(
+        metric, per_seed, n_docs, v, c, 0, docs_variance=float(cov.mean()), influence=influence,
+        skewness=_skewness(influence), docs_df=max(df, 1.0),
+    )  # fmt: skip
 
 
 def paired_difference(
@@ -329,7 +396,8 @@ def paired_difference(
 
     ``a[s]`` and ``b[s]`` are the rows of methods A and B for the same seed ``s`` (same fraction): the same documents
     in the same order, with the same ``n``. All seeds cover the same documents, in the same order. ``metric`` is
-    ``"ce"`` or ``"top1"``. ``seed`` seeds the bootstrap's ``numpy.random.Generator``: equal inputs give equal results.
+    ``"ce"`` or ``"top1"``. The result is a closed form: ``n_boot`` and ``seed`` are accepted for callers written for
+    the document bootstrap this replaced, and ignored.
     """
     if not 0 < level < 1:
         raise KnockoutError(f"level must be between 0 and 1, got {level}")
