@@ -3,7 +3,6 @@
 import json
 import os
 import time
-from pathlib import Path
 
 import pytest
 
@@ -134,17 +133,21 @@ def test_preset_with_local_overrides_runs(tmp_path):
     assert saved["task"] == "masked" and saved["seeds"] == [0]
 
 
-def test_demo_preset_runs_the_answer_methods_at_the_papers_two_fractions():
+def test_demo_preset_runs_the_answer_methods_at_the_papers_two_fractions(tmp_path):
     """The demo: zero, mean, peak at 7 fractions, optimal at 0.5 and 0.9; overriding the methods or fractions keeps
     the per-method fractions consistent with them (or drops them)."""
+    import json
+
     from knockout.reporting.run import RunData
+    from knockout.runfolder import RunFolder
 
     cfg = resolve_preset("demo")
     assert cfg.fractions_of("zero") == cfg.fractions == (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
     assert cfg.fractions_of("optimal") == (0.5, 0.9)
     assert cfg.stats_skip_first == 1 and cfg.sort_by_length
     assert cfg.seeds == "auto" and cfg.decide.fractions == (0.5, 0.9) and cfg.eval_docs == 12
-    run = RunData(Path("unused"), cfg.to_dict(), [])
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    run = RunData(RunFolder(tmp_path))
     assert run.n_expected == 3 * (1 + 3 * 7 + 2)  # the first look's sets: a baseline per seed
     only = resolve_preset("demo", methods=("zero", "optimal"))
     assert only.method_fractions == {"optimal": [0.5, 0.9]}
