@@ -406,6 +406,13 @@ class SweepConfig:
         """Whether neuron sets are added until the answer is decided (``seeds='auto'``)."""
         return self.seeds == AUTO
 
+    def design(self) -> dict | None:
+        """``--seeds auto``: the record of the sequential design (:meth:`DecideOptions.design_record`, over the
+        answer's families); ``None`` otherwise."""
+        from knockout.inference.sequential import families
+
+        return self.decide.design_record(families(self.decide.fractions)) if self.sequential else None
+
     @property
     def fixed_seeds(self) -> tuple[int, ...]:
         """The seeds every method runs at all its fractions: ``seeds``, or with ``seeds='auto'`` the first look's."""
@@ -647,6 +654,9 @@ class Resolved:
     """Where the statistics came from (:func:`knockout.experiments.prepare.stats_provenance`)."""
     targets: dict | None = None
     """Named sets (``--ablate``, scan units): name -> components, neurons ablated, fraction, digest."""
+    design: dict | None = None
+    """``--seeds auto``: the sequential design, fixed before its first look
+    (:meth:`~knockout.inference.sequential.DecideOptions.design_record`); a resume may not change it."""
 
     @classmethod
     def from_dict(cls, values: dict | None) -> Resolved:
@@ -665,7 +675,7 @@ class Resolved:
         return cls(**out)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "targets" or v is not None}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("targets", "design") or v is not None}
 
     @property
     def identity(self) -> dict:

@@ -12,7 +12,7 @@ import knockout.loading
 import tiny
 from knockout.cli import _config, build_parser, main
 from knockout.config import SweepConfig
-from knockout.data.text import split_items
+from knockout.data.reading import split_items
 from knockout.errors import KnockoutError
 from knockout.experiments import engine, prepare
 

@@ -3,6 +3,7 @@ the design by hand on the stored sums), the report's answer replays the same loo
 during an added set resumes with the same command to the values of an uninterrupted run."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,3 +99,24 @@ def test_sigkill_during_an_added_set_then_the_same_command_gives_the_same_sets_a
         mp.setattr("knockout.reporting.write_report", lambda out, *a, **k: Path(out) / "report")
         assert main(_args(model, corpus, out)) == 0
     assert _values(out) == _values(reference)
+
+
+def test_the_design_is_fixed_at_the_first_look_and_a_resume_may_not_change_it(setup, reference, tmp_path, capsys):
+    from knockout.runfolder import RunFolder
+
+    _, model, corpus = setup
+    out = shutil.copytree(reference, tmp_path / "run")
+    stored = RunFolder(out).resolved.design
+    assert stored["looks"] == [3, 6] and stored["families"] == 2 and stored["max_sets"] == 6
+    args = _args(model, corpus, out)
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for changed in (["--decide-max-sets", "9"], ["--decide-alpha", "0.1"], ["--seeds", "0,1,2,3,4,5,6,7"]):
+        i = args.index(changed[0]) if changed[0] in args else None
+        given = [*args[:i], *changed, *args[i + 2 :]] if i is not None else [*args, *changed]
+        assert main(given) == 2
+        err = capsys.readouterr().err
+        assert "sequential design was fixed before its first look" in err and "another --out" in err
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    answer = run_answer(out, (0.5, 0.9), n_boot=50)
+    assert [fa.fraction for fa in answer.fractions] == [0.5]  # 0.9 is not in this run: no line for it
+    assert "per fraction and metric" in answer.families

@@ -29,17 +29,17 @@ def _with_default(monkeypatch, cls, name: str, value) -> None:
 def _rows(methods=("zero", "peak"), seeds=(0, 1, 2), n_docs=6):
     """Rows at fraction 0.5 with per-document sums that add up to them (CE differs by method and document)."""
     rng = np.random.default_rng(0)
-    out = []
+    out, total = [], 4 * n_docs
     for seed in seeds:
         n = np.full(n_docs, 4)
         base = {"n": n, "ce_sum": rng.uniform(4, 8, n_docs), "correct": rng.integers(0, 4, n_docs)}
-        out.append((ResultRow.measured("baseline", 0.0, seed, base["correct"].sum() / 24, base["ce_sum"].sum() / 24,
-                                       24, 0, 64, 0.0), base))  # fmt: skip
+        top1, mean_ce = base["correct"].sum() / total, base["ce_sum"].sum() / total
+        out.append((ResultRow.measured("baseline", 0.0, seed, top1, mean_ce, total, 0, 64, 0.0), base))
         for i, m in enumerate(methods):
             ce = base["ce_sum"] + (i + 1) * rng.uniform(0.5, 1.0, n_docs)
             sums = {"n": n, "ce_sum": ce, "correct": np.minimum(base["correct"], 3 - i)}
-            top1, mean_ce = sums["correct"].sum() / 24, ce.sum() / 24
-            out.append((ResultRow.measured(m, 0.5, seed, top1, mean_ce, 24, 32, 64, 0.0, out[-1 - i][0]), sums))
+            top1, mean_ce = sums["correct"].sum() / total, ce.sum() / total
+            out.append((ResultRow.measured(m, 0.5, seed, top1, mean_ce, total, 32, 64, 0.0, out[-1 - i][0]), sums))
     return out
 
 
@@ -134,3 +134,15 @@ def test_resolved_record_round_trips():
     assert Resolved.from_dict(record.to_dict()) == record
     assert "targets" not in record.to_dict() and dataclasses.replace(record, targets={}).to_dict()["targets"] == {}
     assert Resolved.from_dict({"unknown": 1, "task": "causal"}).task == "causal"
+
+
+def test_one_neuron_set_speaks_of_that_set_and_decides_nothing_in_general(tmp_path):
+    from knockout.reporting.answer import sentence
+
+    rows = [r for r in _rows(n_docs=40) if r[0].seed == 0]  # peak far above zero on every document
+    folder = _folder(tmp_path, {"methods": ("zero", "peak"), "fractions": (0.5,), "seeds": (0,)}, rows)
+    (fa,) = run_answer(folder, (0.5, 0.9), n_boot=50).fractions  # no line for 0.9, which the run lacks
+    assert fa.stop == "few sets" and fa.best("ce") is None and not any(v.decided for v in fa.ce)
+    text = sentence(fa)
+    assert "for this neuron set (1 set x 40 documents), zero hurts least" in text
+    assert "Nothing is decided about neuron sets in general" in text

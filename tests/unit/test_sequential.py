@@ -181,22 +181,23 @@ def test_projection_and_needs_agree_with_the_interval():
 def test_design_record_is_plain_json_and_changes_are_named():
     import json
 
-    from knockout.inference.sequential import DecideOptions, design_changes, doc_steps
+    from knockout.inference.sequential import DecideOptions, design_changes, doc_steps, plan_for
 
     assert doc_steps(12, 60) == (12, 24, 48, 60) and doc_steps(12, 0) == (12,) and doc_steps(12, 24) == (12, 24)
-    options = DecideOptions(max_docs=48)
-    record = options.design_record(n_docs=12, n_families=4)
+    with_docs = plan_for(20, docs=doc_steps(12, 48))
+    assert with_docs.to_dict()["docs"] == [12, 24, 48] and Plan.from_dict(with_docs.to_dict()) == with_docs
+    options = DecideOptions()
+    record = options.design_record(n_families=4)
     assert json.loads(json.dumps(record)) == record  # plain JSON, stored as written
-    assert record["looks"] == [3, 5, 8, 12, 20] and record["docs"] == [12, 24, 48] and record["max_sets"] == 20
+    assert record["looks"] == [3, 5, 8, 12, 20] and record["docs"] == [] and record["max_sets"] == 20
     assert sum(record["alpha_per_look"]) == pytest.approx(0.05) and record["families"] == 4
-    assert Plan.from_dict(record) == options.plan(12)
-    assert design_changes(record, options.design_record(12, 4)) == []
-    changed = DecideOptions(max_docs=48, max_sets=30).design_record(12, 4)
+    assert Plan.from_dict(record) == options.plan()
+    assert design_changes(record, options.design_record(4)) == []
+    changed = DecideOptions(max_sets=30).design_record(4)
     lines = design_changes(record, changed)
     assert any(line.startswith("max_sets: 20 -> 30") for line in lines) and any("looks" in line for line in lines)
-    assert design_changes(record, DecideOptions(max_docs=48, alpha=0.1).design_record(12, 4))
-    # without documents to add the plan's documents are fixed
-    assert DecideOptions().plan(12).docs == () and DecideOptions(max_docs=12).plan(12).docs == ()
+    assert design_changes(record, DecideOptions(alpha=0.1).design_record(4))
+    assert DecideOptions().plan().docs == ()
     with pytest.raises(KnockoutError, match="version"):
         Plan.from_dict({**record, "version": 0})
 

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from knockout.data.batch import Batch
-from knockout.data.text import open_hf_split, split_items
+from knockout.data.reading import split_items
+from knockout.data.text import open_hf_split
 from knockout.errors import KnockoutError
 from knockout.options import OptionGroup, setting
 

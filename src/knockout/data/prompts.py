@@ -124,7 +124,7 @@ def is_task_source(source: str) -> bool:
 def read_task_file(path: str | Path) -> list[Prompt]:
     """Every prompt of a task ``.jsonl`` file, validated: each line an object with a non-empty ``prompt`` and an
     ``answer``, or a ``correct`` and an ``incorrect`` (different) answer; every line of the same kind."""
-    from knockout.data.text import decode_text
+    from knockout.data.reading import decode_text
 
     path = Path(path).expanduser()
     try:
@@ -183,7 +183,7 @@ def check(source: str, max_length: int | None = None) -> None:
         return
     items = read_task_file(source)
     if max_length is not None:
-        from knockout.data.text import split_items
+        from knockout.data.reading import split_items
 
         for i, item in enumerate(split_items(items, "eval")):
             check_length(item, max_length, f"prompt {i} ({item.prompt[:40]!r}...) of {source!r}")
@@ -207,7 +207,7 @@ def identity(source: str) -> dict:
 def prompts(source: str, split: str) -> Iterator[Prompt]:
     """The prompts of a task source's ``split`` (``"eval"`` or ``"collect"``), in a fixed order (the built-in task's
     are an endless deterministic stream)."""
-    from knockout.data.text import SPLITS, split_items
+    from knockout.data.reading import SPLITS, split_items
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

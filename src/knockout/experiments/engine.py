@@ -169,6 +169,7 @@ def run_record(run: Prepared, used: float, stats: Statistics | None = None, targ
         data_identity=run.data_id,
         statistics=None if stats is None else stats_provenance(stats, run.cfg.stats_path),
         targets=None if targets is None else {t.name: t.record() for t in targets},
+        design=run.cfg.design(),
     )
 
 

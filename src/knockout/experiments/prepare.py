@@ -28,6 +28,7 @@ from knockout.distributed import World
 from knockout.errors import KnockoutError
 from knockout.fingerprint import describe, model_fingerprint, same_model, source_fingerprint, tensors_fingerprint
 from knockout.hooks import preout_length
+from knockout.inference.sequential import design_changes
 from knockout.loading import LoadedModel, load_model, model_identity
 from knockout.sites import Site, find_sites, text_config
 from knockout.version import __version__
@@ -123,6 +124,14 @@ def check_settings(folder: runfolder.RunFolder, cfg: SweepConfig, task_known: bo
         raise KnockoutError(
             f"{str(folder.dir)!r} holds {kinds[0]}'s run; {kinds[1]} cannot resume or extend it. Use another --out "
             "folder, or --restart to move it aside"
+        )
+    stored = folder.resolved.design
+    if stored is not None and (changes := design_changes(stored, cfg.design() or {})):
+        raise KnockoutError(
+            f"{str(folder.dir)!r} holds a --seeds auto run whose sequential design was fixed before its first look "
+            f"({'; '.join(changes[:3])}{' ...' if len(changes) > 3 else ''}): its error rate holds only for that "
+            "design. Resume it with the same --seeds and --decide-* settings, or start a new analysis in another "
+            "--out folder (or --restart)"
         )
     new = cfg.result_fields()
     if not task_known:

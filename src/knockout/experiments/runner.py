@@ -26,7 +26,7 @@ from knockout.experiments.engine import (
     warn_clipped,
 )
 from knockout.experiments.prepare import Prepared, prepare
-from knockout.inference.sequential import SequentialTest
+from knockout.inference.sequential import Plan, SequentialTest
 from knockout.loading import LoadedModel, resolve_device
 from knockout.reporting.results import RunResults, load_run
 from knockout.stats import centres
@@ -147,7 +147,7 @@ def _add_sets(cfg: SweepConfig, engine: RowEngine, classes: list) -> None:
     """``--seeds auto``: at each decision fraction, replay the sequential design on the stored sums and evaluate the
     sets its next look needs (only the methods of pairs not yet decided), until every fraction's design is finished
     (all decided, futile, or the maximum reached). Replaying makes a resumed run take the same path."""
-    plan = cfg.decide.plan()
+    plan = Plan.from_dict(cfg.design())
     by_name = {c.name: c for c in classes}
     while True:
         todo = []

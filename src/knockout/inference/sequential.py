@@ -197,10 +197,6 @@ class DecideOptions(OptionGroup):
         ALPHA, "family-wise error rate of the answer's decisions (all pairs, all looks) per fraction and metric, or "
         "over all of them with --decide-joint", "decide", kind="float",
     )  # fmt: skip
-    max_docs: int = setting(
-        0, "with --seeds auto: the most evaluation documents the design may grow to when the documents limit the "
-        "interval (doubling at a planned look); 0: the documents are fixed", "decide", kind="int",
-    )  # fmt: skip
     joint: bool = setting(
         False, "hold --decide-alpha over all decision families together (every fraction, CE and top-1: Bonferroni) "
         "instead of per fraction and metric", "decide", kind="bool",
@@ -221,28 +217,26 @@ class DecideOptions(OptionGroup):
         if not fractions or not all(0 < f <= 1 for f in fractions):
             raise KnockoutError(f"decide.fractions (--decide-fractions) must be in (0, 1], got {self.fractions!r}")
         object.__setattr__(self, "fractions", fractions)
-        self._int("max_docs", 0)
         self._bool("joint")
 
     def family_alpha(self, n_families: int) -> float:
         """The error rate each family is tested at: ``alpha``, or ``alpha / n_families`` with :attr:`joint`."""
         return self.alpha / max(n_families, 1) if self.joint else self.alpha
 
-    def plan(self, n_docs: int | None = None, n_families: int = 1) -> Plan:
-        """The design of one family. ``n_docs``: the documents of the first look (needed when :attr:`max_docs` lets
-        the design add documents); ``n_families``: the families the answer holds (:func:`families`), which share
-        ``alpha`` when :attr:`joint`."""
-        docs = doc_steps(n_docs, self.max_docs) if n_docs is not None and self.max_docs > n_docs else ()
-        return plan_for(self.max_sets, self.first, self.family_alpha(n_families), docs)
+    def plan(self, n_families: int = 1) -> Plan:
+        """The design of one family; ``n_families``: the families the answer holds (:func:`families`), which share
+        ``alpha`` when :attr:`joint`. The evaluation documents are fixed (a :class:`Plan` with planned document
+        counts is what adding documents at the looks would use)."""
+        return plan_for(self.max_sets, self.first, self.family_alpha(n_families))
 
-    def design_record(self, n_docs: int | None = None, n_families: int = 1) -> dict:
+    def design_record(self, n_families: int = 1) -> dict:
         """Everything the error rate depends on, as plain JSON, to store in the run folder at the first look and
-        compare on resume (:func:`design_changes`): the plan's looks, alpha per family and per look, the documents
-        it may grow to, the fractions decided, first and maximum sets, and how the families are counted."""
-        record = self.plan(n_docs, n_families).to_dict()
+        compare on resume (:func:`design_changes`): the plan's looks, alpha per family and per look, the fractions
+        decided, first and maximum sets, and how the families are counted."""
+        record = self.plan(n_families).to_dict()
         record.update(
-            fractions=list(self.fractions), first=self.first, max_sets=self.max_sets, max_docs=self.max_docs,
-            alpha_total=self.alpha, joint=self.joint, families=n_families,
+            fractions=list(self.fractions), first=self.first, max_sets=self.max_sets, alpha_total=self.alpha,
+            joint=self.joint, families=n_families,
         )  # fmt: skip
         return record
 

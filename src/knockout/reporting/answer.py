@@ -27,13 +27,23 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from knockout.config import SweepConfig
 from knockout.errors import KnockoutError
 from knockout.inference.paired import HIGHER_IS_BETTER, DocSums, PairedDifference, paired_difference
-from knockout.inference.sequential import ALPHA, DecideOptions, Need, PairVerdict, Plan, SequentialTest, needed
+from knockout.inference.sequential import (
+    ALPHA,
+    DecideOptions,
+    Need,
+    PairVerdict,
+    Plan,
+    SequentialTest,
+    families,
+    family_statement,
+    needed,
+)
 from knockout.reporting import html as H
 from knockout.reporting.centres import noise_notes, peak_noise_notes
 from knockout.reporting.escape import markdown as md
@@ -123,6 +133,8 @@ class FractionAnswer:
 class Answer:
     fractions: list[FractionAnswer]
     alpha: float = ALPHA
+    families: str = ""
+    """Over what the error rate holds (:func:`knockout.inference.sequential.family_statement`)."""
 
     @property
     def available(self) -> bool:
@@ -137,7 +149,12 @@ def run_answer(folder: RunFolder | str | Path, fractions: tuple[float, ...], n_b
     folder = RunFolder.open(folder)
     rows, cfg = folder.row_dicts(), folder.config
     decide = cfg.decide if cfg is not None else DecideOptions()
-    answer = Answer([fraction_answer(rows, folder.doc_sums, cfg, f, n_boot) for f in fractions], decide.alpha)
+    held = {fraction_key(r["fraction"]) for r in rows if r["method"] != "baseline" and not r["target"]}
+    fractions = tuple(f for f in fractions if fraction_key(f) in held)  # lines only for fractions the run holds
+    design = folder.resolved.design or (cfg.design() if cfg is not None else None)
+    answer = Answer([fraction_answer(rows, folder.doc_sums, cfg, f, n_boot, design) for f in fractions], decide.alpha)
+    if fractions:
+        answer.families = family_statement(fractions, ("ce", "top1"), decide.alpha, decide.joint)
     note = folder.unusable_note()
     if note:
         for fa in answer.fractions:
@@ -154,10 +171,12 @@ def _seed_order(cfg: SweepConfig | None, rows: list[dict]) -> list[int]:
 
 
 def fraction_answer(
-    rows: list[dict], sums: dict, cfg: SweepConfig | None, fraction: float, n_boot: int = N_BOOT
+    rows: list[dict], sums: dict, cfg: SweepConfig | None, fraction: float, n_boot: int = N_BOOT,
+    design: dict | None = None,
 ) -> FractionAnswer:
     """The verdicts at ``fraction`` from ``rows``, their checked per-document ``sums``
-    (:attr:`knockout.runfolder.RunFolder.doc_sums`) and the run's settings ``cfg``."""
+    (:attr:`knockout.runfolder.RunFolder.doc_sums`), the run's settings ``cfg`` and, for ``--seeds auto``, the
+    sequential ``design`` it stored (:meth:`knockout.config.SweepConfig.design`)."""
     key_f = fraction_key(fraction)
     at = [r for r in rows if r["method"] != "baseline" and not r["target"] and fraction_key(r["fraction"]) == key_f]
     methods = list(dict.fromkeys(r["method"] for r in at))
@@ -192,8 +211,9 @@ def fraction_answer(
         return fa
     decide = cfg.decide if cfg is not None else DecideOptions()
     sequential = cfg is not None and cfg.sequential and any(fraction_key(f) == key_f for f in decide.fractions)
+    n_families = families(decide.fractions) if cfg is not None and cfg.sequential else families((fraction,))
     if sequential:
-        plan = decide.plan()
+        plan = Plan.from_dict(design) if design is not None else decide.plan(n_families)
     else:
         common = min(len(data[m]) for m in contenders)
         # a --seeds auto run gives the first look's sets to every fraction, more only at its decision fractions
@@ -206,7 +226,7 @@ def fraction_answer(
                 f"per-document sums of {', '.join(short)} (missing from paired/, or not adding up to their rows in "
                 "results.jsonl; re-run the same sweep command to recompute them)."
             )
-        plan = Plan((common,), decide.alpha)
+        plan = Plan((common,), decide.family_alpha(n_families))
     tests = {}
     try:
         for metric in ("ce", "top1"):
@@ -222,7 +242,12 @@ def fraction_answer(
     fa.top1 = [tests["top1"].verdicts[p] for p in sorted(tests["top1"].verdicts, key=_pair_order(contenders))]
     fa.n_sets = plan.looks[ce.looks_done - 1]
     fa.n_docs = fa.ce[0].n_docs
-    if not sequential:
+    if not sequential and fa.n_sets < decide.first:
+        # the spread between neuron sets is unknown: a statement about this set, none about neuron sets in general
+        fa.ce, fa.top1 = [replace(v, decided=False) for v in fa.ce], [replace(v, decided=False) for v in fa.top1]
+        fa.stop = "few sets"
+        fa.design = f"{fa.n_sets} fixed set(s), fewer than the {decide.first} a decision needs: nothing is decided"
+    elif not sequential:
         fa.stop, fa.design = "fixed", f"one look at {fa.n_sets} fixed sets, Holm over the pairs at alpha {plan.alpha:g}"
     else:
         fa.stop = (
@@ -232,7 +257,8 @@ def fraction_answer(
         made = ", ".join(map(str, plan.looks[: ce.looks_done]))
         fa.design = (
             f"sequential: looks at {made} of the planned {', '.join(map(str, plan.looks))} sets, alpha {plan.alpha:g} "
-            "spent over them (Hwang-Shih-DeCani, gamma -2), Holm over the pairs at each look"
+            "split over them by the union bound (shaped like Hwang-Shih-DeCani, gamma -2), Holm over the pairs at "
+            "each look"
         )
     level = ce.final_level(len(ce.undecided))
     for v in fa.ce:
@@ -298,6 +324,15 @@ def sentence(fa: FractionAnswer, metric: str = "ce", head: str | None = None) ->
         return f"{head}: no paired comparison."
     what, _, than = METRIC_WORDS[metric]
     sets = f"{fa.n_sets} set{'s' if fa.n_sets != 1 else ''} x {fa.n_docs} documents"
+    if fa.stop == "few sets":
+        leader = fa.leader(metric)
+        mine = [v for v in verdicts if leader in (v.a, v.b)]
+        parts = [f"{_amount(v, leader)} {than} {v.b if v.a == leader else v.a}" for v in mine]
+        return (
+            f"{head}, for {'this neuron set' if fa.n_sets == 1 else 'these neuron sets'} ({sets}), {leader} "
+            f"{what}: {'; '.join(parts)}. Nothing is decided about neuron sets in general (with fewer than 3 sets "
+            "their spread is unknown): run more seeds, or --seeds auto."
+        )
     best = fa.best(metric)
     if best is not None:
         wins = sorted((v for v in verdicts if best in (v.a, v.b)), key=lambda v: abs(v.estimate))
@@ -331,6 +366,9 @@ def _stopped(fa: FractionAnswer) -> str:
 def _need_text(fa: FractionAnswer, shown: list[PairVerdict]) -> str:
     out = []
     for v in shown:
+        if v.too_few_docs:
+            out.append(f"{v.a} against {v.b}: too few documents to decide; needs about {v.docs_needed}")
+            continue
         need = fa.needs.get((v.a, v.b))
         if need is None:
             continue
@@ -371,7 +409,7 @@ def markdown(answer: Answer, heading: str = "## The answer") -> list[str]:
         f"_Differences are paired (same neuron sets and documents); {md('; '.join(designs))}. Each interval is the "
         "one that decided its pair (or the last tested); docs/decisions.md explains the design._"
     )
-    lines += ["", note, ""]
+    lines += ["", note + (f" _{md(answer.families)}_" if answer.families else ""), ""]
     return lines
 
 
@@ -384,7 +422,7 @@ def html(answer: Answer, heading: str = "<h2>The answer</h2>") -> str:
     for fa in answer.fractions:
         items.append(H.esc_keep_bold(" ".join(sentences(fa))))
     designs = dict.fromkeys(fa.design for fa in answer.fractions if fa.design)
-    note = f"Differences are paired (same neuron sets and documents); {'; '.join(designs)}."
+    note = f"Differences are paired (same neuron sets and documents); {'; '.join(designs)}. {answer.families}"
     return heading + "<ul>" + "".join(f"<li>{i}</li>" for i in items) + f'</ul><p class="note">{H.esc(note)}</p>'
 
 
@@ -464,7 +502,7 @@ def to_json(answer: Answer) -> dict:
             }
         )
     pairs = [{k: num(v) for k, v in r.items()} for r in paired_records(answer)]
-    return {"alpha": answer.alpha, "fractions": fractions, "pairs": pairs}
+    return {"alpha": answer.alpha, "families": answer.families, "fractions": fractions, "pairs": pairs}
 
 
 def write_files(answer: Answer, out: Path, write) -> list[Path]:
