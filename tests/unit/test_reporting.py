@@ -312,3 +312,9 @@ def test_report_refuses_bad_options(run, tmp_path, capsys):
     assert main(["report", str(run), "--out", str(tmp_path / "b"), "--fractions", "2"]) == 2
     assert "between 0 and 1" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_agreement_where_no_model_has_a_comparison_says_so():
+    from knockout.reporting.answer import FractionAnswer, agreement
+
+    assert agreement([FractionAnswer(0.9, []), FractionAnswer(0.9, [])]) == "no comparison on any model"
