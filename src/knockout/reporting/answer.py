@@ -30,6 +30,8 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from knockout.config import SweepConfig
 from knockout.errors import KnockoutError
 from knockout.inference.paired import HIGHER_IS_BETTER, DocSums, PairedDifference, paired_difference
@@ -48,7 +50,7 @@ from knockout.reporting import html as H
 from knockout.reporting.centres import noise_notes, peak_noise_notes
 from knockout.reporting.escape import markdown as md
 from knockout.reporting.escape import markdown_keep_bold
-from knockout.runfolder import RunFolder, fraction_key, row_key
+from knockout.runfolder import DOC_FIELDS, RunFolder, fraction_key, row_key
 
 LEVEL = 0.95
 N_BOOT = 2000
@@ -172,45 +174,51 @@ def _seed_order(cfg: SweepConfig | None, rows: list[dict]) -> list[int]:
 
 def fraction_answer(
     rows: list[dict], sums: dict, cfg: SweepConfig | None, fraction: float, n_boot: int = N_BOOT,
-    design: dict | None = None,
+    design: dict | None = None, target: str = "",
 ) -> FractionAnswer:
-    """The verdicts at ``fraction`` from ``rows``, their checked per-document ``sums``
-    (:attr:`knockout.runfolder.RunFolder.doc_sums`), the run's settings ``cfg`` and, for ``--seeds auto``, the
-    sequential ``design`` it stored (:meth:`knockout.config.SweepConfig.design`)."""
+    """The verdicts at ``fraction`` (or, with ``target``, on that named set, whose ``fraction`` it is) from
+    ``rows``, their checked per-document ``sums`` (:attr:`knockout.runfolder.RunFolder.doc_sums`), the run's
+    settings ``cfg`` and, for ``--seeds auto``, the sequential ``design`` it stored
+    (:meth:`knockout.config.SweepConfig.design`). A named set is the object of study, not a random draw: its
+    verdicts hold for it on one look at the sets the run has."""
     key_f = fraction_key(fraction)
-    at = [r for r in rows if r["method"] != "baseline" and not r["target"] and fraction_key(r["fraction"]) == key_f]
+    where = f"on {target}" if target else f"at {fraction:g}"
+    at = [r for r in rows if r["method"] != "baseline" and r["target"] == target
+          and (target or fraction_key(r["fraction"]) == key_f)]  # fmt: skip
     methods = list(dict.fromkeys(r["method"] for r in at))
     fa = FractionAnswer(fraction, [])
     if not methods:
-        fa.notes.append(f"No rows at fraction {fraction:g}.")
+        fa.notes.append(f"No rows {where}.")
         return fa
     order = _seed_order(cfg, rows)
 
-    def sets_of(m: str) -> list[DocSums]:
+    def sets_of(m: str) -> list[dict]:
         """Consecutive sets (in seed order) with per-document sums."""
         out = []
         for s in order:
-            d = sums.get(row_key(m, fraction, s))
+            d = sums.get(row_key(m, fraction, s, target))
             if d is None:
                 break
-            out.append(DocSums(**d))
+            out.append(d)
         return out
 
-    data = {m: sets_of(m) for m in methods}
+    stored = {m: sets_of(m) for m in methods}
+    data = {m: [DocSums(**{f: d[f] for f in DOC_FIELDS}) for d in v] for m, v in stored.items()}
     without = [m for m in methods if not data[m]]
     if without:
         fa.notes.append(
-            f"Rows of {', '.join(without)} at {fraction:g} have no usable per-document sums (missing, or not adding up "
-            "to their rows); left out."
+            f"Rows of {', '.join(without)} {where} have no usable per-document sums (missing, or not adding up to "
+            "their rows); left out."
         )
     bounds = [m for m in methods if is_bound(m) and data[m]]
     contenders = [m for m in methods if not is_bound(m) and data[m]]
     fa.methods = contenders
     if len(contenders) < 2:
-        fa.notes.append(f"Fewer than two methods to compare at {fraction:g}.")
+        fa.notes.append(f"Fewer than two methods to compare {where}.")
         return fa
     decide = cfg.decide if cfg is not None else DecideOptions()
     sequential = cfg is not None and cfg.sequential and any(fraction_key(f) == key_f for f in decide.fractions)
+    sequential = sequential and not target
     n_families = families(decide.fractions) if cfg is not None and cfg.sequential else families((fraction,))
     if sequential:
         plan = Plan.from_dict(design) if design is not None else decide.plan(n_families)
@@ -222,9 +230,9 @@ def fraction_answer(
             short = [m for m in contenders if len(data[m]) == common]
             lacking = order[common] if common < len(order) else None
             fa.notes.append(
-                f"At {fraction:g} the comparison uses the {common} sets every method has: seed {lacking} lacks the "
-                f"per-document sums of {', '.join(short)} (missing from paired/, or not adding up to their rows in "
-                "results.jsonl; re-run the same sweep command to recompute them)."
+                f"{where.capitalize()} the comparison uses the {common} sets every method has: seed {lacking} lacks "
+                f"the per-document sums of {', '.join(short)} (missing from paired/, or not adding up to their rows "
+                "in results.jsonl; re-run the same sweep command to recompute them)."
             )
         plan = Plan((common,), decide.family_alpha(n_families))
     tests = {}
@@ -234,14 +242,22 @@ def fraction_answer(
             test.replay(data)
             if test.looks_done == 0:
                 raise KnockoutError(f"not enough sets for the first look ({plan.looks[0]})")
+        if target and all("ld_sum" in d for v in stored.values() for d in v[: plan.looks[0]]):
+            negated = {m: [_negated_ld(d) for d in stored[m]] for m in contenders}
+            test = SequentialTest(plan, contenders, "ce", n_boot=n_boot)
+            test.replay(negated)
+            fa.ld = [_as_ld(test.verdicts[p]) for p in sorted(test.verdicts, key=_pair_order(contenders))]
     except KnockoutError as e:
-        fa.notes.append(f"No paired comparison at {fraction:g}: {e}")
+        fa.notes.append(f"No paired comparison {where}: {e}")
         return fa
     ce = tests["ce"]
     fa.ce = [ce.verdicts[p] for p in sorted(ce.verdicts, key=_pair_order(contenders))]
     fa.top1 = [tests["top1"].verdicts[p] for p in sorted(tests["top1"].verdicts, key=_pair_order(contenders))]
     fa.n_sets = plan.looks[ce.looks_done - 1]
     fa.n_docs = fa.ce[0].n_docs
+    if target:
+        fa.stop, fa.design = "fixed", f"one look at {fa.n_sets} sets, Holm over the pairs at alpha {plan.alpha:g}"
+        return fa
     if not sequential and fa.n_sets < decide.first:
         # the spread between neuron sets is unknown: a statement about this set, none about neuron sets in general
         fa.ce, fa.top1 = [replace(v, decided=False) for v in fa.ce], [replace(v, decided=False) for v in fa.top1]
@@ -289,6 +305,18 @@ def centre_notes(stats_path: str | Path | None, methods: list[str]) -> list[str]
     size (the median over neurons of SE(centre) / |centre - mean| above 0.5, SE from the collection's two halves),
     with the collection tokens that would fix it (:func:`knockout.reporting.centres.noise_notes`)."""
     return noise_notes(stats_path, methods)
+
+
+def _negated_ld(sums: dict) -> DocSums:
+    """A row's per-document logit differences as :class:`DocSums` whose "CE" is ``-logit_diff``: the paired
+    comparison of ratios of sums is the same estimator for any per-document sum, and its "lower is better" then
+    ranks the highest logit difference first."""
+    return DocSums(n=sums["n"], ce_sum=-sums["ld_sum"], correct=np.zeros_like(sums["n"]))
+
+
+def _as_ld(v: PairVerdict) -> PairVerdict:
+    """A verdict computed on the negated logit differences, stated for the logit difference itself."""
+    return replace(v, metric="ld", estimate=-v.estimate, low=-v.high, high=-v.low, low95=-v.high95, high95=-v.low95)
 
 
 def _pair_order(methods: list[str]):

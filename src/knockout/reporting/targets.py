@@ -12,17 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from knockout.errors import KnockoutError
-from knockout.inference.paired import DocSums
-from knockout.inference.sequential import ALPHA, PairVerdict, Plan, SequentialTest
 from knockout.reporting import answer as A
 from knockout.reporting import html as H
 from knockout.reporting.escape import markdown as md
 from knockout.reporting.escape import markdown_keep_bold
 from knockout.reporting.table import records_csv
-from knockout.runfolder import DOC_FIELDS, RunFolder, row_key
+from knockout.runfolder import RunFolder
 
 N_BOOT = 2000
 
@@ -50,69 +45,27 @@ def has_targets(rows: list[dict]) -> bool:
     return any(r.get("target") for r in rows)
 
 
-def target_answers(folder: RunFolder | str | Path, n_boot: int = N_BOOT, alpha: float = ALPHA) -> list[TargetAnswer]:
-    """One :class:`TargetAnswer` per target of the run's rows, in the rows' order; rows whose per-document sums do
-    not add up to them are left out of the comparisons (and named)."""
+def target_answers(folder: RunFolder | str | Path, n_boot: int = N_BOOT) -> list[TargetAnswer]:
+    """One :class:`TargetAnswer` per target of the run's rows, in the rows' order
+    (:func:`knockout.reporting.answer.fraction_answer` on the set's rows); rows whose per-document sums do not add up
+    to them are left out of the comparisons, and named."""
     folder = RunFolder.open(folder)
-    rows, sums = folder.row_dicts(), folder.doc_sums
+    rows = folder.row_dicts()
     base_ld = [r["logit_diff"] for r in rows if r["method"] == "baseline" and r.get("logit_diff") is not None]
     out = []
     for target in dict.fromkeys(r["target"] for r in rows if r["target"]):
         at = [r for r in rows if r["target"] == target]
-        methods = list(dict.fromkeys(r["method"] for r in at))
-        seeds = sorted({int(r["seed"]) for r in at})
-        fa = A.FractionAnswer(at[0]["fraction"], methods)
-        ta = TargetAnswer(target, at[0]["fraction"], int(at[0]["n_ablated"]), fa)
-        lds = {
-            m: [r["logit_diff"] for r in at if r["method"] == m and r.get("logit_diff") is not None] for m in methods
-        }
+        fa = A.fraction_answer(rows, folder.doc_sums, folder.config, at[0]["fraction"], n_boot, target=target)
+        ta = TargetAnswer(target, at[0]["fraction"], int(at[0]["n_ablated"]), fa, notes=fa.notes)
+        lds = {m: [r["logit_diff"] for r in at if r["method"] == m and r.get("logit_diff") is not None]
+               for m in dict.fromkeys(r["method"] for r in at)}  # fmt: skip
         if base_ld and all(lds.values()):
             ta.logit_diff = {"baseline": sum(base_ld) / len(base_ld), **{m: sum(v) / len(v) for m, v in lds.items()}}
-        common = [s for s in seeds if all(row_key(m, ta.fraction, s, target) in sums for m in methods)]
-        if len(common) < len(seeds):
-            unusable = [f"{m} (seed {s}): {folder.unusable[k]}" for m in methods for s in seeds
-                        if (k := row_key(m, ta.fraction, s, target)) in folder.unusable]  # fmt: skip
-            ta.notes.append(
-                f"Only seeds {', '.join(map(str, common)) or 'none'} have usable per-document sums for every method"
-                + (f" ({'; '.join(unusable)}; re-run the same command to evaluate them again)." if unusable else ".")
-            )
+        bad = [f"{m} (seed {s}): {why}" for (m, _, s, t), why in folder.unusable.items() if t == target]
+        if bad:
+            ta.notes.append(f"Left out until they are evaluated again (re-run the same command): {'; '.join(bad)}.")
         out.append(ta)
-        if len(methods) < 2 or not common:
-            ta.notes.append("Fewer than two methods to compare.")
-            continue
-        keys = {m: [row_key(m, ta.fraction, s, target) for s in common] for m in methods}
-        data = {m: [DocSums(**{f: sums[k][f] for f in DOC_FIELDS}) for k in keys[m]] for m in methods}
-        plan = Plan((len(common),), alpha)
-        try:
-            for metric in ("ce", "top1"):
-                test = SequentialTest(plan, methods, metric, n_boot=n_boot)
-                test.look(data)
-                setattr(fa, metric, list(test.verdicts.values()))
-            if all("ld_sum" in sums[k] for ks in keys.values() for k in ks):
-                negated = {m: [_negated_ld(sums[k]) for k in ks] for m, ks in keys.items()}
-                test = SequentialTest(plan, methods, "ce", n_boot=n_boot)
-                test.look(negated)
-                fa.ld = [_as_ld(v) for v in test.verdicts.values()]
-        except KnockoutError as e:
-            ta.notes.append(f"No paired comparison: {e}")
-            continue
-        fa.n_sets, fa.n_docs = len(common), fa.ce[0].n_docs
-        fa.stop, fa.design = "fixed", f"one look at {len(common)} sets, Holm over the pairs at alpha {alpha:g}"
     return out
-
-
-def _negated_ld(sums: dict) -> DocSums:
-    """A row's per-document logit differences as :class:`DocSums` whose "CE" is ``-logit_diff``: the paired
-    comparison of ratios of sums is the same estimator for any per-document sum, and its "lower is better" then
-    ranks the highest logit difference first."""
-    return DocSums(n=sums["n"], ce_sum=-sums["ld_sum"], correct=np.zeros_like(sums["n"]))
-
-
-def _as_ld(v: PairVerdict) -> PairVerdict:
-    """A verdict computed on the negated logit differences, stated for the logit difference itself."""
-    from dataclasses import replace
-
-    return replace(v, metric="ld", estimate=-v.estimate, low=-v.high, high=-v.low, low95=-v.high95, high95=-v.low95)
 
 
 def sentences(ta: TargetAnswer) -> list[str]:
