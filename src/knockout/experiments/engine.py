@@ -317,7 +317,8 @@ class RowEngine:
         for m in methods:
             found, seed = [], 0
             while self.done(m, fraction, seed):
-                found.append(DocSums(**self.docs[row_key(m, fraction, seed)]))
+                sums = self.docs[row_key(m, fraction, seed)]
+                found.append(DocSums(**{f: sums[f] for f in runfolder.DOC_FIELDS}))
                 seed += 1
             out[m] = found
         return out
