@@ -44,7 +44,7 @@ from knockout.errors import KnockoutError
 from knockout.evaluation.evaluate import evaluate
 from knockout.evaluation.metrics import Metrics
 from knockout.evaluation.prefix import LayerCache, decoder_layers
-from knockout.experiments.callbacks import Callbacks
+from knockout.experiments.callbacks import Callbacks, replay
 from knockout.experiments.prepare import Prepared, check_stats_source, environment, stats_meta, stats_provenance
 from knockout.inference.paired import DocSums
 from knockout.loading import DTYPES, LoadedModel, load_model
@@ -278,8 +278,7 @@ class RowEngine:
                 self.stats.save(self.out / runfolder.STATS_FILE)
         self.notify = notify or Callbacks()
         self.notify.start(config)
-        for row in self.store.rows.values():  # a resumed run's stored rows first
-            self.notify.row(row, self.docs.get(row.key))
+        replay(list(self.store.rows.values()), self.docs, self.notify)  # a resumed run's stored rows first
         self.planned = set(planned)
         self.bar = tqdm(total=len(self.planned) * (1 + rows_per_seed), desc=desc, unit="row", disable=not progress)
 
