@@ -1,17 +1,28 @@
 """Streaming, mergeable per-neuron statistics: count, mean, variance, min, max and an eps-histogram (-> peak).
 
-Nothing here keeps raw activations: memory depends on the number of neurons and on the histogram's range, never on
-the number of tokens.
+Nothing here keeps raw activations: memory depends on the number of neurons and on the range each neuron's values
+reach, never on the number of tokens.
 
 Histogram grid
 --------------
 Bin ``k`` (an integer) covers ``[k * eps, (k + 1) * eps)``. The grid is the same for every neuron, every layer and
-every run with the same ``eps``, so two histograms are merged by aligning their integer bin indices and adding. A
-layer's histogram stores only the bins between the lowest and highest value seen so far, and grows when a batch
-falls outside them; it never extends past ``[-limit, limit)``. Values outside that window are counted per neuron in
-``under`` / ``over`` and left out of the peak. Because the window is fixed up front (not taken from the first
-batch) the result does not depend on the order of the data: statistics over any split of the data, merged, equal
-one pass over all of it.
+every run with the same ``eps``, so two histograms are merged by aligning their integer bin indices and adding. The
+bins never extend past the window ``[-limit, limit)``; values outside it are counted per neuron in ``under`` /
+``over`` and left out of the peak. Because the window is fixed up front (not taken from the first batch) the result
+does not depend on the order of the data: statistics over any split of the data, merged, equal one pass over all of
+it.
+
+Histogram layout
+----------------
+Each neuron stores only its own bins, from the lowest to the highest of its values inside the window, in one flat
+int64 buffer per layer (``counts``: neuron ``j``'s bins one after the other from its first bin): so the memory
+follows each neuron's own range, and one neuron with a wide range (a "massive activation") does not widen the
+others. While collecting, a neuron whose values leave its stored bins gets them widened to cover them plus a quarter
+of their width (at least :data:`SPARE_BINS` bins) on each side, so that a range that widens batch after batch is
+moved rarely; :meth:`LayerStats.finish` (the end of a collection), merging and saving keep exactly the bins in use.
+The statistics file stores the same (``hist`` the flat counts, ``hist_lo`` and ``hist_bins`` each neuron's first bin
+and number of bins). :attr:`LayerStats.hist` gives the counts as a ``[width, n_bins]`` table over the layer's bins
+in use (zero outside each neuron's own), made when read, for the read-outs of :mod:`knockout.stats.centres`.
 
 Defaults: ``eps = 0.01`` and ``limit = "auto"``: the widest window whose histograms fit the memory caps
 (:func:`auto_limit`, from the layers' widths and eps only, never from the data; ±310.68 for SmolLM2-135M). A number
@@ -30,19 +41,21 @@ when a model is split over devices) and are kept in float64 (moments, min, max) 
 float16/bfloat16 models, whose activations are widened to float32 first (exactly).
 
 :meth:`LayerStats.add` is a few vectorised passes over the batch: per-neuron minimum and maximum; the moments (a
-float64 copy, its sum, the squared deviations and their sum); the bins ``floor(x / eps)`` turned into flat (int32)
-indices of a ``[width, n_bins]`` table and counted. On the CPU one ``bincount`` counts them and the counts are added
-to the histogram; ``add`` reads the batch's lowest and highest value and their ``x / eps`` once per call (all
-finite? which bins?), which decide whether the stored bins must grow, and a batch with values outside the window
-reads once more. On an accelerator (``sync_free``, the default off the CPU) it reads nothing back: where a buffer over
-the whole window (8 bytes per bin and neuron) takes at most :data:`BUFFER_MAX_BYTES`, it counts into it, and
-:meth:`LayerStats.finish`, called once at the end of a collection, raises if any batch held NaN/inf and trims the
-histogram to the bins in use, bit for bit what counting with reads stores. A larger one (``auto``, usually) counts
-each batch one call late: its lowest and highest values travel to the host asynchronously while the next batch
-runs, and are read then (:meth:`LayerStats.finish` counts the last). :func:`knockout.stats.collect_stats` selects
-the non-padding positions with an index found on the host before the batch moves to the device, so a collection on
-an accelerator waits for the device only at its end (and, counting late, rarely: the values read were sent a batch
-ago).
+float64 copy, its sum, the squared deviations and their sum); the bins ``floor(x / eps)`` turned into flat (int32
+where they fit) indices into the stored bins and added there with one ``index_add_``: its cost follows the batch's
+tokens, not the width of the histogram (no table over the layer's range is made per batch). On the CPU ``add`` reads
+the batch's lowest and highest value and their ``x / eps`` once per call (all finite? any value outside the window?);
+the neurons' own lowest and highest bins, which decide whether a neuron's stored bins must grow, are host tensors
+there already, and a batch with values outside the window takes a slower path (its values outside are counted in
+``under`` / ``over`` and left out of the index). On an accelerator (``sync_free``, the default off the CPU) it reads
+nothing back: where a buffer over the whole window (8 bytes per bin and neuron) takes at most
+:data:`BUFFER_MAX_BYTES`, it counts into it, and :meth:`LayerStats.finish`, called once at the end of a collection,
+raises if any batch held NaN/inf and stores each neuron's bins in use, bit for bit what counting with reads stores. A
+larger one (``auto``, usually) counts each batch one call late: its lowest and highest values, and each neuron's,
+travel to the host asynchronously while the next batch runs, and are read then (:meth:`LayerStats.finish` counts the
+last). :func:`knockout.stats.collect_stats` selects the non-padding positions with an index found on the host before
+the batch moves to the device, so a collection on an accelerator waits for the device only at its end (and,
+counting late, rarely: the values read were sent a batch ago).
 """
 
 from __future__ import annotations
@@ -157,8 +170,8 @@ def describe_window(widths: list[int], eps: float, limit: float | str) -> str:
     bound = size_text(hist_memory_bound(widths, eps, grid.limit))
     how = "auto, the widest that fits the memory caps" if grid.auto else "--hist-limit"
     return (
-        f"histogram window ±{grid.limit:g} ({how}), bins of {eps:g}: 8 bytes per bin over the range the values reach, "
-        f"per layer and for each half of the collection, at most {bound} for {sum(widths):,} neurons"
+        f"histogram window ±{grid.limit:g} ({how}), bins of {eps:g}: 8 bytes per bin over the range each neuron's "
+        f"values reach, for each half of the collection, at most {bound} for {sum(widths):,} neurons"
     )
 
 
