@@ -399,21 +399,41 @@ class LayerStats:
                 self._dense = (table.view(self.width, n_bins), k_lo)
         return self._dense
 
-    def _copy_bins(self, lo: torch.Tensor, hi: torch.Tensor, table: torch.Tensor, stride: int, base: int) -> None:
-        """Copy every neuron's stored bins ``lo[j] .. hi[j]`` (inside its stored range) into the flat ``table`` at
-        ``j * stride + k - base``."""
+    def _copy_bins(
+        self, lo: torch.Tensor, hi: torch.Tensor, table: torch.Tensor, stride: int, base: int, first_row: int = 0
+    ) -> None:
+        """Copy the stored bins ``lo[i] .. hi[i]`` (inside its stored range) of neuron ``first_row + i``, for every
+        ``i`` of ``lo``, into the flat ``table`` at ``i * stride + k - base``."""
         size = (hi - lo + 1).clamp(min=0)
         total = int(size.sum())
         if total == 0:
             return
-        rows = torch.arange(self.width, dtype=torch.int64)
+        rows = slice(first_row, first_row + len(lo))
         first = torch.cumsum(size, 0) - size  # each neuron's first position in 0 .. total
-        src = self._start + lo - self.alo - first  # + position
-        dst = rows * stride + lo - base - first
+        src = self._start[rows] + lo - self.alo[rows] - first  # + position
+        dst = torch.arange(len(lo), dtype=torch.int64) * stride + lo - base - first
         pos = torch.arange(total, dtype=torch.int64)
         src, dst = (torch.repeat_interleave(v, size) + pos for v in (src, dst))
         device = self.counts.device
         table[dst.to(device)] = self.counts[src.to(device)]
+
+    def modal_bins(self, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([width] int64, [width] bool)``: each neuron's most populated bin (the lowest on ties, as
+        ``numpy.argmax``) and whether it has no bin in use. Read ``chunk`` neurons at a time from a table over
+        their own bins, so that it never makes the table over the whole layer (:attr:`hist`)."""
+        self.finish()
+        best = torch.zeros(self.width, dtype=torch.int64, device=self.counts.device)
+        for r0 in range(0, self.width, chunk):
+            lo, hi = self.occ_lo[r0 : r0 + chunk], self.occ_hi[r0 : r0 + chunk]
+            used = lo <= hi
+            if not bool(used.any()):
+                continue
+            base = int(lo[used].min())
+            n = int(hi[used].max()) - base + 1
+            table = self.counts.new_zeros(len(lo) * n)
+            self._copy_bins(lo, hi, table, n, base, first_row=r0)
+            best[r0 : r0 + len(lo)] = base + table.view(len(lo), n).argmax(1)
+        return best, (self.occ_lo > self.occ_hi).to(best.device)
 
     # -- the per-neuron layout --------------------------------------------------------------------------------
     def _relayout(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
@@ -808,7 +828,4 @@ class LayerStats:
         A neuron with no value inside the window (all clipped) has no peak; its mean is used and a warning given.
         """
         self.finish()
-        try:
-            return centres.peak_at(self, self.eps)
-        finally:
-            self.release()
+        return centres.peak_at(self, self.eps)
