@@ -551,7 +551,8 @@ class LayerStats:
         elif sync_free:
             self._count_into_buffer(x)
         else:
-            self._add_bins(self._bins(x), lo, hi, self._bins(x_min), self._bins(x_max))
+            k = self._bins(x, neuron_major=x.device.type == "cpu")
+            self._add_bins(k, lo, hi, self._bins(x_min), self._bins(x_max))
 
     def finish(self) -> None:
         """Settle what sync-free counting left on the device: raise if a batch held NaN/inf, and store the
@@ -667,13 +668,18 @@ class LayerStats:
             eps = self._eps[key] = torch.tensor(self.eps, dtype=x.dtype, device=x.device)
         return eps
 
-    def _bins(self, x: torch.Tensor) -> torch.Tensor:
+    def _bins(self, x: torch.Tensor, neuron_major: bool = False) -> torch.Tensor:
         """Bin index ``floor(x / eps)`` of every value of ``x``, computed in x's float dtype: a new tensor of whole
         numbers, still in that dtype. It becomes an integer only after values outside the window are clamped to
         ``k_min - 1`` / ``k_max + 1``, so that a value whose ``x / eps`` lies beyond int64 (or is inf) still counts as
-        below / above the window."""
+        below / above the window. ``neuron_major``: ``[n, width]`` laid out neuron by neuron in memory (the transpose
+        of a contiguous ``[width, n]``), so that counting them visits one neuron's bins at a time (on a CPU, twice
+        as fast as visiting every neuron's bins for each token: the bins in use stay in the cache)."""
         # Divided by eps as a tensor on x's device: CUDA multiplies by the reciprocal of a Python-number divisor,
         # which can move a value on a bin edge into the next bin; this keeps the bins of every device the same.
+        if neuron_major and x.ndim == 2:
+            out = torch.empty(x.shape[1], x.shape[0], dtype=x.dtype, device=x.device).t()
+            return torch.div(x, self._eps_as(x), out=out).floor_()
         return (x / self._eps_as(x)).floor_()
 
     def _add_bins(self, k: torch.Tensor, lo: int, hi: int, k_min_j: torch.Tensor, k_max_j: torch.Tensor) -> None:
@@ -681,7 +687,7 @@ class LayerStats:
         ``lo``/``hi``: the lowest/highest of them; ``k_min_j``/``k_max_j``: ``[width]`` each neuron's (floats)."""
         if lo >= self.k_min and hi <= self.k_max:  # common case: nothing outside the window
             self._note_bins(k_min_j.cpu().to(torch.int64), k_max_j.cpu().to(torch.int64))
-            flat = self._flat_index(k).view(-1)
+            flat = _flattened(self._flat_index(k))
             self.counts.index_add_(0, flat, self.counts.new_ones(1).expand(flat.numel()))
             return
         # Some values outside the window: counted per neuron in under / over, the others in the histogram.
@@ -829,3 +835,11 @@ class LayerStats:
         """
         self.finish()
         return centres.peak_at(self, self.eps)
+
+
+def _flattened(t: torch.Tensor) -> torch.Tensor:
+    """The elements of a 2-d ``t`` as a 1-d view, in the order they lie in memory (row by row, or column by column
+    for the transpose of a contiguous tensor); a copy only where neither is a view."""
+    if t.t().is_contiguous():
+        return t.t().reshape(-1)
+    return t.reshape(-1)
