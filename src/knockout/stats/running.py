@@ -95,6 +95,8 @@ HALVES = 2
 SPARE_BINS = 16
 """Fewest bins a neuron's stored range is widened by on a side when its values leave it (see
 :meth:`LayerStats._note_bins`); the spare bins are dropped when a collection ends (:meth:`LayerStats.finish`)."""
+COUNT_BLOCK = 64
+"""Neurons counted by one ``index_add_`` on a CPU (see :meth:`LayerStats._count_flat`)."""
 BUFFER_MAX_BYTES = 32 * 2**20
 """Largest whole-window buffer (per layer, and per half of a collection) that sync-free counting makes; a layer whose
 buffer would be larger counts each batch one batch late instead, with memory only for the bins in use."""
@@ -551,8 +553,7 @@ class LayerStats:
         elif sync_free:
             self._count_into_buffer(x)
         else:
-            k = self._bins(x, neuron_major=x.device.type == "cpu")
-            self._add_bins(k, lo, hi, self._bins(x_min), self._bins(x_max))
+            self._add_bins(self._bins(x), lo, hi, self._bins(x_min), self._bins(x_max))
 
     def finish(self) -> None:
         """Settle what sync-free counting left on the device: raise if a batch held NaN/inf, and store the
@@ -668,18 +669,13 @@ class LayerStats:
             eps = self._eps[key] = torch.tensor(self.eps, dtype=x.dtype, device=x.device)
         return eps
 
-    def _bins(self, x: torch.Tensor, neuron_major: bool = False) -> torch.Tensor:
+    def _bins(self, x: torch.Tensor) -> torch.Tensor:
         """Bin index ``floor(x / eps)`` of every value of ``x``, computed in x's float dtype: a new tensor of whole
         numbers, still in that dtype. It becomes an integer only after values outside the window are clamped to
         ``k_min - 1`` / ``k_max + 1``, so that a value whose ``x / eps`` lies beyond int64 (or is inf) still counts as
-        below / above the window. ``neuron_major``: ``[n, width]`` laid out neuron by neuron in memory (the transpose
-        of a contiguous ``[width, n]``), so that counting them visits one neuron's bins at a time (on a CPU, twice
-        as fast as visiting every neuron's bins for each token: the bins in use stay in the cache)."""
+        below / above the window."""
         # Divided by eps as a tensor on x's device: CUDA multiplies by the reciprocal of a Python-number divisor,
         # which can move a value on a bin edge into the next bin; this keeps the bins of every device the same.
-        if neuron_major and x.ndim == 2:
-            out = torch.empty(x.shape[1], x.shape[0], dtype=x.dtype, device=x.device).t()
-            return torch.div(x, self._eps_as(x), out=out).floor_()
         return (x / self._eps_as(x)).floor_()
 
     def _add_bins(self, k: torch.Tensor, lo: int, hi: int, k_min_j: torch.Tensor, k_max_j: torch.Tensor) -> None:
@@ -687,8 +683,7 @@ class LayerStats:
         ``lo``/``hi``: the lowest/highest of them; ``k_min_j``/``k_max_j``: ``[width]`` each neuron's (floats)."""
         if lo >= self.k_min and hi <= self.k_max:  # common case: nothing outside the window
             self._note_bins(k_min_j.cpu().to(torch.int64), k_max_j.cpu().to(torch.int64))
-            flat = _flattened(self._flat_index(k))
-            self.counts.index_add_(0, flat, self.counts.new_ones(1).expand(flat.numel()))
+            self._count_flat(self._flat_index(k))
             return
         # Some values outside the window: counted per neuron in under / over, the others in the histogram.
         k = k.clamp_(self.k_min - 1, self.k_max + 1)
@@ -701,6 +696,18 @@ class LayerStats:
         self._note_bins(in_lo, in_hi)
         flat = self._flat_index(k)[~outside]
         self.counts.index_add_(0, flat, self.counts.new_ones(1).expand(flat.numel()))
+
+    def _count_flat(self, flat: torch.Tensor) -> None:
+        """Add one to ``counts`` at each of the ``[n, width]`` positions ``flat``. On a CPU
+        :data:`COUNT_BLOCK` neurons at a time: the bins in use of so few neurons stay in the cache, which makes
+        ``index_add_`` about twice as fast as over every neuron's bins for each token; on an accelerator at once."""
+        ones = self.counts.new_ones(1).expand(flat.numel())
+        if flat.device.type != "cpu" or self.width <= COUNT_BLOCK:
+            self.counts.index_add_(0, flat.reshape(-1), ones)
+            return
+        for j in range(0, self.width, COUNT_BLOCK):
+            block = flat[:, j : j + COUNT_BLOCK].reshape(-1)
+            self.counts.index_add_(0, block, ones[: block.numel()])
 
     def _flat_index(self, k: torch.Tensor) -> torch.Tensor:
         """``[n, width]`` positions ``start[j] + k - alo[j]`` in ``counts`` of the bins ``k`` (whole numbers in a
@@ -835,11 +842,3 @@ class LayerStats:
         """
         self.finish()
         return centres.peak_at(self, self.eps)
-
-
-def _flattened(t: torch.Tensor) -> torch.Tensor:
-    """The elements of a 2-d ``t`` as a 1-d view, in the order they lie in memory (row by row, or column by column
-    for the transpose of a contiguous tensor); a copy only where neither is a view."""
-    if t.t().is_contiguous():
-        return t.t().reshape(-1)
-    return t.reshape(-1)
