@@ -34,8 +34,18 @@ def test_benchmark_reports_ratios_and_memory(tmp_path, capsys):
     assert a["speedup"] == pytest.approx(a["authors_seconds_per_layer"] / a["knockout_seconds_per_layer"], rel=0.05)
     assert a["memory_ratio"] == pytest.approx(a["authors_bytes"] / a["knockout_bytes"], rel=0.01)
     assert a["authors_bytes"] >= 500 * 32 * 4
+    assert result["cpu"] and result["cpu"] in format_benchmark(result)
+    w = result["width_cases"]
+    assert (w["tokens"], w["width"]) == (32, 32)
+    assert w["wide_vs_narrow"] == pytest.approx(
+        w["wide"]["seconds_per_batch"] / w["narrow"]["seconds_per_batch"], rel=0.01
+    )
+    # the memory follows each neuron's own range: the wide case stores about 600 / eps bins per neuron, the massive
+    # one 4 wide neurons and 4,092 narrow ones, far from a table over the layer's range
+    assert w["narrow"]["hist_bytes"] < w["wide"]["hist_bytes"] <= 8 * 32 * 64_000 + 32 * 32
+    assert w["massive"]["hist_bytes"] < w["massive"]["table_bytes"] / 50
     text = format_benchmark(result)
-    assert "authors' method" in text and "500 tokens" in text
+    assert "authors' method" in text and "500 tokens" in text and "±300" in text
     assert "folded ablation / eval" in text and f"{result['ratios']['statistics_vs_forward']:.3f}" in text
 
 

@@ -180,14 +180,17 @@ def test_values_beyond_the_integer_range_of_their_bin_are_clipped():
     assert stats.hist.sum(1).tolist() == [2, 1] and (stats.k_lo, stats.n_bins) == (25, 26)
 
 
-def test_count_in_float_and_in_int64_agree():
-    """Flat bin indices are formed in float where exact, else in int64 (very wide layers): same counts."""
-    stats = LayerStats(5, eps=0.1, limit=3.0)
+def test_indices_in_float_and_in_integers_agree():
+    """Flat bin indices are formed in float where exact, else in an integer type (very wide layers): the same
+    indices, int32 where they fit."""
     k = torch.randint(-30, 30, (400, 5))
-    want = stats._count(k.clone(), -30, 60)
-    for dtype in (torch.float32, torch.float64):
-        assert torch.equal(stats._count(k.to(dtype), -30, 60), want)
-    assert want.sum() == 2000 and torch.equal(want[2], torch.bincount(k[:, 2] + 30, minlength=60))
+    offsets = torch.arange(5) * 60 + 30
+    want = k + offsets
+    for dtype in (torch.float32, torch.float64, torch.int64):
+        got = LayerStats._indices(k.to(dtype), offsets, 400)
+        assert got.dtype == torch.int32 and torch.equal(got.long(), want)
+    assert LayerStats._indices(k.float(), offsets, 2**31).dtype == torch.int64
+    assert torch.equal(LayerStats._indices(k.float(), offsets, 2**25), want.int())  # beyond float32's exact range
 
 
 def test_memory_does_not_grow_with_tokens():
@@ -371,3 +374,123 @@ def test_collect_stats_into_extends_and_sync_free_collection_is_the_same(limit):
             torch.testing.assert_close(sa["m2"], sb["m2"], rtol=1e-12, atol=1e-15)
     with pytest.raises(KnockoutError, match="widths"):
         collect_stats(model, sites[:1], batches, progress=False, into=whole)
+
+
+def _heavy_batches(width: int, seed: int) -> list[torch.Tensor]:
+    """Heavy-tailed batches whose neurons span very different ranges (a few 'massive' neurons reach the hundreds),
+    some values beyond a window of ±200, some batches empty, every neuron's range widening batch after batch."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.ones(width)
+    scale[:2] = 60.0  # massive dimensions
+    scale[2] = 0.02  # a neuron that stays within a few bins
+    out = []
+    for i, n in enumerate([50, 0, 200, 7, 400, 120]):
+        tail = torch.rand(n, width, generator=g).clamp(min=0.3)
+        tail[:, :2] = tail[:, :2].clamp(min=0.05)  # heavier tails for the massive ones
+        x = torch.randn(n, width, generator=g) / tail * scale * (1 + i / 2)
+        out.append(x)
+    out.append(torch.tensor([[250.0, -250.0] + [0.5] * (width - 2)]))  # outside the window
+    return out
+
+
+def test_per_neuron_histogram_equals_numpy_and_stores_only_each_neurons_bins():
+    """The histogram over each neuron's own range: its table equals numpy's bincount of floor(x / eps) over the
+    layer's range, each neuron stores exactly the bins from its lowest to its highest value inside the window, the
+    peak is the centre of numpy's argmax (lowest on ties), and the memory follows the neurons' own ranges."""
+    width, eps, limit = 9, 0.01, 200.0
+    batches = _heavy_batches(width, seed=11)
+    stats = LayerStats(width, eps=eps, limit=limit)
+    for b in batches:
+        stats.add(b)
+    stats.finish()
+    want = _numpy_reference(batches, eps, limit, stats.k_min, stats.k_max)
+    assert stats.k_lo == want["k_lo"]
+    np.testing.assert_array_equal(stats.hist.numpy(), want["hist"])
+    np.testing.assert_array_equal(stats.under.numpy(), want["under"])
+    np.testing.assert_array_equal(stats.over.numpy(), want["over"])
+    hist = want["hist"]
+    nz = hist != 0
+    first, last = nz.argmax(1), hist.shape[1] - 1 - nz[:, ::-1].argmax(1)
+    state = stats.state_dict()
+    np.testing.assert_array_equal(state["hist_lo"].numpy(), want["k_lo"] + first)
+    np.testing.assert_array_equal(state["hist_bins"].numpy(), last - first + 1)
+    assert state["hist"].numel() == int((last - first + 1).sum()) < hist.size / 3  # not width x the widest range
+    assert stats.hist_nbytes == 8 * state["hist"].numel() + 32 * width
+    peaks = (want["k_lo"] + hist.argmax(1) + 0.5) * eps
+    np.testing.assert_array_equal(stats.peak().numpy(), peaks)
+
+
+def _table_state(stats: LayerStats) -> dict[str, torch.Tensor]:
+    """``stats``'s state as statistics files of format knockout.stats/1 hold it: one [width, n_bins] table."""
+    state = {name: getattr(stats, name).clone() for name in LayerStats.TENSORS}
+    state.update(count=torch.tensor([stats.count]), hist=stats.hist.clone(), k_lo=torch.tensor([stats.k_lo]))
+    return state
+
+
+def test_merges_halves_round_trips_and_old_tables_are_exact(tmp_path):
+    """Statistics of random splits of the data, merged, equal one pass bit for bit (histogram, under/over, min,
+    max); the state round-trips; a state as the old table (``hist`` [width, n_bins] from ``k_lo``) loads to the
+    same statistics, also from a file of the old format; and the two halves of a collection merge exactly."""
+    width, eps, limit = 9, 0.01, 200.0
+    batches = _heavy_batches(width, seed=12)
+    whole = LayerStats(width, eps=eps, limit=limit)
+    for b in batches:
+        whole.add(b)
+    g = torch.Generator().manual_seed(0)
+    parts = [LayerStats(width, eps=eps, limit=limit) for _ in range(3)]
+    for b in batches:
+        parts[int(torch.randint(0, 3, (1,), generator=g))].add(b)
+    parts[2].merge(parts[0])
+    parts[1].merge(parts[2])
+    exact = ("hist", "hist_lo", "hist_bins", "under", "over", "min", "max", "count")
+    sw, sm = whole.state_dict(), parts[1].state_dict()
+    assert all(torch.equal(sw[k], sm[k]) for k in exact)
+    assert torch.equal(whole.peak(), parts[1].peak())
+    loaded = LayerStats(width, eps=eps, limit=limit)
+    loaded.load_state_dict(sw)
+    assert all(torch.equal(loaded.state_dict()[k], sw[k]) for k in sw)
+    from_table = LayerStats(width, eps=eps, limit=limit)
+    from_table.load_state_dict(_table_state(whole))
+    assert all(torch.equal(from_table.state_dict()[k], sw[k]) for k in sw)
+    assert torch.equal(from_table.hist, whole.hist) and from_table.k_lo == whole.k_lo
+    # a statistics file of the old format, written as the old code wrote it
+    from safetensors.torch import save_file
+
+    from knockout.runfolder import CHECKSUM_KEY, tensors_sha256
+    from knockout.stats import statistics as statistics_module
+
+    stats = Statistics([width], eps=eps, limit=limit)
+    stats.layers[0] = whole
+    path = tmp_path / "old.safetensors"
+    tensors = {f"layer0.{k}": v.contiguous() for k, v in _table_state(whole).items()}
+    meta = {"format": statistics_module.FORMAT_TABLE, "eps": repr(eps), "limit": repr(limit), "widths": "[9]"}
+    meta[CHECKSUM_KEY] = tensors_sha256(tensors)
+    save_file(tensors, str(path), metadata=meta)
+    old = Statistics.load(path)
+    assert all(torch.equal(old.layers[0].state_dict()[k], sw[k]) for k in sw)
+    assert torch.equal(statistics_module.load_layer(path, 0).hist, whole.hist)
+    # two halves of the data (even and odd batches), merged
+    a, b = Statistics([width], eps=eps, limit=limit), Statistics([width], eps=eps, limit=limit)
+    for i, batch in enumerate(batches):
+        (a if i % 2 else b).add(0, batch)
+    sh = a.merge(b).layers[0].state_dict()
+    assert all(torch.equal(sh[k], sw[k]) for k in exact)
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_sync_free_per_neuron_histogram_equals_counting_with_reads(monkeypatch, late):
+    """The accelerator paths (forced on the CPU: a whole-window buffer, or each batch counted one call late) store
+    the same per-neuron histogram as counting with reads, on heavy-tailed data with massive neurons."""
+    from knockout.stats import running
+
+    if late:
+        monkeypatch.setattr(running, "BUFFER_MAX_BYTES", 0)
+    width = 9
+    ref = LayerStats(width, eps=0.01, limit=200.0)
+    free = LayerStats(width, eps=0.01, limit=200.0, sync_free=True)
+    for b in _heavy_batches(width, seed=13):
+        ref.add(b)
+        free.add(b)
+    free.finish()
+    sr, sf = ref.state_dict(), free.state_dict()
+    assert all(torch.equal(sr[k], sf[k]) for k in sr)

@@ -224,19 +224,22 @@ def peak_at(stats: LayerStats, eps_new: torch.Tensor | float) -> torch.Tensor:
         log.warning("no value fell inside ±%g; using the mean as the peak", stats.limit)
         return stats.mean.clone()
     m = m.clamp(min=1)
+    if bool((m == 1).all()):  # the stored bins themselves, a few neurons at a time
+        best, empty = stats.modal_bins()
+        peak = _centre(best, stats.eps)
+        peak = _empty_fallback(stats, peak, empty)
+        peak[nan] = math.nan
+        return peak
     n_bins, k_lo = stats.n_bins, stats.k_lo
-    if bool((m == 1).all()):  # the stored bins themselves
-        best = k_lo + stats.hist.argmax(1)
-    else:
-        big_lo = torch.div(torch.full_like(m, k_lo), m, rounding_mode="floor")  # [width] first coarse bin
-        big_hi = torch.div(torch.full_like(m, k_lo + n_bins - 1), m, rounding_mode="floor")
-        n_coarse = int((big_hi - big_lo).max()) + 1
-        big = big_lo[:, None] + torch.arange(n_coarse, device=m.device)  # [width, n_coarse] coarse bin index
-        start = (big * m[:, None] - k_lo).clamp(0, n_bins)
-        end = ((big + 1) * m[:, None] - k_lo).clamp(0, n_bins)
-        cum = torch.nn.functional.pad(stats.hist.cumsum(1), (1, 0))  # [width, n_bins + 1]
-        counts = cum.gather(1, end) - cum.gather(1, start)  # [width, n_coarse]; 0 past a neuron's last coarse bin
-        best = big_lo + counts.argmax(1)
+    big_lo = torch.div(torch.full_like(m, k_lo), m, rounding_mode="floor")  # [width] first coarse bin
+    big_hi = torch.div(torch.full_like(m, k_lo + n_bins - 1), m, rounding_mode="floor")
+    n_coarse = int((big_hi - big_lo).max()) + 1
+    big = big_lo[:, None] + torch.arange(n_coarse, device=m.device)  # [width, n_coarse] coarse bin index
+    start = (big * m[:, None] - k_lo).clamp(0, n_bins)
+    end = ((big + 1) * m[:, None] - k_lo).clamp(0, n_bins)
+    cum = torch.nn.functional.pad(stats.hist.cumsum(1), (1, 0))  # [width, n_bins + 1]
+    counts = cum.gather(1, end) - cum.gather(1, start)  # [width, n_coarse]; 0 past a neuron's last coarse bin
+    best = big_lo + counts.argmax(1)
     peak = _centre(best, m.to(torch.float64) * stats.eps)
     peak = _empty_fallback(stats, peak, stats.hist.sum(1) == 0)
     peak[nan] = math.nan
@@ -562,8 +565,13 @@ def centre_values(stats: LayerStats, names: tuple[str, ...] = HALF_CENTRES) -> d
     unknown = [n for n in names if n not in funcs]
     if unknown:
         raise KnockoutError(f"unknown centre(s) {unknown}; known: {', '.join(funcs)}")
-    with _quiet():
-        return {name: funcs[name](stats).double() for name in names}
+    try:
+        with _quiet():
+            return {name: funcs[name](stats).double() for name in names}
+    finally:
+        release = getattr(stats, "release", None)
+        if release is not None:
+            release()  # the table the read-outs made
 
 
 def half_se(half_a: torch.Tensor, half_b: torch.Tensor, n_a: int, n_b: int) -> torch.Tensor:

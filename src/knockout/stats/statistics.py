@@ -15,7 +15,12 @@ from knockout.files import CHECKSUM_KEY, tensors_sha256, verify_checksum, write_
 from knockout.stats import centres
 from knockout.stats.running import AUTO, DEFAULT_EPS, DEFAULT_LIMIT, HistGrid, LayerStats
 
-FORMAT = "knockout.stats/1"
+FORMAT = "knockout.stats/2"
+"""Each layer's histogram stored per neuron (``hist``, ``hist_lo``, ``hist_bins``: see
+:meth:`LayerStats.state_dict`)."""
+FORMAT_TABLE = "knockout.stats/1"
+"""Each layer's histogram stored as one ``[width, n_bins]`` table from bin ``k_lo``; still read (converted on
+load)."""
 
 
 class Statistics:
@@ -181,7 +186,7 @@ class Statistics:
         half_tokens = meta.pop("half_tokens", None)
         stats.meta = meta
         for i, s in enumerate(stats.layers):
-            s.load_state_dict({name: tensors[f"layer{i}.{name}"] for name in _STATE})
+            s.load_state_dict({name: tensors[f"layer{i}.{name}"] for name in _state_keys(tensors, i)})
         if half_tokens is not None:
             stats.half_tokens = tuple(json.loads(half_tokens))
             stats.half_centres = [_half_centres(tensors, i) for i in range(len(widths))]
@@ -226,7 +231,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
             meta = dict(f.metadata() or {})
     except Exception as e:  # safetensors raises several types for a corrupt file
         raise KnockoutError(f"{str(path)!r} is not a readable safetensors statistics file: {e}") from e
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, FORMAT_TABLE):
         raise KnockoutError(
             f"{str(path)!r} is not a knockout statistics file (format {meta.get('format')!r}, "
             f"expected {FORMAT!r}); recompute it with `knockout stats`"
@@ -242,7 +247,7 @@ def load_layer(path: str | os.PathLike, layer: int) -> LayerStats:
         raise KnockoutError(f"layer {layer} is out of range: the statistics have {len(widths)} layers")
     stats = LayerStats(widths[layer], grid=_grid(meta))
     with safe_open(str(path), framework="pt") as f:
-        stats.load_state_dict({name: f.get_tensor(f"layer{layer}.{name}") for name in _STATE})
+        stats.load_state_dict({name: f.get_tensor(f"layer{layer}.{name}") for name in _state_keys(f.keys(), layer)})
     return stats
 
 
@@ -257,4 +262,9 @@ def _grid(meta: dict[str, str]) -> HistGrid:
     return HistGrid(float(meta["eps"]), float(meta["limit"]), auto=meta.get("limit_mode") == AUTO)
 
 
-_STATE = (*LayerStats.TENSORS, "count", "k_lo")
+def _state_keys(keys, layer: int) -> tuple[str, ...]:
+    """The names of layer ``layer``'s state in a file with tensors ``keys``: :attr:`LayerStats.STATE`, or in a
+    file of :data:`FORMAT_TABLE`, the table ``hist`` and its first bin ``k_lo``."""
+    if f"layer{layer}.hist_lo" in keys:
+        return LayerStats.STATE
+    return (*LayerStats.TENSORS, "count", "hist", "k_lo")
