@@ -456,7 +456,7 @@ def test_merges_halves_round_trips_and_old_tables_are_exact(tmp_path):
     # a statistics file of the old format, written as the old code wrote it
     from safetensors.torch import save_file
 
-    from knockout.runfolder import CHECKSUM_KEY, tensors_sha256
+    from knockout.files import CHECKSUM_KEY, tensors_sha256
     from knockout.stats import statistics as statistics_module
 
     stats = Statistics([width], eps=eps, limit=limit)

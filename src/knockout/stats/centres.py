@@ -32,14 +32,19 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 
 from knockout.errors import KnockoutError
-
-if TYPE_CHECKING:  # running imports this module (LayerStats.peak is peak_at)
-    from knockout.stats.running import LayerStats
+from knockout.stats.running import (  # noqa: F401 - peak_at and snapped_eps are read-outs of this module too
+    LayerStats,
+    _centre,
+    _check_nonempty,
+    _empty_fallback,
+    _rebin_factor,
+    peak_at,
+    snapped_eps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +65,6 @@ BULK_MIN_COUNT = 5
 BULK_EXCESS = 0.5
 BULK_Z = 5.0
 BULK_CONCENTRATION = 3.0
-
-
-def _check_nonempty(stats: LayerStats) -> None:
-    if stats.count == 0:
-        raise KnockoutError("statistics are empty: no tokens were collected")
-
-
-def _centre(k: torch.Tensor, width: torch.Tensor | float) -> torch.Tensor:
-    """Centre ``(k + 0.5) * width`` (float64) of bin ``k`` (int64) of the grid of bins ``width`` wide."""
-    return (k.to(torch.float64) + 0.5) * width
 
 
 def _bin_centres(stats: LayerStats, j: torch.Tensor) -> torch.Tensor:
@@ -168,85 +163,6 @@ def relative_eps(stats: LayerStats, eps_rel: float, spread: str = "std") -> torc
     raise KnockoutError(f"spread must be 'std' or 'iqr', got {spread!r}")
 
 
-def snapped_eps(stats: LayerStats, eps_new: torch.Tensor | float) -> torch.Tensor:
-    """``[width]`` the bin width :func:`peak_at` really uses for ``eps_new``: ``m * eps`` with
-    ``m = max(1, floor(eps_new / eps + 0.5))``, the nearest multiple of the stored ``eps`` (NaN stays NaN)."""
-    return _rebin_factor(stats, eps_new, warn=False).double() * stats.eps
-
-
-def _rebin_factor(stats: LayerStats, eps_new: torch.Tensor | float, warn: bool = True) -> torch.Tensor:
-    """``[width]`` int64 ``m >= 1``; NaN ``eps_new`` gives ``m = 0`` (a marker for "no peak")."""
-    device = stats.hist.device
-    e = torch.as_tensor(eps_new, dtype=torch.float64, device=device).expand(stats.width)
-    nan = torch.isnan(e)
-    if (e[~nan] <= 0).any() or torch.isinf(e).any():
-        raise KnockoutError(f"bin widths must be positive and finite (or NaN), got {eps_new!r}")
-    m = torch.floor(e / stats.eps + 0.5).nan_to_num(0).to(torch.int64)
-    finer = (m == 0) & ~nan
-    if warn and finer.any():
-        log.warning(
-            "%d neurons asked for bins narrower than half the stored eps = %g; using eps for them",
-            int(finer.sum()),
-            stats.eps,
-        )
-    m = m.clamp(min=1)
-    m[nan] = 0
-    return m
-
-
-def _empty_fallback(stats: LayerStats, peak: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
-    """Neurons with no value inside the window get their mean, with a warning (the peaks' fallback)."""
-    if empty.any():
-        log.warning(
-            "%d neurons have every value outside ±%g; using their mean as the peak", int(empty.sum()), stats.limit
-        )
-        peak[empty] = stats.mean[empty]
-    return peak
-
-
-def peak_at(stats: LayerStats, eps_new: torch.Tensor | float) -> torch.Tensor:
-    """``[width]`` peak (centre of the most populated bin, lowest on ties, as ``numpy.argmax``) for bin width
-    ``eps_new`` (a float or a ``[width]`` tensor, e.g. from :func:`fd_eps` or :func:`relative_eps`), re-binned from
-    the stored histogram. At the stored ``eps`` it is the stored histogram's peak, :meth:`LayerStats.peak`.
-
-    A coarse bin ``K`` covers ``[K * w, (K + 1) * w)`` with ``w = m * eps`` (see :func:`snapped_eps`): the union of
-    stored bins ``K * m .. K * m + m - 1``, because ``floor(floor(x / eps) / m) = floor(x / (m eps))``. So the result
-    equals the argmax of a histogram of the raw values on the global grid ``K * w``: independent of the order of the
-    data. A width that is not a multiple of ``eps`` is rounded to the nearest multiple (at least ``eps``, with a
-    warning for widths under ``eps / 2``). Clipped values are not counted: a coarse bin straddling the window edge
-    holds only its in-window part. Neurons with no value in the window get their mean, with a warning; a NaN width
-    gives a NaN peak.
-    """
-    _check_nonempty(stats)
-    m = _rebin_factor(stats, eps_new)
-    nan = m == 0
-    if stats.n_bins == 0:
-        log.warning("no value fell inside ±%g; using the mean as the peak", stats.limit)
-        return stats.mean.clone()
-    m = m.clamp(min=1)
-    if bool((m == 1).all()):  # the stored bins themselves, a few neurons at a time
-        best, empty = stats.modal_bins()
-        peak = _centre(best, stats.eps)
-        peak = _empty_fallback(stats, peak, empty)
-        peak[nan] = math.nan
-        return peak
-    n_bins, k_lo = stats.n_bins, stats.k_lo
-    big_lo = torch.div(torch.full_like(m, k_lo), m, rounding_mode="floor")  # [width] first coarse bin
-    big_hi = torch.div(torch.full_like(m, k_lo + n_bins - 1), m, rounding_mode="floor")
-    n_coarse = int((big_hi - big_lo).max()) + 1
-    big = big_lo[:, None] + torch.arange(n_coarse, device=m.device)  # [width, n_coarse] coarse bin index
-    start = (big * m[:, None] - k_lo).clamp(0, n_bins)
-    end = ((big + 1) * m[:, None] - k_lo).clamp(0, n_bins)
-    cum = torch.nn.functional.pad(stats.hist.cumsum(1), (1, 0))  # [width, n_bins + 1]
-    counts = cum.gather(1, end) - cum.gather(1, start)  # [width, n_coarse]; 0 past a neuron's last coarse bin
-    best = big_lo + counts.argmax(1)
-    peak = _centre(best, m.to(torch.float64) * stats.eps)
-    peak = _empty_fallback(stats, peak, stats.hist.sum(1) == 0)
-    peak[nan] = math.nan
-    return peak
-
-
-# -- kernel density mode ----------------------------------------------------------------------------------------
 def kde_bandwidth(stats: LayerStats) -> torch.Tensor:
     """``[width]`` Silverman's rule-of-thumb bandwidth ``h = 0.9 * min(std, IQR / 1.34) * N^(-1/5)``, at least ``eps``.
 
