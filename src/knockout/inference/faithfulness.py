@@ -28,7 +28,7 @@ and from them the faithfulness (or the difference, or the area); the interval is
 the skew that a symmetric t interval would hide. Resamples in which a denominator is 0 (or a row has no scored target)
 are dropped and the count kept is reported. A comparison is **decided** when its interval excludes 0. Everything is
 numpy, deterministic for a given ``seed``, and vectorised (one matrix product per chunk of resamples, through
-:func:`knockout.inference.paired._bootstrap_ratios`); identical rows share one column, so their resampled metrics are
+:func:`_bootstrap_ratios`); identical rows share one column, so their resampled metrics are
 identical and the exact 1 and 0 hold in every resample too.
 
 Curves. For a planned set of circuit sizes ``k_1 < ... < k_m`` (heads kept, say) out of ``total``, the faithfulness
@@ -47,11 +47,38 @@ from dataclasses import dataclass
 import numpy as np
 
 from knockout.errors import KnockoutError
-from knockout.inference.paired import _bootstrap_ratios
 
 METRICS = ("ld", "ce")
 _FIELDS = {"ld": "ld_sum", "ce": "ce_sum"}
 _NAMES = {"ld": "logit difference", "ce": "cross-entropy on the answer tokens"}
+
+
+_CHUNK_ELEMENTS = 1 << 22  # resampled indices held at once (n_resamples_in_chunk * n_docs)
+
+
+def _bootstrap_ratios(x: np.ndarray, n: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """``[n_resamples, n_rows]``: each row's ratio ``sum(x) / sum(n)`` over the same resampled prompts.
+
+    ``x``, ``n``: ``[n_rows, n_docs]``. Resample ``b`` draws ``n_docs`` prompt indices with replacement, shared by all
+    rows; its counts ``[n_docs]`` times ``[x; n].T`` give the resampled sums. Resamples with no scored target in some
+    row are dropped."""
+    n_rows, n_docs = x.shape
+    weights = np.concatenate([x, n]).T  # [n_docs, 2 * n_rows]
+    chunk = max(1, _CHUNK_ELEMENTS // n_docs)
+    out = []
+    for start in range(0, n_boot, chunk):
+        rows = min(chunk, n_boot - start)
+        idx = rng.integers(0, n_docs, size=(rows, n_docs))  # [rows, n_docs]
+        flat = (idx + (np.arange(rows) * n_docs)[:, None]).ravel()
+        counts = np.bincount(flat, minlength=rows * n_docs).reshape(rows, n_docs).astype(np.float64)
+        sums = counts @ weights  # [rows, 2 * n_rows]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out.append(sums[:, :n_rows] / sums[:, n_rows:])
+    ratios = np.concatenate(out)
+    ratios = ratios[np.all(np.isfinite(ratios), axis=1)]
+    if len(ratios) < 2:
+        raise KnockoutError("too few prompts with scored targets to bootstrap")
+    return ratios
 
 
 # -- rows -------------------------------------------------------------------------------------------------------------
