@@ -323,6 +323,8 @@ def check_data(folder: RunFolder, identity: dict) -> None:
     if not folder.has_config:
         return
     recorded = folder.resolved.data_identity
+    if recorded is not None and "counterfactuals" not in recorded:  # a run without patch may add it
+        identity = {k: v for k, v in identity.items() if k != "counterfactuals"}
     if recorded != identity:
         recorded = recorded or {}
         keys = [k for k in identity if recorded.get(k) != identity.get(k)]
