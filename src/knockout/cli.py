@@ -385,6 +385,8 @@ def _sweep(args) -> int:
         print(sentence(fa).replace("**", ""))
     print(f"\nresults: {out}/results.csv  config: {out}/config.json")
     print(f"report: {out / REPORT_DIR / 'report.html'}")
+    if results.faithfulness is not None and len(results.faithfulness):
+        print(f"faithfulness: {out / REPORT_DIR / 'faithfulness.csv'} (curves: faithfulness.json)")
     return 0
 
 

@@ -149,3 +149,36 @@ def test_keep_is_refused_with_ablate_fractions_or_patch_without_counterfactuals(
     ranking = str(root / "ranking.txt")
     assert main([*base, "--data", corpus, "--keep-top", "0,9", "--keep-ranking", ranking]) == 2
     assert "exceeds the 8 units" in capsys.readouterr().err
+
+
+def test_the_ioi_counterfactual_generator_is_in_the_data_identity_of_patch_runs_only(tmp_path):
+    from knockout.data.prompts import _IOI_ABC
+    from knockout.experiments.prepare import check
+    from knockout.runfolder import unlock_run
+
+    plain, _ = check(SweepConfig(model="m", data="ioi", out=str(tmp_path / "a"), methods=("zero",), keep="L0"))
+    patched, _ = check(SweepConfig(model="m", data="ioi", out=str(tmp_path / "b"), methods=("zero", "patch")))
+    assert "counterfactuals" not in plain  # runs without patch keep their identity (and stay resumable)
+    assert patched == {**plain, "counterfactuals": _IOI_ABC}
+    for name in ("a", "b"):
+        unlock_run(tmp_path / name)
+
+
+def test_an_ioi_run_without_patch_may_add_it(tmp_path):
+    from knockout.data.text import data_identity
+    from knockout.runfolder import check_data, lock_run, unlock_run, write_config
+
+    recorded = data_identity("ioi")
+    lock_run(tmp_path)
+    try:
+        write_config(tmp_path, {"model": "m", "data": "ioi", "resolved": {"data_identity": recorded}})
+    finally:
+        unlock_run(tmp_path)
+    folder = RunFolder(tmp_path)
+    check_data(folder, {**recorded, "counterfactuals": "ioi-abc-v1"})  # added by patch: allowed
+    folder.resolved.data_identity["counterfactuals"] = "ioi-abc-v1"  # a patch run ...
+    check_data(folder, {k: v for k, v in recorded.items() if k != "counterfactuals"})  # ... resumed without patch
+    with pytest.raises(KnockoutError, match="counterfactuals"):  # another generator: patch's rows would differ
+        check_data(folder, {**recorded, "counterfactuals": "ioi-abc-v2"})
+    with pytest.raises(KnockoutError, match="data differs"):
+        check_data(folder, {**recorded, "sha256": "0" * 64})
