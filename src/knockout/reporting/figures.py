@@ -213,6 +213,7 @@ def faithfulness_figure(curves: dict[str, dict], metric_names: dict[str, str]) -
         positive = [k for c in by.values() for k in c.sizes if k > 0]
         if positive and max(positive) > 20 * min(positive):  # sizes such as 1, 2, 4, ..., 270: a log axis
             ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(left=0)
         ax.set_xlabel("units kept (k)")
         ax.set_ylabel("faithfulness")
         ax.set_title(f"by {metric_names.get(metric, metric)}", fontsize=10)
