@@ -182,3 +182,22 @@ def test_an_ioi_run_without_patch_may_add_it(tmp_path):
         check_data(folder, {**recorded, "counterfactuals": "ioi-abc-v2"})
     with pytest.raises(KnockoutError, match="data differs"):
         check_data(folder, {**recorded, "sha256": "0" * 64})
+
+
+def test_a_scan_ranks_the_units_of_a_curve(root):
+    from knockout.experiments.circuits import read_ranking
+    from knockout.experiments.scan import run_scan, scan_config
+    from knockout.reporting.scan import load_scan, top_k
+
+    loaded = _loaded()
+    scan = run_scan(scan_config(model="tiny-llama", data=str(root / "task.jsonl"), out=str(root / "scan"),
+                                methods=("zero", "mean"), **COMMON), progress=False, loaded=loaded)  # fmt: skip
+    data = load_scan(scan)
+    order, where = read_ranking(f"{scan}:mean")
+    assert order == top_k(data.units, data.effects["mean"], 8) and "mean" in where
+    assert read_ranking(str(scan))[0] == top_k(data.units, data.effects["zero"], 8)  # the scan's first method
+    with pytest.raises(KnockoutError, match="has no method 'peak'"):
+        read_ranking(f"{scan}:peak")
+    cfg = _cfg(root, "curve-scan", keep_top=(0, 2, 8), keep_ranking=f"{scan}:mean", methods=("zero",))
+    out = Path(run_sweep(cfg, False, loaded))
+    assert RunFolder(out).resolved.targets["keep:top2"]["components"] == ",".join(order[:2])

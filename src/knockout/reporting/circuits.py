@@ -140,7 +140,7 @@ def circuit_report(folder: RunFolder | str | Path, n_boot: int = 2000) -> Circui
                     rep.notes.append(f"{s}, {m}, {METRIC_NAMES[metric]}: {e}")
                     continue
                 necessity = _metric(ablated, metric) if ablated is not None else None
-                rec.update(faithfulness=f.estimate, low=f.low, high=f.high, circuit=f.circuit, full=f.full,
+                rec.update(faithfulness=f.estimate + 0.0, low=f.low, high=f.high, circuit=f.circuit, full=f.full,
                            empty=f.empty, ablated=necessity)  # fmt: skip
                 rep.records.append(rec)
         names = list(by_method)
@@ -200,7 +200,7 @@ def _curves(rep: CircuitReport, sizes, targets: dict, full: dict, row, methods: 
                               "cmd_high": c.cmd.high, "k_reached": c.k_reached})  # fmt: skip
             for k, f, lo, hi, r in zip(rep.sizes, c.faithfulness, c.low, c.high, rs):
                 rep.records.append({"method": m, "set": NOTHING if k == 0 else top_name(k), "k": k,
-                                    "metric": metric, "faithfulness": f, "low": lo, "high": hi,
+                                    "metric": metric, "faithfulness": f + 0.0, "low": lo, "high": hi,
                                     "circuit": _metric(r, metric), "full": _metric(full, metric),
                                     "empty": _metric(circuits[m][1], metric), "ablated": None})  # fmt: skip
         names = list(rep.curves[metric])

@@ -220,7 +220,7 @@ def faithfulness_figure(curves: dict[str, dict], metric_names: dict[str, str]) -
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
-        axes[0].legend(handles, labels, fontsize=8, loc="lower right")
+        axes[0].legend(handles, labels, fontsize=8, loc="upper left")
     return fig
 
 
