@@ -306,7 +306,7 @@ def _add_scan_parser(command) -> None:
 
     p = command("scan", "ablate each head (layer, group of neurons) alone with each method, and compare the rankings")
     _add_config_file(p)
-    exclude = ("fractions", "method_fractions", "ablate", "selection")
+    exclude = ("fractions", "method_fractions", "ablate", "keep", "keep_top", "keep_ranking", "selection")
     shown = {
         **SCAN_DEFAULTS,
         "eval_tokens": f"{SCAN_EVAL_PROMPTS} prompts of task data, {SCAN_EVAL_TOKENS} tokens of text",
@@ -342,9 +342,10 @@ def _config(args, sections: tuple[str, ...] = FLAG_SECTIONS, **extra):
     values = merge_settings({k: v for k, v in base.items() if k != "resolved"}, {**given, **extra})
     preset = "demo" if args.command == "demo" else getattr(args, "preset", None)
     cfg = get_preset(preset).config(**values) if preset is not None else SweepConfig.from_dict(values)
-    if "fractions" in given and cfg.ablate is not None:
+    if "fractions" in given and (cfg.ablate is not None or cfg.keeps):
+        flag = "--ablate" if cfg.ablate is not None else "--keep"
         raise KnockoutError(
-            "--fractions chooses random fractions of neurons, which --ablate runs do not use (each named set is "
+            f"--fractions chooses random fractions of neurons, which {flag} runs do not use (each named set is "
             "ablated whole); leave --fractions out"
         )
     return cfg
@@ -384,6 +385,8 @@ def _sweep(args) -> int:
         print(sentence(fa).replace("**", ""))
     print(f"\nresults: {out}/results.csv  config: {out}/config.json")
     print(f"report: {out / REPORT_DIR / 'report.html'}")
+    if results.faithfulness is not None and len(results.faithfulness):
+        print(f"faithfulness: {out / REPORT_DIR / 'faithfulness.csv'} (curves: faithfulness.json)")
     return 0
 
 

@@ -40,7 +40,7 @@ import csv
 import io
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -125,6 +125,11 @@ class ComponentSet:
     :meth:`knockout.AblationMethod.ablate` takes."""
     n_neurons: int
     """Neurons of the whole site (every layer)."""
+    kept: dict | None = field(default=None, hash=False, compare=False)
+    """For a set that *keeps* components (``--keep``, ``--keep-top``): ``components`` are the kept ones and
+    ``neurons`` every other neuron of the site (what is ablated); what was kept: ``{"set": name}`` for a named set,
+    ``{"k": k, "of": total}`` for the top ``k`` units of a ranking, ``{}`` for nothing kept. Recorded in
+    ``resolved.targets`` as ``kept``."""
 
     @property
     def n_ablated(self) -> int:
@@ -151,12 +156,15 @@ class ComponentSet:
 
     def record(self) -> dict:
         """What a run folder's config.json records about the set."""
-        return {
+        out = {
             "components": self.spec,
             "n_ablated": self.n_ablated,
             "fraction": self.fraction,
             "digest": self.digest(),
         }
+        if self.kept is not None:
+            out["kept"] = dict(self.kept)
+        return out
 
 
 # -- reading --------------------------------------------------------------------------------------------------------
@@ -367,6 +375,26 @@ def complement(neurons: Sequence[torch.Tensor], sites: Sequence) -> list[torch.T
         inside[idx.to(torch.long).cpu()] = True
         out.append(torch.nonzero(~inside).flatten())
     return out
+
+
+#: Names of the sets of a ``--keep`` run: ``keep:S`` keeps the named set ``S``, ``keep:topK`` the top ``K`` units of
+#: a ranking, ``keep:none`` nothing (every neuron ablated).
+KEEP_PREFIX = "keep:"
+NOTHING = "keep:none"
+
+
+def top_name(k: int) -> str:
+    """The name of the set keeping the top ``k`` units of a ranking (``keep:top4``)."""
+    return f"{KEEP_PREFIX}top{k}"
+
+
+def kept(
+    name: str, components: Sequence[Component], neurons: Sequence[torch.Tensor], sites: Sequence, what: dict
+) -> ComponentSet:
+    """The set that keeps ``neurons`` (per layer; ``components`` name them) and ablates every other neuron of
+    ``sites`` (:func:`complement`), named ``name``; ``what`` says what was kept (:attr:`ComponentSet.kept`)."""
+    rest = tuple(complement(neurons, sites))
+    return ComponentSet(name, tuple(components), rest, sum(int(s.width) for s in sites), dict(what))
 
 
 # -- scan units ------------------------------------------------------------------------------------------------------

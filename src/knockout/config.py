@@ -142,6 +142,28 @@ class SweepConfig:
         kind="str",
         affects_results=False,
     )
+    keep: str | None = setting(
+        None,
+        "keep named components and ablate every other neuron of the site, with each method: the same spec as "
+        "--ablate; per set, the circuit's faithfulness against the full model and nothing kept, and the set's own "
+        "ablation beside it (docs/components.md); --fractions is then not used",
+        kind="str",
+        affects_results=False,
+    )
+    keep_top: tuple[int, ...] | None = setting(
+        None,
+        "a faithfulness curve: keep the top K units of --keep-ranking for each K (e.g. 0,1,2,4,8,16,270; 0 keeps "
+        "nothing, all of them is the full model), ablating every other neuron with each method",
+        kind="ints",
+        affects_results=False,
+    )
+    keep_ranking: str | None = setting(
+        None,
+        "the order of --keep-top: a scan's run folder, ranked by one method's |effect| (SCAN_DIR:METHOD; default "
+        "its first method), or a .txt file of components, most important first (one or more per line, commas)",
+        kind="str",
+        affects_results=False,
+    )
     eval_tokens: int = setting(
         4096,
         "exact number of scored evaluation targets (tokens; images for image models; prompts for task data)",
@@ -300,7 +322,7 @@ class SweepConfig:
                 raise KnockoutError(f"seeds must be integers or {AUTO!r}, got {self.seeds!r}")
             object.__setattr__(self, "seeds", tuple(_integer(s, "seeds") for s in self.seeds))
         elif self.targeted:
-            raise KnockoutError("--seeds auto adds random neuron sets; --ablate runs and scans have fixed ones")
+            raise KnockoutError("--seeds auto adds random neuron sets; --ablate, --keep runs and scans have fixed ones")
         if not self.methods:
             raise KnockoutError("give at least one ablation method")
         if len(set(self.methods)) != len(self.methods):
@@ -358,7 +380,12 @@ class SweepConfig:
     @property
     def targeted(self) -> bool:
         """Whether the run ablates named components (``--ablate``) or scan units rather than random fractions."""
-        return self.ablate is not None or self.scan.unit is not None
+        return self.ablate is not None or self.scan.unit is not None or self.keeps
+
+    @property
+    def keeps(self) -> bool:
+        """Whether the run keeps named components (``--keep``) or the top units of a ranking (``--keep-top``)."""
+        return self.keep is not None or self.keep_top is not None
 
     def _check_targets(self, recorded: bool = False) -> None:
         """``--ablate``'s syntax (its ranges are checked against the model's sites when it is loaded; a recorded
@@ -367,17 +394,39 @@ class SweepConfig:
             raise KnockoutError("a scan ablates its units one at a time; --ablate is for sweeps")
         if self.stats_data is not None and (not isinstance(self.stats_data, str) or not self.stats_data.strip()):
             raise KnockoutError(f"stats_data (--stats-data) must be a data source, got {self.stats_data!r}")
-        if self.ablate is not None:
+        if self.keeps and (self.ablate is not None or self.scan.unit is not None):
+            raise KnockoutError(
+                "--keep/--keep-top keep components and ablate the rest; --ablate and scans ablate them: give one"
+            )
+        if (self.keep_top is None) != (self.keep_ranking is None):
+            raise KnockoutError(
+                "--keep-top K1,K2,... and --keep-ranking SCAN_DIR[:METHOD] (or a file of components) go together"
+            )
+        if self.keep_top is not None:
+            sizes = [_integer(k, "keep_top") for k in self.keep_top]
+            if not sizes or any(k < 0 for k in sizes) or sorted(set(sizes)) != sizes:
+                raise KnockoutError(
+                    f"--keep-top must be increasing, distinct integers of at least 0, got {list(self.keep_top)}"
+                )
+            object.__setattr__(self, "keep_top", tuple(sizes))
+            if not isinstance(self.keep_ranking, str) or not self.keep_ranking.strip():
+                raise KnockoutError(f"--keep-ranking must be a scan folder or a file, got {self.keep_ranking!r}")
+        for spec in (self.ablate, self.keep):
+            if spec is None:
+                continue
             from knockout.components import is_file_spec, parse_spec
 
-            if not (recorded and is_file_spec(self.ablate)):
-                parse_spec(self.ablate)
+            if not (recorded and is_file_spec(spec)):
+                parse_spec(spec)
+        if self.ablate is not None or self.keeps:
+            flag = "--ablate" if self.ablate is not None else "--keep"
             if self.method_fractions:
-                raise KnockoutError("--method-fractions chooses fractions, which --ablate runs do not use")
+                raise KnockoutError(f"--method-fractions chooses fractions, which {flag} runs do not use")
             if self.fractions != DEFAULT_FRACTIONS:
                 log.warning(
-                    "fractions %s are not used: an --ablate run ablates each named set whole",
+                    "fractions %s are not used: an %s run ablates each named set whole",
                     ",".join(f"{f:g}" for f in self.fractions),
+                    flag,
                 )
 
     def _checked_method_fractions(self) -> dict[str, list[float]]:

@@ -323,6 +323,10 @@ def check_data(folder: RunFolder, identity: dict) -> None:
     if not folder.has_config:
         return
     recorded = folder.resolved.data_identity
+    if recorded is not None and ("counterfactuals" not in recorded or "counterfactuals" not in identity):
+        # the counterfactuals' generator matters to patch's rows only: a run may add patch, or resume without it
+        recorded = {k: v for k, v in recorded.items() if k != "counterfactuals"}
+        identity = {k: v for k, v in identity.items() if k != "counterfactuals"}
     if recorded != identity:
         recorded = recorded or {}
         keys = [k for k in identity if recorded.get(k) != identity.get(k)]

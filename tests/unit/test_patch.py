@@ -33,42 +33,7 @@ def tok():
     return tiny.tokenizer()
 
 
-def out_projections(model, family: str) -> list[torch.nn.Module]:
-    """The attention out-projections, found by hand (not through knockout's site table)."""
-    if family == "gpt2":
-        return [block.attn.c_proj for block in model.transformer.h]
-    return [layer.self_attn.o_proj for layer in model.model.layers]
-
-
-@torch.no_grad()
-def hand_patched_logits(model, family, inputs, cf_inputs, neurons) -> torch.Tensor:
-    """Interchange intervention by hand: record each out-projection's input on ``cf_inputs``, then run ``inputs`` with
-    ``z[..., i] := z_cf[..., i]`` for ``i in neurons[l]``, both with plain ``register_forward_pre_hook``."""
-    modules = out_projections(model, family)
-    recorded: list[torch.Tensor | None] = [None] * len(modules)
-
-    def record(layer):
-        def hook(module, args):
-            recorded[layer] = args[0].clone()
-
-        return hook
-
-    def patch(layer):
-        def hook(module, args):
-            z = args[0].clone()
-            z[..., neurons[layer]] = recorded[layer][..., neurons[layer]]
-            return (z, *args[1:])
-
-        return hook
-
-    for make, run in ((record, cf_inputs), (patch, inputs)):
-        handles = [m.register_forward_pre_hook(make(layer)) for layer, m in enumerate(modules)]
-        try:
-            logits = model(**run).logits
-        finally:
-            for h in handles:
-                h.remove()
-    return logits
+out_projections, hand_patched_logits = tiny.out_projections, tiny.hand_patched_logits
 
 
 def make_patch(model, sites, tok, cf_batches, cache=True):

@@ -2,13 +2,15 @@
 
 A row is (method, neuron set, seed). The neuron set is a fraction of the seed's random order (a sweep, and the sets
 ``--seeds auto`` adds) or a named component set (``--ablate`` and the units of ``knockout scan``: the row's
-``target`` is the set's name and its ``fraction`` the share of the site's neurons the set ablates).
+``target`` is the set's name and its ``fraction`` the share of the site's neurons the set ablates; ``--keep`` sets,
+:mod:`knockout.experiments.circuits`, ablate every neuron outside a circuit).
 
 :class:`RowEngine` is prepared once per run: the method/task check, the statistics, the generator of
 ``resample-text``, the method contexts, the ``resolved`` record and config.json, the callbacks started and told about
-the stored rows. Then :meth:`RowEngine.ensure` makes sure rows exist: a row stored with per-document sums that add up
-to it is kept; any other is evaluated (its sums stored before the row, so a stored row always has them) and the
-callbacks are told. :meth:`RowEngine.store` is the one place that stores a row.
+the stored rows, and for ``patch`` the counterfactual batches of the evaluation batches. Then
+:meth:`RowEngine.ensure` makes sure rows exist: a row stored with per-document sums that add up to it is kept; any
+other is evaluated (its sums stored before the row, so a stored row always has them) and the callbacks are told.
+:meth:`RowEngine.store_row` is the one place that stores a row.
 
 Constant methods on a set whose lowest ablated layer is above 0 evaluate only the layers from there on, reusing the
 unablated outputs of the layers below, recorded once per set of batches (:mod:`knockout.evaluation.prefix`; the same
@@ -37,7 +39,7 @@ from knockout.components import ComponentSet, component_sets
 from knockout.config import Resolved, SweepConfig
 from knockout.data.batch import Batch
 from knockout.data.packing import scored_fraction
-from knockout.data.tasks import SEED_DEPENDENT_TASKS, eval_batches, stats_batches
+from knockout.data.tasks import SEED_DEPENDENT_TASKS, counterfactual_eval_batches, eval_batches, stats_batches
 from knockout.devices import model_dtype
 from knockout.distributed import World
 from knockout.errors import KnockoutError
@@ -259,6 +261,9 @@ class RowEngine:
         self.n_neurons = sum(s.width for s in run.sites)
         self.generator = load_generator(cfg, loaded)
         self.train = stats_batches(run.spec, run.inputs) if any(c.needs_train_batches for c in self.classes) else ()
+        # patch: each evaluation batch's counterfactual batch, built once (the same for every seed: task prompts)
+        needs_cf = any(getattr(c, "needs_counterfactuals", False) for c in self.classes)
+        self.counterfactuals = counterfactual_eval_batches(run.spec, run.inputs) if needs_cf else ()
         self.progress = progress
         # built before the first file is written: a method refusing its settings fails here
         self.instances = {self.first_seed: {c.name: c(self.context(self.first_seed, self.first_batches))
@@ -293,7 +298,7 @@ class RowEngine:
             self.model, run.sites, self.stats, seed, run.loaded.task, run.loaded.processor, batches,
             optimal=cfg.optimal, resample=cfg.resample, image=cfg.image, generator=self.generator,
             train_batches=self.train, artifacts=self.out / runfolder.ARTIFACTS_DIR, world=self.world,
-            progress=self.progress,
+            progress=self.progress, counterfactual_batches=self.counterfactuals,
         )  # fmt: skip
 
     # -- stored rows ------------------------------------------------------------------------------------------------
@@ -424,7 +429,9 @@ class RowEngine:
             self.bar.update(1)
 
     def _lowest(self, seed: int, cls: type, s: NeuronSet) -> int:
-        """The lowest layer ``s`` ablates when the layers below it can be reused for ``cls`` (else 0)."""
+        """The lowest layer ``s`` ablates when the layers below it can be reused for ``cls`` (else 0): constant
+        methods only (a weight edit leaves the layers below alone; ``patch`` and resampling run their own forward
+        passes in ``on_batch``)."""
         if self.layers is None or not issubclass(cls, ConstantAblation):
             return 0
         layers = [i for i, t in enumerate(self._neurons(seed, s)) if t.numel()]

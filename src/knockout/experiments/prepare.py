@@ -93,6 +93,9 @@ def check(
         runfolder.check_out(cfg.out)
     data_id = data_identity(cfg.data, cfg.data_revision)
     check_source(cfg.data, cfg.max_length)
+    if needs_counterfactuals(cfg):
+        check_counterfactuals(cfg)
+        data_id = {**data_id, **counterfactual_identity(cfg.data)}
     if cfg.stats_data is not None:  # the statistics' source is part of what the data was
         data_id = {**data_id, "stats": data_identity(cfg.stats_data)}
         check_source(cfg.stats_data)
@@ -103,6 +106,10 @@ def check(
         runfolder.lock_run(out)
     if restart and (moved := runfolder.move_aside(out)) is not None:
         log.warning("--restart: moved the old run folder to %s", moved)
+    if cfg.keeps:
+        from knockout.experiments.circuits import check_keep
+
+        check_keep(cfg)
     folder = runfolder.RunFolder(out)
     folder.check_integrity()
     check_settings(folder, cfg, task_known=cfg.task != "auto")
@@ -110,6 +117,35 @@ def check(
     if fingerprint is not None:
         runfolder.check_model(folder, fingerprint)
     return data_id, folder
+
+
+def needs_counterfactuals(cfg: SweepConfig) -> bool:
+    """Whether a method of ``cfg`` patches from counterfactuals (``patch``)."""
+    from knockout.ablation.methods import get_method
+    from knockout.config import ALL_METHODS
+
+    return any(getattr(get_method(m), "needs_counterfactuals", False) for m in cfg.methods if m != ALL_METHODS)
+
+
+def check_counterfactuals(cfg: SweepConfig) -> None:
+    """Refuse, before the model loads, a method that patches from counterfactuals on data without them."""
+    from knockout.data.prompts import has_counterfactuals, is_task_source
+
+    if not (is_task_source(cfg.data) and has_counterfactuals(cfg.data)):
+        names = ", ".join(m for m in cfg.methods if m == "patch") or "patch"
+        raise KnockoutError(
+            f"method {names} patches each prompt's counterfactual: it needs task prompts with counterfactuals "
+            f'(--data ioi, or a task .jsonl file with a "counterfactual" field on every line); {cfg.data!r} has none'
+        )
+
+
+def counterfactual_identity(source: str) -> dict:
+    """What the data identity adds when counterfactuals are read: the built-in task's counterfactual generator
+    version (a task file's counterfactuals are in its sha256 already). Only runs that patch record it, so runs
+    without ``patch`` keep their identity."""
+    from knockout.data import prompts
+
+    return {"counterfactuals": prompts._IOI_ABC} if source in prompts.BUILTIN_TASKS else {}
 
 
 def check_settings(folder: runfolder.RunFolder, cfg: SweepConfig, task_known: bool = True) -> None:

@@ -17,6 +17,7 @@ from knockout.ablation.methods import get_method
 from knockout.config import SweepConfig
 from knockout.errors import KnockoutError
 from knockout.experiments.callbacks import Callback, Callbacks, run_files
+from knockout.experiments.circuits import keep_sets
 from knockout.experiments.engine import (
     NeuronSet,
     RowEngine,
@@ -101,6 +102,8 @@ def run_sweep(
             try:
                 if cfg.ablate is not None:  # named component sets instead of random fractions
                     run_targets(run, ablate_sets(run), progress and run.world.is_main, notify)
+                elif cfg.keeps:  # circuits kept, the rest ablated (knockout.experiments.circuits)
+                    run_targets(run, keep_sets(cfg, run.sites), progress and run.world.is_main, notify)
                 else:
                     _sweep(run, progress and run.world.is_main, notify)
                 results = None

@@ -53,6 +53,34 @@ _FIELDS = {"ld": "ld_sum", "ce": "ce_sum"}
 _NAMES = {"ld": "logit difference", "ce": "cross-entropy on the answer tokens"}
 
 
+_CHUNK_ELEMENTS = 1 << 22  # resampled indices held at once (n_resamples_in_chunk * n_docs)
+
+
+def _bootstrap_ratios(x: np.ndarray, n: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """``[n_resamples, n_rows]``: each row's ratio ``sum(x) / sum(n)`` over the same resampled prompts.
+
+    ``x``, ``n``: ``[n_rows, n_docs]``. Resample ``b`` draws ``n_docs`` prompt indices with replacement, shared by all
+    rows; its counts ``[n_docs]`` times ``[x; n].T`` give the resampled sums. Resamples with no scored target in some
+    row are dropped."""
+    n_rows, n_docs = x.shape
+    weights = np.concatenate([x, n]).T  # [n_docs, 2 * n_rows]
+    chunk = max(1, _CHUNK_ELEMENTS // n_docs)
+    out = []
+    for start in range(0, n_boot, chunk):
+        rows = min(chunk, n_boot - start)
+        idx = rng.integers(0, n_docs, size=(rows, n_docs))  # [rows, n_docs]
+        flat = (idx + (np.arange(rows) * n_docs)[:, None]).ravel()
+        counts = np.bincount(flat, minlength=rows * n_docs).reshape(rows, n_docs).astype(np.float64)
+        sums = counts @ weights  # [rows, 2 * n_rows]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out.append(sums[:, :n_rows] / sums[:, n_rows:])
+    ratios = np.concatenate(out)
+    ratios = ratios[np.all(np.isfinite(ratios), axis=1)]
+    if len(ratios) < 2:
+        raise KnockoutError("too few prompts with scored targets to bootstrap")
+    return ratios
+
+
 # -- rows -------------------------------------------------------------------------------------------------------------
 def _field(row, name: str):
     if isinstance(row, Mapping):

@@ -190,6 +190,40 @@ def forest_figure(panels: list[tuple[str, list[tuple]]]) -> Figure:
     return fig
 
 
+def faithfulness_figure(curves: dict[str, dict], metric_names: dict[str, str]) -> Figure:
+    """Faithfulness curves side by side: one panel per metric (``curves[metric][method]``, a
+    :class:`~knockout.inference.faithfulness.FaithfulnessCurve`), one line per method with its pointwise interval
+    as a band, against the circuit size ``k``; dotted lines at 0 and 1, dashed at the curve's threshold."""
+    methods = list(dict.fromkeys(m for by in curves.values() for m in by))
+    colors = method_colors(methods)
+    n = max(len(curves), 1)
+    fig = Figure(figsize=(4.8 * n, 3.6), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for ax, (metric, by) in zip(axes, curves.items()):
+        threshold = None
+        for m, c in by.items():
+            k = np.asarray(c.sizes)
+            ax.plot(k, c.faithfulness, marker="o", ms=3, lw=1.6, color=colors[m], label=m)
+            ax.fill_between(k, c.low, c.high, color=colors[m], alpha=0.15, lw=0)
+            threshold = c.threshold
+        for y in (0, 1):
+            ax.axhline(y, color="0.5", lw=0.8, ls=":")
+        if threshold is not None:
+            ax.axhline(threshold, color="0.5", lw=0.8, ls="--")
+        positive = [k for c in by.values() for k in c.sizes if k > 0]
+        if positive and max(positive) > 20 * min(positive):  # sizes such as 1, 2, 4, ..., 270: a log axis
+            ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(left=0)
+        ax.set_xlabel("units kept (k)")
+        ax.set_ylabel("faithfulness")
+        ax.set_title(f"by {metric_names.get(metric, metric)}", fontsize=10)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        axes[0].legend(handles, labels, fontsize=8, loc="upper left")
+    return fig
+
+
 def save_figure(fig: Figure, stem: Path, dpi: int = 110) -> list[Path]:
     """Write ``stem.png`` and ``stem.svg`` (each atomically); returns both paths."""
     from knockout.runfolder import write_atomic

@@ -15,6 +15,8 @@
     point_masses.csv         per layer, the neurons whose peak is a point mass                (needs stats.safetensors)
     eps.md/.csv              CE and top-1 against the peak's bin width       (runs with peak@EPS methods, see .eps)
     targets.csv              mean ± std over seeds per named component set                  (--ablate runs)
+    faithfulness.csv/.json   per method and kept set or size: faithfulness and interval; the curves (--keep runs)
+    faithfulness.png/.svg    the faithfulness curves of every method side by side                (--keep-top)
 
 ``compare_runs(run_dirs, out_dir)`` writes several runs side by side: the answer per model, their agreement, every
 pair's difference per run (compare.json), a forest plot, Table 2 and the curves.
@@ -31,6 +33,7 @@ from knockout.errors import KnockoutError
 from knockout.fingerprint import describe
 from knockout.reporting import answer as A
 from knockout.reporting import centres as CR
+from knockout.reporting import circuits as C
 from knockout.reporting import html as H
 from knockout.reporting import targets as T
 from knockout.reporting.eps import eps_columns, eps_markdown, eps_rows
@@ -195,6 +198,8 @@ def write_report(
     A.write_files(answer, out, write_atomic)
     if targeted:
         write_atomic(out / "targets.csv", T.table_csv(run.summary))
+    circuits = C.circuit_report(run.folder) if C.has_kept(run.folder) else None
+    circuit_images = C.write_files(circuits, out, write_atomic) if circuits is not None else {}
     eps_table = eps_rows(summary, methods, fractions, run.config.eps if run.config else None)
     if eps_table:
         write_atomic(out / "eps.csv", records_csv(eps_table, eps_columns(fractions)))
@@ -245,6 +250,7 @@ def write_report(
     extra = {"eps_table": eps_table, "fractions": fractions, "pm_note": pm_note, "answer": answer, "targets": targeted}
     extra["bound"] = A.bound_records(run.folder, run.rows)
     extra["centres"] = centre_section
+    extra["circuits"], extra["circuit_images"] = circuits, circuit_images
     _write_html(
         out / "report.html", title, run, table, images, atypical, timings, partial, notes, stats_note, pm, extra
     )
@@ -262,6 +268,8 @@ def _write_html(path, title, run, table, images, atypical, timings, partial, not
     b: list[str] = []
     if partial:
         b.append(H.warning(partial))
+    if extra["circuits"] is not None:
+        b.append(C.html(extra["circuits"], extra["circuit_images"]))
     b.append(T.html(extra["targets"], run.summary) if extra["targets"] else A.html(answer))
     if "answer" in images:
         b.append(H.img(images["answer"], "paired differences in cross-entropy with their intervals, per fraction"))
@@ -340,6 +348,8 @@ def _write_markdown(path, title, run, table, images, atypical, timings, partial,
     lines = [f"# {md(title)}", ""]
     if partial:
         lines += [f"> **{md(partial)}**", ""]
+    if extra["circuits"] is not None:
+        lines += C.markdown(extra["circuits"])
     lines += T.markdown(extra["targets"], run.summary) if extra["targets"] else A.markdown(answer)
     if "answer" in images:
         lines += ["![paired differences](answer.png)", ""]

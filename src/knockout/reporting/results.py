@@ -36,6 +36,11 @@ class RunResults:
     contenders per fraction and metric with its verdict and interval, and each contender's excess over the bound."""
     answer: A.Answer
     """The answer (verdicts, best method, needs) at the run's decision fractions."""
+    faithfulness: object = None
+    """``pandas.DataFrame`` of a ``--keep``/``--keep-top`` run (:mod:`knockout.reporting.circuits`): per method, kept
+    set (``set``) or curve size (``k``) and metric (``ld``, ``ce``), the faithfulness with its paired interval
+    (``low``, ``high``) and the metrics behind it (``circuit``, ``full``, ``empty``; ``ablated``: the set itself
+    ablated); empty for other runs."""
 
     def __fspath__(self) -> str:
         return str(self.dir)
@@ -53,8 +58,11 @@ def load_run(run_dir: str | os.PathLike, fractions: tuple[float, ...] | None = N
     the run's decision fractions, 0.5 and 0.9 unless configured otherwise)."""
     import pandas as pd
 
+    from knockout.reporting import circuits as C
+
     run = RunData.load(run_dir)
     answer = A.run_answer(run.folder, tuple(fractions) if fractions is not None else run_fractions(run))
+    circuits = C.circuit_report(run.folder) if C.has_kept(run.folder) else None
     return RunResults(
         dir=run.dir,
         config=run.config,
@@ -63,4 +71,5 @@ def load_run(run_dir: str | os.PathLike, fractions: tuple[float, ...] | None = N
         summary=pd.DataFrame(run.summary),
         paired=pd.DataFrame(A.paired_records(answer), columns=A.PAIRED_COLUMNS),
         answer=answer,
+        faithfulness=C.table(circuits),
     )
