@@ -183,34 +183,6 @@ def _how(n: int, rows: int) -> str:
 
 
 # -- results ----------------------------------------------------------------------------------------------------------
-_CHUNK_ELEMENTS = 1 << 22  # resampled indices held at once (n_resamples_in_chunk * n_docs)
-
-
-def _bootstrap_ratios(x: np.ndarray, n: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """``[n_boot, n_seeds]``: each seed's ratio ``sum(x) / sum(n)`` over the same resampled documents.
-
-    ``x``, ``n``: ``[n_seeds, n_docs]``. Resample ``b`` draws ``n_docs`` document indices with replacement, shared by
-    all seeds; its counts ``[n_docs]`` times ``[x; n].T`` give the resampled sums. Resamples with no scored target in
-    some seed are dropped.
-    """
-    n_seeds, n_docs = x.shape
-    weights = np.concatenate([x, n]).T  # [n_docs, 2 * n_seeds]
-    chunk = max(1, _CHUNK_ELEMENTS // n_docs)
-    out = []
-    for start in range(0, n_boot, chunk):
-        rows = min(chunk, n_boot - start)
-        idx = rng.integers(0, n_docs, size=(rows, n_docs))  # [rows, n_docs]
-        flat = (idx + (np.arange(rows) * n_docs)[:, None]).ravel()
-        counts = np.bincount(flat, minlength=rows * n_docs).reshape(rows, n_docs).astype(np.float64)
-        sums = counts @ weights  # [rows, 2 * n_seeds]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out.append(sums[:, :n_seeds] / sums[:, n_seeds:])
-    ratios = np.concatenate(out)
-    ratios = ratios[np.all(np.isfinite(ratios), axis=1)]
-    if len(ratios) < 2:
-        raise KnockoutError("too few documents with scored targets to bootstrap")
-    return ratios
-
 @dataclass(frozen=True)
 class Estimate:
     """A quantity with its percentile interval."""
