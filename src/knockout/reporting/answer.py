@@ -356,27 +356,31 @@ def sentence(fa: FractionAnswer, metric: str = "ce", head: str | None = None) ->
         leader = fa.leader(metric)
         mine = [v for v in verdicts if leader in (v.a, v.b)]
         parts = [f"{_amount(v, leader)} {than} {v.b if v.a == leader else v.a}" for v in mine]
-        return (
+        text = (
             f"{head}, for {'this neuron set' if fa.n_sets == 1 else 'these neuron sets'} ({sets}), {leader} "
             f"{what}: {'; '.join(parts)}. Nothing is decided about neuron sets in general (with fewer than 3 sets "
-            "their spread is unknown): run more seeds, or --seeds auto."
+            "their spread is unknown): run more seeds, or --seeds auto"
         )
-    best = fa.best(metric)
-    if best is not None:
-        wins = sorted((v for v in verdicts if best in (v.a, v.b)), key=lambda v: abs(v.estimate))
-        parts = [f"{_amount(v, best)} {than} {v.worse}" for v in wins]
-        text = f"{head}, **{best}** {what}: {'; '.join(parts)}; decided with {sets}"
     else:
-        leader = fa.leader(metric)
-        open_pairs = [v for v in verdicts if not v.decided]
-        shown = [v for v in open_pairs if leader in (v.a, v.b)] or open_pairs
-        parts = [f"{_amount(v, leader)} ahead of {v.b if v.a == leader else v.a}" for v in shown]
-        text = f"{head}, no method is decided best ({sets}{_stopped(fa)}): {leader} is {' and '.join(parts)}, undecided"
-        if metric == "ce":
-            text += _need_text(fa, shown)
-        decided = [v for v in verdicts if v.decided]
-        if decided:
-            text += "; decided: " + ", ".join(f"{v.better} over {v.worse}" for v in decided)
+        best = fa.best(metric)
+        if best is not None:
+            wins = sorted((v for v in verdicts if best in (v.a, v.b)), key=lambda v: abs(v.estimate))
+            parts = [f"{_amount(v, best)} {than} {v.worse}" for v in wins]
+            text = f"{head}, **{best}** {what}: {'; '.join(parts)}; decided with {sets}"
+        else:
+            leader = fa.leader(metric)
+            open_pairs = [v for v in verdicts if not v.decided]
+            shown = [v for v in open_pairs if leader in (v.a, v.b)] or open_pairs
+            parts = [f"{_amount(v, leader)} ahead of {v.b if v.a == leader else v.a}" for v in shown]
+            text = (
+                f"{head}, no method is decided best ({sets}{_stopped(fa)}): {leader} is {' and '.join(parts)}, "
+                "undecided"
+            )
+            if metric == "ce":
+                text += _need_text(fa, shown)
+            decided = [v for v in verdicts if v.decided]
+            if decided:
+                text += "; decided: " + ", ".join(f"{v.better} over {v.worse}" for v in decided)
     if metric == "ce" and fa.excess:
         ex = "; ".join(f"{m} {d.estimate:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" for m, d in fa.excess.items())
         text += f". Above {fa.bound} (nats, 95%): {ex}"
