@@ -32,9 +32,10 @@ from typing import Any
 import torch
 
 from knockout.ablation.methods import AblationMethod, MethodContext, register
+from knockout.ablation.resample import replaced_from
 from knockout.data.batch import Batch
 from knockout.errors import KnockoutError
-from knockout.hooks import capture, edit_preout
+from knockout.hooks import capture
 
 
 @register("patch")
@@ -111,35 +112,7 @@ class PatchAblation(AblationMethod):
                 self._cache[index] = acts
         self._current = acts
 
-    @contextmanager
     def ablate(self, neurons: Sequence[torch.Tensor]) -> Iterator[None]:
         """Hook each site: ``z[..., i] := z_cf[..., i]`` for ``i in neurons[l]``, ``z_cf`` the current evaluation
         batch's counterfactual pre-out (set by :meth:`on_batch`)."""
-        idx = {s.layer: neurons[s.layer] for s in self.ctx.sites}
-
-        def fn(site, z):
-            i = idx[site.layer]
-            if i.device != z.device:
-                i = idx[site.layer] = i.to(z.device)
-            if self._paused or i.numel() == 0:
-                return None
-            if self._current is None:
-                raise KnockoutError(
-                    f"{self.name}: no counterfactual activations for this forward pass; call method.on_batch(index, "
-                    "batch) before each forward (evaluate(..., on_batch=method.on_batch))"
-                )
-            src = self._current[site.layer]
-            if src.shape[:-1] != z.shape[:-1]:
-                raise KnockoutError(
-                    f"{self.name}: counterfactual activations have shape {tuple(src.shape)} but layer {site.layer}'s "
-                    f"pre-out has {tuple(z.shape)}; on_batch must be given the batch that is evaluated next"
-                )
-            z = z.clone()
-            z[..., i] = src[..., i].to(device=z.device, dtype=z.dtype)
-            return z
-
-        try:
-            with edit_preout(self.ctx.sites, fn):
-                yield
-        finally:
-            self._current = None
+        return replaced_from(self, neurons, "counterfactual")

@@ -172,38 +172,45 @@ class ResampleAblation(AblationMethod):
 
     # --- ablation ------------------------------------------------------------------------------------------------
 
-    @contextmanager
     def ablate(self, neurons: Sequence[torch.Tensor]) -> Iterator[None]:
         """Hook each site: ``z[..., i] := z_rand[..., i]`` for ``i in neurons[l]``, with ``z_rand`` the current
         batch's random-input activations (set by :meth:`on_batch`)."""
-        idx = {s.layer: neurons[s.layer] for s in self.ctx.sites}
+        return replaced_from(self, neurons, "random-input")
 
-        def fn(site, z):
-            i = idx[site.layer]
-            if i.device != z.device:  # moved once, to where the layer runs (not its weight's: may be offloaded)
-                i = idx[site.layer] = i.to(z.device)
-            if self._paused or i.numel() == 0:
-                return None
-            if self._current is None:
-                raise KnockoutError(
-                    f"{self.name}: no random-input activations for this forward pass; call "
-                    "method.on_batch(index, batch) before each forward (evaluate(..., on_batch=method.on_batch))"
-                )
-            src = self._current[site.layer]
-            if src.shape[:-1] != z.shape[:-1]:
-                raise KnockoutError(
-                    f"{self.name}: random-input activations have shape {tuple(src.shape)} but layer {site.layer}'s "
-                    f"pre-out has {tuple(z.shape)}; on_batch must be given the batch that is evaluated next"
-                )
-            z = z.clone()
-            z[..., i] = src[..., i].to(device=z.device, dtype=z.dtype)
-            return z
 
-        try:
-            with edit_preout(self.ctx.sites, fn):
-                yield
-        finally:
-            self._current = None
+@contextmanager
+def replaced_from(method, neurons: Sequence[torch.Tensor], what: str) -> Iterator[None]:
+    """Hook each site of ``method`` (a method with per-batch activations: resampling, ``patch``): the neurons of
+    ``neurons[l]`` take their values in ``method._current`` (``[batch, pos, width]`` per layer, set by its
+    ``on_batch``: ``what`` they are, for messages), position by position; cleared on exit."""
+    idx = {s.layer: neurons[s.layer] for s in method.ctx.sites}
+
+    def fn(site, z):
+        i = idx[site.layer]
+        if i.device != z.device:  # moved once, to where the layer runs (not its weight's: may be offloaded)
+            i = idx[site.layer] = i.to(z.device)
+        if method._paused or i.numel() == 0:
+            return None
+        if method._current is None:
+            raise KnockoutError(
+                f"{method.name}: no {what} activations for this forward pass; call method.on_batch(index, batch) "
+                "before each forward (evaluate(..., on_batch=method.on_batch))"
+            )
+        src = method._current[site.layer]
+        if src.shape[:-1] != z.shape[:-1]:
+            raise KnockoutError(
+                f"{method.name}: {what} activations have shape {tuple(src.shape)} but layer {site.layer}'s pre-out "
+                f"has {tuple(z.shape)}; on_batch must be given the batch that is evaluated next"
+            )
+        z = z.clone()
+        z[..., i] = src[..., i].to(device=z.device, dtype=z.dtype)
+        return z
+
+    try:
+        with edit_preout(method.ctx.sites, fn):
+            yield
+    finally:
+        method._current = None
 
 
 class _TextResample(ResampleAblation):
