@@ -25,24 +25,20 @@ model's dtype (SmolLM2-135M, 64 ioi prompts of ~20 tokens: about 90 MB in float3
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
-
 import torch
 
-from knockout.ablation.methods import AblationMethod, MethodContext, register
-from knockout.ablation.resample import replaced_from
+from knockout.ablation.methods import MethodContext, register
+from knockout.ablation.resample import ActivationReplacement
 from knockout.data.batch import Batch
 from knockout.errors import KnockoutError
-from knockout.hooks import capture
 
 
 @register("patch")
-class PatchAblation(AblationMethod):
+class PatchAblation(ActivationReplacement):
     """z_i := its value on the evaluated prompt's counterfactual, position by position (task data with those)."""
 
     tasks = ("causal",)
+    replaced_by = "counterfactual"
     in_all = False
     needs_counterfactuals = True
 
@@ -55,10 +51,6 @@ class PatchAblation(AblationMethod):
                 "their batches in MethodContext.counterfactual_batches "
                 "(knockout.data.tasks.counterfactual_eval_batches(spec, inputs)); none were given"
             )
-        self.use_cache = ctx.resample.cache
-        self._cache: dict[int, list[torch.Tensor]] = {}  # batch index -> per layer [batch, pos, width]
-        self._current: list[torch.Tensor] | None = None
-        self._paused = False
 
     def counterfactual(self, index: int, batch: Batch) -> Batch:
         """The counterfactual batch of evaluation batch ``index``, checked to align with ``batch`` (same rows and
@@ -78,29 +70,12 @@ class PatchAblation(AblationMethod):
             )
         return cf
 
-    @contextmanager
-    def unablated(self) -> Iterator[None]:
-        """Inside, this method's hook lets the pre-out through: the model runs unablated."""
-        paused, self._paused = self._paused, True
-        try:
-            yield
-        finally:
-            self._paused = paused
-
     def counterfactual_activations(self, cf: Batch, device) -> list[torch.Tensor]:
         """Per layer, the unablated model's pre-out ``[batch, pos, width]`` on the counterfactual batch ``cf``."""
         from knockout.evaluation.evaluate import _takes_logits_to_keep
 
-        acts: list[Any] = [None] * len(self.ctx.sites)
-
-        def keep(site, z):
-            acts[site.layer] = z.detach().clone()
-
-        inputs = {k: v.to(device) for k, v in cf.inputs.items()}
         extra = {"logits_to_keep": 1} if _takes_logits_to_keep(type(self.ctx.model)) else {}
-        with self.unablated(), torch.no_grad(), capture(self.ctx.sites, keep):
-            self.ctx.model(**inputs, **extra)
-        return acts
+        return self.activations_of({k: v.to(device) for k, v in cf.inputs.items()}, **extra)
 
     def on_batch(self, index: int, batch: Batch) -> None:
         """Make the counterfactual activations of evaluation batch ``index`` current (computed once, then cached)."""
@@ -111,8 +86,3 @@ class PatchAblation(AblationMethod):
             if self.use_cache:
                 self._cache[index] = acts
         self._current = acts
-
-    def ablate(self, neurons: Sequence[torch.Tensor]) -> Iterator[None]:
-        """Hook each site: ``z[..., i] := z_cf[..., i]`` for ``i in neurons[l]``, ``z_cf`` the current evaluation
-        batch's counterfactual pre-out (set by :meth:`on_batch`)."""
-        return replaced_from(self, neurons, "counterfactual")

@@ -73,24 +73,93 @@ def _full_mask(ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-class ResampleAblation(AblationMethod):
+class ActivationReplacement(AblationMethod):
+    """Base class of methods whose ablated neurons take values from another forward pass of the model, per
+    evaluation batch: the resampling methods (random inputs) and ``patch`` (counterfactual prompts). A subclass's
+    ``on_batch`` sets :attr:`_current` (per layer ``[batch, pos, width]``, from :meth:`activations_of`, cached per
+    batch index unless ``--no-resample-cache``); :meth:`ablate` puts those values in, position by position."""
+
+    #: What the replacing activations are, for messages.
+    replaced_by: ClassVar[str] = "replacing"
+
+    def __init__(self, ctx: MethodContext):
+        super().__init__(ctx)
+        self.use_cache = ctx.resample.cache
+        self._cache: dict[int, list[torch.Tensor]] = {}  # batch index -> per layer [batch, pos, width]
+        self._current: list[torch.Tensor] | None = None
+        self._paused = False
+
+    @contextmanager
+    def unablated(self) -> Iterator[None]:
+        """Inside, this method's hook lets the pre-out through: the model runs unablated."""
+        paused, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = paused
+
+    def activations_of(self, inputs: dict[str, torch.Tensor], **extra) -> list[torch.Tensor]:
+        """Per layer, the unablated model's pre-out ``[batch, pos, width]`` on ``inputs`` (one forward pass; ``extra``
+        keyword arguments go to the model)."""
+        acts: list[Any] = [None] * len(self.ctx.sites)
+
+        def keep(site, z):
+            acts[site.layer] = z.detach().clone()
+
+        with self.unablated(), torch.no_grad(), capture(self.ctx.sites, keep):
+            self.ctx.model(**inputs, **extra)
+        return acts
+
+    @contextmanager
+    def ablate(self, neurons: Sequence[torch.Tensor]) -> Iterator[None]:
+        """Hook each site: ``z[..., i] := z_other[..., i]`` for ``i in neurons[l]``, ``z_other`` the current
+        batch's replacing activations (set by ``on_batch``); cleared on exit."""
+        idx = {s.layer: neurons[s.layer] for s in self.ctx.sites}
+        what = self.replaced_by
+
+        def fn(site, z):
+            i = idx[site.layer]
+            if i.device != z.device:  # moved once, to where the layer runs (not its weight's: may be offloaded)
+                i = idx[site.layer] = i.to(z.device)
+            if self._paused or i.numel() == 0:
+                return None
+            if self._current is None:
+                raise KnockoutError(
+                    f"{self.name}: no {what} activations for this forward pass; call method.on_batch(index, batch) "
+                    "before each forward (evaluate(..., on_batch=method.on_batch))"
+                )
+            src = self._current[site.layer]
+            if src.shape[:-1] != z.shape[:-1]:
+                raise KnockoutError(
+                    f"{self.name}: {what} activations have shape {tuple(src.shape)} but layer {site.layer}'s pre-out "
+                    f"has {tuple(z.shape)}; on_batch must be given the batch that is evaluated next"
+                )
+            z = z.clone()
+            z[..., i] = src[..., i].to(device=z.device, dtype=z.dtype)
+            return z
+
+        try:
+            with edit_preout(self.ctx.sites, fn):
+                yield
+        finally:
+            self._current = None
+
+
+class ResampleAblation(ActivationReplacement):
     """Base class: replace ablated neurons by their values on random inputs (see the module docstring).
 
     Subclasses implement :meth:`random_rows`; everything else (seeding, fixed mode, caching, the hook) is here.
     """
 
     tasks = ("causal", "masked")
+    replaced_by = "random-input"
     #: Whether inputs have token positions (text: random inputs are cut to the batch length; images: not).
     has_positions: ClassVar[bool] = True
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
         self.fixed = ctx.resample.fixed
-        self.use_cache = ctx.resample.cache
-        self._cache: dict[int, list[torch.Tensor]] = {}  # batch index -> per layer [batch, pos, width]
         self._fixed_acts: list[torch.Tensor] | None = None  # per layer [1, pos_max, width]
-        self._current: list[torch.Tensor] | None = None
-        self._paused = False
 
     # --- random inputs -------------------------------------------------------------------------------------------
 
@@ -126,26 +195,6 @@ class ResampleAblation(AblationMethod):
 
     # --- activations ---------------------------------------------------------------------------------------------
 
-    @contextmanager
-    def unablated(self) -> Iterator[None]:
-        """Inside, this method's hook lets the pre-out through: the model runs unablated."""
-        paused, self._paused = self._paused, True
-        try:
-            yield
-        finally:
-            self._paused = paused
-
-    def activations_of(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Per layer, the unablated model's pre-out ``[batch, pos, width]`` on ``inputs`` (one forward pass)."""
-        acts: list[Any] = [None] * len(self.ctx.sites)
-
-        def keep(site, z):
-            acts[site.layer] = z.detach().clone()
-
-        with self.unablated(), torch.no_grad(), capture(self.ctx.sites, keep):
-            self.ctx.model(**inputs)
-        return acts
-
     def random_activations(self, index: int, batch: Batch) -> list[torch.Tensor]:
         """Per layer ``[batch, pos, width]``: the pre-out on the random inputs of evaluation batch ``index``."""
         with self.unablated():
@@ -169,48 +218,6 @@ class ResampleAblation(AblationMethod):
             if self.use_cache:
                 self._cache[index] = acts
         self._current = acts
-
-    # --- ablation ------------------------------------------------------------------------------------------------
-
-    def ablate(self, neurons: Sequence[torch.Tensor]) -> Iterator[None]:
-        """Hook each site: ``z[..., i] := z_rand[..., i]`` for ``i in neurons[l]``, with ``z_rand`` the current
-        batch's random-input activations (set by :meth:`on_batch`)."""
-        return replaced_from(self, neurons, "random-input")
-
-
-@contextmanager
-def replaced_from(method, neurons: Sequence[torch.Tensor], what: str) -> Iterator[None]:
-    """Hook each site of ``method`` (a method with per-batch activations: resampling, ``patch``): the neurons of
-    ``neurons[l]`` take their values in ``method._current`` (``[batch, pos, width]`` per layer, set by its
-    ``on_batch``: ``what`` they are, for messages), position by position; cleared on exit."""
-    idx = {s.layer: neurons[s.layer] for s in method.ctx.sites}
-
-    def fn(site, z):
-        i = idx[site.layer]
-        if i.device != z.device:  # moved once, to where the layer runs (not its weight's: may be offloaded)
-            i = idx[site.layer] = i.to(z.device)
-        if method._paused or i.numel() == 0:
-            return None
-        if method._current is None:
-            raise KnockoutError(
-                f"{method.name}: no {what} activations for this forward pass; call method.on_batch(index, batch) "
-                "before each forward (evaluate(..., on_batch=method.on_batch))"
-            )
-        src = method._current[site.layer]
-        if src.shape[:-1] != z.shape[:-1]:
-            raise KnockoutError(
-                f"{method.name}: {what} activations have shape {tuple(src.shape)} but layer {site.layer}'s pre-out "
-                f"has {tuple(z.shape)}; on_batch must be given the batch that is evaluated next"
-            )
-        z = z.clone()
-        z[..., i] = src[..., i].to(device=z.device, dtype=z.dtype)
-        return z
-
-    try:
-        with edit_preout(method.ctx.sites, fn):
-            yield
-    finally:
-        method._current = None
 
 
 class _TextResample(ResampleAblation):
