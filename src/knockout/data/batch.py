@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from knockout.errors import KnockoutError
 
 IGNORE = -100  # target value of positions that are not scored (as in torch's cross_entropy)
 
@@ -48,3 +51,24 @@ class Batch:
     def n_scored(self) -> int:
         """Number of scored targets in this batch."""
         return int((self.targets != IGNORE).sum()) if self.targets.ndim > 1 else self.targets.shape[0]
+
+
+def padded_batches(
+    seqs: list[list[int]], batch_size: int, pad: int, encode: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
+) -> list[Batch]:
+    """Right-padded batches of ``seqs``; ``encode(seq)`` gives each row's ``[L]`` input ids and ``[L]`` targets
+    (called in order, so a seeded generator inside it gives the same result every time)."""
+    if batch_size <= 0:
+        raise KnockoutError(f"batch size must be positive, got {batch_size}")
+    batches = []
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start : start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        targets = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
+        for row, s in enumerate(chunk):
+            ids[row, : len(s)], targets[row, : len(s)] = encode(s)
+            mask[row, : len(s)] = 1
+        batches.append(Batch({"input_ids": ids, "attention_mask": mask}, mask.bool(), targets))
+    return batches

@@ -27,8 +27,7 @@ from collections.abc import Iterable
 
 import torch
 
-from knockout.data.batch import IGNORE, Batch
-from knockout.data.text import padded_batches
+from knockout.data.batch import IGNORE, Batch, padded_batches
 from knockout.errors import KnockoutError
 
 MASK_RATE = 0.15

@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from knockout.data.batch import IGNORE, Batch
+from knockout.data.batch import IGNORE, Batch, padded_batches
 from knockout.errors import KnockoutError
 from knockout.inputs import MAX_LINE_CHARS, brief, brief_text, jsonl_values, loads_json
 
@@ -397,17 +397,7 @@ def counterfactual_batches(
         rows.append(cf)
     if not rows:
         raise KnockoutError("the task has no evaluation prompts")
-    batches = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        width = max(len(r) for r in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, seq in enumerate(chunk):
-            ids[r, : len(seq)], mask[r, : len(seq)] = torch.tensor(seq), 1
-        targets = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
-        batches.append(Batch({"input_ids": ids, "attention_mask": mask}, mask.bool(), targets))
-    return batches
+    return padded_batches(rows, batch_size, pad, lambda seq: (torch.tensor(seq), torch.full((len(seq),), IGNORE)))
 
 
 def eval_prompts(source: str, n: int) -> list[Prompt]:

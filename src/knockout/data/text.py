@@ -21,13 +21,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from knockout.caches import hub_commit
-from knockout.data.batch import IGNORE, Batch
+from knockout.data.batch import IGNORE, Batch, padded_batches
 from knockout.data.reading import SPLITS, decode_text, split_items
 from knockout.errors import KnockoutError
 from knockout.files import file_sha256, text_sha256
@@ -311,27 +311,6 @@ def tokenize_docs(tokenizer, texts: Iterable[str], n_docs: int, max_length: int)
         f"the data gave only {len(seqs)} documents with a next-token target but {n_docs} were asked for; "
         "lower --eval-docs or use a larger data source"
     )
-
-
-def padded_batches(
-    seqs: list[list[int]], batch_size: int, pad: int, encode: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
-) -> list[Batch]:
-    """Right-padded batches of ``seqs``; ``encode(seq)`` gives each row's ``[L]`` input ids and ``[L]`` targets
-    (called in order, so a seeded generator inside it gives the same result every time)."""
-    if batch_size <= 0:
-        raise KnockoutError(f"batch size must be positive, got {batch_size}")
-    batches = []
-    for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start : start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        targets = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
-        for row, s in enumerate(chunk):
-            ids[row, : len(s)], targets[row, : len(s)] = encode(s)
-            mask[row, : len(s)] = 1
-        batches.append(Batch({"input_ids": ids, "attention_mask": mask}, mask.bool(), targets))
-    return batches
 
 
 def _next_token(seq: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
