@@ -47,7 +47,7 @@ import torch
 
 from knockout.errors import KnockoutError
 from knockout.files import neuron_set_hash
-from knockout.inputs import MAX_DIGITS, ascii_int, brief, brief_text, loads_json, read_limited
+from knockout.inputs import MAX_DIGITS, ascii_int, brief, brief_text, loads_json, read_text
 
 FORMS = "L<layer>.H<head> (a head), L<layer>:<neuron>, L<layer>:<first>-<last> (inclusive) or L<layer> (a layer)"
 _TOKEN = re.compile(r"^L([0-9]+)(?:\.H([0-9]+)|:([0-9]+)(?:-([0-9]+))?)?$", re.IGNORECASE | re.ASCII)
@@ -248,11 +248,7 @@ def _read_file(path: Path) -> list[SetSpec]:
     most :data:`~knockout.inputs.MAX_DEPTH` levels, CSV fields within the csv module's field limit."""
     if not path.is_file():
         raise KnockoutError(f"component file {str(path)!r} does not exist")
-    data = read_limited(path, "component file")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise KnockoutError(f"cannot read component file {str(path)!r}: it is not UTF-8 text ({e.reason})") from e
+    text = read_text(path, "component file")
     where = f"component file {str(path)!r}"
     if path.suffix.lower() == ".json":
         items = loads_json(text, where)

@@ -29,7 +29,7 @@ from knockout.data.images import ImageOptions
 from knockout.data.tasks import DataSpec
 from knockout.errors import KnockoutError
 from knockout.inference.sequential import DecideOptions
-from knockout.inputs import MAX_DEPTH, brief, brief_text, check_size, loads_json, one_line, read_limited
+from knockout.inputs import MAX_DEPTH, brief, brief_text, check_size, loads_json, one_line, read_text
 from knockout.loading import TASKS, parse_device_map
 from knockout.options import OptionGroup, check_shapes, default_of, setting
 from knockout.sites import SITE_KINDS
@@ -599,11 +599,7 @@ def read_settings_file(path: str | Path, trust_remote_code: bool = False) -> dic
         raise KnockoutError(f"{where} should end in .json, .toml, .yaml or .yml")
     if not path.is_file():
         raise KnockoutError(f"{where} does not exist")
-    data = read_limited(path, "config file")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise KnockoutError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text(path, "config file")
     if suffix == ".json":
         values = loads_json(text, where)
     elif suffix == ".toml":

@@ -71,6 +71,15 @@ def read_limited(path: str | Path, what: str, limit: int = MAX_FILE_BYTES) -> by
     return data
 
 
+def read_text(path: str | Path, what: str, limit: int = MAX_FILE_BYTES) -> str:
+    """The UTF-8 text (a byte-order mark dropped) of the file ``path``, read within ``limit`` bytes
+    (:func:`read_limited`); text in another encoding is a :class:`KnockoutError` naming the file as ``what``."""
+    try:
+        return read_limited(path, what, limit).decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise KnockoutError(f"{what} {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def json_depth(text: str) -> int:
     """How deep the lists and objects of the JSON ``text`` nest (brackets outside strings), without parsing it: a
     few linear passes, so an input nested 200,000 levels deep costs no more than a flat one."""

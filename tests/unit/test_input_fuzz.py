@@ -257,3 +257,15 @@ def test_settings_files(folder, suffix, content):
     if values is not None:
         assert isinstance(values, dict) and "trust_remote_code" not in values
         _ok_or_knockout(_config, values)
+
+
+def test_files_not_in_utf8_are_named_in_one_line(tmp_path):
+    from knockout.components import parse_spec
+    from knockout.experiments.circuits import read_ranking
+
+    latin = "L0.H1,L1.H0 # café".encode("latin-1")
+    for name, read in (("sets.csv", parse_spec), ("s.json", read_settings_file), ("rank.txt", read_ranking)):
+        path = tmp_path / name
+        path.write_bytes(latin)
+        with pytest.raises(KnockoutError, match=r"is not UTF-8 text \(unexpected end of data at byte 17\)"):
+            read(str(path))

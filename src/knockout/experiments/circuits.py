@@ -36,7 +36,7 @@ from knockout.components import (
 )
 from knockout.config import SweepConfig
 from knockout.errors import KnockoutError
-from knockout.inputs import brief, read_limited
+from knockout.inputs import brief, read_text
 
 
 def _scan_and_method(spec: str) -> tuple[Path, str | None] | None:
@@ -82,10 +82,7 @@ def read_ranking(spec: str) -> tuple[list[str], str]:
         raise KnockoutError(
             f"--keep-ranking {brief(spec)} is neither a scan's run folder (DIR or DIR:METHOD) nor a file of components"
         )
-    try:
-        text = read_limited(path, "ranking file").decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise KnockoutError(f"ranking file {str(path)!r} is not UTF-8 text ({e.reason})") from None
+    text = read_text(path, "ranking file")
     units = []
     for line in text.splitlines():
         units += [t.strip() for t in line.split("#", 1)[0].split(",") if t.strip()]
