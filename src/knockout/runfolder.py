@@ -714,6 +714,9 @@ class RunFolder:
         self.dir = Path(run_dir)
         self._raw = _read_config(self.dir)
 
+    def __fspath__(self) -> str:  # path-like: Path(folder) is the run folder
+        return str(self.dir)
+
     @classmethod
     def open(cls, run_dir: str | os.PathLike | RunFolder) -> RunFolder:
         """The run folder ``run_dir``, which must exist (a report or comparison reads one); a ``RunFolder`` as is."""

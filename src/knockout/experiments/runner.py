@@ -108,9 +108,10 @@ def run_sweep(
                     _sweep(run, progress and run.world.is_main, notify)
                 results = None
                 if run.world.is_main:
-                    results = _quietly(lambda: load_run(out))  # the answer, computed once for the report too
+                    folder = runfolder.RunFolder(out)  # read once, for the results and the report
+                    results = _quietly(lambda: load_run(folder))  # the answer, computed once for the report too
                     if report:
-                        _quietly(lambda: reporting.write_report(out, answer=results.answer))
+                        _quietly(lambda: reporting.write_report(folder, answer=results.answer))
                     notify.end(out, run_files(out))
             except BaseException as e:
                 notify.error(e)

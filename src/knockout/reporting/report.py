@@ -51,7 +51,7 @@ from knockout.reporting.neurons import StatsFile, default_layers, point_mass_cou
 from knockout.reporting.run import RunData, run_fractions
 from knockout.reporting.summary import METRICS, OPTIONAL_METRICS
 from knockout.reporting.table import MARK_NOTES, build_table, paper_model, records_csv
-from knockout.runfolder import REPORT_DIR, RESULTS_FILE, ROW_FIELDS, fraction_key, inside, write_atomic
+from knockout.runfolder import REPORT_DIR, RESULTS_FILE, ROW_FIELDS, RunFolder, fraction_key, inside, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +163,10 @@ def write_report(
     """
     from knockout.reporting.scan import write_scan_report
 
-    run = RunData.load(run_dir)
-    if run.folder.is_scan:  # a scan's report compares the methods' rankings of its units
-        return write_scan_report(run_dir, out_dir)
+    folder = RunFolder.open(run_dir)  # read once, by whichever report it is
+    if folder.is_scan:  # a scan's report compares the methods' rankings of its units
+        return write_scan_report(folder, out_dir)
+    run = RunData.load(folder)
     fractions = validate_fractions(fractions if fractions is not None else run_fractions(run))
     if not isinstance(top_k, int) or top_k < 1:
         raise KnockoutError(f"top_k (--top-k) must be a positive integer, got {top_k!r}")

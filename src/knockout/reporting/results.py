@@ -15,6 +15,7 @@ from pathlib import Path
 from knockout.config import Resolved, SweepConfig
 from knockout.reporting import answer as A
 from knockout.reporting.run import RunData, run_fractions
+from knockout.runfolder import RunFolder
 
 
 @dataclass
@@ -53,7 +54,7 @@ class RunResults:
         return None
 
 
-def load_run(run_dir: str | os.PathLike, fractions: tuple[float, ...] | None = None) -> RunResults:
+def load_run(run_dir: str | os.PathLike | RunFolder, fractions: tuple[float, ...] | None = None) -> RunResults:
     """The run in ``run_dir`` as data (see the module docstring). ``fractions``: where the answer is given (default:
     the run's decision fractions, 0.5 and 0.9 unless configured otherwise)."""
     import pandas as pd

@@ -38,8 +38,8 @@ class RunData:
         self.summary = summarize(self.table_rows) if self.rows else []
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> RunData:
-        """The run in ``run_dir``, which must hold a results.jsonl."""
+    def load(cls, run_dir: str | Path | RunFolder) -> RunData:
+        """The run in ``run_dir`` (a path, or a folder already open), which must hold a results.jsonl."""
         folder = RunFolder.open(run_dir)
         if not folder.has_results:
             raise KnockoutError(

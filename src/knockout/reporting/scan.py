@@ -163,7 +163,7 @@ class ScanData:
         return rows, cols
 
 
-def load_scan(run_dir: str | Path) -> ScanData:
+def load_scan(run_dir: str | Path | RunFolder) -> ScanData:
     """The scan in ``run_dir`` (read from its files only)."""
     folder = RunFolder.open(run_dir)
     run_dir, config = folder.dir, folder.config
@@ -531,7 +531,9 @@ def top_table(data: ScanData) -> list[dict]:
 
 
 # -- the report -------------------------------------------------------------------------------------------------------
-def write_scan_report(run_dir: str | Path, out_dir: str | Path | None = None, data: ScanData | None = None) -> Path:
+def write_scan_report(
+    run_dir: str | Path | RunFolder, out_dir: str | Path | None = None, data: ScanData | None = None
+) -> Path:
     """Write the scan report of ``run_dir`` into ``out_dir`` (default ``run_dir/report``); returns report.html's
     path. Reads files only (``data``: :func:`load_scan` of ``run_dir`` when already loaded)."""
     data = data if data is not None else load_scan(run_dir)
