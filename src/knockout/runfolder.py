@@ -623,6 +623,10 @@ def row_key(method: str, fraction: float, seed: int, target: str = "") -> tuple[
 
 def read_rows(run_dir: str | os.PathLike) -> list[dict]:
     """The rows of a run folder's ``results.jsonl``, as dicts (checked to have every :class:`ResultRow` field)."""
+    return [r.as_dict() for r in _read_result_rows(run_dir)]
+
+
+def _read_result_rows(run_dir: str | os.PathLike) -> list[ResultRow]:
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
         raise KnockoutError(f"{str(path)!r} does not exist; is {str(run_dir)!r} a knockout run folder?")
@@ -634,7 +638,7 @@ def read_rows(run_dir: str | os.PathLike) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise KnockoutError(f"{path}:{n} is not valid JSON ({e}); fix or delete that line") from e
-        rows.append(ResultRow.from_dict(row, where=f"{path}:{n}").as_dict())
+        rows.append(ResultRow.from_dict(row, where=f"{path}:{n}"))
     return rows
 
 
@@ -713,6 +717,7 @@ class RunFolder:
     def __init__(self, run_dir: str | os.PathLike):
         self.dir = Path(run_dir)
         self._raw = _read_config(self.dir)
+        self._row_dicts: list[dict] | None = None
 
     def __fspath__(self) -> str:  # path-like: Path(folder) is the run folder
         return str(self.dir)
@@ -768,10 +773,13 @@ class RunFolder:
     @functools.cached_property
     def rows(self) -> list[ResultRow]:
         """results.jsonl's rows (none when the file does not exist yet)."""
-        return [ResultRow.from_dict(r) for r in read_rows(self.dir)] if self.has_results else []
+        return _read_result_rows(self.dir) if self.has_results else []
 
     def row_dicts(self) -> list[dict]:
-        return [r.as_dict() for r in self.rows]
+        """:attr:`rows` as dicts (:meth:`ResultRow.as_dict`), made once: the reports read them as such."""
+        if self._row_dicts is None:
+            self._row_dicts = [r.as_dict() for r in self.rows]
+        return self._row_dicts
 
     @functools.cached_property
     def stored_sums(self) -> dict[tuple[str, float, int, str], dict]:
