@@ -16,7 +16,8 @@ from knockout.config import SweepConfig
 from knockout.experiments.runner import run_sweep
 from knockout.inference.paired import DocSums, paired_difference
 from knockout.loading import LoadedModel
-from knockout.reporting.answer import markdown, paired_records, run_answer
+from knockout.reporting.answer import add, paired_records, run_answer
+from knockout.reporting.doc import Doc
 from knockout.reporting.report import compare_runs, write_report
 from knockout.runfolder import read_doc_sums, read_rows, row_key
 
@@ -50,6 +51,12 @@ def _counting_trainings():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(OptimalAblation, "learn", lambda self, neurons: calls.append(1) or learn(self, neurons))
         yield calls
+
+
+def _markdown(answer) -> str:
+    doc = Doc()
+    add(doc, answer)
+    return "\n".join(doc.md)
 
 
 def test_doc_sums_add_up_to_the_rows(run):
@@ -88,7 +95,7 @@ def _independent(out, f):
 def test_answer_matches_the_paired_statistics_of_the_stored_sums(run):
     _, _, _, out, _ = run
     answer = run_answer(out, (0.5, 0.9))
-    md = "\n".join(markdown(answer))
+    md = _markdown(answer)
     for f in (0.5, 0.9):
         data, by_hand, ex = _independent(out, f)
         ans = next(a for a in answer.fractions if a.fraction == f)
@@ -149,7 +156,7 @@ def test_rows_without_doc_sums_are_reported_as_such(run, tmp_path):
     copy = tmp_path / "old"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("report", "artifacts"))
     shutil.rmtree(copy / "paired")
-    md = "\n".join(markdown(run_answer(copy, (0.5,))))
+    md = _markdown(run_answer(copy, (0.5,)))
     assert "No paired comparison is possible" in md and "no usable per-document sums" in md
 
 

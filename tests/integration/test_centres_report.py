@@ -17,6 +17,7 @@ from knockout.inference.paired import DocSums, paired_difference
 from knockout.loading import LoadedModel
 from knockout.reporting import centres as CR
 from knockout.reporting.answer import centre_notes, run_answer
+from knockout.reporting.doc import Doc
 from knockout.reporting.report import write_report
 from knockout.runfolder import read_doc_sums, read_rows, row_key
 from knockout.stats import Statistics
@@ -104,6 +105,12 @@ def test_answer_notes_peak_minus_peak_smooth(run):
     assert f"[{d.low:+.4f}, {d.high:+.4f}]" in note[0]
 
 
+def _markdown(section) -> str:
+    doc = Doc()
+    CR.add(doc, section)
+    return "\n".join(doc.md)
+
+
 def test_clipped_neurons_are_named_per_layer_with_the_worst(tmp_path):
     stats = Statistics([4, 4], eps=0.1, limit=2.0)
     g = torch.Generator().manual_seed(0)
@@ -115,7 +122,7 @@ def test_clipped_neurons_are_named_per_layer_with_the_worst(tmp_path):
     section = CR.read_section(tmp_path / "s.safetensors")
     assert [(c.layer, c.neurons, c.worst) for c in section.clipped] == [(0, 2, 2)]
     assert section.clipped[0].worst_share == pytest.approx(7 / 200)
-    lines = "\n".join(CR.markdown(section))
+    lines = _markdown(section)
     assert "2 neurons in 1 layers had values outside the window" in lines and "| 0 | 2 | 2 | 3.50% |" in lines
     assert "median counts the clipped values" in lines
     assert "no halves' centres" in lines  # made by hand, not collected
@@ -132,5 +139,5 @@ def test_a_collection_of_one_batch_says_the_halves_cannot_tell(tmp_path):
     collect_stats(model, find_sites(model), batches, progress=False).save(tmp_path / "one.safetensors")
     section = CR.read_section(tmp_path / "one.safetensors")
     assert min(section.half_tokens) == 0 and section.determination == {}
-    text = "\n".join(CR.markdown(section))
+    text = _markdown(section)
     assert "cannot be told" in text and "nan" not in text

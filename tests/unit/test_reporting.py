@@ -207,7 +207,7 @@ def test_report_files(run, report):
     assert "PARTIAL" not in html
     assert 'src="http' not in html  # self-contained
     md = (out / "report.md").read_text()
-    assert "![curves](curves.png)" in md and "**45.00 ± 1.00**" in md
+    assert "](curves.png)" in md and "**45.00 ± 1.00**" in md
     # timings: 3 baselines x 0.5 s + 36 rows x 1.25 s
     assert "Total 46.5 s over 39 rows" in md
 

@@ -46,10 +46,7 @@ from knockout.inference.sequential import (
     family_statement,
     needed,
 )
-from knockout.reporting import html as H
 from knockout.reporting.centres import noise_notes, peak_noise_notes
-from knockout.reporting.escape import markdown as md
-from knockout.reporting.escape import markdown_keep_bold
 from knockout.runfolder import DOC_FIELDS, RunFolder, fraction_key, row_key
 
 LEVEL = 0.95
@@ -173,8 +170,13 @@ def _seed_order(cfg: SweepConfig | None, rows: list[dict]) -> list[int]:
 
 
 def fraction_answer(
-    rows: list[dict], sums: dict, cfg: SweepConfig | None, fraction: float, n_boot: int = N_BOOT,
-    design: dict | None = None, target: str = "",
+    rows: list[dict],
+    sums: dict,
+    cfg: SweepConfig | None,
+    fraction: float,
+    n_boot: int = N_BOOT,
+    design: dict | None = None,
+    target: str = "",
 ) -> FractionAnswer:
     """The verdicts at ``fraction`` (or, with ``target``, on that named set, whose ``fraction`` it is) from
     ``rows``, their checked per-document ``sums`` (:attr:`knockout.runfolder.RunFolder.doc_sums`), the run's
@@ -428,34 +430,19 @@ def sentences(fa: FractionAnswer) -> list[str]:
     return out + fa.flags + fa.notes
 
 
-def markdown(answer: Answer, heading: str = "## The answer") -> list[str]:
-    """The answer section in markdown."""
-    lines = [heading, ""]
+def add(doc, answer: Answer, heading: str = "The answer") -> None:
+    """The answer section of a report page (:class:`knockout.reporting.doc.Doc`)."""
+    if heading:
+        doc.heading(heading)
     if not answer.available:
         notes = [n for f in answer.fractions for n in f.notes]
-        return lines + ["No paired comparison is possible: " + md(" ".join(notes) or "no per-document sums."), ""]
-    for fa in answer.fractions:
-        lines += ["- " + markdown_keep_bold(" ".join(sentences(fa)))]
+        doc.text("No paired comparison is possible: " + (" ".join(notes) or "no per-document sums."))
+        return
+    doc.items([" ".join(sentences(fa)) for fa in answer.fractions])
     designs = dict.fromkeys(fa.design for fa in answer.fractions if fa.design)
-    note = (
-        f"_Differences are paired (same neuron sets and documents); {md('; '.join(designs))}. Each interval is the "
-        "one that decided its pair (or the last tested); docs/decisions.md explains the design._"
-    )
-    lines += ["", note + (f" _{md(answer.families)}_" if answer.families else ""), ""]
-    return lines
-
-
-def html(answer: Answer, heading: str = "<h2>The answer</h2>") -> str:
-    """The answer section in HTML."""
-    if not answer.available:
-        notes = [n for f in answer.fractions for n in f.notes]
-        return heading + f"<p>No paired comparison is possible: {H.esc(' '.join(notes) or 'no per-document sums.')}</p>"
-    items = []
-    for fa in answer.fractions:
-        items.append(H.esc_keep_bold(" ".join(sentences(fa))))
-    designs = dict.fromkeys(fa.design for fa in answer.fractions if fa.design)
-    note = f"Differences are paired (same neuron sets and documents); {'; '.join(designs)}. {answer.families}"
-    return heading + "<ul>" + "".join(f"<li>{i}</li>" for i in items) + f'</ul><p class="note">{H.esc(note)}</p>'
+    doc.text(f"Differences are paired (same neuron sets and documents); {'; '.join(designs)}. Each interval is the "
+             f"one that decided its pair (or the last tested); docs/decisions.md explains the design. "
+             f"{answer.families}", note=True)  # fmt: skip
 
 
 # -- as data --------------------------------------------------------------------------------------------------------
@@ -568,17 +555,6 @@ def verdict_rows(answer: Answer) -> list[dict]:
 
 
 VERDICT_COLUMNS = ["fraction", "metric", "best", "undecided pairs", "sets x documents", "stop"]
-
-
-def verdict_markdown(answer: Answer) -> list[str]:
-    recs = verdict_rows(answer)
-    lines = ["| " + " | ".join(VERDICT_COLUMNS) + " |", "|" + "---|" * len(VERDICT_COLUMNS)]
-    lines += ["| " + " | ".join(md(r.get(c, "")) for c in VERDICT_COLUMNS) + " |" for r in recs]
-    return lines + [""]
-
-
-def verdict_html(answer: Answer) -> str:
-    return H.records_table(verdict_rows(answer), VERDICT_COLUMNS)
 
 
 def forest_panels(answer: Answer, label: str = "") -> list[tuple[str, list]]:

@@ -25,8 +25,6 @@ from safetensors import safe_open
 
 from knockout.errors import KnockoutError
 from knockout.inference.paired import DocSums, paired_difference
-from knockout.reporting import html as H
-from knockout.reporting.escape import markdown as md
 from knockout.stats import centres
 from knockout.stats.running import size_text
 from knockout.stats.statistics import read_metadata
@@ -177,36 +175,16 @@ def _halves_text(section: StatsSection) -> str:
     return f"Halves of {n_a:,} and {n_b:,} tokens. {EXPLANATION}"
 
 
-def markdown(section: StatsSection | None) -> list[str]:
+def add(doc, section: StatsSection | None) -> None:
+    """The section of a report page (:class:`knockout.reporting.doc.Doc`); nothing without statistics."""
     if section is None:
-        return []
-    lines = ["## How well the centres are determined", "", md(_halves_text(section)), ""]
+        return
+    doc.heading("How well the centres are determined").text(_halves_text(section), note=True)
     recs = determination_records(section)
-    if recs:
-        cols = list(recs[0])
-        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(md(r[c]) for c in cols) + " |" for r in recs] + [""]
-    lines += [md(window_text(section)), ""]
+    doc.table(recs, list(recs[0]) if recs else [])
+    doc.text(window_text(section))
     recs = clipped_records(section)
-    if recs:
-        cols = list(recs[0])
-        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(md(str(r[c])) for c in cols) + " |" for r in recs] + [""]
-    return lines
-
-
-def html(section: StatsSection | None) -> list[str]:
-    if section is None:
-        return []
-    b = ["<h2>How well the centres are determined</h2>", f'<p class="note">{H.esc(_halves_text(section))}</p>']
-    recs = determination_records(section)
-    if recs:
-        b.append(H.records_table(recs, list(recs[0])))
-    b.append(f"<p>{H.esc(window_text(section))}</p>")
-    recs = clipped_records(section)
-    if recs:
-        b.append(H.records_table(recs, list(recs[0])))
-    return b
+    doc.table(recs, list(recs[0]) if recs else [])
 
 
 # -- the answer's notes ----------------------------------------------------------------------------------------------

@@ -29,8 +29,6 @@ import numpy as np
 from knockout.components import NOTHING, top_name
 from knockout.errors import KnockoutError
 from knockout.inference.faithfulness import curve_difference, faithfulness, faithfulness_curve, faithfulness_difference
-from knockout.reporting import html as H
-from knockout.reporting.escape import markdown as md
 from knockout.reporting.table import records_csv
 from knockout.runfolder import RunFolder, row_key
 
@@ -354,30 +352,13 @@ def _fmt_records(records: list[dict]) -> list[dict]:
     return [{k: f(v) for k, v in r.items()} for r in records]
 
 
-def markdown(rep: CircuitReport) -> list[str]:
-    lines = ["## Circuits: faithfulness", ""]
-    lines += ["- " + s for s in sentences(rep)] + [""]
-    lines += [f"_{md(note(rep))}_", ""] + [f"_{md(n)}_" for n in rep.notes]
-    if any(rep.curves.values()):
-        lines += ["", "![faithfulness curves](faithfulness.png)", ""]
-    for title, records, cols in (("Faithfulness", rep.records, COLUMNS), ("Curve areas", rep.areas, AREA_COLUMNS),
-                                 ("Curve differences", rep.area_pairs, AREA_PAIR_COLUMNS)):  # fmt: skip
-        if not records:
-            continue
-        lines += ["", f"{title}:", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(md(r.get(c, "")) for c in cols) + " |" for r in _fmt_records(records)]
-    return lines + [""]
-
-
-def html(rep: CircuitReport, images: dict[str, bytes]) -> str:
-    b = ["<h2>Circuits: faithfulness</h2><ul>"]
-    b += [f"<li>{H.esc_keep_bold(s)}</li>" for s in sentences(rep)]
-    b.append(f'</ul><p class="note">{H.esc(note(rep))}</p>')
-    b += [f'<p class="note">{H.esc(n)}</p>' for n in rep.notes]
-    if "faithfulness" in images:
-        b.append(H.img(images["faithfulness"], "faithfulness curves per method"))
+def add(doc, rep: CircuitReport, images: dict[str, bytes]) -> None:
+    """The circuits section of a report page (:class:`knockout.reporting.doc.Doc`)."""
+    doc.heading("Circuits: faithfulness").items(sentences(rep)).text(note(rep), note=True)
+    for n in rep.notes:
+        doc.text(n, note=True)
+    doc.figure(images.get("faithfulness"), "faithfulness.png", "faithfulness curves per method")
     for title, records, cols in (("Faithfulness", rep.records, COLUMNS), ("Curve areas", rep.areas, AREA_COLUMNS),
                                  ("Curve differences", rep.area_pairs, AREA_PAIR_COLUMNS)):  # fmt: skip
         if records:
-            b.append(f"<h3>{H.esc(title)}</h3>" + H.records_table(_fmt_records(records), cols))
-    return "".join(b)
+            doc.heading(title, 3).table(_fmt_records(records), cols)

@@ -34,10 +34,9 @@ from knockout.fingerprint import describe
 from knockout.reporting import answer as A
 from knockout.reporting import centres as CR
 from knockout.reporting import circuits as C
-from knockout.reporting import html as H
 from knockout.reporting import targets as T
+from knockout.reporting.doc import Doc
 from knockout.reporting.eps import eps_columns, eps_markdown, eps_rows
-from knockout.reporting.escape import markdown as md
 from knockout.reporting.figures import (
     curves_figure,
     forest_figure,
@@ -246,157 +245,71 @@ def write_report(
             f"histogram layers {', '.join(map(str, chosen))}."
         )
 
-    timings = run.timings()
-    title = f"knockout report: {label}"
-    extra = {"eps_table": eps_table, "fractions": fractions, "pm_note": pm_note, "answer": answer, "targets": targeted}
-    extra["bound"] = A.bound_records(run.folder, run.rows)
-    extra["centres"] = centre_section
-    extra["circuits"], extra["circuit_images"] = circuits, circuit_images
-    _write_html(
-        out / "report.html", title, run, table, images, atypical, timings, partial, notes, stats_note, pm, extra
-    )
-    _write_markdown(out / "report.md", title, run, table, images, atypical[:top_k], timings, partial, notes, pm, extra)
-    log.debug("report written to %s", out)
-    return out / "report.html"
-
-
-def _timing_records(timings: dict) -> list[dict]:
-    return [{"method": m, **t} for m, t in timings["methods"].items()]
-
-
-def _write_html(path, title, run, table, images, atypical, timings, partial, notes, stats_note, pm, extra) -> None:
-    answer = extra["answer"]
-    b: list[str] = []
+    doc = Doc()
     if partial:
-        b.append(H.warning(partial))
-    if extra["circuits"] is not None:
-        b.append(C.html(extra["circuits"], extra["circuit_images"]))
-    b.append(T.html(extra["targets"], run.summary) if extra["targets"] else A.html(answer))
-    if "answer" in images:
-        b.append(H.img(images["answer"], "paired differences in cross-entropy with their intervals, per fraction"))
-    b += [f'<p class="note">{H.esc(n)}</p>' for n in notes]
-    b.append("<h2>Model and data</h2>" + H.kv_table(identity(run)))
-    b.append("<h2>Table 2: top-1 and cross-entropy at chosen fractions</h2>")
-    b.append(
-        f'<p class="note">Mean ± sample std over seeds. {H.esc(MARK_NOTES["paper"])}'
-        + (f" Columns marked [paper] are the paper's numbers for {H.esc(pm)}." if pm else "")
-        + "</p>"
-    )
-    b.append(table.to_html())
+        doc.warn(partial)
+    if circuits is not None:
+        C.add(doc, circuits, circuit_images)
+    T.add(doc, targeted, run.summary) if targeted else A.add(doc, answer)
+    doc.figure(images.get("answer"), "answer.png", "paired differences in cross-entropy with their intervals")
+    for n in notes:
+        doc.text(n, note=True)
+    doc.heading("Model and data").facts(identity(run))
+    doc.heading("Table 2: top-1 and cross-entropy at chosen fractions")
+    paper = f" Columns marked [paper] are the paper's numbers for {pm}." if pm else ""
+    doc.text(f"Mean ± sample std over seeds. {MARK_NOTES['paper']}{paper}", note=True)
+    doc.block(table.to_html(), [table.to_markdown()])
     if answer.available:
-        b.append("<h3>Verdicts per fraction</h3>" + A.verdict_html(answer))
-    if extra["bound"]:
-        b.append(
-            '<h3>optimal per neuron set</h3><p class="note">The constants are trained on rows of the collection split '
-            "and chosen on its held-out rows (every fourth; learned, or zero, mean or peak if better there); the "
-            "evaluation split is never used.</p>" + H.records_table(extra["bound"], A.BOUND_COLUMNS)
+        doc.heading("Verdicts per fraction", 3).table(A.verdict_rows(answer), A.VERDICT_COLUMNS)
+    bound = A.bound_records(run.folder, run.rows)
+    if bound:
+        doc.heading("optimal per neuron set", 3)
+        doc.text("The constants are trained on rows of the collection split and chosen on its held-out rows (every "
+                 "fourth; learned, or zero, mean or peak if better there); the evaluation split is never used.",
+                 note=True).table(bound, A.BOUND_COLUMNS)  # fmt: skip
+    if eps_table:
+        doc.heading("Peak against bin width")
+        doc.text(
+            "Cross-entropy and top-1 (%) of each peak method, mean ± std over seeds, at the table's fractions, "
+            "by bin width (absolute; relative to each neuron's spread; Freedman–Diaconis per neuron).",
+            note=True,
         )
-    if extra["eps_table"]:
-        b.append("<h2>Peak against bin width</h2>")
-        b.append(
-            '<p class="note">Cross-entropy and top-1 (%) of each peak method, mean ± std over seeds, at the table\'s '
-            "fractions, by bin width (absolute; relative to each neuron's spread; Freedman–Diaconis per neuron).</p>"
-        )
-        b.append(H.records_table(extra["eps_table"], eps_columns(extra["fractions"])))
-    b.append("<h2>Figures 2/3: change against fraction ablated</h2>")
-    b.append('<p class="note">Mean over seeds, band ±1 std; change from the unablated baseline of each seed.</p>')
-    b.append(H.img(images["curves"], "change in top-1 and cross-entropy against the fraction ablated"))
-    b.append("<h2>Figure 1: activation distributions</h2>")
-    if stats_note:
-        b.append(f'<p class="note">{H.esc(stats_note)}</p>')
-    if extra["pm_note"]:
-        b.append(f"<p>{H.esc(extra['pm_note'])}</p>")
+        doc.table(eps_table, eps_columns(fractions))
+    doc.heading("Figures 2/3: change against fraction ablated")
+    doc.text("Mean over seeds, band ±1 std; change from the unablated baseline of each seed.", note=True)
+    doc.figure(images["curves"], "curves.png", "change in top-1 and cross-entropy against the fraction ablated")
+    doc.heading("Figure 1: activation distributions").text(stats_note, note=True).text(pm_note or "")
     if "hist_layers" in images:
-        b.append("<h3>Layer-averaged histograms</h3>" + H.img(images["hist_layers"], "layer-averaged histograms"))
-        b.append(
-            "<h3>Most atypical neurons</h3>"
-            '<p class="note">score = |peak − mean| / std + prominence of the second mode of the smoothed histogram '
-            "(see docs/reports.md), with the peak without point masses. Dashed: mean; solid: peak; dotted: zero. "
-            "A neuron whose peak is a point mass says so; its spike is dotted red, its bulk's peak orange. "
-            "Dash-dotted green: the bin-free KDE mode.</p>"
-        )
-        b.append(H.img(images["atypical"], "most atypical neurons"))
+        doc.heading("Layer-averaged histograms", 3)
+        doc.figure(images["hist_layers"], "hist_layers.png", "layer-averaged histograms")
+        doc.heading("Most atypical neurons", 3)
+        doc.text("score = |peak − mean| / std + prominence of the second mode of the smoothed histogram (see "
+                 "docs/reports.md), with the peak without point masses. Dashed: mean; solid: peak; dotted: zero. A "
+                 "neuron whose peak is a point mass says so; its spike is dotted red, its bulk's peak orange. "
+                 "Dash-dotted green: the bin-free KDE mode.", note=True)  # fmt: skip
+        doc.figure(images["atypical"], "atypical.png", "most atypical neurons")
         f3 = lambda x: f"{x:.4g}"  # noqa: E731
         recs = [{"rank": i + 1, **s.as_dict()} for i, s in enumerate(atypical[:20])]
-        fmt = {c: f3 for c in ("score", "offset", "second", "mean", "peak", "std", "peak_nopm", "mode")}
-        b.append(H.records_table(recs, ATYPICAL_COLUMNS, fmt))
-    b += CR.html(extra["centres"])
-    b.append("<h2>Timings</h2>")
-    b.append(
-        f"<p>Total {H.esc(_fmt_seconds(timings['total_seconds']))} over {timings['n_rows']} rows "
-        "(evaluation time per row as stored in results; statistics collection and model loading not included).</p>"
-    )
+        doc.table(recs, ATYPICAL_COLUMNS, dict.fromkeys(("score", "offset", "second", "mean", "peak", "std",
+                                                         "peak_nopm", "mode"), f3))  # fmt: skip
+    CR.add(doc, centre_section)
+    timings = run.timings()
+    doc.heading("Timings")
+    doc.text(f"Total {_fmt_seconds(timings['total_seconds'])} over {timings['n_rows']} rows (evaluation time per row "
+             "as stored in results; statistics collection and model loading not included).")  # fmt: skip
     f2 = lambda x: f"{x:.2f}"  # noqa: E731
-    b.append(
-        H.records_table(
-            _timing_records(timings), ["method", "rows", "seconds", "mean_seconds"], {"seconds": f2, "mean_seconds": f2}
-        )
-    )
+    timing_rows = [{"method": m, **t} for m, t in timings["methods"].items()]
+    doc.table(timing_rows, ["method", "rows", "seconds", "mean_seconds"], {"seconds": f2, "mean_seconds": f2})
     fr = {"top1": lambda x: f"{100 * x:.2f}", "delta_top1": lambda x: f"{100 * x:+.2f}"}
     fr.update({"ce": lambda x: f"{x:.4f}", "delta_ce": lambda x: f"{x:+.4f}", "seconds": f2})
-    b.append(
-        f"<details><summary>All {len(run.rows)} result rows (top-1 in %)</summary>"
-        + H.records_table(run.rows, list(ROW_FIELDS), fr)
-        + "</details>"
-    )
+    doc.table(run.rows, list(ROW_FIELDS), fr, folded=f"All {len(run.rows)} result rows (top-1 in %)")
     stored = {**run.config.to_dict(), "resolved": run.resolved.to_dict()} if run.config is not None else {}
-    b.append("<h2>Configuration</h2><pre>" + H.esc(json.dumps(stored, indent=2)) + "</pre>")
-    write_atomic(path, H.page(title, b))
-
-
-def _write_markdown(path, title, run, table, images, atypical, timings, partial, notes, pm, extra) -> None:
-    answer = extra["answer"]
-    lines = [f"# {md(title)}", ""]
-    if partial:
-        lines += [f"> **{md(partial)}**", ""]
-    if extra["circuits"] is not None:
-        lines += C.markdown(extra["circuits"])
-    lines += T.markdown(extra["targets"], run.summary) if extra["targets"] else A.markdown(answer)
-    if "answer" in images:
-        lines += ["![paired differences](answer.png)", ""]
-    lines += [f"_{md(n)}_" for n in notes] + ([""] if notes else [])
-    ident = identity(run)
-    keys = ["model", "model type", "layers x neurons", "task", "data", "eval tokens", "seeds", "device", "dtype"]
-    lines += [f"- **{k}**: {md(ident[k])}" for k in keys] + [""]
-    lines += [
-        "## Table 2",
-        "",
-        "Mean ± std over seeds. " + MARK_NOTES["paper"].replace("Bold:", "**Bold**:"),
-    ]
-    if pm:
-        lines.append(f"Columns marked [paper] are the paper's numbers for {md(pm)}.")
-    lines += ["", table.to_markdown()]
-    if answer.available:
-        lines += ["Verdicts per fraction:", "", *A.verdict_markdown(answer)]
-    if extra["bound"]:
-        cols = A.BOUND_COLUMNS
-        lines += ["`optimal` per neuron set (trained on collection rows, chosen on held-out collection rows):", ""]
-        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(md(r[c]) for c in cols) + " |" for r in extra["bound"]] + [""]
-    if extra["eps_table"]:
-        lines += ["## Peak against bin width", "", *eps_markdown(extra["eps_table"], extra["fractions"]), ""]
-    lines += ["## Change against fraction ablated", "", "![curves](curves.png)", ""]
-    if "hist_layers" in images:
-        lines += ["## Activation distributions", "", "![layer-averaged histograms](hist_layers.png)", ""]
-        if extra["pm_note"]:
-            lines += [extra["pm_note"], ""]
-        lines += ["![most atypical neurons](atypical.png)", ""]
-        lines += [
-            "| rank | layer | neuron | score | modes | mean | peak | std |",
-            "|---|---|---|---:|---:|---:|---:|---:|",
-        ]
-        for i, s in enumerate(atypical, 1):
-            peak = f"{s.peak:.4g} (point mass; bulk {s.peak_nopm:.4g})" if s.point_mass else f"{s.peak:.4g}"
-            lines.append(
-                f"| {i} | {s.layer} | {s.neuron} | {s.score:.2f} | {s.modes} | {s.mean:.4g} | {peak} | {s.std:.4g} |"
-            )
-        lines.append("")
-    lines += CR.markdown(extra["centres"])
-    lines += ["## Timings", "", f"Total {_fmt_seconds(timings['total_seconds'])} over {timings['n_rows']} rows.", ""]
-    lines += ["| method | rows | seconds | per row |", "|---|---:|---:|---:|"]
-    for r in _timing_records(timings):
-        lines.append(f"| {md(r['method'])} | {r['rows']} | {r['seconds']:.2f} | {r['mean_seconds']:.2f} |")
-    write_atomic(path, "\n".join(lines) + "\n")
+    doc.heading("Configuration").code(
+        json.dumps(stored, indent=2), "The settings and the record: config.json in the run folder."
+    )
+    page = doc.write(out, f"knockout report: {label}")
+    log.debug("report written to %s", out)
+    return page
 
 
 def check_compare_out(out: Path, run_dirs: list[Path]) -> None:
@@ -458,62 +371,37 @@ def compare_runs(
     save_figure(fig, out / "curves")
     png = png_bytes(fig)
 
-    partials = [(n, r.partial_note()) for n, r in zip(names, runs)]
-    title = "knockout comparison: " + ", ".join(names)
-    b = [H.warning(f"{n}: {p}") for n, p in partials if p]
+    doc = Doc()
+    for n, r in zip(names, runs):
+        if r.partial_note():
+            doc.warn(f"{n}: {r.partial_note()}")
     if answers is None or any([f.fraction for f in a.fractions] != list(fractions) for a in answers):
         answers = [A.run_answer(r.folder, fractions) for r in runs]
     verdicts = A.side_by_side(names, answers)
     pair_rows = A.pair_records(names, answers)
-    b.append(
-        '<h2>The answer per model</h2><p class="note">Which method hurts least (CE) at each fraction on each model, '
-        "decided or not, and whether the models agree; every pair's difference below (* decided).</p>"
-        + H.records_table(verdicts, ["fraction", *names, "sets x documents", "models agree?"])
-        + H.records_table(pair_rows, ["fraction", "pair", *names])
-    )
+    doc.heading("The answer per model")
+    doc.text("Which method hurts least (CE) at each fraction on each model, decided or not, and whether the models "
+             "agree; every pair's difference below (* decided).", note=True)  # fmt: skip
+    doc.table(verdicts, ["fraction", *names, "sets x documents", "models agree?"])
+    doc.table(pair_rows, ["fraction", "pair", *names])
     panels = A.compare_panels(names, answers, list(method_colors(names).values()))
     if panels:
         fig = forest_figure(panels)
         save_figure(fig, out / "answer")
-        b.append(H.img(png_bytes(fig), "paired differences of every run side by side"))
+        doc.figure(png_bytes(fig), "answer.png", "paired differences of every run side by side")
     write_atomic(
         out / "compare.json",
         json.dumps({"runs": names, "verdicts": verdicts, "pairs": pair_rows,
                     "answers": {n: A.to_json(a) for n, a in zip(names, answers)}}, indent=2) + "\n",
     )  # fmt: skip
-    idents = [identity(r) for r in runs]
     keys = ["model", "model type", "layers x neurons", "task", "data", "eval tokens", "seeds", "device", "dtype"]
-    b.append(
-        "<h2>Runs</h2>"
-        + H.records_table([{"run": n, **i} for n, i in zip(names, idents)], ["run", *keys, "run folder"])
-    )
-    b.append("<h2>Table 2</h2>")
-    b.append(f'<p class="note">Mean ± std over seeds. {H.esc(MARK_NOTES["paper"])}</p>')
-    b.append(table.to_html())
-    b += [f"<h2>Details: the answer for {H.esc(n)}</h2>" + A.html(a, "") for n, a in zip(names, answers)]
-    b.append("<h2>Change against fraction ablated</h2>" + H.img(png, "curves of every run"))
-    times = [
-        {"run": n, "rows": r.timings()["n_rows"], "seconds": f"{r.timings()['total_seconds']:.1f}"}
-        for n, r in zip(names, runs)
-    ]
-    b.append("<h2>Timings</h2>" + H.records_table(times, ["run", "rows", "seconds"]))
-    write_atomic(out / "compare.html", H.page(title, b))
-
-    text = [f"# {md(title)}", ""]
-    text += [f"> **{md(n)}: {md(p)}**\n" for n, p in partials if p]
-    text += ["| run | model | task | data | seeds |", "|---|---|---|---|---|"]
-    cells = ("model", "task", "data", "seeds")
-    text += ["| " + " | ".join([md(n), *(md(i[c]) for c in cells)]) + " |" for n, i in zip(names, idents)]
-    text += ["", "## The answer per model", ""]
-    for rows_, cols in ((verdicts, ["fraction", *names, "sets x documents", "models agree?"]),
-                        (pair_rows, ["fraction", "pair", *names])):  # fmt: skip
-        text += ["| " + " | ".join(md(c) for c in cols) + " |", "|" + "---|" * len(cols)]
-        text += ["| " + " | ".join(md(r.get(c, "")) for c in cols) + " |" for r in rows_] + [""]
-    if panels:
-        text += ["![paired differences](answer.png)", ""]
-    text += ["## Table 2", "", table.to_markdown()]
+    doc.heading("Runs").table([{"run": n, **identity(r)} for n, r in zip(names, runs)], ["run", *keys, "run folder"])
+    doc.heading("Table 2").text(f"Mean ± std over seeds. {MARK_NOTES['paper']}", note=True)
+    doc.block(table.to_html(), [table.to_markdown()])
     for n, a in zip(names, answers):
-        text += A.markdown(a, f"## Details: the answer for {md(n)}")
-    text += ["## Change against fraction ablated", "", "![curves](curves.png)", ""]
-    write_atomic(out / "compare.md", "\n".join(text) + "\n")
-    return out / "compare.html"
+        A.add(doc, a, f"Details: the answer for {n}")
+    doc.heading("Change against fraction ablated").figure(png, "curves.png", "curves of every run")
+    times = [{"run": n, "rows": r.timings()["n_rows"], "seconds": f"{r.timings()['total_seconds']:.1f}"}
+             for n, r in zip(names, runs)]  # fmt: skip
+    doc.heading("Timings").table(times, ["run", "rows", "seconds"])
+    return doc.write(out, "knockout comparison: " + ", ".join(names), "compare")

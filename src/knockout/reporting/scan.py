@@ -46,7 +46,7 @@ from matplotlib.figure import Figure
 from knockout.components import parse_component
 from knockout.config import SweepConfig
 from knockout.errors import KnockoutError
-from knockout.reporting import html as H
+from knockout.reporting.doc import Doc
 from knockout.reporting.figures import method_colors, png_bytes, save_figure
 from knockout.reporting.run import model_label
 from knockout.reporting.summary import summarize
@@ -548,8 +548,8 @@ def write_scan_report(
     write_atomic(out / "scan.csv", records_csv(records, cols))
     agree_cols = ["method_a", "method_b", "units", "spearman", "pearson", "k", "top_k_overlap", "top_a", "top_b"]
     write_atomic(out / "agreement.csv", records_csv(pairs, agree_cols + ["only_a", "only_b"]))
+    attr_cols = ["method", "units", "pearson", "spearman", "k", "top_k_overlap"]
     if attr:
-        attr_cols = ["method", "units", "pearson", "spearman", "k", "top_k_overlap"]
         write_atomic(out / "attribution.csv", records_csv(attr, attr_cols))
 
     images: dict[str, bytes] = {}
@@ -564,13 +564,37 @@ def write_scan_report(
             save_figure(fig, out / name)
             images[name] = png_bytes(fig)
 
+    f2 = lambda x: _fmt(x, ".3f")  # noqa: E731
+    doc = Doc()
+    for n in data.notes:
+        doc.warn(n)
+    doc.heading("Does the choice of constant change which components matter most?").text(answer, strong=True)
+    doc.text(noise_sentence(data), note=True)
+    doc.heading("Scan").facts(_facts(data))
+    if pairs:
+        doc.heading(f"Agreement between methods (top-{data.k})")
+        doc.table(pairs, [*agree_cols[:7], "only_a", "only_b"], {"spearman": f2, "pearson": f2})
+    doc.heading(f"Top {data.k} units per method")
+    doc.text(f"By |{METRIC_LABEL[data.metric]}| when the unit alone is ablated; in brackets the effect ± its standard "
+             "error.", note=True).table(top_table(data), ["rank", *data.methods])  # fmt: skip
+    if attr:
+        doc.heading("Attribution patching: an estimate").text(_attr_sentence(data, attr))
+        doc.table(attr, attr_cols, {"pearson": f2, "spearman": f2})
+        doc.figure(images.get("attribution"), "attribution.png", "attribution estimate against the exact effect")
+    doc.heading("Heatmaps")
+    doc.text(f"{METRIC_LABEL[data.metric]}, one colour scale for all methods; red: ablating the unit hurts the task.",
+             note=True)  # fmt: skip
+    for m in data.methods:
+        doc.figure(images.get(f"heatmap {m}"), f"heatmap_{_file_stem(m)}.png", f"heatmap {m}")
+    if "scatter" in images:
+        doc.heading("One method against another")
+        doc.figure(images["scatter"], "scatter.png", "effects of one method vs another")
+    files = "scan.csv (every unit and method), agreement.csv" + (", attribution.csv" if attr else "")
+    doc.text(f"Files: {files}. Definitions: knockout.reporting.scan and docs/components.md.", note=True)
     label = model_label(str(data.config.model or data.dir.name))
-    title = f"knockout scan: {label}, one {data.unit_kind} at a time"
-    noise = noise_sentence(data)
-    _write_html(out / "report.html", title, data, answer, pairs, attr, images, noise)
-    _write_markdown(out / "report.md", title, data, answer, pairs, attr, images, noise)
+    page = doc.write(out, f"knockout scan: {label}, one {data.unit_kind} at a time")
     log.debug("scan report written to %s (answer: %s)", out, level)
-    return out / "report.html"
+    return page
 
 
 def _facts(data: ScanData) -> dict:
@@ -608,72 +632,6 @@ def _attr_sentence(data: ScanData, attr: list[dict]) -> str:
         "Attribution patching (an ESTIMATE: first order in constant − activation, one forward and backward pass; not "
         f"an ablation) against the exact effects: {'; '.join(parts)}."
     )
-
-
-def _write_html(path, title, data, answer, pairs, attr, images, noise) -> None:
-    f2 = lambda x: _fmt(x, ".3f")  # noqa: E731
-    b = [H.warning(n) for n in data.notes]
-    b.append("<h2>Does the choice of constant change which components matter most?</h2>")
-    b.append(f"<p><b>{H.esc(answer)}</b></p>")
-    b.append(f'<p class="note">{H.esc(noise)}</p>')
-    b.append("<h2>Scan</h2>" + H.kv_table(_facts(data)))
-    if pairs:
-        b.append(f"<h2>Agreement between methods (top-{data.k})</h2>")
-        cols = ["method_a", "method_b", "units", "spearman", "pearson", "k", "top_k_overlap", "only_a", "only_b"]
-        b.append(H.records_table(pairs, cols, {"spearman": f2, "pearson": f2}))
-    b.append(f"<h2>Top {data.k} units per method</h2>")
-    b.append(
-        f'<p class="note">By |{H.esc(METRIC_LABEL[data.metric])}| when the unit alone is ablated; in brackets the '
-        "effect ± its standard error.</p>"
-    )
-    b.append(H.records_table(top_table(data), ["rank", *data.methods]))
-    if attr:
-        b.append("<h2>Attribution patching: an estimate</h2>")
-        b.append(f"<p>{H.esc(_attr_sentence(data, attr))}</p>")
-        b.append(H.records_table(attr, ["method", "units", "pearson", "spearman", "k", "top_k_overlap"],
-                                 {"pearson": f2, "spearman": f2}))  # fmt: skip
-        if "attribution" in images:
-            b.append(H.img(images["attribution"], "attribution estimate against the exact effect"))
-    b.append("<h2>Heatmaps</h2>")
-    b.append(f'<p class="note">{H.esc(METRIC_LABEL[data.metric])}, one colour scale for all methods; red: ablating '
-             "the unit hurts the task.</p>")  # fmt: skip
-    b += [H.img(png, name) for name, png in images.items() if name.startswith("heatmap")]
-    if "scatter" in images:
-        b.append("<h2>One method against another</h2>" + H.img(images["scatter"], "effects of one method vs another"))
-    files = "scan.csv (every unit and method), agreement.csv" + (", attribution.csv" if attr else "")
-    b.append(f'<p class="note">Files: {files}. Definitions: knockout.reporting.scan and docs/components.md.</p>')
-    write_atomic(path, H.page(title, b))
-
-
-def _write_markdown(path, title, data, answer, pairs, attr, images, noise) -> None:
-    lines = [f"# {title}", ""]
-    lines += [f"> **{n}**\n" for n in data.notes]
-    lines += ["## Does the choice of constant change which components matter most?", "", f"**{answer}**", "", noise]
-    lines += ["", *(f"- **{k}**: {v}" for k, v in _facts(data).items()), ""]
-    if pairs:
-        lines += [f"## Agreement between methods (top-{data.k})", ""]
-        lines += ["| methods | units | Spearman | Pearson | top-k overlap | only in the first | only in the second |"]
-        lines += ["|---|---:|---:|---:|---:|---|---|"]
-        for p in pairs:
-            lines.append(
-                f"| {p['method_a']} vs {p['method_b']} | {p['units']} | {_fmt(p['spearman'], '.3f')} | "
-                f"{_fmt(p['pearson'], '.3f')} | {p['top_k_overlap']} of {p['k']} | {p['only_a']} | {p['only_b']} |"
-            )
-        lines.append("")
-    lines += [f"## Top {data.k} units per method", "", "| rank | " + " | ".join(data.methods) + " |"]
-    lines += ["|---:|" + "---|" * len(data.methods)]
-    for rec in top_table(data):
-        lines.append(f"| {rec['rank']} | " + " | ".join(str(rec.get(m, "")) for m in data.methods) + " |")
-    lines.append("")
-    if attr:
-        lines += ["## Attribution patching: an estimate", "", _attr_sentence(data, attr), ""]
-        if "attribution" in images:
-            lines += ["![attribution estimate vs exact](attribution.png)", ""]
-    lines += ["## Heatmaps", ""]
-    lines += [f"![{m}](heatmap_{_file_stem(m)}.png)" for m in data.methods if f"heatmap {m}" in images]
-    if "scatter" in images:
-        lines += ["", "## One method against another", "", "![scatter](scatter.png)"]
-    write_atomic(path, "\n".join(lines) + "\n")
 
 
 def format_scan(run_dir: str | Path, data: ScanData | None = None) -> str:

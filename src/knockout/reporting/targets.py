@@ -13,9 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from knockout.reporting import answer as A
-from knockout.reporting import html as H
-from knockout.reporting.escape import markdown as md
-from knockout.reporting.escape import markdown_keep_bold
 from knockout.reporting.table import records_csv
 from knockout.runfolder import RunFolder
 
@@ -91,31 +88,13 @@ NOTE = (
 )
 
 
-def markdown(answers: list[TargetAnswer], summary: list[dict]) -> list[str]:
-    """The per-set answer and the per-set table (``summary``: :func:`knockout.reporting.summarize` of the rows)."""
-    lines = ["## The answer, per named set", ""]
-    lines += ["- " + markdown_keep_bold(" ".join(sentences(ta))) for ta in answers]
-    lines += ["", f"_{NOTE}_", "", "Per set and method (mean ± std over seeds):", ""]
+def add(doc, answers: list[TargetAnswer], summary: list[dict]) -> None:
+    """The per-set answer and the per-set table (``summary``: :func:`knockout.reporting.summarize` of the rows), on a
+    report page (:class:`knockout.reporting.doc.Doc`)."""
+    doc.heading("The answer, per named set").items([" ".join(sentences(ta)) for ta in answers]).text(NOTE, note=True)
     cols = _shown_columns(summary)
-    lines += ["| " + " | ".join(c for c, _ in cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
-    for e in _table_rows(summary):
-        lines.append("| " + " | ".join(md(fmt(e)) for _, fmt in cols) + " |")
-    return lines + [""]
-
-
-def html(answers: list[TargetAnswer], summary: list[dict]) -> str:
-    """The per-set answer and the per-set table in HTML."""
-    items = []
-    for ta in answers:
-        items.append(H.esc_keep_bold(" ".join(sentences(ta))))
-    cols = _shown_columns(summary)
-    records = [{c: fmt(e) for c, fmt in cols} for e in _table_rows(summary)]
-    return (
-        "<h2>The answer, per named set</h2><ul>"
-        + "".join(f"<li>{i}</li>" for i in items)
-        + f'</ul><p class="note">{H.esc(NOTE)}</p><h3>Per set and method (mean ± std over seeds)</h3>'
-        + H.records_table(records, [c for c, _ in cols])
-    )
+    doc.heading("Per set and method (mean ± std over seeds)", 3)
+    doc.table([{c: fmt(e) for c, fmt in cols} for e in _table_rows(summary)], [c for c, _ in cols])
 
 
 def _table_rows(summary: list[dict]) -> list[dict]:
