@@ -582,10 +582,9 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 def _progress_note(args) -> str:
     """``N of M rows done`` for an interrupted sweep, from what its run folder holds; empty if unknown."""
     try:
-        from knockout.reporting.run import RunData
         from knockout.runfolder import RunFolder
 
-        run = RunData(RunFolder(_config(args).out))
+        run = RunFolder(_config(args).out)
         done, total = run.n_present, run.n_expected
         return f" ({done} rows done)" if total is None else f" ({done} of {total} rows done)"
     except Exception:  # only a courtesy: never let it hide the interruption

@@ -55,6 +55,7 @@ from knockout.files import (  # noqa: F401 - the run folder's writers use them t
     write_atomic,
     write_error,
 )
+from knockout.inference.sequential import DecideOptions
 
 log = logging.getLogger(__name__)
 
@@ -698,6 +699,12 @@ class ResultStore:
             write_rows(self.dir, self.rows.values())
 
 
+def model_label(model: str) -> str:
+    """A short name of a model for tables, legends and folders: the last part of its name or path, without
+    ``.gguf`` (``facebook/opt-1.3b`` -> ``opt-1.3b``)."""
+    return model.rstrip("/").replace("\\", "/").split("/")[-1].removesuffix(".gguf")
+
+
 # -- the reader -------------------------------------------------------------------------------------------------------
 class RunFolder:
     """A run folder as it is stored: the one reader of its files (sweeps resuming it, reports, comparisons, export).
@@ -813,6 +820,119 @@ class RunFolder:
             f"{len(bad)} row(s) have per-document sums in {PAIRED_DIR}/ that do not belong to them ({shown}{more}); "
             "they are left out of the paired comparisons. Re-run the same command to evaluate them again."
         )
+
+    # -- what the reports read -----------------------------------------------------------------------------------
+    @classmethod
+    def with_results(cls, run_dir: str | os.PathLike | RunFolder) -> RunFolder:
+        """:meth:`open`, for a report: the folder must hold a results.jsonl."""
+        folder = cls.open(run_dir)
+        if not folder.has_results:
+            raise KnockoutError(
+                f"{str(folder.dir / RESULTS_FILE)!r} does not exist; is {str(run_dir)!r} a knockout run folder?"
+            )
+        return folder
+
+    @property
+    def sequential(self) -> bool:
+        return self.config is not None and self.config.sequential
+
+    @property
+    def fixed_seeds(self) -> list[int]:
+        """The seeds config.json asks every method and fraction to run (with ``seeds: "auto"``, the first look's)."""
+        return list(self.config.fixed_seeds) if self.config is not None else []
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(dict.fromkeys([*self.fixed_seeds, *(r.seed for r in self.rows)]))
+
+    @property
+    def fractions(self) -> tuple[float, ...]:
+        """Where the run's answer is given by default: its decision fractions (``--decide-fractions``)."""
+        return tuple((self.config.decide if self.config is not None else DecideOptions()).fractions)
+
+    def table_rows(self) -> list[dict]:
+        """The rows Table 2 and the curves summarise (as dicts): with ``seeds: "auto"``, those of the first look's
+        sets (every method has them at every fraction; the sets added at the decision fractions serve the answer)."""
+        fixed = set(self.fixed_seeds)
+        return [r for r in self.row_dicts() if not self.sequential or r["seed"] in fixed]
+
+    @property
+    def model(self) -> str:
+        model = self.config.model if self.config is not None else None
+        return str(model or self.resolved.identity.get("name") or self.dir.name)
+
+    @property
+    def label(self) -> str:
+        """A short name for tables and legends: :func:`model_label` of the model (or the folder's name)."""
+        return model_label(self.model) or self.dir.name
+
+    @property
+    def methods(self) -> list[str]:
+        """Methods in config order, then any others found in the rows (baseline excluded)."""
+        found = [r.method for r in self.rows if r.method != "baseline"]
+        return list(dict.fromkeys([*(self.config.methods if self.config else ()), *found]))
+
+    def expected_keys(self) -> set[tuple] | None:
+        """Row keys config.json asks for: every (method, fraction, seed), a method at its ``method_fractions`` if it
+        has them, and one baseline per seed (with ``seeds: "auto"``, the first look's seeds: the sets added after it
+        depend on the data, and the answer accounts for them; a run of named targets: every method on every target
+        of ``resolved.targets``); None without a config."""
+        cfg = self.config
+        if cfg is None:
+            return None
+        seeds = self.fixed_seeds
+        keys = {row_key("baseline", 0.0, s) for s in seeds}
+        if self.resolved.targets:  # named sets (--ablate) or scan units: each method on each target
+            targets = self.resolved.targets.items()
+            return keys | {
+                row_key(m, t["fraction"], s, name) for m in cfg.methods for name, t in targets for s in seeds
+            }
+        return keys | {row_key(m, f, s) for m in cfg.methods for f in cfg.fractions_of(m) for s in seeds}
+
+    def missing(self) -> list[tuple]:
+        """Expected rows not (yet) in results.jsonl, sorted."""
+        expected = self.expected_keys()
+        return [] if expected is None else sorted(expected - {r.key for r in self.rows})
+
+    @property
+    def n_present(self) -> int:
+        """Expected rows that results.jsonl holds (rows it holds beyond those, e.g. of methods no longer asked for,
+        are not counted)."""
+        expected = self.expected_keys()
+        return len(self.rows) if expected is None else len(expected & {r.key for r in self.rows})
+
+    @property
+    def n_expected(self) -> int | None:
+        expected = self.expected_keys()
+        return None if expected is None else len(expected)
+
+    def partial_note(self) -> str | None:
+        """A sentence for the report when the run is partial (or when its completeness cannot be checked)."""
+        if self.n_expected is None:
+            return "config.json is missing or incomplete, so whether this run is complete cannot be checked."
+        missing = self.missing()
+        if not missing:
+            return None
+        shown = ", ".join(f"{m} at {t or f'{f:g}'} (seed {s})" for m, f, s, t in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        return (
+            f"PARTIAL RUN: {self.n_present} of {self.n_expected} expected rows are present "
+            f"({len(missing)} missing: {shown}{more}). Means and stds below use only the seeds that finished; "
+            "resume the sweep with the same command to complete it."
+        )
+
+    def timings(self) -> dict:
+        """Total seconds over rows, and per method: rows, total and mean seconds per row."""
+        per: dict[str, list[float]] = {}
+        for r in self.rows:
+            per.setdefault(r.method, []).append(float(r.seconds))
+        return {
+            "total_seconds": sum(sum(v) for v in per.values()),
+            "n_rows": len(self.rows),
+            "methods": {
+                m: {"rows": len(v), "seconds": sum(v), "mean_seconds": sum(v) / len(v)} for m, v in per.items()
+            },
+        }
 
     # -- other files --------------------------------------------------------------------------------------------
     @property

@@ -283,9 +283,9 @@ def test_method_fractions_run_a_method_at_fewer_fractions(setup, capsys):
     full = {(r["method"], r["fraction"], r["seed"]): r for r in read_rows(root / "run")}
     for r in rows:
         assert r["ce"] == pytest.approx(full[(r["method"], r["fraction"], r["seed"])]["ce"], abs=1e-9)
-    from knockout.reporting.run import RunData
+    from knockout.runfolder import RunFolder
 
-    assert RunData.load(out).missing() == [] and RunData.load(out).n_expected == len(rows)
+    assert RunFolder.with_results(out).missing() == [] and RunFolder.with_results(out).n_expected == len(rows)
     assert main(["report", str(out)]) == 0
     assert "PARTIAL" not in (out / "report" / "report.md").read_text()
     capsys.readouterr()

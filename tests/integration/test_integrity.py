@@ -467,14 +467,13 @@ def test_compare_never_writes_into_a_run_folder(reference, tmp_path, capsys):
 
 
 def test_partial_banner_counts_expected_rows_only(tmp_path):
-    from knockout.reporting.run import RunData
-    from knockout.runfolder import ResultRow
+    from knockout.runfolder import ResultRow, RunFolder
 
     config = {"model": "m", "methods": ["zero"], "fractions": [0.5], "seeds": [0, 1]}  # expects 4 rows
     made = [("baseline", 0.0, 0), ("zero", 0.5, 0), ("peak", 0.5, 0), ("peak", 0.5, 1)]  # peak: no longer asked for
     (tmp_path / "config.json").write_text(json.dumps(config))
     runfolder.write_rows(tmp_path, [ResultRow.measured(m, f, s, 0.5, 2.0, 10, 0, 8, 0.1) for m, f, s in made])
-    note = RunData.load(tmp_path).partial_note()
+    note = RunFolder.with_results(tmp_path).partial_note()
     assert note.startswith("PARTIAL RUN: 2 of 4 expected rows are present (2 missing:")
 
 

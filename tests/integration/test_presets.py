@@ -138,7 +138,6 @@ def test_demo_preset_runs_the_answer_methods_at_the_papers_two_fractions(tmp_pat
     the per-method fractions consistent with them (or drops them)."""
     import json
 
-    from knockout.reporting.run import RunData
     from knockout.runfolder import RunFolder
 
     cfg = resolve_preset("demo")
@@ -147,7 +146,7 @@ def test_demo_preset_runs_the_answer_methods_at_the_papers_two_fractions(tmp_pat
     assert cfg.stats_skip_first == 1 and cfg.sort_by_length
     assert cfg.seeds == "auto" and cfg.decide.fractions == (0.5, 0.9) and cfg.eval_docs == 12
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
-    run = RunData(RunFolder(tmp_path))
+    run = RunFolder(tmp_path)
     assert run.n_expected == 3 * (1 + 3 * 7 + 2)  # the first look's sets: a baseline per seed
     only = resolve_preset("demo", methods=("zero", "optimal"))
     assert only.method_fractions == {"optimal": [0.5, 0.9]}

@@ -9,8 +9,7 @@ import knockout.reporting
 import tiny
 from knockout.cli import main
 from knockout.reporting.report import identity
-from knockout.reporting.run import RunData
-from knockout.runfolder import read_rows
+from knockout.runfolder import RunFolder, read_rows
 from knockout.stats import Statistics
 
 
@@ -64,7 +63,7 @@ def test_sweep_on_the_mlp_site(setup, capsys):
     assert "MLP neuron activation" in svg and "pre-out activation" not in svg  # the histograms' axis names the site
     stats = Statistics.load(out / "stats.safetensors")
     assert stats.widths == [64, 64] and json.loads(stats.meta["model"])["site"] == "mlp"
-    shown = identity(RunData.load(out))
+    shown = identity(RunFolder.with_results(out))
     assert shown["site"] == "mlp" and shown["layers x neurons"] == "2 x 64"
     # statistics of the attention site are refused for the MLP site, and a run folder keeps its site
     path = root / "attention.safetensors"

@@ -18,9 +18,9 @@ from knockout.errors import KnockoutError
 from knockout.reporting import compare_runs, write_report
 from knockout.reporting.figures import curves_figure
 from knockout.reporting.neurons import StatsFile, prominences, rank_atypical, score_layer
-from knockout.reporting.run import RunData
+from knockout.reporting.summary import summarize
 from knockout.reporting.table import Cell, build_table, mark_best, paper_model
-from knockout.runfolder import ResultRow, write_rows
+from knockout.runfolder import ResultRow, RunFolder, write_rows
 from knockout.stats import Statistics
 
 METHODS = ("zero", "mean", "peak")
@@ -134,8 +134,8 @@ def _cell(table, method, fraction, col):
 
 
 def test_table_values_std_and_marks(run):
-    data = RunData.load(run)
-    table = build_table([("r", data.summary)], (0.5, 0.9), list(METHODS), {"r": 3})
+    data = RunFolder.with_results(run)
+    table = build_table([("r", summarize(data.table_rows()))], (0.5, 0.9), list(METHODS), {"r": 3})
     t = lambda m, f: _cell(table, m, f, "r:top1")  # noqa: E731
     c = lambda m, f: _cell(table, m, f, "r:ce")  # noqa: E731
     # hand-computed means and sample stds (ddof=1)
@@ -179,8 +179,8 @@ def test_paper_model_and_column(run):
     assert paper_model("FacebookAI/roberta-large") == "RoBERTa-large"
     assert paper_model("google/vit-base-patch16-224") == "ViT-base-patch16-224"
     assert paper_model("facebook/opt-125m") is None and paper_model("smollm2-135m") is None
-    data = RunData.load(run)
-    table = build_table([("r", data.summary)], (0.5, 0.9), list(METHODS), paper={"r": "OPT-1.3B"})
+    data = RunFolder.with_results(run)
+    table = build_table([("r", summarize(data.table_rows()))], (0.5, 0.9), list(METHODS), paper={"r": "OPT-1.3B"})
     assert _cell(table, "peak", 0.5, "r:paper:top1").mean == pytest.approx(44.54)
     assert _cell(table, "baseline", None, "r:paper:ce").mean == pytest.approx(2.24)
     assert not _cell(table, "peak", 0.5, "r:paper:top1").best
@@ -213,8 +213,8 @@ def test_report_files(run, report):
 
 
 def test_curves_figure_draws_one_line_per_method(run):
-    data = RunData.load(run)
-    fig = curves_figure([("r", data.summary)], list(METHODS))
+    data = RunFolder.with_results(run)
+    fig = curves_figure([("r", summarize(data.table_rows()))], list(METHODS))
     top, bottom = fig.axes  # one run: Δtop-1 above, ΔCE below
     for ax in (top, bottom):
         labels = [line.get_label() for line in ax.get_lines()]
@@ -250,7 +250,7 @@ def test_prominences():
 def test_partial_run_says_so(tmp_path):
     drop = {("peak", 0.9, 2), ("peak", 1.0, 2), ("zero", 1.0, 1)}
     part = make_run(tmp_path / "part", drop=drop, stats=False)
-    data = RunData.load(part)
+    data = RunFolder.with_results(part)
     assert data.n_expected == 3 * (1 + 3 * 4) and len(data.rows) == data.n_expected - 3
     assert data.missing() == sorted([("peak", 0.9, 2, ""), ("peak", 1.0, 2, ""), ("zero", 1.0, 1, "")])
     html = write_report(part).read_text()

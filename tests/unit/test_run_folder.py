@@ -14,7 +14,6 @@ from knockout.files import save_checked
 from knockout.inference.sequential import DecideOptions
 from knockout.reporting.answer import run_answer
 from knockout.reporting.report import identity
-from knockout.reporting.run import RunData
 from knockout.runfolder import ResultRow, RunFolder, row_key, save_doc_sums, write_rows
 
 
@@ -64,7 +63,7 @@ def test_a_report_reads_the_settings_the_run_recorded_not_todays_defaults(tmp_pa
     _with_default(monkeypatch, SweepConfig, "stats_tokens", 999)
     _with_default(monkeypatch, SweepConfig, "eps", 0.5)
     assert DecideOptions().first == 5 and SweepConfig(model="m").stats_tokens == 999  # the defaults did change
-    run = RunData.load(tmp_path)
+    run = RunFolder.with_results(tmp_path)
     assert run.fixed_seeds == [0, 1, 2]  # the run's own first look, not today's 5
     assert run.config.eps == stored["eps"] != 0.5
     assert identity(run)["stats tokens"] == stored["stats_tokens"]

@@ -9,7 +9,6 @@ import pytest
 from knockout import KnockoutError
 from knockout.config import SweepConfig
 from knockout.experiments.prepare import check
-from knockout.reporting.run import RunData
 from knockout.reporting.summary import format_table, summarize
 from knockout.runfolder import (
     ALL_DOC_FIELDS,
@@ -81,7 +80,7 @@ def test_expected_rows_of_a_run_of_targets(tmp_path):
         "resolved": {"targets": {"a": {"fraction": 0.25}, "L1.H2": {"fraction": 0.125}}},
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
-    run = RunData(RunFolder(tmp_path))
+    run = RunFolder(tmp_path)
     assert run.expected_keys() == {
         row_key("baseline", 0.0, 0),
         *(row_key(m, f, 0, t) for m in ("zero", "mean") for t, f in (("a", 0.25), ("L1.H2", 0.125))),
@@ -146,11 +145,11 @@ def test_report_names_what_rows_were_evaluated_on(tmp_path):
     row = {"method": "zero", "fraction": 0.5, "seed": 0, "n_eval": 1116, "target": "", "seconds": 0.0}
     rows = [{**row, "top1": 0.3, "ce": 4.0, "delta_top1": -0.1, "delta_ce": 1.0, "n_ablated": 8, "n_neurons": 16}]
 
-    def run(name: str, settings: dict, rows: list[dict]) -> RunData:
+    def run(name: str, settings: dict, rows: list[dict]) -> RunFolder:
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps({"model": "m", **settings}))
         write_rows(tmp_path / name, [ResultRow.from_dict(r) for r in rows])
-        return RunData(RunFolder(tmp_path / name))
+        return RunFolder(tmp_path / name)
 
     assert identity(run("a", {"eval_docs": 12, "eval_tokens": 4096}, rows))["eval tokens"] == (
         "12 documents (1,116 scored targets)"

@@ -186,7 +186,7 @@ def run_models(
     into ``cfg.out/compare`` (:func:`knockout.reporting.compare_runs`, at the decision fractions). Returns every run's
     results and the comparison's page (``None`` on torchrun ranks other than 0)."""
     from knockout.reporting import compare_runs
-    from knockout.reporting.run import model_label
+    from knockout.runfolder import model_label
 
     if len(models) < 2 or len(set(models)) < len(models):
         raise KnockoutError(f"--models needs two or more different models, got {','.join(models)}")

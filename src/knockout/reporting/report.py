@@ -47,8 +47,7 @@ from knockout.reporting.figures import (
     save_figure,
 )
 from knockout.reporting.neurons import StatsFile, default_layers, point_mass_counts, rank_atypical
-from knockout.reporting.run import RunData, run_fractions
-from knockout.reporting.summary import METRICS, OPTIONAL_METRICS
+from knockout.reporting.summary import METRICS, OPTIONAL_METRICS, summarize
 from knockout.reporting.table import MARK_NOTES, build_table, paper_model, records_csv
 from knockout.runfolder import REPORT_DIR, RESULTS_FILE, ROW_FIELDS, RunFolder, fraction_key, inside, write_atomic
 
@@ -90,7 +89,7 @@ def _widths(widths) -> str:
     return f"{len(widths)} x {widths[0]}" if len(set(widths)) == 1 else ", ".join(map(str, widths))
 
 
-def identity(run: RunData) -> dict:
+def identity(run: RunFolder) -> dict:
     """Model, data and environment of a run, flattened for display."""
     cfg, res = run.config, run.resolved
     mid = res.identity
@@ -118,16 +117,16 @@ def identity(run: RunData) -> dict:
     return out
 
 
-def _eval_text(run: RunData) -> str:
+def _eval_text(run: RunFolder) -> str:
     """What the rows were evaluated on: the scored targets per row, and the documents with ``eval_docs``."""
-    n_eval = sorted({int(r["n_eval"]) for r in run.rows if r.get("n_eval") is not None})
+    n_eval = sorted({r.n_eval for r in run.rows})
     targets = f"{n_eval[0]:,} scored targets" if len(n_eval) == 1 else None
     if run.config is not None and run.config.eval_docs:
         return f"{run.config.eval_docs} documents" + (f" ({targets})" if targets else "")
     return targets or (str(run.config.eval_tokens) if run.config is not None else "?")
 
 
-def _seeds_text(run: RunData) -> str:
+def _seeds_text(run: RunFolder) -> str:
     if run.sequential:
         extra = sorted(set(run.seeds) - set(run.fixed_seeds))
         return f"auto: {len(run.fixed_seeds)} for every fraction" + (
@@ -140,7 +139,7 @@ def _fmt_seconds(s: float) -> str:
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
-def _n_heads(run: RunData) -> int | None:
+def _n_heads(run: RunFolder) -> int | None:
     n = run.resolved.identity.get("n_heads")
     return int(n) if isinstance(n, int) and run.resolved.site_kind == "attention" else None
 
@@ -165,8 +164,8 @@ def write_report(
     folder = RunFolder.open(run_dir)  # read once, by whichever report it is
     if folder.is_scan:  # a scan's report compares the methods' rankings of its units
         return write_scan_report(folder, out_dir)
-    run = RunData.load(folder)
-    fractions = validate_fractions(fractions if fractions is not None else run_fractions(run))
+    run = RunFolder.with_results(folder)
+    fractions = validate_fractions(fractions if fractions is not None else run.fractions)
     if not isinstance(top_k, int) or top_k < 1:
         raise KnockoutError(f"top_k (--top-k) must be a positive integer, got {top_k!r}")
     out = Path(out_dir) if out_dir is not None else inside(run.dir, run.dir / REPORT_DIR)
@@ -179,8 +178,9 @@ def write_report(
         partial = "This run has no results yet."
 
     # -- table -------------------------------------------------------------------------------------------------
-    summary = [e for e in run.summary if not e.get("target")]  # named sets are answered per set (T)
-    targeted = T.target_answers(run.folder) if T.has_targets(run.rows) else None
+    all_summary = summarize(run.table_rows())
+    summary = [e for e in all_summary if not e.get("target")]  # named sets are answered per set (T)
+    targeted = T.target_answers(run) if T.has_targets(run.row_dicts()) else None
     pm = paper_model(run.model)
     n_seeds = {label: len(run.fixed_seeds)} if run.fixed_seeds else None
     in_table = [] if targeted else methods  # a run of named sets has no fraction rows: its table is per set
@@ -192,13 +192,13 @@ def write_report(
     write_atomic(out / "table2.md", table.to_markdown())
     write_atomic(out / "table2.csv", table.to_csv())
     write_atomic(out / "table2.tex", table.to_latex())
-    write_atomic(out / "summary.csv", _summary_csv(run.summary))
+    write_atomic(out / "summary.csv", _summary_csv(all_summary))
     if answer is None or [f.fraction for f in answer.fractions] != list(fractions):
-        answer = A.run_answer(run.folder, fractions)
+        answer = A.run_answer(run, fractions)
     A.write_files(answer, out, write_atomic)
     if targeted:
-        write_atomic(out / "targets.csv", T.table_csv(run.summary))
-    circuits = C.circuit_report(run.folder) if C.has_kept(run.folder) else None
+        write_atomic(out / "targets.csv", T.table_csv(all_summary))
+    circuits = C.circuit_report(run) if C.has_kept(run) else None
     circuit_images = C.write_files(circuits, out, write_atomic) if circuits is not None else {}
     eps_table = eps_rows(summary, methods, fractions, run.config.eps if run.config else None)
     if eps_table:
@@ -250,7 +250,7 @@ def write_report(
         doc.warn(partial)
     if circuits is not None:
         C.add(doc, circuits, circuit_images)
-    T.add(doc, targeted, run.summary) if targeted else A.add(doc, answer)
+    T.add(doc, targeted, all_summary) if targeted else A.add(doc, answer)
     doc.figure(images.get("answer"), "answer.png", "paired differences in cross-entropy with their intervals")
     for n in notes:
         doc.text(n, note=True)
@@ -261,7 +261,7 @@ def write_report(
     doc.block(table.to_html(), [table.to_markdown()])
     if answer.available:
         doc.heading("Verdicts per fraction", 3).table(A.verdict_rows(answer), A.VERDICT_COLUMNS)
-    bound = A.bound_records(run.folder, run.rows)
+    bound = A.bound_records(run, run.row_dicts())
     if bound:
         doc.heading("optimal per neuron set", 3)
         doc.text("The constants are trained on rows of the collection split and chosen on its held-out rows (every "
@@ -302,7 +302,7 @@ def write_report(
     doc.table(timing_rows, ["method", "rows", "seconds", "mean_seconds"], {"seconds": f2, "mean_seconds": f2})
     fr = {"top1": lambda x: f"{100 * x:.2f}", "delta_top1": lambda x: f"{100 * x:+.2f}"}
     fr.update({"ce": lambda x: f"{x:.4f}", "delta_ce": lambda x: f"{x:+.4f}", "seconds": f2})
-    doc.table(run.rows, list(ROW_FIELDS), fr, folded=f"All {len(run.rows)} result rows (top-1 in %)")
+    doc.table(run.row_dicts(), list(ROW_FIELDS), fr, folded=f"All {len(run.rows)} result rows (top-1 in %)")
     stored = {**run.config.to_dict(), "resolved": run.resolved.to_dict()} if run.config is not None else {}
     doc.heading("Configuration").code(
         json.dumps(stored, indent=2), "The settings and the record: config.json in the run folder."
@@ -343,7 +343,7 @@ def compare_runs(
     if len(run_dirs) < 1:
         raise KnockoutError("give at least one run folder to compare")
     fractions = validate_fractions(fractions)
-    runs = [RunData.load(d) for d in run_dirs]
+    runs = [RunFolder.with_results(d) for d in run_dirs]
     if labels is not None and len(labels) != len(runs):
         raise KnockoutError(f"{len(labels)} labels for {len(runs)} runs")
     if labels is not None and len(set(labels)) < len(labels):
@@ -361,7 +361,7 @@ def compare_runs(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     methods = list(dict.fromkeys(m for r in runs for m in r.methods))
-    pairs = [(n, r.summary) for n, r in zip(names, runs)]
+    pairs = [(n, summarize(r.table_rows())) for n, r in zip(names, runs)]
     n_seeds = {n: len(r.fixed_seeds) for n, r in zip(names, runs) if r.fixed_seeds}
     table = build_table(pairs, fractions, methods, n_seeds)
     write_atomic(out / "table2.md", table.to_markdown())
@@ -376,7 +376,7 @@ def compare_runs(
         if r.partial_note():
             doc.warn(f"{n}: {r.partial_note()}")
     if answers is None or any([f.fraction for f in a.fractions] != list(fractions) for a in answers):
-        answers = [A.run_answer(r.folder, fractions) for r in runs]
+        answers = [A.run_answer(r, fractions) for r in runs]
     verdicts = A.side_by_side(names, answers)
     pair_rows = A.pair_records(names, answers)
     doc.heading("The answer per model")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from knockout.config import Resolved, SweepConfig
 from knockout.reporting import answer as A
-from knockout.reporting.run import RunData, run_fractions
+from knockout.reporting.summary import summarize
 from knockout.runfolder import RunFolder
 
 
@@ -61,15 +61,15 @@ def load_run(run_dir: str | os.PathLike | RunFolder, fractions: tuple[float, ...
 
     from knockout.reporting import circuits as C
 
-    run = RunData.load(run_dir)
-    answer = A.run_answer(run.folder, tuple(fractions) if fractions is not None else run_fractions(run))
-    circuits = C.circuit_report(run.folder) if C.has_kept(run.folder) else None
+    run = RunFolder.with_results(run_dir)
+    answer = A.run_answer(run, tuple(fractions) if fractions is not None else run.fractions)
+    circuits = C.circuit_report(run) if C.has_kept(run) else None
     return RunResults(
         dir=run.dir,
         config=run.config,
         resolved=run.resolved,
-        rows=pd.DataFrame(run.rows),
-        summary=pd.DataFrame(run.summary),
+        rows=pd.DataFrame(run.row_dicts()),
+        summary=pd.DataFrame(summarize(run.table_rows())),
         paired=pd.DataFrame(A.paired_records(answer), columns=A.PAIRED_COLUMNS),
         answer=answer,
         faithfulness=C.table(circuits),

@@ -48,13 +48,13 @@ from knockout.config import SweepConfig
 from knockout.errors import KnockoutError
 from knockout.reporting.doc import Doc
 from knockout.reporting.figures import method_colors, png_bytes, save_figure
-from knockout.reporting.run import model_label
 from knockout.reporting.summary import summarize
 from knockout.reporting.table import records_csv
 from knockout.runfolder import (
     REPORT_DIR,
     RunFolder,
     inside,
+    model_label,
     row_key,
     write_atomic,
 )
