@@ -18,73 +18,43 @@ from knockout.errors import KnockoutError
 log = logging.getLogger("knockout")
 
 
-def _ascii(text: str, expected: str) -> str:
-    """``text`` if it is ASCII: ``int`` and ``float`` also read other scripts' digits (``int("٣")`` is 3)."""
-    if not text.isascii():
-        raise argparse.ArgumentTypeError(f"expected {expected} written with the digits 0-9, got {text!r}")
-    return text
+def _parser(convert, expected: str):
+    """An argparse type: ``convert(text)`` of ASCII ``text`` (``int`` and ``float`` also read other scripts' digits:
+    ``int("٣")`` is 3), one line naming what was ``expected`` otherwise."""
+
+    def parse(text: str):
+        if not text.isascii():
+            raise argparse.ArgumentTypeError(f"expected {expected} written with the digits 0-9, got {text!r}")
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text[:40]!r}") from None
+
+    return parse
 
 
-def _int(text: str) -> int:
-    try:
-        return int(_ascii(text, "an integer"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text[:40]!r}") from None
+def _auto(convert):
+    return lambda text: "auto" if text.strip() == "auto" else convert(text)
 
 
-def _float(text: str) -> float:
-    try:
-        return float(_ascii(text, "a number"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text[:40]!r}") from None
-
-
-def _floats(text: str) -> list[float]:
+def _range(text: str) -> list[float]:
     """``0,0.5,1`` or ``start:stop:step`` (stop included)."""
-    _ascii(text, "numbers like 0,0.5,1")
-    try:
-        if ":" in text:
-            start, stop, step = (float(x) for x in text.split(":"))
-            if step <= 0:
-                raise argparse.ArgumentTypeError(f"the step of {text!r} must be positive (start:stop:step)")
-            if stop < start:
-                raise argparse.ArgumentTypeError(
-                    f"{text!r} counts down; give start:stop:step with start <= stop, e.g. 0:1:0.5"
-                )
-            n = int(round((stop - start) / step))
-            return [round(start + i * step, 10) for i in range(n + 1)]
+    if ":" not in text:
         return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 0,0.5,1 or 0:1:0.1, got {text!r}") from None
+    start, stop, step = (float(x) for x in text.split(":"))
+    if step <= 0:
+        raise argparse.ArgumentTypeError(f"the step of {text!r} must be positive (start:stop:step)")
+    if stop < start:
+        raise argparse.ArgumentTypeError(f"{text!r} counts down; give start:stop:step with start <= stop, e.g. 0:1:0.5")
+    return [round(start + i * step, 10) for i in range(int(round((stop - start) / step)) + 1)]
 
 
-def _ints(text: str) -> list[int]:
-    _ascii(text, "integers like 0,1,2")
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 0,1,2, got {text!r}") from None
-
-
-def _seeds(text: str) -> list[int] | str:
-    """``0,1,2`` or ``auto``."""
-    if text.strip() == "auto":
-        return "auto"
-    _ascii(text, "integers like 0,1,2 or 'auto'")
-    try:
-        return _ints(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected integers like 0,1,2 or 'auto', got {text!r}") from None
-
-
-def _float_or_auto(text: str) -> float | str:
-    """A number, or ``auto``."""
-    if text.strip() == "auto":
-        return "auto"
-    try:
-        return float(_ascii(text, "a number or 'auto'"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+_int = _parser(int, "an integer")
+_float = _parser(float, "a number")
+_floats = _parser(_range, "numbers like 0,0.5,1 or 0:1:0.1")
+_ints = _parser(lambda text: [int(x) for x in text.split(",") if x.strip()], "integers like 0,1,2")
+_seeds = _parser(_auto(lambda text: [int(x) for x in text.split(",") if x.strip()]), "integers like 0,1,2 or 'auto'")
+_float_or_auto = _parser(_auto(float), "a number or 'auto'")
 
 
 def _names(text: str) -> list[str]:

@@ -477,9 +477,10 @@ class SweepConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict, **overrides) -> SweepConfig:
+    def from_dict(cls, values: dict, recorded: bool = False, **overrides) -> SweepConfig:
         """The config of ``values`` (a config file's or config.json's contents; its ``resolved`` record is ignored)
-        with ``overrides`` on top (an option group's overrides replace only the settings they name)."""
+        with ``overrides`` on top (an option group's overrides replace only the settings they name); ``recorded``:
+        see :meth:`from_record`."""
         if not isinstance(values, dict):
             raise KnockoutError(f"a config must be an object of settings, got {type(values).__name__}")
         merged = merge_settings({k: v for k, v in values.items() if k not in RECORD_KEYS}, overrides)
@@ -490,21 +491,14 @@ class SweepConfig:
                 f"unknown setting(s) {brief_text(', '.join(unknown))}; known: {', '.join(sorted(known))} "
                 "(docs/configuration.md)"
             )
-        return cls(**merged)
+        return cls(**merged, recorded=recorded)
 
     @classmethod
     def from_record(cls, values: dict) -> SweepConfig:
         """The settings a run folder's config.json recorded (its ``resolved`` record is :class:`Resolved`), checked
         as any config except for what needs this machine (see :attr:`recorded`). A setting the record lacks (an
         older version wrote it) takes today's default."""
-        if not isinstance(values, dict):
-            raise KnockoutError(f"a config must be an object of settings, got {type(values).__name__}")
-        settings = {k: v for k, v in values.items() if k not in RECORD_KEYS}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise KnockoutError(f"unknown setting(s) {', '.join(unknown)}")
-        return cls(**settings, recorded=True)
+        return cls.from_dict(values, recorded=True)
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> SweepConfig:

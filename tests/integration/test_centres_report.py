@@ -16,7 +16,7 @@ from knockout.experiments.runner import run_sweep
 from knockout.inference.paired import DocSums, paired_difference
 from knockout.loading import LoadedModel
 from knockout.reporting import centres as CR
-from knockout.reporting.answer import centre_notes, run_answer
+from knockout.reporting.answer import run_answer
 from knockout.reporting.doc import Doc
 from knockout.reporting.report import write_report
 from knockout.runfolder import read_doc_sums, read_rows, row_key
@@ -79,7 +79,7 @@ def test_report_section_and_notes(run):
     d = section.determination["peak"]
     assert f"{100 * d['share']:.1f}% ({d['undetermined']} of {d['neurons']})" in text
     # noise-limited: only where the ratio exceeds 0.5, with N (ratio / 0.5)^2 tokens
-    notes = centre_notes(path, ["zero", "peak", "peak-smooth"])
+    notes = CR.noise_notes(path, ["zero", "peak", "peak-smooth"])
     limited = [m for m in ("peak", "peak-smooth") if want[m][2] > 0.5]
     assert limited, "300 tokens should leave some centres noise-limited; the note is not exercised"
     assert len(notes) == len(limited)

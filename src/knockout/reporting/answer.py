@@ -46,7 +46,7 @@ from knockout.inference.sequential import (
     family_statement,
     needed,
 )
-from knockout.reporting.centres import noise_notes, peak_noise_notes
+from knockout.reporting.centres import peak_noise_notes
 from knockout.runfolder import DOC_FIELDS, RunFolder, fraction_key, row_key
 
 LEVEL = 0.95
@@ -300,13 +300,6 @@ def fraction_answer(
                     )
     fa.notes += peak_noise_notes(data, fraction)
     return fa
-
-
-def centre_notes(stats_path: str | Path | None, methods: list[str]) -> list[str]:
-    """Notes on the centres behind the answer: the methods whose centres are noise-limited at the run's collection
-    size (the median over neurons of SE(centre) / |centre - mean| above 0.5, SE from the collection's two halves),
-    with the collection tokens that would fix it (:func:`knockout.reporting.centres.noise_notes`)."""
-    return noise_notes(stats_path, methods)
 
 
 def _negated_ld(sums: dict) -> DocSums:

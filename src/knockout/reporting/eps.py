@@ -11,7 +11,6 @@ from __future__ import annotations
 from knockout.ablation.centres import EpsChoice, parse_eps
 from knockout.ablation.methods import PARAM_SEP
 from knockout.errors import KnockoutError
-from knockout.reporting.escape import markdown
 from knockout.runfolder import fraction_key
 
 PEAK = "peak"
@@ -68,13 +67,3 @@ def _top1(f: float) -> str:
 def eps_columns(fractions: tuple[float, ...]) -> list[str]:
     """Column keys of :func:`eps_rows`, CE first."""
     return ["method", "bin width"] + [_ce(f) for f in fractions] + [_top1(f) for f in fractions]
-
-
-def eps_markdown(rows: list[dict], fractions: tuple[float, ...]) -> list[str]:
-    """Markdown lines of the table (empty for no rows)."""
-    if not rows:
-        return []
-    cols = eps_columns(fractions)
-    lines = ["| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
-    lines += ["| " + " | ".join(markdown(r[c]) for c in cols) + " |" for r in rows]
-    return lines

@@ -36,7 +36,7 @@ from knockout.reporting import centres as CR
 from knockout.reporting import circuits as C
 from knockout.reporting import targets as T
 from knockout.reporting.doc import Doc
-from knockout.reporting.eps import eps_columns, eps_markdown, eps_rows
+from knockout.reporting.eps import eps_columns, eps_rows
 from knockout.reporting.figures import (
     curves_figure,
     forest_figure,
@@ -203,7 +203,7 @@ def write_report(
     eps_table = eps_rows(summary, methods, fractions, run.config.eps if run.config else None)
     if eps_table:
         write_atomic(out / "eps.csv", records_csv(eps_table, eps_columns(fractions)))
-        write_atomic(out / "eps.md", "\n".join(eps_markdown(eps_table, fractions)) + "\n")
+        write_atomic(out / "eps.md", "\n".join(Doc().table(eps_table, eps_columns(fractions)).md))
 
     # -- figures -----------------------------------------------------------------------------------------------
     images: dict[str, bytes] = {}
@@ -239,7 +239,7 @@ def write_report(
         write_atomic(out / "point_masses.csv", records_csv(pm_recs, ["layer", "neurons", "point_masses"]))
         pm_note = point_mass_note(counts, stats.widths, sum(s.peak_off_mode for s in scores))
         centre_section = CR.read_section(run.stats_path)
-        notes += CR.section_notes(centre_section, methods)  # A.centre_notes, on the section read above
+        notes += CR.section_notes(centre_section, methods)  # the noise notes, from the section read above
         stats_note = (
             f"Statistics: {len(stats)} layers, {stats.meta.get('data', '?')} data, eps {stats.eps:g}; "
             f"histogram layers {', '.join(map(str, chosen))}."
