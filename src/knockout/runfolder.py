@@ -365,21 +365,6 @@ def check_model(folder: RunFolder, fingerprint: dict) -> None:
 
 
 # -- config -------------------------------------------------------------------------------------------------------
-def _read_config(run_dir: str | os.PathLike) -> dict | None:
-    """``config.json`` of a run folder as a dict, ``None`` if there is none; a damaged file is an error (read through
-    :class:`RunFolder`)."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KnockoutError(f"{str(path)!r} is damaged ({e}); use another --out folder or delete it") from e
-    if not isinstance(config, dict):
-        raise KnockoutError(f"{str(path)!r} is damaged (not a JSON object); use another --out folder or delete it")
-    return config
-
-
 def write_config(run_dir: str | os.PathLike, config: dict) -> None:
     write_atomic(Path(run_dir) / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
@@ -451,52 +436,11 @@ def _load_paired(path: Path) -> dict[str, torch.Tensor]:
     return load_checked(path, remedy)[0]
 
 
-def read_doc_sums(
-    run_dir: str | os.PathLike, fields: tuple[str, ...] = DOC_FIELDS
-) -> dict[tuple[str, float, int, str], dict]:
-    """Every stored row's per-document sums: ``row_key -> {"n", "ce_sum", "correct"}`` (numpy arrays), each file
-    checked against its checksum. ``fields`` may add ``"ld_sum"`` (the summed logit differences of task prompts),
-    present only in rows that have it. See :func:`doc_sums_disagree` for their agreement with the rows."""
-    out: dict[tuple[str, float, int, str], dict] = {}
-    folder = Path(run_dir) / PAIRED_DIR
-    if not folder.is_dir():
-        return out
-    for path in sorted(folder.glob("seed*.safetensors")):
-        try:
-            seed = int(path.stem.removeprefix("seed"))
-        except ValueError:
-            continue  # not a file of knockout's
-        for name, t in _load_paired(path).items():
-            try:
-                key, field = name.rsplit(".", 1)
-                key, _, target = key.partition(TARGET_SEP)
-                method, fraction = key.rsplit("@", 1)
-                k = row_key(method, float(fraction), seed, target)
-            except ValueError as e:
-                raise KnockoutError(f"{str(path)!r} holds an unknown entry {name!r}; delete the file") from e
-            out.setdefault(k, {})[field] = t.numpy()
-    return {k: {f: v[f] for f in fields if f in v} for k, v in out.items() if all(f in v for f in DOC_FIELDS)}
-
-
 # -- a scan's attribution estimates ------------------------------------------------------------------------------------
 def write_attribution(run_dir: str | os.PathLike, record: dict) -> None:
     """Write a scan's attribution estimates (``{"metric", "seed", "seconds", "estimates": {method: {unit: value}}}``,
     see :func:`knockout.experiments.scan.write_attribution`)."""
     write_atomic(Path(run_dir) / ATTRIBUTION_FILE, json.dumps(record, indent=1) + "\n")
-
-
-def read_attribution(run_dir: str | os.PathLike) -> dict | None:
-    """A scan's attribution estimates, or ``None`` when it has none; a damaged file is an error."""
-    path = Path(run_dir) / ATTRIBUTION_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KnockoutError(f"{str(path)!r} is damaged ({e}); delete it (the scan recomputes it)") from e
-    if not isinstance(data, dict) or not isinstance(data.get("estimates"), dict):
-        raise KnockoutError(f"{str(path)!r} is damaged; delete it (the scan recomputes it)")
-    return data
 
 
 def doc_sums_disagree(row: ResultRow | dict, sums: dict | None) -> str | None:
@@ -622,27 +566,6 @@ def row_key(method: str, fraction: float, seed: int, target: str = "") -> tuple[
     return (method, fraction_key(fraction), int(seed), target)
 
 
-def read_rows(run_dir: str | os.PathLike) -> list[dict]:
-    """The rows of a run folder's ``results.jsonl``, as dicts (checked to have every :class:`ResultRow` field)."""
-    return [r.as_dict() for r in _read_result_rows(run_dir)]
-
-
-def _read_result_rows(run_dir: str | os.PathLike) -> list[ResultRow]:
-    path = Path(run_dir) / RESULTS_FILE
-    if not path.is_file():
-        raise KnockoutError(f"{str(path)!r} does not exist; is {str(run_dir)!r} a knockout run folder?")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KnockoutError(f"{path}:{n} is not valid JSON ({e}); fix or delete that line") from e
-        rows.append(ResultRow.from_dict(row, where=f"{path}:{n}"))
-    return rows
-
-
 def write_rows(run_dir: str | os.PathLike, rows: Iterable[ResultRow]) -> None:
     """Write ``results.jsonl`` and ``results.csv`` (each atomically)."""
     run_dir, rows = Path(run_dir), list(rows)
@@ -723,8 +646,18 @@ class RunFolder:
 
     def __init__(self, run_dir: str | os.PathLike):
         self.dir = Path(run_dir)
-        self._raw = _read_config(self.dir)
+        self._raw = None
         self._row_dicts: list[dict] | None = None
+        path = self.dir / CONFIG_FILE
+        if path.is_file():
+            try:
+                self._raw = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise KnockoutError(f"{str(path)!r} is damaged ({e}); use another --out folder or delete it") from e
+            if not isinstance(self._raw, dict):
+                raise KnockoutError(
+                    f"{str(path)!r} is damaged (not a JSON object); use another --out folder or delete it"
+                )
 
     def __fspath__(self) -> str:  # path-like: Path(folder) is the run folder
         return str(self.dir)
@@ -779,8 +712,17 @@ class RunFolder:
 
     @functools.cached_property
     def rows(self) -> list[ResultRow]:
-        """results.jsonl's rows (none when the file does not exist yet)."""
-        return _read_result_rows(self.dir) if self.has_results else []
+        """results.jsonl's rows (none when the file does not exist yet), each checked to have every field."""
+        path, rows = self.dir / RESULTS_FILE, []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines() if self.has_results else [], 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise KnockoutError(f"{path}:{n} is not valid JSON ({e}); fix or delete that line") from e
+            rows.append(ResultRow.from_dict(row, where=f"{path}:{n}"))
+        return rows
 
     def row_dicts(self) -> list[dict]:
         """:attr:`rows` as dicts (:meth:`ResultRow.as_dict`), made once: the reports read them as such."""
@@ -790,8 +732,26 @@ class RunFolder:
 
     @functools.cached_property
     def stored_sums(self) -> dict[tuple[str, float, int, str], dict]:
-        """Every entry of ``paired/`` (each file checked against its checksum), whether or not a row owns it."""
-        return read_doc_sums(self.dir, ALL_DOC_FIELDS)
+        """Every row's per-document sums in ``paired/`` (each file checked against its checksum), whether or not a
+        row owns them: ``row_key -> {"n", "ce_sum", "correct"[, "ld_sum"]}`` (numpy arrays; ``ld_sum``, the summed
+        logit differences of task prompts, only in rows that have it). See :func:`doc_sums_disagree`."""
+        out: dict[tuple[str, float, int, str], dict] = {}
+        folder = self.dir / PAIRED_DIR
+        for path in sorted(folder.glob("seed*.safetensors")) if folder.is_dir() else []:
+            try:
+                seed = int(path.stem.removeprefix("seed"))
+            except ValueError:
+                continue  # not a file of knockout's
+            for name, t in _load_paired(path).items():
+                try:
+                    key, field = name.rsplit(".", 1)
+                    key, _, target = key.partition(TARGET_SEP)
+                    method, fraction = key.rsplit("@", 1)
+                    k = row_key(method, float(fraction), seed, target)
+                except ValueError as e:
+                    raise KnockoutError(f"{str(path)!r} holds an unknown entry {name!r}; delete the file") from e
+                out.setdefault(k, {})[field] = t.numpy()
+        return {k: v for k, v in out.items() if all(f in v for f in DOC_FIELDS)}
 
     @functools.cached_property
     def unusable(self) -> dict[tuple[str, float, int, str], str]:
@@ -945,7 +905,17 @@ class RunFolder:
         return load_selection(self.dir) if (self.dir / SELECTION_FILE).is_file() else {}
 
     def attribution(self) -> dict | None:
-        return read_attribution(self.dir)
+        """A scan's attribution estimates, or ``None`` when it has none; a damaged file is an error."""
+        path = self.dir / ATTRIBUTION_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise KnockoutError(f"{str(path)!r} is damaged ({e}); delete it (the scan recomputes it)") from e
+        if not isinstance(data, dict) or not isinstance(data.get("estimates"), dict):
+            raise KnockoutError(f"{str(path)!r} is damaged; delete it (the scan recomputes it)")
+        return data
 
     def artifact(self, path: str | os.PathLike) -> dict[str, torch.Tensor]:
         """The tensors of an ``artifacts/`` file of this folder, checked (:func:`knockout.files.load_artifact`)."""

@@ -19,7 +19,7 @@ from knockout.loading import LoadedModel
 from knockout.reporting.answer import add, paired_records, run_answer
 from knockout.reporting.doc import Doc
 from knockout.reporting.report import compare_runs, write_report
-from knockout.runfolder import read_doc_sums, read_rows, row_key
+from knockout.runfolder import RunFolder, row_key
 
 METHODS = ("zero", "mean", "peak", "optimal")
 
@@ -62,7 +62,7 @@ def _markdown(answer) -> str:
 def test_doc_sums_add_up_to_the_rows(run):
     _, _, _, out, trained = run
     assert trained == 4  # 2 seeds x 2 non-zero fractions
-    rows, sums = read_rows(out), read_doc_sums(out)
+    rows, sums = RunFolder(out).row_dicts(), RunFolder(out).stored_sums
     assert len(rows) == 2 * (1 + 4 * 3)
     for r in rows:
         d = sums[row_key(r["method"], r["fraction"], r["seed"])]
@@ -80,13 +80,13 @@ def test_resume_reuses_the_learned_constants(run):
     with _counting_trainings() as trained:
         run_sweep(cfg, progress=False, loaded=loaded)
     assert trained == []  # re-evaluated from artifacts/, not retrained
-    assert len(read_rows(out)) == 26
+    assert len(RunFolder(out).row_dicts()) == 26
 
 
 def _independent(out, f):
     """The paired statistics at ``f`` recomputed from the stored sums: per-seed ratios of sums by hand, and zero's
     excess over optimal."""
-    sums = read_doc_sums(out)
+    sums = RunFolder(out).stored_sums
     data = {m: [DocSums(**sums[row_key(m, f, s)]) for s in (0, 1)] for m in METHODS}
     by_hand = {m: np.mean([data[m][s].ce_sum.sum() / data[m][s].n.sum() for s in (0, 1)]) for m in METHODS}
     return data, by_hand, paired_difference(data["zero"], data["optimal"], "ce")
@@ -168,7 +168,7 @@ def test_load_run_gives_the_rows_summary_and_answer_as_dataframes(run):
 
     _, cfg, loaded, out, _ = run
     results = ko.load_run(out)
-    rows = read_rows(out)
+    rows = RunFolder(out).row_dicts()
     assert isinstance(results.rows, pd.DataFrame) and len(results.rows) == len(rows)
     assert results.rows.to_dict("records") == rows
     assert results.summary.to_dict("records") == summarize(rows)
@@ -232,7 +232,7 @@ def test_the_report_shows_optimal_training_and_held_out_ce_per_set(run):
     from knockout.reporting.answer import bound_records
 
     _, _, _, out, _ = run
-    rows = read_rows(out)
+    rows = RunFolder(out).row_dicts()
     recs = bound_records(out, rows)
     optimal = {(r["fraction"], r["seed"]): r for r in rows if r["method"] == "optimal" and r["n_ablated"] > 0}
     assert {(r["fraction"], r["seed"]) for r in recs} == set(optimal)  # 2 seeds x 2 fractions

@@ -15,7 +15,7 @@ from knockout.config import SweepConfig
 from knockout.errors import KnockoutError
 from knockout.experiments.callbacks import Callback
 from knockout.experiments.runner import run_sweep
-from knockout.runfolder import read_doc_sums, read_rows
+from knockout.runfolder import RunFolder
 
 
 class Recorder(Callback):
@@ -71,8 +71,8 @@ def test_callbacks_see_the_config_every_row_and_the_finished_run(saved, tmp_path
     assert kinds[0] == "start" and kinds[-1] == "end" and set(kinds[1:-1]) == {"row"}
     assert rec.events[0][1] == json.loads((out / "config.json").read_text())  # the resolved config
     assert rec.events[0][1]["resolved"]["task"] == "causal"
-    assert rec.rows() == read_rows(out)  # every row, in results.jsonl's order
-    docs = read_doc_sums(out)
+    assert rec.rows() == RunFolder(out).row_dicts()  # every row, in results.jsonl's order
+    docs = RunFolder(out).stored_sums
     for _, row, summary in (e for e in rec.events if e[0] == "row"):
         sums = docs[row.key]
         assert summary == pytest.approx(_summary(sums), rel=1e-12)
@@ -88,11 +88,11 @@ def test_callbacks_see_the_config_every_row_and_the_finished_run(saved, tmp_path
 
 def test_a_resumed_run_tells_the_stored_rows_first(saved, tmp_path):
     run_sweep(_cfg(saved, tmp_path / "run", methods=("zero",)), progress=False)
-    first = read_rows(tmp_path / "run")
+    first = RunFolder(tmp_path / "run").row_dicts()
     rec = Recorder()
     cfg = _cfg(saved, tmp_path / "run", methods=("zero",), seeds=(0, 1))
     out = Path(run_sweep(cfg, progress=False, callbacks=[rec]))
-    rows = read_rows(out)
+    rows = RunFolder(out).row_dicts()
     assert len(rows) == 2 * len(first) and rows[: len(first)] == first
     assert rec.rows() == rows
     assert not any(f.relative_to(out).parts[0] == "report" for f in rec.events[-1][2])  # report=False: none
@@ -109,7 +109,7 @@ def test_an_error_reaches_on_error_and_is_raised_again(saved, tmp_path):
         run_sweep(_cfg(saved, tmp_path / "run"), progress=False, callbacks=[Failing(), rec])
     assert rec.events[-1][0] == "error" and str(rec.events[-1][1]) == "tracker down"
     assert not any(e[0] == "end" for e in rec.events)
-    stored = read_rows(tmp_path / "run")  # the row was stored before the callbacks heard of it
+    stored = RunFolder(tmp_path / "run").row_dicts()  # the row was stored before the callbacks heard of it
     assert stored[-1]["method"] == "mean" and rec.rows() == stored[:-1]
 
 
@@ -141,10 +141,10 @@ def test_callbacks_see_a_run_of_named_components(saved, tmp_path):
     kinds = [e[0] for e in rec.events]
     assert kinds[0] == "start" and kinds[-1] == "end" and set(kinds[1:-1]) == {"row"}
     assert rec.events[0][1] == json.loads((out / "config.json").read_text())
-    assert rec.rows() == read_rows(out) and {r["target"] for r in rec.rows()} == {"", "a", "b"}
-    docs = read_doc_sums(out)
+    assert rec.rows() == RunFolder(out).row_dicts() and {r["target"] for r in rec.rows()} == {"", "a", "b"}
+    docs = RunFolder(out).stored_sums
     for _, row, summary in (e for e in rec.events if e[0] == "row"):
         assert summary == pytest.approx(_summary(docs[row.key]), rel=1e-12)
     again = Recorder()
     run_sweep(cfg, progress=False, callbacks=[again])  # resumed: nothing to run, the stored rows replayed
-    assert again.rows() == read_rows(out) and [e[0] for e in again.events][-1] == "end"
+    assert again.rows() == RunFolder(out).row_dicts() and [e[0] for e in again.events][-1] == "end"

@@ -6,7 +6,7 @@ import pytest
 
 import tiny
 from knockout.cli import main
-from knockout.runfolder import read_rows
+from knockout.runfolder import RunFolder
 
 
 @pytest.mark.slow  # about 15 s of CPU: a stats run, a six-method sweep and its report
@@ -20,7 +20,7 @@ def test_stats_summary_and_a_sweep_with_centre_methods(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["-q", "sweep", *common, "--methods", methods, "--fractions", "0.5", "--seeds", "0"]
     assert main([*args, "--eval-tokens", "80", "--batch-size", "4", "--out", str(out)]) == 0
-    rows = {r["method"]: r for r in read_rows(out)}
+    rows = {r["method"]: r for r in RunFolder(out).row_dicts()}
     assert set(rows) == {"baseline", *methods.split(",")}
     assert rows["peak@0.01"]["ce"] == rows["peak"]["ce"] and rows["peak@0.01"]["top1"] == rows["peak"]["top1"]
     assert len({rows[m]["ce"] for m in ("peak", "median", "mode")}) > 1  # the centres differ

@@ -19,7 +19,7 @@ from knockout.reporting import centres as CR
 from knockout.reporting.answer import run_answer
 from knockout.reporting.doc import Doc
 from knockout.reporting.report import write_report
-from knockout.runfolder import read_doc_sums, read_rows, row_key
+from knockout.runfolder import RunFolder, row_key
 from knockout.stats import Statistics
 
 
@@ -95,11 +95,11 @@ def test_answer_notes_peak_minus_peak_smooth(run):
     answer = run_answer(out, (0.5,))
     note = [n for n in answer.fractions[0].notes if "peak - peak-smooth" in n]
     assert len(note) == 1
-    rows = {(r["method"], int(r["seed"])): r for r in read_rows(out)}
+    rows = {(r["method"], int(r["seed"])): r for r in RunFolder(out).row_dicts()}
     # the estimate is the mean over seeds of the rows' CE difference (each row's CE is its ratio of sums)
     diff = np.mean([rows[("peak", s)]["ce"] - rows[("peak-smooth", s)]["ce"] for s in (0, 1, 2)])
     assert f"= {diff:+.4f} nats" in note[0]
-    sums = read_doc_sums(out)
+    sums = RunFolder(out).stored_sums
     sets = {m: [DocSums(**sums[row_key(m, 0.5, s)]) for s in (0, 1, 2)] for m in ("peak", "peak-smooth")}
     d = paired_difference(sets["peak"], sets["peak-smooth"], "ce")
     assert f"[{d.low:+.4f}, {d.high:+.4f}]" in note[0]

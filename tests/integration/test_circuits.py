@@ -20,7 +20,7 @@ from knockout.experiments.prepare import model_inputs
 from knockout.experiments.runner import run_sweep
 from knockout.loading import LoadedModel
 from knockout.reporting import load_run
-from knockout.runfolder import ALL_DOC_FIELDS, RunFolder, read_doc_sums, read_rows, row_key
+from knockout.runfolder import ALL_DOC_FIELDS, RunFolder, row_key
 
 NAMES = [("Ann", "Bob", "Cid"), ("Dan", "Eve", "Fay"), ("Gus", "Hal", "Ivy"), ("Jon", "Kat", "Lou")]
 NAMES += [("Max", "Ned", "Ora")]
@@ -66,8 +66,8 @@ def test_keep_rows_equal_ablate_of_the_complement_bit_for_bit(root):
     stats = str(keep / "stats.safetensors")
     ablate = Path(run_sweep(_cfg(root, "ablate", ablate=f"rest={spec}", methods=("zero", "mean"), stats_path=stats),
                             False, loaded))  # fmt: skip
-    krows, arows = read_rows(keep), read_rows(ablate)
-    ksums, asums = read_doc_sums(keep, ALL_DOC_FIELDS), read_doc_sums(ablate, ALL_DOC_FIELDS)
+    krows, arows = RunFolder(keep).row_dicts(), RunFolder(ablate).row_dicts()
+    ksums, asums = RunFolder(keep).stored_sums, RunFolder(ablate).stored_sums
     targets = RunFolder(keep).resolved.targets
     assert targets["keep:c"]["kept"] == {"set": "c"} and targets["keep:none"]["kept"] == {}
     assert targets["keep:c"]["n_ablated"] == sum(int(t.numel()) for t in rest)
@@ -119,7 +119,7 @@ def test_patch_rows_equal_a_hand_written_interchange_hook(root):
     spec = cfg.data_spec()
     inputs = model_inputs(loaded, sites, spec)
     batches, cfs = eval_batches(spec, inputs, 0), counterfactual_eval_batches(spec, inputs)
-    rows, sums = read_rows(out), read_doc_sums(out, ALL_DOC_FIELDS)
+    rows, sums = RunFolder(out).row_dicts(), RunFolder(out).stored_sums
     for target, neurons in (("keep:c", complement(c.neurons, sites)), ("c", list(c.neurons))):
         want = Metrics(per_doc=True)
         for b, cf in zip(batches, cfs):
@@ -166,7 +166,7 @@ def test_the_ioi_counterfactual_generator_is_in_the_data_identity_of_patch_runs_
 
 def test_an_ioi_run_without_patch_may_add_it(tmp_path):
     from knockout.data.text import data_identity
-    from knockout.runfolder import check_data, lock_run, unlock_run, write_config
+    from knockout.runfolder import RunFolder, check_data, lock_run, unlock_run, write_config
 
     recorded = data_identity("ioi")
     lock_run(tmp_path)

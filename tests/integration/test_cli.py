@@ -7,7 +7,7 @@ import pytest
 import tiny
 from knockout.cli import main
 from knockout.experiments import engine
-from knockout.runfolder import read_rows
+from knockout.runfolder import RunFolder
 from knockout.stats import Statistics
 
 
@@ -50,7 +50,7 @@ def test_sweep_writes_rows_config_stats_and_selection(setup, capsys):
     root, model, _, corpus = setup
     out = root / "run"
     assert main(_sweep_args(model, corpus, out)) == 0
-    rows = read_rows(out)
+    rows = RunFolder(out).row_dicts()
     assert len(rows) == 2 * (1 + 3 * 3)
     keys = {(r["method"], r["fraction"], r["seed"]) for r in rows}
     assert ("baseline", 0.0, 1) in keys and ("peak", 1.0, 0) in keys
@@ -76,7 +76,7 @@ def test_rerun_resumes_without_recomputing(setup, monkeypatch):
     root, model, _, corpus = setup
     out = root / "resume"
     assert main(_sweep_args(model, corpus, out)) == 0
-    first = {(r["method"], r["fraction"], r["seed"]): r for r in read_rows(out)}
+    first = {(r["method"], r["fraction"], r["seed"]): r for r in RunFolder(out).row_dicts()}
 
     calls = []
     real = engine.evaluate
@@ -90,14 +90,14 @@ def test_rerun_resumes_without_recomputing(setup, monkeypatch):
     (out / "results.jsonl").write_text("\n".join(kept) + "\n")
     assert main(_sweep_args(model, corpus, out)) == 0
     assert len(calls) == 4  # mean and peak at 0.5 and 1.0 of seed 1 (fraction 0 reuses the baseline)
-    again = {(r["method"], r["fraction"], r["seed"]): r for r in read_rows(out)}
+    again = {(r["method"], r["fraction"], r["seed"]): r for r in RunFolder(out).row_dicts()}
     assert again.keys() == first.keys()
     for key, row in first.items():
         assert again[key]["top1"] == row["top1"] and again[key]["ce"] == pytest.approx(row["ce"], abs=1e-9)
 
     # adding a method or a seed extends the run
     assert main(_sweep_args(model, corpus, out, "--seeds", "0,1,2")) == 0
-    assert len(read_rows(out)) == 3 * (1 + 3 * 3)
+    assert len(RunFolder(out).row_dicts()) == 3 * (1 + 3 * 3)
 
 
 def test_changed_settings_refuse_to_mix_into_an_old_run(setup, capsys):
@@ -183,8 +183,10 @@ def test_resampling_flags_reach_the_config(setup):
     assert main(args) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["resample"] == {"model": None, "prompt": "Once", "fixed": True, "cache": True}
-    rows = {r["method"]: r for r in read_rows(out) if r["fraction"] == 1.0}
-    assert rows["resample-tokens"]["ce"] != next(r for r in read_rows(out) if r["method"] == "baseline")["ce"]
+    rows = {r["method"]: r for r in RunFolder(out).row_dicts() if r["fraction"] == 1.0}
+    assert (
+        rows["resample-tokens"]["ce"] != next(r for r in RunFolder(out).row_dicts() if r["method"] == "baseline")["ce"]
+    )
 
 
 def test_more_bad_input_is_refused_before_anything_is_written(setup, tmp_path, capsys):
@@ -253,7 +255,7 @@ def test_masked_lm_all_methods_leave_out_resample_text_without_a_generator(tmp_p
         str(out),
     ]
     assert main(args) == 0
-    methods = {r["method"] for r in read_rows(out)}
+    methods = {r["method"] for r in RunFolder(out).row_dicts()}
     assert methods == {"baseline", "zero", "mean", "peak", "resample-chars", "resample-tokens"}
 
 
@@ -265,7 +267,7 @@ def test_seed_independent_evaluation_inputs_are_built_once(setup, monkeypatch):
     out = root / "once"
     assert main(_sweep_args(model, corpus, out, "--seeds", "0,1,2", "--fractions", "0,1", "--methods", "zero")) == 0
     assert calls == [0]  # causal: the same batches for every seed
-    assert len({r["n_eval"] for r in read_rows(out)}) == 1
+    assert len({r["n_eval"] for r in RunFolder(out).row_dicts()}) == 1
 
 
 def test_method_fractions_run_a_method_at_fewer_fractions(setup, capsys):
@@ -274,17 +276,15 @@ def test_method_fractions_run_a_method_at_fewer_fractions(setup, capsys):
     root, model, _, corpus = setup
     out = root / "per-method"
     assert main(_sweep_args(model, corpus, out, "--method-fractions", "mean=0.5;peak=0,1")) == 0
-    rows = read_rows(out)
+    rows = RunFolder(out).row_dicts()
     keys = {(r["method"], r["fraction"], r["seed"]) for r in rows}
     per_seed = {("zero", f) for f in (0.0, 0.5, 1.0)} | {("mean", 0.5), ("peak", 0.0), ("peak", 1.0), ("baseline", 0.0)}
     assert keys == {(m, f, s) for m, f in per_seed for s in (0, 1)}
     if not (root / "run" / "results.jsonl").is_file():  # the full run of the first test, when run alone
         assert main(_sweep_args(model, corpus, root / "run")) == 0
-    full = {(r["method"], r["fraction"], r["seed"]): r for r in read_rows(root / "run")}
+    full = {(r["method"], r["fraction"], r["seed"]): r for r in RunFolder(root / "run").row_dicts()}
     for r in rows:
         assert r["ce"] == pytest.approx(full[(r["method"], r["fraction"], r["seed"])]["ce"], abs=1e-9)
-    from knockout.runfolder import RunFolder
-
     assert RunFolder.with_results(out).missing() == [] and RunFolder.with_results(out).n_expected == len(rows)
     assert main(["report", str(out)]) == 0
     assert "PARTIAL" not in (out / "report" / "report.md").read_text()

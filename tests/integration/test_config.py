@@ -13,7 +13,7 @@ from knockout.cli import _config, build_parser, main
 from knockout.config import SweepConfig
 from knockout.errors import KnockoutError
 from knockout.experiments import engine, prepare
-from knockout.runfolder import RESULTS_CSV, ResultStore, read_rows
+from knockout.runfolder import RESULTS_CSV, ResultStore, RunFolder
 from knockout.version import __version__
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -91,7 +91,7 @@ def test_a_runs_config_json_round_trips(setup, tmp_path, capsys):
     assert (out / "results.jsonl").read_text() == rows
     # flags override the file: one more seed extends the run
     assert main(["-q", "sweep", "--config", str(out / "config.json"), "--seeds", "0,1"]) == 0
-    assert {r["seed"] for r in read_rows(out)} == {0, 1}
+    assert {r["seed"] for r in RunFolder(out).row_dicts()} == {0, 1}
     # a flag that changes results is refused in that folder, as for any resume
     assert main(["-q", "sweep", "--config", str(out / "config.json"), "--eval-tokens", "30"]) == 2
     assert "eval_tokens" in capsys.readouterr().err

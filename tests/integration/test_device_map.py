@@ -15,7 +15,7 @@ from knockout.config import SweepConfig
 from knockout.devices import input_device, is_offloaded
 from knockout.experiments.runner import run_sweep
 from knockout.loading import load_model, parse_device_map
-from knockout.runfolder import read_rows
+from knockout.runfolder import RunFolder
 
 pytest.importorskip("accelerate")
 
@@ -56,8 +56,8 @@ def test_sweep_on_an_offloaded_model_equals_the_whole_model(models, caplog):
     with caplog.at_level(logging.INFO, logger="knockout.hooks"):
         run_sweep(SweepConfig(model="tiny", out=str(root / "placed"), **kwargs), progress=False, loaded=placed)
     run_sweep(SweepConfig(model="tiny", out=str(root / "whole"), **kwargs), progress=False, loaded=whole)
-    got = {(r["method"], r["fraction"]): r for r in read_rows(root / "placed")}
-    want = {(r["method"], r["fraction"]): r for r in read_rows(root / "whole")}
+    got = {(r["method"], r["fraction"]): r for r in RunFolder(root / "placed").row_dicts()}
+    want = {(r["method"], r["fraction"]): r for r in RunFolder(root / "whole").row_dicts()}
     assert got.keys() == want.keys() and len(want) == 1 + 4
     for key, w in want.items():
         assert got[key]["n_eval"] == w["n_eval"] and got[key]["top1"] == pytest.approx(w["top1"], abs=1e-12), key

@@ -23,7 +23,7 @@ import torch.distributed as torch_dist
 
 import tiny
 from knockout.cli import main
-from knockout.runfolder import read_doc_sums, read_rows
+from knockout.runfolder import RunFolder
 from knockout.stats import Statistics
 
 METHODS = "zero,mean,peak,resample-tokens"
@@ -52,7 +52,7 @@ def _answer(report_md: Path) -> str:
 
 
 def _rows(out: Path) -> dict:
-    return {(r["method"], r["fraction"], r["seed"], r["target"]): r for r in read_rows(out)}
+    return {(r["method"], r["fraction"], r["seed"], r["target"]): r for r in RunFolder(out).row_dicts()}
 
 
 @pytest.mark.slow  # ~30 s on 2 busy CPU cores: three processes load torch and transformers
@@ -81,7 +81,7 @@ def test_two_rank_sweep_writes_the_single_process_results(tmp_path):
         Statistics.load(tmp_path / "single" / "stats.safetensors"),
     )
     # per-document sums of every row, gathered from the ranks in batch order: those of one process, bit for bit
-    got_docs, want_docs = read_doc_sums(tmp_path / "dist"), read_doc_sums(tmp_path / "single")
+    got_docs, want_docs = RunFolder(tmp_path / "dist").stored_sums, RunFolder(tmp_path / "single").stored_sums
     assert got_docs.keys() == want_docs.keys() == want.keys()
     for key, w in want_docs.items():
         for field in ("n", "ce_sum", "correct"):

@@ -26,7 +26,7 @@ from knockout.data.tasks import ModelInputs, eval_batches
 from knockout.errors import KnockoutError
 from knockout.experiments.runner import run_sweep
 from knockout.export import export_constants, write_export
-from knockout.runfolder import read_rows
+from knockout.runfolder import RunFolder
 from knockout.stats import Statistics, centres
 
 FRACTION = 0.5
@@ -63,7 +63,7 @@ def run(tmp_path_factory):
 
 
 def _rows(out) -> dict:
-    return {(r["method"], r["fraction"], r["seed"]): r for r in read_rows(out)}
+    return {(r["method"], r["fraction"], r["seed"]): r for r in RunFolder(out).row_dicts()}
 
 
 def _ablated(out, seed: int, widths: list[int]) -> list[torch.Tensor]:

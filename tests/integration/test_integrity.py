@@ -19,7 +19,7 @@ import tiny
 from knockout import Statistics, files, runfolder
 from knockout.cli import main
 from knockout.errors import KnockoutError
-from knockout.runfolder import read_doc_sums, read_rows
+from knockout.runfolder import RunFolder
 
 SRC = Path(knockout.__file__).resolve().parents[1]  # subprocesses import the knockout under test
 
@@ -32,7 +32,8 @@ def setup(tmp_path_factory, tiny_llama):
 def _values(out):
     """The rows of a run folder without their timings, keyed by (method, fraction, seed)."""
     return {
-        (r["method"], r["fraction"], r["seed"]): {f: v for f, v in r.items() if f != "seconds"} for r in read_rows(out)
+        (r["method"], r["fraction"], r["seed"]): {f: v for f, v in r.items() if f != "seconds"}
+        for r in RunFolder(out).row_dicts()
     }
 
 
@@ -319,7 +320,7 @@ def test_damaged_paired_file_is_named_then_recomputed_after_deleting(setup, refe
     path.unlink()
     assert main(args) == 0  # recomputes the sums of seed 1's rows
     assert _values(out) == _values(reference)
-    got, want = read_doc_sums(out), read_doc_sums(reference)
+    got, want = RunFolder(out).stored_sums, RunFolder(reference).stored_sums
     assert got.keys() == want.keys() and {k[2] for k in got} == {0, 1}
     assert all((got[k][f] == want[k][f]).all() for k in want for f in runfolder.DOC_FIELDS)
 
@@ -331,19 +332,19 @@ def test_paired_sums_that_do_not_add_up_to_their_row_are_rerun_and_left_out_unti
     out = tmp_path / "run"
     args = tiny.sweep_args(model, corpus, out)
     assert main(args) == 0
-    sums = read_doc_sums(out)
+    sums = RunFolder(out).stored_sums
     key = runfolder.row_key("zero", 0.5, 1)
     forged = {**sums[key], "ce_sum": sums[key]["ce_sum"] * 1.5}
     runfolder.save_doc_sums(out, "zero", 0.5, 1, forged)  # a valid checksum, but not this row's sums
-    assert runfolder.doc_sums_disagree(read_rows(out)[0], None) == "no per-document sums"
+    assert runfolder.doc_sums_disagree(RunFolder(out).row_dicts()[0], None) == "no per-document sums"
     answer = run_answer(out, (0.5,), n_boot=50)
     (fa,) = answer.fractions
     assert fa.n_sets == 1
     assert any("seed 1 lacks the per-document sums of zero" in n and "re-run the same sweep command" in n
                for n in fa.notes)  # fmt: skip
     assert main(args) == 0  # the row is run again, its sums rewritten
-    got = read_doc_sums(out)
-    assert (got[key]["ce_sum"] == read_doc_sums(reference)[key]["ce_sum"]).all()
+    got = RunFolder(out).stored_sums
+    assert (got[key]["ce_sum"] == RunFolder(reference).stored_sums[key]["ce_sum"]).all()
     assert run_answer(out, (0.5,), n_boot=50).fractions[0].n_sets == 2
 
 

@@ -8,7 +8,7 @@ import pytest
 import tiny
 from knockout.cli import main
 from knockout.data.text import load_texts
-from knockout.runfolder import read_doc_sums, read_rows
+from knockout.runfolder import RunFolder
 
 
 @pytest.fixture(autouse=True)
@@ -28,15 +28,15 @@ def test_two_models_on_the_same_documents_and_their_comparison(tmp_path, capsys)
     printed = capsys.readouterr().out
     assert f"{llama}:" in printed and f"{gpt2}:" in printed and "comparison:" in printed
     for name in ("llama", "gpt2"):
-        rows = read_rows(out / name)
+        rows = RunFolder(out / name).row_dicts()
         assert {r["method"] for r in rows} == {"baseline", "zero", "mean"}
-        sums = read_doc_sums(out / name)
+        sums = RunFolder(out / name).stored_sums
         assert all(len(s["n"]) == 6 for s in sums.values())  # six documents, whole
     # the same documents: each document's scored targets are its length (both tokenizers read characters here)
     texts = list(load_texts(corpus, "eval"))[:6]
     lengths = [min(len(t), 30) - 1 for t in texts]
     for name in ("llama", "gpt2"):
-        base = read_doc_sums(out / name)[("baseline", 0.0, 0, "")]
+        base = RunFolder(out / name).stored_sums[("baseline", 0.0, 0, "")]
         assert sorted(base["n"].tolist()) == sorted(lengths)
     saved = json.loads((out / "compare" / "compare.json").read_text())
     assert saved["runs"] == ["llama", "gpt2"] and [v["fraction"] for v in saved["verdicts"]] == ["0.5"]  # 0.9: not run

@@ -11,7 +11,7 @@ from knockout.config import SweepConfig
 from knockout.experiments.runner import run_sweep
 from knockout.loading import load_model
 from knockout.reporting.answer import run_answer
-from knockout.runfolder import read_rows
+from knockout.runfolder import RunFolder
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ def test_optimal_beats_zero_mean_peak_on_smollm2(tmp_path):
         fractions=(0.5, 0.9), seeds=(0,), eval_tokens=512, stats_tokens=2048, max_length=64, batch_size=4,
     )  # fmt: skip
     out = Path(run_sweep(cfg, progress=False, loaded=loaded))
-    ce = {(r["method"], r["fraction"]): r["ce"] for r in read_rows(out)}
+    ce = {(r["method"], r["fraction"]): r["ce"] for r in RunFolder(out).row_dicts()}
     for f in (0.5, 0.9):
         assert ce[("optimal", f)] < min(ce[(m, f)] for m in ("zero", "mean", "peak")), (f, ce)
     after = loaded.model.state_dict()

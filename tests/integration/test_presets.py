@@ -12,7 +12,7 @@ from knockout.cli import _config, build_parser, main
 from knockout.config import DEFAULT_FRACTIONS
 from knockout.errors import KnockoutError
 from knockout.experiments.presets import PRESETS, resolve_preset
-from knockout.runfolder import read_rows
+from knockout.runfolder import RunFolder
 
 PAPER = {
     "opt-1.3b": ("facebook/opt-1.3b", "monology/pile-uncopyrighted", "causal", 100_000),
@@ -124,7 +124,7 @@ def test_preset_with_local_overrides_runs(tmp_path):
     argv += ["--eval-tokens", "20", "--stats-tokens", "200", "--max-length", "64", "--fractions", "0,1"]
     argv += ["--seeds", "0", "--methods", "zero,mean"]
     assert main(argv) == 0
-    rows = read_rows(out)
+    rows = RunFolder(out).row_dicts()
     assert {(r["method"], r["fraction"]) for r in rows} == {
         ("baseline", 0.0),
         *((m, f) for m in ("zero", "mean") for f in (0.0, 1.0)),

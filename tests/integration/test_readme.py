@@ -17,7 +17,7 @@ import tiny
 from knockout.cli import build_parser
 from knockout.experiments import prepare
 from knockout.loading import LoadedModel
-from knockout.runfolder import read_rows
+from knockout.runfolder import RunFolder
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 #: Flags in the README that belong to other programs (torchrun).
@@ -106,6 +106,6 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     run_dirs = [p.parent for p in tmp_path.rglob("results.jsonl")]
     assert run_dirs, "the README's run_sweep wrote no run folder"
     for run_dir in run_dirs:
-        rows = read_rows(run_dir)
+        rows = RunFolder(run_dir).row_dicts()
         assert rows and all(r["ce"] == r["ce"] for r in rows)  # rows stored, none NaN
         assert (run_dir / "report" / "report.html").is_file()

@@ -18,7 +18,7 @@ import tiny
 from knockout.cli import main
 from knockout.errors import KnockoutError
 from knockout.experiments import engine, prepare
-from knockout.runfolder import ResultRow, ResultStore, load_selection, read_rows
+from knockout.runfolder import ResultRow, ResultStore, RunFolder, load_selection
 from knockout.stats import Statistics
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -31,7 +31,7 @@ def setup(tmp_path_factory, tiny_llama):
 
 def _values(out):
     """The rows of a run folder without their timings, keyed by (method, fraction, seed)."""
-    rows = read_rows(out)
+    rows = RunFolder(out).row_dicts()
     keys = [(r["method"], r["fraction"], r["seed"]) for r in rows]
     assert len(keys) == len(set(keys)), "a row is duplicated"
     return {k: {f: v for f, v in r.items() if f != "seconds"} for k, r in zip(keys, rows)}
@@ -192,7 +192,7 @@ def test_changed_data_is_refused_and_restart_starts_over(setup, tmp_path, capsys
     assert main([*args, "--restart"]) == 0
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert len(aside) == 1 and (aside[0] / "results.jsonl").is_file()
-    assert len(read_rows(out)) == 5
+    assert len(RunFolder(out).row_dicts()) == 5
 
 
 def test_changed_setting_refuses_and_restart_applies_it(setup, tmp_path, capsys):
@@ -230,7 +230,7 @@ def test_nan_metrics_are_an_error_never_a_row(tmp_path):
         store.add(ResultRow.measured("zero", 1.0, 0, 0.1, float("nan"), 10, 64, 64, 0.1, good))
     with pytest.raises(KnockoutError, match="gave ce = inf"):
         store.add(ResultRow.measured("zero", 1.0, 0, 0.1, float("inf"), 10, 64, 64, 0.1, good))
-    assert [r["method"] for r in read_rows(tmp_path)] == ["baseline"]
+    assert [r["method"] for r in RunFolder(tmp_path).row_dicts()] == ["baseline"]
     json.loads((tmp_path / "results.jsonl").read_text())  # still valid JSON
 
 

@@ -15,7 +15,7 @@ from knockout.cli import main
 from knockout.inference.paired import DocSums
 from knockout.inference.sequential import SequentialTest, plan_for
 from knockout.reporting.answer import run_answer
-from knockout.runfolder import read_doc_sums, read_rows, row_key
+from knockout.runfolder import RunFolder, row_key
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 METHODS = ("zero", "mean", "peak")
@@ -35,7 +35,7 @@ def _args(model, corpus, out):
 
 
 def _values(out):
-    return {(r["method"], r["fraction"], r["seed"]): (r["ce"], r["top1"]) for r in read_rows(out)}
+    return {(r["method"], r["fraction"], r["seed"]): (r["ce"], r["top1"]) for r in RunFolder(out).row_dicts()}
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,8 @@ def reference(setup):
 
 
 def test_the_added_sets_are_those_the_design_asks_for(reference):
-    rows = read_rows(reference)
-    sums = read_doc_sums(reference)
+    rows = RunFolder(reference).row_dicts()
+    sums = RunFolder(reference).stored_sums
     first = {(m, f, s) for m in METHODS for f in (0.0, 0.5, 1.0) for s in (0, 1, 2)}
     assert first <= {(r["method"], r["fraction"], r["seed"]) for r in rows}
     added = {(r["method"], r["fraction"], r["seed"]) for r in rows if r["seed"] >= 3 and r["method"] != "baseline"}
@@ -87,7 +87,7 @@ sys.exit(main(sys.argv[1:]))
 
 def test_sigkill_during_an_added_set_then_the_same_command_gives_the_same_sets_and_values(setup, reference, tmp_path):
     _, model, corpus = setup
-    if not any(r["seed"] >= 3 for r in read_rows(reference)):
+    if not any(r["seed"] >= 3 for r in RunFolder(reference).row_dicts()):
         pytest.skip("the first look decided every pair: no set was added")
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(SRC), "KILL_AT_SEED": "4"}

@@ -122,6 +122,7 @@ def test_export_reads_through_the_checksums_and_never_overwrites(run, tmp_path, 
 def test_a_run_folder_reached_through_a_link_of_its_own_is_fine(run, tmp_path):
     out, args = _copy(run, tmp_path)
     (tmp_path / "alias").symlink_to(out, target_is_directory=True)
+
     def kept(tree):  # config.json records the --out given
         return {k: v for k, v in tree.items() if not k.startswith("report") and k != "config.json"}
 

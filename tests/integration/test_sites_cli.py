@@ -9,7 +9,7 @@ import knockout.reporting
 import tiny
 from knockout.cli import main
 from knockout.reporting.report import identity
-from knockout.runfolder import RunFolder, read_rows
+from knockout.runfolder import RunFolder
 from knockout.stats import Statistics
 
 
@@ -49,7 +49,7 @@ def test_sweep_on_the_mlp_site(setup, capsys):
     root, model, corpus = setup
     out = root / "mlp"
     assert main(_sweep(model, corpus, out, "--site", "mlp")) == 0
-    rows = read_rows(out)
+    rows = RunFolder(out).row_dicts()
     assert len(rows) == 1 + 3 * 3
     for r in rows:
         assert r["n_neurons"] == 128 and r["n_ablated"] == {0.0: 0, 0.5: 64, 1.0: 128}[r["fraction"]]
@@ -79,7 +79,7 @@ def test_sweep_with_head_selection(setup, capsys):
     root, model, corpus = setup
     out = root / "heads"
     assert main(_sweep(model, corpus, out, "--selection", "heads-per-layer", "--methods", "zero")) == 0
-    rows = read_rows(out)
+    rows = RunFolder(out).row_dicts()
     assert {r["fraction"]: r["n_ablated"] for r in rows if r["method"] == "zero"} == {0.0: 0, 0.5: 32, 1.0: 64}
     with safe_open(str(out / "selection.safetensors"), framework="pt") as f:
         assert set(f.keys()) == {"seed0.heads.layer0", "seed0.heads.layer1"}

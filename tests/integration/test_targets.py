@@ -23,7 +23,7 @@ from knockout.loading import LoadedModel
 from knockout.reporting.report import write_report
 from knockout.reporting.scan import agreement, load_scan, spearman
 from knockout.reporting.targets import target_answers
-from knockout.runfolder import RunFolder, read_attribution, read_doc_sums, read_rows, row_key
+from knockout.runfolder import RunFolder, row_key
 from knockout.stats import Statistics
 
 
@@ -63,13 +63,13 @@ def test_ablate_rows_equal_a_direct_evaluation_of_each_set(root):
     )  # fmt: skip
     assert cfg.seeds == (0,)  # one seed by default: the sets do not depend on it
     out = Path(run_sweep(cfg, progress=False, loaded=loaded))
-    rows = read_rows(out)
+    rows = RunFolder(out).row_dicts()
     sites = find_sites(loaded.model)
     sets = component_sets(spec, sites)
     assert len(rows) == 1 + 3 * len(sets)
     stats = Statistics.load(out / "stats.safetensors")
     batches = eval_batches(cfg.data_spec(), model_inputs(loaded, sites, cfg.data_spec()), 0)
-    sums = read_doc_sums(out)
+    sums = RunFolder(out).stored_sums
     resolved = RunFolder(out).resolved.targets
     for s in sets:
         assert resolved[s.name] == s.record()
@@ -115,7 +115,7 @@ def test_scan_of_a_task_resumes_after_a_kill_to_the_same_values(root, monkeypatc
     cfg = _scan_cfg(root, "scan-full", scan={"unit": "head", "attribution": True, "top_k": 3})
     assert cfg.eval_tokens == 8 and cfg.methods == ("zero", "mean", "peak") and cfg.seeds == (0,)
     full = run_scan(cfg, progress=False, loaded=_loaded())
-    rows = read_rows(full)
+    rows = RunFolder(full).row_dicts()
     assert len(rows) == 1 + 3 * 12 and all(r.get("logit_diff") is not None for r in rows)
     base = next(r for r in rows if r["method"] == "baseline")
     assert base["n_eval"] == 4  # the evaluation part: a fifth of the 20 prompts
@@ -138,12 +138,12 @@ def test_scan_of_a_task_resumes_after_a_kill_to_the_same_values(root, monkeypatc
     monkeypatch.setattr(targets_module.ResultStore, "add", dying)
     with pytest.raises(KeyboardInterrupt):
         run_scan(killed, progress=False, loaded=_loaded())
-    assert len(read_rows(root / "scan-killed")) == 10
+    assert len(RunFolder(root / "scan-killed").row_dicts()) == 10
     monkeypatch.setattr(targets_module.ResultStore, "add", add)
     resumed = run_scan(killed, progress=False, loaded=_loaded())
     key = lambda r: (r["method"], r["target"])  # noqa: E731
     strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
-    assert sorted(map(strip, read_rows(resumed)), key=key) == sorted(map(strip, rows), key=key)
+    assert sorted(map(strip, RunFolder(resumed).row_dicts()), key=key) == sorted(map(strip, rows), key=key)
 
 
 def test_scan_report_and_attribution(root):
@@ -152,7 +152,7 @@ def test_scan_report_and_attribution(root):
     assert data.metric == "logit_diff" and len(data.units) == 12 and data.k == 3
     pairs = agreement(data)
     assert [(p["method_a"], p["method_b"]) for p in pairs] == [("zero", "mean"), ("zero", "peak"), ("mean", "peak")]
-    rows = read_rows(out)
+    rows = RunFolder(out).row_dicts()
     eff = {m: {r["target"]: r["delta_logit_diff"] for r in rows if r["method"] == m} for m in ("zero", "mean")}
     units = list(eff["zero"])
     by_hand = [sorted(units, key=lambda u, m=m: -abs(eff[m][u]))[:3] for m in ("zero", "mean")]
@@ -160,7 +160,7 @@ def test_scan_report_and_attribution(root):
     x, y = np.array([eff["zero"][u] for u in units]), np.array([eff["mean"][u] for u in units])
     assert zero_mean["spearman"] == pytest.approx(spearman(x, y))
     assert zero_mean["top_k_overlap"] == len(set(by_hand[0]) & set(by_hand[1]))
-    attribution = read_attribution(out)
+    attribution = RunFolder(out).attribution()
     assert attribution["metric"] == "logit_diff" and set(attribution["estimates"]) == {"zero", "mean", "peak"}
     report = write_report(out)  # `knockout report` on a scan folder writes the scan report
     md = report.with_name("report.md").read_text()
@@ -188,7 +188,7 @@ def test_cli_sweep_ablate_and_scan(root, tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "pair" in printed and "logit diff" in printed
-    rows = read_rows(tmp_path / "sweep")
+    rows = RunFolder(tmp_path / "sweep").row_dicts()
     assert {r["target"] for r in rows} == {"", "pair", "L1"} and all("logit_diff" in r for r in rows)
     csv_header = (tmp_path / "sweep" / "results.csv").read_text().splitlines()[0]
     assert csv_header.endswith("target,logit_diff,delta_logit_diff")
@@ -204,7 +204,7 @@ def test_cli_sweep_ablate_and_scan(root, tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "report.html" in printed and "zero" in printed
-    rows = read_rows(tmp_path / "scan")
+    rows = RunFolder(tmp_path / "scan").row_dicts()
     assert {r["target"] for r in rows} == {"", "L0", "L1", "L2"} and not any("logit_diff" in r for r in rows)
     assert main(["-q", "scan", "--model", model, "--data", corpus, "--unit", "heads",
                  "--out", str(tmp_path / "scan2")]) == 2  # fmt: skip
@@ -216,7 +216,7 @@ def test_target_rows_whose_sums_do_not_add_up_are_named_then_rerun(root, kind):
     """One policy for every row: stored sums that do not add up to their row (a valid checksum, other values) make
     the row unusable: a report names it and leaves it out, and resuming evaluates it again, to the same sums."""
     from knockout.reporting.targets import target_answers
-    from knockout.runfolder import ALL_DOC_FIELDS, save_doc_sums
+    from knockout.runfolder import RunFolder, save_doc_sums
 
     if kind == "ablate":
         cfg = SweepConfig(
@@ -233,9 +233,9 @@ def test_target_rows_whose_sums_do_not_add_up_are_named_then_rerun(root, kind):
             return Path(run_scan(cfg, progress=False, loaded=_loaded()))
 
     out = run()
-    row = next(r for r in read_rows(out) if r["target"] and r["method"] == "mean")
+    row = next(r for r in RunFolder(out).row_dicts() if r["target"] and r["method"] == "mean")
     key = row_key("mean", row["fraction"], 0, row["target"])
-    good = read_doc_sums(out, ALL_DOC_FIELDS)[key]
+    good = RunFolder(out).stored_sums[key]
     save_doc_sums(out, "mean", row["fraction"], 0, {**good, "ce_sum": good["ce_sum"] * 1.5}, row["target"])
     folder = RunFolder(out)
     assert key in folder.unusable and key not in folder.doc_sums
@@ -246,11 +246,11 @@ def test_target_rows_whose_sums_do_not_add_up_are_named_then_rerun(root, kind):
         data = load_scan(out)
         assert row["target"] not in data.docs.get("mean", {})
         assert any("do not belong to them" in n and row["target"] in n for n in data.notes)
-    rows_before = {(r["method"], r["target"]): r for r in read_rows(out)}
+    rows_before = {(r["method"], r["target"]): r for r in RunFolder(out).row_dicts()}
     run()  # resumed: the row is evaluated again and its sums rewritten
     assert RunFolder(out).unusable == {}
-    assert np.array_equal(read_doc_sums(out, ALL_DOC_FIELDS)[key]["ce_sum"], good["ce_sum"])
-    after = {(r["method"], r["target"]): r for r in read_rows(out)}
+    assert np.array_equal(RunFolder(out).stored_sums[key]["ce_sum"], good["ce_sum"])
+    after = {(r["method"], r["target"]): r for r in RunFolder(out).row_dicts()}
     assert {k: {f: v for f, v in r.items() if f != "seconds"} for k, r in after.items()} == {
         k: {f: v for f, v in r.items() if f != "seconds"} for k, r in rows_before.items()
     }

@@ -15,7 +15,7 @@ import pytest
 import tiny
 from knockout.cli import main
 from knockout.errors import KnockoutError
-from knockout.runfolder import read_rows
+from knockout.runfolder import RunFolder
 
 METRICS = ("top1", "ce", "delta_top1", "delta_ce")
 
@@ -60,7 +60,7 @@ def _expected_metrics(out) -> set[tuple[str, int, float]]:
     """``(name, step, value)`` of every row of results.jsonl, named as docs/tracking.md says: step = the row's index,
     ``{metric}/{method}/{fraction}``, and the row's seed."""
     want = set()
-    for step, row in enumerate(read_rows(out)):
+    for step, row in enumerate(RunFolder(out).row_dicts()):
         for m in METRICS:
             want.add((f"{m}/{row['method']}/{row['fraction']:g}", step, row[m]))
         want.add(("seed", step, float(row["seed"])))
@@ -89,7 +89,7 @@ def test_mlflow_file_store_reads_back_equal_to_the_run_folder(tracked, tmp_path)
     history = client.get_metric_history
     got = {(m.key, m.step, m.value) for key in run.data.metrics for m in history(run.info.run_id, key)}
     assert got == _expected_metrics(out)
-    rows = read_rows(out)
+    rows = RunFolder(out).row_dicts()
     i = next(i for i, r in enumerate(rows) if (r["method"], r["fraction"], r["seed"]) == ("zero", 0.5, 1))
     assert ("ce/zero/0.5", i, rows[i]["ce"]) in got and ("seed", i, 1.0) in got
 

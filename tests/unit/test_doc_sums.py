@@ -7,7 +7,7 @@ import torch
 
 from knockout.data.batch import IGNORE
 from knockout.evaluation import Metrics
-from knockout.runfolder import read_doc_sums, save_doc_sums
+from knockout.runfolder import RunFolder, save_doc_sums
 
 
 def _batches():
@@ -58,7 +58,7 @@ def test_doc_sums_round_trip_through_the_run_folder(tmp_path):
     save_doc_sums(tmp_path, "baseline", 0.0, 0, a)
     b = {k: v + 1 for k, v in a.items()}
     save_doc_sums(tmp_path, "peak@0.05", 0.5, 1, b, target="L1.H3")  # a named target's row, '@' in the method
-    got = read_doc_sums(tmp_path)
+    got = RunFolder(tmp_path).stored_sums
     assert set(got) == {
         ("mean", 0.5, 1, ""), ("resample-chars", 0.9, 1, ""), ("baseline", 0.0, 0, ""), ("peak@0.05", 0.5, 1, "L1.H3")
     }  # fmt: skip

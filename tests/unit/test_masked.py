@@ -21,7 +21,7 @@ from knockout.data.masked import (
 from knockout.errors import KnockoutError
 from knockout.evaluation.metrics import Metrics
 from knockout.loading import LoadedModel
-from knockout.runfolder import read_rows
+from knockout.runfolder import RunFolder
 
 
 def _inputs(loaded):
@@ -191,7 +191,7 @@ def test_full_sweep_on_tiny_roberta(tmp_path):
     corpus = tiny.write_corpus(tmp_path / "corpus.txt", n_docs=60)
     cfg = _cfg(corpus, tmp_path, model=folder)
     out = knockout.run_sweep(cfg, progress=False)
-    rows = read_rows(out)
+    rows = RunFolder(out).row_dicts()
     assert {(r["method"], r["fraction"], r["seed"]) for r in rows} == {
         *((m, f, s) for m in ("zero", "mean", "peak") for f in (0.0, 0.5, 1.0) for s in (0, 1)),
         ("baseline", 0.0, 0),

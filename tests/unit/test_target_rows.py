@@ -11,14 +11,11 @@ from knockout.config import SweepConfig
 from knockout.experiments.prepare import check
 from knockout.reporting.summary import format_table, summarize
 from knockout.runfolder import (
-    ALL_DOC_FIELDS,
     RESULTS_CSV,
     RESULTS_FILE,
     ResultRow,
     ResultStore,
     RunFolder,
-    read_doc_sums,
-    read_rows,
     row_key,
     save_doc_sums,
     write_rows,
@@ -46,7 +43,7 @@ def test_rows_with_a_logit_difference(tmp_path):
     row = _row(target="induction", ld=1.5, base_ld=4.0)
     assert row.delta_logit_diff == pytest.approx(-2.5)
     store.add(row)
-    (line,) = read_rows(tmp_path)
+    (line,) = RunFolder(tmp_path).row_dicts()
     assert line["logit_diff"] == 1.5 and line["delta_logit_diff"] == -2.5 and line["target"] == "induction"
     assert (tmp_path / RESULTS_CSV).read_text().splitlines()[0].endswith(",target,logit_diff,delta_logit_diff")
     with pytest.raises(KnockoutError, match="logit_diff = nan"):
@@ -57,8 +54,8 @@ def test_doc_sums_keep_the_logit_difference_apart(tmp_path):
     sums = {"n": np.ones(3, np.int64), "ce_sum": np.arange(3.0), "correct": np.ones(3, np.int64), "ld_sum": -np.ones(3)}
     save_doc_sums(tmp_path, "zero", 0.25, 0, sums, target="L1.H2")
     key = row_key("zero", 0.25, 0, "L1.H2")
-    assert set(read_doc_sums(tmp_path)[key]) == {"n", "ce_sum", "correct"}  # what DocSums takes
-    np.testing.assert_array_equal(read_doc_sums(tmp_path, ALL_DOC_FIELDS)[key]["ld_sum"], -np.ones(3))
+    assert set(RunFolder(tmp_path).stored_sums[key]) == {"n", "ce_sum", "correct", "ld_sum"}
+    np.testing.assert_array_equal(RunFolder(tmp_path).stored_sums[key]["ld_sum"], -np.ones(3))
 
 
 def test_summary_keeps_sets_of_the_same_size_apart():

@@ -15,7 +15,7 @@ from knockout.errors import KnockoutError
 from knockout.experiments.prepare import model_inputs
 from knockout.hooks import capture, preout_length
 from knockout.loading import load_model
-from knockout.runfolder import read_rows
+from knockout.runfolder import RunFolder
 from knockout.sites import find_sites
 
 COLOURS = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}
@@ -160,7 +160,7 @@ def test_full_sweep_on_tiny_vit(tmp_path, processor):
     folder = saved_vit(tmp_path / "vit", processor=processor)
     cfg = _cfg(tmp_path, folder, str(root))
     out = knockout.run_sweep(cfg, progress=False)
-    rows = read_rows(out)
+    rows = RunFolder(out).row_dicts()
     assert len(rows) == 2 * (1 + 3 * 3)
     assert {r["method"] for r in rows} == {"baseline", "zero", "mean", "peak"}
     assert all(r["n_eval"] == 5 for r in rows)

@@ -16,7 +16,7 @@ the same floats). ``m`` is a ratio of sums over prompts, as everywhere in knocko
 answer tokens, ``sum(ce_sum) / sum(n)``; the formula is the same for both (for CE, lower is better, and ``f`` is still
 1 at the full model and 0 at the empty one).
 
-Rows are what :func:`knockout.runfolder.read_doc_sums` returns with ``ALL_DOC_FIELDS`` (a mapping with ``n``,
+Rows are what :attr:`knockout.runfolder.RunFolder.stored_sums` holds (a mapping with ``n``,
 ``ce_sum`` and, for contrast prompts, ``ld_sum``, each ``[n_prompts]``), or :class:`~knockout.inference.paired.DocSums`
 (CE only). One row per state: one seed.
 
