@@ -393,7 +393,7 @@ class SequentialTest:
                 if len(data.get(m, ())) < n_sets:
                     raise KnockoutError(f"look {k + 1} needs {n_sets} sets of {m!r}, got {len(data.get(m, ()))}")
             comps[(a, b)] = paired_components(
-                _first_docs(data[a][:n_sets], n_docs), _first_docs(data[b][:n_sets], n_docs), self.metric,
+                first_docs(data[a][:n_sets], n_docs), first_docs(data[b][:n_sets], n_docs), self.metric,
                 n_boot=self.n_boot, seed=self.seed,
             )  # fmt: skip
         left = list(comps)
@@ -511,7 +511,7 @@ def needed(
     return Need(at_current, best[1] if best else None, float(best[2]) if best else None, sets_help)
 
 
-def _first_docs(rows: Sequence[DocSums], n_docs: int | None) -> list[DocSums]:
+def first_docs(rows: Sequence[DocSums], n_docs: int | None) -> list[DocSums]:
     """The rows restricted to their first ``n_docs`` documents (all of them when ``None``): a look uses the documents
     its plan had at that look, even when later sets were evaluated on more."""
     if n_docs is None:
