@@ -12,6 +12,12 @@ the stored rows, and for ``patch`` the counterfactual batches of the evaluation 
 other is evaluated (its sums stored before the row, so a stored row always has them) and the callbacks are told.
 :meth:`RowEngine.store_row` is the one place that stores a row.
 
+Documents on demand (``--decide-max-docs``): a row's documents are the length of its per-document sums. The first
+``--decide-max-docs`` evaluation documents are loaded once and batched per planned count
+(:func:`knockout.data.tasks.doc_segments`); a new row is evaluated on the first ``--eval-docs`` of them, and
+:meth:`RowEngine.grow` grows a stored row (and its seed's baseline) to a planned count by evaluating only the added
+segments, so a row is the same however it grew.
+
 Constant methods on a set whose lowest ablated layer is above 0 evaluate only the layers from there on, reusing the
 unablated outputs of the layers below, recorded once per set of batches (:mod:`knockout.evaluation.prefix`; the same
 logits bit for bit): a scan's units and ``--ablate`` sets, and random sets of ``--selection global`` that leave the
