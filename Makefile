@@ -25,9 +25,11 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/knockout demo
 
-# The demo's decision on two real models side by side: runs/compare/compare/compare.html (docs/reports.md).
+# The demo's decision on two real models side by side: runs/compare/compare/compare.html (docs/reports.md). Where the
+# documents limit an interval, the same run adds evaluation documents (12, 24, 48: docs/decisions.md).
 compare: $(VENV)/.installed-slow
-	$(VENV)/bin/knockout demo --models smollm2-135m,gemma3-270m --methods zero,mean,peak --out runs/compare
+	$(VENV)/bin/knockout demo --models smollm2-135m,gemma3-270m --methods zero,mean,peak --decide-max-docs 48 \
+		--out runs/compare
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -337,6 +337,7 @@ class SweepConfig:
                     f"--decide-fractions {','.join(f'{f:g}' for f in extra)} not among the fractions "
                     f"{','.join(f'{f:g}' for f in self.fractions)}: sets are added at fractions the sweep runs"
                 )
+        self.decide.check_docs(self.sequential, self.eval_docs)
         if not self.seeds:
             raise KnockoutError("give at least one seed")
         bad = [s for s in self.fixed_seeds if not 0 <= s < 2**63]
@@ -460,7 +461,7 @@ class SweepConfig:
         answer's families); ``None`` otherwise."""
         from knockout.inference.sequential import families
 
-        return self.decide.design_record(families(self.decide.fractions)) if self.sequential else None
+        return self.decide.design_record(families(self.decide.fractions), self.eval_docs) if self.sequential else None
 
     @property
     def fixed_seeds(self) -> tuple[int, ...]:

@@ -22,6 +22,7 @@ processor, config, and for images the pre-out sequence length, measured by :func
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +153,30 @@ def eval_batches(spec: DataSpec, model: ModelInputs, seed: int) -> list[Batch]:
             _preout_len(model), spec.revision,
         )  # fmt: skip
     raise KnockoutError(f"task {model.task!r} is not supported")
+
+
+def doc_segments(spec: DataSpec, model: ModelInputs, counts: Sequence[int]) -> list[list[Batch]]:
+    """Causal text with ``eval_docs`` whose evaluation may grow (documents on demand): the batches of documents
+    ``[0, counts[0])``, ``[counts[0], counts[1])``, ... (``counts`` increasing, the first ``spec.eval_docs``). The first
+    ``counts[-1]`` documents are tokenized once; each segment is batched (and sorted by length) on its own, so segment
+    0 is :func:`eval_batches`' batches and a row on the first ``counts[k]`` documents is the same whether it was
+    evaluated on them at once or grown segment by segment."""
+    from knockout.data import prompts
+
+    if spec.eval_docs is None or model.task != "causal" or prompts.is_task_source(spec.source):
+        raise KnockoutError(
+            "evaluation documents can be added (--decide-max-docs) to whole documents of text for causal LMs: give "
+            "--eval-docs N, not task prompts, masked LMs or images"
+        )
+    if not counts or counts[0] != spec.eval_docs or any(b <= a for a, b in zip(counts, counts[1:])):
+        raise KnockoutError(f"document counts must increase from --eval-docs {spec.eval_docs}, got {list(counts)}")
+    tok = model.processor
+    texts = load_texts(spec.source, "eval", spec.revision)
+    seqs = tokenize_docs(tok, texts, counts[-1], spec.max_length, "--decide-max-docs")
+    bounds = [0, *counts]
+    return [
+        _sorted(causal_batches(seqs[a:b], spec.batch_size, pad_id(tok)), spec, tok) for a, b in zip(bounds, bounds[1:])
+    ]
 
 
 def _prompt_batches(spec: DataSpec, model: ModelInputs) -> list[Batch]:

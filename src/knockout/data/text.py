@@ -294,10 +294,13 @@ def tokenize_exact(
     )
 
 
-def tokenize_docs(tokenizer, texts: Iterable[str], n_docs: int, max_length: int) -> list[list[int]]:
+def tokenize_docs(
+    tokenizer, texts: Iterable[str], n_docs: int, max_length: int, flag: str = "--eval-docs"
+) -> list[list[int]]:
     """Token id sequences of the first ``n_docs`` documents that give at least one next-token target, each whole up
     to ``max_length`` tokens: the same documents whatever the tokenizer (``--eval-docs``), unlike
-    :func:`tokenize_exact`, which cuts the last document to an exact number of targets."""
+    :func:`tokenize_exact`, which cuts the last document to an exact number of targets. The first ``k`` of them are
+    the sequences of ``n_docs = k``. ``flag``: the setting an error names."""
     if n_docs <= 0:
         raise KnockoutError(f"the number of evaluation documents must be positive, got {n_docs}")
     seqs = []
@@ -309,7 +312,7 @@ def tokenize_docs(tokenizer, texts: Iterable[str], n_docs: int, max_length: int)
                 return seqs
     raise KnockoutError(
         f"the data gave only {len(seqs)} documents with a next-token target but {n_docs} were asked for; "
-        "lower --eval-docs or use a larger data source"
+        f"lower {flag} or use a larger data source"
     )
 
 

@@ -12,6 +12,12 @@ the stored rows, and for ``patch`` the counterfactual batches of the evaluation 
 other is evaluated (its sums stored before the row, so a stored row always has them) and the callbacks are told.
 :meth:`RowEngine.store_row` is the one place that stores a row.
 
+Documents on demand (``--decide-max-docs``): a row's documents are the length of its per-document sums. The first
+``--decide-max-docs`` evaluation documents are loaded once and batched per planned count
+(:func:`knockout.data.tasks.doc_segments`); a new row is evaluated on the first ``--eval-docs`` of them, and
+:meth:`RowEngine.grow` grows a stored row (and its seed's baseline) to a planned count by evaluating only the added
+segments, so a row is the same however it grew.
+
 Constant methods on a set whose lowest ablated layer is above 0 evaluate only the layers from there on, reusing the
 unablated outputs of the layers below, recorded once per set of batches (:mod:`knockout.evaluation.prefix`; the same
 logits bit for bit): a scan's units and ``--ablate`` sets, and random sets of ``--selection global`` that leave the
@@ -29,6 +35,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -39,7 +46,13 @@ from knockout.components import ComponentSet, component_sets
 from knockout.config import Resolved, SweepConfig
 from knockout.data.batch import Batch
 from knockout.data.packing import scored_fraction
-from knockout.data.tasks import SEED_DEPENDENT_TASKS, counterfactual_eval_batches, eval_batches, stats_batches
+from knockout.data.tasks import (
+    SEED_DEPENDENT_TASKS,
+    counterfactual_eval_batches,
+    doc_segments,
+    eval_batches,
+    stats_batches,
+)
 from knockout.devices import model_dtype
 from knockout.distributed import World
 from knockout.errors import KnockoutError
@@ -245,6 +258,9 @@ class RowEngine:
             check_targets(folder, targets)
         self.first_seed = cfg.fixed_seeds[0]
         self.first_batches = eval_batches(run.spec, run.inputs, self.first_seed)
+        # documents on demand (--decide-max-docs): the planned document counts and each count's added batches
+        self.doc_counts = cfg.decide.plan(eval_docs=cfg.eval_docs).docs if cfg.sequential else ()
+        self.segments = doc_segments(run.spec, run.inputs, self.doc_counts) if self.doc_counts else None
         used = scored_fraction(self.first_batches) if loaded.task != "image" else 1.0
         if world.is_main:
             log.info(
@@ -294,6 +310,8 @@ class RowEngine:
     def context(self, seed: int, batches: list[Batch]) -> MethodContext:
         """The method context of ``seed`` evaluated on ``batches``."""
         run, cfg = self.run, self.cfg
+        if self.segments is not None:  # every batch a row may be evaluated on (resampling's fixed input spans them)
+            batches = [b for segment in self.segments for b in segment]
         return MethodContext(
             self.model, run.sites, self.stats, seed, run.loaded.task, run.loaded.processor, batches,
             optimal=cfg.optimal, resample=cfg.resample, image=cfg.image, generator=self.generator,
@@ -382,9 +400,16 @@ class RowEngine:
                 self.store_row(base, m.doc_sums())
         return base
 
-    def ensure(self, seed: int, wanted: list[tuple[type, NeuronSet]]) -> None:
+    def ensure(self, seed: int, wanted: list[tuple[type, NeuronSet]], n_docs: int | None = None) -> None:
         """Make sure the baseline of ``seed`` and each ``(method class, neuron set)`` of ``wanted`` are stored with
-        per-document sums that add up to them, evaluating those that are not."""
+        per-document sums that add up to them, evaluating those that are not (on the first documents). ``n_docs``
+        (documents on demand, one of the planned counts): grow every one of them that has fewer documents to
+        ``n_docs`` (:meth:`grow`)."""
+        self._ensure_first(seed, wanted)
+        if n_docs is not None:
+            self.grow(seed, wanted, n_docs)
+
+    def _ensure_first(self, seed: int, wanted: list[tuple[type, NeuronSet]]) -> None:
         todo = [(c, s) for c, s in wanted if not self.done(c.name, s.fraction, seed, s.name)]
         base_done = self.done("baseline", 0.0, seed)
         if seed in self.planned:
@@ -402,7 +427,8 @@ class RowEngine:
             self.cache = LayerCache(self.layers, sorted(need))
             self.cache_batches = None
         base = self._baseline(seed, batches, base_done, record)
-        base_docs = self.docs.get(base.key)
+        # the baseline on these rows' documents (it may have grown to more: documents on demand)
+        base, base_docs = _within(base, self.docs.get(base.key), sum(b.size for b in batches))
         self.bar.update(not base_done)
         instances = self.instances.setdefault(seed, {})
         for cls, s in todo:
@@ -428,6 +454,77 @@ class RowEngine:
             self.store_row(row, docs)
             self.bar.update(1)
 
+    # -- documents on demand ----------------------------------------------------------------------------------------
+    def grow(self, seed: int, wanted: list[tuple[type, NeuronSet]], n_docs: int) -> None:
+        """Grow the stored rows of ``seed`` (its baseline and ``wanted``) that have fewer than ``n_docs`` documents to
+        the first ``n_docs``: only the added documents are evaluated, their per-document sums appended, and the row
+        stored again under its key with its metrics from the concatenated sums (delta against the baseline on the
+        same documents; seconds added up). Rows that have them already are left alone."""
+        if self.segments is None or n_docs not in self.doc_counts:
+            raise KnockoutError(f"rows grow only to a planned document count ({list(self.doc_counts)}), not {n_docs}")
+        keys = [(c, s) for c, s in wanted if _n_docs(self.docs[row_key(c.name, s.fraction, seed, s.name)]) < n_docs]
+        base = self.store.get("baseline", 0.0, seed)
+        base_short = _n_docs(self.docs[base.key]) < n_docs
+        if not keys and not base_short:
+            return
+        self.bar.total += len(keys) + base_short
+        self.bar.refresh()
+        if base_short:
+            base = self._grow_baseline(seed, n_docs)
+            self.bar.update(1)
+        base_n, base_docs = _within(base, self.docs[base.key], n_docs)
+        instances = self.instances.setdefault(seed, {})
+        for cls, s in keys:
+            self.bar.set_postfix_str(f"seed {seed} {cls.name} {s.name or f'{s.fraction:.2f}'} to {n_docs} documents")
+            row = self.store.get(cls.name, s.fraction, seed, s.name)
+            docs = self.docs[row.key]
+            have = _n_docs(docs)
+            t0 = time.perf_counter()
+            if row.n_ablated == 0:
+                added = {f: v[have:n_docs] for f, v in base_docs.items()}
+            else:
+                method = instances.get(cls.name) or instances.setdefault(
+                    cls.name, cls(self.context(seed, self.batches(seed)))
+                )
+                batches, offset = self._added(have, n_docs)
+                with method.ablate(self._neurons(seed, s)):
+                    m = _evaluate(self.model, batches, self.world, _shifted(method.on_batch, offset))
+                added = m.doc_sums()
+            grown = _joined(docs, added)
+            self.store_row(_from_sums(row, grown, row.seconds + time.perf_counter() - t0, base_n), grown)
+            self.bar.update(1)
+
+    def _grow_baseline(self, seed: int, n_docs: int) -> ResultRow:
+        """The baseline of ``seed`` grown to ``n_docs`` documents (the first seed's added sums where the evaluation
+        inputs do not depend on the seed and it has them, else evaluated)."""
+        base = self.store.get("baseline", 0.0, seed)
+        docs = self.docs[base.key]
+        have = _n_docs(docs)
+        first = self.docs.get(row_key("baseline", 0.0, self.first_seed))
+        same = seed != self.first_seed and self.run.loaded.task not in SEED_DEPENDENT_TASKS
+        t0 = time.perf_counter()
+        if same and first is not None and _n_docs(first) >= n_docs and self.done("baseline", 0.0, self.first_seed):
+            added, seconds = {f: v[have:n_docs] for f, v in first.items()}, base.seconds  # the same model and inputs
+        else:
+            batches, _ = self._added(have, n_docs)
+            added = _evaluate(self.model, batches, self.world).doc_sums()
+            seconds = base.seconds + time.perf_counter() - t0
+        grown = _joined(docs, added)
+        row = _from_sums(base, grown, seconds, None)
+        self.store_row(row, grown)
+        return row
+
+    def _added(self, have: int, n_docs: int) -> tuple[list[Batch], int]:
+        """The batches of documents ``[have, n_docs)`` (both planned counts) and the index of their first batch among
+        all the batches of the first ``n_docs`` (what an input-dependent method seeds its draws by)."""
+        if have not in self.doc_counts:
+            raise KnockoutError(
+                f"a stored row has {have} documents, not a planned count ({list(self.doc_counts)}); --restart the run"
+            )
+        i, j = self.doc_counts.index(have), self.doc_counts.index(n_docs)
+        batches = [b for segment in self.segments[i + 1 : j + 1] for b in segment]
+        return batches, sum(len(segment) for segment in self.segments[: i + 1])
+
     def _lowest(self, seed: int, cls: type, s: NeuronSet) -> int:
         """The lowest layer ``s`` ablates when the layers below it can be reused for ``cls`` (else 0): constant
         methods only (a weight edit leaves the layers below alone; ``patch`` and resampling run their own forward
@@ -441,6 +538,40 @@ class RowEngine:
         """The end of the run's rows: rank 0's files are complete when this returns on any rank."""
         self.bar.close()
         distributed.barrier()
+
+
+def _shifted(on_batch, offset: int):
+    """``on_batch`` told each batch's index among all the batches of the row's documents (``offset`` + its index
+    among the added ones): an input-dependent method draws the same inputs for a batch however the row was grown."""
+    return lambda index, batch: on_batch(offset + index, batch)
+
+
+def _n_docs(sums: dict) -> int:
+    return len(sums["n"])
+
+
+def _joined(sums: dict, added: dict) -> dict:
+    """Per-document sums of the documents of ``sums`` followed by those of ``added``."""
+    return {f: np.concatenate([np.asarray(sums[f]), np.asarray(added[f])]) for f in runfolder.DOC_FIELDS}
+
+
+def _from_sums(row: ResultRow, sums: dict, seconds: float, baseline: ResultRow | None) -> ResultRow:
+    """``row`` with its metrics from per-document ``sums`` (top-1 = correct / n, CE = ce_sum / n, summed over the
+    documents) and its changes from ``baseline`` (``None``: it is the baseline)."""
+    n = int(np.sum(sums["n"]))
+    top1, ce = int(np.sum(sums["correct"])) / n, float(np.sum(sums["ce_sum"])) / n
+    return ResultRow.measured(
+        row.method, row.fraction, row.seed, top1, ce, n, row.n_ablated, row.n_neurons, seconds, baseline,
+        target=row.target,
+    )  # fmt: skip
+
+
+def _within(row: ResultRow, sums: dict | None, n_docs: int) -> tuple[ResultRow, dict | None]:
+    """``row`` and its ``sums`` on its first ``n_docs`` documents (themselves when it has no more)."""
+    if sums is None or _n_docs(sums) <= n_docs:
+        return row, sums
+    cut = {f: sums[f][:n_docs] for f in runfolder.DOC_FIELDS}
+    return _from_sums(row, cut, row.seconds, None), cut
 
 
 def ablate_sets(run: Prepared) -> list[ComponentSet]:

@@ -150,7 +150,9 @@ def _sweep(run: Prepared, progress: bool, notify: Callbacks | None = None) -> No
 def _add_sets(cfg: SweepConfig, engine: RowEngine, classes: list) -> None:
     """``--seeds auto``: at each decision fraction, replay the sequential design on the stored sums and evaluate the
     sets its next look needs (only the methods of pairs not yet decided), until every fraction's design is finished
-    (all decided, futile, or the maximum reached). Replaying makes a resumed run take the same path."""
+    (all decided, futile, or the maximum reached). With documents on demand (``--decide-max-docs``) the next look
+    may also need more documents: the sets used so far grow to them and new sets are evaluated on them
+    (:meth:`RowEngine.ensure`). Replaying makes a resumed run take the same path."""
     plan = Plan.from_dict(cfg.design())
     by_name = {c.name: c for c in classes}
     while True:
@@ -162,16 +164,18 @@ def _add_sets(cfg: SweepConfig, engine: RowEngine, classes: list) -> None:
             test = SequentialTest(plan, contenders, "ce")
             test.replay(engine.sums(fraction, contenders))
             if test.next_sets is not None:
-                todo.append((fraction, test.next_sets, test.methods_needed()))
+                todo.append((fraction, test.next_sets, test.methods_needed(), test.next_docs))
+                more = test.next_docs is not None and test.docs_used and test.next_docs > test.docs_used[-1]
                 log.info(
-                    "at %g: %d pair(s) undecided after %d sets; adding sets up to %d",
+                    "at %g: %d pair(s) undecided after %d sets; adding sets up to %d%s",
                     fraction, len(test.undecided), plan.looks[test.looks_done - 1], test.next_sets,
+                    f", documents up to {test.next_docs} (they limit the interval)" if more else "",
                 )  # fmt: skip
         if not todo:
             return
-        for fraction, n_sets, methods in todo:
+        for fraction, n_sets, methods, n_docs in todo:
             for seed in range(n_sets):
-                engine.ensure(seed, [(by_name[m], NeuronSet(fraction)) for m in methods])
+                engine.ensure(seed, [(by_name[m], NeuronSet(fraction)) for m in methods], n_docs)
 
 
 def run_models(

@@ -201,6 +201,11 @@ class DecideOptions(OptionGroup):
         False, "hold --decide-alpha over all decision families together (every fraction, CE and top-1: Bonferroni) "
         "instead of per fraction and metric", "decide", kind="bool",
     )  # fmt: skip
+    max_docs: int | None = setting(
+        None, "with --seeds auto and --eval-docs N: add evaluation documents (N, 2N, ... up to this many) when they, "
+        "not the sets, limit the interval: the same run evaluates its sets on the added documents, within one design "
+        "(docs/decisions.md); default: the documents are fixed", "decide", kind="int",
+    )  # fmt: skip
 
     def __post_init__(self):
         self._int("first", 2)
@@ -218,22 +223,37 @@ class DecideOptions(OptionGroup):
             raise KnockoutError(f"decide.fractions (--decide-fractions) must be in (0, 1], got {self.fractions!r}")
         object.__setattr__(self, "fractions", fractions)
         self._bool("joint")
+        self._int("max_docs", 2, optional=True)
+
+    def check_docs(self, sequential: bool, eval_docs: int | None) -> None:
+        """Refuse :attr:`max_docs` where documents cannot be added: without ``--seeds auto``, without
+        ``--eval-docs`` (documents are added whole, the first ``eval_docs`` first), or not above ``eval_docs``."""
+        if self.max_docs is None:
+            return
+        flag = f"--decide-max-docs {self.max_docs}"
+        if not sequential:
+            raise KnockoutError(f"{flag} adds documents to the sets of --seeds auto; give --seeds auto or drop it")
+        if eval_docs is None:
+            raise KnockoutError(f"{flag} adds whole documents: give the first look's with --eval-docs N (causal text)")
+        if self.max_docs <= eval_docs:
+            raise KnockoutError(f"{flag} must be above --eval-docs ({eval_docs}), the documents of the first look")
 
     def family_alpha(self, n_families: int) -> float:
         """The error rate each family is tested at: ``alpha``, or ``alpha / n_families`` with :attr:`joint`."""
         return self.alpha / max(n_families, 1) if self.joint else self.alpha
 
-    def plan(self, n_families: int = 1) -> Plan:
+    def plan(self, n_families: int = 1, eval_docs: int | None = None) -> Plan:
         """The design of one family; ``n_families``: the families the answer holds (:func:`families`), which share
-        ``alpha`` when :attr:`joint`. The evaluation documents are fixed (a :class:`Plan` with planned document
-        counts is what adding documents at the looks would use)."""
-        return plan_for(self.max_sets, self.first, self.family_alpha(n_families))
+        ``alpha`` when :attr:`joint`. With :attr:`max_docs` and the first look's documents ``eval_docs``, the plan's
+        document counts are :func:`doc_steps` from one to the other; else the documents are fixed."""
+        docs = doc_steps(eval_docs, self.max_docs) if self.max_docs is not None and eval_docs is not None else ()
+        return plan_for(self.max_sets, self.first, self.family_alpha(n_families), docs)
 
-    def design_record(self, n_families: int = 1) -> dict:
+    def design_record(self, n_families: int = 1, eval_docs: int | None = None) -> dict:
         """Everything the error rate depends on, as plain JSON, to store in the run folder at the first look and
-        compare on resume (:func:`design_changes`): the plan's looks, alpha per family and per look, the fractions
-        decided, first and maximum sets, and how the families are counted."""
-        record = self.plan(n_families).to_dict()
+        compare on resume (:func:`design_changes`): the plan's looks, alpha per family and per look, its document
+        counts, the fractions decided, first and maximum sets, and how the families are counted."""
+        record = self.plan(n_families, eval_docs).to_dict()
         record.update(
             fractions=list(self.fractions), first=self.first, max_sets=self.max_sets, alpha_total=self.alpha,
             joint=self.joint, families=n_families,
@@ -373,7 +393,7 @@ class SequentialTest:
                 if len(data.get(m, ())) < n_sets:
                     raise KnockoutError(f"look {k + 1} needs {n_sets} sets of {m!r}, got {len(data.get(m, ()))}")
             comps[(a, b)] = paired_components(
-                _first_docs(data[a][:n_sets], n_docs), _first_docs(data[b][:n_sets], n_docs), self.metric,
+                first_docs(data[a][:n_sets], n_docs), first_docs(data[b][:n_sets], n_docs), self.metric,
                 n_boot=self.n_boot, seed=self.seed,
             )  # fmt: skip
         left = list(comps)
@@ -491,7 +511,7 @@ def needed(
     return Need(at_current, best[1] if best else None, float(best[2]) if best else None, sets_help)
 
 
-def _first_docs(rows: Sequence[DocSums], n_docs: int | None) -> list[DocSums]:
+def first_docs(rows: Sequence[DocSums], n_docs: int | None) -> list[DocSums]:
     """The rows restricted to their first ``n_docs`` documents (all of them when ``None``): a look uses the documents
     its plan had at that look, even when later sets were evaluated on more."""
     if n_docs is None:

@@ -44,6 +44,7 @@ from knockout.inference.sequential import (
     SequentialTest,
     families,
     family_statement,
+    first_docs,
     needed,
 )
 from knockout.reporting.centres import peak_noise_notes
@@ -82,6 +83,9 @@ class FractionAnswer:
     n_sets: int = 0
     """Neuron sets of the last look (CE)."""
     n_docs: int = 0
+    """Documents of the last look (CE)."""
+    max_docs: int | None = None
+    """The most documents the design could add up to (``--decide-max-docs``); ``None``: documents fixed."""
     design: str = ""
     """How the sets were chosen and looked at, in words."""
     stop: str = ""
@@ -256,7 +260,8 @@ def fraction_answer(
     fa.ce = [ce.verdicts[p] for p in sorted(ce.verdicts, key=_pair_order(contenders))]
     fa.top1 = [tests["top1"].verdicts[p] for p in sorted(tests["top1"].verdicts, key=_pair_order(contenders))]
     fa.n_sets = plan.looks[ce.looks_done - 1]
-    fa.n_docs = fa.ce[0].n_docs
+    fa.n_docs = ce.docs_used[-1]
+    fa.max_docs = plan.max_docs
     if target:
         fa.stop, fa.design = "fixed", f"one look at {fa.n_sets} sets, Holm over the pairs at alpha {plan.alpha:g}"
         return fa
@@ -287,16 +292,18 @@ def fraction_answer(
         b = data[fa.bound]
         for m in contenders:
             n = min(len(b), len(data[m]))
+            docs = min(r.n_docs for r in [*b[:n], *data[m][:n]])  # the documents both have (documents on demand)
+            mine, bound = first_docs(data[m][:n], docs), first_docs(b[:n], docs)
             try:
-                fa.excess[m] = paired_difference(data[m][:n], b[:n], "ce", LEVEL, n_boot)
+                fa.excess[m] = paired_difference(mine, bound, "ce", LEVEL, n_boot)
             except KnockoutError as e:
                 fa.notes.append(f"No excess over {fa.bound} for {m}: {e}")
             for s in range(n):
-                if b[s].metric("ce") > data[m][s].metric("ce"):
+                if (up := bound[s].metric("ce")) > (ce_m := mine[s].metric("ce")):
                     fa.flags.append(
                         f"{fa.bound} is above {m} on evaluation for set {order[s]} at {fraction:g} "
-                        f"(CE {b[s].metric('ce'):.4f} vs {data[m][s].metric('ce'):.4f}): its learned constants did not "
-                        "generalise from the collection split, so the bound is not a bound there"
+                        f"(CE {up:.4f} vs {ce_m:.4f}): its learned constants did not generalise from the collection "
+                        "split, so the bound is not a bound there"
                     )
     fa.notes += peak_noise_notes(data, fraction)
     return fa
@@ -394,7 +401,10 @@ def _need_text(fa: FractionAnswer, shown: list[PairVerdict]) -> str:
     out = []
     for v in shown:
         if v.too_few_docs:
-            out.append(f"{v.a} against {v.b}: too few documents to decide; needs about {v.docs_needed}")
+            out.append(
+                f"{v.a} against {v.b}: too few documents to decide; needs about {v.docs_needed}"
+                + _docs_hint(fa, v.docs_needed)
+            )
             continue
         need = fa.needs.get((v.a, v.b))
         if need is None:
@@ -406,13 +416,24 @@ def _need_text(fa: FractionAnswer, shown: list[PairVerdict]) -> str:
             text = f"more sets alone cannot decide {pair} at these documents"
         if need.cheapest_sets is not None and need.cheapest_docs_factor and need.cheapest_docs_factor > 1:
             text += f" (about {need.cheapest_sets} sets with {need.cheapest_docs_factor:g}x the documents would)"
-        text += (
-            "; from here more sets narrow it fastest"
-            if need.more_sets_help_most
-            else ("; from here more evaluation documents narrow it fastest")
-        )
+        if need.more_sets_help_most:
+            text += "; from here more sets narrow it fastest"
+        else:
+            factor = need.cheapest_docs_factor
+            wanted = round(factor * fa.n_docs) if factor and factor > 1 else None
+            text += "; from here more evaluation documents narrow it fastest" + _docs_hint(fa, wanted)
         out.append(text)
     return "; " + "; ".join(out) if out else ""
+
+
+def _docs_hint(fa: FractionAnswer, wanted: int | None) -> str:
+    """Where the documents limit the interval: how the run could have added them (``--decide-max-docs``, ``wanted``
+    documents when an estimate is known), or that its design already went to the most it allowed."""
+    if fa.max_docs is None:
+        return f" (--decide-max-docs {wanted or 'N'} adds them in the same run, with --seeds auto and --eval-docs)"
+    if fa.n_docs >= fa.max_docs:
+        return f" (more than this run's --decide-max-docs {fa.max_docs})"
+    return ""
 
 
 def sentences(fa: FractionAnswer) -> list[str]:
