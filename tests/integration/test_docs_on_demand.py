@@ -21,7 +21,7 @@ from knockout.inference.paired import DocSums
 from knockout.inference.sequential import Plan, SequentialTest
 from knockout.loading import LoadedModel
 from knockout.reporting.answer import run_answer, sentences
-from knockout.runfolder import DOC_FIELDS, RunFolder, read_doc_sums, read_rows, row_key
+from knockout.runfolder import DOC_FIELDS, RunFolder, row_key
 
 METHODS = ("zero", "mean", "peak")
 FRACTIONS = (0.5, 0.9)
@@ -75,7 +75,7 @@ def fixed(setup):
 
 def _values(out):
     return {(r["method"], r["fraction"], r["seed"]): {k: v for k, v in r.items() if k != "seconds"}
-            for r in read_rows(out)}  # fmt: skip
+            for r in RunFolder(out).row_dicts()}  # fmt: skip
 
 
 def test_the_first_documents_load_is_a_prefix_of_the_larger_one(setup):
@@ -99,7 +99,7 @@ def test_the_run_adds_documents_where_they_limit_the_interval(grown):
     folder = RunFolder(grown)
     plan = Plan.from_dict(folder.resolved.design)
     assert plan.docs == (12, 24, 48)
-    sums = read_doc_sums(grown)
+    sums = RunFolder(grown).stored_sums
     grew = False
     for fraction in FRACTIONS:
         data = {m: [] for m in METHODS}
@@ -126,14 +126,14 @@ def test_the_run_adds_documents_where_they_limit_the_interval(grown):
 
 def test_a_grown_row_is_the_row_evaluated_on_all_its_documents(setup, grown, fixed):
     root, corpus, loaded = setup
-    rows, sums, fixed_sums = _values(grown), read_doc_sums(grown), read_doc_sums(fixed)
+    rows, sums, fixed_sums = _values(grown), RunFolder(grown).stored_sums, RunFolder(fixed).stored_sums
     big = [k for k, r in rows.items() if k[0] != "baseline" and len(sums[row_key(*k)]["n"]) == 48]
     assert big
     seeds = sorted({k[2] for k in big})
     # the same rows evaluated on the 48 documents at once (batches of 5: other batches than the grown segments')
     scratch = root / "scratch"
     _sweep(_cfg(corpus, scratch, seeds=tuple(seeds), eval_docs=48, decide={}), loaded)
-    ref, ref_sums = _values(scratch), read_doc_sums(scratch)
+    ref, ref_sums = _values(scratch), RunFolder(scratch).stored_sums
     for k in big:
         a, b = sums[row_key(*k)], ref_sums[row_key(*k)]
         assert np.array_equal(a["n"], b["n"]) and np.array_equal(a["correct"], b["correct"])
@@ -157,7 +157,7 @@ def test_a_grown_row_is_the_row_evaluated_on_all_its_documents(setup, grown, fix
 
 
 def test_every_row_changes_from_the_baseline_on_its_own_documents(grown):
-    rows, sums = _values(grown), read_doc_sums(grown)
+    rows, sums = _values(grown), RunFolder(grown).stored_sums
     for k, r in rows.items():
         mine = sums[row_key(*k)]
         n = len(mine["n"])
@@ -191,7 +191,7 @@ def test_an_interrupted_run_resumes_to_the_same_rows(setup, grown):
     assert _values(out) != _values(grown)
     _sweep(_cfg(corpus, out), loaded)
     assert _values(out) == _values(grown)
-    a, b = read_doc_sums(out), read_doc_sums(grown)
+    a, b = RunFolder(out).stored_sums, RunFolder(grown).stored_sums
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k][f], b[k][f]) for k in a for f in DOC_FIELDS)
 
@@ -253,9 +253,9 @@ def test_documents_are_added_only_to_whole_documents_of_auto_runs(setup):
 def test_with_documents_fixed_the_rows_have_the_first_documents_only(grown, fixed):
     folder = RunFolder(fixed)
     assert folder.resolved.design["docs"] == []
-    sums = read_doc_sums(fixed)
+    sums = RunFolder(fixed).stored_sums
     assert {len(s["n"]) for s in sums.values()} == {12}
     # the first look's rows of both runs are evaluated on the same batches: bit for bit on the first documents
-    grown_sums = read_doc_sums(grown)
+    grown_sums = RunFolder(grown).stored_sums
     for k in [k for k in sums if k[2] < 3]:
         assert all(np.array_equal(grown_sums[k][f][:12], sums[k][f]) for f in DOC_FIELDS)
