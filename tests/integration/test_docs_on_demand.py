@@ -21,6 +21,7 @@ from knockout.inference.paired import DocSums
 from knockout.inference.sequential import Plan, SequentialTest
 from knockout.loading import LoadedModel
 from knockout.reporting.answer import run_answer, sentences
+from knockout.reporting.report import identity
 from knockout.runfolder import DOC_FIELDS, RunFolder, row_key
 
 METHODS = ("zero", "mean", "peak")
@@ -122,6 +123,11 @@ def test_the_run_adds_documents_where_they_limit_the_interval(grown):
         assert fa.n_docs == last and fa.n_sets == plan.looks[test.looks_done - 1] and fa.max_docs == 48
         assert f"x {last} documents" in sentences(fa)[0]
     assert grew, "the tiny model's document part should limit the interval: the design should add documents"
+    most = max(len(v["n"]) for v in sums.values())  # the report says how far the documents grew
+    assert (
+        identity(folder)["eval tokens"].startswith("12 documents")
+        and f"up to {most} at the decision" in (identity(folder)["eval tokens"])
+    )
 
 
 def test_a_grown_row_is_the_row_evaluated_on_all_its_documents(setup, grown, fixed):

@@ -118,11 +118,14 @@ def identity(run: RunFolder) -> dict:
 
 
 def _eval_text(run: RunFolder) -> str:
-    """What the rows were evaluated on: the scored targets per row, and the documents with ``eval_docs``."""
+    """What the rows were evaluated on: the scored targets per row, and the documents with ``eval_docs`` (and the
+    most documents on demand added at the decision fractions)."""
     n_eval = sorted({r.n_eval for r in run.rows})
     targets = f"{n_eval[0]:,} scored targets" if len(n_eval) == 1 else None
     if run.config is not None and run.config.eval_docs:
-        return f"{run.config.eval_docs} documents" + (f" ({targets})" if targets else "")
+        most = max((len(s["n"]) for s in run.stored_sums.values()), default=0)
+        grown = f", up to {most} at the decision fractions" if most > run.config.eval_docs else ""
+        return f"{run.config.eval_docs} documents" + (f" ({targets})" if targets else "") + grown
     return targets or (str(run.config.eval_tokens) if run.config is not None else "?")
 
 
