@@ -106,7 +106,7 @@ class LayerHist:
 
 
 class StatsFile:
-    """Lazy reader of a ``knockout.stats/1`` safetensors file: one layer at a time."""
+    """Lazy reader of a statistics file (``knockout.stats/2``, or ``/1`` of older runs): one layer at a time."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
