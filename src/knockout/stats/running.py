@@ -42,20 +42,21 @@ float16/bfloat16 models, whose activations are widened to float32 first (exactly
 
 :meth:`LayerStats.add` is a few vectorised passes over the batch: per-neuron minimum and maximum; the moments (a
 float64 copy, its sum, the squared deviations and their sum); the bins ``floor(x / eps)`` turned into flat (int32
-where they fit) indices into the stored bins and added there with one ``index_add_``: its cost follows the batch's
-tokens, not the width of the histogram (no table over the layer's range is made per batch). On the CPU ``add`` reads
-the batch's lowest and highest value and their ``x / eps`` once per call (all finite? any value outside the window?);
-the neurons' own lowest and highest bins, which decide whether a neuron's stored bins must grow, are host tensors
-there already, and a batch with values outside the window takes a slower path (its values outside are counted in
-``under`` / ``over`` and left out of the index). On an accelerator (``sync_free``, the default off the CPU) it reads
-nothing back: where a buffer over the whole window (8 bytes per bin and neuron) takes at most
+where they fit) indices into the stored bins and added there with ``index_add_`` (on a CPU a block of about 64
+neurons at a time, binned in that layout, or one ``bincount`` where the stored bins are few): its cost follows the
+batch's tokens, not the width of the histogram (no table over the layer's range is made per batch). On the CPU
+``add`` reads the batch's lowest and highest value and their ``x / eps`` once per call (all finite? any value outside
+the window?); the neurons' own lowest and highest bins, which decide whether a neuron's stored bins must grow, are
+host tensors there already, and a batch with values outside the window takes a slower path (its values outside are
+counted in ``under`` / ``over`` and left out of the index). On an accelerator (``sync_free``, the default off the
+CPU) it reads nothing back: where a buffer over the whole window (8 bytes per bin and neuron) takes at most
 :data:`BUFFER_MAX_BYTES`, it counts into it, and :meth:`LayerStats.finish`, called once at the end of a collection,
 raises if any batch held NaN/inf and stores each neuron's bins in use, bit for bit what counting with reads stores. A
 larger one (``auto``, usually) counts each batch one call late: its lowest and highest values, and each neuron's,
 travel to the host asynchronously while the next batch runs, and are read then (:meth:`LayerStats.finish` counts the
 last). :func:`knockout.stats.collect_stats` selects the non-padding positions with an index found on the host before
-the batch moves to the device, so a collection on an accelerator waits for the device only at its end (and,
-counting late, rarely: the values read were sent a batch ago).
+the batch moves to the device, so a collection on an accelerator waits for the device only at its end (and, counting
+late, rarely: the values read were sent a batch ago).
 """
 
 from __future__ import annotations
@@ -95,8 +96,10 @@ SPARE_BINS = 16
 """Fewest bins a neuron's stored range is widened by on a side when its values leave it (see
 :meth:`LayerStats._note_bins`); the spare bins are dropped when a collection ends (:meth:`LayerStats.finish`)."""
 COUNT_BLOCK = 64
+"""Neurons counted by one ``index_add_`` on a CPU (about; see :meth:`LayerStats._count_flat`)."""
 BINCOUNT_SHARE = 8
-"""Neurons counted by one ``index_add_`` on a CPU (see :meth:`LayerStats._count_flat`)."""
+"""On a CPU, a batch with at least this many values per stored bin is counted by one ``bincount``
+(see :meth:`LayerStats._count_flat`)."""
 _MAGIC = 1.5 * 2**23
 """A float32 whole number ``v`` with ``|v| <= 2**22`` plus this is exact and has the bits ``_MAGIC_BITS + v`` (see
 :meth:`LayerStats._indices`)."""
