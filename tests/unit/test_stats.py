@@ -10,6 +10,7 @@ import tiny
 from knockout import KnockoutError, capture, collect_stats, find_sites
 from knockout.data.text import causal_batches
 from knockout.stats import HistGrid, LayerStats, Statistics
+from knockout.stats.running import merge_moments
 
 EPS = 0.05
 
@@ -191,6 +192,11 @@ def test_indices_in_float_and_in_integers_agree():
         assert got.dtype == torch.int32 and torch.equal(got.long(), want)
     assert LayerStats._indices(k.float(), offsets, 2**31).dtype == torch.int64
     assert torch.equal(LayerStats._indices(k.float(), offsets, 2**25), want.int())  # beyond float32's exact range
+    # float32 up to 2**22, read from the bits of k + offsets + 1.5 * 2**23: also at the ends of that range
+    k = torch.tensor([[-(2.0**21), 2.0**21 - 1, 0.0, -1.0, 5.0]])
+    offsets = torch.tensor([-(2**21), 2**21, 0, -(2**22 - 1), 2**22 - 6])
+    got = LayerStats._indices(k.clone(), offsets, 2**22)
+    assert got.dtype == torch.int32 and got.tolist() == [[-(2**22), 2**22 - 1, 0, -(2**22), 2**22 - 1]]
 
 
 def test_memory_does_not_grow_with_tokens():
@@ -418,6 +424,43 @@ def test_per_neuron_histogram_equals_numpy_and_stores_only_each_neurons_bins():
     assert stats.hist_nbytes == 8 * state["hist"].numel() + 32 * width
     peaks = (want["k_lo"] + hist.argmax(1) + 0.5) * eps
     np.testing.assert_array_equal(stats.peak().numpy(), peaks)
+
+
+@pytest.mark.parametrize("width", [576, 100, 130, 97])
+@pytest.mark.parametrize("eps", [1.0, 0.0005])
+def test_counting_block_by_block_equals_numpy(width, eps):
+    """On a CPU a batch with every value inside the window is binned and counted a block of neurons at a time
+    (9 blocks of 64 for 576 neurons, 2 of 50 for 100, 2 of 65 for 130; 97 has no such divisor and is counted as
+    before), with one bincount where the stored bins are few (eps 1) and index_add_ per block where they are
+    many (eps 0.0005): the histogram, under/over and the peaks equal numpy's on the concatenated data, over batches
+    that grow the stored bins, that clip, that are half precision, and the moments equal the float64 formula of
+    one batch (a float64 copy, its sum over tokens / n; squared deviations summed) merged batch by batch."""
+    limit = 8.0
+    g = torch.Generator().manual_seed(width)
+    batches = [
+        torch.randn(1024, width, generator=g),
+        torch.randn(257, width, generator=g) * 1.5 + 0.2,  # the stored bins grow
+        (torch.randn(64, width, generator=g) * 1.2).half(),
+        torch.randn(33, width, generator=g) * 3.0,  # partly outside the window: counted as before
+        (torch.randn(1, width, generator=g)).bfloat16(),
+        torch.randint(-80, 80, (90, width), generator=g) * eps,  # on (rounded) bin edges
+    ]
+    stats = LayerStats(width, eps=eps, limit=limit)
+    count, mean, m2 = 0, torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64)
+    for b in batches:
+        stats.add(b)
+        d = b.to(torch.float64)
+        n = d.shape[0]
+        mean_b = d.sum(0) / n
+        count, mean, m2 = merge_moments(count, mean, m2, n, mean_b, (d - mean_b).square().sum(0))
+    stats.finish()
+    want = _numpy_reference(batches, eps, limit, stats.k_min, stats.k_max)
+    assert stats.k_lo == want["k_lo"]
+    np.testing.assert_array_equal(stats.hist.numpy(), want["hist"])
+    np.testing.assert_array_equal(stats.under.numpy(), want["under"])
+    np.testing.assert_array_equal(stats.over.numpy(), want["over"])
+    np.testing.assert_array_equal(stats.peak().numpy(), (want["k_lo"] + want["hist"].argmax(1) + 0.5) * eps)
+    assert torch.equal(stats.mean, mean) and torch.equal(stats.m2, m2)
 
 
 def _table_state(stats: LayerStats) -> dict[str, torch.Tensor]:
