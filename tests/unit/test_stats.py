@@ -96,6 +96,16 @@ def test_values_outside_the_window_are_counted_not_binned():
     assert stats.k_lo + stats.n_bins - 1 <= stats.k_max
 
 
+def _counts_equal_numpy(stats, batches, eps, limit) -> dict:
+    """Assert the stored bins, under and over equal numpy's counts of the concatenated batches; numpy's counts."""
+    want = _numpy_reference(batches, eps, limit, stats.k_min, stats.k_max)
+    assert stats.k_lo == want["k_lo"]
+    np.testing.assert_array_equal(stats.hist.numpy(), want["hist"])
+    np.testing.assert_array_equal(stats.under.numpy(), want["under"])
+    np.testing.assert_array_equal(stats.over.numpy(), want["over"])
+    return want
+
+
 def _numpy_reference(batches: list[torch.Tensor], eps: float, limit: float, k_min: int, k_max: int) -> dict:
     """What ``LayerStats.add`` of ``batches`` must give, from the concatenated data in numpy: the bin of a value is
     floor(x / eps) in the dtype ``add`` works in (float32 for half precision, widened exactly), moments in float64."""
@@ -409,11 +419,7 @@ def test_per_neuron_histogram_equals_numpy_and_stores_only_each_neurons_bins():
     for b in batches:
         stats.add(b)
     stats.finish()
-    want = _numpy_reference(batches, eps, limit, stats.k_min, stats.k_max)
-    assert stats.k_lo == want["k_lo"]
-    np.testing.assert_array_equal(stats.hist.numpy(), want["hist"])
-    np.testing.assert_array_equal(stats.under.numpy(), want["under"])
-    np.testing.assert_array_equal(stats.over.numpy(), want["over"])
+    want = _counts_equal_numpy(stats, batches, eps, limit)
     hist = want["hist"]
     nz = hist != 0
     first, last = nz.argmax(1), hist.shape[1] - 1 - nz[:, ::-1].argmax(1)
@@ -454,11 +460,7 @@ def test_counting_block_by_block_equals_numpy(width, eps):
         mean_b = d.sum(0) / n
         count, mean, m2 = merge_moments(count, mean, m2, n, mean_b, (d - mean_b).square().sum(0))
     stats.finish()
-    want = _numpy_reference(batches, eps, limit, stats.k_min, stats.k_max)
-    assert stats.k_lo == want["k_lo"]
-    np.testing.assert_array_equal(stats.hist.numpy(), want["hist"])
-    np.testing.assert_array_equal(stats.under.numpy(), want["under"])
-    np.testing.assert_array_equal(stats.over.numpy(), want["over"])
+    want = _counts_equal_numpy(stats, batches, eps, limit)
     np.testing.assert_array_equal(stats.peak().numpy(), (want["k_lo"] + want["hist"].argmax(1) + 0.5) * eps)
     assert torch.equal(stats.mean, mean) and torch.equal(stats.m2, m2)
 
