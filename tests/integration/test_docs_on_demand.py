@@ -122,6 +122,7 @@ def test_the_run_adds_documents_where_they_limit_the_interval(grown):
         fa = next(f for f in run_answer(grown, FRACTIONS, n_boot=50).fractions if f.fraction == fraction)
         assert fa.n_docs == last and fa.n_sets == plan.looks[test.looks_done - 1] and fa.max_docs == 48
         assert f"x {last} documents" in sentences(fa)[0]
+        assert f"documents {'/'.join(map(str, test.docs_used))} of the planned 12/24/48" in fa.design
     assert grew, "the tiny model's document part should limit the interval: the design should add documents"
     most = max(len(v["n"]) for v in sums.values())  # the report says how far the documents grew
     assert (

@@ -282,7 +282,8 @@ def fraction_answer(
             f"sequential: looks at {made} of the planned {', '.join(map(str, plan.looks))} sets, alpha {plan.alpha:g} "
             "split over them by the union bound (shaped like Hwang-Shih-DeCani, gamma -2), Holm over the pairs at "
             "each look"
-        )
+        ) + (f", documents {'/'.join(map(str, ce.docs_used))} of the planned {'/'.join(map(str, plan.docs))}"
+             if plan.docs else "")  # fmt: skip
     level = ce.final_level(len(ce.undecided))
     for v in fa.ce:
         if not v.decided and v.components is not None:
