@@ -150,3 +150,21 @@ def test_eps_table_only_with_peak_variants():
     rows = eps_rows(summary, ["zero", "peak", "peak@0.1", "peak@bad"], (0.5, 0.9), 0.01)
     assert [r["method"] for r in rows] == ["peak", "peak@0.1"] and rows[0]["CE at 90%"] == "–"
     assert [m for m, _ in peak_variants(["peak", "peak@fd", "peak@0.02"], None)] == ["peak@0.02", "peak@fd"]
+
+
+def test_the_peak_noise_note_uses_the_documents_both_methods_have():
+    """Documents on demand may grow peak's rows and not peak-smooth's: the note compares them on the documents both
+    have, as the same note on rows cut to those documents by hand."""
+    from knockout.inference.paired import DocSums
+    from knockout.reporting.centres import peak_noise_notes
+
+    rng = np.random.default_rng(0)
+
+    def sets(n_docs: int, shift: float) -> list[DocSums]:
+        n = np.full(n_docs, 50, dtype=np.int64)
+        return [DocSums(n, n * (3.0 + shift + rng.normal(0, 0.1, n_docs)), n // 2) for _ in range(4)]
+
+    peak, smooth = sets(24, 0.05), sets(12, 0.0)
+    cut = [DocSums(s.n[:12], s.ce_sum[:12], s.correct[:12]) for s in peak]
+    (note,) = peak_noise_notes({"peak": peak, "peak-smooth": smooth}, 0.5)
+    assert note == peak_noise_notes({"peak": cut, "peak-smooth": smooth}, 0.5)[0] and "4 sets" in note
