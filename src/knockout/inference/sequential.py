@@ -524,6 +524,13 @@ def first_docs(rows: Sequence[DocSums], n_docs: int | None) -> list[DocSums]:
     return out
 
 
+def common_docs(a: Sequence[DocSums], b: Sequence[DocSums]) -> tuple[list[DocSums], list[DocSums]]:
+    """Two methods' rows cut to the documents every one of them has (the first ones): rows that documents on demand
+    grew are compared with rows that did not grow on the documents both have."""
+    n_docs = min(r.n_docs for r in (*a, *b))
+    return first_docs(a, n_docs), first_docs(b, n_docs)
+
+
 DOCS_LIMIT = 0.5  # the documents limit the interval when their share of its square is at least this
 
 

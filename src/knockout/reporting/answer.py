@@ -42,9 +42,9 @@ from knockout.inference.sequential import (
     PairVerdict,
     Plan,
     SequentialTest,
+    common_docs,
     families,
     family_statement,
-    first_docs,
     needed,
 )
 from knockout.reporting.centres import peak_noise_notes
@@ -293,8 +293,7 @@ def fraction_answer(
         b = data[fa.bound]
         for m in contenders:
             n = min(len(b), len(data[m]))
-            docs = min(r.n_docs for r in [*b[:n], *data[m][:n]])  # the documents both have (documents on demand)
-            mine, bound = first_docs(data[m][:n], docs), first_docs(b[:n], docs)
+            mine, bound = common_docs(data[m][:n], b[:n])
             try:
                 fa.excess[m] = paired_difference(mine, bound, "ce", LEVEL, n_boot)
             except KnockoutError as e:

@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from knockout.errors import KnockoutError
 from knockout.inference.paired import DocSums, paired_difference
-from knockout.inference.sequential import first_docs
+from knockout.inference.sequential import common_docs
 from knockout.stats import centres
 from knockout.stats.running import size_text
 from knockout.stats.statistics import read_metadata
@@ -225,9 +225,8 @@ def peak_noise_notes(data: dict[str, list[DocSums]], fraction: float) -> list[st
     if not a or not b:
         return []
     n = min(len(a), len(b))
-    docs = min(r.n_docs for r in (*a[:n], *b[:n]))  # the documents every set has (documents on demand)
     try:
-        d = paired_difference(first_docs(a[:n], docs), first_docs(b[:n], docs), "ce")
+        d = paired_difference(*common_docs(a[:n], b[:n]), "ce")
     except KnockoutError:
         return []
     return [
