@@ -832,6 +832,14 @@ class RunFolder:
         found = [r.method for r in self.rows if r.method != "baseline"]
         return list(dict.fromkeys([*(self.config.methods if self.config else ()), *found]))
 
+    @functools.cached_property
+    def _present(self) -> set[tuple]:
+        return {r.key for r in self.rows}
+
+    @functools.cached_property
+    def _expected(self) -> set[tuple] | None:
+        return self.expected_keys()
+
     def expected_keys(self) -> set[tuple] | None:
         """Row keys config.json asks for: every (method, fraction, seed), a method at its ``method_fractions`` if it
         has them, and one baseline per seed (with ``seeds: "auto"``, the first look's seeds: the sets added after it
@@ -851,20 +859,17 @@ class RunFolder:
 
     def missing(self) -> list[tuple]:
         """Expected rows not (yet) in results.jsonl, sorted."""
-        expected = self.expected_keys()
-        return [] if expected is None else sorted(expected - {r.key for r in self.rows})
+        return [] if self._expected is None else sorted(self._expected - self._present)
 
     @property
     def n_present(self) -> int:
         """Expected rows that results.jsonl holds (rows it holds beyond those, e.g. of methods no longer asked for,
         are not counted)."""
-        expected = self.expected_keys()
-        return len(self.rows) if expected is None else len(expected & {r.key for r in self.rows})
+        return len(self.rows) if self._expected is None else len(self._expected & self._present)
 
     @property
     def n_expected(self) -> int | None:
-        expected = self.expected_keys()
-        return None if expected is None else len(expected)
+        return None if self._expected is None else len(self._expected)
 
     def partial_note(self) -> str | None:
         """A sentence for the report when the run is partial (or when its completeness cannot be checked)."""

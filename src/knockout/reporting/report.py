@@ -253,7 +253,10 @@ def write_report(
         doc.warn(partial)
     if circuits is not None:
         C.add(doc, circuits, circuit_images)
-    T.add(doc, targeted, all_summary) if targeted else A.add(doc, answer)
+    if targeted:
+        T.add(doc, targeted, all_summary)
+    else:
+        A.add(doc, answer)
     doc.figure(images.get("answer"), "answer.png", "paired differences in cross-entropy with their intervals")
     for n in notes:
         doc.text(n, note=True)
@@ -376,8 +379,8 @@ def compare_runs(
 
     doc = Doc()
     for n, r in zip(names, runs):
-        if r.partial_note():
-            doc.warn(f"{n}: {r.partial_note()}")
+        if (partial := r.partial_note()) is not None:
+            doc.warn(f"{n}: {partial}")
     if answers is None or any([f.fraction for f in a.fractions] != list(fractions) for a in answers):
         answers = [A.run_answer(r, fractions) for r in runs]
     verdicts = A.side_by_side(names, answers)
@@ -404,7 +407,7 @@ def compare_runs(
     for n, a in zip(names, answers):
         A.add(doc, a, f"Details: the answer for {n}")
     doc.heading("Change against fraction ablated").figure(png, "curves.png", "curves of every run")
-    times = [{"run": n, "rows": r.timings()["n_rows"], "seconds": f"{r.timings()['total_seconds']:.1f}"}
-             for n, r in zip(names, runs)]  # fmt: skip
+    times = [{"run": n, "rows": t["n_rows"], "seconds": f"{t['total_seconds']:.1f}"}
+             for n, t in zip(names, (r.timings() for r in runs))]  # fmt: skip
     doc.heading("Timings").table(times, ["run", "rows", "seconds"])
     return doc.write(out, "knockout comparison: " + ", ".join(names), "compare")
