@@ -257,10 +257,11 @@ class RowEngine:
                 raise KnockoutError("no component sets to ablate")
             check_targets(folder, targets)
         self.first_seed = cfg.fixed_seeds[0]
-        self.first_batches = eval_batches(run.spec, run.inputs, self.first_seed)
-        # documents on demand (--decide-max-docs): the planned document counts and each count's added batches
+        # documents on demand (--decide-max-docs): the planned document counts and each count's batches, whose first
+        # segment is the first documents' (eval_batches'), tokenized once with the others
         self.doc_counts = cfg.decide.plan(eval_docs=cfg.eval_docs).docs if cfg.sequential else ()
         self.segments = doc_segments(run.spec, run.inputs, self.doc_counts) if self.doc_counts else None
+        self.first_batches = self.segments[0] if self.segments else eval_batches(run.spec, run.inputs, self.first_seed)
         used = scored_fraction(self.first_batches) if loaded.task != "image" else 1.0
         if world.is_main:
             log.info(
