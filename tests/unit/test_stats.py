@@ -109,8 +109,10 @@ def _counts_equal_numpy(stats, batches, eps, limit) -> dict:
 def _numpy_reference(batches: list[torch.Tensor], eps: float, limit: float, k_min: int, k_max: int) -> dict:
     """What ``LayerStats.add`` of ``batches`` must give, from the concatenated data in numpy: the bin of a value is
     floor(x / eps) in the dtype ``add`` works in (float32 for half precision, widened exactly), moments in float64."""
-    data = np.concatenate([(b.float() if b.dtype in (torch.float16, torch.bfloat16) else b).numpy() for b in batches])
-    k = np.floor(data / data.dtype.type(eps)).astype(np.float64)  # whole numbers, exact also beyond int64
+    arrays = [(b.float() if b.dtype in (torch.float16, torch.bfloat16) else b).numpy() for b in batches]
+    # whole numbers, exact also beyond int64; each batch binned in its own dtype
+    k = np.concatenate([np.floor(a / a.dtype.type(eps)).astype(np.float64) for a in arrays])
+    data = np.concatenate(arrays)
     inside = (k >= k_min) & (k <= k_max)
     lo, hi = int(k[inside].min()), int(k[inside].max())
     hist = np.stack([np.bincount((c[ok] - lo).astype(np.int64), minlength=hi - lo + 1) for c, ok in zip(k.T, inside.T)])
@@ -432,37 +434,109 @@ def test_per_neuron_histogram_equals_numpy_and_stores_only_each_neurons_bins():
     np.testing.assert_array_equal(stats.peak().numpy(), peaks)
 
 
-@pytest.mark.parametrize("width", [576, 100, 130, 97])
+def _torch_order_sum(d: np.ndarray) -> np.ndarray:
+    """Column sums of float64 ``d: [n, width]`` added in the order of torch's CPU ``multi_row_sum``
+    (ATen/native/cpu/SumKernel.cpp): runs of 2**p rows into level 0, each level flushed into the next in cascade."""
+    n = len(d)
+    p = max(4, (1 if n <= 2 else (n - 1).bit_length()) // 4)
+    step, mask = 1 << p, (1 << p) - 1
+    acc = np.zeros((4, d.shape[1]))
+    i = 0
+    while i + step <= n:
+        for _ in range(step):
+            acc[0] += d[i]
+            i += 1
+        for level in range(1, 4):
+            acc[level] += acc[level - 1]
+            acc[level - 1] = 0.0
+            if i & (mask << (level * p)):
+                break
+    for r in range(i, n):
+        acc[0] += d[r]
+    for level in range(1, 4):
+        acc[0] += acc[level]
+    return acc[0]
+
+
+@pytest.mark.parametrize("width", [576, 100, 97])
 @pytest.mark.parametrize("eps", [1.0, 0.0005])
-def test_counting_block_by_block_equals_numpy(width, eps):
-    """On a CPU a batch with every value inside the window is binned and counted a block of neurons at a time
-    (9 blocks of 64 for 576 neurons, 2 of 50 for 100, 2 of 65 for 130; 97 has no such divisor and is counted as
-    before), with one bincount where the stored bins are few (eps 1) and index_add_ per block where they are
-    many (eps 0.0005): the histogram, under/over and the peaks equal numpy's on the concatenated data, over batches
-    that grow the stored bins, that clip, that are half precision, and the moments equal the float64 formula of
-    one batch (a float64 copy, its sum over tokens / n; squared deviations summed) merged batch by batch."""
+def test_cpu_passes_equal_numpy_and_torch(width, eps):
+    """On a CPU a batch is read by the two compiled passes of knockout.stats.kernels: the histogram, under/over
+    and the peaks equal numpy's on the concatenated data, over batches that grow the stored bins, that clip, that
+    are half precision and that sit on bin edges; the moments equal each batch's float64 sums added in torch's
+    order (mean = sum / n, then the squared deviations summed), merged batch by batch; where torch's own loop adds
+    every neuron that way (576 neurons, one thread), they equal torch's sums bit for bit."""
     limit = 8.0
     g = torch.Generator().manual_seed(width)
     batches = [
         torch.randn(1024, width, generator=g),
         torch.randn(257, width, generator=g) * 1.5 + 0.2,  # the stored bins grow
         (torch.randn(64, width, generator=g) * 1.2).half(),
-        torch.randn(33, width, generator=g) * 3.0,  # partly outside the window: counted as before
+        torch.randn(33, width, generator=g) * 3.0,  # partly outside the window
         (torch.randn(1, width, generator=g)).bfloat16(),
         torch.randint(-80, 80, (90, width), generator=g) * eps,  # on (rounded) bin edges
+        torch.randn(70000 if width == 97 else 5, width, generator=g),  # a long batch: runs of 16 rows
+        torch.randn(40, width, generator=g, dtype=torch.float64) * 2,  # binned in float64
     ]
     stats = LayerStats(width, eps=eps, limit=limit)
-    count, mean, m2 = 0, torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64)
-    for b in batches:
-        stats.add(b)
-        d = b.to(torch.float64)
-        n = d.shape[0]
-        mean_b = d.sum(0) / n
-        count, mean, m2 = merge_moments(count, mean, m2, n, mean_b, (d - mean_b).square().sum(0))
+    state = (0, torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for b in batches:
+            stats.add(b)
+            d = b.to(torch.float64).numpy()
+            mean_b = _torch_order_sum(d) / len(d)
+            m2_b = _torch_order_sum(np.square(d - mean_b))
+            if width == 576:
+                t = torch.from_numpy(d)
+                assert np.array_equal(t.sum(0).numpy() / len(d), mean_b)
+                assert np.array_equal((t - torch.from_numpy(mean_b)).square().sum(0).numpy(), m2_b)
+            state = merge_moments(*state, len(d), torch.from_numpy(mean_b), torch.from_numpy(m2_b))
+    finally:
+        torch.set_num_threads(threads)
     stats.finish()
     want = _counts_equal_numpy(stats, batches, eps, limit)
     np.testing.assert_array_equal(stats.peak().numpy(), (want["k_lo"] + want["hist"].argmax(1) + 0.5) * eps)
+    assert stats.count == state[0] and torch.equal(stats.mean, state[1]) and torch.equal(stats.m2, state[2])
+
+
+def test_cpu_sums_follow_torchs_order_beyond_a_million_rows():
+    """Above 2**20 rows a batch's sums run in chunks of 32 rows (torch's level power grows with the rows): the
+    mean and m2 of one such batch equal torch's own sums, where its loop adds every neuron that way (32 neurons,
+    one thread)."""
+    n, width = 2**20 + 17, 32
+    x = torch.randn(n, width, generator=torch.Generator().manual_seed(3)) * 3 + 1
+    stats = LayerStats(width, eps=0.01, limit=40.0)
+    stats.add(x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        d = x.double()
+        mean = d.sum(0) / n
+        m2 = (d - mean).square().sum(0)
+    finally:
+        torch.set_num_threads(threads)
     assert torch.equal(stats.mean, mean) and torch.equal(stats.m2, m2)
+    assert int(stats.hist.sum()) == n * width
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_batch_with_nan_or_inf_changes_nothing(dtype):
+    """A batch holding NaN or inf anywhere is refused with one error, and leaves the statistics as they were: also
+    one whose other values would grow the stored bins or fall outside the window."""
+    g = torch.Generator().manual_seed(5)
+    stats = LayerStats(8, eps=0.01, limit=10.0)
+    stats.add(torch.randn(300, 8, generator=g).to(dtype))
+    before = {k: v.clone() for k, v in stats.state_dict().items()}
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for spread in (1.0, 4.0, 30.0):  # inside the stored bins; growing them; outside the window
+            x = (torch.randn(200, 8, generator=g) * spread).to(dtype)
+            x[150, 5] = bad
+            with pytest.raises(KnockoutError, match="NaN"):
+                stats.add(x)
+            after = stats.state_dict()
+            assert all(torch.equal(after[k], before[k]) for k in before), (bad, spread)
 
 
 def _table_state(stats: LayerStats) -> dict[str, torch.Tensor]:
@@ -525,7 +599,9 @@ def test_merges_halves_round_trips_and_old_tables_are_exact(tmp_path):
 @pytest.mark.parametrize("late", [False, True])
 def test_sync_free_per_neuron_histogram_equals_counting_with_reads(monkeypatch, late):
     """The accelerator paths (forced on the CPU: a whole-window buffer, or each batch counted one call late) store
-    the same per-neuron histogram as counting with reads, on heavy-tailed data with massive neurons."""
+    the same per-neuron histogram, under/over, extremes and count as the CPU's passes, on heavy-tailed data with
+    massive neurons; their moments (torch's sums, which add a layer this narrow in another order) agree to float64
+    rounding."""
     from knockout.stats import running
 
     if late:
@@ -538,4 +614,6 @@ def test_sync_free_per_neuron_histogram_equals_counting_with_reads(monkeypatch, 
         free.add(b)
     free.finish()
     sr, sf = ref.state_dict(), free.state_dict()
-    assert all(torch.equal(sr[k], sf[k]) for k in sr)
+    assert all(torch.equal(sr[k], sf[k]) for k in sr if k not in ("mean", "m2"))
+    for k in ("mean", "m2"):
+        torch.testing.assert_close(sf[k], sr[k], rtol=1e-13, atol=1e-300)

@@ -44,12 +44,15 @@ def test_one_host_read_per_add_without_clipping(monkeypatch):
     reads = []
     real = LayerStats._read_ends
     monkeypatch.setattr(LayerStats, "_read_ends", lambda self, ends: reads.append(1) or real(self, ends))
-    s = LayerStats(4, eps=0.01, limit=5.0)
+    s = LayerStats(4, eps=0.01, limit=5.0, sync_free=False)  # torch operations with reads, as on an accelerator
+    cpu = LayerStats(4, eps=0.01, limit=5.0)  # the CPU's compiled passes read the batch where it is
     for seed in range(3):
         s.add(torch.randn(50, 4, generator=torch.Generator().manual_seed(seed)))
+        cpu.add(torch.randn(50, 4, generator=torch.Generator().manual_seed(seed)))
     assert len(reads) == 3
     with pytest.raises(Exception, match="non-finite"):
         s.add(torch.tensor([[0.0, float("nan"), 0.0, 0.0]]))
+    assert torch.equal(s.hist, cpu.hist) and torch.equal(s.min, cpu.min) and torch.equal(s.max, cpu.max)
 
 
 def _batches(width: int, seed: int = 7) -> list[torch.Tensor]:
@@ -97,7 +100,7 @@ def test_sync_free_counting_reads_nothing_back_and_equals_counting_with_reads(dt
     merged in between."""
     width = 5
     batches = [b.to(dtype) for b in _batches(width)]
-    ref = LayerStats(width, eps=0.01, limit=2.0)
+    ref = LayerStats(width, eps=0.01, limit=2.0, sync_free=False)  # counting with reads
     for b in batches:
         ref.add(b)
     free = LayerStats(width, eps=0.01, limit=2.0, sync_free=True)
@@ -109,7 +112,7 @@ def test_sync_free_counting_reads_nothing_back_and_equals_counting_with_reads(dt
     assert torch.equal(free.peak(), ref.peak())  # peak() finishes
     _assert_same_state(free, ref)
     # mixed: with reads, sync-free, merged statistics, with reads again
-    mixed = LayerStats(width, eps=0.01, limit=2.0)
+    mixed = LayerStats(width, eps=0.01, limit=2.0, sync_free=False)
     mixed.add(batches[0])
     mixed.sync_free = True
     mixed.add(batches[2])
@@ -143,7 +146,7 @@ def test_sync_free_falls_back_to_reads_when_the_buffer_does_not_fit(monkeypatch,
         return real_zeros(*shape, **kwargs)
 
     monkeypatch.setattr(torch, "zeros", zeros)
-    ref = LayerStats(width, eps=0.01, limit=2.0)
+    ref = LayerStats(width, eps=0.01, limit=2.0, sync_free=False)  # counting with reads
     s = LayerStats(width, eps=0.01, limit=2.0, sync_free=True)
     for b in _batches(width):
         ref.add(b)
@@ -161,7 +164,7 @@ def test_counting_a_batch_late_equals_counting_with_reads(monkeypatch):
     monkeypatch.setattr(running, "BUFFER_MAX_BYTES", 0)
     width = 5
     batches = _batches(width)
-    ref = LayerStats(width, eps=0.01, limit=2.0)
+    ref = LayerStats(width, eps=0.01, limit=2.0, sync_free=False)  # counting with reads
     late = LayerStats(width, eps=0.01, limit=2.0, sync_free=True)
     for b in batches:
         ref.add(b)

@@ -40,15 +40,15 @@ The statistics live on the device of the activations they are given (the model's
 when a model is split over devices) and are kept in float64 (moments, min, max) and int64 (counts), also for
 float16/bfloat16 models, whose activations are widened to float32 first (exactly).
 
-:meth:`LayerStats.add` is a few vectorised passes over the batch: per-neuron minimum and maximum; the moments (a
-float64 copy, its sum, the squared deviations and their sum); the bins ``floor(x / eps)`` turned into flat (int32
-where they fit) indices into the stored bins and added there with ``index_add_`` (on a CPU a block of about 64
-neurons at a time, binned in that layout, or one ``bincount`` where the stored bins are few): its cost follows the
-batch's tokens, not the width of the histogram (no table over the layer's range is made per batch). On the CPU
-``add`` reads the batch's lowest and highest value and their ``x / eps`` once per call (all finite? any value outside
-the window?); the neurons' own lowest and highest bins, which decide whether a neuron's stored bins must grow, are
-host tensors there already, and a batch with values outside the window takes a slower path (its values outside are
-counted in ``under`` / ``over`` and left out of the index). On an accelerator (``sync_free``, the default off the
+On a CPU, :meth:`LayerStats.add` is two compiled passes over the batch (:mod:`knockout.stats.kernels`): the first
+finds each neuron's sum, lowest and highest value and whether the batch is finite, inside the window and inside each
+neuron's stored bins; only then does anything change (the stored bins grow where needed), and the second adds the
+squared deviations, counts every value into its neuron's stored bins and merges the moments. A batch with values
+outside the window counts those in ``under`` / ``over`` on the path of the other devices. Either way the cost follows
+the batch's tokens, not the width of the histogram: no table over the layer's range is made per batch. Elsewhere
+``add`` is a few vectorised torch operations: per-neuron minimum and maximum, the moments (a float64 copy, its sum,
+the squared deviations and their sum), and the bins turned into flat (int32 where they fit) indices into the stored
+bins, added there with ``index_add_``. On an accelerator (``sync_free``, the default off the
 CPU) it reads nothing back: where a buffer over the whole window (8 bytes per bin and neuron) takes at most
 :data:`BUFFER_MAX_BYTES`, it counts into it, and :meth:`LayerStats.finish`, called once at the end of a collection,
 raises if any batch held NaN/inf and stores each neuron's bins in use, bit for bit what counting with reads stores. A
@@ -66,6 +66,7 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import numpy as np
 import torch
 
 from knockout.errors import KnockoutError
@@ -95,18 +96,10 @@ HALVES = 2
 SPARE_BINS = 16
 """Fewest bins a neuron's stored range is widened by on a side when its values leave it (see
 :meth:`LayerStats._note_bins`); the spare bins are dropped when a collection ends (:meth:`LayerStats.finish`)."""
-COUNT_BLOCK = 64
-"""Neurons counted by one ``index_add_`` on a CPU (about; see :meth:`LayerStats._count_flat`)."""
-BINCOUNT_SHARE = 8
-"""On a CPU, a batch with at least this many values per stored bin is counted by one ``bincount``
-(see :meth:`LayerStats._count_flat`)."""
-_MAGIC = 1.5 * 2**23
-"""A float32 whole number ``v`` with ``|v| <= 2**22`` plus this is exact and has the bits ``_MAGIC_BITS + v`` (see
-:meth:`LayerStats._indices`)."""
-_MAGIC_BITS = 0x4B400000
 BUFFER_MAX_BYTES = 32 * 2**20
 """Largest whole-window buffer (per layer, and per half of a collection) that sync-free counting makes; a layer whose
 buffer would be larger counts each batch one batch late instead, with memory only for the bins in use."""
+_NO_OFFSETS, _NO_COUNTS = np.zeros(0, np.int32), np.zeros(0, np.int64)  # kernels.m2_and_count without counting
 
 
 def auto_limit(widths: list[int], eps: float, copies: int = HALVES) -> float:
@@ -306,7 +299,8 @@ class LayerStats:
         self.grid = grid
         self.sync_free = sync_free
         """Count without reading back from the device (see "Device and precision" above). ``None``: on
-        accelerators, not on the CPU (where a read costs nothing). Not part of the state."""
+        accelerators; on the CPU (where a read costs nothing) the compiled passes. ``False``: torch operations with
+        one host read per batch, on any device. Not part of the state."""
         self.count = 0
         self.mean = torch.zeros(width, dtype=torch.float64)
         self.m2 = torch.zeros(width, dtype=torch.float64)  # sum of squared deviations from the mean
@@ -326,7 +320,7 @@ class LayerStats:
         self._nonfinite: torch.Tensor | None = None  # sync-free: number of batches with a NaN/inf, on the device
         self._pending: tuple | None = None  # counting a batch late: (its bins, its ends on the way to the host)
         self._eps: dict = {}  # eps as a 0-dim tensor per (dtype, device), see _bins
-        self._offsets: dict = {}  # flat-index offsets start - alo per (dtype, device), see _flat_index
+        self._offsets: dict = {}  # flat-index offsets start - alo and their bound, see _offsets_of
 
     def __repr__(self) -> str:
         return f"LayerStats(width={self.width}, eps={self.eps}, limit={self.limit}, count={self.count})"
@@ -526,6 +520,9 @@ class LayerStats:
         if not sync_free:
             self._settle()
         self._to(x.device)
+        if self.sync_free is None and x.device.type == "cpu":
+            self._add_on_cpu(x.contiguous())
+            return
         self._dense = None
         late = False  # count this batch at the next call, when its ends have reached the host
         if sync_free and self._buf is None:
@@ -560,10 +557,38 @@ class LayerStats:
         elif sync_free:
             self._count_into_buffer(x)
         else:
-            # On a CPU, a batch with every value inside the window is binned block by block (see _count_flat)
-            blocks = self._cpu_blocks if x.device.type == "cpu" and self.k_min <= lo and hi <= self.k_max else 1
-            k = self._block_bins(x, blocks) if blocks > 1 else self._bins(x)
-            self._add_bins(k, lo, hi, self._bins(x_min), self._bins(x_max))
+            self._add_bins(self._bins(x), lo, hi, self._bins(x_min), self._bins(x_max))
+
+    def _add_on_cpu(self, x: torch.Tensor) -> None:
+        """:meth:`add` on a CPU, ``x`` contiguous float32/float64: the two passes of :mod:`knockout.stats.kernels`,
+        with the checks of the other devices in between (nothing is changed before they pass)."""
+        from knockout.stats import kernels  # numba: compiled on first use, then cached on disk
+
+        values = x.numpy()
+        eps = values.dtype.type(self.eps)
+        total, low, high, bin_lo, bin_hi, verdict = kernels.scan(
+            values, eps, self.k_min, self.k_max, self.alo.numpy(), self.ahi.numpy(), self.occ_lo.numpy(),
+            self.occ_hi.numpy(),
+        )  # fmt: skip
+        if verdict == kernels.NONFINITE:
+            raise KnockoutError(NONFINITE)
+        if verdict == kernels.GROW:
+            self._note_bins(torch.from_numpy(bin_lo), torch.from_numpy(bin_hi))
+        counts, offsets = _NO_COUNTS, _NO_OFFSETS  # values outside the window: counted as on the other devices
+        if verdict != kernels.OUTSIDE:
+            counts, offsets = self.counts.numpy(), self._offsets_of("kernels", narrow=True)[0].numpy()
+        self._dense = None
+        n_a, n_b = self.count, len(values)
+        n = n_a + n_b
+        kernels.add_batch(
+            values, total, eps, offsets, counts, self.mean.numpy(), self.m2.numpy(), self.min.numpy(),
+            self.max.numpy(), low, high, n_b / n, n_a * n_b / n,
+        )  # fmt: skip
+        self.count = n
+        if verdict == kernels.OUTSIDE:
+            x_min, x_max = torch.from_numpy(low), torch.from_numpy(high)
+            lo, hi = int(bin_lo.min()), int(bin_hi.max())
+            self._add_bins(self._bins(x), lo, hi, self._bins(x_min), self._bins(x_max))
 
     def finish(self) -> None:
         """Settle what sync-free counting left on the device: raise if a batch held NaN/inf, and store the
@@ -688,30 +713,13 @@ class LayerStats:
         # which can move a value on a bin edge into the next bin; this keeps the bins of every device the same.
         return (x / self._eps_as(x)).floor_()
 
-    def _block_bins(self, x: torch.Tensor, blocks: int) -> torch.Tensor:
-        """:meth:`_bins` of ``x: [n, width]`` laid out block by block, ``[blocks, n, width // blocks]``: block ``b``
-        holds neurons ``b * B .. (b + 1) * B - 1`` of every token, contiguous, so that :meth:`_count_flat` counts
-        each block without copying it out first. The same numbers, by the same division."""
-        out = x.new_empty(blocks, x.shape[0], self.width // blocks)
-        return torch.div(x.unflatten(1, (blocks, -1)).transpose(0, 1), self._eps_as(x), out=out).floor_()
-
-    @cached_property
-    def _cpu_blocks(self) -> int:
-        """Blocks of about :data:`COUNT_BLOCK` neurons that a CPU counts the histogram in (see :meth:`_count_flat`):
-        the number of blocks of a block width between ``COUNT_BLOCK / 2`` and ``2 * COUNT_BLOCK`` that divides the
-        width, the closest to ``COUNT_BLOCK``; 1 for a width up to ``COUNT_BLOCK`` or without such a divisor."""
-        if self.width <= COUNT_BLOCK:
-            return 1
-        sizes = sorted(range(COUNT_BLOCK // 2, 2 * COUNT_BLOCK + 1), key=lambda b: abs(b - COUNT_BLOCK))
-        return next((self.width // b for b in sizes if self.width % b == 0), 1)
-
     def _add_bins(self, k: torch.Tensor, lo: int, hi: int, k_min_j: torch.Tensor, k_max_j: torch.Tensor) -> None:
-        """Count the bins ``k: [n, width]`` (:meth:`_bins` of finite values; modified in place; or, when none is
-        outside the window, ``[blocks, n, width // blocks]`` from :meth:`_block_bins`) into the histogram;
+        """Count the bins ``k: [n, width]`` (:meth:`_bins` of finite values; modified in place) into the histogram;
         ``lo``/``hi``: the lowest/highest of them; ``k_min_j``/``k_max_j``: ``[width]`` each neuron's (floats)."""
         if lo >= self.k_min and hi <= self.k_max:  # common case: nothing outside the window
             self._note_bins(k_min_j.cpu().to(torch.int64), k_max_j.cpu().to(torch.int64))
-            self._count_flat(self._flat_index(k))
+            flat = self._flat_index(k).view(-1)
+            self.counts.index_add_(0, flat, self.counts.new_ones(1).expand(flat.numel()))
             return
         # Some values outside the window: counted per neuron in under / over, the others in the histogram.
         k = k.clamp_(self.k_min - 1, self.k_max + 1)
@@ -725,40 +733,21 @@ class LayerStats:
         flat = self._flat_index(k)[~outside]
         self.counts.index_add_(0, flat, self.counts.new_ones(1).expand(flat.numel()))
 
-    def _count_flat(self, flat: torch.Tensor) -> None:
-        """Add one to ``counts`` at each of the positions ``flat``: ``[n, width]``, or ``[blocks, n, B]`` block by
-        block (:meth:`_block_bins`). On a CPU, where all the stored bins are fewer than an eighth of the values, with
-        one ``bincount`` over them (a table smaller than the batch, and faster than scattering); else a block of
-        about :data:`COUNT_BLOCK` neurons at a time: the bins in use of so few neurons stay in the cache, which
-        makes ``index_add_`` about twice as fast as over every neuron's bins for each token. On an accelerator one
-        ``index_add_``. Either way the cost follows the batch's values, not the histogram's width."""
-        if flat.device.type == "cpu" and BINCOUNT_SHARE * self.counts.numel() <= flat.numel():
-            self.counts += torch.bincount(flat.reshape(-1), minlength=self.counts.numel())
-            return
-        ones = self.counts.new_ones(1).expand(flat[0].numel() if flat.ndim == 3 else flat.numel())
-        if flat.ndim == 3:  # each block is contiguous
-            for block in flat:
-                self.counts.index_add_(0, block.view(-1), ones)
-            return
-        if flat.device.type != "cpu" or self.width <= COUNT_BLOCK:
-            self.counts.index_add_(0, flat.reshape(-1), ones)
-            return
-        for j in range(0, self.width, COUNT_BLOCK):
-            block = flat[:, j : j + COUNT_BLOCK].reshape(-1)
-            self.counts.index_add_(0, block, ones[: block.numel()])
+    def _offsets_of(self, key, narrow: bool = False) -> tuple[torch.Tensor, int]:
+        """``start - alo`` on the histogram's device (int64, or int32 if ``narrow`` and it fits) and a bound on every
+        flat index and number involved in forming one, kept per ``key`` until the layout changes."""
+        cached = self._offsets.get(key)
+        if cached is None:
+            bound = self.counts.numel() + int(self.alo.abs().max()) + 2 * (abs(self.k_min) + abs(self.k_max) + 2)
+            offsets = self._start - self.alo
+            offsets = offsets.to(torch.int32) if narrow and bound < 2**31 else offsets
+            cached = self._offsets[key] = (offsets.to(self.counts.device), bound)
+        return cached
 
     def _flat_index(self, k: torch.Tensor) -> torch.Tensor:
-        """Positions ``start[j] + k - alo[j]`` in ``counts`` of the bins ``k`` (whole numbers in a float dtype,
-        modified in place; ``[n, width]``, or ``[blocks, n, width // blocks]`` from :meth:`_block_bins`), each
-        inside its neuron's stored range except where the caller drops it."""
-        key = (k.dtype, k.device)
-        cached = self._offsets.get(key)
-        if cached is None:  # start - alo and a bound on every number involved, until the layout changes
-            bound = self.counts.numel() + int(self.alo.abs().max()) + 2 * (abs(self.k_min) + abs(self.k_max) + 2)
-            cached = self._offsets[key] = ((self._start - self.alo).to(k.device), bound)
-        offsets, bound = cached
-        if k.ndim == 3:  # block by block
-            offsets = offsets.view(k.shape[0], 1, k.shape[2])
+        """Positions ``start[j] + k - alo[j]`` in ``counts`` of the bins ``k`` (``[n, width]`` whole numbers in a
+        float dtype, modified in place), each inside its neuron's stored range except where the caller drops it."""
+        offsets, bound = self._offsets_of(k.dtype)
         return self._indices(k, offsets, bound)
 
     def _row_index(self, k: torch.Tensor, n_cols: int, base: int, size: int) -> torch.Tensor:
@@ -773,15 +762,9 @@ class LayerStats:
     @staticmethod
     def _indices(k: torch.Tensor, offsets: torch.Tensor, bound: int) -> torch.Tensor:
         """``k + offsets`` as an integer tensor, every number involved below ``bound``: formed in k's float dtype
-        when ``bound`` is below its exact-integer limit (2**24 in float32; saves two passes over int64 on a CPU),
-        else in an integer type; int32 where it fits.
-
-        In float32 below 2**22, the sum is read from the bits of ``k + offsets + 1.5 * 2**23`` (a whole number in
-        ``[2**23, 2**24)``, exact, whose low 23 bits are ``2**22`` plus the sum): an integer subtraction instead of a
-        conversion from float, which takes about twice as long on a CPU."""
+        when ``bound`` is below its exact-integer limit (2**24 in float32), else in an integer type; int32 where it
+        fits."""
         index = torch.int32 if bound < 2**31 else torch.int64
-        if k.dtype == torch.float32 and bound <= 2**22:
-            return k.add_(offsets.to(torch.float32).add_(_MAGIC)).view(torch.int32).sub_(_MAGIC_BITS)
         if k.is_floating_point() and bound <= 2 / torch.finfo(k.dtype).eps:
             return k.add_(offsets.to(k.dtype)).to(index)
         return k.to(index).add_(offsets.to(index))
