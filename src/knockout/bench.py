@@ -332,46 +332,64 @@ def _synthetic_batches(tokens: int, width: int, n_batches: int, span: float, sha
     return out
 
 
-def time_updates(batches: list[torch.Tensor], repeats: int, limit: float | str = "auto", device=None) -> dict:
-    """``LayerStats.add`` on ``batches`` (moved to ``device``): the median time per batch over ``repeats`` rounds
-    of adding every batch to statistics that have seen them all once (so the stored ranges no longer grow: the
-    cost of every batch of a long collection), the first round's time per batch (growing as a collection's first
-    batches do), and the histogram's memory after them."""
+#: Fewest rounds over its batches that each width case is timed in (more with ``--repeats``): each batch takes a few
+#: milliseconds, so a few rounds would leave the ratio of two cases to the machine's drift.
+WIDTH_CASE_ROUNDS = 10
+
+
+def time_updates(
+    cases: dict[str, list[torch.Tensor]], repeats: int, limits: dict[str, float | str] | None = None, device=None
+) -> dict[str, dict]:
+    """``LayerStats.add`` on each case's batches (moved to ``device``; each case with its window, ``limits[name]``,
+    ``auto`` where not given): per case, the median time per batch over ``repeats`` rounds of adding every batch to
+    statistics that have seen them all once (so the stored ranges no longer grow: the cost of every batch of a long
+    collection), the first round's time per batch (growing as a collection's first batches do), and the histogram's
+    memory after them. The cases are timed interleaved, batch by batch, so that the machine's drift during the
+    measurement hits all of them alike."""
     device = torch.device("cpu") if device is None else torch.device(device)
-    batches = [b.to(device) for b in batches]
+    cases = {name: [b.to(device) for b in batches] for name, batches in cases.items()}
+    limits = limits or {}
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    state = LayerStats(batches[0].shape[1], limit=limit)
-    sync()
-    t0 = time.perf_counter()
-    for b in batches:
-        state.add(b)
-    state.finish()
-    sync()
-    first = (time.perf_counter() - t0) / len(batches)
-    per_batch = []
-    for _ in range(repeats):
+    states, first = {}, {}
+    for name, batches in cases.items():
+        states[name] = LayerStats(batches[0].shape[1], limit=limits.get(name, "auto"))
+        sync()
+        t0 = time.perf_counter()
         for b in batches:
-            sync()
-            t0 = time.perf_counter()
-            state.add(b)
-            sync()
-            per_batch.append(time.perf_counter() - t0)
-    state.finish()
-    return {
-        "seconds_per_batch": round(pystats.median(per_batch), 6),
-        "first_round_seconds_per_batch": round(first, 6),
-        "hist_bytes": state.hist_nbytes,
-        "window": state.limit,
-    }
+            states[name].add(b)
+        states[name].finish()
+        sync()
+        first[name] = (time.perf_counter() - t0) / len(batches)
+    per_batch: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for i in range(max(len(b) for b in cases.values())):
+            for name, batches in cases.items():
+                if i < len(batches):
+                    sync()
+                    t0 = time.perf_counter()
+                    states[name].add(batches[i])
+                    sync()
+                    per_batch[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, state in states.items():
+        state.finish()
+        out[name] = {
+            "seconds_per_batch": round(pystats.median(per_batch[name]), 6),
+            "first_round_seconds_per_batch": round(first[name], 6),
+            "hist_bytes": state.hist_nbytes,
+            "window": state.limit,
+        }
+    return out
 
 
 def width_cases(repeats: int = 3, tokens: int = 1024, width: int = 576, n_batches: int = 4, device=None) -> dict:
     """Two cases that isolate the histogram's width, at the same tokens (``n_batches`` batches of ``tokens`` x
-    ``width`` float32 values), timed by :func:`time_updates`:
+    ``width`` float32 values), timed together by :func:`time_updates` over at least :data:`WIDTH_CASE_ROUNDS`
+    rounds:
 
     - ``narrow``: standard normal values, each neuron spanning about ±5;
     - ``wide``: the same, with one value in 1,000 drawn uniformly from ±300 instead, so that every neuron spans
@@ -384,12 +402,11 @@ def width_cases(repeats: int = 3, tokens: int = 1024, width: int = 576, n_batche
     ``--hist-limit 2048`` (eps 0.01: 409,600 bins per neuron), the window that keeps them."""
     narrow = _synthetic_batches(tokens, width, n_batches, 0.0, 0.0, seed=1)
     wide = _synthetic_batches(tokens, width, n_batches, 300.0, 1e-3, seed=1)
-    out = {
-        "tokens": tokens,
-        "width": width,
-        "narrow": time_updates(narrow, repeats, limit=WIDTH_CASE_LIMIT, device=device),
-        "wide": time_updates(wide, repeats, limit=WIDTH_CASE_LIMIT, device=device),
-    }
+    both = time_updates(
+        {"narrow": narrow, "wide": wide}, max(repeats, WIDTH_CASE_ROUNDS),
+        {"narrow": WIDTH_CASE_LIMIT, "wide": WIDTH_CASE_LIMIT}, device,
+    )  # fmt: skip
+    out = {"tokens": tokens, "width": width, **both}
     out["wide_vs_narrow"] = round(out["wide"]["seconds_per_batch"] / out["narrow"]["seconds_per_batch"], 3)
     massive = _synthetic_batches(tokens, 4096, n_batches, 0.0, 0.0, seed=2)
     g = torch.Generator().manual_seed(3)
@@ -398,7 +415,7 @@ def width_cases(repeats: int = 3, tokens: int = 1024, width: int = 576, n_batche
     out["massive"] = {
         "width": 4096,
         "massive_neurons": 4,
-        **time_updates(massive, repeats, limit=2048.0, device=device),
+        **time_updates({"massive": massive}, repeats, {"massive": 2048.0}, device)["massive"],
     }
     n_window = LayerStats(4096, limit=2048.0).grid.n_window
     out["massive"]["table_bytes"] = 8 * 4096 * n_window  # the same layer stored as one table over its range
