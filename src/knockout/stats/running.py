@@ -99,7 +99,7 @@ SPARE_BINS = 16
 BUFFER_MAX_BYTES = 32 * 2**20
 """Largest whole-window buffer (per layer, and per half of a collection) that sync-free counting makes; a layer whose
 buffer would be larger counts each batch one batch late instead, with memory only for the bins in use."""
-_NO_OFFSETS, _NO_COUNTS = np.zeros(0, np.int32), np.zeros(0, np.int64)  # kernels.m2_and_count without counting
+_NO_OFFSETS, _NO_COUNTS = np.zeros(0, np.int32), np.zeros(0, np.int64)  # kernels.add_batch without counting
 
 
 def auto_limit(widths: list[int], eps: float, copies: int = HALVES) -> float:
