@@ -429,7 +429,8 @@ def test_per_neuron_histogram_equals_numpy_and_stores_only_each_neurons_bins():
     np.testing.assert_array_equal(state["hist_lo"].numpy(), want["k_lo"] + first)
     np.testing.assert_array_equal(state["hist_bins"].numpy(), last - first + 1)
     assert state["hist"].numel() == int((last - first + 1).sum()) < hist.size / 3  # not width x the widest range
-    assert stats.hist_nbytes == 8 * state["hist"].numel() + 32 * width
+    assert stats.counts.dtype == torch.int32 and state["hist"].dtype == stats.hist.dtype == torch.int64
+    assert stats.hist_nbytes == 4 * state["hist"].numel() + 32 * width  # int32 counts on a CPU
     peaks = (want["k_lo"] + hist.argmax(1) + 0.5) * eps
     np.testing.assert_array_equal(stats.peak().numpy(), peaks)
 
@@ -499,6 +500,41 @@ def test_cpu_passes_equal_numpy_and_torch(width, eps):
     want = _counts_equal_numpy(stats, batches, eps, limit)
     np.testing.assert_array_equal(stats.peak().numpy(), (want["k_lo"] + want["hist"].argmax(1) + 0.5) * eps)
     assert stats.count == state[0] and torch.equal(stats.mean, state[1]) and torch.equal(stats.m2, state[2])
+
+
+def test_counts_are_int32_on_a_cpu_until_a_bin_could_reach_2_31():
+    """On a CPU the counts are int32 while no bin can reach 2**31 (at most every value of a neuron in one bin), and
+    become int64 before a batch that could; files, hist and merges see the same counts either way, also when an
+    int32 and an int64 histogram are merged (both ways) and when the accelerators' path adds to int32 counts."""
+    g = torch.Generator().manual_seed(8)
+    batches = [torch.randn(100, 6, generator=g) for _ in range(4)]
+    ref = LayerStats(6, eps=0.01, limit=5.0)
+    for b in batches:
+        ref.add(b)
+    assert ref.counts.dtype == torch.int32
+    big = LayerStats(6, eps=0.01, limit=5.0)
+    big.add(batches[0])
+    big.count += 2**31 - 150  # as if it had seen that many values: the next batch could fill a bin past 2**31
+    big.add(batches[1])
+    assert big.counts.dtype == torch.int64
+    big.count -= 2**31 - 150
+    for b in batches[2:]:
+        big.add(b)
+    assert torch.equal(big.hist, ref.hist) and torch.equal(big.state_dict()["hist"], ref.state_dict()["hist"])
+    for first, second in ((big, ref), (ref, big)):
+        a, b = LayerStats(6, eps=0.01, limit=5.0), LayerStats(6, eps=0.01, limit=5.0)
+        a.load_state_dict(first.state_dict())
+        a._fit_counts(0, narrow=first is ref)
+        b.load_state_dict(second.state_dict())
+        b._fit_counts(0, narrow=second is ref)
+        a.merge(b)
+        assert torch.equal(a.hist, 2 * ref.hist)
+    torch_path = LayerStats(6, eps=0.01, limit=5.0)
+    torch_path.add(batches[0])
+    torch_path.sync_free = False  # torch operations with reads, as on an accelerator, on int32 counts
+    for b in batches[1:]:
+        torch_path.add(b)
+    assert torch_path.counts.dtype == torch.int32 and torch.equal(torch_path.hist, ref.hist)
 
 
 def test_cpu_sums_follow_torchs_order_beyond_a_million_rows():

@@ -15,7 +15,7 @@ it.
 Histogram layout
 ----------------
 Each neuron stores only its own bins, from the lowest to the highest of its values inside the window, in one flat
-int64 buffer per layer (``counts``: neuron ``j``'s bins one after the other from its first bin): so the memory
+buffer per layer (``counts``: neuron ``j``'s bins one after the other from its first bin): so the memory
 follows each neuron's own range, and one neuron with a wide range (a "massive activation") does not widen the
 others. While collecting, a neuron whose values leave its stored bins gets them widened to cover them plus a quarter
 of their width (at least :data:`SPARE_BINS` bins) on each side, so that a range that widens batch after batch is
@@ -37,7 +37,8 @@ The peak of a neuron is the centre ``(k + 0.5) * eps`` of its most populated bin
 Device and precision
 --------------------
 The statistics live on the device of the activations they are given (the model's; each layer on its own device
-when a model is split over devices) and are kept in float64 (moments, min, max) and int64 (counts), also for
+when a model is split over devices) and are kept in float64 (moments, min, max) and int64 (counts; on a CPU int32
+while no bin can reach 2**31, half the memory; int64 in files and in :attr:`LayerStats.hist`), also for
 float16/bfloat16 models, whose activations are widened to float32 first (exactly).
 
 On a CPU, :meth:`LayerStats.add` is two compiled passes over the batch (:mod:`knockout.stats.kernels`): the first
@@ -172,8 +173,9 @@ def describe_window(widths: list[int], eps: float, limit: float | str) -> str:
     bound = size_text(hist_memory_bound(widths, eps, grid.limit))
     how = "auto, the widest that fits the memory caps" if grid.auto else "--hist-limit"
     return (
-        f"histogram window ±{grid.limit:g} ({how}), bins of {eps:g}: 8 bytes per bin over the range each neuron's "
-        f"values reach, for each half of the collection, at most {bound} for {sum(widths):,} neurons"
+        f"histogram window ±{grid.limit:g} ({how}), bins of {eps:g}: 4 bytes per bin on a CPU (8 on accelerators) "
+        f"over the range each neuron's values reach, for each half of the collection, at most {bound} for "
+        f"{sum(widths):,} neurons"
     )
 
 
@@ -382,7 +384,8 @@ class LayerStats:
 
     @property
     def hist_nbytes(self) -> int:
-        """Bytes the histogram takes: its counts (8 bytes per stored bin) and each neuron's range."""
+        """Bytes the histogram takes: its counts (per stored bin 4 bytes on a CPU while no bin can reach 2**31, else 8)
+        and each neuron's range."""
         return self.counts.numel() * self.counts.element_size() + 8 * 4 * self.width
 
     def release(self) -> None:
@@ -393,11 +396,11 @@ class LayerStats:
         if self._dense is None:
             used = self.occ_lo <= self.occ_hi
             if not bool(used.any()):
-                self._dense = (self.counts.new_zeros(self.width, 0), 0)
+                self._dense = (torch.zeros(self.width, 0, dtype=torch.int64, device=self.counts.device), 0)
             else:
                 k_lo = int(self.occ_lo[used].min())
                 n_bins = int(self.occ_hi[used].max()) - k_lo + 1
-                table = self.counts.new_zeros(self.width * n_bins)
+                table = torch.zeros(self.width * n_bins, dtype=torch.int64, device=self.counts.device)
                 self._copy_bins(self.occ_lo, self.occ_hi, table, n_bins, k_lo)
                 self._dense = (table.view(self.width, n_bins), k_lo)
         return self._dense
@@ -418,7 +421,7 @@ class LayerStats:
         pos = torch.arange(total, dtype=torch.int64)
         src, dst = (torch.repeat_interleave(v, size) + pos for v in (src, dst))
         device = self.counts.device
-        table[dst.to(device)] = self.counts[src.to(device)]
+        table[dst.to(device)] = self.counts[src.to(device)].to(table.dtype)
 
     def modal_bins(self, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """``([width] int64, [width] bool)``: each neuron's most populated bin (the lowest on ties, as
@@ -516,6 +519,7 @@ class LayerStats:
             return
         x = x.detach()
         x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        self._fit_counts(n)
         sync_free = x.device.type != "cpu" if self.sync_free is None else self.sync_free
         if not sync_free:
             self._settle()
@@ -559,6 +563,16 @@ class LayerStats:
         else:
             self._add_bins(self._bins(x), lo, hi, self._bins(x_min), self._bins(x_max))
 
+    def _fit_counts(self, more: int, narrow: bool = False) -> None:
+        """Keep the counts in int32 while no bin can reach 2**31 (a bin counts at most every value of its neuron:
+        ``count + more`` of them) where ``narrow`` (the CPU's passes: half the memory, and faster to update); in
+        int64 otherwise."""
+        fits = self.count + more < 2**31
+        if not fits and self.counts.dtype != torch.int64:
+            self.counts = self.counts.to(torch.int64)
+        elif narrow and fits and self.counts.dtype != torch.int32:
+            self.counts = self.counts.to(torch.int32)
+
     def _add_on_cpu(self, x: torch.Tensor) -> None:
         """:meth:`add` on a CPU, ``x`` contiguous float32/float64: the two passes of :mod:`knockout.stats.kernels`,
         with the checks of the other devices in between (nothing is changed before they pass)."""
@@ -572,6 +586,7 @@ class LayerStats:
         )  # fmt: skip
         if verdict == kernels.NONFINITE:
             raise KnockoutError(NONFINITE)
+        self._fit_counts(len(values), narrow=True)
         if verdict == kernels.GROW:
             self._note_bins(torch.from_numpy(bin_lo), torch.from_numpy(bin_hi))
         counts, offsets = _NO_COUNTS, _NO_OFFSETS  # values outside the window: counted as on the other devices
@@ -795,6 +810,7 @@ class LayerStats:
         other.finish()
         self._to(other.mean.device)
         self._dense = None
+        self._fit_counts(other.count)
         self._merge(other.count, other.mean, other.m2, other.min, other.max)
         self.under += other.under
         self.over += other.over
@@ -804,7 +820,7 @@ class LayerStats:
         if total:  # other's bins (other stores exactly those in use) into ours
             shift = self._start + other.occ_lo - self.alo - other._start
             dst = torch.repeat_interleave(shift, size) + torch.arange(total)
-            self.counts.index_add_(0, dst.to(self.counts.device), other.counts)
+            self.counts.index_add_(0, dst.to(self.counts.device), other.counts.to(self.counts.dtype))
 
     def _to(self, device) -> None:
         if self.mean.device != device:
@@ -823,7 +839,7 @@ class LayerStats:
         state = {name: getattr(self, name).detach() for name in self.TENSORS}
         size = (self.occ_hi - self.occ_lo + 1).clamp(min=0)
         state["count"] = torch.tensor([self.count], dtype=torch.int64)
-        state["hist"] = self.counts.detach()
+        state["hist"] = self.counts.detach().to(torch.int64)
         state["hist_lo"] = torch.where(size > 0, self.occ_lo, 0)
         state["hist_bins"] = size
         return state
