@@ -98,8 +98,15 @@ def _batch(loaded: LoadedModel, batch_size: int, seq_len: int) -> Batch:
     return Batch({"input_ids": ids, "attention_mask": mask}, mask.bool(), targets)
 
 
+def _layer_bytes(layer: LayerStats) -> int:
+    """Bytes one layer's statistics hold: the per-neuron tensors and the histogram as it is kept."""
+    return sum(getattr(layer, n).numel() * getattr(layer, n).element_size() for n in LayerStats.TENSORS) + (
+        layer.hist_nbytes
+    )
+
+
 def _stats_bytes(stats) -> int:
-    return sum(t.numel() * t.element_size() for layer in stats.layers for t in layer.state_dict().values())
+    return sum(_layer_bytes(layer) for layer in stats.layers)
 
 
 def run_benchmark(
@@ -297,7 +304,7 @@ def compare_with_authors(
         counts, edges = authors_histograms(kept)
         theirs_s.append(time.perf_counter() - t0)
         del kept
-    ours_bytes = sum(t.numel() * t.element_size() for t in state.state_dict().values())
+    ours_bytes = _layer_bytes(state)
     theirs_bytes = store.nbytes + counts.nbytes + edges.nbytes
     ours_t, theirs_t = pystats.median(ours_s), pystats.median(theirs_s)
     return {

@@ -537,6 +537,23 @@ def test_counts_are_int32_on_a_cpu_until_a_bin_could_reach_2_31():
     assert torch_path.counts.dtype == torch.int32 and torch.equal(torch_path.hist, ref.hist)
 
 
+def test_float64_sums_that_overflow_are_not_taken_for_nan_and_integers_are_refused():
+    """Finite float64 values near the largest overflow their sums (inf - inf: NaN): not an error, the same state as
+    torch's operations give (the values counted below and above the window; mean and m2 overflowed in both, each
+    adding in its own order); integer activations are refused."""
+    x = torch.cat([torch.full((16, 3), 1e308, dtype=torch.float64), torch.full((16, 3), -1e308, dtype=torch.float64)])
+    x[5, 1] = 0.5
+    cpu, ref = LayerStats(3, eps=0.01, limit=5.0), LayerStats(3, eps=0.01, limit=5.0, sync_free=False)
+    cpu.add(x)
+    ref.add(x)
+    got = cpu.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items() if k not in ("mean", "m2"))
+    assert not got["mean"].isfinite().any() and not ref.mean.isfinite().any()
+    assert cpu.over.tolist() == [16, 15, 16] and int(cpu.hist.sum()) == 1
+    with pytest.raises(KnockoutError, match="floating-point"):
+        LayerStats(3).add(torch.ones(4, 3, dtype=torch.int64))
+
+
 def test_cpu_sums_follow_torchs_order_beyond_a_million_rows():
     """Above 2**20 rows a batch's sums run in chunks of 32 rows (torch's level power grows with the rows): the
     mean and m2 of one such batch equal torch's own sums, where its loop adds every neuron that way (32 neurons,

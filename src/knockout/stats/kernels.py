@@ -82,6 +82,15 @@ def _clamped_bin(v, eps, k_min, k_max):
     return np.int64(q)
 
 
+@numba.njit(inline="always")
+def _has_nan(x, j):
+    """Whether column ``j`` of ``x`` holds a NaN."""
+    for i in range(x.shape[0]):
+        if np.isnan(x[i, j]):
+            return True
+    return False
+
+
 @numba.njit(nogil=True, cache=True)
 def scan(x, eps, k_min, k_max, alo, ahi, occ_lo, occ_hi):
     """The first pass over ``x: [n, width]`` (``n >= 1``): ``(total, low, high, bin_lo, bin_hi, verdict)``, each
@@ -109,8 +118,9 @@ def scan(x, eps, k_min, k_max, alo, ahi, occ_lo, occ_hi):
     verdict = INSIDE
     for j in range(w):
         total[j] = ((a0[j] + a1[j]) + a2[j]) + a3[j]
-        # a NaN is never a lowest or highest value, but makes its neuron's sum NaN
-        if np.isnan(total[j]) or not (np.isfinite(low[j]) and np.isfinite(high[j])):
+        # an inf is a lowest or highest value; a NaN makes its neuron's sum NaN (so may float64 values near the
+        # largest, whose sums overflow: those are looked for value by value)
+        if not (np.isfinite(low[j]) and np.isfinite(high[j])) or (np.isnan(total[j]) and _has_nan(x, j)):
             return total, low, high, bin_lo, bin_hi, NONFINITE
         bin_lo[j] = _clamped_bin(low[j], eps, k_min, k_max)
         bin_hi[j] = _clamped_bin(high[j], eps, k_min, k_max)

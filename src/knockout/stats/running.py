@@ -37,8 +37,9 @@ The peak of a neuron is the centre ``(k + 0.5) * eps`` of its most populated bin
 Device and precision
 --------------------
 The statistics live on the device of the activations they are given (the model's; each layer on its own device
-when a model is split over devices) and are kept in float64 (moments, min, max) and int64 (counts; on a CPU int32
-while no bin can reach 2**31, half the memory; int64 in files and in :attr:`LayerStats.hist`), also for
+when a model is split over devices) and are kept in float64 (moments, min, max) and int64 (counts; int32 once the
+CPU's compiled passes add to them, while no bin can reach 2**31: half the memory; int64 in files and in
+:attr:`LayerStats.hist`), also for
 float16/bfloat16 models, whose activations are widened to float32 first (exactly).
 
 On a CPU, :meth:`LayerStats.add` is two compiled passes over the batch (:mod:`knockout.stats.kernels`): the first
@@ -174,8 +175,8 @@ def describe_window(widths: list[int], eps: float, limit: float | str) -> str:
     how = "auto, the widest that fits the memory caps" if grid.auto else "--hist-limit"
     return (
         f"histogram window ±{grid.limit:g} ({how}), bins of {eps:g}: 4 bytes per bin on a CPU (8 on accelerators) "
-        f"over the range each neuron's values reach, for each half of the collection, at most {bound} for "
-        f"{sum(widths):,} neurons"
+        f"over the range each neuron's values reach, for each half of the collection, at most {bound} (at 8 "
+        f"bytes per bin) for {sum(widths):,} neurons"
     )
 
 
@@ -209,8 +210,9 @@ def merge_moments(
     n_a: int, mean_a: torch.Tensor, m2_a: torch.Tensor, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor
 ) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Count, mean and sum of squared deviations of two parts together (Chan et al.'s pairwise update, float64):
-    the one update of :meth:`LayerStats.add` and :meth:`LayerStats.merge` (and so of the all-reduce of
-    :mod:`knockout.distributed`, which merges). ``n_b`` must be positive."""
+    the update of :meth:`LayerStats.add` and :meth:`LayerStats.merge` (and so of the all-reduce of
+    :mod:`knockout.distributed`, which merges); on a CPU ``add`` does the same operations in
+    :func:`knockout.stats.kernels.add_batch`. ``n_b`` must be positive."""
     n = n_a + n_b
     delta = mean_b - mean_a
     mean = mean_a + delta * (n_b / n)
@@ -384,8 +386,8 @@ class LayerStats:
 
     @property
     def hist_nbytes(self) -> int:
-        """Bytes the histogram takes: its counts (per stored bin 4 bytes on a CPU while no bin can reach 2**31, else 8)
-        and each neuron's range."""
+        """Bytes the histogram takes: its counts (per stored bin 4 bytes in int32, where the CPU's compiled passes add
+        to them, else 8) and each neuron's range."""
         return self.counts.numel() * self.counts.element_size() + 8 * 4 * self.width
 
     def release(self) -> None:
@@ -517,6 +519,8 @@ class LayerStats:
         n = x.shape[0]
         if n == 0:
             return
+        if not x.is_floating_point():
+            raise KnockoutError(f"expected floating-point activations, got {x.dtype}")
         x = x.detach()
         x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         self._fit_counts(n)
@@ -833,10 +837,10 @@ class LayerStats:
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every field needed to rebuild these statistics (as baukit's runningstats), on the statistics' device:
-        ``hist`` the counts of each neuron's bins in use one after the other, from bin ``hist_lo[j]``,
-        ``hist_bins[j]`` of them."""
+        ``hist`` the counts (int64) of each neuron's bins in use one after the other, from bin ``hist_lo[j]``,
+        ``hist_bins[j]`` of them. The per-neuron tensors are copies; ``hist`` may share memory with the counts."""
         self.finish()
-        state = {name: getattr(self, name).detach() for name in self.TENSORS}
+        state = {name: getattr(self, name).detach().clone() for name in self.TENSORS}  # updated in place by add
         size = (self.occ_hi - self.occ_lo + 1).clamp(min=0)
         state["count"] = torch.tensor([self.count], dtype=torch.int64)
         state["hist"] = self.counts.detach().to(torch.int64)
