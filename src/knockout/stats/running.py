@@ -523,12 +523,13 @@ class LayerStats:
             raise KnockoutError(f"expected floating-point activations, got {x.dtype}")
         x = x.detach()
         x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        self._fit_counts(n)
         sync_free = x.device.type != "cpu" if self.sync_free is None else self.sync_free
         if not sync_free:
             self._settle()
         self._to(x.device)
-        if self.sync_free is None and x.device.type == "cpu":
+        compiled = self.sync_free is None and x.device.type == "cpu"  # the CPU's compiled passes
+        self._fit_counts(n, narrow=compiled)
+        if compiled:
             self._add_on_cpu(x.contiguous())
             return
         self._dense = None
@@ -590,7 +591,6 @@ class LayerStats:
         )  # fmt: skip
         if verdict == kernels.NONFINITE:
             raise KnockoutError(NONFINITE)
-        self._fit_counts(len(values), narrow=True)
         if verdict == kernels.GROW:
             self._note_bins(torch.from_numpy(bin_lo), torch.from_numpy(bin_hi))
         counts, offsets = _NO_COUNTS, _NO_OFFSETS  # values outside the window: counted as on the other devices
@@ -604,10 +604,9 @@ class LayerStats:
             self.max.numpy(), low, high, n_b / n, n_a * n_b / n,
         )  # fmt: skip
         self.count = n
-        if verdict == kernels.OUTSIDE:
-            x_min, x_max = torch.from_numpy(low), torch.from_numpy(high)
-            lo, hi = int(bin_lo.min()), int(bin_hi.max())
-            self._add_bins(self._bins(x), lo, hi, self._bins(x_min), self._bins(x_max))
+        if verdict == kernels.OUTSIDE:  # (each neuron's bins, scan's, are not read on that path)
+            bin_lo, bin_hi = torch.from_numpy(bin_lo), torch.from_numpy(bin_hi)
+            self._add_bins(self._bins(x), int(bin_lo.min()), int(bin_hi.max()), bin_lo, bin_hi)
 
     def finish(self) -> None:
         """Settle what sync-free counting left on the device: raise if a batch held NaN/inf, and store the
