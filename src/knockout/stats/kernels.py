@@ -2,13 +2,13 @@
 then cached on disk beside this file or in numba's cache directory).
 
 A batch is ``[n, width]`` activations (float32 or float64, a C-contiguous numpy array), read one token's row at a
-time, twice:
+time, twice, in one call (:func:`update`) for every batch that can be counted as it is:
 
-1. :func:`scan`: each neuron's sum in float64, lowest and highest value and their bins, and the batch's verdict:
+1. the first pass: each neuron's sum in float64, lowest and highest value and their bins, and the batch's verdict:
    finite? inside the window? inside each neuron's stored bins? Nothing is changed unless the batch can be counted
-   as it is (the bins in use are then recorded); otherwise the caller grows the stored bins, raises, or counts the
-   values outside the window on the path of the other devices.
-2. :func:`add_batch`: each neuron's sum of squared deviations from its mean (float64), one count per value at
+   as it is; otherwise :func:`update` returns after it, and the caller grows the stored bins, raises, or counts the
+   values outside the window on the path of the other devices, then calls :func:`add_batch` for the second pass.
+2. the second pass: each neuron's sum of squared deviations from its mean (float64), one count per value at
    ``offset[j] + floor(x / eps)`` in the flat histogram (the bin in x's dtype, as on every device), and the
    batch merged into the running moments, minimum and maximum with Chan et al.'s update (the same operations as
    :func:`~knockout.stats.running.merge_moments`).
@@ -91,12 +91,11 @@ def _has_nan(x, j):
     return False
 
 
-@numba.njit(nogil=True, cache=True)
-def scan(x, eps, k_min, k_max, alo, ahi, occ_lo, occ_hi):
-    """The first pass over ``x: [n, width]`` (``n >= 1``): ``(total, low, high, bin_lo, bin_hi, verdict)``, each
-    neuron's sum (float64), lowest and highest value (x's dtype), their bins (clamped to ``k_min - 1 .. k_max + 1``)
-    and the batch's verdict (:data:`INSIDE` ...). Only when it is ``INSIDE`` are the bins in use ``occ_lo`` /
-    ``occ_hi`` widened to this batch's (in place); ``alo`` / ``ahi`` are each neuron's stored bins."""
+@numba.njit(inline="always")
+def _first_pass(x, eps, k_min, k_max, alo, ahi):
+    """``(total, low, high, bin_lo, bin_hi, verdict)`` of ``x: [n, width]`` (``n >= 1``): each neuron's sum
+    (float64), lowest and highest value (x's dtype), their bins (clamped to ``k_min - 1 .. k_max + 1``) and the
+    batch's verdict (:data:`INSIDE` ...) against each neuron's stored bins ``alo`` / ``ahi``."""
     n, w = x.shape
     lp = _level_power(n)
     step = 1 << lp
@@ -128,51 +127,96 @@ def scan(x, eps, k_min, k_max, alo, ahi, occ_lo, occ_hi):
             verdict = OUTSIDE
         elif verdict == INSIDE and (bin_lo[j] < alo[j] or bin_hi[j] > ahi[j]):
             verdict = GROW
-    if verdict == INSIDE:
-        for j in range(w):
-            occ_lo[j] = min(occ_lo[j], bin_lo[j])
-            occ_hi[j] = max(occ_hi[j], bin_hi[j])
     return total, low, high, bin_lo, bin_hi, verdict
 
 
-@numba.njit(nogil=True, cache=True)
-def add_batch(x, total, eps, offsets, counts, mean, m2, low_all, high_all, low, high, share_b, weight):
-    """The second pass over ``x: [n, width]`` after :func:`scan` (its ``total``, ``low``, ``high``): each
-    neuron's mean ``total / n`` and sum of squared deviations from it (float64, summed as :func:`scan` sums), and,
-    unless ``counts`` is empty, one added to ``counts[offsets[j] + floor(x[i, j] / eps)]`` for every value (``eps``
-    in x's dtype; ``offsets`` int32 or int64, as every position fits; every position inside ``counts``). Then the
-    batch is merged into the running ``mean``, ``m2``, ``low_all``, ``high_all`` (float64, in place) by Chan et
-    al.'s update, as :func:`~knockout.stats.running.merge_moments` does it: ``share_b = n_b / n`` and
-    ``weight = n_a * n_b / n`` of the counts before (``n_a``) and of the batch (``n_b``), computed by the caller."""
+@numba.njit(inline="always")
+def _second_pass(x, total, eps, offsets, counts):
+    """Each neuron's sum of squared deviations from its mean ``total / n`` (float64, summed as
+    :func:`_first_pass` sums), and, unless ``counts`` is empty, one added to ``counts[offsets[j] + floor(x[i, j] /
+    eps)]`` for every value: the bins of a run of rows at once, then their counts (no test per row: a test in the
+    loop keeps it from being vectorised)."""
     n, w = x.shape
     lp = _level_power(n)
     step = 1 << lp
     mean_b = total / n
     a0, a1, a2, a3 = np.zeros(w), np.zeros(w), np.zeros(w), np.zeros(w)
-    count = counts.size > 0
-    index = np.empty(step * w, offsets.dtype)
-    i = 0
-    while i < n:
-        end = min(i + step, n)
-        t = 0
-        for r in range(i, end):
-            row = x[r]
+    if counts.size == 0:
+        for i in range(n):
+            row = x[i]
             for j in range(w):
                 d = np.float64(row[j]) - mean_b[j]
                 a0[j] += d * d
-            if count:
+            if (i + 1) % step == 0:
+                _flush(i + 1, lp, a0, a1, a2, a3)
+    else:
+        index = np.empty(step * w, offsets.dtype)
+        i = 0
+        while i < n:
+            end = min(i + step, n)
+            t = 0
+            for r in range(i, end):
+                row = x[r]
+                for j in range(w):
+                    d = np.float64(row[j]) - mean_b[j]
+                    a0[j] += d * d
                 for j in range(w):
                     index[t + j] = np.int32(np.floor(row[j] / eps)) + offsets[j]
                 t += w
-        for u in range(t):
-            counts[index[u]] += 1
-        if end - i == step:
-            _flush(end, lp, a0, a1, a2, a3)
-        i = end
+            for u in range(t):
+                counts[index[u]] += 1
+            if end - i == step:
+                _flush(end, lp, a0, a1, a2, a3)
+            i = end
+    m2_b = np.empty(w)
     for j in range(w):
-        m2_b = ((a0[j] + a1[j]) + a2[j]) + a3[j]
+        m2_b[j] = ((a0[j] + a1[j]) + a2[j]) + a3[j]
+    return mean_b, m2_b
+
+
+@numba.njit(inline="always")
+def _merge(mean_b, m2_b, low, high, mean, m2, low_all, high_all, share_b, weight):
+    """Chan et al.'s update of the running ``mean``, ``m2``, ``low_all``, ``high_all`` (in place), as
+    :func:`~knockout.stats.running.merge_moments` does it."""
+    for j in range(mean_b.size):
         delta = mean_b[j] - mean[j]
         mean[j] = mean[j] + delta * share_b
-        m2[j] = (m2[j] + m2_b) + (delta * delta) * weight
+        m2[j] = (m2[j] + m2_b[j]) + (delta * delta) * weight
         low_all[j] = min(low_all[j], np.float64(low[j]))
         high_all[j] = max(high_all[j], np.float64(high[j]))
+
+
+@numba.njit(nogil=True, cache=True)
+def update(
+    x, eps, k_min, k_max, alo, ahi, occ_lo, occ_hi, offsets, counts, mean, m2, low_all, high_all, share_b, weight
+):
+    """One batch ``x: [n, width]`` (``n >= 1``) into the statistics, in one call where it can be counted as it is.
+
+    The first pass gives ``(total, low, high, bin_lo, bin_hi, verdict)``, returned: each neuron's sum (float64),
+    lowest and highest value (x's dtype), their bins (clamped to ``k_min - 1 .. k_max + 1``) and the batch's verdict
+    (:data:`INSIDE` ...) against each neuron's stored bins ``alo`` / ``ahi``. Only when it is ``INSIDE`` is anything
+    changed: the bins in use ``occ_lo`` / ``occ_hi`` are widened to this batch's, the second pass counts every value
+    (see :func:`add_batch`) and the batch is merged into ``mean``, ``m2``, ``low_all``, ``high_all`` (all in place).
+    Otherwise the caller grows the stored bins, raises, or counts the values outside the window on the path of the
+    other devices, and then calls :func:`add_batch` with the first pass's results."""
+    total, low, high, bin_lo, bin_hi, verdict = _first_pass(x, eps, k_min, k_max, alo, ahi)
+    if verdict == INSIDE:
+        for j in range(total.size):
+            occ_lo[j] = min(occ_lo[j], bin_lo[j])
+            occ_hi[j] = max(occ_hi[j], bin_hi[j])
+        mean_b, m2_b = _second_pass(x, total, eps, offsets, counts)
+        _merge(mean_b, m2_b, low, high, mean, m2, low_all, high_all, share_b, weight)
+    return total, low, high, bin_lo, bin_hi, verdict
+
+
+@numba.njit(nogil=True, cache=True)
+def add_batch(x, total, eps, offsets, counts, mean, m2, low_all, high_all, low, high, share_b, weight):
+    """The second pass over ``x: [n, width]`` after :func:`update`'s first (its ``total``, ``low``, ``high``): each
+    neuron's mean ``total / n`` and sum of squared deviations from it (float64, summed as the first pass sums), and,
+    unless ``counts`` is empty, one added to ``counts[offsets[j] + floor(x[i, j] / eps)]`` for every value (``eps``
+    in x's dtype; ``offsets`` int32 or int64, as every position fits; every position inside ``counts``). Then the
+    batch is merged into the running ``mean``, ``m2``, ``low_all``, ``high_all`` (float64, in place) by Chan et
+    al.'s update, as :func:`~knockout.stats.running.merge_moments` does it: ``share_b = n_b / n`` and
+    ``weight = n_a * n_b / n`` of the counts before (``n_a``) and of the batch (``n_b``), computed by the caller."""
+    mean_b, m2_b = _second_pass(x, total, eps, offsets, counts)
+    _merge(mean_b, m2_b, low, high, mean, m2, low_all, high_all, share_b, weight)

@@ -580,31 +580,31 @@ class LayerStats:
 
     def _add_on_cpu(self, x: torch.Tensor) -> None:
         """:meth:`add` on a CPU, ``x`` contiguous float32/float64: the two passes of :mod:`knockout.stats.kernels`,
-        with the checks of the other devices in between (nothing is changed before they pass)."""
+        in one call unless the first finds that the stored bins must grow, a value outside the window or a NaN/inf
+        (nothing is changed before the checks of the other devices pass)."""
         from knockout.stats import kernels  # numba: compiled on first use, then cached on disk
 
         values = x.numpy()
         eps = values.dtype.type(self.eps)
-        total, low, high, bin_lo, bin_hi, verdict = kernels.scan(
+        n_a, n_b = self.count, len(values)
+        n = n_a + n_b
+        moments = self.mean.numpy(), self.m2.numpy(), self.min.numpy(), self.max.numpy(), n_b / n, n_a * n_b / n
+        offsets = self._offsets_of("kernels", narrow=True)[0].numpy()
+        total, low, high, bin_lo, bin_hi, verdict = kernels.update(
             values, eps, self.k_min, self.k_max, self.alo.numpy(), self.ahi.numpy(), self.occ_lo.numpy(),
-            self.occ_hi.numpy(),
+            self.occ_hi.numpy(), offsets, self.counts.numpy(), *moments,
         )  # fmt: skip
         if verdict == kernels.NONFINITE:
             raise KnockoutError(NONFINITE)
-        if verdict == kernels.GROW:
-            self._note_bins(torch.from_numpy(bin_lo), torch.from_numpy(bin_hi))
-        counts, offsets = _NO_COUNTS, _NO_OFFSETS  # values outside the window: counted as on the other devices
-        if verdict != kernels.OUTSIDE:
-            counts, offsets = self.counts.numpy(), self._offsets_of("kernels", narrow=True)[0].numpy()
         self._dense = None
-        n_a, n_b = self.count, len(values)
-        n = n_a + n_b
-        kernels.add_batch(
-            values, total, eps, offsets, counts, self.mean.numpy(), self.m2.numpy(), self.min.numpy(),
-            self.max.numpy(), low, high, n_b / n, n_a * n_b / n,
-        )  # fmt: skip
+        if verdict != kernels.INSIDE:  # nothing changed yet
+            counts, offsets = _NO_COUNTS, _NO_OFFSETS  # values outside the window: counted as on the other devices
+            if verdict == kernels.GROW:  # the stored bins grown first
+                self._note_bins(torch.from_numpy(bin_lo), torch.from_numpy(bin_hi))
+                counts, offsets = self.counts.numpy(), self._offsets_of("kernels", narrow=True)[0].numpy()
+            kernels.add_batch(values, total, eps, offsets, counts, *moments[:4], low, high, *moments[4:])
         self.count = n
-        if verdict == kernels.OUTSIDE:  # (each neuron's bins, scan's, are not read on that path)
+        if verdict == kernels.OUTSIDE:  # (each neuron's bins, the first pass's, are not read on that path)
             bin_lo, bin_hi = torch.from_numpy(bin_lo), torch.from_numpy(bin_hi)
             self._add_bins(self._bins(x), int(bin_lo.min()), int(bin_hi.max()), bin_lo, bin_hi)
 
