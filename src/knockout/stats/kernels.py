@@ -65,9 +65,9 @@ def _flush(i, lp, a0, a1, a2, a3):
         a2[j] = 0.0
 
 
-#: :func:`scan`'s verdict on a batch: every value inside its neuron's stored bins (whose bins in use are then
-#: recorded); inside the window but some neurons' stored bins must grow first; some values outside the window; a
-#: value that is NaN or infinite.
+#: The first pass's verdict on a batch (:func:`update`): every value inside its neuron's stored bins (the batch is
+#: then added at once); inside the window but some neurons' stored bins must grow first; some values outside the
+#: window; a value that is NaN or infinite.
 INSIDE, GROW, OUTSIDE, NONFINITE = 0, 1, 2, 3
 
 

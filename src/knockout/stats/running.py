@@ -212,7 +212,7 @@ def merge_moments(
     """Count, mean and sum of squared deviations of two parts together (Chan et al.'s pairwise update, float64):
     the update of :meth:`LayerStats.add` and :meth:`LayerStats.merge` (and so of the all-reduce of
     :mod:`knockout.distributed`, which merges); on a CPU ``add`` does the same operations in
-    :func:`knockout.stats.kernels.add_batch`. ``n_b`` must be positive."""
+    :mod:`knockout.stats.kernels` (``_merge``). ``n_b`` must be positive."""
     n = n_a + n_b
     delta = mean_b - mean_a
     mean = mean_a + delta * (n_b / n)
