@@ -65,6 +65,12 @@ def _flush(i, lp, a0, a1, a2, a3):
         a2[j] = 0.0
 
 
+@numba.njit(inline="always")
+def _total(j, a0, a1, a2, a3):
+    """Neuron ``j``'s sum at the end of a pass: its levels added from the lowest up, as torch adds them."""
+    return ((a0[j] + a1[j]) + a2[j]) + a3[j]
+
+
 #: The first pass's verdict on a batch (:func:`update`): every value inside its neuron's stored bins (the batch is
 #: then added at once); inside the window but some neurons' stored bins must grow first; some values outside the
 #: window; a value that is NaN or infinite.
@@ -116,7 +122,7 @@ def _first_pass(x, eps, k_min, k_max, alo, ahi):
     bin_hi = np.empty(w, np.int64)
     verdict = INSIDE
     for j in range(w):
-        total[j] = ((a0[j] + a1[j]) + a2[j]) + a3[j]
+        total[j] = _total(j, a0, a1, a2, a3)
         # an inf is a lowest or highest value; a NaN makes its neuron's sum NaN (so may float64 values near the
         # largest, whose sums overflow: those are looked for value by value)
         if not (np.isfinite(low[j]) and np.isfinite(high[j])) or (np.isnan(total[j]) and _has_nan(x, j)):
@@ -170,7 +176,7 @@ def _second_pass(x, total, eps, offsets, counts):
             i = end
     m2_b = np.empty(w)
     for j in range(w):
-        m2_b[j] = ((a0[j] + a1[j]) + a2[j]) + a3[j]
+        m2_b[j] = _total(j, a0, a1, a2, a3)
     return mean_b, m2_b
 
 
