@@ -39,8 +39,7 @@ Device and precision
 The statistics live on the device of the activations they are given (the model's; each layer on its own device
 when a model is split over devices) and are kept in float64 (moments, min, max) and int64 (counts; int32 once the
 CPU's compiled passes add to them, while no bin can reach 2**31: half the memory; int64 in files and in
-:attr:`LayerStats.hist`), also for
-float16/bfloat16 models, whose activations are widened to float32 first (exactly).
+:attr:`LayerStats.hist`), also for float16/bfloat16 models, whose activations are widened to float32 first (exactly).
 
 On a CPU, :meth:`LayerStats.add` is two compiled passes over the batch (:mod:`knockout.stats.kernels`): the first
 finds each neuron's sum, lowest and highest value and whether the batch is finite, inside the window and inside each
@@ -588,11 +587,12 @@ class LayerStats:
         eps = values.dtype.type(self.eps)
         n_a, n_b = self.count, len(values)
         n = n_a + n_b
-        moments = self.mean.numpy(), self.m2.numpy(), self.min.numpy(), self.max.numpy(), n_b / n, n_a * n_b / n
+        running = self.mean.numpy(), self.m2.numpy(), self.min.numpy(), self.max.numpy()  # updated in place
+        shares = n_b / n, n_a * n_b / n  # Chan et al.'s share_b and weight
         offsets = self._offsets_of("kernels", narrow=True)[0].numpy()
         total, low, high, bin_lo, bin_hi, verdict = kernels.update(
             values, eps, self.k_min, self.k_max, self.alo.numpy(), self.ahi.numpy(), self.occ_lo.numpy(),
-            self.occ_hi.numpy(), offsets, self.counts.numpy(), *moments,
+            self.occ_hi.numpy(), offsets, self.counts.numpy(), *running, *shares,
         )  # fmt: skip
         if verdict == kernels.NONFINITE:
             raise KnockoutError(NONFINITE)
@@ -602,7 +602,7 @@ class LayerStats:
             if verdict == kernels.GROW:  # the stored bins grown first
                 self._note_bins(torch.from_numpy(bin_lo), torch.from_numpy(bin_hi))
                 counts, offsets = self.counts.numpy(), self._offsets_of("kernels", narrow=True)[0].numpy()
-            kernels.add_batch(values, total, eps, offsets, counts, *moments[:4], low, high, *moments[4:])
+            kernels.add_batch(values, total, eps, offsets, counts, *running, low, high, *shares)
         self.count = n
         if verdict == kernels.OUTSIDE:  # (each neuron's bins, the first pass's, are not read on that path)
             bin_lo, bin_hi = torch.from_numpy(bin_lo), torch.from_numpy(bin_hi)
